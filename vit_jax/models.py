@@ -1,0 +1,88 @@
+"""Model front door: the module classes, the zoo lookup and probes.
+
+`from vit_jax import models; models.VisionTransformer(...)` and
+`models.get_model('ViT-B_16', num_classes=10)` work as in the original.
+"""
+
+import difflib
+from typing import Any, List
+
+import jax
+import ml_collections
+
+from vit_jax import models_resnet
+from vit_jax import models_vit
+from vit_jax.configs import models as models_config
+
+AddPositionEmbs = models_vit.AddPositionEmbs
+MlpBlock = models_vit.MlpBlock
+Encoder1DBlock = models_vit.Encoder1DBlock
+Encoder = models_vit.Encoder
+VisionTransformer = models_vit.VisionTransformer
+StdConv = models_resnet.StdConv
+ResidualUnit = models_resnet.ResidualUnit
+ResNetStage = models_resnet.ResNetStage
+
+MODEL_CONFIGS = models_config.MODEL_CONFIGS
+
+
+def canonical_name(name: str) -> str:
+  """Maps 'ViT-B/16' or 'vit-b_16' to the zoo name 'ViT-B_16'; fails clearly."""
+  if name in MODEL_CONFIGS:
+    return name
+  candidate = name.replace('/', '_')
+  by_lower = {k.lower(): k for k in MODEL_CONFIGS}
+  if candidate.lower() in by_lower:
+    return by_lower[candidate.lower()]
+  close = difflib.get_close_matches(candidate, list(MODEL_CONFIGS), n=3)
+  raise ValueError(
+      f'Unknown model name {name!r}.'
+      + (f' Did you mean {", ".join(close)}?' if close else '')
+      + f' Known models: {", ".join(sorted(MODEL_CONFIGS))}.')
+
+
+def get_model(name: str, **kw) -> VisionTransformer:
+  """Builds the zoo model `name`; `kw` sets or overrides module fields.
+
+  Args:
+    name: a key of MODEL_CONFIGS, e.g. 'ViT-B_16' (also 'ViT-B/16').
+    **kw: `VisionTransformer` fields, e.g. `num_classes=10`,
+      `representation_size=None`, `dtype=jnp.bfloat16`, `posemb='sincos2d'`.
+
+  Returns:
+    The flax module.
+  """
+  config = MODEL_CONFIGS[canonical_name(name)].to_dict()
+  config.update(kw)
+  config.setdefault('num_classes', None)
+  return VisionTransformer(**_as_config_dicts(config))
+
+
+def _as_config_dicts(config):
+  """Sub-dicts (patches, transformer, resnet) back to ConfigDicts, as the original."""
+  out = dict(config)
+  for key in ('patches', 'transformer', 'resnet'):
+    if isinstance(out.get(key), dict):
+      out[key] = ml_collections.ConfigDict(out[key])
+  return out
+
+
+def attention_weights(model: VisionTransformer, params: Any,
+                      images: jax.Array) -> List[jax.Array]:
+  """Attention probabilities of every encoder block, in order of depth.
+
+  Args:
+    model: the module.
+    params: its parameters (the 'params' collection).
+    images: [batch, height, width, channels].
+
+  Returns:
+    A list of `num_layers` arrays [batch, heads, tokens, tokens] (query, key).
+  """
+  _, state = model.apply({'params': params}, images, train=False,
+                         mutable=['intermediates'])
+  encoder = state['intermediates']['Transformer']
+  blocks = sorted((k for k in encoder if k.startswith('encoderblock_')),
+                  key=lambda k: int(k.rsplit('_', 1)[1]))
+  return [encoder[b]['MultiHeadDotProductAttention_0']['attention_weights'][0]
+          for b in blocks]
