@@ -52,19 +52,22 @@ def get_model(name: str, **kw) -> VisionTransformer:
   Returns:
     The flax module.
   """
-  config = MODEL_CONFIGS[canonical_name(name)].to_dict()
-  config.update(kw)
-  config.setdefault('num_classes', None)
-  return VisionTransformer(**_as_config_dicts(config))
+  return from_config(MODEL_CONFIGS[canonical_name(name)], **kw)
 
 
-def _as_config_dicts(config):
-  """Sub-dicts (patches, transformer, resnet) back to ConfigDicts, as the original."""
-  out = dict(config)
+def from_config(config: Any, **kw) -> VisionTransformer:
+  """Builds a VisionTransformer from a zoo-style ConfigDict (or dict) and `kw`.
+
+  `num_classes` defaults to None (no head) when neither gives it.
+  """
+  fields = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+  fields.update(kw)
+  fields.setdefault('num_classes', None)
   for key in ('patches', 'transformer', 'resnet'):
-    if isinstance(out.get(key), dict):
-      out[key] = ml_collections.ConfigDict(out[key])
-  return out
+    # The original passes these as ConfigDicts; keep that for module fields.
+    if isinstance(fields.get(key), dict):
+      fields[key] = ml_collections.ConfigDict(fields[key])
+  return VisionTransformer(**fields)
 
 
 def attention_weights(model: VisionTransformer, params: Any,

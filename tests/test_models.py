@@ -1,0 +1,396 @@
+"""The models: zoo parameter counts, parity with the original, options, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint
+from vit_jax import models
+from vit_jax import models_vit
+
+import official
+
+# SPEC section 3: exact parameter counts at 1000 classes, 224x224.
+PARAM_COUNTS = {
+    'ViT-Ti_16': 5_717_416,
+    'ViT-S_16': 22_050_664,
+    'ViT-S_32': 22_878_952,
+    'ViT-B_8': 86_576_872,
+    'ViT-B_16': 86_567_656,
+    'ViT-B_32': 88_224_232,
+    'ViT-L_16': 304_326_632,
+    'ViT-L_32': 306_535_400,
+    'ViT-H_14': 632_045_800,
+    'ViT-B_16-gap-norep': 86_566_120,
+    'R+ViT-Ti_16': 6_337_704,
+    'R26+ViT-S_32': 36_431_912,
+    'R26+ViT-B_32': 101_383_976,
+    'R50+ViT-B_16': 98_659_112,
+    'R50+ViT-L_32': 328_994_856,
+}
+
+
+def param_shapes(model, image_shape=(1, 224, 224, 3)):
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape),
+                         train=False))
+  return variables['params']
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_zoo_parameter_count(name):
+  params = param_shapes(models.get_model(name, num_classes=1000))
+  assert count(params) == PARAM_COUNTS[name]
+
+
+def test_every_zoo_model_builds():
+  for name in models.MODEL_CONFIGS:
+    if name.startswith('testing'):
+      continue
+    params = param_shapes(models.get_model(name, num_classes=1000))
+    has_cls = 'cls' in params
+    assert has_cls == (not name.endswith('gap-norep')), name
+    assert 'pre_logits' not in params, name  # Zoo configs are for fine-tuning.
+
+
+def test_zoo_dropout_rates_follow_the_original():
+  dropout = {n: c.transformer.dropout_rate
+             for n, c in models.MODEL_CONFIGS.items()}
+  for name in ('ViT-L_16', 'ViT-H_14', 'R50+ViT-B_16', 'R50+ViT-L_32'):
+    assert dropout[name] == 0.1
+  for name in ('ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-B_32', 'ViT-L_32'):
+    assert dropout[name] == 0.0
+  assert all(c.transformer.attention_dropout_rate == 0.0
+             for c in models.MODEL_CONFIGS.values())
+
+
+def test_zoo_configs_are_locked():
+  config = models.MODEL_CONFIGS['ViT-B_16']
+  with pytest.raises(AttributeError):
+    config.hiden_size = 3  # A typo must not silently add a field.
+
+
+@pytest.mark.parametrize('name,released_names', official.PARAM_FILES)
+def test_parity_with_the_original(name, released_names):
+  params = checkpoint.load(official.params_path(name, released_names))
+  logits, pre_logits = official.apply_with_pre_logits(
+      official.model(name), params, official.inputs())
+  np.testing.assert_allclose(logits, official.logits(name), rtol=0,
+                             atol=official.ATOL)
+  np.testing.assert_allclose(pre_logits, official.pre_logits(name), rtol=0,
+                             atol=official.ATOL)
+
+
+def test_parity_under_jit():
+  name = 'tiny_hybrid_r2x2'
+  model = official.model(name)
+  params = checkpoint.load(official.params_path(name))
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, official.inputs())
+  np.testing.assert_allclose(logits, official.logits(name), rtol=0,
+                             atol=official.ATOL)
+
+
+def test_intermediates_match_the_original():
+  """Every module output of tiny_vit_token matches, so a drift shows where."""
+  name = 'tiny_vit_token'
+  expected = np.load(official.path('tiny_vit_token_intermediates.npz'))
+  params = checkpoint.load(official.params_path(name))
+  _, state = official.model(name).apply(
+      {'params': params}, official.inputs(), train=False,
+      capture_intermediates=True, mutable=['intermediates'])
+  flat = checkpoint.flatten_tree(state['intermediates'])
+  checked = 0
+  for key in expected.files:
+    ours = flat.get(f'{key}/__call__' if key != 'OUTPUT' else '__call__')
+    if ours is None:
+      continue
+    ours = ours[0]
+    np.testing.assert_allclose(ours, expected[key], rtol=0, atol=official.ATOL,
+                               err_msg=key)
+    checked += 1
+  assert checked >= 20
+
+
+def test_fresh_model_outputs_head_bias():
+  model = models.get_model('testing', num_classes=7, head_bias_init=-10.)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  logits = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(logits, np.full((2, 7), -10., np.float32))
+  assert not np.any(variables['params']['head']['kernel'])
+
+
+@pytest.mark.parametrize('classifier,shape,has_cls', [
+    ('token', (2, 5), True),
+    ('gap', (2, 5), False),
+    ('unpooled', (2, 4, 5), False),
+    ('token_unpooled', (2, 5, 5), True),
+])
+def test_classifiers(classifier, shape, has_cls):
+  model = models.get_model('testing', num_classes=5, classifier=classifier)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  params = jax.tree.map(lambda p: p + 0.1, variables['params'])
+  out = model.apply({'params': params}, x, train=False)
+  assert out.shape == shape
+  assert ('cls' in params) == has_cls
+  n_tokens = 4 + int(has_cls)
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
+      1, n_tokens, 10)
+
+
+def test_gap_is_the_mean_of_the_unpooled_features():
+  kw = dict(num_classes=0)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  gap = models.get_model('testing', classifier='gap', **kw)
+  unpooled = models.get_model('testing', classifier='unpooled', **kw)
+  params = gap.init(jax.random.PRNGKey(0), x, train=False)['params']
+  np.testing.assert_allclose(
+      gap.apply({'params': params}, x, train=False),
+      unpooled.apply({'params': params}, x, train=False).mean(axis=1),
+      rtol=0, atol=1e-6)
+
+
+def test_representation_layer_is_dense_tanh():
+  model = models.get_model('testing', num_classes=3, representation_size=6)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  assert params['pre_logits']['kernel'].shape == (10, 6)
+  features = models.get_model('testing', num_classes=0, representation_size=6)
+  rep = features.apply({'params': params}, x, train=False)
+  assert rep.shape == (2, 6)
+  assert np.all(np.abs(rep) < 1)  # tanh
+  no_rep = models.get_model('testing', num_classes=3)
+  assert 'pre_logits' not in no_rep.init(jax.random.PRNGKey(0), x,
+                                         train=False)['params']
+
+
+def test_dropout_only_in_training():
+  model = models.get_model('testing', num_classes=0)  # dropout_rate 0.1
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  apply = lambda train, seed: model.apply(  # pylint: disable=g-long-lambda
+      {'params': params}, x, train=train,
+      rngs={'dropout': jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
+  np.testing.assert_array_equal(apply(True, 0), apply(True, 0))
+  assert not np.allclose(apply(True, 0), apply(True, 1))
+  assert not np.allclose(apply(True, 0), apply(False, 0))
+
+
+# Position embeddings (paper Appendix D.4).
+
+
+def _init(model, x):
+  return model.init(jax.random.PRNGKey(0), x, train=False)['params']
+
+
+def _posembed_output(model, params, x):
+  _, state = model.apply({'params': params}, x, train=False,
+                         capture_intermediates=True, mutable=['intermediates'])
+  inter = state['intermediates']
+  return (inter['Transformer']['posembed_input']['__call__'][0],
+          inter['embedding']['__call__'][0])
+
+
+def test_posemb_learn_2d_concatenates_row_and_column_tables():
+  model = models.get_model('testing', num_classes=3, posemb='learn_2d')
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 48, 32, 3))  # 3x2 grid
+  params = _init(model, x)
+  pe = params['Transformer']['posembed_input']
+  assert pe['pos_embedding_row'].shape == (3, 5)
+  assert pe['pos_embedding_col'].shape == (2, 5)
+  assert pe['pos_embedding_cls'].shape == (1, 10)
+  out, patches = _posembed_output(model, params, x)
+  added = np.asarray(out[0, 1:] - patches[0].reshape(6, 10))
+  for i in range(3):
+    for j in range(2):
+      np.testing.assert_allclose(
+          added[i * 2 + j],
+          np.concatenate([pe['pos_embedding_row'][i],
+                          pe['pos_embedding_col'][j]]), atol=1e-6)
+  cls = params['cls'][0, 0]
+  np.testing.assert_allclose(out[0, 0] - cls, pe['pos_embedding_cls'][0],
+                             atol=1e-6)
+
+
+def test_posemb_sincos2d_is_fixed_and_matches_the_formula():
+  model = models.get_model('testing', num_classes=3, hidden_size=8,
+                           posemb='sincos2d')
+  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 48, 3))  # 2x3 grid
+  params = _init(model, x)
+  assert 'posembed_input' not in params['Transformer']
+  out, patches = _posembed_output(model, params, x)
+  added = np.asarray(out[0, 1:] - patches[0].reshape(6, 8))
+  omega = 1 / 10000**(np.arange(2) / 2)
+  for row in range(2):
+    for col in range(3):
+      expected = np.concatenate([np.sin(col * omega), np.cos(col * omega),
+                                 np.sin(row * omega), np.cos(row * omega)])
+      np.testing.assert_allclose(added[row * 3 + col], expected, atol=1e-6)
+  np.testing.assert_allclose(out[0, 0], params['cls'][0, 0], atol=1e-7)
+
+
+def test_posemb_none_has_no_parameters_and_adds_nothing():
+  model = models.get_model('testing', num_classes=3, posemb='none')
+  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 32, 3))
+  params = _init(model, x)
+  assert 'posembed_input' not in params['Transformer']
+  assert count(params) == count(
+      _init(models.get_model('testing', num_classes=3), x)) - 5 * 10
+  # Without position information the model is permutation-invariant over
+  # patches: swapping two patches leaves the class-token output unchanged.
+  swapped = x.at[:, :16, :16].set(x[:, 16:, 16:]).at[:, 16:, 16:].set(
+      x[:, :16, :16])
+  params = jax.tree.map(lambda p: p + 0.05, params)
+  np.testing.assert_allclose(model.apply({'params': params}, x, train=False),
+                             model.apply({'params': params}, swapped,
+                                         train=False), atol=1e-5)
+
+
+def test_posemb_learn_default_is_the_original():
+  model = models.get_model('testing', num_classes=3)
+  assert model.posemb == 'learn'
+  assert models.get_model('testing', num_classes=3, posemb='learn') == model
+
+
+# Compute dtype.
+
+
+def test_bfloat16_compute_keeps_float32_params_and_is_close():
+  name = 'tiny_vit_token'
+  params = checkpoint.load(official.params_path(name))
+  x = official.inputs()
+  f32 = official.model(name).apply({'params': params}, x, train=False)
+  model_bf16 = official.model(name, dtype=jnp.bfloat16)
+  bf16 = model_bf16.apply({'params': params}, x, train=False)
+  assert bf16.dtype == jnp.float32
+  # Close to float32, but really computed in bfloat16 (~3 significant digits).
+  assert 1e-4 < np.abs(bf16 - f32).max() < 5e-2 * np.abs(f32).max()
+  init = model_bf16.init(jax.random.PRNGKey(0), x, train=False)['params']
+  assert {p.dtype for p in jax.tree.leaves(init)} == {jnp.dtype('float32')}
+
+
+def test_explicit_float32_dtype_is_the_default():
+  name = 'tiny_hybrid_r2x2'
+  params = checkpoint.load(official.params_path(name))
+  x = official.inputs()
+  np.testing.assert_array_equal(
+      official.model(name).apply({'params': params}, x, train=False),
+      official.model(name, dtype=jnp.float32).apply({'params': params}, x,
+                                                    train=False))
+
+
+# Attention weights on request.
+
+
+def test_attention_weights_match_the_originals_queries_and_keys():
+  name = 'tiny_vit_token'
+  model = official.model(name)
+  params = checkpoint.load(official.params_path(name))
+  weights = models.attention_weights(model, params, official.inputs())
+  inter = np.load(official.path('tiny_vit_token_intermediates.npz'))
+  assert len(weights) == 2
+  for i, w in enumerate(weights):
+    prefix = f'Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/'
+    q, k = inter[prefix + 'query'], inter[prefix + 'key']  # [B, L, H, d]
+    logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    assert w.shape == (2, 2, 17, 17)
+    np.testing.assert_allclose(w, expected, atol=1e-5)
+
+
+def test_attention_weights_leave_outputs_and_params_unchanged():
+  model = models.get_model('testing', num_classes=3)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  assert set(variables) == {'params'}
+  plain = model.apply(variables, x, train=False)
+  with_state, state = model.apply(variables, x, train=False,
+                                  mutable=['intermediates'])
+  np.testing.assert_array_equal(plain, with_state)
+  assert 'intermediates' in state
+
+
+# Bad input: errors that name the sizes and the fix.
+
+
+@pytest.fixture(scope='module')
+def testing_model_and_params():
+  model = models.get_model('testing', num_classes=3)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                      train=False)['params']
+  return model, params
+
+
+def test_error_image_not_a_multiple_of_the_patch(testing_model_and_params):
+  model, params = testing_model_and_params
+  with pytest.raises(ValueError, match=r'40x32 is not a multiple of the patch '
+                     r'size 16x16.*32x32 or 48x32'):
+    model.apply({'params': params}, jnp.zeros((1, 40, 32, 3)), train=False)
+
+
+def test_error_hybrid_image_not_a_multiple_of_the_stride():
+  model = models.get_model('R+ViT-Ti_16', num_classes=3)
+  with pytest.raises(ValueError, match=r'100x96 is not a multiple of 32x32 '
+                     r'\(ResNet stem stride'):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 96, 3)), train=False)
+
+
+def test_error_wrong_rank(testing_model_and_params):
+  model, params = testing_model_and_params
+  with pytest.raises(ValueError, match=r'\[batch, height, width, channels\].*'
+                     r'\(32, 32, 3\).*x\[None\]'):
+    model.apply({'params': params}, jnp.zeros((32, 32, 3)), train=False)
+
+
+def test_error_wrong_channels(testing_model_and_params):
+  model, params = testing_model_and_params
+  with pytest.raises(ValueError, match=r'1 channels but the model expects 3.*'
+                     r'grayscale to RGB'):
+    model.apply({'params': params}, jnp.zeros((1, 32, 32, 1)), train=False)
+
+
+def test_error_token_count_does_not_match_posemb(testing_model_and_params):
+  model, params = testing_model_and_params
+  with pytest.raises(ValueError, match=r'48x48 give a 3x3 grid of tokens = 10 '
+                     r'tokens.*has 5 rows \(a 2x2 grid, i.e. 32x32 images\).*'
+                     r'load_pretrained'):
+    model.apply({'params': params}, jnp.zeros((1, 48, 48, 3)), train=False)
+
+
+def test_error_unknown_classifier():
+  with pytest.raises(ValueError, match=r"Unknown classifier 'cls'.*'token', "
+                     r"'gap', 'unpooled', 'token_unpooled'"):
+    models.get_model('testing', num_classes=3, classifier='cls')
+
+
+def test_error_unknown_posemb():
+  with pytest.raises(ValueError, match=r"Unknown posemb 'learned'"):
+    models.get_model('testing', num_classes=3, posemb='learned')
+
+
+def test_error_unknown_model_name():
+  with pytest.raises(ValueError, match=r"Unknown model name 'ViT-B_61'.*"
+                     r"Did you mean ViT-B_16"):
+    models.get_model('ViT-B_61')
+
+
+def test_model_name_spellings():
+  assert models.canonical_name('ViT-B/16') == 'ViT-B_16'
+  assert models.canonical_name('vit-b_16') == 'ViT-B_16'
+  assert models.canonical_name('R50+ViT-B/16') == 'R50+ViT-B_16'
+
+
+def test_original_module_names_are_exported():
+  for name in ('AddPositionEmbs', 'MlpBlock', 'Encoder1DBlock', 'Encoder',
+               'VisionTransformer', 'StdConv', 'ResidualUnit', 'ResNetStage'):
+    assert hasattr(models, name), name
+  assert models.VisionTransformer is models_vit.VisionTransformer
