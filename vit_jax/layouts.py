@@ -1,0 +1,176 @@
+"""Per-layer <-> scanned layout of the encoder blocks' parameters.
+
+Checkpoints (the released `.npz` files and this project's) hold one subtree
+per encoder block, `Transformer/encoderblock_{i}/...`. A model built with
+`scan=True` (`models_vit.Encoder.scan`) holds one subtree
+`Transformer/encoderblock/...` whose leaves carry a leading layer axis:
+leaf `[i]` is block i's. These functions move between the two, on nested
+dicts (flax params, or any tree of the same shape such as an optimizer's
+momentum) or on flat dicts keyed by '/'-joined paths (`checkpoint.read_npz`).
+They only stack and slice arrays: numpy in, numpy out; jax in, jax out.
+"""
+
+import re
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+Params = Any
+
+SCANNED = 'encoderblock'
+_LAYER_RE = re.compile(r'^encoderblock_(\d+)$')
+
+
+def _stack(leaves):
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return np.stack(leaves)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.stack(leaves)
+
+
+def _is_flat(tree: Mapping[str, Any]) -> bool:
+  return any('/' in k for k in tree) and not any(
+      isinstance(v, Mapping) for v in tree.values())
+
+
+def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, f'{prefix}{k}/'))
+    else:
+      flat[f'{prefix}{k}'] = v
+  return flat
+
+
+def _map_tree(fn, tree):
+  return {k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v)
+          for k, v in tree.items()}
+
+
+def _leaves_with_paths(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_leaves_with_paths(v, f'{prefix}{k}/'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def is_scanned(params: Params) -> bool:
+  """Whether some subtree of `params` holds blocks in the scanned layout."""
+  params = _unflatten(params) if _is_flat(params) else params
+  return any(k == SCANNED or (isinstance(v, Mapping) and is_scanned(v))
+             for k, v in params.items())
+
+
+def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
+  """Stacks `encoderblock_0..num_layers-1` into `encoderblock` (leading axis).
+
+  Args:
+    params: per-layer tree (nested or flat '/'-keyed dict).
+    num_layers: the model's depth; the tree must have exactly these blocks.
+
+  Returns:
+    The same tree (nested or flat, as given) with the blocks stacked. Trees
+    without `encoderblock_{i}` (a ResNet-only model) come back unchanged.
+
+  Raises:
+    ValueError: blocks missing or extra, blocks with different parameter
+      names or shapes, or a tree that is already scanned.
+  """
+  flat = _is_flat(params)
+  tree = _unflatten(params) if flat else params
+  out = _layers_to_scan(tree, num_layers, path='')
+  return _flatten(out) if flat else out
+
+
+def _layers_to_scan(tree, num_layers, path):
+  layers = {int(m.group(1)): k for k in tree
+            if (m := _LAYER_RE.match(k))}
+  out = {}
+  if layers:
+    if SCANNED in tree:
+      raise ValueError(f'{path or "params"} has both {SCANNED!r} and '
+                       f'per-layer blocks; it is not a valid tree.')
+    if sorted(layers) != list(range(num_layers)):
+      raise ValueError(
+          f'{path or "params"} has blocks {sorted(layers)}, but the model has '
+          f'num_layers={num_layers} (blocks 0..{num_layers - 1}). Load a '
+          'checkpoint of the same depth or fix transformer.num_layers.')
+    blocks = [_leaves_with_paths(tree[layers[i]]) for i in range(num_layers)]
+    for i, block in enumerate(blocks[1:], 1):
+      if block.keys() != blocks[0].keys():
+        raise ValueError(
+            f'{path}encoderblock_{i} has parameters {sorted(block)} but '
+            f'encoderblock_0 has {sorted(blocks[0])}; blocks can only be '
+            'stacked when they hold the same names (convert pre-linen names '
+            'first: checkpoint.convert_pre_linen).')
+      for name, leaf in block.items():
+        if np.shape(leaf) != np.shape(blocks[0][name]):
+          raise ValueError(
+              f'{path}encoderblock_{i}/{name} has shape {np.shape(leaf)} but '
+              f'encoderblock_0 has {np.shape(blocks[0][name])}.')
+    out[SCANNED] = _unflatten(
+        {name: _stack([b[name] for b in blocks]) for name in blocks[0]})
+  for k, v in tree.items():
+    if k in layers.values():
+      continue
+    out[k] = (_layers_to_scan(v, num_layers, f'{path}{k}/')
+              if isinstance(v, Mapping) else v)
+  return out
+
+
+def scan_to_layers(params: Params) -> Dict[str, Any]:
+  """Splits `encoderblock` (leading layer axis) into `encoderblock_{i}`.
+
+  Args:
+    params: scanned tree (nested or flat '/'-keyed dict).
+
+  Returns:
+    The per-layer tree (nested or flat, as given), as checkpoints store it.
+    Trees without `encoderblock` come back unchanged.
+
+  Raises:
+    ValueError: leaves of `encoderblock` disagree on the number of layers.
+  """
+  flat = _is_flat(params)
+  tree = _unflatten(params) if flat else params
+  out = _scan_to_layers(tree, path='')
+  return _flatten(out) if flat else out
+
+
+def _scan_to_layers(tree, path):
+  out = {}
+  for k, v in tree.items():
+    if k == SCANNED and isinstance(v, Mapping):
+      leaves = _leaves_with_paths(v)
+      depths = {name: np.shape(x)[0] if np.ndim(x) else None
+                for name, x in leaves.items()}
+      if len(set(depths.values())) != 1 or None in depths.values():
+        raise ValueError(
+            f'{path}{SCANNED} leaves must share a leading layer axis; got '
+            f'leading sizes {depths}.')
+      num_layers = next(iter(depths.values()))
+      for i in range(num_layers):
+        out[f'encoderblock_{i}'] = _map_tree(lambda x, i=i: x[i], v)
+    elif isinstance(v, Mapping):
+      out[k] = _scan_to_layers(v, f'{path}{k}/')
+    else:
+      out[k] = v
+  if any(_LAYER_RE.match(k) for k in tree) and SCANNED in tree:
+    raise ValueError(f'{path or "params"} has both {SCANNED!r} and per-layer '
+                     'blocks; it is not a valid tree.')
+  return out
