@@ -13,11 +13,21 @@ Each element is numbered with its position in that infinite stream, and
 skips the rest before any decoding. Augmentations use only stateless random
 ops seeded from `(config.seed, global example number)`, so the batch of step
 `s` is a pure function of `(config.seed, s, process index)`.
+
+Image folders come in two layouts (`vit_jax.folder_split.detect_layout`):
+`<dir>/train/<class>/*` + `<dir>/test/<class>/*`, or a single tree
+`<dir>/<class>/*` that is split per class into 'train' and 'val' by
+`config.val_fraction` and `config.split_seed` (see `vit_jax.folder_split` for
+the exact, machine-independent recipe). Both are listed, validated, decoded
+and sharded by the same code. `write_dataset_report` records the class
+indices (`class_names.json`) and the split (`split.json`, a bar chart).
 """
 
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 from typing import Callable, Optional
@@ -28,6 +38,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from vit_jax import folder_split
 
 EMBEDDED_MNIST = 'embedded_mnist'
 # The embedded split never changes: it is drawn once with this legacy numpy
@@ -162,11 +174,45 @@ def _class_dirs(split_dir):
                 os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _list_images(tree_dir, classes):
+  """Readable images under `<tree_dir>/<class>/` (recursively), per class.
+
+  Bad files are dropped here, at listing time, so the train order, the split
+  of a single tree and every example count are fixed before the pipeline
+  starts.
+
+  Args:
+    tree_dir: the folder holding one subfolder per class.
+    classes: class folder names; label = position in this list (a class
+      without a folder in `tree_dir` simply has no images).
+
+  Returns:
+    (kept, skipped): `[(path, label)]` of readable images in class order
+    (within a class: sorted os.walk order), and the skipped paths.
+  """
+  candidates = []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(tree_dir, name)
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+      dirnames.sort()  # os.walk order is filesystem dependent
+      candidates += [(os.path.join(dirpath, f), label)
+                     for f in sorted(filenames)
+                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    ok = list(pool.map(_check_image, [p for p, _ in candidates]))
+  skipped = [p for (p, _), good in zip(candidates, ok) if not good]
+  if skipped:
+    logging.warning('Skipping %d unreadable image(s) in %s, e.g. %s',
+                    len(skipped), tree_dir, skipped[:5])
+  return [c for c, good in zip(candidates, ok) if good], skipped
+
+
 @functools.lru_cache(maxsize=None)
-def _list_folder(root, split):
+def _list_split_folder(root, split):
   """Lists (paths, labels, class_names, num_skipped) of `<root>/<split>`.
 
-  Results are cached per process: a folder edited during a run is not re-read.
+  The train/test layout. Results are cached per process: a folder edited
+  during a run is not re-read.
   """
   layout = f'expected the layout {_FOLDER_LAYOUT}'
   split_dir = os.path.join(root, split)
@@ -182,23 +228,7 @@ def _list_folder(root, split):
     raise ValueError(f'Image folder {split_dir!r} has no class subfolders; '
                      f'{layout}.')
   classes = sorted(names)
-  candidates = []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-      dirnames.sort()  # os.walk order is filesystem dependent
-      candidates += [(os.path.join(dirpath, f), label)
-                     for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS)]
-  # Bad files are dropped here, at listing time, so the train order and every
-  # example count are fixed before the pipeline starts.
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    ok = list(pool.map(_check_image, [p for p, _ in candidates]))
-  skipped = [p for (p, _), good in zip(candidates, ok) if not good]
-  if skipped:
-    logging.warning('Skipping %d unreadable image(s) in %s, e.g. %s',
-                    len(skipped), split_dir, skipped[:5])
-  kept = [c for c, good in zip(candidates, ok) if good]
+  kept, skipped = _list_images(split_dir, classes)
   if not kept:
     raise ValueError(f'Image folder {split_dir!r} contains no readable '
                      f'{"/".join(IMAGE_EXTENSIONS)} images; {layout}.')
@@ -206,8 +236,100 @@ def _list_folder(root, split):
   return list(paths), np.array(labels, np.int64), classes, len(skipped)
 
 
-def _folder_source(root, split, process_index, process_count):
-  paths, labels, classes, _ = _list_folder(os.path.expanduser(root), split)
+@dataclasses.dataclass(frozen=True)
+class _Tree:
+  """The readable images of a single tree `<root>/<class>/*`."""
+  classes: tuple  # class names in index order (empty folders dropped)
+  files: dict  # class name -> its readable image paths
+  num_skipped: int  # unreadable files
+  dropped: tuple  # class folders without a readable image
+
+
+@functools.lru_cache(maxsize=None)
+def _list_tree(root):
+  """Lists a single tree; cached per process like `_list_split_folder`."""
+  names = _class_dirs(root)
+  loose = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
+  if not names:
+    found = (f'{len(loose)} image(s) lie directly in it, e.g. {loose[:3]}'
+             if loose else 'it is empty of images')
+    raise ValueError(
+        f'Image folder {root!r} has no class subfolders ({found}); expected '
+        f'{folder_split.LAYOUTS_HELP}. Move the images into one subfolder '
+        'per class.')
+  if loose:
+    logging.warning('Ignoring %d image(s) directly in %s (not in a class '
+                    'subfolder), e.g. %s', len(loose), root, loose[:3])
+  kept, skipped = _list_images(root, names)
+  files = {name: [] for name in names}
+  for path, label in kept:
+    files[names[label]].append(path)
+  dropped = tuple(name for name in names if not files[name])
+  if len(dropped) == len(names):
+    raise ValueError(
+        f'Image folder {root!r} contains no readable '
+        f'{"/".join(IMAGE_EXTENSIONS)} images in its class subfolders '
+        f'{names[:10]}; expected {folder_split.LAYOUTS_HELP}.')
+  if dropped:
+    # Dropped, not an error: a model cannot learn a class it never sees, and a
+    # dead head unit would only lower the reported accuracy's meaning.
+    logging.warning(
+        'Dropping %d class folder(s) of %s without any readable image: %s. '
+        'The %d remaining classes are numbered without them (see '
+        'class_names.json in the workdir); add images or delete the '
+        'folder(s) to silence this.', len(dropped), root, list(dropped),
+        len(names) - len(dropped))
+  classes = tuple(name for name in names if files[name])
+  return _Tree(classes=classes, files={c: files[c] for c in classes},
+               num_skipped=len(skipped), dropped=dropped)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_tree(root, val_fraction, split_seed):
+  """`{class: (train paths, val paths)}` of a single tree (folder_split)."""
+  tree = _list_tree(root)
+  parts = folder_split.split_files(tree.files, val_fraction=val_fraction,
+                                   split_seed=split_seed, root=root)
+  single = [c for c in tree.classes if len(tree.files[c]) == 1]
+  if single:
+    logging.warning(
+        'Class(es) %s of %s have a single image: it is used for training, and '
+        'the validation split has no example of them. Add images to these '
+        'classes to validate them.', single, root)
+  return parts
+
+
+def _list_folder(root, split, val_fraction=folder_split.DEFAULT_VAL_FRACTION,
+                 split_seed=folder_split.DEFAULT_SPLIT_SEED):
+  """Lists (paths, labels, class_names, num_skipped) of a folder's split.
+
+  Either layout (`folder_split.detect_layout`). For a single tree the split
+  is 'train' or 'val' ('test'), drawn by `folder_split`, and `num_skipped`
+  counts the unreadable files of the whole tree.
+  """
+  root = os.path.expanduser(root)
+  if folder_split.detect_layout(root) == folder_split.TRAIN_TEST:
+    return _list_split_folder(root, split)
+  part = folder_split.resolve_split(split)
+  val_fraction, split_seed = folder_split.check_params(val_fraction,
+                                                       split_seed)
+  tree = _list_tree(root)
+  parts = _split_tree(root, val_fraction, split_seed)
+  which = 0 if part == folder_split.TRAIN else 1
+  paths = [p for c in tree.classes for p in parts[c][which]]
+  labels = np.array([i for i, c in enumerate(tree.classes)
+                     for _ in parts[c][which]], np.int64)
+  if not paths:
+    raise ValueError(
+        f'The {part!r} split of image folder {root!r} is empty: every class '
+        'has a single image. Add images (at least 2 per class).')
+  return paths, labels, list(tree.classes), tree.num_skipped
+
+
+def _folder_source(root, split, process_index, process_count, val_fraction,
+                   split_seed):
+  paths, labels, classes, _ = _list_folder(root, split, val_fraction,
+                                           split_seed)
   local_paths = paths[process_index::process_count]
   local_labels = labels[process_index::process_count]
   return _Source(
@@ -269,27 +391,36 @@ def _tfds_source(builder, split, process_index, process_count, train, seed):
 # ------------------------------------------------------------------ public API
 
 
-def get_dataset_info(dataset: str, split: str, *, data_dir=None) -> dict:
+def get_dataset_info(dataset: str, split: str, *, data_dir=None,
+                     val_fraction: float = folder_split.DEFAULT_VAL_FRACTION,
+                     split_seed: int = folder_split.DEFAULT_SPLIT_SEED) -> dict:
   """Describes one split of a dataset without building a pipeline.
 
   Args:
-    dataset: `'embedded_mnist'`, a TFDS name or an image folder path.
-    split: split name, e.g. `'train'`, `'test'` or (TFDS) `'train[:98%]'`.
+    dataset: `'embedded_mnist'`, a TFDS name or an image folder path (either
+      layout, see `vit_jax.folder_split`).
+    split: split name, e.g. `'train'`, `'test'` or (TFDS) `'train[:98%]'`;
+      a single-tree folder has `'train'` and `'val'` (alias `'test'`).
     data_dir: TFDS data directory (ignored for the other sources).
+    val_fraction: held-out fraction of each class of a single-tree folder.
+    split_seed: seed of that split (independent of the training seed).
 
   Returns:
     Dict with `num_examples`, `num_classes`, `int2str` (class names; also
     callable as `int2str(i)` like the original) and, for folders,
-    `num_skipped` (unreadable files left out).
+    `num_skipped` (unreadable files left out; of the whole tree for a single
+    tree) and `layout` (`'train_test'` or `'single_tree'`).
   """
   if dataset == EMBEDDED_MNIST:
     return dict(num_examples=len(_embedded_indices(split)), num_classes=10,
                 int2str=_ClassNames(str(i) for i in range(10)))
   if _is_folder(dataset):
-    paths, _, classes, skipped = _list_folder(os.path.expanduser(dataset),
-                                              split)
+    root = os.path.expanduser(dataset)
+    paths, _, classes, skipped = _list_folder(root, split, val_fraction,
+                                              split_seed)
     return dict(num_examples=len(paths), num_classes=len(classes),
-                int2str=_ClassNames(classes), num_skipped=skipped)
+                int2str=_ClassNames(classes), num_skipped=skipped,
+                layout=folder_split.detect_layout(root))
   builder = _tfds_builder(dataset, data_dir)
   label = builder.info.features['label']
   return dict(num_examples=builder.info.splits[split].num_examples,
@@ -348,12 +479,22 @@ def _source(config, split, process_index, process_count, train):
   if dataset == EMBEDDED_MNIST:
     return _embedded_source(split, process_index, process_count)
   if _is_folder(dataset):
-    return _folder_source(dataset, split, process_index, process_count)
+    return _folder_source(dataset, split, process_index, process_count,
+                          *_folder_split_params(config))
   builder = _tfds_builder(dataset, config.get('tfds_data_dir'),
                           config.get('tfds_manual_dir'),
                           config.get('tfds_download', False))
   return _tfds_source(builder, split, process_index, process_count, train,
                       config.get('seed') or 0)
+
+
+def _folder_split_params(config):
+  """(val_fraction, split_seed) of a single-tree folder; None = default."""
+  val_fraction = config.get('val_fraction')
+  split_seed = config.get('split_seed')
+  return (folder_split.DEFAULT_VAL_FRACTION if val_fraction is None
+          else val_fraction,
+          folder_split.DEFAULT_SPLIT_SEED if split_seed is None else split_seed)
 
 
 def _split_names(config):
@@ -372,8 +513,11 @@ def get_datasets(config, *, start_step: int = 0,
   (512), `batch_eval` (= batch), `shuffle_buffer` (50_000; TFDS only, the
   in-memory sources shuffle fully), `seed` (0), `pp.crop` (224),
   `pp.augment` ('inception_crop' | 'shift' | 'none'), `pp.shift_pad` (2),
-  `tfds_data_dir` (None), `tfds_manual_dir` (None), `tfds_download` (False).
-  Old configs with the splits in `pp.train` / `pp.test` work too.
+  `tfds_data_dir` (None), `tfds_manual_dir` (None), `tfds_download` (False),
+  and for a single-tree image folder `val_fraction` (0.2) and `split_seed`
+  (0; independent of `seed`), with the splits 'train' and 'val' ('test' is
+  an alias of 'val', so the default `test_split` works). Old configs with
+  the splits in `pp.train` / `pp.test` work too.
 
   Args:
     config: an ml_collections.ConfigDict.
@@ -488,3 +632,186 @@ def prefetch(dataset, n_prefetch: int):
   if n_prefetch:
     it = flax.jax_utils.prefetch_to_device(it, n_prefetch)
   return it
+
+
+# -------------------------------------------------------------- dataset report
+
+CLASS_NAMES_FILE = 'class_names.json'  # the predict CLI reads this name
+SPLIT_FILE = 'split.json'
+SPLIT_CHART_FILE = 'split_counts.png'
+# More classes than this make an unreadable bar chart (ImageNet: 1000).
+MAX_CHART_CLASSES = 100
+
+
+def _split_labels(dataset, split, val_fraction, split_seed):
+  """Labels of a split, or None for TFDS (counting would read the split)."""
+  if dataset == EMBEDDED_MNIST:
+    return _embedded_split(split)[1]
+  if _is_folder(dataset):
+    return _list_folder(dataset, split, val_fraction, split_seed)[1]
+  return None
+
+
+def _val_files_digest(root, tree, parts):
+  """sha256 of the single tree's val files: compare splits across machines."""
+  lines = []
+  for name in tree.classes:
+    class_dir = os.path.join(root, name)
+    lines += [f'{name}/{folder_split.sort_key(os.path.relpath(p, class_dir))}'
+              for p in parts[name][1]]
+  return hashlib.sha256('\n'.join(lines).encode('utf-8')).hexdigest()
+
+
+def _format_table(report):
+  """The per-class counts as a fixed-width text table."""
+  names = report['class_names']
+  splits = report['splits']
+  head = [f'Dataset {report["dataset"]} ({report["kind"]}'
+          + (f', val_fraction={report["val_fraction"]}, '
+             f'split_seed={report["split_seed"]}'
+             if report.get('val_fraction') is not None else '')
+          + f'): {len(names)} classes, train split {splits["train"]!r}, '
+          f'val split {splits["val"]!r}']
+  width = max([len('class'), len('total')] + [len(n) for n in names])
+  row = f'{{:>5}}  {{:<{width}}}  {{:>8}}  {{:>8}}'
+  lines = head + [row.format('index', 'class', 'train', 'val')]
+  per_class = report['per_class']
+  if per_class is not None:
+    lines += [row.format(i, n, per_class[n]['train'], per_class[n]['val'])
+              for i, n in enumerate(names)]
+  else:
+    lines.append('       (per-class counts of TFDS datasets are not computed: '
+                 'they would need a pass over the data)')
+  lines.append(row.format('', 'total', report['num_examples']['train'],
+                          report['num_examples']['val']))
+  return '\n'.join(lines)
+
+
+def _write_chart(report, path):
+  """Grouped bars: train and val images per class (Agg canvas, no pyplot)."""
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  names = report['class_names']
+  x = np.arange(len(names))
+  fig = Figure(figsize=(max(4.0, 1.5 + 0.8 * len(names)), 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  for offset, role, color in ((-0.2, 'train', '#4c72b0'),
+                              (0.2, 'val', '#dd8452')):
+    counts = [report['per_class'][n][role] for n in names]
+    bars = ax.bar(x + offset, counts, width=0.4, color=color,
+                  label=f'{role} ({report["splits"][role]!r})')
+    ax.bar_label(bars, fontsize=7)
+  ax.margins(y=0.25)  # room for the count labels and the legend
+  ax.set_xticks(x)
+  tilt = max(len(n) for n in names) > 7
+  ax.set_xticklabels(names, rotation=30 if tilt else 0,
+                     ha='right' if tilt else 'center')
+  ax.set_ylabel('images')
+  name = os.path.basename(os.path.normpath(report['dataset']))
+  ax.set_title(f'Images per class: {name}')
+  ax.legend(loc='upper right', ncol=2, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _write_json(path, data):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:  # ASCII (escaped): readable under any locale
+    json.dump(data, f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def write_dataset_report(config, workdir: str) -> dict:
+  """Writes what the class indices mean and how the data was split.
+
+  Meant to be called once per run, by process 0, before training. Writes to
+  `workdir`:
+    * `class_names.json`: a JSON list of the class names in index order (what
+      `vit_jax.predict` reads next to a checkpoint);
+    * `split.json`: the returned report (below), e.g. to check that two
+      machines drew the same split: `val_files_sha256` is the sha256 of the
+      val files as `<class>/<path in the class folder>` lines, in class
+      order and sorted within a class, joined by newlines;
+    * `split_counts.png`: a bar chart of train and val images per class (only
+      when per-class counts are known and there are at most 100 classes);
+  and logs the per-class counts as a table.
+
+  Per-class counts are exact for image folders (after unreadable files are
+  dropped) and the embedded digits; for TFDS only the split sizes are given
+  (`per_class` is None), since counting labels would read the whole split.
+
+  Args:
+    config: the experiment config (fields as for `get_datasets`).
+    workdir: output folder (created if missing).
+
+  Returns:
+    Dict with `dataset`, `kind` ('embedded', 'tfds', 'folder train_test',
+    'folder single_tree'), `splits` ({'train': train split name, 'val': eval
+    split name}), `val_fraction` and `split_seed` (single tree, else None),
+    `num_classes`, `class_names`, `num_examples` ({'train': n, 'val': n}),
+    `per_class` ({name: {'train': n, 'val': n}} or None), `num_skipped`,
+    `dropped_classes`, `val_files_sha256` (single tree, else None), `table`
+    (the logged text) and `files` (the paths written).
+  """
+  dataset = config.get('dataset', EMBEDDED_MNIST)
+  data_dir = config.get('tfds_data_dir')
+  train_split, test_split = _split_names(config)
+  val_fraction, split_seed = _folder_split_params(config)
+  splits = {'train': train_split, 'val': test_split}
+  infos = {role: get_dataset_info(dataset, split, data_dir=data_dir,
+                                  val_fraction=val_fraction,
+                                  split_seed=split_seed)
+           for role, split in splits.items()}
+  names = [str(n) for n in infos['train']['int2str']]
+  num_classes = infos['train']['num_classes']
+
+  report = dict(dataset=dataset, kind=None, splits=splits, val_fraction=None,
+                split_seed=None, num_classes=num_classes, class_names=names,
+                num_examples={r: i['num_examples'] for r, i in infos.items()},
+                per_class=None, num_skipped=None, dropped_classes=[],
+                val_files_sha256=None)
+  if dataset == EMBEDDED_MNIST:
+    report['kind'] = 'embedded'
+  elif _is_folder(dataset):
+    root = os.path.expanduser(dataset)
+    layout = infos['train']['layout']
+    report['kind'] = f'folder {layout}'
+    if layout == folder_split.SINGLE_TREE:
+      val_fraction, split_seed = folder_split.check_params(val_fraction,
+                                                           split_seed)
+      tree = _list_tree(root)
+      report.update(
+          val_fraction=val_fraction, split_seed=split_seed,
+          num_skipped=tree.num_skipped, dropped_classes=list(tree.dropped),
+          val_files_sha256=_val_files_digest(
+              root, tree, _split_tree(root, val_fraction, split_seed)))
+    else:
+      report['num_skipped'] = {r: i['num_skipped'] for r, i in infos.items()}
+  else:
+    report['kind'] = 'tfds'
+  labels = {role: _split_labels(dataset, split, val_fraction, split_seed)
+            for role, split in splits.items()}
+  if all(v is not None for v in labels.values()):
+    counts = {r: np.bincount(v, minlength=num_classes).tolist()
+              for r, v in labels.items()}
+    report['per_class'] = {n: {'train': counts['train'][i],
+                               'val': counts['val'][i]}
+                           for i, n in enumerate(names)}
+
+  report['table'] = _format_table(report)
+  logging.info('%s', report['table'])
+  os.makedirs(workdir, exist_ok=True)
+  files = {'class_names': os.path.join(workdir, CLASS_NAMES_FILE),
+           'split': os.path.join(workdir, SPLIT_FILE), 'chart': None}
+  _write_json(files['class_names'], names)
+  _write_json(files['split'], {k: v for k, v in report.items()
+                               if k != 'table'})
+  if report['per_class'] is not None and num_classes <= MAX_CHART_CLASSES:
+    files['chart'] = os.path.join(workdir, SPLIT_CHART_FILE)
+    _write_chart(report, files['chart'])
+  report['files'] = files
+  return report
