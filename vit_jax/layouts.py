@@ -5,14 +5,16 @@ per encoder block, `Transformer/encoderblock_{i}/...`. A model built with
 `scan=True` (`models_vit.Encoder.scan`) holds one subtree
 `Transformer/encoderblock/...` whose leaves carry a leading layer axis:
 leaf `[i]` is block i's. These functions move between the two, on nested
-dicts (flax params, or any tree of the same shape such as an optimizer's
-momentum) or on flat dicts keyed by '/'-joined paths (`checkpoint.read_npz`).
-They only stack and slice arrays: numpy in, numpy out; jax in, jax out.
+dicts (flax params), on flat dicts keyed by '/'-joined paths
+(`checkpoint.read_npz`), and on any pytree holding such dicts (an optax
+state: its momentum is a params-shaped dict). They only stack and slice
+arrays: numpy in, numpy out; jax in, jax out.
 """
 
 import re
 from typing import Any, Dict, Mapping
 
+import jax
 import numpy as np
 
 Params = Any
@@ -69,6 +71,13 @@ def _leaves_with_paths(tree, prefix=''):
   return out
 
 
+def _on_mappings(fn, tree):
+  """Applies `fn` to the outermost Mappings of a pytree (e.g. optax states)."""
+  return jax.tree_util.tree_map(
+      lambda t: fn(t) if isinstance(t, Mapping) else t, tree,
+      is_leaf=lambda t: isinstance(t, Mapping))
+
+
 def is_scanned(params: Params) -> bool:
   """Whether some subtree of `params` holds blocks in the scanned layout."""
   params = _unflatten(params) if _is_flat(params) else params
@@ -80,7 +89,8 @@ def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
   """Stacks `encoderblock_0..num_layers-1` into `encoderblock` (leading axis).
 
   Args:
-    params: per-layer tree (nested or flat '/'-keyed dict).
+    params: per-layer tree (nested or flat '/'-keyed dict, or a pytree of
+      such, e.g. an optax state).
     num_layers: the model's depth; the tree must have exactly these blocks.
 
   Returns:
@@ -91,6 +101,8 @@ def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
     ValueError: blocks missing or extra, blocks with different parameter
       names or shapes, or a tree that is already scanned.
   """
+  if not isinstance(params, Mapping):
+    return _on_mappings(lambda t: layers_to_scan(t, num_layers), params)
   flat = _is_flat(params)
   tree = _unflatten(params) if flat else params
   out = _layers_to_scan(tree, num_layers, path='')
@@ -137,7 +149,8 @@ def scan_to_layers(params: Params) -> Dict[str, Any]:
   """Splits `encoderblock` (leading layer axis) into `encoderblock_{i}`.
 
   Args:
-    params: scanned tree (nested or flat '/'-keyed dict).
+    params: scanned tree (nested or flat '/'-keyed dict, or a pytree of
+      such).
 
   Returns:
     The per-layer tree (nested or flat, as given), as checkpoints store it.
@@ -146,6 +159,8 @@ def scan_to_layers(params: Params) -> Dict[str, Any]:
   Raises:
     ValueError: leaves of `encoderblock` disagree on the number of layers.
   """
+  if not isinstance(params, Mapping):
+    return _on_mappings(scan_to_layers, params)
   flat = _is_flat(params)
   tree = _unflatten(params) if flat else params
   out = _scan_to_layers(tree, path='')

@@ -55,10 +55,19 @@ def get_model(name: str, **kw) -> VisionTransformer:
   return from_config(MODEL_CONFIGS[canonical_name(name)], **kw)
 
 
-def from_config(config: Any, **kw) -> VisionTransformer:
-  """Builds a VisionTransformer from a zoo-style ConfigDict (or dict) and `kw`.
+def from_config(config: Any, model_cls=VisionTransformer,
+                **kw) -> VisionTransformer:
+  """Builds a model from a zoo-style ConfigDict (or dict) and `kw`.
 
-  `num_classes` defaults to None (no head) when neither gives it.
+  Args:
+    config: VisionTransformer fields, as the zoo's ConfigDicts hold them.
+    model_cls: VisionTransformer or a model built on its fields (e.g.
+      `masked_patch.MaskedPatchPredictor`).
+    **kw: fields to set or override.
+
+  Returns:
+    The module; `num_classes` defaults to None (no head) when neither
+    `config` nor `kw` gives it.
   """
   fields = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
   fields.update(kw)
@@ -67,7 +76,7 @@ def from_config(config: Any, **kw) -> VisionTransformer:
     # The original passes these as ConfigDicts; keep that for module fields.
     if isinstance(fields.get(key), dict):
       fields[key] = ml_collections.ConfigDict(fields[key])
-  return VisionTransformer(**fields)
+  return model_cls(**fields)
 
 
 def attention_weights(model: VisionTransformer, params: Any,
@@ -85,6 +94,9 @@ def attention_weights(model: VisionTransformer, params: Any,
   _, state = model.apply({'params': params}, images, train=False,
                          mutable=['intermediates'])
   encoder = state['intermediates']['Transformer']
+  if 'encoderblock' in encoder:  # scan=True: one entry, a leading layer axis.
+    stacked = encoder['encoderblock']['MultiHeadDotProductAttention_0']
+    return list(stacked['attention_weights'][0])
   blocks = sorted((k for k in encoder if k.startswith('encoderblock_')),
                   key=lambda k: int(k.rsplit('_', 1)[1]))
   return [encoder[b]['MultiHeadDotProductAttention_0']['attention_weights'][0]

@@ -18,16 +18,45 @@ Beyond the original:
   * Bad input (rank, channels, sizes that are not multiples of the patch, a
     token count the position embedding does not have) raises a ValueError
     that names the sizes and the fix; the original silently cropped.
+  * Speed switches (defaults give the original's graph, bit for bit):
+    - `dtype=jnp.bfloat16`: mixed precision. Parameters stay float32; every
+      matmul (patch embedding, q/k/v/out projections, the two attention
+      einsums, MLP, pre_logits, head) takes bfloat16 operands and accumulates
+      and returns float32, in the backward pass too (`mixed_precision`).
+      The residual stream, softmax, GELU, LayerNorm statistics and the
+      logits are float32; LayerNorm outputs are bfloat16. (On XLA:CPU
+      bfloat16 elementwise work is slower than float32, so bfloat16
+      activations between the matmuls measured 15% slower.)
+    - `attention_impl`: 'reference' (flax's einsum attention, the original),
+      'xla' or 'cudnn' (`jax.nn.dot_product_attention`; 'cudnn' is the fused
+      flash-attention kernel of NVIDIA GPUs and needs bfloat16/float16).
+      The fused kernels return no attention probabilities, so when the caller
+      asks for them (`intermediates` mutable, as `models.attention_weights`
+      does) the block computes attention the reference way instead; same
+      numbers, only slower. They also have no attention dropout: training
+      with `attention_dropout_rate > 0` and a fused impl raises.
+    - `scan=True`: the encoder blocks are one `nn.scan` body, so compile time
+      does not grow with depth. Parameters then live under
+      `Transformer/encoderblock/...` with a leading layer axis; see
+      `vit_jax.layouts` to convert from and to the per-layer layout of the
+      checkpoints.
+    - `remat_policy`: rematerialisation of each encoder block in the backward
+      pass ('none', 'full', 'save_dots', 'save_all_dots'; see REMAT_POLICIES),
+      with or without scan. On XLA:CPU it saves memory only with
+      `scan=True`: unrolled, the CPU scheduler runs the recomputation as
+      early as the forward pass and keeps its outputs just as long.
 """
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Optional, Tuple, Type
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import mixed_precision
 from vit_jax import models_resnet
 
 Array = Any
@@ -36,6 +65,69 @@ Initializer = Callable[..., Array]
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'none')
+ATTENTION_IMPLS = ('reference', 'xla', 'cudnn')
+# What each encoder block keeps for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    'none': None,  # No rematerialisation: everything is kept.
+    'full': jax.checkpoint_policies.nothing_saveable,  # Only block inputs.
+    # Outputs of the projections and MLP matmuls (not the attention einsums,
+    # which have a batch dimension and are the size of L^2).
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_all_dots': jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
+                    deterministic=True, dtype=None, module=None,
+                    force_fp32_for_softmax=False, **unused_kwargs):
+  """Attention through `jax.nn.dot_product_attention`, for flax MHA.
+
+  A drop-in `attention_fn` of `nn.MultiHeadDotProductAttention`: inputs
+  [batch, len, heads, head_dim], same output, scale 1/sqrt(head_dim).
+
+  Args:
+    query: [B, T, N, H].
+    key: [B, S, N, H].
+    value: [B, S, N, H].
+    implementation: 'xla' or 'cudnn' (see `jax.nn.dot_product_attention`).
+    dropout_rate: attention dropout; must be 0 unless `deterministic`.
+    deterministic: no dropout.
+    dtype: computation dtype.
+    module: the attention module, passed by flax when the weights are to be
+      sown. If its `intermediates` collection is mutable the caller wants the
+      attention probabilities, which a fused kernel never forms: we then
+      compute attention the reference way (same numbers) so that they exist.
+    force_fp32_for_softmax: for the reference fallback.
+    **unused_kwargs: other MHA arguments (mask, dropout_rng, ...).
+
+  Returns:
+    [B, T, N, H].
+  """
+  if module is not None and module.is_mutable_collection('intermediates'):
+    kw = {}
+    if dtype is not None and not mixed_precision.is_float32(dtype):
+      einsum = mixed_precision.F32AccumulatingEinsum(dtype)
+      kw = dict(qk_attn_weights_einsum=einsum,
+                attn_weights_value_einsum=einsum)
+    return nn.dot_product_attention(
+        query, key, value, dropout_rng=unused_kwargs.get('dropout_rng'),
+        dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
+        module=module, force_fp32_for_softmax=force_fp32_for_softmax,
+        broadcast_dropout=unused_kwargs.get('broadcast_dropout', False), **kw)
+  if dropout_rate > 0. and not deterministic:
+    raise ValueError(
+        f'attention_impl={implementation!r} has no attention dropout, but the '
+        f'model trains with attention_dropout_rate={dropout_rate}. Set '
+        "attention_dropout_rate=0 or use attention_impl='reference'.")
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(
+        "attention_impl='cudnn' is the NVIDIA GPU flash-attention kernel; "
+        f'the backend here is {jax.default_backend()!r}. Use '
+        "attention_impl='xla'.")
+  if dtype is not None:
+    query, key, value = (t.astype(dtype) for t in (query, key, value))
+  return jax.nn.dot_product_attention(query, key, value,
+                                      implementation=implementation)
 
 
 class IdentityLayer(nn.Module):
@@ -151,15 +243,19 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.1
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.normal(stddev=1e-6)
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, inputs, *, deterministic):
     actual_out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
     dense = functools.partial(
         nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, bias_init=self.bias_init)
+        kernel_init=self.kernel_init, bias_init=self.bias_init,
+        **mixed_precision.matmul_kwargs(self.dtype))
     x = dense(features=self.mlp_dim)(inputs)
-    x = nn.gelu(x)  # tanh approximation, as the original (SPEC section 1).
+    # tanh approximation, as the original (SPEC section 1); exact (erf) GELU
+    # for weights trained elsewhere (Hugging Face, torchvision).
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     output = dense(features=actual_out_dim)(x)
     output = nn.Dropout(rate=self.dropout_rate)(
@@ -176,6 +272,9 @@ class Encoder1DBlock(nn.Module):
     dtype: computation dtype.
     dropout_rate: dropout after attention and in the MLP.
     attention_dropout_rate: dropout on the attention weights.
+    attention_impl: one of ATTENTION_IMPLS, see the module docstring.
+    layernorm_epsilon: LayerNorm epsilon (1e-6; Hugging Face uses 1e-12).
+    approximate_gelu: tanh-approximated GELU (the original) or exact.
   """
 
   mlp_dim: int
@@ -183,6 +282,9 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
+  attention_impl: str = 'reference'
+  layernorm_epsilon: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, inputs, *, deterministic):
@@ -190,8 +292,9 @@ class Encoder1DBlock(nn.Module):
       raise ValueError(
           f'Encoder1DBlock expects [batch, len, emb]; got {inputs.shape}')
 
-    x = nn.LayerNorm(dtype=self.dtype)(inputs)
+    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
     x = nn.MultiHeadDotProductAttention(
+        **self._attention_kwargs(),
         dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         broadcast_dropout=False,
@@ -205,10 +308,30 @@ class Encoder1DBlock(nn.Module):
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
 
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
-                 dropout_rate=self.dropout_rate)(y, deterministic=deterministic)
+                 dropout_rate=self.dropout_rate,
+                 approximate_gelu=self.approximate_gelu)(
+                     y, deterministic=deterministic)
     return x + y
+
+  def _attention_kwargs(self):
+    """MHA kwargs of the speed switches; empty for the original's graph."""
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'Unknown attention_impl {self.attention_impl!r}; use '
+                       f'one of {ATTENTION_IMPLS}.')
+    kw = {}
+    if self.attention_impl != 'reference':
+      kw['attention_fn'] = functools.partial(
+          fused_attention, implementation=self.attention_impl)
+    if not mixed_precision.is_float32(self.dtype):
+      kw['qkv_dot_general'] = mixed_precision.f32_accumulating_dot_general
+      kw['out_dot_general'] = mixed_precision.f32_accumulating_dot_general
+      einsum_cls = functools.partial(mixed_precision.F32AccumulatingEinsum,
+                                     self.dtype)
+      kw['qk_attn_weights_einsum_cls'] = einsum_cls
+      kw['attn_weights_value_einsum_cls'] = einsum_cls
+    return kw
 
 
 class Encoder(nn.Module):
@@ -224,6 +347,12 @@ class Encoder(nn.Module):
     posemb: 'learn' (1-D, the paper's default), 'learn_2d', 'sincos2d' or
       'none'.
     dtype: computation dtype.
+    attention_impl: one of ATTENTION_IMPLS, see the module docstring.
+    scan: run the blocks as one `nn.scan` (parameters `encoderblock/...` with
+      a leading layer axis instead of `encoderblock_{i}/...`).
+    remat_policy: a key of REMAT_POLICIES.
+    layernorm_epsilon: LayerNorm epsilon of the blocks and `encoder_norm`.
+    approximate_gelu: tanh-approximated GELU in the MLPs (the original).
   """
 
   num_layers: int
@@ -234,6 +363,11 @@ class Encoder(nn.Module):
   add_position_embedding: bool = True
   posemb: str = 'learn'
   dtype: Dtype = jnp.float32
+  attention_impl: str = 'reference'
+  scan: bool = False
+  remat_policy: str = 'none'
+  layernorm_epsilon: float = 1e-6
+  approximate_gelu: bool = True
 
   @nn.compact
   def __call__(self, x, *, train, grid=None, num_prefix_tokens=0):
@@ -270,16 +404,68 @@ class Encoder(nn.Module):
     if posemb != 'none':
       x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
-    for lyr in range(self.num_layers):
-      x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim,
-          dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          name=f'encoderblock_{lyr}',
-          num_heads=self.num_heads,
-          dtype=self.dtype)(x, deterministic=not train)
-    encoded = nn.LayerNorm(name='encoder_norm', dtype=self.dtype)(x)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat_policy {self.remat_policy!r}; use one '
+                       f'of {tuple(REMAT_POLICIES)}.')
+    block = functools.partial(
+        Encoder1DBlock,
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        layernorm_epsilon=self.layernorm_epsilon,
+        approximate_gelu=self.approximate_gelu,
+        **({} if self.attention_impl == 'reference' else
+           {'attention_impl': self.attention_impl}))
+
+    def apply_block(module, x_BxLxD):
+      return module(x_BxLxD, deterministic=not train)
+
+    if self.remat_policy != 'none':
+      # Inside scan the loop already keeps XLA from merging the recomputation
+      # with the forward pass, and prevent_cse would only cost speed (JAX's
+      # advice for remat under scan).
+      apply_block = nn.remat(apply_block, prevent_cse=not self.scan,
+                             policy=REMAT_POLICIES[self.remat_policy])
+
+    if self.scan:
+      # Per-layer parameters and dropout masks: split the rngs per step.
+      x, _ = nn.scan(
+          lambda module, carry, _: (apply_block(module, carry), None),
+          variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True, 'dropout': True},
+          length=self.num_layers,
+      )(block(name='encoderblock'), x, None)
+    else:
+      for lyr in range(self.num_layers):
+        x = apply_block(block(name=f'encoderblock_{lyr}'), x)
+    encoded = nn.LayerNorm(name='encoder_norm', epsilon=self.layernorm_epsilon,
+                           dtype=self.dtype)(x)
     return encoded
+
+
+def embed_patches(model: 'VisionTransformer', inputs):
+  """The hybrid stem (if any) and the patch embedding: [B, gh, gw, hidden].
+
+  Called inside a compact `__call__` of `VisionTransformer` or a model built on
+  its tree (e.g. `masked_patch.MaskedPatchPredictor`): the submodules get the
+  released checkpoints' top-level names (`conv_root`, `block1`, `embedding`).
+  """
+  x = inputs
+  if model.resnet is not None:
+    x = models_resnet.resnet_stem(
+        x, width_factor=model.resnet.width_factor,
+        num_layers=tuple(model.resnet.num_layers), dtype=model.dtype)
+  return nn.Conv(
+      features=model.hidden_size,
+      kernel_size=model.patch_size,
+      strides=model.patch_size,
+      padding='VALID',
+      dtype=model.dtype,
+      **({} if mixed_precision.is_float32(model.dtype) else
+         {'conv_general_dilated': mixed_precision.f32_accumulating_conv}),
+      name='embedding')(x)
 
 
 class VisionTransformer(nn.Module):
@@ -304,7 +490,16 @@ class VisionTransformer(nn.Module):
     encoder: the encoder module class.
     model_name: zoo name, informational.
     posemb: position embedding, see `Encoder.posemb`.
-    dtype: computation dtype; parameters are float32 whatever it is.
+    dtype: computation dtype; parameters are float32 whatever it is, and so
+      are the logits.
+    attention_impl: 'reference', 'xla' or 'cudnn'; see the module docstring.
+    scan: `nn.scan` over the encoder blocks; see `Encoder.scan`.
+    remat_policy: rematerialisation of the encoder blocks, a key of
+      REMAT_POLICIES.
+    layernorm_epsilon: LayerNorm epsilon (the original's 1e-6; 1e-12 for
+      Hugging Face weights).
+    approximate_gelu: tanh-approximated GELU (the original) or exact (erf,
+      Hugging Face and torchvision weights).
   """
 
   num_classes: Optional[int]
@@ -319,6 +514,11 @@ class VisionTransformer(nn.Module):
   model_name: Optional[str] = None
   posemb: str = 'learn'
   dtype: Dtype = jnp.float32
+  attention_impl: str = 'reference'
+  scan: bool = False
+  remat_policy: str = 'none'
+  layernorm_epsilon: float = 1e-6
+  approximate_gelu: bool = True
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -327,6 +527,12 @@ class VisionTransformer(nn.Module):
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f'Unknown posemb {self.posemb!r}; use one of '
                        f'{POSEMB_TYPES}.')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'Unknown attention_impl {self.attention_impl!r}; use '
+                       f'one of {ATTENTION_IMPLS}.')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat_policy {self.remat_policy!r}; use one '
+                       f'of {tuple(REMAT_POLICIES)}.')
     super().__post_init__()
 
   @property
@@ -396,20 +602,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, inputs, *, train):
     self._check_inputs(inputs)
-    x = inputs
-
-    if self.resnet is not None:
-      x = models_resnet.resnet_stem(
-          x, width_factor=self.resnet.width_factor,
-          num_layers=tuple(self.resnet.num_layers), dtype=self.dtype)
-
-    x = nn.Conv(
-        features=self.hidden_size,
-        kernel_size=self.patch_size,
-        strides=self.patch_size,
-        padding='VALID',
-        dtype=self.dtype,
-        name='embedding')(x)
+    x = embed_patches(self, inputs)
 
     if self.transformer is not None:
       n, gh, gw, c = x.shape
@@ -431,6 +624,7 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size is not None:
       x = nn.Dense(features=self.representation_size, dtype=self.dtype,
+                   **mixed_precision.matmul_kwargs(self.dtype),
                    name='pre_logits')(x)
       x = nn.tanh(x)
     else:
@@ -441,6 +635,7 @@ class VisionTransformer(nn.Module):
           features=self.num_classes,
           name='head',
           dtype=self.dtype,
+          **mixed_precision.matmul_kwargs(self.dtype),
           kernel_init=nn.initializers.zeros,
           bias_init=nn.initializers.constant(self.head_bias_init))(x)
     return x.astype(jnp.float32)
@@ -450,4 +645,16 @@ class VisionTransformer(nn.Module):
     extra = {'dtype': self.dtype}
     if self.posemb != 'learn':
       extra['posemb'] = self.posemb
+    # Passed only when set, so that a custom `encoder` class without these
+    # fields keeps working with the defaults.
+    if self.attention_impl != 'reference':
+      extra['attention_impl'] = self.attention_impl
+    if self.scan:
+      extra['scan'] = self.scan
+    if self.remat_policy != 'none':
+      extra['remat_policy'] = self.remat_policy
+    if self.layernorm_epsilon != 1e-6:
+      extra['layernorm_epsilon'] = self.layernorm_epsilon
+    if not self.approximate_gelu:
+      extra['approximate_gelu'] = self.approximate_gelu
     return {k: v for k, v in extra.items() if k not in self.transformer}

@@ -1,0 +1,1 @@
+"""Benchmarks of this project; run them as modules, e.g. `python -m bench.throughput`."""

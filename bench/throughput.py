@@ -1,0 +1,584 @@
+"""Speed of the Vision Transformer: throughput, MFU, compile time, memory.
+
+Command (all sections, about 15 minutes on the 2-core development CPU):
+
+  python -m bench.throughput
+
+Quick runs while iterating (one model, one dtype, one section):
+
+  python -m bench.throughput --models ViT-S_16 --dtypes bfloat16 \
+      --what train --repeats 3
+
+Sections (`--what`, comma-separated):
+  peak     the matmul peak as XLA sees it: a square float32 matmul and the same
+           with bfloat16 inputs and float32 accumulation (2048^3 on CPU,
+           8192^3 on GPU). Model FLOPs utilisation (MFU) divides by these.
+  infer    images/s of `model.apply(..., train=False)` under jit.
+  train    images/s of one training step as the original fine-tunes: forward,
+           backward, global-norm clip 1.0, SGD momentum 0.9 with a bfloat16
+           momentum buffer (optax), parameters donated.
+  compile  compile time of the ViT-L/16 training step with and without
+           `scan=True` (compile only, nothing runs).
+  remat    the largest ViT-B/16 training batch whose compiled peak memory fits
+           `--budget-gib`, per remat policy (compile only: binary search on
+           `compiled.memory_analysis()`).
+
+Every timed number is the median of `--repeats` calls after one warm-up call,
+timed with `time.perf_counter` around `jax.block_until_ready`. Compile time is
+trace + lower + compile of the jitted function. Peak memory is XLA's buffer
+assignment of the compiled function: temp + arguments + outputs, buffers that
+outputs alias (donated arguments) counted once. Model FLOPs are counted
+analytically (the matmuls and attention einsums, 2 FLOPs per multiply-add;
+a training step is 3x the forward pass); XLA's own count
+(`cost_analysis()['flops']`, which also counts elementwise work) is printed
+beside it.
+
+The tables at the end compare against the original implementation's numbers
+measured on the development machine type (/work/shared/MACHINE.md) and the
+issue's targets. Timings on the shared development machine move by 10% and
+more: compare numbers of one run.
+
+What was tried on the development CPU (jax 0.10.2, 2 Zen 5 cores; measured
+while the machine was shared, as process-CPU-time ratios of interleaved
+calls, so ratios only):
+  * bfloat16 compute with float32 accumulation in every matmul
+    (`dtype=jnp.bfloat16`): ViT-B/16 inference 1.9x float32; ViT-S/16
+    training step 1.6x, but only after a custom gradient
+    (`vit_jax.mixed_precision`): with JAX's own gradient the backward dots
+    ran in float32 and the step was just 1.1x.
+  * bfloat16 activations between matmuls (dot outputs cast back to bf16):
+    training 15% slower than float32 activations; XLA:CPU's bf16
+    elementwise code is slower than its float32 code.
+  * bf16 parameters stored for inference (no per-call cast): a further +6%
+    for ViT-B/16 (not used here: the switch keeps float32 parameters).
+  * q/k/v fused into one [D, 3D] matmul: 10-20% slower than three matmuls
+    (microbenchmark), so not done.
+  * `attention_impl='xla'` (`jax.nn.dot_product_attention`): float32 the
+    same as the reference, bfloat16 ~10% slower (its probs @ v dot is
+    bf16-out, XLA:CPU's slow kind).
+  * `scan=True`: ~10% slower steps (float32), more in bfloat16; it is for
+    compile time and, with remat, memory.
+  * XLA flags (XLA_FLAGS): --xla_cpu_use_onednn=true,
+    --xla_cpu_prefer_vector_width=512, --xla_cpu_opt_preset=FAST_RUNTIME,
+    --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY:
+    within noise (+-5%); --xla_cpu_experimental_ynn_fusion_type=+eltwise,
+    +reduce: 5-15% slower; --xla_cpu_use_xnnpack=false breaks bf16 dots.
+    `--xla_cpu_use_thunk_runtime` is deprecated (always on) in jax 0.10.
+  * Profile (jax.profiler trace): with bfloat16 the matmuls are ~65% of a
+    ViT-S/16 training step; the rest is spread over LayerNorm, GELU, softmax,
+    casts and the transposes of the gradient matmuls.
+"""
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+if __package__ in (None, ''):  # `python bench/throughput.py`
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vit_jax import models
+
+GiB = 2**30
+
+# /work/shared/MACHINE.md, "Reference speeds on this machine type": Google's
+# original vit_jax, jit, batch 8, 224x224, 1000 classes, median of 9, float32,
+# images/s on the 2-core AMD EPYC (Zen 5) development machine.
+ORIGINAL_IMAGES_PER_S = {
+    ('infer', 'ViT-Ti_16'): 100.8,
+    ('infer', 'ViT-S_16'): 35.6,
+    ('infer', 'ViT-B_16'): 9.1,
+    ('train', 'ViT-Ti_16'): 23.2,
+    ('train', 'ViT-S_16'): 7.8,
+}
+# Same source: timm (PyTorch 2.13, CPU) inference, float32 / bf16 autocast.
+TIMM_IMAGES_PER_S = {
+    ('infer', 'ViT-S_16', 'float32'): 18.3,
+    ('infer', 'ViT-S_16', 'bfloat16'): 52.5,
+    ('infer', 'ViT-B_16', 'float32'): 4.9,
+    ('infer', 'ViT-B_16', 'bfloat16'): 14.4,
+}
+# Same source: XLA on a 2048^3 matmul, GFLOP/s.
+MACHINE_MATMUL_GFLOPS = {'float32': 407., 'bfloat16': 892.}
+# The issue's targets on that machine, images/s (batch 8).
+TARGET_IMAGES_PER_S = {
+    ('infer', 'ViT-B_16', 'float32'): 9.1,
+    ('infer', 'ViT-B_16', 'bfloat16'): 18.0,
+    ('train', 'ViT-S_16', 'float32'): 10.1,   # 1.3x the original's 7.8.
+    ('train', 'ViT-S_16', 'bfloat16'): 15.6,  # 2x the original's 7.8.
+}
+# Compile-only targets of the issue.
+TARGET_REMAT_BATCH_RATIO = 2.0  # remat full vs none, same memory budget.
+TARGET_SCAN_COMPILE_RATIO = 1 / 3  # ViT-L/16 train step, scan vs loop.
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SECTIONS = ('peak', 'infer', 'train', 'compile', 'remat')
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` calls after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def compile_timed(fn, *args, donate_argnums=()):
+  """(compiled, seconds for trace + lower + compile)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def peak_bytes(compiled) -> Optional[int]:
+  """temp + arguments + outputs of a compiled function, aliases counted once."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return None
+  return (ma.temp_size_in_bytes + ma.argument_size_in_bytes +
+          ma.output_size_in_bytes - ma.alias_size_in_bytes)
+
+
+def xla_flops(compiled) -> Optional[float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return None if not cost or 'flops' not in cost else float(cost['flops'])
+
+
+def matmul_gflops(n: int, dtype_name: str, repeats: int) -> float:
+  """XLA's rate on an n^3 matmul; bfloat16 means bf16 in, float32 accumulate."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal((n, n), np.float32))
+  b = jnp.asarray(rng.standard_normal((n, n), np.float32))
+  if dtype_name == 'bfloat16':
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  matmul = jax.jit(functools.partial(jnp.matmul,
+                                     preferred_element_type=jnp.float32))
+  return 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats) / 1e9
+
+
+def vit_forward_flops(model, image_size: int) -> Optional[float]:
+  """Matmul FLOPs of one image through a plain ViT (2 per multiply-add)."""
+  if model.resnet is not None or model.transformer is None:
+    return None
+  ph, pw = model.patch_size
+  d = model.hidden_size
+  t = model.transformer
+  n = (image_size // ph) * (image_size // pw)
+  tokens = n + int(model.has_class_token)
+  flops = 2 * n * ph * pw * 3 * d  # Patch embedding.
+  per_layer = (2 * tokens * d * 3 * d     # q, k, v projections.
+               + 2 * tokens * tokens * d  # q k^T.
+               + 2 * tokens * tokens * d  # softmax(.) v.
+               + 2 * tokens * d * d       # Output projection.
+               + 2 * 2 * tokens * d * t.mlp_dim)  # MLP.
+  flops += t.num_layers * per_layer
+  width = d
+  if model.representation_size:
+    flops += 2 * d * model.representation_size
+    width = model.representation_size
+  if model.num_classes:
+    heads = tokens if model.classifier in ('unpooled', 'token_unpooled') else 1
+    flops += 2 * heads * width * model.num_classes
+  return float(flops)
+
+
+# ---------------------------------------------------------------------------
+# What is measured.
+
+
+def build(name: str, dtype_name: str, args, **kw):
+  return models.get_model(name, num_classes=args.num_classes,
+                          dtype=DTYPES[dtype_name],
+                          attention_impl=args.attention_impl, **kw)
+
+
+def abstract_params(model, batch: int, image_size: int):
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
+                                jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False)['params'],
+      images)
+
+
+def make_optimizer():
+  """The original's fine-tuning update: clip 1.0, SGD momentum 0.9 (bf16)."""
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.sgd(learning_rate=0.01, momentum=0.9,
+                accumulator_dtype=jnp.bfloat16))
+
+
+def make_train_step(model, tx):
+  """(params, opt_state, images, labels, rng) -> (params, opt_state, loss)."""
+
+  def loss_fn(params, images, labels, rng):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': rng})
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1))
+
+  def train_step(params, opt_state, images, labels, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
+
+
+def batch_arrays(batch: int, image_size: int, num_classes: int):
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (batch, image_size, image_size, 3))
+  labels = np.eye(num_classes, dtype=np.float32)[
+      rng.integers(0, num_classes, batch)]
+  return jnp.asarray(images, jnp.float32), jnp.asarray(labels)
+
+
+def measure_infer(name, dtype_name, args) -> Dict[str, Any]:
+  model = build(name, dtype_name, args)
+  images, _ = batch_arrays(args.batch, args.image_size, args.num_classes)
+  params = model.init(jax.random.key(0), images[:1], train=False)['params']
+  compiled, compile_s = compile_timed(
+      lambda p, x: model.apply({'params': p}, x, train=False), params, images)
+  seconds = median_seconds(lambda: compiled(params, images), args.repeats)
+  return dict(images_per_s=args.batch / seconds, compile_s=compile_s,
+              peak_bytes=peak_bytes(compiled),
+              flops=vit_forward_flops(model, args.image_size),
+              xla_flops=_per_image(xla_flops(compiled), args.batch))
+
+
+def measure_train(name, dtype_name, args) -> Dict[str, Any]:
+  model = build(name, dtype_name, args, remat_policy=args.remat_policy,
+                scan=args.scan)
+  images, labels = batch_arrays(args.batch, args.image_size, args.num_classes)
+  params = model.init(jax.random.key(0), images[:1], train=False)['params']
+  tx = make_optimizer()
+  opt_state = tx.init(params)
+  rng = jax.random.key(1)
+  compiled, compile_s = compile_timed(
+      make_train_step(model, tx), params, opt_state, images, labels, rng,
+      donate_argnums=(0, 1))
+  state = [params, opt_state]
+
+  def step():
+    state[0], state[1], loss = compiled(state[0], state[1], images, labels,
+                                        rng)
+    return loss
+
+  seconds = median_seconds(step, args.repeats)
+  fwd = vit_forward_flops(model, args.image_size)
+  return dict(images_per_s=args.batch / seconds, compile_s=compile_s,
+              peak_bytes=peak_bytes(compiled),
+              flops=None if fwd is None else 3 * fwd,
+              xla_flops=_per_image(xla_flops(compiled), args.batch))
+
+
+def _per_image(flops, batch):
+  return None if flops is None else flops / batch
+
+
+def compile_train_step(model, batch, image_size, num_classes):
+  """Compiles the training step on abstract inputs; nothing is allocated."""
+  params = abstract_params(model, batch, image_size)
+  tx = make_optimizer()
+  opt_state = jax.eval_shape(tx.init, params)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
+                                jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch, num_classes), jnp.float32)
+  rng = jax.eval_shape(lambda: jax.random.key(1))
+  return compile_timed(make_train_step(model, tx), params, opt_state, images,
+                       labels, rng, donate_argnums=(0, 1))
+
+
+def largest_batch_within(model, budget_bytes, image_size, num_classes,
+                         log=None) -> Dict[str, Any]:
+  """Largest training batch whose compiled peak memory is <= budget_bytes.
+
+  A bracketing search on `compiled.memory_analysis()` (compile only, nothing
+  runs): memory is close to affine in the batch, so each probe interpolates
+  between the largest batch known to fit and the smallest known not to;
+  the bracket still shrinks every probe, so the answer is exact.
+  """
+  peaks = {}
+
+  def peak(batch):
+    if batch not in peaks:
+      compiled, seconds = compile_train_step(model, batch, image_size,
+                                             num_classes)
+      peaks[batch] = peak_bytes(compiled)
+      if log:
+        log(f'    batch {batch:5d}: peak {peaks[batch] / GiB:7.2f} GiB '
+            f'(compiled in {seconds:.1f} s)')
+    return peaks[batch]
+
+  if peak(1) > budget_bytes:
+    return dict(batch=0, peak_bytes=peaks[1], probes=len(peaks))
+  lo, hi = 1, None
+  guess = 8
+  while hi is None:  # Extrapolate until the budget is exceeded.
+    if peak(guess) <= budget_bytes:
+      lo = guess
+      slope = (peaks[lo] - peaks[1]) / max(lo - 1, 1)
+      guess = min(max(2 * lo, int(lo + (budget_bytes - peaks[lo]) /
+                                  max(slope, 1) * 1.05) + 1), 16 * lo)
+    else:
+      hi = guess
+  while hi - lo > 1:
+    frac = (budget_bytes - peaks[lo]) / (peaks[hi] - peaks[lo])
+    mid = min(max(lo + int(frac * (hi - lo)), lo + 1), hi - 1)
+    if peak(mid) <= budget_bytes:
+      lo = mid
+    else:
+      hi = mid
+  return dict(batch=lo, peak_bytes=peaks[lo], probes=len(peaks))
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+
+
+def _fmt(x, spec='.1f', none='-'):
+  return none if x is None else format(x, spec)
+
+
+def print_table(header: Sequence[str], rows: List[Sequence[str]]):
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: '| ' + ' | '.join(
+      str(c).rjust(w) for c, w in zip(cells, widths)) + ' |'
+  print(line(header))
+  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+  for row in rows:
+    print(line(row))
+
+
+def describe_machine() -> str:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [l.split(':', 1)[1].strip() for l in f if
+               l.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
+          f'{cpu}, {os.cpu_count()} cores')
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default='ViT-Ti_16,ViT-S_16,ViT-B_16',
+                 help='comma-separated zoo names for infer/train')
+  p.add_argument('--dtypes', default='float32,bfloat16',
+                 help='compute dtypes (parameters are always float32)')
+  p.add_argument('--batch', type=int, default=None,
+                 help='images per call (default 8 on CPU, 128 on GPU)')
+  p.add_argument('--repeats', type=int, default=9,
+                 help='timed calls per number; the median is reported')
+  p.add_argument('--what', default=','.join(SECTIONS),
+                 help=f'comma-separated sections of {SECTIONS}')
+  p.add_argument('--image-size', type=int, default=224)
+  p.add_argument('--num-classes', type=int, default=1000)
+  p.add_argument('--attention-impl', default='reference',
+                 choices=('reference', 'xla', 'cudnn'))
+  p.add_argument('--scan', action='store_true',
+                 help='infer/train with scan=True')
+  p.add_argument('--remat-policy', default='none',
+                 help='remat policy of the train section')
+  p.add_argument('--matmul-size', type=int, default=None,
+                 help='n of the n^3 peak matmul (default 2048 CPU, 8192 GPU)')
+  p.add_argument('--budget-gib', type=float, default=4.0,
+                 help='memory budget of the remat section')
+  p.add_argument('--remat-model', default='ViT-B_16')
+  p.add_argument('--remat-configs',
+                 default='loop:none,loop:full,scan:none,scan:full',
+                 help='BLOCKS:POLICY pairs of the remat section; BLOCKS is '
+                 'loop or scan')
+  p.add_argument('--compile-model', default='ViT-L_16')
+  p.add_argument('--compile-repeats', type=int, default=3,
+                 help='compiles per variant in the compile section')
+  args = p.parse_args(argv)
+  args.models = [models.canonical_name(m) for m in args.models.split(',') if m]
+  args.dtypes = [d for d in args.dtypes.split(',') if d]
+  for d in args.dtypes:
+    if d not in DTYPES:
+      p.error(f'--dtypes: unknown {d!r}; use {tuple(DTYPES)}')
+  args.what = [w for w in args.what.split(',') if w]
+  for w in args.what:
+    if w not in SECTIONS:
+      p.error(f'--what: unknown section {w!r}; use {SECTIONS}')
+  on_gpu = jax.default_backend() == 'gpu'
+  if args.batch is None:
+    args.batch = 128 if on_gpu else 8
+  if args.matmul_size is None:
+    args.matmul_size = 8192 if on_gpu else 2048
+  return args
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  program = (['-m', __spec__.name] if globals().get('__spec__') else
+             sys.argv[:1])
+  print('command:', ' '.join(['python'] + program + sys.argv[1:]))
+  print(f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, '
+        f'backend {jax.default_backend()}')
+  print('device:', describe_machine())
+  print('XLA_FLAGS:', os.environ.get('XLA_FLAGS', '(unset)'),
+        '| default_matmul_precision:', jax.config.jax_default_matmul_precision)
+  print(f'batch {args.batch}, {args.image_size}x{args.image_size}, '
+        f'{args.num_classes} classes, median of {args.repeats}, '
+        f'attention_impl={args.attention_impl}, scan={args.scan}, '
+        f'train remat_policy={args.remat_policy}')
+  sys.stdout.flush()
+  log = lambda *a: (print(*a), sys.stdout.flush())
+
+  peak = {}
+  if 'peak' in args.what:
+    log(f'\n## Matmul peak as XLA sees it ({args.matmul_size}^3)')
+    rows = []
+    for d in ('float32', 'bfloat16'):
+      peak[d] = matmul_gflops(args.matmul_size, d, args.repeats)
+      label = 'float32' if d == 'float32' else 'bf16 in, f32 accumulate'
+      ref = (MACHINE_MATMUL_GFLOPS[d] if jax.default_backend() == 'cpu'
+             else None)
+      rows.append([label, f'{peak[d]:.0f}', _fmt(ref, '.0f'),
+                   _fmt(None if ref is None else peak[d] / ref, '.2f')])
+    print_table(['matmul', 'GFLOP/s', 'MACHINE.md', 'ratio'], rows)
+
+  results = {}
+  for what, fn in (('infer', measure_infer), ('train', measure_train)):
+    if what not in args.what:
+      continue
+    log(f'\n## {"Inference" if what == "infer" else "Training step"}')
+    for name in args.models:
+      for d in args.dtypes:
+        r = fn(name, d, args)
+        results[what, name, d] = r
+        log(f'  {name} {d}: {r["images_per_s"]:.1f} img/s, compile '
+            f'{r["compile_s"]:.1f} s, peak {_fmt(_gib(r["peak_bytes"]), ".2f")} '
+            'GiB')
+
+  if results:
+    log('\n## Throughput (images/s), model FLOPs utilisation, compile, memory')
+    rows = []
+    for (what, name, d), r in results.items():
+      gflop = None if r['flops'] is None else r['flops'] / 1e9
+      mfu = (None if gflop is None or d not in peak else
+             gflop * r['images_per_s'] / peak[d])
+      rows.append([what, name, d, f'{r["images_per_s"]:.1f}',
+                   _fmt(gflop, '.2f'), _fmt(_div(r['xla_flops'], 1e9), '.2f'),
+                   _fmt(None if mfu is None else 100 * mfu, '.0f'),
+                   f'{r["compile_s"]:.1f}', _fmt(_gib(r['peak_bytes']), '.2f')])
+    print_table(['step', 'model', 'dtype', 'img/s', 'GFLOP/img',
+                 'XLA GFLOP/img', 'MFU %', 'compile s', 'peak GiB'], rows)
+    print('GFLOP/img: analytic matmul FLOPs (train = 3x forward); MFU uses it '
+          'and the measured peak of the same dtype.')
+
+    comparable = (jax.default_backend() == 'cpu' and args.batch == 8 and
+                  args.image_size == 224 and args.num_classes == 1000)
+    log('\n## Against the original (/work/shared/MACHINE.md, same machine '
+        'type, batch 8)' + ('' if comparable else
+                            ' -- NOT comparable: other backend or sizes'))
+    # On a shared machine the speed of the moment moves everything; scaling
+    # by how far this run's float32 matmul peak is from MACHINE.md's gives a
+    # rough load-corrected ratio (only a quiet machine gives real numbers).
+    load = (_div(MACHINE_MATMUL_GFLOPS['float32'], peak.get('float32'))
+            if comparable else None)
+    rows = []
+    for (what, name, d), r in results.items():
+      orig = ORIGINAL_IMAGES_PER_S.get((what, name))
+      timm = TIMM_IMAGES_PER_S.get((what, name, d))
+      target = TARGET_IMAGES_PER_S.get((what, name, d))
+      ips = r['images_per_s']
+      x_orig = _div(ips, orig)
+      rows.append([
+          what, name, d, f'{ips:.1f}', _fmt(orig), _fmt(x_orig, '.2f'),
+          _fmt(None if x_orig is None or load is None else x_orig * load,
+               '.2f'),
+          _fmt(timm), _fmt(_div(ips, timm), '.2f'), _fmt(target),
+          '-' if target is None else ('yes' if ips >= target else 'NO')])
+    print_table(['step', 'model', 'dtype', 'img/s', 'original f32', 'x orig',
+                 'x orig, peak-scaled', 'timm', 'x timm', 'target', 'met'],
+                rows)
+    print('peak-scaled: x orig times (MACHINE.md float32 peak / this run\'s); '
+          'needs the peak section.')
+
+  if 'compile' in args.what:
+    log(f'\n## {args.compile_model} training-step compile time, scan vs loop '
+        f'(batch {args.batch}, float32, compile only, median of '
+        f'{args.compile_repeats}, alternating)')
+    secs = {False: [], True: []}
+    for _ in range(args.compile_repeats):
+      for scan in (False, True):
+        # A new module and step function each time: nothing is cached.
+        model = models.get_model(args.compile_model,
+                                 num_classes=args.num_classes, scan=scan)
+        _, seconds = compile_train_step(model, args.batch, args.image_size,
+                                        args.num_classes)
+        secs[scan].append(seconds)
+        log(f'  scan={scan}: {seconds:.1f} s')
+    loop_s, scan_s = (statistics.median(secs[k]) for k in (False, True))
+    ratio = scan_s / loop_s
+    print_table(['scan=False s', 'scan=True s', 'ratio', 'target', 'met'],
+                [[f'{loop_s:.1f}', f'{scan_s:.1f}', f'{ratio:.2f}',
+                  f'<= {TARGET_SCAN_COMPILE_RATIO:.2f}',
+                  'yes' if ratio <= TARGET_SCAN_COMPILE_RATIO else 'NO']])
+
+  if 'remat' in args.what:
+    budget = int(args.budget_gib * GiB)
+    log(f'\n## Largest {args.remat_model} training batch within '
+        f'{args.budget_gib:g} GiB (compiled peak memory, float32, compile '
+        'only)')
+    found = {}
+    for config in args.remat_configs.split(','):
+      layout, policy = config.split(':')
+      log(f'  {layout} remat_policy={policy}:')
+      model = models.get_model(args.remat_model, num_classes=args.num_classes,
+                               remat_policy=policy, scan=layout == 'scan')
+      found[layout, policy] = largest_batch_within(
+          model, budget, args.image_size, args.num_classes, log=log)
+    base = found.get(('loop', 'none'), found.get(('scan', 'none'), {}))
+    base = base.get('batch')
+    rows = []
+    for (layout, policy), r in found.items():
+      ratio = _div(r['batch'], base)
+      rows.append([layout, policy, r['batch'], f'{r["peak_bytes"] / GiB:.2f}',
+                   r['probes'], _fmt(ratio, '.2f'),
+                   '-' if policy != 'full' or ratio is None else
+                   ('yes' if ratio >= TARGET_REMAT_BATCH_RATIO else 'NO')])
+    print_table(['blocks', 'remat_policy', 'max batch', 'peak GiB', 'compiles',
+                 'x default', f'>= {TARGET_REMAT_BATCH_RATIO:g}x'], rows)
+    print('x default: against the default model (loop, no remat). On XLA:CPU '
+          'remat saves memory only under scan: without it the scheduler runs '
+          'the recomputation early and keeps its outputs as long as the '
+          'forward\'s.')
+
+
+def _gib(n):
+  return None if n is None else n / GiB
+
+
+def _div(a, b):
+  return None if a is None or not b else a / b
+
+
+if __name__ == '__main__':
+  main()

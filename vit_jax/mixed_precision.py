@@ -1,0 +1,178 @@
+"""Matmuls of bfloat16 operands with float32 accumulation, forward and backward.
+
+`VisionTransformer(dtype=jnp.bfloat16)` hands these to its flax layers
+(`dot_general=`, `conv_general_dilated=`, the attention einsums), so that
+every matmul takes bfloat16 operands and accumulates and returns float32:
+what GPU tensor cores do, and what the AVX512-BF16 units of the development
+CPU do at 2.2x the float32 rate (XLA, 2048^3: 892 vs 407 GFLOP/s), whereas a
+bfloat16-out dot runs there at 335 GFLOP/s, below float32
+(/work/shared/MACHINE.md).
+
+Two things JAX does not do by itself, hence this module:
+  * the backward pass. JAX's transpose of such a dot meets a float32
+    cotangent and the bfloat16 operand and upcasts both, so the gradient
+    dots (2/3 of a training step) would run in float32. `_mixed_dot` rounds
+    the cotangent to bfloat16 and keeps the gradient dots bf16-in,
+    f32-accumulate as well.
+  * XLA:CPU (jax 0.10) runs bf16 x bf16 -> f32 dots only in its
+    YNNPACK/XNNPACK kernels, which take plain row-major [batch, m, k] x
+    [batch, k, n] matmuls. Other layouts go to the Eigen fallback, which has
+    no such kernel and fails at run time ("Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32"). Gradient dots contract non-minor
+    axes (batch and tokens for a kernel's gradient), so on CPU they are
+    rewritten as such plain matmuls (`_batched_matmul`).
+"""
+
+import functools
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def is_float32(dtype) -> bool:
+  return jnp.dtype(dtype) == jnp.float32
+
+
+def _einsum_specs(lhs_ndim, rhs_ndim, dimension_numbers):
+  """Einsum subscripts (lhs, rhs, out) of a `lax.dot_general`."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  letters = iter('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ')
+  lhs, rhs = [None] * lhs_ndim, [None] * rhs_ndim
+  for a, b in list(zip(lhs_batch, rhs_batch)) + list(
+      zip(lhs_contract, rhs_contract)):
+    lhs[a] = rhs[b] = next(letters)
+  lhs = [c or next(letters) for c in lhs]
+  rhs = [c or next(letters) for c in rhs]
+  # dot_general's output order: batch, lhs free, rhs free.
+  out = ([lhs[a] for a in lhs_batch] +
+         [c for i, c in enumerate(lhs)
+          if i not in lhs_contract and i not in lhs_batch] +
+         [c for i, c in enumerate(rhs)
+          if i not in rhs_contract and i not in rhs_batch])
+  return ''.join(lhs), ''.join(rhs), ''.join(out)
+
+
+def _batched_matmul(lhs, rhs, lhs_spec, rhs_spec, out_spec):
+  """einsum `lhs_spec,rhs_spec->out_spec` as one [b, m, k] x [b, k, n] dot.
+
+  Float32 accumulation and output. The operands are transposed and
+  flattened into the plain layout XLA:CPU's bf16 kernels take (see the
+  module docstring), behind an optimization barrier so that XLA does not
+  fold the transposes back into the dot.
+  """
+  batch = [c for c in lhs_spec if c in rhs_spec and c in out_spec]
+  contract = [c for c in lhs_spec if c in rhs_spec and c not in out_spec]
+  lhs_free = [c for c in lhs_spec if c not in rhs_spec]
+  rhs_free = [c for c in rhs_spec if c not in lhs_spec]
+  size = dict(zip(lhs_spec, lhs.shape))
+  size.update(zip(rhs_spec, rhs.shape))
+  prod = lambda letters: int(np.prod([size[c] for c in letters]))
+  lhs_BxMxK = jnp.transpose(
+      lhs, [lhs_spec.index(c) for c in batch + lhs_free + contract]).reshape(
+          prod(batch), prod(lhs_free), prod(contract))
+  rhs_BxKxN = jnp.transpose(
+      rhs, [rhs_spec.index(c) for c in batch + contract + rhs_free]).reshape(
+          prod(batch), prod(contract), prod(rhs_free))
+  lhs_BxMxK, rhs_BxKxN = lax.optimization_barrier((lhs_BxMxK, rhs_BxKxN))
+  out_BxMxN = lax.dot_general(lhs_BxMxK, rhs_BxKxN,
+                              (((2,), (1,)), ((0,), (0,))),
+                              preferred_element_type=jnp.float32)
+  order = batch + lhs_free + rhs_free
+  out = out_BxMxN.reshape([size[c] for c in order])
+  return jnp.transpose(out, [order.index(c) for c in out_spec])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_dot(lhs, rhs, dimension_numbers):
+  return lax.dot_general(lhs, rhs, dimension_numbers,
+                         preferred_element_type=jnp.float32)
+
+
+def _mixed_dot_fwd(lhs, rhs, dimension_numbers):
+  return _mixed_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _mixed_dot_bwd(dimension_numbers, residuals, g):
+  lhs, rhs = residuals
+  l, r, o = _einsum_specs(lhs.ndim, rhs.ndim, dimension_numbers)
+  g = g.astype(lhs.dtype)  # Low-precision operands, as in the forward pass.
+  if jax.default_backend() == 'cpu':
+    d_lhs = _batched_matmul(g, rhs, o, r, l)
+    d_rhs = _batched_matmul(lhs, g, l, o, r)
+  else:  # GPU/TPU dot kernels take any layout.
+    d_lhs = jnp.einsum(f'{o},{r}->{l}', g, rhs,
+                       preferred_element_type=jnp.float32)
+    d_rhs = jnp.einsum(f'{l},{o}->{r}', lhs, g,
+                       preferred_element_type=jnp.float32)
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
+def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                                 preferred_element_type=None):
+  """Drop-in `lax.dot_general`: float32 accumulation and output.
+
+  Args:
+    lhs: low-precision operand (flax has cast it to the layer's dtype).
+    rhs: same dtype as `lhs`.
+    dimension_numbers: as `lax.dot_general`.
+    precision: as `lax.dot_general`; when set, or when the operands' dtypes
+      differ, the plain `lax.dot_general` (and JAX's own gradient) is used.
+    preferred_element_type: ignored, always float32.
+
+  Returns:
+    The float32 product.
+  """
+  del preferred_element_type
+  if precision is not None or lhs.dtype != rhs.dtype:
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=jnp.float32)
+  # Hashable (static) dimension numbers for custom_vjp.
+  dimension_numbers = tuple(tuple(tuple(int(d) for d in dims) for dims in pair)
+                            for pair in dimension_numbers)
+  return _mixed_dot(lhs, rhs, dimension_numbers)
+
+
+def f32_accumulating_conv(lhs, rhs, *args, **kwargs):
+  """Drop-in `lax.conv_general_dilated` with float32 accumulation and output.
+
+  Used for the patch embedding only, whose input gradient is never needed;
+  its kernel gradient (about 1% of a ViT's FLOPs) keeps JAX's float32 rule.
+  """
+  kwargs['preferred_element_type'] = jnp.float32
+  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+class F32AccumulatingEinsum:
+  """The attention einsums of flax MHA (`*_einsum_cls`) for a compute dtype.
+
+  Operands are cast to `dtype` first: flax's float32 softmax hands over
+  float32 probabilities, which would otherwise promote the second einsum to
+  float32.
+  """
+
+  def __init__(self, dtype: Dtype):
+    self.dtype = dtype
+
+  def __call__(self, spec, *operands, **kwargs):
+    operands = [o.astype(self.dtype) for o in operands]
+    return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32,
+                      _dot_general=f32_accumulating_dot_general, **kwargs)
+
+
+def matmul_kwargs(dtype: Dtype) -> dict:
+  """`nn.Dense`/`nn.DenseGeneral` kwargs for a compute dtype.
+
+  Empty for float32: flax's own `lax.dot_general`, so that the float32 graph
+  is the original's, bit for bit.
+  """
+  if is_float32(dtype):
+    return {}
+  return {'dot_general': f32_accumulating_dot_general}
