@@ -32,5 +32,10 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3'],
+        # Hugging Face / torchvision interop (vit_jax.convert_hf,
+        # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
+        # this project's machines, where other versions pull CUDA packages.
+        'interop': ['torch==2.13.0', 'transformers>=4.40,<6',
+                    'safetensors>=0.4'],
     },
 )

@@ -1,0 +1,335 @@
+"""torchvision `VisionTransformer` state dicts (`vit_b_16`, ...) -> our ViT.
+
+torchvision's ViT is the paper's network with its own names:
+`conv_proj` (the patch embedding, OIHW), `class_token`,
+`encoder.pos_embedding` (1, 1+N, D, class row first),
+`encoder.layers.encoder_layer_{i}.{ln_1, self_attention, ln_2, mlp}`,
+`encoder.ln` (our `encoder_norm`) and `heads.{pre_logits, head}`. Attention
+is a `torch.nn.MultiheadAttention`, whose `in_proj_weight` (3D, D) stacks the
+q, k and v `Linear` weights. Numerics: LayerNorm eps 1e-6 (ours) and the
+exact erf GELU (`nn.GELU()`; ours is the tanh approximation), so the returned
+config sets `approximate_gelu=False`.
+
+Input normalisation differs from this project's: torchvision's weights
+expect ImageNet mean/std normalisation, `(x / 255 - IMAGENET_MEAN) /
+IMAGENET_STD`, not [-1, 1]. By default `load_torchvision` folds that map into
+the patch embedding (exact: see `convert_hf.fold_input_normalization`), so
+the loaded model takes [-1, 1] images like every model here and plugs into
+the input pipeline, training and evaluation unchanged. With
+`fold_normalization=False` the weights are kept as they are and the caller
+feeds `imagenet_normalize(images)`.
+
+The number of heads is not in the state dict (in_proj has the same shape for
+any head count): it defaults by width to torchvision's models (`vit_b_*` 12,
+`vit_l_*` and `vit_h_14` 16) and DeiT-style Ti/S, and can be overridden.
+"""
+
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import ml_collections
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import convert_hf
+
+Params = Dict[str, Any]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Width -> heads of torchvision's vit_b/l/h and of the Ti/S zoo models.
+DEFAULT_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+LAYERNORM_EPSILON = 1e-6
+PREPROCESSING = (
+    'torchvision ViT weights were trained on ImageNet mean/std-normalised '
+    'inputs, (x / 255 - {mean}) / {std}, not on [-1, 1].'.format(
+        mean=IMAGENET_MEAN, std=IMAGENET_STD))
+
+_LAYER = re.compile(r'^encoder\.layers\.encoder_layer_(\d+)\.')
+# Legacy (torchvision < 0.13) MLP names, which torchvision still loads.
+_LEGACY_MLP = (('.mlp.linear_1.', '.mlp.0.'), ('.mlp.linear_2.', '.mlp.3.'))
+
+
+def imagenet_normalize(images_NHWC):
+  """Our [-1, 1] images -> the ImageNet mean/std inputs torchvision expects.
+
+  Only for parameters loaded with `fold_normalization=False`.
+
+  Args:
+    images_NHWC: images in [-1, 1], channels last.
+
+  Returns:
+    `((x + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD`, same shape.
+  """
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32)
+  return ((images_NHWC + 1) / 2 - mean) / std
+
+
+def _normalization_for_minus1_1() -> Tuple[np.ndarray, np.ndarray]:
+  """(scale, offset) with torchvision's input = scale * x + offset."""
+  mean = np.asarray(IMAGENET_MEAN, np.float64)
+  std = np.asarray(IMAGENET_STD, np.float64)
+  return 0.5 / std, (0.5 - mean) / std
+
+
+def read_state_dict(
+    state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]]
+) -> Dict[str, np.ndarray]:
+  """A torchvision ViT state dict (or file of one) as float32 numpy arrays.
+
+  Accepts a mapping of tensors/arrays, a `torch.save` file (`.pth`, `.pt`,
+  ...) or a `.safetensors` file. A training checkpoint of torchvision's
+  reference scripts (`{'model': state_dict, 'optimizer': ...}`) and the
+  `module.` prefix of DistributedDataParallel are unwrapped.
+
+  Args:
+    state_dict_or_path: the state dict or its file.
+
+  Returns:
+    {name: array}.
+  """
+  state = state_dict_or_path
+  if isinstance(state, (str, os.PathLike)):
+    path = os.fspath(state)
+    if not os.path.exists(path):
+      raise checkpoint.CheckpointError(f'State dict file {path!r} does not '
+                                       'exist.')
+    if path.endswith('.safetensors'):
+      return read_state_dict(convert_hf.read_weights_file(path))
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise checkpoint.CheckpointError(
+          f'Reading {path} needs torch: pip install torch.') from e
+    try:
+      state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many types for bad files.
+      raise checkpoint.CheckpointError(
+          f'Cannot read {path!r} with torch.load: {e}. Pass a state dict '
+          '(`model.state_dict()`) saved with torch.save.') from e
+  if not isinstance(state, Mapping):
+    raise checkpoint.CheckpointError(
+        f'Expected a state dict (mapping of names to tensors); got '
+        f'{type(state).__name__}.')
+  if 'conv_proj.weight' not in state:
+    for wrapper in ('model', 'state_dict', 'model_ema'):
+      if isinstance(state.get(wrapper), Mapping):
+        state = state[wrapper]
+        break
+  out = {}
+  for name, value in state.items():
+    if name.startswith('module.'):
+      name = name[len('module.'):]
+    for old, new in _LEGACY_MLP:
+      name = name.replace(old, new)
+    out[name] = convert_hf.to_numpy(value)
+  return out
+
+
+def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
+                                               Mapping[str, Any]], *,
+                     num_heads: Optional[int] = None,
+                     fold_normalization: bool = True
+                    ) -> Tuple[Params, ml_collections.ConfigDict]:
+  """Converts a torchvision `VisionTransformer` state dict.
+
+  Sizes (width, depth, MLP width, patch, image grid, classes, the
+  `heads.pre_logits` representation layer) come from the shapes.
+
+  Args:
+    state_dict_or_path: `model.state_dict()` of `torchvision.models.vit_b_16`
+      and friends, or a file of one (see `read_state_dict`).
+    num_heads: attention heads; default by width (DEFAULT_NUM_HEADS).
+    fold_normalization: fold torchvision's ImageNet mean/std input
+      normalisation into the patch embedding, so the model takes [-1, 1]
+      images (this project's convention). False: feed
+      `imagenet_normalize(images)` instead (see PREPROCESSING).
+
+  Returns:
+    (params, model_config): numpy float32 parameters under our names and a
+    ConfigDict of `VisionTransformer` fields (`approximate_gelu=False`,
+    `layernorm_epsilon=1e-6`), so that
+    `models.VisionTransformer(**model_config).apply({'params': params},
+    images_NHWC, train=False)` gives torchvision's logits.
+
+  Raises:
+    CheckpointError: missing or unexpected weights, inconsistent shapes, a
+      conv-stem variant, or a width with no default head count.
+  """
+  w = read_state_dict(state_dict_or_path)
+  if any(n.startswith('conv_proj.conv_') for n in w):
+    raise checkpoint.CheckpointError(
+        'The state dict has a convolutional stem (conv_proj.conv_bn_relu_*, '
+        'torchvision conv_stem_configs), which this ViT does not have.')
+  for name in ('conv_proj.weight', 'encoder.pos_embedding'):
+    if name not in w:
+      raise checkpoint.CheckpointError(
+          f'The state dict has no {name!r}; it is not a torchvision '
+          f'VisionTransformer (keys start {sorted(w)[:6]}). Pass '
+          '`torchvision.models.vit_b_16(...).state_dict()` or a file of one.')
+
+  hidden, _, ph, pw = w['conv_proj.weight'].shape
+  layer_ids = sorted({int(m.group(1)) for n in w if (m := _LAYER.match(n))})
+  num_layers = len(layer_ids)
+  if layer_ids != list(range(num_layers)):
+    raise checkpoint.CheckpointError(
+        f'Encoder layers {layer_ids} are not numbered 0..{num_layers - 1}.')
+  if num_heads is None:
+    if hidden not in DEFAULT_NUM_HEADS:
+      raise checkpoint.CheckpointError(
+          f'Width {hidden} has no default number of heads (known: '
+          f'{DEFAULT_NUM_HEADS}); pass num_heads=...')
+    num_heads = DEFAULT_NUM_HEADS[hidden]
+  if hidden % num_heads:
+    raise checkpoint.CheckpointError(
+        f'num_heads={num_heads} does not divide the width {hidden}.')
+
+  has_head = 'heads.head.weight' in w
+  has_pre_logits = 'heads.pre_logits.weight' in w
+  expected = _expected_names(num_layers, has_head, has_pre_logits)
+  missing = sorted(set(expected) - set(w))
+  unexpected = sorted(set(w) - set(expected))
+  if missing or unexpected:
+    raise checkpoint.CheckpointError(
+        'The state dict does not form a torchvision VisionTransformer:'
+        + (f'\n  missing: {_short_list(missing)}' if missing else '')
+        + (f'\n  unexpected: {_short_list(unexpected)}'
+           if unexpected else '')
+        + '\nPass the complete `model.state_dict()`.')
+  mlp_dim = w['encoder.layers.encoder_layer_0.mlp.0.weight'].shape[0]
+  _check_shapes(w, num_layers, hidden=hidden, mlp_dim=mlp_dim)
+
+  params: Params = {
+      'embedding': convert_hf.conv_from_torch(w['conv_proj.weight'],
+                                              w['conv_proj.bias']),
+      'cls': w['class_token'],
+      'Transformer': {
+          'posembed_input': {'pos_embedding': w['encoder.pos_embedding']},
+          'encoder_norm': _layernorm(w, 'encoder.ln'),
+      },
+  }
+  for i in range(num_layers):
+    params['Transformer'][f'encoderblock_{i}'] = _block(
+        w, f'encoder.layers.encoder_layer_{i}.', num_heads)
+  if has_pre_logits:
+    params['pre_logits'] = convert_hf.dense_from_linear(
+        w['heads.pre_logits.weight'], w['heads.pre_logits.bias'])
+  if has_head:
+    params['head'] = convert_hf.dense_from_linear(w['heads.head.weight'],
+                                                  w['heads.head.bias'])
+  if fold_normalization:
+    params['embedding'] = convert_hf.fold_input_normalization(
+        params['embedding'], *_normalization_for_minus1_1())
+
+  model_config = ml_collections.ConfigDict(dict(
+      model_name='torchvision',
+      num_classes=int(params['head']['bias'].shape[0]) if has_head else None,
+      patches=ml_collections.ConfigDict({'size': (int(ph), int(pw))}),
+      hidden_size=int(hidden),
+      transformer=ml_collections.ConfigDict(dict(
+          num_layers=num_layers,
+          mlp_dim=int(mlp_dim),
+          num_heads=int(num_heads),
+          dropout_rate=0.,
+          attention_dropout_rate=0.,
+      )),
+      representation_size=(int(params['pre_logits']['bias'].shape[0])
+                           if has_pre_logits else None),
+      classifier='token',
+      layernorm_epsilon=LAYERNORM_EPSILON,
+      approximate_gelu=False,
+  ))
+  return params, model_config
+
+
+def _expected_names(num_layers: int, has_head: bool, has_pre_logits: bool):
+  names = ['conv_proj.weight', 'conv_proj.bias', 'class_token',
+           'encoder.pos_embedding', 'encoder.ln.weight', 'encoder.ln.bias']
+  for i in range(num_layers):
+    p = f'encoder.layers.encoder_layer_{i}.'
+    names += [p + 'ln_1.weight', p + 'ln_1.bias',
+              p + 'self_attention.in_proj_weight',
+              p + 'self_attention.in_proj_bias',
+              p + 'self_attention.out_proj.weight',
+              p + 'self_attention.out_proj.bias',
+              p + 'ln_2.weight', p + 'ln_2.bias',
+              p + 'mlp.0.weight', p + 'mlp.0.bias',
+              p + 'mlp.3.weight', p + 'mlp.3.bias']
+  if has_pre_logits:
+    names += ['heads.pre_logits.weight', 'heads.pre_logits.bias']
+  if has_head:
+    names += ['heads.head.weight', 'heads.head.bias']
+  return names
+
+
+def _short_list(names, limit: int = 12) -> str:
+  more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def _layernorm(w, name: str) -> Params:
+  return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
+
+
+def _block(w, prefix: str, num_heads: int) -> Params:
+  in_w = w[prefix + 'self_attention.in_proj_weight']
+  in_b = w[prefix + 'self_attention.in_proj_bias']
+  d = in_w.shape[1]  # Rows: q, k, v stacked.
+  attention = {}
+  for j, name in enumerate(('query', 'key', 'value')):
+    attention[name] = convert_hf.attention_from_linear(
+        in_w[j * d:(j + 1) * d], in_b[j * d:(j + 1) * d], num_heads)
+  attention['out'] = convert_hf.attention_from_linear(
+      w[prefix + 'self_attention.out_proj.weight'],
+      w[prefix + 'self_attention.out_proj.bias'], num_heads, is_out=True)
+  return {
+      'LayerNorm_0': _layernorm(w, prefix + 'ln_1'),
+      'MultiHeadDotProductAttention_0': attention,
+      'LayerNorm_1': _layernorm(w, prefix + 'ln_2'),
+      'MlpBlock_0': {
+          'Dense_0': convert_hf.dense_from_linear(w[prefix + 'mlp.0.weight'],
+                                                  w[prefix + 'mlp.0.bias']),
+          'Dense_1': convert_hf.dense_from_linear(w[prefix + 'mlp.3.weight'],
+                                                  w[prefix + 'mlp.3.bias']),
+      },
+  }
+
+
+def _check_shapes(w: Mapping[str, np.ndarray], num_layers: int, *,
+                 hidden: int, mlp_dim: int) -> None:
+  """Every tensor against the sizes read from conv_proj and mlp.0."""
+  d, m = hidden, mlp_dim
+  want = {'conv_proj.bias': (d,), 'class_token': (1, 1, d),
+          'encoder.ln.weight': (d,), 'encoder.ln.bias': (d,)}
+  for i in range(num_layers):
+    p = f'encoder.layers.encoder_layer_{i}.'
+    want.update({
+        p + 'ln_1.weight': (d,), p + 'ln_1.bias': (d,),
+        p + 'self_attention.in_proj_weight': (3 * d, d),
+        p + 'self_attention.in_proj_bias': (3 * d,),
+        p + 'self_attention.out_proj.weight': (d, d),
+        p + 'self_attention.out_proj.bias': (d,),
+        p + 'ln_2.weight': (d,), p + 'ln_2.bias': (d,),
+        p + 'mlp.0.weight': (m, d), p + 'mlp.0.bias': (m,),
+        p + 'mlp.3.weight': (d, m), p + 'mlp.3.bias': (d,),
+    })
+  features = d
+  if 'heads.pre_logits.weight' in w:
+    features = w['heads.pre_logits.weight'].shape[0]
+    want.update({'heads.pre_logits.weight': (features, d),
+                 'heads.pre_logits.bias': (features,)})
+  if 'heads.head.weight' in w:
+    num_classes = w['heads.head.weight'].shape[0]
+    want.update({'heads.head.weight': (num_classes, features),
+                 'heads.head.bias': (num_classes,)})
+  pe = w['encoder.pos_embedding'].shape
+  if len(pe) != 3 or pe[0] != 1 or pe[2] != d:
+    want['encoder.pos_embedding'] = (1, 'tokens', d)
+  wrong = [f'{n}: {tuple(w[n].shape)}, expected {want[n]}'
+           for n in want if tuple(w[n].shape) != want[n]]
+  if wrong:
+    raise checkpoint.CheckpointError(
+        f'Shapes do not fit a ViT of width {d} (conv_proj) and MLP width {m} '
+        '(encoder_layer_0.mlp.0):\n  ' + '\n  '.join(wrong))
