@@ -1,0 +1,497 @@
+"""Inference: classify image files with a ViT checkpoint and print the top-k.
+
+Command line:
+
+  python -m vit_jax.predict --model ViT-B_16 --checkpoint ViT-B_16.npz \
+      cat.jpg dog.png [--topk 5] [--image-size 384] [--labels imagenet2012]
+
+Images are preprocessed exactly as the input pipeline's evaluation
+(`vit_jax.input_pipeline`, and the original vit_jax): decoded to uint8 RGB with
+`tf.io.decode_image(channels=3)` (grayscale is repeated, alpha dropped), a
+plain bilinear `tf.image.resize` to `image_size` x `image_size` (no centre
+crop, no aspect-preserving resize), then `x / 127.5 - 1`. Files TensorFlow
+cannot decode (e.g. WebP, TIFF) are read with PIL instead.
+
+The model's `num_classes` and `representation_size` are read from the
+checkpoint (`head/kernel`, `pre_logits/kernel`); the default image size from
+its position embedding (grid x patch size). Class names come from `--labels`:
+`imagenet2012` (TFDS's list: WordNet ids such as `n01440764`; no
+human-readable list ships offline), a JSON file (a list, or `{index: name}`,
+e.g. the `class_names.json` a training run writes into its workdir), a text
+file with one name per line, or a dataset name (`embedded_mnist`, a TFDS name,
+an image folder). Without `--labels`: `class_names.json` next to the
+checkpoint if there is one, else the ImageNet list for a 1000-way head, else
+the class indices.
+
+Unreadable files are reported by name and skipped; the exit code is 1 if any
+file failed, 2 for a bad command line or checkpoint.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import checkpoint
+from vit_jax import models
+
+Params = Any
+ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
+
+IMAGENET2012 = 'imagenet2012'
+CLASS_NAMES_FILE = 'class_names.json'
+SKIP_PREFIX = 'Skipping'
+ZERO_HEAD_MESSAGE = (
+    "this checkpoint's head is all zeros (an ImageNet-21k pre-training "
+    'checkpoint?); fine-tune it first')
+
+
+class ImageError(ValueError):
+  """An image file that cannot be read or decoded."""
+
+
+# ------------------------------------------------------------------ images
+
+
+def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [H, W, 3], as the input pipeline does.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The pixels. Grayscale is repeated to RGB, alpha is dropped (what
+    `tf.io.decode_image(channels=3)` does), animations give their first frame.
+
+  Raises:
+    ImageError: naming the file, if it is missing or neither TensorFlow nor
+      PIL can decode it.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ImageError(f'{path}: no such file.')
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise ImageError(f'{path}: cannot read the file ({e}).') from e
+  try:
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return image.numpy()
+  except (tf.errors.OpError, ValueError) as tf_error:
+    tf_reason = str(tf_error).strip().splitlines()[0] if str(tf_error) else ''
+  # TensorFlow reads JPEG, PNG, GIF and BMP; PIL covers WebP, TIFF, ...
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ImageError(
+        f'{path}: not a readable image (TensorFlow: {tf_reason}; PIL: {e}). '
+        'Check that the file is a complete JPEG/PNG/GIF/BMP/WebP image.') from e
+
+
+def _as_uint8_rgb(image, name: str = 'image') -> np.ndarray:
+  """Array or PIL image -> uint8 [H, W, 3]; gray repeated, alpha dropped."""
+  if hasattr(image, 'convert') and not isinstance(image, np.ndarray):  # PIL
+    return np.asarray(image.convert('RGB'))
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ImageError(f'{name}: expected an image [H, W], [H, W, 1], [H, W, 3] '
+                     f'or [H, W, 4]; got an array of shape {image.shape}.')
+  if image.dtype != np.uint8:
+    raise ImageError(f'{name}: arrays must be uint8 pixels in [0, 255]; got '
+                     f'{image.dtype}. Convert with np.clip(x, 0, 255)'
+                     '.astype(np.uint8) (or pass file paths).')
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
+def preprocess(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
+  """The evaluation preprocessing: plain bilinear resize, then [-1, 1].
+
+  Args:
+    image_uint8: [H, W, 3] uint8.
+    image_size: output side length (or (height, width)).
+
+  Returns:
+    float32 [image_size, image_size, 3] in [-1, 1].
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  size = ((image_size, image_size) if isinstance(image_size, int)
+          else tuple(image_size))
+  # The same ops as input_pipeline's eval path (and the original's).
+  image = tf.image.resize(tf.convert_to_tensor(image_uint8), size)
+  return (tf.cast(image, tf.float32) / 127.5 - 1).numpy()
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def image_size_from_params(model, params: Params) -> Optional[int]:
+  """The image size a learned 1-D position embedding was trained for.
+
+  Args:
+    model: the VisionTransformer (for its stride and class token).
+    params: its parameters.
+
+  Returns:
+    grid side x pixels per token, or None when the table is missing or its
+    grid is not square.
+  """
+  pe = (params.get('Transformer', {}).get('posembed_input', {})
+        .get('pos_embedding'))
+  if pe is None:
+    return None
+  n = pe.shape[1] - int(model.has_class_token)
+  g = math.isqrt(max(n, 0))
+  if g * g != n or model.stride[0] != model.stride[1]:
+    return None
+  return g * model.stride[0]
+
+
+def head_is_zero(params: Params) -> bool:
+  """True if the checkpoint has a head whose kernel and bias are all zeros."""
+  head = params.get('head')
+  if not head:
+    return False
+  return all(not np.any(np.asarray(v)) for v in head.values())
+
+
+def check_params_fit(model, params: Params, image_size: int):
+  """Raises a ValueError listing parameters whose shapes do not fit `model`.
+
+  Args:
+    model: the module.
+    params: parameters from a checkpoint.
+    image_size: the input size the model is run at.
+  """
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, image_size, image_size, 3)),
+                         train=False))['params']
+  expected = checkpoint.flatten_tree(shapes)
+  got = checkpoint.flatten_tree(params)
+  missing = sorted(set(expected) - set(got))
+  wrong = [f'{k}: checkpoint {tuple(got[k].shape)} vs model '
+           f'{tuple(expected[k].shape)}'
+           for k in sorted(set(expected) & set(got))
+           if tuple(got[k].shape) != tuple(expected[k].shape)
+           and not k.endswith('pos_embedding')]  # checked by the model itself
+  if missing or wrong:
+    name = model.model_name or 'the model'
+    lines = ([f'  missing in checkpoint: {k}' for k in missing[:8]] +
+             [f'  shape mismatch {w}' for w in wrong[:8]])
+    raise ValueError(
+        f'The checkpoint does not fit {name}:\n' + '\n'.join(lines) +
+        '\nPass the --model the checkpoint was trained with (e.g. the stem of '
+        'an official file name: ViT-B_16.npz -> ViT-B_16).')
+
+
+def load_model(model_name: str, checkpoint_path: str, *,
+               num_classes: Optional[int] = None, **kw) -> Tuple[Any, Params]:
+  """Loads a checkpoint and builds the zoo model that fits it.
+
+  Args:
+    model_name: zoo name, e.g. 'ViT-B_16'.
+    checkpoint_path: an `.npz` checkpoint (released or written by training).
+    num_classes: if given, must equal the checkpoint's head size.
+    **kw: further `VisionTransformer` fields.
+
+  Returns:
+    (model, params); `num_classes` and `representation_size` come from the
+    checkpoint's `head` and `pre_logits` shapes.
+  """
+  params = checkpoint.load(checkpoint_path)
+  head = params.get('head', {}).get('kernel')
+  head_classes = None if head is None else int(head.shape[-1])
+  if num_classes is not None and head_classes != num_classes:
+    raise ValueError(
+        f'--num-classes={num_classes}, but the checkpoint {checkpoint_path} '
+        + (f'has a {head_classes}-way head.' if head_classes else
+           'has no head.') +
+        ' Drop --num-classes or use a matching checkpoint.')
+  rep = params.get('pre_logits', {}).get('kernel')
+  kw.setdefault('representation_size',
+                None if rep is None else int(rep.shape[-1]))
+  model = models.get_model(model_name, num_classes=head_classes, **kw)
+  return model, params
+
+
+# ------------------------------------------------------------------ labels
+
+
+def _tfds_label_names(name: str) -> Optional[List[str]]:
+  """Label names TFDS knows without the data being prepared (may be None)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    label = tfds.builder(name).info.features['label']
+    return list(label.names)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def load_labels(spec: Union[None, str, Sequence[str]], num_classes: int, *,
+                checkpoint_dir: Optional[str] = None,
+                data_dir: Optional[str] = None) -> List[str]:
+  """Resolves class names for a `num_classes`-way head.
+
+  Args:
+    spec: None, a list of names, 'imagenet2012', a `.json` file (a list, or
+      `{index: name}`), a `.txt` file (one name per line) or a dataset name
+      understood by `vit_jax.input_pipeline`.
+    num_classes: the head size; the names must cover it.
+    checkpoint_dir: where to look for `class_names.json` when `spec` is None.
+    data_dir: TFDS data directory for dataset names.
+
+  Returns:
+    `num_classes` names.
+  """
+  if spec is None:
+    candidate = os.path.join(checkpoint_dir or '', CLASS_NAMES_FILE)
+    if checkpoint_dir is not None and os.path.isfile(candidate):
+      spec = candidate
+    elif num_classes == 1000:
+      spec = IMAGENET2012
+    else:
+      return [str(i) for i in range(num_classes)]
+
+  if not isinstance(spec, str):
+    names = [str(n) for n in spec]
+    source = 'the label list'
+  elif spec.endswith('.json'):
+    source = spec
+    try:
+      with open(spec) as f:
+        data = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'Cannot read labels file {spec}: {e}.') from e
+    if isinstance(data, dict):
+      try:
+        by_index = {int(k): str(v) for k, v in data.items()}
+      except ValueError as e:
+        raise ValueError(f'{spec}: a labels dict must map class indices to '
+                         f'names, e.g. {{"0": "cat"}}; got keys like '
+                         f'{list(data)[:3]}.') from e
+      names = [by_index.get(i, str(i)) for i in range(num_classes)]
+      extra = sorted(i for i in by_index if not 0 <= i < num_classes)
+      if extra:
+        raise ValueError(f'{spec} names classes {extra[:5]} but the head has '
+                         f'{num_classes} classes.')
+    elif isinstance(data, list):
+      names = [str(n) for n in data]
+    else:
+      raise ValueError(f'{spec}: expected a JSON list of names or an '
+                       '{index: name} object.')
+  elif spec.endswith('.txt'):
+    source = spec
+    try:
+      with open(spec) as f:
+        names = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+      raise ValueError(f'Cannot read labels file {spec}: {e}.') from e
+  else:
+    source = f'dataset {spec!r}'
+    names = None
+    try:
+      from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      names = list(input_pipeline.get_dataset_info(
+          spec, 'train', data_dir=data_dir)['int2str'])
+    except Exception:  # pylint: disable=broad-except
+      names = _tfds_label_names(spec)  # known without prepared data
+    if names is None:
+      raise ValueError(
+          f'--labels {spec!r}: not a .json/.txt file, and no dataset of that '
+          'name could be read. Use imagenet2012, a class_names.json written '
+          'by training, or a prepared dataset name.')
+  if len(names) != num_classes:
+    raise ValueError(f'{source} has {len(names)} class names but the model '
+                     f'head has {num_classes} classes. Pass the labels of the '
+                     'dataset this checkpoint was trained on.')
+  return names
+
+
+# ---------------------------------------------------------------- classify
+
+
+_JITTED = {}  # id(model) -> (model, jitted fn); modules are unhashable
+
+
+def _probabilities_fn(model):
+  """The jitted softmax(model(x)), compiled once per model object."""
+  cached = _JITTED.get(id(model))
+  if cached is None or cached[0] is not model:
+    fn = jax.jit(lambda p, x: jax.nn.softmax(
+        model.apply({'params': p}, x, train=False), axis=-1))
+    if len(_JITTED) > 8:
+      _JITTED.clear()
+    cached = _JITTED[id(model)] = (model, fn)
+  return cached[1]
+
+
+def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
+             image_size: Optional[int] = None,
+             labels: Union[None, str, Sequence[str]] = None,
+             topk: int = 5, batch_size: int = 32,
+             on_error: str = 'skip') -> List[Optional[List[Tuple[str, float]]]]:
+  """Top-k classes with probabilities for each image.
+
+  Args:
+    model: a VisionTransformer with a head.
+    params: its parameters.
+    images_or_paths: file paths, uint8 arrays [H, W(, C)] of any size, or
+      PIL images; grayscale and RGBA become RGB.
+    image_size: input side length; default from the position embedding.
+    labels: see `load_labels` (None: indices, or ImageNet for 1000 classes).
+    topk: how many classes per image (at most the number of classes).
+    batch_size: images per forward pass.
+    on_error: 'skip' (warn naming the file, give None in its place) or
+      'raise'.
+
+  Returns:
+    One entry per input: a list of `(label, probability)`, most probable
+    first, or None for an input that could not be read.
+  """
+  if on_error not in ('skip', 'raise'):
+    raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
+  if not model.num_classes or 'head' not in params:
+    raise ValueError('classify needs a model with a head (num_classes > 0) '
+                     'and a checkpoint that has one; for features use '
+                     'vit_jax.fewshot.extract_features.')
+  num_classes = int(params['head']['kernel'].shape[-1])
+  if head_is_zero(params):
+    warnings.warn(ZERO_HEAD_MESSAGE, UserWarning, stacklevel=2)
+  if image_size is None:
+    image_size = image_size_from_params(model, params)
+    if image_size is None:
+      raise ValueError('Cannot infer the image size from the checkpoint; '
+                       'pass image_size (--image-size).')
+  names = load_labels(labels, num_classes)
+  topk = max(1, min(int(topk), num_classes))
+
+  apply = _probabilities_fn(model)
+  results = [None] * len(images_or_paths)
+  pending = []  # (index, preprocessed image)
+
+  def flush():
+    if not pending:
+      return
+    batch = np.stack([x for _, x in pending])
+    n = len(batch)
+    if n < batch_size:  # one compiled shape for every batch
+      batch = np.concatenate(
+          [batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+    probs = np.asarray(apply(params, batch))[:n]
+    for (i, _), p in zip(pending, probs):
+      order = np.argsort(-p, kind='stable')[:topk]
+      results[i] = [(names[c], float(p[c])) for c in order]
+    pending.clear()
+
+  for i, item in enumerate(images_or_paths):
+    try:
+      if isinstance(item, (str, os.PathLike)):
+        pixels = load_image(item)
+      else:
+        pixels = _as_uint8_rgb(item, name=f'image {i}')
+    except ImageError as e:
+      if on_error == 'raise':
+        raise
+      warnings.warn(f'{SKIP_PREFIX} {e}', UserWarning, stacklevel=2)
+      continue
+    pending.append((i, preprocess(pixels, image_size)))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  return results
+
+
+# -------------------------------------------------------------------- main
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.predict',
+      description='Classify images with a ViT checkpoint; prints the top-k '
+                  'classes with probabilities.')
+  parser.add_argument('images', nargs='+', metavar='IMAGE',
+                      help='image files (JPEG, PNG, GIF, BMP, WebP, ...)')
+  parser.add_argument('--model', required=True,
+                      help='zoo name, e.g. ViT-B_16 (see vit_jax.models)')
+  parser.add_argument('--checkpoint', required=True, help='.npz checkpoint')
+  parser.add_argument('--topk', type=int, default=5)
+  parser.add_argument('--image-size', type=int, default=None,
+                      help='default: from the checkpoint position embedding')
+  parser.add_argument('--labels', default=None,
+                      help='imagenet2012 | FILE.json | FILE.txt | dataset name')
+  parser.add_argument('--batch-size', type=int, default=32)
+  parser.add_argument('--num-classes', type=int, default=None,
+                      help='checked against the checkpoint head')
+  parser.add_argument('--data-dir', default=None,
+                      help='TFDS data dir for --labels DATASET')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  try:
+    model, params = load_model(args.model, args.checkpoint,
+                               num_classes=args.num_classes)
+    if model.num_classes is None:
+      raise ValueError(f'{args.checkpoint} has no head, so it cannot '
+                       'classify; fine-tune it first.')
+    image_size = args.image_size or image_size_from_params(model, params)
+    if image_size is None:
+      raise ValueError('Cannot infer the image size from the checkpoint; '
+                       'pass --image-size.')
+    check_params_fit(model, params, image_size)
+    names = load_labels(args.labels, model.num_classes,
+                        checkpoint_dir=os.path.dirname(
+                            os.path.abspath(args.checkpoint)),
+                        data_dir=args.data_dir)
+  except (ValueError, checkpoint.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if head_is_zero(params):
+    print(f'warning: {ZERO_HEAD_MESSAGE}', file=sys.stderr)
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', UserWarning)
+    try:
+      results = classify(model, params, args.images, image_size=image_size,
+                         labels=names, topk=args.topk,
+                         batch_size=args.batch_size)
+    except ValueError as e:  # e.g. --image-size the position embedding lacks
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+  for w in caught:
+    if str(w.message).startswith(SKIP_PREFIX):
+      print(f'error: {w.message}', file=sys.stderr)
+    elif not str(w.message).startswith(ZERO_HEAD_MESSAGE):  # printed above
+      print(f'warning: {w.message}', file=sys.stderr)
+  failed = [p for p, r in zip(args.images, results) if r is None]
+  for path, result in zip(args.images, results):
+    if result is None:
+      continue
+    print(path)
+    for name, prob in result:
+      print(f'  {prob:.4f}  {name}')
+  if failed:
+    print(f'{len(failed)} of {len(args.images)} image(s) could not be read: '
+          f'{", ".join(failed)}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
