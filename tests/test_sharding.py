@@ -1,0 +1,367 @@
+"""Sharded (FSDP) training under jit: layout of the train state, equivalence
+with the pmapped step of train.py and with a plain single-device step.
+
+The 8-device cases run once, in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts;
+it prints its measurements as JSON and the tests below assert on them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from vit_jax import sharding  # pylint: disable=wrong-import-position
+
+# Leaves of the tiny model with at least this many elements are sharded:
+# every kernel and the position embedding; biases, LayerNorm, cls stay whole.
+MIN_SIZE = 256
+TOL = 1e-5
+
+_EIGHT_DEVICES = r'''
+import json
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from vit_jax import models, optim, progress, sharding, train
+
+assert jax.device_count() == 8, jax.devices()
+MIN_SIZE = %(min_size)d
+STEPS = 3
+
+
+def make_model(dropout):
+  return models.VisionTransformer(
+      num_classes=10, hidden_size=32,
+      patches=ml_collections.ConfigDict({'size': (8, 8)}),
+      transformer=ml_collections.ConfigDict(dict(
+          num_layers=2, mlp_dim=64, num_heads=2, dropout_rate=dropout,
+          attention_dropout_rate=0.0)))
+
+
+model = make_model(0.0)
+params = jax.device_get(jax.jit(lambda: model.init(
+    jax.random.PRNGKey(0), jnp.zeros([1, 32, 32, 3]), train=False))()['params'])
+# The project's fine-tuning optimizer: clip 1.0, then SGD momentum 0.9 with a
+# cosine schedule (float32 momentum, so that float rounding stays tiny).
+tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(
+    optimizer='sgd_momentum', total_steps=STEPS, base_lr=0.1,
+    decay_type='cosine', warmup_steps=0, linear_end=1e-5, grad_norm_clip=1.0,
+    momentum=0.9, optim_dtype=None, weight_decay=0.0)))
+data = np.random.RandomState(0)
+batches = [{'image': data.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32),
+            'label': np.eye(10, dtype=np.float32)[data.randint(0, 10, 16)]}
+           for _ in range(STEPS)]
+keys = [np.asarray(jax.random.PRNGKey(100 + s)) for s in range(STEPS)]
+pmap_layout = lambda b: {k: v.reshape((8, 2) + v.shape[1:]) for k, v in b.items()}
+flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+                     jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run_pmap():
+  update_fn = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx)
+  p, o = flax.jax_utils.replicate((params, tx.init(params)))
+  losses = []
+  for batch, key in zip(batches, keys):
+    p, o, loss, _ = update_fn(p, o, pmap_layout(batch),
+                              np.broadcast_to(key, (8, 2)))
+    losses.append(float(loss[0]))
+  return losses, flat(jax.tree_util.tree_map(lambda x: x[0], p))
+
+
+def run_single_device():
+  """A plain jitted step on one device: the reference for both."""
+  @jax.jit
+  def step(p, o, batch):
+    def loss_fn(p):
+      logits = model.apply({'params': p}, batch['image'], train=True)
+      return train.softmax_xent(logits=logits, labels=batch['label'])
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, o = tx.update(grads, o, p)
+    return jax.tree_util.tree_map(jnp.add, p, updates), o, loss
+  p, o = jax.device_put((params, tx.init(params)), jax.devices()[0])
+  losses = []
+  for batch in batches:
+    p, o, loss = step(p, o, batch)
+    losses.append(float(loss))
+  return losses, flat(p)
+
+
+def run_sharded(mdl, devices, accum_steps):
+  mesh = sharding.make_mesh(devices)
+  ps = sharding.fsdp_shardings(params, mesh, min_size=MIN_SIZE)
+  os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh,
+                                min_size=MIN_SIZE)
+  p = sharding.shard_params(params, ps)
+  o = jax.jit(tx.init, out_shardings=os_)(p)
+  update_fn = sharding.make_sharded_update_fn(
+      apply_fn=mdl.apply, tx=tx, mesh=mesh, param_shardings=ps,
+      opt_shardings=os_, accum_steps=accum_steps)
+  losses, rngs = [], []
+  compiles = progress.CompileCounter()
+  for batch, key in zip(batches, keys):
+    b = sharding.shard_batch(pmap_layout(batch), mesh)
+    with compiles:
+      p, o, loss, new_rng = update_fn(p, o, b, key)
+    losses.append(float(loss))
+    rngs.append(np.asarray(new_rng).tolist())
+  return losses, p, o, compiles.count, rngs
+
+
+def describe(x):
+  return {'spec': [None if a is None else str(a) for a in x.sharding.spec],
+          'devices': len(x.sharding.device_set),
+          'shape': list(x.shape),
+          'shard_shape': list(x.addressable_shards[0].data.shape),
+          'replicated': bool(x.sharding.is_fully_replicated)}
+
+
+def diff(a, b):
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+out = {}
+pmap_losses, pmap_params = run_pmap()
+ref_losses, ref_params = run_single_device()
+for accum in (1, 2):
+  losses, p, o, n_compiles, rngs = run_sharded(model, None, accum)
+  out[f'accum{accum}'] = {
+      'losses': losses, 'compiles': n_compiles, 'new_rngs': rngs,
+      'loss_vs_pmap': max(abs(a - b) for a, b in zip(losses, pmap_losses)),
+      'params_vs_pmap': diff(flat(p), pmap_params),
+      'loss_vs_single': max(abs(a - b) for a, b in zip(losses, ref_losses)),
+      'params_vs_single': diff(flat(p), ref_params),
+      'params': {k: v.tolist() for k, v in flat(p).items()}}
+  if accum == 1:
+    mlp = p['Transformer']['encoderblock_0']['MlpBlock_0']
+    mu = o[1][0].trace  # chain(clip, sgd): sgd = chain(trace, scale)
+    out['layout'] = {
+        'kernel': describe(mlp['Dense_0']['kernel']),
+        'bias': describe(mlp['Dense_0']['bias']),
+        'posemb': describe(p['Transformer']['posembed_input']['pos_embedding']),
+        'momentum_kernel': describe(
+            mu['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel']),
+        'momentum_bias': describe(
+            mu['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['bias']),
+        'opt_count': describe(o[1][1].count) if hasattr(o[1][1], 'count')
+                     else None,
+    }
+out['pmap_losses'] = pmap_losses
+out['single_losses'] = ref_losses
+out['keys'] = [k.tolist() for k in keys]
+# Dropout: one key for the global batch, drawn shard by shard.
+dropout_model = make_model(0.3)
+out['dropout_8'] = run_sharded(dropout_model, None, 1)[0]
+out['dropout_1'] = run_sharded(dropout_model, jax.devices()[:1], 1)[0]
+print('RESULT ' + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def eight():
+  """Runs the 8-device script once; its measurements as a dict."""
+  env = dict(os.environ)
+  # Backend optimisation level 0 halves XLA:CPU's compile time of the six
+  # step programs; every run here uses it, so the comparisons are unaffected.
+  env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0')
+  env['PYTHONPATH'] = os.pathsep.join([REPO, env.get('PYTHONPATH', '')])
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  result = subprocess.run(
+      [sys.executable, '-c', _EIGHT_DEVICES % {'min_size': MIN_SIZE}],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  line, = [l for l in result.stdout.splitlines() if l.startswith('RESULT ')]
+  return json.loads(line[len('RESULT '):])
+
+
+# ------------------------------------------------------------ 8 devices
+
+
+def test_large_leaves_sharded_small_replicated(eight):
+  layout = eight['layout']
+  # MlpBlock Dense_0 kernel (32, 64): the largest dim (64) is split.
+  for name in ('kernel', 'momentum_kernel'):
+    leaf = layout[name]
+    assert leaf['shape'] == [32, 64], name
+    assert leaf['spec'] == [None, 'data'], name
+    assert leaf['devices'] == 8 and not leaf['replicated'], name
+    assert leaf['shard_shape'] == [32, 64 // 8], name
+  # Position embedding (1, 17, 32): 17 is not divisible by 8, 32 is.
+  assert layout['posemb']['spec'] == [None, None, 'data']
+  assert layout['posemb']['shard_shape'] == [1, 17, 4]
+  # The bias (64 elements < MIN_SIZE) and its momentum: whole on every device.
+  for name in ('bias', 'momentum_bias'):
+    leaf = layout[name]
+    assert leaf['replicated'] and leaf['devices'] == 8, name
+    assert leaf['shard_shape'] == leaf['shape'] == [64], name
+
+
+def test_sharded_equals_pmap(eight):
+  run = eight['accum1']
+  assert run['loss_vs_pmap'] < TOL, run
+  assert run['params_vs_pmap'] < TOL, run['params_vs_pmap']
+  # Three real steps: the loss moved (the model learned something).
+  assert run['losses'][0] != run['losses'][-1]
+  np.testing.assert_allclose(run['losses'], eight['pmap_losses'], atol=TOL)
+
+
+def test_sharded_equals_single_device(eight):
+  for accum in ('accum1', 'accum2'):
+    run = eight[accum]
+    assert run['loss_vs_single'] < TOL, (accum, run['loss_vs_single'])
+    assert run['params_vs_single'] < TOL, (accum, run['params_vs_single'])
+  np.testing.assert_allclose(eight['pmap_losses'], eight['single_losses'],
+                             atol=TOL)
+
+
+def test_accumulation_equals_one_step(eight):
+  one, two = eight['accum1'], eight['accum2']
+  np.testing.assert_allclose(two['losses'], one['losses'], atol=TOL)
+  for name, value in one['params'].items():
+    np.testing.assert_allclose(two['params'][name], value, atol=TOL,
+                               err_msg=name)
+  assert two['params_vs_pmap'] < TOL
+
+
+def test_compiles_once_and_rng_like_pmap(eight):
+  # out_shardings pin the train state: steps 2 and 3 reuse step 1's program.
+  assert eight['accum1']['compiles'] == 1
+  assert eight['accum2']['compiles'] == 1
+  for key, new in zip(eight['keys'], eight['accum1']['new_rngs']):
+    expected = np.asarray(jax.random.split(np.asarray(key, np.uint32))[1])
+    assert new == expected.tolist()
+
+
+def test_dropout_independent_of_device_count(eight):
+  # One key for the global batch and partitionable threefry: the same
+  # masks, so the same losses, on 8 devices and on 1.
+  np.testing.assert_allclose(eight['dropout_8'], eight['dropout_1'], atol=TOL)
+  # Dropout is really on: the losses differ from the dropout-free run (from
+  # step 2; the zero-initialised head makes every first loss log(10)).
+  assert abs(eight['dropout_8'][1] - eight['accum1']['losses'][1]) > 1e-3
+
+
+# ------------------------------------------------------------ one device
+
+
+@pytest.mark.parametrize('shape, spec', [
+    ((768, 3072), P(None, 'data')),    # the largest dim
+    ((3072, 768), P('data')),
+    ((768, 12, 64), P('data')),         # q/k/v kernel
+    ((12, 64, 768), P(None, None, 'data')),
+    ((1, 197, 768), P(None, None, 'data')),  # 197 not divisible: next one
+    ((12, 768, 3072), P(None, None, 'data')),  # scanned: layer axis not split
+    ((1001, 999), P()),                 # no divisible dim: replicated
+    ((3072,), P()),                     # small: replicated
+    ((), P()),
+])
+def test_partition_spec_rule(shape, spec):
+  assert sharding.fsdp_partition_spec(shape, 8, min_size=2**16) == spec
+
+
+def test_partition_spec_ties_and_one_shard():
+  assert sharding.fsdp_partition_spec((512, 512), 8, min_size=1) == P('data')
+  assert sharding.fsdp_partition_spec((512, 512), 1, min_size=1) == P()
+  assert sharding.fsdp_partition_spec((4, 64), 8, min_size=1,
+                                      axis_name='fsdp') == P(None, 'fsdp')
+
+
+def test_single_device_mesh_replicates_and_round_trips():
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
+  tree = {'w': np.arange(2**16, dtype=np.float32).reshape(256, 256),
+          'b': np.ones(3, np.int32), 'count': np.int32(7)}
+  shardings = sharding.fsdp_shardings(tree, mesh)
+  placed = sharding.shard_params(tree, shardings)
+  for name, value in tree.items():
+    assert placed[name].sharding == shardings[name]
+    assert placed[name].dtype == np.asarray(value).dtype
+    np.testing.assert_array_equal(np.asarray(placed[name]), value)
+  # ShapeDtypeStructs give the same shardings as the arrays.
+  shapes = jax.eval_shape(lambda t: t, tree)
+  assert sharding.fsdp_shardings(shapes, mesh) == shardings
+
+
+def test_shard_batch_layouts():
+  mesh = sharding.make_mesh()
+  n = jax.local_device_count()
+  image = np.arange(n * 2 * 4 * 4 * 3, dtype=np.float32).reshape(n, 2, 4, 4, 3)
+  label = np.arange(n * 2 * 5, dtype=np.float32).reshape(n, 2, 5)
+  out = sharding.shard_batch({'image': image, 'label': label}, mesh)
+  assert out['image'].shape == (n * 2, 4, 4, 3)
+  np.testing.assert_array_equal(np.asarray(out['image']),
+                                image.reshape(n * 2, 4, 4, 3))
+  np.testing.assert_array_equal(np.asarray(out['label']),
+                                label.reshape(n * 2, 5))
+  flat = sharding.shard_batch({'image': image[0]}, mesh)
+  np.testing.assert_array_equal(np.asarray(flat['image']), image[0])
+
+
+def test_bad_input_errors():
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match='pmap_layout'):
+    sharding.shard_batch({'x': np.zeros((2, 3))}, mesh)
+  with pytest.raises(ValueError, match='no axis .model'):
+    sharding.fsdp_shardings({'w': np.zeros(3)}, mesh, axis_name='model')
+  with pytest.raises(ValueError, match='no devices'):
+    sharding.make_mesh([])
+  with pytest.raises(ValueError, match='Unknown loss'):
+    sharding.make_sharded_update_fn(
+        apply_fn=None, tx=None, mesh=mesh, param_shardings=None,
+        opt_shardings=None, loss='l2')
+
+
+def _linear_model(variables, images, train=False, rngs=None):
+  """A linear classifier with the `model.apply` signature; compiles fast."""
+  del train, rngs
+  return images.reshape(images.shape[0], -1) @ variables['params']['w']
+
+
+def test_batch_not_divisible_by_accum_steps():
+  import optax  # pylint: disable=g-import-not-at-top
+  params = {'w': np.zeros((4 * 4 * 3, 3), np.float32)}
+  tx = optax.sgd(0.1)
+  mesh = sharding.make_mesh()
+  ps = sharding.fsdp_shardings(params, mesh)
+  os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
+  update_fn = sharding.make_sharded_update_fn(
+      apply_fn=_linear_model, tx=tx, mesh=mesh, param_shardings=ps,
+      opt_shardings=os_, accum_steps=3)
+  batch = {'image': np.zeros((4 * jax.device_count(), 4, 4, 3), np.float32),
+           'label': np.zeros((4 * jax.device_count(), 3), np.float32)}
+  with pytest.raises(ValueError, match='accum_steps=3'):
+    update_fn(sharding.shard_params(params, ps), tx.init(params), batch,
+              jax.random.PRNGKey(0))
+
+
+def test_eval_fn_counts_top1_hits_without_padding():
+  rng = np.random.RandomState(1)
+  params = {'w': rng.normal(size=(4 * 4 * 3, 5)).astype(np.float32)}
+  n = 8 * jax.device_count()
+  images = rng.normal(size=(n, 4, 4, 3)).astype(np.float32)
+  labels = np.eye(5, dtype=np.float32)[rng.randint(0, 5, n)]
+  labels[0] = 1.0  # multi-label: any class is a hit
+  mask = (np.arange(n) < n - 3).astype(np.float32)  # 3 padding examples
+  mesh = sharding.make_mesh()
+  ps = sharding.fsdp_shardings(params, mesh)
+  eval_fn = sharding.make_sharded_eval_fn(apply_fn=_linear_model, mesh=mesh,
+                                          param_shardings=ps)
+  correct, count = eval_fn(sharding.shard_params(params, ps),
+                           {'image': images, 'label': labels, 'mask': mask})
+  top1 = np.argmax(images.reshape(n, -1) @ params['w'], axis=-1)
+  hits = labels[np.arange(n), top1] * mask
+  assert float(count) == n - 3
+  assert float(correct) == hits.sum()
+  assert 0 < hits.sum() < n - 3
