@@ -1,0 +1,380 @@
+"""Training end to end: real steps, data parallelism, accumulation, faults.
+
+Multi-device cases run in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from configs import embedded  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax import checkpoint  # pylint: disable=wrong-import-position
+from vit_jax import optim  # pylint: disable=wrong-import-position
+from vit_jax import train  # pylint: disable=wrong-import-position
+from vit_jax import train_checkpoint  # pylint: disable=wrong-import-position
+from vit_jax import utils  # pylint: disable=wrong-import-position
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tiny_model_config(*, dropout=0.0, representation_size=None):
+  """A 1-layer ViT with 7x7 patches on 28x28 images (16 tokens + class)."""
+  model = embedded.get_model_config()
+  model.model_name = 'tiny'
+  model.hidden_size = 16
+  model.transformer.mlp_dim = 32
+  model.transformer.num_heads = 2
+  model.transformer.num_layers = 1
+  model.transformer.dropout_rate = dropout
+  model.representation_size = representation_size
+  return model
+
+
+def tiny_config(**overrides):
+  """The main job's config with a tiny model and a few steps."""
+  config = embedded.get_config()
+  config.model = tiny_model_config()
+  config.model_name = 'tiny'
+  config.batch = 32
+  config.batch_eval = 500
+  config.total_steps = 2
+  config.warmup_steps = 1
+  config.log_every = 1
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  config.prefetch = 0
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_python(code, *, devices=1, timeout=300, args=()):
+  """Runs `code` in a fresh interpreter with `devices` CPU devices."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO, os.path.join(REPO, 'tests'), env.get('PYTHONPATH', '')])
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  result = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args],
+                          env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def read_summary(workdir):
+  with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------- one real training step
+
+
+def _write_image_folder(root, *, per_class=6, size=20):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  for split in ('train', 'test'):
+    for c, name in enumerate(['circle', 'square', 'zigzag']):
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(per_class):
+        pixels = rng.randint(0, 255, (size, size, 3)).astype(np.uint8)
+        pixels[..., c] = 255  # a class-dependent colour
+        Image.fromarray(pixels).save(
+            os.path.join(root, split, name, f'{i}.png'))
+  # An unreadable file: skipped by the input pipeline with a warning.
+  with open(os.path.join(root, 'train', 'circle', 'broken.jpg'), 'wb') as f:
+    f.write(b'not a jpeg')
+
+
+def test_train_steps_on_image_folder(tmp_path):
+  data = str(tmp_path / 'images')
+  _write_image_folder(data)
+  workdir = str(tmp_path / 'work')
+  config = tiny_config(dataset=data, batch=6, batch_eval=4, total_steps=2,
+                       **{'pp.augment': 'inception_crop'})
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary == read_summary(workdir) | {}  # written to disk as returned
+  assert summary['step'] == 2 and summary['start_step'] == 0
+  assert 0.0 <= summary['accuracy'] <= 1.0
+  # 18 test images in batches of 4: 2 padding examples are masked out, so
+  # the accuracy is a multiple of 1/18.
+  assert round(summary['accuracy'] * 18, 6) == round(summary['accuracy'] * 18)
+  assert np.isfinite(summary['final_train_loss'])
+  assert summary['train_step_compilations'] == 1
+  assert summary['config']['dataset'] == data
+  assert train_checkpoint.TrainCheckpoints(workdir).latest_step() == 2
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def _write_cifar10_metadata(data_dir, train_examples, test_examples):
+  """dataset_info.json so tfds.testing.mock_data knows the split sizes."""
+  builder = tfds.builder('cifar10', data_dir=data_dir)
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name='train', shard_lengths=[train_examples],
+                          num_bytes=0),
+      tfds.core.SplitInfo(name='test', shard_lengths=[test_examples],
+                          num_bytes=0)]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+def test_train_steps_on_tfds_mock_data(tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  _write_cifar10_metadata(data_dir, 32, 16)
+  config = tiny_config(dataset='cifar10', tfds_data_dir=data_dir, batch=8,
+                       batch_eval=8, total_steps=2,
+                       **{'pp.crop': 28, 'pp.augment': 'inception_crop'})
+  with tfds.testing.mock_data(num_examples=32, data_dir=data_dir,
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert summary['step'] == 2
+  assert summary['eval_history'][-1][0] == 2
+  assert np.isfinite(summary['final_train_loss'])
+  assert summary['train_step_compilations'] == 1
+
+
+def test_resume_after_finish_only_evaluates(tmp_path):
+  workdir = str(tmp_path / 'work')
+  first = train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  again = train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  assert again['start_step'] == 2 and again['step'] == 2
+  assert again['train_step_compilations'] == 0
+  assert again['accuracy'] == first['accuracy']
+  # A different model cannot resume from these checkpoints.
+  other = tiny_config(total_steps=4, **{'model.hidden_size': 24})
+  with pytest.raises(ValueError, match='Cannot resume from step 2.*new --workdir'):
+    train.train_and_evaluate(other, workdir)
+
+
+# --------------------------------------- data parallelism and accumulation
+
+_DATA_PARALLEL_SCRIPT = """
+import sys
+import flax.jax_utils, jax, numpy as np
+from test_train import three_steps
+n = jax.local_device_count()
+losses, params = three_steps(devices=n, accum_steps=int(sys.argv[2]))
+np.savez(sys.argv[1], losses=np.array(losses),
+         **{'/'.join(str(k.key) for k in path): v for path, v in
+            jax.tree_util.tree_leaves_with_path(params)})
+"""
+
+
+def three_steps(*, devices, accum_steps):
+  """Three pmapped SGD-momentum updates of 16-example global batches."""
+  model = train.create_model(ml_collections.ConfigDict(
+      {'model': tiny_model_config()}), num_classes=10)
+  rng = np.random.RandomState(0)
+  images = rng.uniform(-1, 1, (3, 16, 28, 28, 3)).astype(np.float32)
+  labels = np.eye(10, dtype=np.float32)[rng.randint(0, 10, (3, 16))]
+  params = model.init(jax.random.PRNGKey(0), images[0, :1],
+                      train=False)['params']
+  config = ml_collections.ConfigDict(dict(
+      optimizer='sgd_momentum', total_steps=4, base_lr=0.1,
+      decay_type='cosine', warmup_steps=0, grad_norm_clip=1.0,
+      optim_dtype=None))
+  tx, _ = optim.make_optimizer(config)
+  update_fn = train.make_update_fn(apply_fn=model.apply,
+                                   accum_steps=accum_steps, tx=tx)
+  params_repl, opt_repl = flax.jax_utils.replicate(
+      (params, tx.init(params)), axis_name=train.AXIS)
+  losses = []
+  for step in range(3):
+    batch = {'image': images[step].reshape(devices, -1, 28, 28, 3),
+             'label': labels[step].reshape(devices, -1, 10)}
+    rng_repl = flax.jax_utils.replicate(jax.random.PRNGKey(step),
+                                        axis_name=train.AXIS)
+    params_repl, opt_repl, loss, _ = update_fn(params_repl, opt_repl, batch,
+                                               rng_repl)
+    assert np.all(np.asarray(loss) == np.asarray(loss)[0])  # pmean'd
+    losses.append(float(loss[0]))
+  return losses, jax.device_get(flax.jax_utils.unreplicate(params_repl))
+
+
+def _flat(params):
+  return {'/'.join(str(k.key) for k in path): v
+          for path, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_8_devices_and_accumulation_equal_1_device(tmp_path):
+  out = str(tmp_path / 'eight.npz')
+  run_python(_DATA_PARALLEL_SCRIPT, devices=8, args=(out, '1'))
+  eight = dict(np.load(out))
+  losses, params = three_steps(devices=1, accum_steps=1)
+  flat = _flat(params)
+  # It trains: step 1 sees the zero head (log 10), later steps do not.
+  assert abs(losses[0] - np.log(10)) < 1e-5 and losses[2] != losses[1] != losses[0]
+  assert np.abs(flat['head/kernel']).max() > 1e-3
+
+  # 8 devices x 2 examples, gradients pmean'd == 1 device x 16 examples.
+  np.testing.assert_allclose(eight.pop('losses'), losses, rtol=1e-5)
+  assert set(flat) == set(eight)
+  for key, value in flat.items():
+    np.testing.assert_allclose(eight[key], value, rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+  # 1 device, 4 accumulated micro-batches of 4 == 1 device x 16 at once.
+  losses4, params4 = three_steps(devices=1, accum_steps=4)
+  np.testing.assert_allclose(losses4, losses, rtol=1e-5)
+  for key, value in _flat(params4).items():
+    np.testing.assert_allclose(value, flat[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+
+
+def test_accumulating_4_micro_batches_equals_full_batch():
+  model = train.create_model(ml_collections.ConfigDict(
+      {'model': tiny_model_config()}), num_classes=10)
+  rng = np.random.RandomState(1)
+  images = jnp.asarray(rng.uniform(-1, 1, (16, 28, 28, 3)), jnp.float32)
+  labels = jnp.asarray(np.eye(10)[rng.randint(0, 10, 16)], jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), images[:1], train=False)['params']
+  # A non-zero head, so that every parameter gets a gradient.
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  params['head']['kernel'] = jnp.asarray(
+      rng.normal(0, 0.1, params['head']['kernel'].shape), jnp.float32)
+
+  def loss_fn(p, x, y):
+    return train.softmax_xent(
+        logits=model.apply({'params': p}, x, train=False), labels=y)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  full_loss, full_grads = grad_fn(params, images, labels)
+  acc_loss, acc_grads = jax.jit(
+      lambda p, x, y: utils.accumulate_gradient(
+          jax.value_and_grad(loss_fn), p, x, y, 4))(params, images, labels)
+  np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-6)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      acc_grads, full_grads)
+  # The mean of the 4 slices' losses, computed by hand.
+  slice_loss = jax.jit(loss_fn)
+  by_hand = np.mean([slice_loss(params, images[i:i + 4], labels[i:i + 4])
+                     for i in range(0, 16, 4)])
+  np.testing.assert_allclose(acc_loss, by_hand, rtol=1e-6)
+  with pytest.raises(ValueError, match='accum_steps'):
+    utils.accumulate_gradient(jax.value_and_grad(loss_fn), params,
+                              images[:10], labels[:10], 4)
+
+
+def test_sigmoid_xent_matches_formula():
+  logits = jnp.array([[2.0, -1.0, 0.5]])
+  labels = jnp.array([[1.0, 0.0, 1.0]])
+  p = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5])))
+  want = -(np.log(p[0]) + np.log(1 - p[1]) + np.log(p[2]))
+  np.testing.assert_allclose(train.sigmoid_xent(logits=logits, labels=labels),
+                             want, rtol=1e-6)
+  np.testing.assert_allclose(
+      train.softmax_xent(logits=logits, labels=jnp.array([[0., 1., 0.]])),
+      -jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
+    tmp_path, monkeypatch):
+  real_get_datasets = train.input_pipeline.get_datasets
+
+  def poisoned(config, *, start_step=0, **kw):
+    ds_train, ds_test = real_get_datasets(config, start_step=start_step, **kw)
+    # Batches of step 4 on (index 3, counting from 0) hold NaN pixels.
+    ds_train = ds_train.enumerate(start=start_step).map(
+        lambda i, b: {**b, 'image': tf.where(i >= 3, np.nan, b['image'])})
+    return ds_train, ds_test
+
+  monkeypatch.setattr(train.input_pipeline, 'get_datasets', poisoned)
+  workdir = str(tmp_path / 'work')
+  # NaN is only looked at when logging (every 100) or checkpointing (every 2).
+  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=100)
+  with pytest.raises(train.NonFiniteLossError, match=r'at step 4\b') as e:
+    train.train_and_evaluate(config, workdir)
+  assert 'step 2' in str(e.value)  # names the kept checkpoint
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  assert ckpts.all_steps() == [2]
+  assert train_checkpoint.first_non_finite(ckpts.restore_params()) is None
+  assert not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
+
+
+def test_checkpoint_refuses_nan_state(tmp_path):
+  ckpts = train_checkpoint.TrainCheckpoints(str(tmp_path))
+  good = {'params': {'w': np.ones(3, np.float32)}}
+  ckpts.save(1, good)
+  with pytest.raises(train_checkpoint.NonFiniteStateError, match=r"'w'"):
+    ckpts.save(2, {'params': {'w': np.array([1., np.inf, 0.], np.float32)}})
+  assert ckpts.all_steps() == [1]
+  np.testing.assert_array_equal(ckpts.restore_params()['w'], good['params']['w'])
+
+
+def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
+  other = tiny_model_config()
+  other.hidden_size = 24  # a different width than the model being trained
+  model = train.create_model(ml_collections.ConfigDict({'model': other}), 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros([1, 28, 28, 3]),
+                      train=False)['params']
+  path = str(tmp_path / 'other.npz')
+  checkpoint.save(params, path)
+  config = tiny_config(pretrained_path=path)
+  with pytest.raises(checkpoint.CheckpointError, match='other.npz'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  config = tiny_config(pretrained_path=str(tmp_path / 'missing.npz'))
+  with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+    train.train_and_evaluate(config, str(tmp_path / 'work2'))
+
+
+def test_bad_config_values():
+  with pytest.raises(ValueError, match='accum_steps'):
+    train.train_and_evaluate(tiny_config(batch=32, accum_steps=3), '/tmp/x')
+  with pytest.raises(ValueError, match='optimizer'):
+    optim.make_optimizer(tiny_config(optimizer='lamb'))
+  with pytest.raises(ValueError, match='weight_decay'):
+    optim.make_optimizer(tiny_config(optimizer='sgd_momentum',
+                                     weight_decay=0.1))
+
+
+_BATCH_SCRIPT = """
+from test_train import tiny_config
+from vit_jax import train
+try:
+  train.train_and_evaluate(tiny_config(batch=12), '/tmp/unused')
+except ValueError as e:
+  print('ERROR:', e)
+"""
+
+
+def test_batch_not_divisible_by_device_count():
+  out = run_python(_BATCH_SCRIPT, devices=8).stdout
+  assert 'ERROR: config.batch=12 is not divisible by the 8 devices' in out
+  assert 'multiple of 8' in out
+
+
+def test_main_reports_missing_dataset_without_traceback(tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  missing = str(tmp_path / 'no_such_folder')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
+       f'--config.dataset={missing}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert 'Error: Image folder' in result.stderr
+  assert 'does not exist' in result.stderr
+  assert 'Traceback' not in result.stderr

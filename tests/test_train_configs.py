@@ -1,0 +1,118 @@
+"""The experiment configs hold the paper's recipes (SPEC section 6)."""
+
+import glob
+import os
+
+import ml_collections
+import pytest
+
+from test_train import REPO
+from configs import common
+from configs import embedded
+from configs import embedded_finetune
+from configs import embedded_pretrain
+from configs import finetune
+from configs import imagenet1k
+from configs import imagenet21k
+from vit_jax import models
+
+
+def test_base_config_is_locked():
+  config = common.get_config()
+  with pytest.raises(AttributeError):
+    config.base_lrr = 0.1  # a typo fails instead of being ignored
+  config.base_lr = 0.1
+
+
+@pytest.mark.parametrize('dataset,steps,train_split,test_split', [
+    ('cifar10', 10_000, 'train[:98%]', 'test'),
+    ('cifar100', 10_000, 'train[:98%]', 'test'),
+    ('imagenet2012', 20_000, 'train[:99%]', 'validation'),
+    ('oxford_iiit_pet', 500, 'train[:90%]', 'test'),
+    ('oxford_flowers102', 500, 'train[:90%]', 'test'),
+])
+def test_finetune_presets(dataset, steps, train_split, test_split):
+  config = finetune.get_config(f'l16,{dataset}')
+  assert (config.dataset, config.total_steps) == (dataset, steps)
+  assert (config.train_split, config.test_split) == (train_split, test_split)
+  assert config.pp.crop == 384 and config.pp.augment == 'inception_crop'
+  assert config.optimizer == 'sgd_momentum' and config.momentum == 0.9
+  assert config.optim_dtype == 'bfloat16' and config.weight_decay == 0
+  assert config.batch == 512 and config.grad_norm_clip == 1.0
+  assert config.warmup_steps == 500 and config.decay_type == 'cosine'
+  assert config.base_lr == 0.03
+  assert config.model_name == 'ViT-L_16'
+  assert config.model.to_dict() == models.MODEL_CONFIGS['ViT-L_16'].to_dict()
+  assert config.pretrained_dir == '.'  # ./ViT-L_16.npz, as the original
+
+
+def test_finetune_model_arguments():
+  assert finetune.get_config('b16,cifar10').base_lr == 0.01  # SPEC: B/16 C10
+  assert finetune.get_config('ViT-B_16,cifar100').base_lr == 0.03
+  assert finetune.get_config('r50_b16,cifar10').model.resnet.num_layers == (3, 4, 9)
+  with pytest.raises(ValueError, match='Unknown dataset'):
+    finetune.get_config('b16,mnist')
+  with pytest.raises(ValueError, match='<model>,<dataset>'):
+    finetune.get_config('b16')
+  with pytest.raises(ValueError, match='Unknown model'):
+    finetune.get_config('b17,cifar10')
+
+
+@pytest.mark.parametrize('module,model', [(imagenet21k, 'b16'),
+                                          (imagenet1k, 'b16'),
+                                          (imagenet21k, 'l16')])
+def test_pretraining_table3(module, model):
+  config = module.get_config(model)
+  assert config.optimizer == 'adamw'
+  assert (config.adam_b1, config.adam_b2) == (0.9, 0.999)
+  assert config.batch == 4096 and config.warmup_steps == 10_000
+  assert config.pp.crop == 224
+  assert config.model.representation_size == config.model.hidden_size
+  assert config.model.transformer.dropout_rate == 0.1
+  if module is imagenet21k:
+    assert (config.base_lr, config.weight_decay) == (1e-3, 0.03)
+    assert config.decay_type == 'linear' and config.linear_end == 1e-5
+    assert config.model.head_bias_init == -10.
+    assert config.loss == 'sigmoid_xent'
+    epochs = 30 if model == 'l16' else 90
+    assert config.total_steps == epochs * imagenet21k.NUM_TRAIN_IMAGES // 4096
+  else:
+    assert (config.base_lr, config.weight_decay) == (3e-3, 0.3)
+    assert config.decay_type == 'cosine' and config.grad_norm_clip == 1.0
+    assert config.total_steps == 300 * imagenet1k.NUM_TRAIN_IMAGES // 4096
+    assert config.loss == 'softmax_xent'
+
+
+def test_embedded_configs():
+  main = embedded.get_config()
+  assert main.dataset == 'embedded_mnist' and main.pp.crop == 28
+  assert tuple(main.model.patches.size) == (7, 7)
+  assert main.model.hidden_size == 64 and main.model.transformer.num_layers == 4
+  assert main.optimizer == 'adamw' and main.pp.augment == 'shift'
+  pre = embedded_pretrain.get_config()
+  assert pre.model.representation_size == 64 and pre.model.posemb == 'learn'
+  ft = embedded_finetune.get_config('/x/ViT-mnist_7.npz')
+  assert ft.pretrained_path == '/x/ViT-mnist_7.npz' and ft.pp.crop == 42
+  assert ft.model.representation_size is None
+  assert embedded_finetune.get_config().pretrained_dir == '.'
+
+
+def test_every_config_states_its_command_and_result():
+  for path in glob.glob(os.path.join(REPO, 'configs', '*.py')):
+    name = os.path.basename(path)
+    if name in ('__init__.py', 'common.py'):
+      continue
+    with open(path) as f:
+      text = f.read()
+    assert 'python -m vit_jax.main --config=configs/' in text, name
+    assert 'Expected result' in text, name
+    assert 'PLACEHOLDER' not in text, name
+
+
+def test_every_config_builds_its_model():
+  for config in (finetune.get_config('b16,cifar10'),
+                 imagenet21k.get_config('s16'), embedded.get_config(),
+                 embedded_pretrain.get_config()):
+    assert isinstance(config.model, ml_collections.ConfigDict)
+    model = models.VisionTransformer(num_classes=10, **config.model)
+    assert model.hidden_size == config.model.hidden_size

@@ -1,0 +1,71 @@
+"""Pre-train -> export -> fine-tune at a higher resolution, end to end, offline.
+
+The paper's ImageNet-21k -> fine-tune pipeline in miniature
+(configs/embedded_pretrain.py, configs/embedded_finetune.py): a ViT with a
+representation layer is pre-trained on 28x28 digits (4x4 grid of 7x7
+patches), exported to a released-format `.npz`, and fine-tuned at 42x42
+(6x6 grid) with resampled position embeddings, no `pre_logits` and a fresh
+head.
+"""
+
+import numpy as np
+
+import test_train  # pylint: disable=unused-import  (repository root on sys.path)
+from configs import embedded_finetune
+from configs import embedded_pretrain
+from vit_jax import checkpoint
+from vit_jax import export
+from vit_jax import train
+
+PRETRAIN_STEPS = 300
+FINETUNE_STEPS = 60
+
+
+def test_pretrain_export_finetune(tmp_path):
+  pre = embedded_pretrain.get_config()
+  pre.total_steps = PRETRAIN_STEPS
+  pre.warmup_steps = 30
+  pre.eval_every = pre.checkpoint_every = PRETRAIN_STEPS
+  pre_summary = train.train_and_evaluate(pre, str(tmp_path / 'pre'))
+  assert pre_summary['accuracy'] > 0.8
+
+  path = str(tmp_path / 'ViT-mnist_7.npz')
+  assert export.export(str(tmp_path / 'pre'), path) == PRETRAIN_STEPS
+  exported = checkpoint.read_npz(path)
+  # Released (pre-linen) names, with the representation layer.
+  assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in exported
+  assert exported['pre_logits/kernel'].shape == (64, 64)
+  assert exported['Transformer/posembed_input/pos_embedding'].shape == (1, 17, 64)
+
+  ft = embedded_finetune.get_config(path)
+  ft.total_steps = FINETUNE_STEPS
+  ft.eval_every = ft.checkpoint_every = FINETUNE_STEPS
+  # What the fine-tuning run starts from.
+  model = train.create_model(ft, 10)
+  start = train.init_params(model, ft)
+  assert 'pre_logits' not in start
+  assert not np.any(start['head']['kernel']) and not np.any(start['head']['bias'])
+  posemb = start['Transformer']['posembed_input']['pos_embedding']
+  old = exported['Transformer/posembed_input/pos_embedding']
+  assert posemb.shape == (1, 37, 64)  # class token + 6x6 grid
+  np.testing.assert_array_equal(posemb[:, :1], old[:, :1])
+  # Corners of an aligned-corners bilinear resampling are the old corners.
+  grid_old, grid_new = old[0, 1:].reshape(4, 4, 64), posemb[0, 1:].reshape(6, 6, 64)
+  for (i, j), (k, l) in [((0, 0), (0, 0)), ((0, 3), (0, 5)), ((3, 3), (5, 5))]:
+    np.testing.assert_allclose(grid_new[k, l], grid_old[i, j], rtol=1e-6)
+  np.testing.assert_array_equal(
+      start['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel'],
+      exported['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'])
+
+  ft_summary = train.train_and_evaluate(ft, str(tmp_path / 'ft'))
+  assert ft_summary['step'] == FINETUNE_STEPS
+  # The same fine-tuning run from a random initialisation: the pre-trained
+  # features must be worth a clear margin.
+  scratch = embedded_finetune.get_config(path)
+  scratch.pretrained_path = None
+  scratch.pretrained_dir = None
+  scratch.total_steps = FINETUNE_STEPS
+  scratch.eval_every = scratch.checkpoint_every = FINETUNE_STEPS
+  scratch_summary = train.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
+  assert ft_summary['accuracy'] > scratch_summary['accuracy'] + 0.15, (
+      ft_summary['accuracy'], scratch_summary['accuracy'])

@@ -1,0 +1,118 @@
+"""Interrupted runs resume to the same parameters as an uninterrupted one.
+
+One run is stopped by SIGTERM (it checkpoints and exits cleanly), restarted,
+killed with SIGKILL after a later checkpoint, and finished by a third start.
+Its final parameters must equal those of a run that was never interrupted:
+data order and dropout keys are functions of (seed, step).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from test_train import REPO
+from test_train import read_summary
+from test_train import tiny_config
+from vit_jax import train
+from vit_jax import train_checkpoint
+
+TOTAL_STEPS = 300
+# Shared by the in-process reference and the command-line runs.
+OVERRIDES = {
+    'model.model_name': 'tiny', 'model.hidden_size': 16,
+    'model.transformer.mlp_dim': 32, 'model.transformer.num_heads': 2,
+    'model.transformer.num_layers': 1,
+    # Dropout on, so that the per-step keys matter.
+    'model.transformer.dropout_rate': 0.1,
+    'model_name': 'tiny', 'batch': 32, 'batch_eval': 500,
+    'total_steps': TOTAL_STEPS, 'warmup_steps': 10, 'log_every': 1,
+    'eval_every': 1000, 'checkpoint_every': 10, 'prefetch': 1,
+}
+
+
+def _start(workdir):
+  args = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'vit_jax.main',
+       f'--config={os.path.join(REPO, "configs", "embedded.py")}',
+       f'--workdir={workdir}', *args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      text=True)
+
+
+def _step_of(line):
+  """The step of a progress line 'step  27/300  loss ...', else None."""
+  words = line.split()
+  if len(words) > 1 and words[0] == 'step' and '/' in words[1]:
+    return int(words[1].split('/')[0])
+  return None
+
+
+def _wait_for_step(process, step):
+  """Reads progress lines until `step` was printed; returns the lines."""
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if _step_of(line) is not None and _step_of(line) >= step:
+      return lines
+  raise AssertionError(f'Run ended before step {step}:\n{"".join(lines)}')
+
+
+def _latest(workdir):
+  return train_checkpoint.TrainCheckpoints(workdir).latest_step()
+
+
+def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
+  reference = str(tmp_path / 'reference')
+  summary = train.train_and_evaluate(tiny_config(**OVERRIDES), reference)
+  assert summary['step'] == TOTAL_STEPS
+  want = train_checkpoint.TrainCheckpoints(reference).restore_params()
+
+  workdir = str(tmp_path / 'interrupted')
+  # 1. SIGTERM: the run saves a checkpoint after the current step and exits 0.
+  process = _start(workdir)
+  _wait_for_step(process, 25)
+  process.send_signal(signal.SIGTERM)
+  rest, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, rest
+  assert 'Interrupted after step' in rest
+  stopped = int(rest.split('Interrupted after step ')[1].split(';')[0])
+  assert 25 <= stopped < TOTAL_STEPS
+  assert _latest(workdir) == stopped  # not only the periodic one (20)
+
+  # 2. SIGKILL after the resumed run wrote a newer checkpoint: no chance to
+  # save anything, so it restarts from that one.
+  process = _start(workdir)
+  lines = _wait_for_step(process, stopped + 1)
+  assert _step_of(lines[0]) == stopped + 1  # resumed, not restarted
+  first_new = (stopped // 10 + 1) * 10
+  _wait_for_step(process, first_new + 5)
+  process.kill()
+  process.wait(timeout=60)
+  killed_at = _latest(workdir)
+  assert first_new <= killed_at < TOTAL_STEPS
+  assert not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
+
+  # 3. Finish with the same config.
+  summary = train.train_and_evaluate(tiny_config(**OVERRIDES), workdir)
+  assert summary['start_step'] == killed_at
+  assert read_summary(workdir)['step'] == TOTAL_STEPS
+  got = train_checkpoint.TrainCheckpoints(workdir).restore_params()
+  flat_want = dict(_flat(want))
+  flat_got = dict(_flat(got))
+  assert flat_got.keys() == flat_want.keys()
+  for key, value in flat_want.items():
+    np.testing.assert_allclose(flat_got[key], value, rtol=0, atol=1e-6,
+                               err_msg=key)
+
+
+def _flat(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f'{prefix}{key}/')
+    else:
+      yield f'{prefix}{key}', np.asarray(value)

@@ -1,0 +1,158 @@
+"""Train-state checkpoints for resuming a run (orbax).
+
+These hold everything a run needs to continue bit for bit: parameters and
+optimizer state, keyed by the number of updates done. Data order and dropout
+randomness are functions of (seed, step), so nothing else is stored. The
+exchange format for trained models is the released `.npz` (`checkpoint.save`);
+`vit_jax.export` turns the latest train state into one.
+
+orbax writes each step into a temporary folder and renames it when complete,
+so a run killed mid-save (kill -9, preemption) leaves the previous checkpoint
+intact; `save` also refuses a state with NaN/inf values.
+"""
+
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# The folder under the workdir that holds the numbered steps.
+CHECKPOINT_SUBDIR = 'checkpoints'
+
+
+class NonFiniteStateError(FloatingPointError):
+  """A train state with NaN or inf values, which is never checkpointed."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def first_non_finite(tree: Any) -> Optional[str]:
+  """Path of the first floating leaf holding NaN or inf, else None."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact) or leaf.dtype.name == 'bfloat16':
+      if not np.all(np.isfinite(leaf.astype(np.float32))):
+        return jax.tree_util.keystr(path)
+  return None
+
+
+def tree_mismatch(got: Any, want: Any) -> Optional[str]:
+  """Describes the first difference in structure or shapes, else None."""
+  got_flat = {jax.tree_util.keystr(p): np.shape(x)
+              for p, x in jax.tree_util.tree_leaves_with_path(got)}
+  want_flat = {jax.tree_util.keystr(p): np.shape(x)
+               for p, x in jax.tree_util.tree_leaves_with_path(want)}
+  for key in sorted(set(got_flat) | set(want_flat)):
+    if key not in got_flat:
+      return f'{key} missing from the checkpoint'
+    if key not in want_flat:
+      return f'{key} in the checkpoint but not in the model'
+    if got_flat[key] != want_flat[key]:
+      return (f'{key} has shape {got_flat[key]} in the checkpoint, '
+              f'{want_flat[key]} in the model')
+  return None
+
+
+class TrainCheckpoints:
+  """Numbered train states in `<workdir>/checkpoints/<step>`.
+
+  All processes of a multi-process run must call `save` and `restore`
+  together; orbax writes the files once.
+
+  Attributes:
+    directory: the checkpoint folder.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 2):
+    self.directory = checkpoint_dir(workdir)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            # Synchronous: when `save` returns the step is on disk, so a
+            # SIGTERM handler or a NaN check after it can rely on it.
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    """The complete steps on disk, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any) -> None:
+    """Writes `state` (a pytree of host arrays) as `step`.
+
+    Args:
+      step: updates done.
+      state: e.g. {'params': ..., 'opt_state': ...} as numpy arrays.
+
+    Raises:
+      NonFiniteStateError: `state` holds NaN/inf; nothing is written and the
+        previous checkpoints stay as they are.
+    """
+    bad = first_non_finite(state)
+    if bad is not None:
+      raise NonFiniteStateError(
+          f'Refusing to checkpoint step {step}: {bad} holds NaN/inf. The last '
+          f'good checkpoint (step {self.latest_step()}) is kept.')
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, template: Any) -> Any:
+    """Reads `step` into the structure and dtypes of `template`."""
+    return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+
+  def restore_params(self, step: Optional[int] = None) -> Any:
+    """Only the parameters of `step` (default: the latest), as numpy arrays."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'No train checkpoint in {self.directory!r}; train first with '
+          'python -m vit_jax.main --config=... --workdir=<that workdir>.')
+    state = self._manager.restore(step, args=ocp.args.StandardRestore())
+    return jax.tree_util.tree_map(np.asarray, state['params'])
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+class SigtermFlag:
+  """`with SigtermFlag() as f:` f.received turns True on SIGTERM (preemption).
+
+  The training loop checks it after every step, saves a checkpoint and
+  stops; the same command then resumes. In a multi-process run every process
+  must receive the signal (as cluster schedulers send it), since saving is a
+  collective operation.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    # Signal handlers can only be installed from the main thread.
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint after the current step.')
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
