@@ -12,6 +12,7 @@ is `fold_in(PRNGKey(seed), s)`, so a run resumed from a checkpoint ends with
 the same parameters as one that was never interrupted.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -335,11 +336,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is
       kept and nothing later is saved.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
+  """`train_and_evaluate`; `cleanup` closes what it opens, also on errors."""
   t_start = time.time()
   device_count = jax.local_device_count()
   _check_config(config, device_count)
+  # A missing dataset fails here, before the checkpoint manager starts its
+  # background threads (which would otherwise outlive a quick exit).
+  num_classes = input_pipeline.get_dataset_info(
+      config.dataset, config.train_split,
+      data_dir=config.get('tfds_data_dir'))['num_classes']
   os.makedirs(workdir, exist_ok=True)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  cleanup.callback(ckpts.close)
   total_steps = config.total_steps
   start_step = ckpts.latest_step() or 0
   if start_step:
@@ -348,9 +361,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Input pipeline: the batches of steps start_step + 1, start_step + 2, ...
   ds_train, ds_test = input_pipeline.get_datasets(
       config, start_step=min(start_step, total_steps))
-  num_classes = input_pipeline.get_dataset_info(
-      config.dataset, config.train_split,
-      data_dir=config.get('tfds_data_dir'))['num_classes']
 
   # Model, optimizer and train state.
   model = create_model(config, num_classes)
@@ -376,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   lr_jit = jax.jit(lr_fn)
   compiles = progress.CompileCounter()
   out = progress.Progress(workdir, total_steps=total_steps, batch=config.batch)
+  cleanup.callback(out.close)
   losses = _LossWatch(ckpts)
   eval_history, accuracy, last_loss = [], None, None
   step, interrupted = start_step, False
@@ -415,8 +426,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_time = time.time() - t_train
   if start_step >= total_steps:  # finished before: report, do not train
     accuracy = evaluate(eval_fn, params_repl, ds_test, config.prefetch)
-  out.close()
-  ckpts.close()
 
   summary = {
       'accuracy': accuracy,
