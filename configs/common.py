@@ -3,7 +3,9 @@
 Holds every field `vit_jax.train.train_and_evaluate` and
 `vit_jax.input_pipeline.get_datasets` read, with the original's fine-tuning
 defaults (SPEC section 6). The config is locked: a misspelled
-`--config.<field>=...` override fails instead of being ignored. Other config
+`--config.<field>=...` override fails instead of being ignored. Fields whose
+default is None are typed placeholders, so the command line can set them
+(`--config.pretrained_path=model.npz`). Other config
 files change fields; they never add any.
 
 Not a runnable experiment by itself (no model); see embedded.py, finetune.py,
@@ -11,6 +13,7 @@ imagenet21k.py, imagenet1k.py.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -21,11 +24,18 @@ def get_config():
   # 'embedded_mnist' (offline, 5,000 digits), a TFDS name, or an image folder
   # laid out as <dir>/train/<class>/* and <dir>/test/<class>/*.
   config.dataset = 'embedded_mnist'
-  config.tfds_data_dir = None  # TFDS data directory (None: TFDS's default).
-  config.tfds_manual_dir = None  # Hand-downloaded files (e.g. ImageNet).
+  config.tfds_data_dir = placeholder(str)  # TFDS data directory (None: TFDS's default).
+  config.tfds_manual_dir = placeholder(str)  # Hand-downloaded files (e.g. ImageNet).
   config.tfds_download = False  # Never download unless asked to.
   config.train_split = 'train'  # e.g. 'train[:98%]' for a held-out sweep.
   config.test_split = 'test'  # Evaluated every eval_every steps.
+  # A folder with one <dir>/<class>/* tree (no train/test folders) is split
+  # per class, seeded: val_fraction of each class is the 'test' split
+  # (None: 0.2 and seed 0; vit_jax/folder_split.py). The split, class names
+  # and per-class counts are written to the workdir (split.json,
+  # class_names.json, split_counts.png).
+  config.val_fraction = placeholder(float)
+  config.split_seed = placeholder(int)
   config.pp = ml_collections.ConfigDict()
   config.pp.crop = 384  # Resolution: train crops and test images (pixels).
   # 'inception_crop' (+ flip, the paper's), 'shift' (digits), or 'none'.
@@ -38,12 +48,21 @@ def get_config():
   config.seed = 0  # Parameter init, data order, augmentation and dropout.
 
   # ---- Model (vit_jax/models_vit.py).
-  config.model_name = None  # Zoo name; also <pretrained_dir>/<name>.npz.
+  config.model_name = placeholder(str)  # Zoo name; also <pretrained_dir>/<name>.npz.
   config.model = None  # ConfigDict of VisionTransformer fields.
 
+  # 'classification' (supervised; the paper), or 'mpp': masked patch
+  # prediction pre-training (Sec. 4.6; vit_jax/masked_patch.py), fields below.
+  config.objective = 'classification'
+  config.mpp = ml_collections.ConfigDict()
+  config.mpp.mask_ratio = 0.5  # Patch embeddings chosen for prediction.
+  config.mpp.mask_prob = 0.8  # Of those: replaced by the [mask] embedding,
+  config.mpp.random_prob = 0.1  # by another patch; the rest are kept.
+  config.mpp.color_bits = 3  # Target: 3-bit mean colour (512 classes).
+
   # ---- Pre-trained checkpoint (fine-tuning; vit_jax/checkpoint.py).
-  config.pretrained_dir = None  # Folder of released .npz files, or None.
-  config.pretrained_path = None  # A specific .npz; wins over pretrained_dir.
+  config.pretrained_dir = placeholder(str)  # Folder of released .npz files, or None.
+  config.pretrained_path = placeholder(str)  # A specific .npz; wins over pretrained_dir.
 
   # ---- Optimization (vit_jax/optim.py, vit_jax/utils.py).
   config.optimizer = 'sgd_momentum'  # 'sgd_momentum', 'adam' or 'adamw'.
@@ -60,10 +79,34 @@ def get_config():
   config.weight_decay = 0.0  # Decoupled (times lr) decay; 'adamw' only.
   config.accum_steps = 8  # Micro-batches per device batch (saves memory).
   config.loss = 'softmax_xent'  # Or 'sigmoid_xent' (multi-label, 21k).
+  # Parameters that train (vit_jax/trainable.py): None/'all', 'head',
+  # 'head+pre_logits', or a regex on '/'-joined paths. The rest stay frozen
+  # bit for bit and get neither gradients nor optimizer state.
+  config.trainable = placeholder(str)
+  # 'pmap' (the original: the train state replicated on every device) or
+  # 'fsdp' (jit over a mesh, parameters and optimizer state sharded;
+  # vit_jax/sharding.py): for models too big for one device.
+  config.parallelism = 'pmap'
 
   # ---- Logging, evaluation, checkpoints.
   config.log_every = 10  # Progress line and train metrics, in steps.
   config.eval_every = 100  # Test accuracy, in steps (and at the end).
   config.checkpoint_every = 1_000  # Train-state checkpoint (and at the end).
+  # Few-shot linear evaluation of the pre-logits features during training
+  # (the paper's metric; vit_jax/fewshot.py). every_steps 0: off. None
+  # fields take the defaults of fewshot.make_fewshot_evaluator (the training
+  # dataset, its 'train'/'test' splits, image size pp.crop).
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.every_steps = 0
+  config.fewshot.dataset = placeholder(str)
+  config.fewshot.train_split = 'train'
+  config.fewshot.test_split = 'test'
+  config.fewshot.shots = (1, 5, 10, 25)
+  config.fewshot.seeds = (0, 1, 2)
+  config.fewshot.l2_reg = 2.0**10
+  config.fewshot.image_size = placeholder(int)
+  config.fewshot.max_per_class = placeholder(int)  # Cap the images kept in memory.
+  config.fewshot.max_test_examples = placeholder(int)
+  config.fewshot.batch_size = placeholder(int)  # None: batch_eval.
 
   return config.lock()

@@ -42,6 +42,8 @@ def get_model_config():
   # Fixed 2-D sin-cos position embeddings: with 4,000 images they trained
   # faster than the paper's learned 1-D ones in our sweep.
   model.posemb = 'sincos2d'
+  # Compute dtype: 'bfloat16' for mixed precision (parameters stay float32).
+  model.dtype = 'float32'
   return model
 
 

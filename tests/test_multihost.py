@@ -51,7 +51,7 @@ def trajectory(next_batch):
 """ % STEPS
 
 _WORKER = _COMMON + """
-port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
 jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                            num_processes=2, process_id=pid)
 assert jax.process_count() == 2 and jax.device_count() == 4

@@ -319,7 +319,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
   assert not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
 
 
-def test_checkpoint_refuses_nan_state(tmp_path):
+def test_checkpoint_refuses_nan_state_and_drops_unfinished_saves(tmp_path):
   ckpts = train_checkpoint.TrainCheckpoints(str(tmp_path))
   good = {'params': {'w': np.ones(3, np.float32)}}
   ckpts.save(1, good)
@@ -328,6 +328,12 @@ def test_checkpoint_refuses_nan_state(tmp_path):
   assert ckpts.all_steps() == [1]
   np.testing.assert_array_equal(ckpts.restore_params()['w'],
                                 good['params']['w'])
+  ckpts.close()
+  # What a kill -9 during a save leaves behind: never a step, removed on start.
+  unfinished = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1234'
+  os.makedirs(unfinished / 'default')
+  ckpts = train_checkpoint.TrainCheckpoints(str(tmp_path))
+  assert ckpts.all_steps() == [1] and not unfinished.exists()
 
 
 def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
@@ -382,4 +388,4 @@ def test_main_reports_missing_dataset_without_traceback(tmp_path):
   assert result.returncode == 1
   assert 'Error: Image folder' in result.stderr
   assert 'does not exist' in result.stderr
-  assert 'Traceback' not in result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]

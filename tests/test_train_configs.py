@@ -49,7 +49,8 @@ def test_finetune_presets(dataset, steps, train_split, test_split):
 def test_finetune_model_arguments():
   assert finetune.get_config('b16,cifar10').base_lr == 0.01  # SPEC: B/16 C10
   assert finetune.get_config('ViT-B_16,cifar100').base_lr == 0.03
-  assert finetune.get_config('r50_b16,cifar10').model.resnet.num_layers == (3, 4, 9)
+  hybrid = finetune.get_config('r50_b16,cifar10')
+  assert hybrid.model.resnet.num_layers == (3, 4, 9)
   with pytest.raises(ValueError, match='Unknown dataset'):
     finetune.get_config('b16,mnist')
   with pytest.raises(ValueError, match='<model>,<dataset>'):

@@ -1,4 +1,4 @@
-"""Command line: `python -m vit_jax.main --config=<file.py>[:arg] --workdir=<dir>`.
+"""Command line: `python -m vit_jax.main --config=<file.py>[:arg] --workdir=W`.
 
 Fields of the config are overridden with `--config.<field>=<value>`, e.g.
 `--config.total_steps=100 --config.base_lr=0.01`. Without `--config` the
@@ -100,7 +100,8 @@ def main(argv):
     raise app.UsageError('--workdir is required (where checkpoints, logs and '
                          'summary.json go).')
   if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/embedded.py')
+    raise app.UsageError(
+        '--config is required, e.g. --config=configs/embedded.py')
   distributed = _distributed_args()
   import jax  # pylint: disable=g-import-not-at-top
   if distributed:

@@ -23,8 +23,11 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
+LrFn = Callable[[Any], jax.Array]
+
+
 def make_optimizer(config: ml_collections.ConfigDict
-                  ) -> Tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+                  ) -> Tuple[optax.GradientTransformation, LrFn]:
   """Builds the optimizer and learning-rate schedule of `config`.
 
   Fields read: optimizer ('sgd_momentum', 'adam' or 'adamw'), total_steps,
@@ -41,7 +44,8 @@ def make_optimizer(config: ml_collections.ConfigDict
   """
   name = config.get('optimizer', 'sgd_momentum')
   if name not in OPTIMIZERS:
-    raise ValueError(f'Unknown config.optimizer {name!r}; use one of {OPTIMIZERS}.')
+    raise ValueError(f'Unknown config.optimizer {name!r}; use one of '
+                     f'{OPTIMIZERS}.')
   lr_fn = utils.create_learning_rate_schedule(
       config.total_steps, config.base_lr, config.decay_type,
       config.warmup_steps, linear_end=config.get('linear_end', 1e-5))
@@ -51,8 +55,9 @@ def make_optimizer(config: ml_collections.ConfigDict
   if name == 'sgd_momentum':
     if weight_decay:
       raise ValueError(
-          'config.weight_decay is not used by sgd_momentum (the paper fine-tunes '
-          'without weight decay); set it to 0 or use --config.optimizer=adamw.')
+          'config.weight_decay is not used by sgd_momentum (the paper '
+          'fine-tunes without weight decay); set it to 0 or use '
+          '--config.optimizer=adamw.')
     opt = optax.sgd(lr_fn, momentum=config.get('momentum', 0.9),
                     accumulator_dtype=dtype)
   elif name == 'adam':

@@ -70,6 +70,18 @@ class Progress:
       print(f'step {step}: test accuracy {accuracy:.4f}', flush=True)
     self._writer.write_scalars(step, {'accuracy_test': accuracy})
 
+  def log_scalars(self, step: int, scalars) -> None:
+    """Other evaluations (e.g. few-shot accuracies): printed and written."""
+    if self.is_chief:
+      text = '  '.join(f'{k} {v:.4f}' for k, v in sorted(scalars.items()))
+      print(f'step {step}: {text}', flush=True)
+    self._writer.write_scalars(step, dict(scalars))
+
+  def skip(self, seconds: float) -> None:
+    """Leaves `seconds` out of the speed measurement."""
+    if self._t_last is not None:
+      self._t_last += seconds
+
   def paused(self) -> '_Pause':
     """`with progress.paused():` time that is not training."""
     return _Pause(self)
@@ -88,8 +100,7 @@ class _Pause:
     self._t = time.time()
 
   def __exit__(self, *exc):
-    if self._progress._t_last is not None:  # pylint: disable=protected-access
-      self._progress._t_last += time.time() - self._t  # pylint: disable=protected-access
+    self._progress.skip(time.time() - self._t)
 
 
 class CompileCounter:

@@ -43,7 +43,6 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -246,7 +245,9 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
                            opt_shardings: PyTree,
                            accum_steps: int = 1,
                            loss: str = 'softmax_xent',
-                           axis_name: Optional[str] = None
+                           axis_name: Optional[str] = None,
+                           loss_fn: Optional[Callable[..., Any]] = None,
+                           trainable_mask: Any = None
                           ) -> Callable[..., Any]:
   """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
 
@@ -273,6 +274,10 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     accum_steps: micro-batches per device batch (0 or 1: none).
     loss: a key of `train.LOSSES`.
     axis_name: the data axis (default: the mesh's only axis).
+    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
+      loss` (`train.make_loss_fn`).
+    trainable_mask: as in `train.make_update_fn`: only the True leaves train
+      and `opt_state` (and `opt_shardings`) cover those alone.
 
   Returns:
     `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
@@ -285,10 +290,16 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     compiles once. They are donated: do not use the arrays passed in
     afterwards. Numpy batches and keys are placed on the fly.
   """
-  if loss not in train.LOSSES:
-    raise ValueError(
-        f'Unknown loss {loss!r}; use one of {sorted(train.LOSSES)}.')
-  loss_fn_of = train.LOSSES[loss]
+  if loss_fn is None:
+    if loss not in train.LOSSES:
+      raise ValueError(
+          f'Unknown loss {loss!r}; use one of {sorted(train.LOSSES)}.')
+    loss_of = train.LOSSES[loss]
+
+    def loss_fn(params, images, labels, rng):
+      logits = apply_fn({'params': params}, images, train=True,
+                        rngs={'dropout': rng})
+      return loss_of(logits=logits, labels=labels)
   axis = _axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   accum_steps = max(int(accum_steps or 1), 1)
@@ -305,14 +316,14 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
           f'devices x accum_steps={accum_steps}; choose a batch that is a '
           f'multiple of {num_shards * accum_steps}.')
 
-    def loss_fn(params, images, labels):
-      logits = apply_fn({'params': params}, images, train=True,
-                        rngs={'dropout': rng})
-      return loss_fn_of(logits=logits, labels=labels)
+    train_part, _, merge = train.partition(params, trainable_mask)
 
-    loss_and_grad = jax.value_and_grad(loss_fn)
+    def loss_wrt(train_part, images, labels):
+      return loss_fn(merge(train_part), images, labels, rng)
+
+    loss_and_grad = jax.value_and_grad(loss_wrt)
     if accum_steps == 1:
-      l, g = loss_and_grad(params, images, labels)
+      l, g = loss_and_grad(train_part, images, labels)
     else:
       # [D * A * s] -> [A, D, s]: row block d (device d's examples) is cut
       # into A slices, as pmap's per-device accumulation does. Reshape and
@@ -324,15 +335,17 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
         return jax.lax.with_sharding_constraint(
             x.swapaxes(0, 1), NamedSharding(mesh, P(None, axis)))
 
-      def micro_step(params, images_1xDxS, labels_1xDxS):
-        merge = lambda x: jax.lax.with_sharding_constraint(
+      def micro_step(train_part, images_1xDxS, labels_1xDxS):
+        flat = lambda x: jax.lax.with_sharding_constraint(
             x.reshape((-1,) + x.shape[3:]), batch_sharding)
-        return loss_and_grad(params, merge(images_1xDxS), merge(labels_1xDxS))
+        return loss_and_grad(train_part, flat(images_1xDxS),
+                             flat(labels_1xDxS))
 
-      l, g = utils.accumulate_gradient(micro_step, params, by_slice(images),
-                                       by_slice(labels), accum_steps)
-    updates, opt_state = tx.update(g, opt_state, params)
-    params = optax.apply_updates(params, updates)
+      l, g = utils.accumulate_gradient(micro_step, train_part,
+                                       by_slice(images), by_slice(labels),
+                                       accum_steps)
+    updates, opt_state = tx.update(g, opt_state, train_part)
+    params = merge(optax.apply_updates(train_part, updates))
     return params, opt_state, l, new_rng
 
   return jax.jit(
@@ -345,24 +358,85 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
 
 def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
                          param_shardings: PyTree,
-                         axis_name: Optional[str] = None
+                         axis_name: Optional[str] = None,
+                         counts_fn: Optional[Callable[..., Any]] = None
                         ) -> Callable[..., Any]:
   """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
 
   As `train.make_eval_fn`, on a global batch (`shard_batch`): both counts
-  are over the global batch, `batch['mask']` keeps padding examples out, and
-  an example is correct when its top-1 class is one of its labels.
+  are over the global batch; `counts_fn` (default `train.top1_counts`)
+  computes them, `batch['mask']` keeping padding examples out.
   """
   axis = _axis(mesh, axis_name)
   replicated = NamedSharding(mesh, P())
-
-  def eval_fn(params, batch):
-    logits = apply_fn({'params': params}, batch['image'], train=False)
-    top1 = jnp.argmax(logits, axis=-1)
-    hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)
-    mask = batch['mask']
-    return (jnp.sum((hit[:, 0] > 0) * mask), jnp.sum(mask))
-
-  return jax.jit(eval_fn,
+  counts_fn = counts_fn or train.top1_counts(apply_fn)
+  return jax.jit(counts_fn,
                  in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
                  out_shardings=(replicated, replicated))
+
+
+# ------------------------------------------------------------ train loop
+
+
+def _host_scalar(x) -> float:
+  """A replicated scalar as a float (also when other processes hold it)."""
+  return float(np.asarray(x.addressable_shards[0].data))
+
+
+class FsdpRunner:
+  """`train.PmapRunner`'s interface for the sharded step
+  (`config.parallelism='fsdp'`): one mesh over every device of every process,
+  parameters and optimizer state split FSDP-style, global batches.
+
+  Checkpoints hold the full state gathered on the host (`process_allgather`
+  when other processes hold shards): the same layout as under pmap, so a run
+  resumes under either.
+  """
+
+  def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
+               trainable_mask):
+    self.mesh = make_mesh()
+    shapes = jax.eval_shape(lambda p: p, params)
+    self.param_shardings = fsdp_shardings(shapes, self.mesh)
+    train_shapes = train.partition(shapes, trainable_mask)[0]
+    self.opt_shardings = fsdp_shardings(jax.eval_shape(tx.init, train_shapes),
+                                        self.mesh)
+    self._update = make_sharded_update_fn(
+        apply_fn=None, tx=tx, mesh=self.mesh,
+        param_shardings=self.param_shardings,
+        opt_shardings=self.opt_shardings, accum_steps=accum_steps,
+        loss_fn=loss_fn, trainable_mask=trainable_mask)
+    self._eval = make_sharded_eval_fn(
+        apply_fn=None, mesh=self.mesh, param_shardings=self.param_shardings,
+        counts_fn=counts_fn)
+
+  def place(self, params, opt_state):
+    return (shard_params(params, self.param_shardings),
+            shard_params(opt_state, self.opt_shardings))
+
+  def batches(self, dataset):
+    for batch in dataset.as_numpy_iterator():
+      yield shard_batch(batch, self.mesh)
+
+  def step(self, params, opt_state, batch, key):
+    """One update; returns (params, opt_state, loss)."""
+    if isinstance(batch.get('label'), np.ndarray):  # MPP's example indices
+      batch = dict(batch, label=shard_batch(
+          {'label': batch['label']}, self.mesh, pmap_layout=True)['label'])
+    return self._update(params, opt_state, batch, key)[:3]
+
+  def scalar(self, x) -> float:
+    return _host_scalar(x)
+
+  def to_host(self, tree):
+    if all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(tree)):
+      return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+  def eval_params(self, params):
+    return params
+
+  def counts(self, params, batch):
+    correct, count = self._eval(params, batch)
+    return _host_scalar(correct), _host_scalar(count)

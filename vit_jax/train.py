@@ -29,15 +29,24 @@ import optax
 
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
+from vit_jax import masked_patch
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import progress
 from vit_jax import train_checkpoint
+from vit_jax import trainable
 from vit_jax import utils
 
 # The pmap axis; gradients, losses and eval counts are reduced over it.
 AXIS = 'batch'
 SUMMARY_FILE = 'summary.json'
+# config.objective: supervised classification (the paper's pre-training and
+# fine-tuning) or masked patch prediction (Sec. 4.6, self-supervised).
+OBJECTIVES = ('classification', 'mpp')
+# config.parallelism: the original's replicated data parallelism, or the
+# FSDP-style sharded step of vit_jax/sharding.py (models too big for one
+# device).
+PARALLELISMS = ('pmap', 'fsdp')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,9 +80,54 @@ LOSSES = {'softmax_xent': softmax_xent, 'sigmoid_xent': sigmoid_xent}
 # --------------------------------------------------------- train / eval step
 
 
+def make_loss_fn(model, config: ml_collections.ConfigDict
+                 ) -> Callable[..., jax.Array]:
+  """`loss_fn(params, images, labels, rng) -> mean loss` of config.objective.
+
+  'classification': `config.loss` (LOSSES) of the logits, dropout keyed by
+  `rng`. 'mpp' (`model` a `masked_patch.MaskedPatchPredictor`): the
+  mean-colour loss over the corrupted patches; `labels` carry example
+  indices (see `mpp_labels`), and the first one is folded into `rng` so that
+  every micro-batch of an accumulated step draws its own corruption.
+  """
+  objective = config.get('objective') or 'classification'
+  if objective == 'mpp':
+    def mpp_loss(params, images, labels, rng):
+      rng = jax.random.fold_in(rng, labels.reshape(-1)[0].astype(jnp.uint32))
+      return masked_patch.loss_fn(params, images, rng, model=model)
+    return mpp_loss
+  loss_of = LOSSES[config.get('loss') or 'softmax_xent']
+
+  def classification_loss(params, images, labels, rng):
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': rng})
+    return loss_of(logits=logits, labels=labels)
+  return classification_loss
+
+
+def mpp_labels(batch_shape) -> np.ndarray:
+  """Example indices [..., b, 1] (int32): the 'labels' of an MPP batch."""
+  *lead, b = batch_shape
+  return np.broadcast_to(np.arange(b, dtype=np.int32)[:, None],
+                         (*lead, b, 1)).copy()
+
+
+def partition(params, mask):
+  """(trainable part, frozen part, merge function) of `params`.
+
+  `mask` None: everything trains and nothing is split (the paper's setup).
+  """
+  if mask is None:
+    return params, {}, lambda t: t
+  train_part, frozen = trainable.split(params, mask)
+  return train_part, frozen, lambda t: trainable.merge(t, frozen)
+
+
 def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
                    tx: optax.GradientTransformation,
-                   loss: str = 'softmax_xent') -> Callable[..., Any]:
+                   loss: str = 'softmax_xent',
+                   loss_fn: Optional[Callable[..., Any]] = None,
+                   trainable_mask: Any = None) -> Callable[..., Any]:
   """Returns the pmapped update step of data-parallel training.
 
   Args:
@@ -81,6 +135,11 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     accum_steps: micro-batches per device batch (`utils.accumulate_gradient`).
     tx: the optimizer.
     loss: a key of LOSSES.
+    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
+      loss` (`make_loss_fn`).
+    trainable_mask: tree of bools (`trainable.trainable_mask`); only the
+      True leaves get gradients and updates, and `opt_state` must be
+      `tx.init` of those leaves alone. None: everything trains.
 
   Returns:
     `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
@@ -89,58 +148,149 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     classes]}`. The loss is the mean over the global batch. params and
     opt_state are donated: do not use the arrays passed in afterwards.
   """
-  if loss not in LOSSES:
-    raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
-  loss_fn_of = LOSSES[loss]
+  if loss_fn is None:
+    if loss not in LOSSES:
+      raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
+    loss_of = LOSSES[loss]
+
+    def loss_fn(params, images, labels, rng):
+      logits = apply_fn({'params': params}, images, train=True,
+                        rngs={'dropout': rng})
+      return loss_of(logits=logits, labels=labels)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)
     # Device index across all processes: every device drops out differently.
-    dropout_rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    device_rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    train_part, _, merge = partition(params, trainable_mask)
 
-    def loss_fn(params, images, labels):
-      logits = apply_fn({'params': params}, images, train=True,
-                        rngs={'dropout': dropout_rng})
-      return loss_fn_of(logits=logits, labels=labels)
+    def loss_wrt(train_part, images, labels):
+      return loss_fn(merge(train_part), images, labels, device_rng)
 
     l, g = utils.accumulate_gradient(
-        jax.value_and_grad(loss_fn), params, batch['image'], batch['label'],
-        accum_steps)
+        jax.value_and_grad(loss_wrt), train_part, batch['image'],
+        batch['label'], accum_steps)
     g = jax.lax.pmean(g, axis_name=AXIS)
-    updates, opt_state = tx.update(g, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, opt_state = tx.update(g, opt_state, train_part)
+    params = merge(optax.apply_updates(train_part, updates))
     l = jax.lax.pmean(l, axis_name=AXIS)
     return params, opt_state, l, new_rng
 
   return jax.pmap(update_fn, axis_name=AXIS, donate_argnums=(0, 1))
 
 
-def make_eval_fn(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Returns the pmapped `eval_fn(params, batch) -> (correct, count)`.
+def top1_counts(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`counts(params, batch) -> (correct, count)` of top-1 classification.
 
-  Both are summed over all devices of all processes; `batch['mask']` keeps
-  the padding examples of the last batch out. An example is correct when its
-  top-1 class is one of its labels (top-1 accuracy for one-hot labels).
+  An example is correct when its top-1 class is one of its labels (top-1
+  accuracy for one-hot labels); `batch['mask']` keeps the padding examples
+  of the last batch out.
   """
 
-  def eval_fn(params, batch):
+  def counts(params, batch):
     logits = apply_fn({'params': params}, batch['image'], train=False)
     top1 = jnp.argmax(logits, axis=-1)
     hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
-    correct = jnp.sum((hit > 0) * batch['mask'])
-    count = jnp.sum(batch['mask'])
+    return jnp.sum((hit > 0) * batch['mask']), jnp.sum(batch['mask'])
+  return counts
+
+
+def mpp_counts(model) -> Callable[..., Any]:
+  """`counts(params, batch) -> (correct, count)` of masked patch prediction.
+
+  Counts the corrupted patches whose 3-bit mean colour is predicted right.
+  The corruption uses a fixed key, so every evaluation sees the same masks.
+  """
+
+  def counts(params, batch):
+    logits, chosen = model.apply({'params': params}, batch['image'],
+                                 train=False,
+                                 rngs={'mpp': jax.random.PRNGKey(0)})
+    targets = masked_patch.mean_color_targets(batch['image'], model.stride,
+                                              model.color_bits)
+    weight = chosen * batch['mask'][:, None]
+    correct = (jnp.argmax(logits, -1) == targets) * weight
+    return jnp.sum(correct), jnp.sum(weight)
+  return counts
+
+
+def make_counts_fn(model, config) -> Callable[..., Any]:
+  """The evaluation counts of config.objective."""
+  if (config.get('objective') or 'classification') == 'mpp':
+    return mpp_counts(model)
+  return top1_counts(model.apply)
+
+
+def make_eval_fn(apply_fn: Callable[..., Any], *,
+                 counts_fn: Optional[Callable[..., Any]] = None
+                 ) -> Callable[..., Any]:
+  """Returns the pmapped `eval_fn(params, batch) -> (correct, count)`.
+
+  Both are summed over all devices of all processes; `counts_fn` (default:
+  `top1_counts(apply_fn)`) gives one device's counts.
+  """
+  counts_fn = counts_fn or top1_counts(apply_fn)
+
+  def eval_fn(params, batch):
+    correct, count = counts_fn(params, batch)
     return jax.lax.psum(correct, AXIS), jax.lax.psum(count, AXIS)
 
   return jax.pmap(eval_fn, axis_name=AXIS)
 
 
-def evaluate(eval_fn, params_repl, ds_test, n_prefetch: int) -> float:
-  """Top-1 accuracy over one pass of `ds_test` (each example counted once)."""
+class PmapRunner:
+  """The original's data parallelism: a full copy of the train state on
+  every local device and a `jax.pmap`ped step (gradients `pmean`ed over all
+  devices of all processes).
+
+  `vit_jax.sharding.FsdpRunner` has the same methods for the sharded step;
+  `train_and_evaluate` only talks to this interface.
+  """
+
+  def __init__(self, *, loss_fn, counts_fn, tx, accum_steps: int,
+               trainable_mask, n_prefetch: int):
+    self.devices = jax.local_device_count()
+    self._update = make_update_fn(apply_fn=None, accum_steps=accum_steps,
+                                  tx=tx, loss_fn=loss_fn,
+                                  trainable_mask=trainable_mask)
+    self._eval = make_eval_fn(None, counts_fn=counts_fn)
+    self._n_prefetch = n_prefetch
+
+  def place(self, params, opt_state):
+    """Host state -> device state. Replicated with the pmap's own axis name,
+    so that the first step sees the same input sharding as every later one:
+    the step compiles once."""
+    return flax.jax_utils.replicate((params, opt_state), axis_name=AXIS)
+
+  def batches(self, dataset):
+    return input_pipeline.prefetch(dataset, self._n_prefetch)
+
+  def step(self, params, opt_state, batch, key):
+    """One update; returns (params, opt_state, loss on the devices)."""
+    rng = np.broadcast_to(key, (self.devices,) + np.shape(key))
+    return self._update(params, opt_state, batch, rng)[:3]
+
+  def scalar(self, x) -> float:
+    return float(_first(x))
+
+  def to_host(self, tree):
+    return jax.tree_util.tree_map(_first, tree)
+
+  def eval_params(self, params):
+    return params
+
+  def counts(self, params, batch):
+    correct, count = self._eval(params, batch)
+    return self.scalar(correct), self.scalar(count)
+
+
+def evaluate(runner, params, ds_test) -> float:
+  """Accuracy over one pass of `ds_test` (each example counted once)."""
   correct = count = 0.
-  for batch in input_pipeline.prefetch(ds_test, n_prefetch):
-    c, n = eval_fn(params_repl, batch)
-    correct += float(_first(c))
-    count += float(_first(n))
+  for batch in runner.batches(ds_test):
+    c, n = runner.counts(params, batch)
+    correct += c
+    count += n
   if not count:
     raise ValueError('The test split is empty; check --config.test_split.')
   return correct / count
@@ -151,10 +301,19 @@ def evaluate(eval_fn, params_repl, ds_test, n_prefetch: int) -> float:
 
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> models.VisionTransformer:
-  """The model of `config.model` (a zoo ConfigDict copy or a custom one)."""
+  """The model of `config.model` (a zoo ConfigDict copy or a custom one).
+
+  With `config.objective='mpp'` a `masked_patch.MaskedPatchPredictor` with
+  the same encoder (its fields from `config.mpp`); `num_classes` is unused.
+  """
   if config.get('model') is None:
     raise ValueError('config.model is not set; copy one from '
                      'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
+  objective = config.get('objective') or 'classification'
+  if objective == 'mpp':
+    fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
+    return masked_patch.MaskedPatchPredictor(
+        num_classes=None, **fields, **(config.get('mpp') or {}))
   return models.VisionTransformer(num_classes=num_classes, **config.model)
 
 
@@ -180,7 +339,9 @@ def init_params(model, config: ml_collections.ConfigDict, *,
 
   @jax.jit
   def init():
-    return model.init(jax.random.PRNGKey(seed),
+    key = jax.random.PRNGKey(seed)
+    # 'mpp': the corruption of masked patch prediction (unused otherwise).
+    return model.init({'params': key, 'mpp': jax.random.fold_in(key, 1)},
                       jnp.zeros([1, height, width, 3]), train=False)
 
   params = flax.core.unfreeze(init()['params'])
@@ -206,6 +367,20 @@ def _check_config(config, device_count: int) -> None:
   if config.get('loss', 'softmax_xent') not in LOSSES:
     raise ValueError(f'Unknown config.loss {config.loss!r}; use one of '
                      f'{sorted(LOSSES)}.')
+  objective = config.get('objective') or 'classification'
+  if objective not in OBJECTIVES:
+    raise ValueError(f'Unknown config.objective {objective!r}; use one of '
+                     f'{OBJECTIVES}.')
+  if objective == 'mpp' and pretrained_path(config):
+    raise ValueError('Masked patch prediction pre-trains from scratch; unset '
+                     'config.pretrained_path / pretrained_dir.')
+  parallelism = config.get('parallelism') or 'pmap'
+  if parallelism not in PARALLELISMS:
+    raise ValueError(f'Unknown config.parallelism {parallelism!r}; use one '
+                     f'of {PARALLELISMS}.')
+  trainable.pattern(config.get('trainable'))  # fails early on a bad regex
+  if (config.get('fewshot') or {}).get('every_steps', 0) < 0:
+    raise ValueError('config.fewshot.every_steps must be >= 0 (0: off).')
   global_devices = device_count * jax.process_count()
   if config.batch % global_devices:
     raise ValueError(
@@ -261,16 +436,18 @@ class _LossWatch:
   was found finite.
   """
 
-  def __init__(self, ckpts: train_checkpoint.TrainCheckpoints):
+  def __init__(self, ckpts: train_checkpoint.TrainCheckpoints,
+               scalar: Callable[[Any], float]):
     self._ckpts = ckpts
+    self._scalar = scalar
     self._pending = []
 
-  def add(self, step: int, loss_repl) -> None:
-    self._pending.append((step, loss_repl))
+  def add(self, step: int, loss_on_devices) -> None:
+    self._pending.append((step, loss_on_devices))
 
   def check(self) -> None:
-    for step, loss_repl in self._pending:
-      loss = float(_first(loss_repl))
+    for step, loss_on_devices in self._pending:
+      loss = self._scalar(loss_on_devices)
       if not np.isfinite(loss):
         raise NonFiniteLossError(
             f'The training loss is {loss} at step {step}. Training stopped; '
@@ -282,16 +459,22 @@ class _LossWatch:
 
 
 def _init_or_restore(config, model, tx, ckpts, start_step):
-  """The train state {'params', 'opt_state'} (numpy) to start from.
+  """The train state {'params', 'opt_state'} (numpy) and the trainable mask.
 
   A fresh run starts from `init_params` (pre-trained weights if the config
   names them); a resumed one from its checkpoint, which must fit the model.
+  The optimizer state covers the trainable parameters only
+  (`config.trainable`).
   """
   params = init_params(model, config, load_pretrained=not start_step)
+  mask = None
+  if trainable.pattern(config.get('trainable')) is not None:
+    mask = trainable.trainable_mask(params, config.trainable)
+  train_part = partition(params, mask)[0]
   state = {'params': params,
-           'opt_state': jax.device_get(jax.jit(tx.init)(params))}
+           'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}
   if not start_step:
-    return state
+    return state, mask
   fix = 'Use a new --workdir, or the config the run was started with.'
   try:
     restored = ckpts.restore(start_step, state)
@@ -304,7 +487,28 @@ def _init_or_restore(config, model, tx, ckpts, start_step):
   if mismatch:
     raise ValueError(f'Cannot resume from step {start_step} in '
                      f'{ckpts.directory}: {mismatch}. {fix}')
-  return restored
+  return restored, mask
+
+
+def make_runner(config, model, tx, mask, params):
+  """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
+  kwargs = dict(loss_fn=make_loss_fn(model, config),
+                counts_fn=make_counts_fn(model, config), tx=tx,
+                accum_steps=config.get('accum_steps', 1),
+                trainable_mask=mask)
+  if (config.get('parallelism') or 'pmap') == 'fsdp':
+    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
+    return sharding.FsdpRunner(params=params, **kwargs)
+  return PmapRunner(n_prefetch=config.prefetch, **kwargs)
+
+
+def _fewshot(config, model):
+  """(every_steps, evaluator) of config.fewshot; every_steps 0 is off."""
+  every = int((config.get('fewshot') or {}).get('every_steps') or 0)
+  if not every:
+    return 0, None
+  from vit_jax import fewshot  # pylint: disable=g-import-not-at-top
+  return every, fewshot.make_fewshot_evaluator(config)
 
 
 def _write_json_atomically(path: str, data: Dict[str, Any]) -> None:
@@ -358,6 +562,11 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   if start_step:
     logging.info('Resuming from %s at step %d', ckpts.directory, start_step)
 
+  # What the class indices mean and how the data was split.
+  if jax.process_index() == 0:
+    report = input_pipeline.write_dataset_report(config, workdir)
+    print(report['table'], flush=True)
+
   # Input pipeline: the batches of steps start_step + 1, start_step + 2, ...
   ds_train, ds_test = input_pipeline.get_datasets(
       config, start_step=min(start_step, total_steps))
@@ -365,71 +574,79 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   # Model, optimizer and train state.
   model = create_model(config, num_classes)
   tx, lr_fn = optim.make_optimizer(config)
-  state = _init_or_restore(config, model, tx, ckpts, start_step)
-  num_params = sum(np.size(p) for p in
-                   jax.tree_util.tree_leaves(state['params']))
-  logging.info('Model %s: %s parameters, %d classes, %d local devices, '
-               '%d processes.', config.get('model_name'), f'{num_params:,}',
-               num_classes, device_count, jax.process_count())
-  # Replicated with the pmap's own axis name, so that the first step sees
-  # the same input sharding as every later one: the step compiles once.
-  params_repl, opt_state_repl = flax.jax_utils.replicate(
-      (state['params'], state['opt_state']), axis_name=AXIS)
-  del state
+  state, mask = _init_or_restore(config, model, tx, ckpts, start_step)
+  num_params = trainable.count(state['params'])
+  num_trainable = trainable.count(partition(state['params'], mask)[0])
+  logging.info('Model %s: %s parameters (%s trainable), %d classes, %d local '
+               'devices, %d processes, %s.', config.get('model_name'),
+               f'{num_params:,}', f'{num_trainable:,}', num_classes,
+               device_count, jax.process_count(),
+               config.get('parallelism') or 'pmap')
+  if mask is not None and jax.process_index() == 0:
+    print(trainable.describe(state['params'], mask), flush=True)
 
   # Train step and evaluation.
-  update_fn = make_update_fn(apply_fn=model.apply,
-                             accum_steps=config.get('accum_steps', 1),
-                             tx=tx, loss=config.get('loss', 'softmax_xent'))
-  eval_fn = make_eval_fn(model.apply)
+  runner = make_runner(config, model, tx, mask, state['params'])
+  params, opt_state = runner.place(state['params'], state['opt_state'])
+  del state
+  fewshot_every, fewshot_eval = _fewshot(config, model)
+  is_mpp = (config.get('objective') or 'classification') == 'mpp'
   step_keys = _StepKeys(config.seed)
   lr_jit = jax.jit(lr_fn)
   compiles = progress.CompileCounter()
   out = progress.Progress(workdir, total_steps=total_steps, batch=config.batch)
   cleanup.callback(out.close)
-  losses = _LossWatch(ckpts)
-  eval_history, accuracy, last_loss = [], None, None
+  losses = _LossWatch(ckpts, runner.scalar)
+  eval_history, fewshot_history, accuracy, last_loss = [], [], None, None
   step, interrupted = start_step, False
   t_train = time.time()
-  train_iter = input_pipeline.prefetch(ds_train, config.prefetch)
+  train_iter = runner.batches(ds_train)
   with train_checkpoint.SigtermFlag() as sigterm:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
-      rng_repl = np.broadcast_to(step_keys(step), (device_count, 2))
+      if is_mpp:  # example indices: each micro-batch corrupts differently
+        batch = dict(batch, label=mpp_labels(batch['image'].shape[:-3]))
+      key = step_keys(step)
       with compiles:
-        params_repl, opt_state_repl, loss_repl, _ = update_fn(
-            params_repl, opt_state_repl, batch, rng_repl)
-      losses.add(step, loss_repl)
+        params, opt_state, loss = runner.step(params, opt_state, batch, key)
+      losses.add(step, loss)
       if step == start_step + 1:
-        jax.block_until_ready(loss_repl)
+        jax.block_until_ready(loss)
         out.first_step_done(step)
 
       is_last = step == total_steps
       if step % config.log_every == 0 or is_last:
         losses.check()
-        last_loss = float(_first(loss_repl))
+        last_loss = runner.scalar(loss)
         # optax counts updates from 0: step s used lr_fn(s - 1).
         out.log_train(step, last_loss, float(lr_jit(step - 1)))
 
       with out.paused():
         if step % config.checkpoint_every == 0 or is_last or sigterm.received:
           losses.check()
-          ckpts.save(step, jax.tree_util.tree_map(
-              _first, {'params': params_repl, 'opt_state': opt_state_repl}))
+          ckpts.save(step, runner.to_host(
+              {'params': params, 'opt_state': opt_state}))
         if sigterm.received and not is_last:
           interrupted = True
           break
         if step % config.eval_every == 0 or is_last:
-          accuracy = evaluate(eval_fn, params_repl, ds_test, config.prefetch)
+          accuracy = evaluate(runner, params, ds_test)
           eval_history.append([step, accuracy])
           out.log_eval(step, accuracy)
+        if fewshot_every and (step % fewshot_every == 0 or is_last):
+          results = fewshot_eval(runner.eval_params(params))
+          fewshot_history.append([step, results])
+          out.log_scalars(step, results)
   train_time = time.time() - t_train
   if start_step >= total_steps:  # finished before: report, do not train
-    accuracy = evaluate(eval_fn, params_repl, ds_test, config.prefetch)
+    accuracy = evaluate(runner, params, ds_test)
 
   summary = {
       'accuracy': accuracy,
       'eval_history': eval_history,
+      'fewshot_history': fewshot_history,
+      'objective': config.get('objective') or 'classification',
+      'num_trainable_params': int(num_trainable),
       'final_train_loss': last_loss,
       'step': step,
       'total_steps': total_steps,

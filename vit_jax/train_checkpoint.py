@@ -12,6 +12,7 @@ intact; `save` also refuses a state with NaN/inf values.
 """
 
 import os
+import shutil
 import signal
 import threading
 from typing import Any, Optional
@@ -23,6 +24,8 @@ import orbax.checkpoint as ocp
 
 # The folder under the workdir that holds the numbered steps.
 CHECKPOINT_SUBDIR = 'checkpoints'
+# In the names of orbax's temporary folders (`<step>.orbax-checkpoint-tmp-*`).
+_TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -60,6 +63,20 @@ def tree_mismatch(got: Any, want: Any) -> Optional[str]:
   return None
 
 
+def _remove_unfinished_saves(directory: str) -> None:
+  """Deletes the temporary folders of saves that a kill interrupted.
+
+  orbax ignores them when listing steps; this only reclaims the space. Done
+  here, synchronously, rather than by orbax's `cleanup_tmp_directories`,
+  whose background thread can outlive a run that stops at once on bad input.
+  """
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if _TMP_MARKER in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class TrainCheckpoints:
   """Numbered train states in `<workdir>/checkpoints/<step>`.
 
@@ -72,14 +89,15 @@ class TrainCheckpoints:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 2):
     self.directory = checkpoint_dir(workdir)
+    if jax.process_index() == 0:
+      _remove_unfinished_saves(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             # Synchronous: when `save` returns the step is on disk, so a
             # SIGTERM handler or a NaN check after it can rely on it.
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=True))
+            enable_async_checkpointing=False))
 
   def latest_step(self) -> Optional[int]:
     """The newest complete step, or None if there is none."""

@@ -1,4 +1,4 @@
-"""The original's training helpers: learning-rate schedule, gradient accumulation.
+"""The original's training helpers: learning-rate schedule, accumulation.
 
 Both keep the original's signatures (SPEC section 8) so code written for
 google-research/vision_transformer runs unchanged.
@@ -12,11 +12,9 @@ import jax.numpy as jnp
 DECAY_TYPES = ('cosine', 'linear')
 
 
-def create_learning_rate_schedule(total_steps: int,
-                                  base: float,
-                                  decay_type: str,
-                                  warmup_steps: int,
-                                  linear_end: float = 1e-5) -> Callable[[Any], jax.Array]:
+def create_learning_rate_schedule(
+    total_steps: int, base: float, decay_type: str, warmup_steps: int,
+    linear_end: float = 1e-5) -> Callable[[Any], jax.Array]:
   """Linear warmup, then cosine or linear decay (SPEC section 6).
 
   `progress = clip((step - warmup) / (total - warmup), 0, 1)`; cosine gives
@@ -36,7 +34,8 @@ def create_learning_rate_schedule(total_steps: int,
     `step -> learning rate` (a float32 scalar), usable as an optax schedule.
   """
   if decay_type not in DECAY_TYPES:
-    raise ValueError(f'Unknown decay_type {decay_type!r}; use one of {DECAY_TYPES}.')
+    raise ValueError(f'Unknown decay_type {decay_type!r}; use one of '
+                     f'{DECAY_TYPES}.')
   if total_steps < warmup_steps or total_steps <= 0:
     raise ValueError(
         f'total_steps ({total_steps}) must be positive and at least '

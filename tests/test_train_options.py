@@ -1,0 +1,275 @@
+"""Training options: frozen parameters, FSDP in the loop, MPP, few-shot.
+
+Each run is the real `train.train_and_evaluate` on the embedded digits with
+the 1-layer model of test_train.tiny_config.
+"""
+
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from test_train import read_summary, run_python, tiny_config, tiny_model_config
+from vit_jax import checkpoint
+from vit_jax import export
+from vit_jax import fewshot
+from vit_jax import masked_patch
+from vit_jax import optim
+from vit_jax import train
+from vit_jax import train_checkpoint
+from vit_jax import trainable
+
+
+def _flat(tree):
+  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(
+      k, 'name', k))))
+  return {'/'.join(name(k) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _tiny_params(representation_size=8):
+  config = tiny_config()
+  config.model = tiny_model_config(representation_size=representation_size)
+  model = train.create_model(config, 10)
+  return config, model, train.init_params(model, config)
+
+
+# ------------------------------------------------------- trainable selection
+
+
+def test_trainable_presets_and_regex():
+  _, _, params = _tiny_params()
+  names = lambda spec: sorted(
+      k for k, v in _flat(trainable.trainable_mask(params, spec)).items() if v)
+  assert names('head') == ['head/bias', 'head/kernel']
+  assert names('head+pre_logits') == ['head/bias', 'head/kernel',
+                                      'pre_logits/bias', 'pre_logits/kernel']
+  assert names('encoder_norm|^head') == [
+      'Transformer/encoder_norm/bias', 'Transformer/encoder_norm/scale',
+      'head/bias', 'head/kernel']
+  assert names(None) == names('all') == sorted(_flat(params))
+  train_part, frozen = trainable.split(
+      params, trainable.trainable_mask(params, 'head'))
+  assert sorted(_flat(train_part)) == ['head/bias', 'head/kernel']
+  merged = _flat(trainable.merge(train_part, frozen))
+  assert merged.keys() == _flat(params).keys()
+  with pytest.raises(ValueError, match="selects no parameter.*'Transformer'"):
+    trainable.trainable_mask(params, 'backbone')
+  with pytest.raises(ValueError, match='not a valid regular expression'):
+    trainable.trainable_mask(params, 'head(')
+  with pytest.raises(ValueError, match='not a valid regular expression'):
+    train.train_and_evaluate(tiny_config(trainable='['), '/tmp/unused')
+
+
+def test_head_only_update_equals_the_head_part_of_the_full_update():
+  """Without clipping, SGD's head update does not depend on what else trains."""
+  _, model, params = _tiny_params()
+  rng = np.random.RandomState(0)
+  batch = {'image': rng.uniform(-1, 1, (1, 8, 28, 28, 3)).astype(np.float32),
+           'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, (1, 8))]}
+  # A non-zero head so that the backbone gets gradients too.
+  params['head']['kernel'] = rng.normal(0, 0.1, (8, 10)).astype(np.float32)
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      optimizer='sgd_momentum', total_steps=2, base_lr=0.5,
+      decay_type='linear', warmup_steps=0, grad_norm_clip=0.0,
+      optim_dtype=None)))
+  results = {}
+  for spec in ('all', 'head'):
+    mask = trainable.trainable_mask(params, spec)
+    train_part = train.partition(params, None if spec == 'all' else mask)[0]
+    update_fn = train.make_update_fn(
+        apply_fn=model.apply, accum_steps=1, tx=tx,
+        trainable_mask=None if spec == 'all' else mask)
+    state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None],
+                                   (params, tx.init(train_part)))
+    new_params, _, _, _ = update_fn(*state, batch,
+                                    np.asarray(jax.random.PRNGKey(0))[None])
+    results[spec] = _flat(jax.tree_util.tree_map(lambda x: x[0], new_params))
+  before = _flat(params)
+  for key in before:
+    if key.startswith('head/'):
+      np.testing.assert_allclose(results['head'][key], results['all'][key],
+                                 rtol=1e-6, atol=1e-7)
+      assert np.any(results['head'][key] != before[key]), key
+    else:
+      np.testing.assert_array_equal(results['head'][key], before[key])
+  # The full update moved the backbone, all but three leaves whose gradient
+  # is exactly 0 at this initialisation: the class token (zero, with a zero
+  # sin-cos position) gives a zero query, so the scores do not depend on the
+  # query and key kernels, and softmax ignores the key bias.
+  attention = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/'
+  still = sorted(k for k in before if np.all(results['all'][k] == before[k]))
+  assert still == [attention + n for n in ('key/bias', 'key/kernel',
+                                            'query/kernel')], still
+
+
+def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
+  config = tiny_config(total_steps=3, optimizer='adamw', weight_decay=0.1,
+                       base_lr=0.01, trainable='head+pre_logits')
+  config.model = tiny_model_config(representation_size=8)
+  workdir = str(tmp_path / 'frozen')
+  summary = train.train_and_evaluate(config, workdir)
+  model = train.create_model(config, 10)
+  start = _flat(train.init_params(model, config))
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  end = _flat(ckpts.restore_params(3))
+  assert end.keys() == start.keys()
+  trained = [k for k in start if k.startswith(('head/', 'pre_logits/'))]
+  assert len(trained) == 4
+  for key in start:
+    if key in trained:
+      assert np.any(end[key] != start[key]), key
+    else:
+      np.testing.assert_array_equal(end[key], start[key], err_msg=key)
+  n_trainable = 8 * 10 + 10 + 16 * 8 + 8
+  assert summary['num_trainable_params'] == n_trainable
+  assert summary['num_params'] > 10 * n_trainable
+  # AdamW's moments exist for the trainable leaves only.
+  state, mask = train._init_or_restore(  # pylint: disable=protected-access
+      config, model, optim.make_optimizer(config)[0], ckpts, 3)
+  ckpts.close()
+  assert mask is not None
+  moments = [x for x in jax.tree_util.tree_leaves(state['opt_state'])
+             if np.ndim(x)]
+  assert sum(np.size(x) for x in moments) == 2 * n_trainable
+  for path, value in _flat(state['opt_state']).items():
+    assert not np.ndim(value) or '/head/' in path or '/pre_logits/' in path, (
+        path)
+
+
+# ------------------------------------------------------------ FSDP in loop
+
+
+_FSDP_SCRIPT = """
+import json, sys
+import numpy as np
+from test_train import tiny_config
+from vit_jax import train, train_checkpoint
+out = {}
+for name, kw in [('pmap', {}), ('fsdp', {'parallelism': 'fsdp'}),
+                 ('fsdp_head', {'parallelism': 'fsdp', 'trainable': 'head'})]:
+  workdir = sys.argv[1] + '/' + name
+  config = tiny_config(batch=32, batch_eval=200, total_steps=3,
+                       accum_steps=2, eval_every=3, **kw)
+  summary = train.train_and_evaluate(config, workdir)
+  params = train_checkpoint.TrainCheckpoints(workdir).restore_params()
+  flat = {'/'.join(map(str, p)): np.asarray(v).tolist() for p, v in
+          __import__('flax').traverse_util.flatten_dict(params).items()}
+  out[name] = {'accuracy': summary['accuracy'],
+               'loss': summary['final_train_loss'],
+               'compilations': summary['train_step_compilations'],
+               'params': flat}
+json.dump(out, open(sys.argv[1] + '/out.json', 'w'))
+"""
+
+
+def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
+  run_python(_FSDP_SCRIPT, devices=8, args=(str(tmp_path),))
+  with open(tmp_path / 'out.json') as f:
+    out = json.load(f)
+  pmap, fsdp = out['pmap'], out['fsdp']
+  assert pmap['compilations'] == fsdp['compilations'] == 1
+  assert fsdp['accuracy'] == pmap['accuracy']
+  np.testing.assert_allclose(fsdp['loss'], pmap['loss'], rtol=1e-5)
+  assert fsdp['params'].keys() == pmap['params'].keys()
+  for key, value in pmap['params'].items():
+    np.testing.assert_allclose(fsdp['params'][key], value, rtol=1e-5,
+                               atol=1e-5, err_msg=key)
+  # Frozen under FSDP: the backbone is the initialisation, bit for bit.
+  config = tiny_config()
+  init = {'/'.join(k.split('/')): v for k, v in _flat(train.init_params(
+      train.create_model(config, 10), config)).items()}
+  head = out['fsdp_head']['params']
+  for key, value in init.items():
+    if key.startswith('head/'):
+      assert np.any(np.asarray(head[key], np.float32) != value), key
+    else:
+      np.testing.assert_array_equal(np.asarray(head[key], np.float32), value,
+                                    err_msg=key)
+
+
+# ------------------------------------------------------ masked patch pred.
+
+
+def test_mpp_pretraining_lowers_the_loss_and_fine_tunes(tmp_path):
+  config = tiny_config(objective='mpp', total_steps=30, batch=64,
+                       accum_steps=2, optimizer='adamw', base_lr=1e-2,
+                       weight_decay=0.0, warmup_steps=3, eval_every=30,
+                       checkpoint_every=30, log_every=10)
+  model = train.create_model(config, 10)
+  assert isinstance(model, masked_patch.MaskedPatchPredictor)
+  start = train.init_params(model, config)
+  assert {'mask_token', 'mpp_head'} <= set(start)
+  # At initialisation the zero mpp_head predicts uniformly: loss ln 512.
+  images = np.random.RandomState(0).uniform(-1, 1, (4, 28, 28, 3))
+  loss0 = masked_patch.loss_fn(start, images.astype(np.float32),
+                               jax.random.PRNGKey(0), model=model)
+  np.testing.assert_allclose(loss0, math.log(512), rtol=1e-6)
+
+  summary = train.train_and_evaluate(config, str(tmp_path / 'mpp'))
+  assert summary['objective'] == 'mpp'
+  assert summary['final_train_loss'] < math.log(512) - 2.0, summary
+  # Mean-colour accuracy on the corrupted test patches.
+  assert 0.3 < summary['accuracy'] <= 1.0
+
+  path = str(tmp_path / 'mpp.npz')
+  export.export(str(tmp_path / 'mpp'), path)
+  exported = checkpoint.read_npz(path)
+  assert 'mask_token' in exported and 'mpp_head/kernel' in exported
+  ft = tiny_config(total_steps=2, pretrained_path=path)
+  ft.model.posemb = config.model.posemb
+  ft_model = train.create_model(ft, 10)
+  ft_start = train.init_params(ft_model, ft)
+  assert 'mask_token' not in ft_start and 'mpp_head' not in ft_start
+  np.testing.assert_array_equal(ft_start['embedding']['kernel'],
+                                exported['embedding/kernel'])
+  assert not np.any(ft_start['head']['kernel'])
+  ft_summary = train.train_and_evaluate(ft, str(tmp_path / 'ft'))
+  assert ft_summary['objective'] == 'classification'
+  assert np.isfinite(ft_summary['final_train_loss'])
+
+
+def test_mpp_labels_are_example_indices():
+  labels = train.mpp_labels((2, 3))
+  assert labels.shape == (2, 3, 1) and labels.dtype == np.int32
+  np.testing.assert_array_equal(labels[1, :, 0], [0, 1, 2])
+
+
+def test_mpp_refuses_a_pretrained_checkpoint():
+  with pytest.raises(ValueError, match='pre-trains from scratch'):
+    train.train_and_evaluate(
+        tiny_config(objective='mpp', pretrained_path='x.npz'), '/tmp/unused')
+  with pytest.raises(ValueError, match='Unknown config.objective'):
+    train.train_and_evaluate(tiny_config(objective='simclr'), '/tmp/unused')
+  with pytest.raises(ValueError, match='Unknown config.parallelism'):
+    train.train_and_evaluate(tiny_config(parallelism='tp'), '/tmp/unused')
+
+
+# ------------------------------------------------- few-shot during training
+
+
+def test_fewshot_during_training_equals_the_evaluator_on_the_checkpoint(
+    tmp_path):
+  overrides = {'total_steps': 4, 'fewshot.every_steps': 2,
+               'fewshot.shots': (1, 3), 'fewshot.seeds': (0, 1),
+               'fewshot.max_per_class': 5, 'fewshot.max_test_examples': 100}
+  config = tiny_config(**overrides)
+  workdir = str(tmp_path / 'fs')
+  summary = train.train_and_evaluate(config, workdir)
+  history = summary['fewshot_history']
+  assert [step for step, _ in history] == [2, 4]
+  assert read_summary(workdir)['fewshot_history'] == history
+  for _, results in history:
+    assert sorted(results) == ['fewshot/1shot', 'fewshot/3shot']
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+  params = train_checkpoint.TrainCheckpoints(workdir).restore_params(4)
+  again = fewshot.make_fewshot_evaluator(config)(params)
+  assert again == pytest.approx(history[-1][1], abs=1e-9)
+  # The dataset report of the run.
+  with open(os.path.join(workdir, 'class_names.json')) as f:
+    assert len(json.load(f)) == 10
+  assert os.path.exists(os.path.join(workdir, 'split.json'))

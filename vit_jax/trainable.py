@@ -1,0 +1,121 @@
+"""Training part of a model: which parameters get gradients and an optimizer.
+
+The workflow of frozen-backbone fine-tuning (train the head of an ImageNet-21k
+ViT on a folder of flower photos) needs three things this module gives the
+training step:
+
+  * `trainable_mask(params, spec)`: a tree of bools naming the trainable
+    parameters. `spec` is None or 'all' (everything, the paper's
+    fine-tuning), a preset ('head'; 'head+pre_logits'), or a regular
+    expression matched (`re.search`) against each parameter's path joined
+    with '/', e.g. 'Transformer/encoder_norm|head'.
+  * `split(params, mask)` -> (trainable, frozen): two nested dicts that hold
+    disjoint subsets of the leaves. The step differentiates the loss with
+    respect to `trainable` only (XLA does not compute the backbone's weight
+    gradients at all) and the optimizer state is built for `trainable` only,
+    so Adam keeps no moments for frozen weights.
+  * `merge(trainable, frozen)`: the full tree again. Frozen leaves pass
+    through untouched, so they stay bit-for-bit what was loaded.
+"""
+
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import flax.traverse_util
+import jax
+
+Params = Any
+
+# Named selections; anything else is taken as a regular expression.
+PRESETS = {
+    'head': r'^head/',
+    'head+pre_logits': r'^(head|pre_logits)/',
+}
+ALL = (None, '', 'all')
+
+
+def _flat(params: Params) -> Dict[str, Any]:
+  return flax.traverse_util.flatten_dict(params, sep='/')
+
+
+def _unflat(flat: Dict[str, Any]) -> Params:
+  return flax.traverse_util.unflatten_dict(flat, sep='/') if flat else {}
+
+
+def pattern(spec: Optional[str]) -> Optional[str]:
+  """The regular expression of `spec` (None: everything trains)."""
+  if spec in ALL:
+    return None
+  return PRESETS.get(spec, spec)
+
+
+def trainable_mask(params: Params, spec: Optional[str]) -> Params:
+  """A tree of bools with `params`' structure: True where the leaf trains.
+
+  Args:
+    params: the parameter tree (nested dicts; array or ShapeDtypeStruct
+      leaves).
+    spec: None/'all', a key of PRESETS, or a regular expression.
+
+  Returns:
+    The mask.
+
+  Raises:
+    ValueError: the expression is invalid or selects no parameter (the
+      message lists the top-level names to choose from).
+  """
+  regex = pattern(spec)
+  flat = _flat(params)
+  if regex is None:
+    return _unflat({k: True for k in flat})
+  try:
+    compiled = re.compile(regex)
+  except re.error as e:
+    raise ValueError(f'config.trainable={spec!r} is not a valid regular '
+                     f'expression ({e}); use one of {sorted(PRESETS)}, '
+                     "'all', or a valid regex.") from e
+  mask = {k: bool(compiled.search(k)) for k in flat}
+  if not any(mask.values()):
+    top = sorted({k.split('/')[0] for k in flat})
+    raise ValueError(
+        f'config.trainable={spec!r} selects no parameter. Parameter paths '
+        f'look like {next(iter(flat))!r}; top-level names: {top}. Use one '
+        f'of {sorted(PRESETS)}, \'all\', or a regex matching some of them.')
+  return _unflat(mask)
+
+
+def split(params: Params, mask: Params) -> Tuple[Params, Params]:
+  """(trainable, frozen): the leaves of `params` where `mask` is True / False.
+
+  Both are nested dicts with the paths of `params`; either may be empty.
+  """
+  flat, flat_mask = _flat(params), _flat(mask)
+  if flat.keys() != flat_mask.keys():
+    raise ValueError('The trainable mask does not have the structure of the '
+                     'parameters.')
+  return (_unflat({k: v for k, v in flat.items() if flat_mask[k]}),
+          _unflat({k: v for k, v in flat.items() if not flat_mask[k]}))
+
+
+def merge(trainable: Params, frozen: Params) -> Params:
+  """The full parameter tree from the two halves of `split`."""
+  flat = _flat(trainable)
+  flat.update(_flat(frozen))
+  return _unflat(flat)
+
+
+def count(params: Params) -> int:
+  """Number of scalars in a tree."""
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def describe(params: Params, mask: Params) -> str:
+  """'Training 7,690 of 5,725,306 parameters (head/bias, head/kernel)'."""
+  trainable, _ = split(params, mask)
+  names = sorted(_flat(trainable))
+  total, n = count(params), count(trainable)
+  if n == total:
+    return f'Training all {total:,} parameters.'
+  shown = ', '.join(names[:6]) + (f', ... ({len(names)} arrays)'
+                                  if len(names) > 6 else '')
+  return f'Training {n:,} of {total:,} parameters ({shown}); the rest frozen.'
