@@ -31,7 +31,10 @@ setuptools.setup(
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3'],
+        # nbclient, nbformat and ipykernel execute notebooks/ in
+        # tests/test_notebooks.py.
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10',
+                 'nbformat>=5.10', 'ipykernel>=6.29'],
         # Hugging Face / torchvision interop (vit_jax.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
         # this project's machines, where other versions pull CUDA packages.
