@@ -110,3 +110,38 @@ def get_config():
   config.fewshot.batch_size = placeholder(int)  # None: batch_eval.
 
   return config.lock()
+
+
+# VisionTransformer fields for speed and memory, not in the zoo configs (the
+# original's shape): set here so that `--config.model.<field>=...` works.
+SPEED_FIELDS = {
+    'dtype': 'float32',  # 'bfloat16': bf16 matmuls, f32 params/accumulation.
+    'attention_impl': 'reference',  # 'xla' / 'cudnn': dot_product_attention.
+    'scan': False,  # nn.scan over the encoder blocks (checkpoints unchanged).
+    'remat_policy': 'none',  # 'full', 'save_dots', 'save_all_dots'.
+}
+
+
+def zoo_model(name: str, *, representation_size=False,
+              dropout=None) -> ml_collections.ConfigDict:
+  """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS.
+
+  Args:
+    name: a key of vit_jax.configs.models.MODEL_CONFIGS.
+    representation_size: False keeps the zoo's; True sets it to the hidden
+      size (the paper's pre-training); None removes it.
+    dropout: if given, the transformer's dropout rate.
+  """
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
+  with model.unlocked():
+    for field, value in SPEED_FIELDS.items():
+      model[field] = value
+    if representation_size is True:
+      model.representation_size = model.hidden_size
+    elif representation_size is None:
+      model.representation_size = None
+  if dropout is not None and model.get('transformer') is not None:
+    model.transformer.dropout_rate = dropout
+  return model
+

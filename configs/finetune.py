@@ -70,7 +70,7 @@ def get_config(model_dataset: str = 'b16,cifar10'):
   name = model_name(model_arg)
   config = common.get_config()
   config.model_name = name
-  config.model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
+  config.model = common.zoo_model(name)
   config.pretrained_dir = '.'  # The original's default: ./<model_name>.npz.
 
   config.dataset = dataset

@@ -19,7 +19,6 @@ ImageNet; on ImageNet alone ViTs trail ResNets of similar cost (Fig. 3).
 
 from configs import common
 from configs import finetune
-from vit_jax import models
 
 NUM_TRAIN_IMAGES = 1_281_167
 
@@ -29,11 +28,8 @@ def get_config(model: str = 'b16'):
   name = finetune.model_name(model)
   config = common.get_config()
   config.model_name = name
-  config.model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
-  with config.model.unlocked():
-    config.model.representation_size = config.model.hidden_size
-  if config.model.get('transformer') is not None:
-    config.model.transformer.dropout_rate = 0.1
+  config.model = common.zoo_model(name, representation_size=True,
+                                  dropout=0.1)
 
   config.dataset = 'imagenet2012'
   config.train_split = 'train'

@@ -28,7 +28,6 @@ ViT-B/16 83.97% on ImageNet, 98.95% on CIFAR-10, 91.67% on CIFAR-100.
 
 from configs import common
 from configs import finetune
-from vit_jax import models
 
 NUM_TRAIN_IMAGES = 14_197_122  # The full ImageNet-21k (fall 2011) release.
 NUM_CLASSES = 21_843
@@ -39,12 +38,10 @@ def get_config(model: str = 'b16'):
   name = finetune.model_name(model)
   config = common.get_config()
   config.model_name = name
-  config.model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
+  config.model = common.zoo_model(name, representation_size=True,
+                                  dropout=0.1)
   with config.model.unlocked():
-    config.model.representation_size = config.model.hidden_size
     config.model.head_bias_init = -10.
-  if config.model.get('transformer') is not None:
-    config.model.transformer.dropout_rate = 0.1
 
   config.dataset = 'imagenet21k'
   config.train_split = 'train'

@@ -42,7 +42,9 @@ def test_finetune_presets(dataset, steps, train_split, test_split):
   assert config.warmup_steps == 500 and config.decay_type == 'cosine'
   assert config.base_lr == 0.03
   assert config.model_name == 'ViT-L_16'
-  assert config.model.to_dict() == models.MODEL_CONFIGS['ViT-L_16'].to_dict()
+  # The zoo's fields, plus the speed switches at their defaults.
+  assert config.model.to_dict() == (
+      models.MODEL_CONFIGS['ViT-L_16'].to_dict() | common.SPEED_FIELDS)
   assert config.pretrained_dir == '.'  # ./ViT-L_16.npz, as the original
 
 
