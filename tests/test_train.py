@@ -61,7 +61,12 @@ def tiny_config(**overrides):
   config.eval_every = 100
   config.checkpoint_every = 100
   config.prefetch = 0
-  for key, value in overrides.items():
+  return set_fields(config, overrides)
+
+
+def set_fields(config, fields):
+  """Sets dotted `fields` ({'pp.crop': 32, ...}) of `config`; returns it."""
+  for key, value in fields.items():
     node = config
     *parents, leaf = key.split('.')
     for p in parents:
