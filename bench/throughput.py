@@ -1,6 +1,6 @@
-"""Speed of the Vision Transformer: throughput, MFU, compile time, memory.
+r"""Speed of the Vision Transformer: throughput, MFU, compile time, memory.
 
-Command (all sections, about 15 minutes on the 2-core development CPU):
+Command (all sections, about 20 minutes on the 2-core development CPU):
 
   python -m bench.throughput
 
@@ -8,6 +8,8 @@ Quick runs while iterating (one model, one dtype, one section):
 
   python -m bench.throughput --models ViT-S_16 --dtypes bfloat16 \
       --what train --repeats 3
+  python -m bench.throughput --models ViT-Ti_16 --dtypes float32 \
+      --what frozen --repeats 3
 
 Sections (`--what`, comma-separated):
   peak     the matmul peak as XLA sees it: a square float32 matmul and the same
@@ -17,6 +19,14 @@ Sections (`--what`, comma-separated):
   train    images/s of one training step as the original fine-tunes: forward,
            backward, global-norm clip 1.0, SGD momentum 0.9 with a bfloat16
            momentum buffer (optax), parameters donated.
+  frozen   frozen-backbone fine-tuning: images/s of the training loop's own
+           step (`train.make_update_fn`, pmapped, one device; same optimizer
+           and batch as `train`) training every parameter ('train (all)')
+           and only the head ('train (head only)': `trainable_mask=
+           trainable.trainable_mask(params, 'head')`, optimizer state of the
+           head alone, as `config.trainable='head'`), their ratio, compile
+           time and peak memory. The head-only step computes no backbone
+           gradients: a forward pass plus the head's weight gradient.
   compile  compile time of the ViT-L/16 training step with and without
            `scan=True` (compile only, nothing runs).
   remat    the largest ViT-B/16 training batch whose compiled peak memory fits
@@ -81,12 +91,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 if __package__ in (None, ''):  # `python bench/throughput.py`
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
+import flax.jax_utils  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from vit_jax import models
+from vit_jax import trainable
 
 GiB = 2**30
 
@@ -121,7 +133,11 @@ TARGET_REMAT_BATCH_RATIO = 2.0  # remat full vs none, same memory budget.
 TARGET_SCAN_COMPILE_RATIO = 1 / 3  # ViT-L/16 train step, scan vs loop.
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-SECTIONS = ('peak', 'infer', 'train', 'compile', 'remat')
+SECTIONS = ('peak', 'infer', 'train', 'frozen', 'compile', 'remat')
+# The frozen section: `trainable` of each step (train.make_update_fn), and
+# the step's name in the tables.
+FROZEN_STEPS = ('all', 'head')
+FROZEN_LABELS = {'all': 'train (all)', 'head': 'train (head only)'}
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +153,25 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def median_seconds_interleaved(fns: Sequence[Callable[[], Any]],
+                               repeats: int) -> List[float]:
+  """Median wall time of each of `fns`, their calls interleaved.
+
+  One warm-up call each, then `repeats` rounds calling every fn once: a
+  change of machine load during the run hits all of them alike, so their
+  ratios hold better than those of back-to-back `median_seconds`.
+  """
+  for fn in fns:
+    jax.block_until_ready(fn())
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, t in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      t.append(time.perf_counter() - t0)
+  return [statistics.median(t) for t in times]
 
 
 def compile_timed(fn, *args, donate_argnums=()):
@@ -190,14 +225,21 @@ def vit_forward_flops(model, image_size: int) -> Optional[float]:
                + 2 * tokens * d * d       # Output projection.
                + 2 * 2 * tokens * d * t.mlp_dim)  # MLP.
   flops += t.num_layers * per_layer
-  width = d
   if model.representation_size:
     flops += 2 * d * model.representation_size
-    width = model.representation_size
-  if model.num_classes:
-    heads = tokens if model.classifier in ('unpooled', 'token_unpooled') else 1
-    flops += 2 * heads * width * model.num_classes
-  return float(flops)
+  return float(flops + head_flops(model, image_size))
+
+
+def head_flops(model, image_size: int) -> float:
+  """Matmul FLOPs of the `head` Dense layer for one image (0: no head)."""
+  if not model.num_classes:
+    return 0.
+  ph, pw = model.patch_size
+  tokens = ((image_size // ph) * (image_size // pw) +
+            int(model.has_class_token))
+  heads = tokens if model.classifier in ('unpooled', 'token_unpooled') else 1
+  width = model.representation_size or model.hidden_size
+  return float(2 * heads * width * model.num_classes)
 
 
 # ---------------------------------------------------------------------------
@@ -287,6 +329,70 @@ def measure_train(name, dtype_name, args) -> Dict[str, Any]:
               peak_bytes=peak_bytes(compiled),
               flops=None if fwd is None else 3 * fwd,
               xla_flops=_per_image(xla_flops(compiled), args.batch))
+
+
+def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
+  """The training loop's step with every parameter trained vs the head only.
+
+  Both are `train.make_update_fn` (the pmapped step of `vit_jax.main`, here
+  on one device) with this script's optimizer; 'head' passes
+  `trainable_mask=trainable.trainable_mask(params, 'head')` and an optimizer
+  state of the head's parameters alone, as `config.trainable='head'` does.
+  Without gradients for the backbone the head-only step is a forward pass
+  plus the head's weight gradient. The two steps' calls are interleaved.
+
+  Returns:
+    {'all': row, 'head': row}, rows with the fields of `measure_train`.
+  """
+  # vit_jax.train imports TensorFlow (input pipeline): only this section
+  # pays for it.
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  model = build(name, dtype_name, args, remat_policy=args.remat_policy,
+                scan=args.scan)
+  images, labels = batch_arrays(args.batch, args.image_size, args.num_classes)
+  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)[
+      'params'])(images[:1])  # Jitted: eager init dispatches op by op.
+  tx = make_optimizer()
+  # One device: the leading axis of pmap; replicated with the step's axis
+  # name as train.PmapRunner.place does, so the first call does not
+  # recompile.
+  devices = jax.local_devices()[:1]
+  batch = {'image': images[None], 'label': labels[None]}
+  rng = jnp.asarray(jax.random.PRNGKey(1))[None]
+  fwd = vit_forward_flops(model, args.image_size)
+  rows, steps = {}, []
+  for trained in FROZEN_STEPS:
+    mask = (None if trained == 'all' else
+            trainable.trainable_mask(params, trained))
+    update = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx,
+                                  trainable_mask=mask)
+    state = list(flax.jax_utils.replicate(
+        (params, tx.init(train.partition(params, mask)[0])),
+        devices=devices, axis_name=train.AXIS))
+    t0 = time.perf_counter()
+    compiled = update.lower(state[0], state[1], batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+
+    def step(compiled=compiled, state=state):
+      state[0], state[1], loss, _ = compiled(state[0], state[1], batch, rng)
+      return loss
+
+    steps.append(step)
+    if fwd is None:
+      flops = None
+    elif trained == 'all':
+      flops = 3 * fwd
+    else:  # Forward, and the head's weight gradient (as many FLOPs again).
+      flops = fwd + head_flops(model, args.image_size)
+    rows[trained] = dict(
+        compile_s=compile_s, peak_bytes=peak_bytes(compiled), flops=flops,
+        xla_flops=_per_image(xla_flops(compiled), args.batch),
+        trainable=trainable.count(train.partition(params, mask)[0]),
+        params=trainable.count(params))
+  seconds = median_seconds_interleaved(steps, args.repeats)
+  for trained, s in zip(FROZEN_STEPS, seconds):
+    rows[trained]['images_per_s'] = args.batch / s
+  return rows
 
 
 def _per_image(flops, batch):
@@ -382,11 +488,15 @@ def describe_machine() -> str:
 
 
 def parse_args(argv):
+  sections = __doc__[__doc__.index('Sections ('):
+                     __doc__.index('Every timed number')]
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
+      epilog=__doc__[__doc__.index('Command ('):__doc__.index('Sections (')]
+      + sections,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--models', default='ViT-Ti_16,ViT-S_16,ViT-B_16',
-                 help='comma-separated zoo names for infer/train')
+                 help='comma-separated zoo names for infer/train/frozen')
   p.add_argument('--dtypes', default='float32,bfloat16',
                  help='compute dtypes (parameters are always float32)')
   p.add_argument('--batch', type=int, default=None,
@@ -394,15 +504,16 @@ def parse_args(argv):
   p.add_argument('--repeats', type=int, default=9,
                  help='timed calls per number; the median is reported')
   p.add_argument('--what', default=','.join(SECTIONS),
-                 help=f'comma-separated sections of {SECTIONS}')
+                 help=f'comma-separated sections of {SECTIONS} (see below); '
+                 '\'frozen\' alone: train (all) vs train (head only)')
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--num-classes', type=int, default=1000)
   p.add_argument('--attention-impl', default='reference',
                  choices=('reference', 'xla', 'cudnn'))
   p.add_argument('--scan', action='store_true',
-                 help='infer/train with scan=True')
+                 help='infer/train/frozen with scan=True')
   p.add_argument('--remat-policy', default='none',
-                 help='remat policy of the train section')
+                 help='remat policy of the train and frozen sections')
   p.add_argument('--matmul-size', type=int, default=None,
                  help='n of the n^3 peak matmul (default 2048 CPU, 8192 GPU)')
   p.add_argument('--budget-gib', type=float, default=4.0,
@@ -434,10 +545,11 @@ def parse_args(argv):
 
 
 def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
   program = (['-m', __spec__.name] if globals().get('__spec__') else
              sys.argv[:1])
-  print('command:', ' '.join(['python'] + program + sys.argv[1:]))
+  print('command:', ' '.join(['python'] + program + argv))
   print(f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, '
         f'backend {jax.default_backend()}')
   print('device:', describe_machine())
@@ -476,6 +588,21 @@ def main(argv=None):
             f'{r["compile_s"]:.1f} s, peak {_fmt(_gib(r["peak_bytes"]), ".2f")} '
             'GiB')
 
+  frozen = {}
+  if 'frozen' in args.what:
+    log('\n## Frozen backbone: the training loop\'s step '
+        '(train.make_update_fn, one device), all parameters vs '
+        'trainable=\'head\', calls interleaved')
+    for name in args.models:
+      for d in args.dtypes:
+        frozen[name, d] = measure_frozen(name, d, args)
+        for trained, r in frozen[name, d].items():
+          results[FROZEN_LABELS[trained], name, d] = r
+          log(f'  {name} {d} {FROZEN_LABELS[trained]} ({r["trainable"]:,} of '
+              f'{r["params"]:,} parameters): {r["images_per_s"]:.1f} img/s, '
+              f'compile {r["compile_s"]:.1f} s, peak '
+              f'{_fmt(_gib(r["peak_bytes"]), ".2f")} GiB')
+
   if results:
     log('\n## Throughput (images/s), model FLOPs utilisation, compile, memory')
     rows = []
@@ -489,9 +616,36 @@ def main(argv=None):
                    f'{r["compile_s"]:.1f}', _fmt(_gib(r['peak_bytes']), '.2f')])
     print_table(['step', 'model', 'dtype', 'img/s', 'GFLOP/img',
                  'XLA GFLOP/img', 'MFU %', 'compile s', 'peak GiB'], rows)
-    print('GFLOP/img: analytic matmul FLOPs (train = 3x forward); MFU uses it '
-          'and the measured peak of the same dtype.')
+    print('GFLOP/img: analytic matmul FLOPs (train = 3x forward; head only = '
+          'forward + the head\'s weight gradient); MFU uses it and the '
+          'measured peak of the same dtype.')
+    if frozen:
+      print('train: this script\'s jitted step (as the original\'s numbers); '
+            'train (all) / train (head only): train.make_update_fn, the '
+            'training loop\'s pmapped step, trainable=None / \'head\'.')
 
+  if frozen:
+    log('\n## Training only the head (trainable=\'head\') vs all parameters')
+    rows = []
+    for (name, d), r in frozen.items():
+      full, head = r['all'], r['head']
+      rows.append([
+          name, d, f'{head["trainable"]:,} / {head["params"]:,}',
+          f'{full["images_per_s"]:.1f}', f'{head["images_per_s"]:.1f}',
+          f'{head["images_per_s"] / full["images_per_s"]:.2f}',
+          f'{full["compile_s"]:.1f}', f'{head["compile_s"]:.1f}',
+          _fmt(_gib(full['peak_bytes']), '.2f'),
+          _fmt(_gib(head['peak_bytes']), '.2f'),
+          _fmt(_div(head['peak_bytes'], full['peak_bytes']), '.2f')])
+    print_table(['model', 'dtype', 'head params', 'train (all) img/s',
+                 'train (head only) img/s', 'x (head/all)',
+                 'compile all s', 'compile head s', 'peak all GiB',
+                 'peak head GiB', 'peak head/all'], rows)
+    print('x (head/all): images/s of the head-only step over the full step, '
+          'same batch and dtype, interleaved calls (on a loaded machine only '
+          'this ratio is indicative).')
+
+  if any(what in ('infer', 'train') for what, _, _ in results):
     comparable = (jax.default_backend() == 'cpu' and args.batch == 8 and
                   args.image_size == 224 and args.num_classes == 1000)
     log('\n## Against the original (/work/shared/MACHINE.md, same machine '
@@ -504,6 +658,8 @@ def main(argv=None):
             if comparable else None)
     rows = []
     for (what, name, d), r in results.items():
+      if what not in ('infer', 'train'):
+        continue
       orig = ORIGINAL_IMAGES_PER_S.get((what, name))
       timm = TIMM_IMAGES_PER_S.get((what, name, d))
       target = TARGET_IMAGES_PER_S.get((what, name, d))
