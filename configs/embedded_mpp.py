@@ -17,8 +17,15 @@ representation layer; the model has learned position embeddings so that
 fine-tuning at 42x42 resamples them. Adam with decoupled weight decay, as
 the paper's pre-training.
 
-Expected result: see README "Results of this code" (the command above, 2
-CPU cores).
+Expected result (the commands above, 2-core CPU, commit 7d4c539): mean-colour
+accuracy 0.700 on the corrupted test patches after 1,000 steps (predicting
+the most common colour bin everywhere gives 0.633; the loss falls from
+ln 512 = 6.24 to 0.83); fine-tuning from it at 42x42 reaches 0.483 test
+accuracy after 300 steps, against 0.507 from scratch and 0.959 from the
+supervised pre-training of configs/embedded_pretrain.py. On 28x28 grey
+digits the 3-bit mean colour of a 7x7 patch is mostly "black" and has only
+8 grey levels, so this pretext task teaches little; the paper's gain (79.9%
+on ImageNet for ViT-B/16, +2% over scratch) needs natural images at scale.
 """
 
 from configs import embedded
