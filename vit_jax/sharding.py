@@ -290,16 +290,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     compiles once. They are donated: do not use the arrays passed in
     afterwards. Numpy batches and keys are placed on the fly.
   """
-  if loss_fn is None:
-    if loss not in train.LOSSES:
-      raise ValueError(
-          f'Unknown loss {loss!r}; use one of {sorted(train.LOSSES)}.')
-    loss_of = train.LOSSES[loss]
-
-    def loss_fn(params, images, labels, rng):
-      logits = apply_fn({'params': params}, images, train=True,
-                        rngs={'dropout': rng})
-      return loss_of(logits=logits, labels=labels)
+  loss_fn = loss_fn or train.classification_loss_fn(apply_fn, loss)
   axis = _axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   accum_steps = max(int(accum_steps or 1), 1)

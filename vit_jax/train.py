@@ -96,13 +96,24 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
       rng = jax.random.fold_in(rng, labels.reshape(-1)[0].astype(jnp.uint32))
       return masked_patch.loss_fn(params, images, rng, model=model)
     return mpp_loss
-  loss_of = LOSSES[config.get('loss') or 'softmax_xent']
+  return classification_loss_fn(model.apply,
+                                config.get('loss') or 'softmax_xent')
 
-  def classification_loss(params, images, labels, rng):
-    logits = model.apply({'params': params}, images, train=True,
-                         rngs={'dropout': rng})
+
+def classification_loss_fn(apply_fn: Callable[..., Any],
+                           loss: str = 'softmax_xent'
+                           ) -> Callable[..., jax.Array]:
+  """`loss_fn(params, images, labels, rng)`: LOSSES[loss] of the logits of
+  `apply_fn` in training mode, dropout keyed by `rng`."""
+  if loss not in LOSSES:
+    raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
+  loss_of = LOSSES[loss]
+
+  def loss_fn(params, images, labels, rng):
+    logits = apply_fn({'params': params}, images, train=True,
+                      rngs={'dropout': rng})
     return loss_of(logits=logits, labels=labels)
-  return classification_loss
+  return loss_fn
 
 
 def mpp_labels(batch_shape) -> np.ndarray:
@@ -148,15 +159,7 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     classes]}`. The loss is the mean over the global batch. params and
     opt_state are donated: do not use the arrays passed in afterwards.
   """
-  if loss_fn is None:
-    if loss not in LOSSES:
-      raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
-    loss_of = LOSSES[loss]
-
-    def loss_fn(params, images, labels, rng):
-      logits = apply_fn({'params': params}, images, train=True,
-                        rngs={'dropout': rng})
-      return loss_of(logits=logits, labels=labels)
+  loss_fn = loss_fn or classification_loss_fn(apply_fn, loss)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)
