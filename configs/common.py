@@ -145,3 +145,34 @@ def zoo_model(name: str, *, representation_size=False,
     model.transformer.dropout_rate = dropout
   return model
 
+
+def pretrain_config(name: str) -> ml_collections.ConfigDict:
+  """What the paper's pre-training configs share (Table 3, Appendix B.1).
+
+  Zoo model `name` with a tanh representation layer of the hidden size and
+  dropout 0.1; 224 px inception crops; batch 4,096; Adam(W) with beta1 0.9,
+  beta2 0.999, float32 moments, 10k warmup steps, gradient clip 1. The
+  callers (imagenet21k.py, imagenet1k.py) set the data, steps, learning
+  rate, weight decay, decay and loss.
+  """
+  config = get_config()
+  config.model_name = name
+  config.model = zoo_model(name, representation_size=True, dropout=0.1)
+  config.train_split = 'train'
+  config.pp.crop = 224
+  config.pp.augment = 'inception_crop'
+  config.batch = 4096
+  config.batch_eval = 4096
+  config.shuffle_buffer = 250_000
+  config.optimizer = 'adamw'
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.warmup_steps = 10_000
+  config.grad_norm_clip = 1.0
+  config.optim_dtype = None  # Adam moments in float32.
+  config.accum_steps = 1
+  config.log_every = 50
+  config.eval_every = 5_000
+  config.checkpoint_every = 1_000
+  return config
+

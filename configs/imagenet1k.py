@@ -25,35 +25,12 @@ NUM_TRAIN_IMAGES = 1_281_167
 
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-1k pre-training config of `model`."""
-  name = finetune.model_name(model)
-  config = common.get_config()
-  config.model_name = name
-  config.model = common.zoo_model(name, representation_size=True,
-                                  dropout=0.1)
-
+  config = common.pretrain_config(finetune.model_name(model))
   config.dataset = 'imagenet2012'
-  config.train_split = 'train'
   config.test_split = 'validation'
-  config.pp.crop = 224
-  config.pp.augment = 'inception_crop'
-  config.batch = 4096
-  config.batch_eval = 4096
-  config.shuffle_buffer = 250_000
-
   config.total_steps = 300 * NUM_TRAIN_IMAGES // config.batch
-  config.optimizer = 'adamw'
-  config.adam_b1 = 0.9
-  config.adam_b2 = 0.999
   config.base_lr = 3e-3
   config.weight_decay = 0.3
-  config.warmup_steps = 10_000
   config.decay_type = 'cosine'
-  config.grad_norm_clip = 1.0
-  config.optim_dtype = None
-  config.accum_steps = 1
   config.loss = 'softmax_xent'
-
-  config.log_every = 50
-  config.eval_every = 5_000
-  config.checkpoint_every = 1_000
   return config

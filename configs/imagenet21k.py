@@ -36,38 +36,16 @@ NUM_CLASSES = 21_843
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-21k pre-training config of `model`."""
   name = finetune.model_name(model)
-  config = common.get_config()
-  config.model_name = name
-  config.model = common.zoo_model(name, representation_size=True,
-                                  dropout=0.1)
+  config = common.pretrain_config(name)
   with config.model.unlocked():
     config.model.head_bias_init = -10.
-
   config.dataset = 'imagenet21k'
-  config.train_split = 'train'
   config.test_split = 'test'
-  config.pp.crop = 224
-  config.pp.augment = 'inception_crop'
-  config.batch = 4096
-  config.batch_eval = 4096
-  config.shuffle_buffer = 250_000
-
   epochs = 30 if name.startswith(('ViT-L', 'ViT-H')) else 90
   config.total_steps = epochs * NUM_TRAIN_IMAGES // config.batch
-  config.optimizer = 'adamw'
-  config.adam_b1 = 0.9
-  config.adam_b2 = 0.999
   config.base_lr = 1e-3
   config.weight_decay = 0.03
-  config.warmup_steps = 10_000
   config.decay_type = 'linear'
   config.linear_end = 1e-5
-  config.grad_norm_clip = 1.0
-  config.optim_dtype = None  # Adam moments in float32.
-  config.accum_steps = 1
   config.loss = 'sigmoid_xent'
-
-  config.log_every = 50
-  config.eval_every = 5_000
-  config.checkpoint_every = 1_000
   return config
