@@ -8,6 +8,7 @@ pins to the original implementation's outputs.
 import functools
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -319,6 +320,111 @@ def test_fused_attention_refuses_attention_dropout(images, params):
                  params)
 
 
+# ---- Heads-major attention.
+
+
+def test_heads_major_attention_matches_reference(images, params, logits,
+                                                 stepped):
+  model = tiny(attention_impl='heads_major')
+  np.testing.assert_allclose(apply(model, params, images), logits, atol=ATOL,
+                             rtol=0)
+  assert_trees_close(train_step(model, params, images), stepped)
+  scanned = layouts.layers_to_scan(params, NUM_LAYERS)
+  np.testing.assert_allclose(
+      apply(tiny(scan=True, attention_impl='heads_major'), scanned, images),
+      logits, atol=ATOL, rtol=0)
+
+
+def test_heads_major_attention_draws_the_reference_dropout_mask(images,
+                                                                params):
+  def train_logits(model):
+    return model.apply({'params': params}, images, train=True,
+                       rngs={'dropout': jax.random.key(5)})
+
+  dropout = with_dropout(0., 0.3)
+  reference = train_logits(tiny(transformer=dropout))
+  np.testing.assert_allclose(
+      train_logits(tiny(transformer=dropout, attention_impl='heads_major')),
+      reference, atol=ATOL, rtol=0)
+  # Dropout did change the logits, so the equality is about the mask.
+  assert float(jnp.abs(reference - apply(tiny(), params, images)).max()) > 1e-3
+
+
+def test_heads_major_attention_with_a_mask_equals_flax():
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+             for _ in range(3))
+  mask = rng.uniform(size=(2, 3, 5, 5)) < 0.6
+  mask[..., np.arange(5), np.arange(5)] = True  # No fully masked row.
+  np.testing.assert_allclose(
+      models_vit.heads_major_attention(q, k, v, mask=jnp.asarray(mask),
+                                       deterministic=True),
+      nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)),
+      atol=1e-6, rtol=0)
+
+
+def test_heads_major_attention_weights_are_the_references(images, params):
+  ours = models.attention_weights(tiny(attention_impl='heads_major'), params,
+                                  images)
+  reference = models.attention_weights(tiny(), params, images)
+  assert [w.shape for w in ours] == [(4, 2, 5, 5)] * NUM_LAYERS
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+# ---- Class token only in the last block.
+
+
+def compiled_flops(model, params, images):
+  compiled = jax.jit(lambda p: model.apply({'params': p}, images,
+                                           train=False)).lower(params).compile()
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_token_only_last_block_matches_the_full_model(images, params, logits,
+                                                      stepped, dtype):
+  if dtype == 'float32':
+    full, expected_logits, expected_step, atol = tiny(), logits, stepped, ATOL
+  else:  # Against the full bfloat16 model: only the pruning differs.
+    full = tiny(dtype=jnp.bfloat16)
+    expected_logits = apply(full, params, images)
+    expected_step = train_step(full, params, images)
+    atol = 1e-3
+  pruned = tiny(token_only_last_block=True, dtype=full.dtype)
+  np.testing.assert_allclose(apply(pruned, params, images), expected_logits,
+                             atol=atol, rtol=0)
+  assert_trees_close(train_step(pruned, params, images), expected_step,
+                     atol=atol)
+  # It does compute less: the last block's queries, attention output and MLP
+  # run for 1 of the 5 tokens.
+  assert (compiled_flops(pruned, params, images) <
+          0.9 * compiled_flops(full, params, images))
+
+
+def test_token_only_last_block_keeps_all_attention_weights(images, params):
+  ours = models.attention_weights(tiny(token_only_last_block=True), params,
+                                  images)
+  reference = models.attention_weights(tiny(), params, images)
+  assert [w.shape for w in ours] == [(4, 2, 5, 5)] * NUM_LAYERS
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_token_only_last_block_leaves_other_classifiers_alone(images):
+  gap = tiny(classifier='gap')
+  gap_params = init(gap, images)
+  np.testing.assert_array_equal(
+      apply(tiny(classifier='gap', token_only_last_block=True), gap_params,
+            images), apply(gap, gap_params, images))
+
+
+def test_token_only_last_block_needs_the_unscanned_encoder():
+  with pytest.raises(ValueError, match='scan=False'):
+    tiny(token_only_last_block=True, scan=True)
+
+
 @pytest.mark.skipif(jax.default_backend() == 'gpu', reason='CPU-only error')
 def test_cudnn_attention_off_gpu_says_so(images, params):
   with pytest.raises(ValueError, match="attention_impl='xla'"):
@@ -328,6 +434,8 @@ def test_cudnn_attention_off_gpu_says_so(images, params):
 
 def test_unknown_switches_are_rejected():
   with pytest.raises(ValueError, match='attention_impl'):
+    tiny(attention_impl='flash')
+  with pytest.raises(ValueError, match='heads_major'):  # Named in the error.
     tiny(attention_impl='flash')
   with pytest.raises(ValueError, match='remat_policy'):
     tiny(remat_policy='dots')

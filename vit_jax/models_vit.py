@@ -65,7 +65,7 @@ Initializer = Callable[..., Array]
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'none')
-ATTENTION_IMPLS = ('reference', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 # What each encoder block keeps for the backward pass; the rest is recomputed.
 REMAT_POLICIES = {
     'none': None,  # No rematerialisation: everything is kept.
@@ -128,6 +128,45 @@ def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
     query, key, value = (t.astype(dtype) for t in (query, key, value))
   return jax.nn.dot_product_attention(query, key, value,
                                       implementation=implementation)
+
+
+def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
+                          dropout_rate=0., broadcast_dropout=True,
+                          deterministic=False, dtype=None, precision=None,
+                          module=None, force_fp32_for_softmax=False,
+                          qk_attn_weights_einsum=None,
+                          attn_weights_value_einsum=None):
+  """flax's reference attention computed heads-major, for flax MHA.
+
+  A drop-in `attention_fn` of `nn.MultiHeadDotProductAttention`: the same
+  operations as `nn.dot_product_attention` (query / sqrt(head_dim), the two
+  einsums, softmax, dropout), with q, k, v transposed from [B, T, N, H] to
+  [B, N, T, 1, H] first, so that both attention einsums are batched matmuls
+  over the leading (batch, head) axes, and the result transposed back. The
+  numbers are those of the reference path (equal in float32 to 1e-6, tested;
+  the dropout mask is the same); only the layout differs. On XLA:CPU the
+  reference einsums, whose batch axes are not leading, run far from the
+  matmul peak in float32 (measured by `bench/throughput.py`).
+
+  When the caller collects attention weights (`intermediates` mutable, as
+  `models.attention_weights` does) the reference path runs instead, so the
+  sown weights keep their [B, N, T, T] shape.
+  """
+  kw = dict(dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+            broadcast_dropout=broadcast_dropout, deterministic=deterministic,
+            dtype=dtype, precision=precision,
+            force_fp32_for_softmax=force_fp32_for_softmax,
+            qk_attn_weights_einsum=qk_attn_weights_einsum,
+            attn_weights_value_einsum=attn_weights_value_einsum)
+  if module is not None and module.is_mutable_collection('intermediates'):
+    return nn.dot_product_attention(query, key, value, mask=mask,
+                                    module=module, **kw)
+  to_heads_major = lambda t: jnp.swapaxes(t, -3, -2)[..., None, :]
+  if mask is not None:  # [..., N, T, S] -> [..., N, 1, T, S]: one "head".
+    mask = mask[..., None, :, :]
+  out = nn.dot_product_attention(*map(to_heads_major, (query, key, value)),
+                                 mask=mask, **kw)
+  return jnp.swapaxes(out[..., 0, :], -3, -2)
 
 
 class IdentityLayer(nn.Module):
@@ -275,6 +314,11 @@ class Encoder1DBlock(nn.Module):
     attention_impl: one of ATTENTION_IMPLS, see the module docstring.
     layernorm_epsilon: LayerNorm epsilon (1e-6; Hugging Face uses 1e-12).
     approximate_gelu: tanh-approximated GELU (the original) or exact.
+    output_tokens: None (every token) or n: the block computes its output for
+      the first n tokens only; they still attend to every token (keys and
+      values of all). Every row of a block depends only on its own query, so
+      those n rows are the full block's (see `VisionTransformer.
+      token_only_last_block`); the output is [batch, n, emb].
   """
 
   mlp_dim: int
@@ -285,6 +329,7 @@ class Encoder1DBlock(nn.Module):
   attention_impl: str = 'reference'
   layernorm_epsilon: float = 1e-6
   approximate_gelu: bool = True
+  output_tokens: Optional[int] = None
 
   @nn.compact
   def __call__(self, inputs, *, deterministic):
@@ -293,6 +338,10 @@ class Encoder1DBlock(nn.Module):
           f'Encoder1DBlock expects [batch, len, emb]; got {inputs.shape}')
 
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
+    queries, residual = x, inputs
+    if self.output_tokens is not None:
+      queries = x[:, :self.output_tokens]
+      residual = inputs[:, :self.output_tokens]
     x = nn.MultiHeadDotProductAttention(
         **self._attention_kwargs(),
         dtype=self.dtype,
@@ -304,9 +353,9 @@ class Encoder1DBlock(nn.Module):
         # Softmax in float32 also under a bfloat16 compute dtype; a no-op for
         # float32.
         force_fp32_for_softmax=True,
-    )(x, x, sow_weights=True)
+    )(queries, x, sow_weights=True)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = x + inputs
+    x = x + residual
 
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
@@ -321,7 +370,9 @@ class Encoder1DBlock(nn.Module):
       raise ValueError(f'Unknown attention_impl {self.attention_impl!r}; use '
                        f'one of {ATTENTION_IMPLS}.')
     kw = {}
-    if self.attention_impl != 'reference':
+    if self.attention_impl == 'heads_major':
+      kw['attention_fn'] = heads_major_attention
+    elif self.attention_impl != 'reference':
       kw['attention_fn'] = functools.partial(
           fused_attention, implementation=self.attention_impl)
     if not mixed_precision.is_float32(self.dtype):
@@ -353,6 +404,9 @@ class Encoder(nn.Module):
     remat_policy: a key of REMAT_POLICIES.
     layernorm_epsilon: LayerNorm epsilon of the blocks and `encoder_norm`.
     approximate_gelu: tanh-approximated GELU in the MLPs (the original).
+    last_block_output_tokens: None, or n: the last block (and `encoder_norm`)
+      computes the first n tokens only (`Encoder1DBlock.output_tokens`), and
+      the encoder returns [batch, n, emb]. Needs `scan=False`.
   """
 
   num_layers: int
@@ -368,6 +422,7 @@ class Encoder(nn.Module):
   remat_policy: str = 'none'
   layernorm_epsilon: float = 1e-6
   approximate_gelu: bool = True
+  last_block_output_tokens: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, *, train, grid=None, num_prefix_tokens=0):
@@ -429,6 +484,10 @@ class Encoder(nn.Module):
       apply_block = nn.remat(apply_block, prevent_cse=not self.scan,
                              policy=REMAT_POLICIES[self.remat_policy])
 
+    if self.scan and self.last_block_output_tokens is not None:
+      raise ValueError(
+          'last_block_output_tokens needs the unscanned encoder (scan=False): '
+          'under nn.scan every block computes the same shapes.')
     if self.scan:
       # Per-layer parameters and dropout masks: split the rngs per step.
       x, _ = nn.scan(
@@ -439,7 +498,10 @@ class Encoder(nn.Module):
       )(block(name='encoderblock'), x, None)
     else:
       for lyr in range(self.num_layers):
-        x = apply_block(block(name=f'encoderblock_{lyr}'), x)
+        last = lyr == self.num_layers - 1
+        x = apply_block(block(name=f'encoderblock_{lyr}', **(
+            {'output_tokens': self.last_block_output_tokens}
+            if last and self.last_block_output_tokens is not None else {})), x)
     encoded = nn.LayerNorm(name='encoder_norm', epsilon=self.layernorm_epsilon,
                            dtype=self.dtype)(x)
     return encoded
@@ -500,6 +562,14 @@ class VisionTransformer(nn.Module):
       Hugging Face weights).
     approximate_gelu: tanh-approximated GELU (the original) or exact (erf,
       Hugging Face and torchvision weights).
+    token_only_last_block: with classifier='token', the last encoder block
+      computes the class token's row only (its query, attention output, MLP;
+      keys and values of every token), since nothing else of it reaches the
+      head: about 10/12 of one block's work saved, same logits (to float
+      rounding; tested). Not with `scan=True`, and skipped when attention
+      weights are collected (`intermediates` mutable) so that the last
+      block's weights keep all rows. With dropout the last block draws masks
+      of another shape, i.e. other random numbers.
   """
 
   num_classes: Optional[int]
@@ -519,6 +589,7 @@ class VisionTransformer(nn.Module):
   remat_policy: str = 'none'
   layernorm_epsilon: float = 1e-6
   approximate_gelu: bool = True
+  token_only_last_block: bool = False
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -533,6 +604,10 @@ class VisionTransformer(nn.Module):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'Unknown remat_policy {self.remat_policy!r}; use one '
                        f'of {tuple(REMAT_POLICIES)}.')
+    if self.token_only_last_block and self.scan:
+      raise ValueError('token_only_last_block=True needs scan=False (under '
+                       'nn.scan every block has the same shapes); set one of '
+                       'them off.')
     super().__post_init__()
 
   @property
@@ -657,4 +732,7 @@ class VisionTransformer(nn.Module):
       extra['layernorm_epsilon'] = self.layernorm_epsilon
     if not self.approximate_gelu:
       extra['approximate_gelu'] = self.approximate_gelu
+    if (self.token_only_last_block and self.classifier == 'token' and
+        not self.is_mutable_collection('intermediates')):
+      extra['last_block_output_tokens'] = 1
     return {k: v for k, v in extra.items() if k not in self.transformer}
