@@ -119,6 +119,8 @@ SPEED_FIELDS = {
     'attention_impl': 'reference',  # 'xla' / 'cudnn': dot_product_attention.
     'scan': False,  # nn.scan over the encoder blocks (checkpoints unchanged).
     'remat_policy': 'none',  # 'full', 'save_dots', 'save_all_dots'.
+    # True: the last block computes the class token only (same logits).
+    'token_only_last_block': False,
 }
 
 

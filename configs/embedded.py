@@ -45,6 +45,8 @@ def get_model_config():
   model.posemb = 'sincos2d'
   # Compute dtype: 'bfloat16' for mixed precision (parameters stay float32).
   model.dtype = 'float32'
+  # True: the last block computes the class token only (same logits, faster).
+  model.token_only_last_block = False
   return model
 
 

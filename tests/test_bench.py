@@ -5,11 +5,19 @@ timed call: only that the measurements run and report what they should, not
 how fast.
 """
 
+import os
 import re
+import shutil
+import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bench import throughput
+import vit_jax
+from vit_jax import models
 
 ARGV = ['--models', 'testing', '--dtypes', 'float32', '--batch', '2',
         '--image-size', '32', '--num-classes', '10', '--repeats', '1']
@@ -60,3 +68,86 @@ def test_main_runs_frozen_section_alone(capsys, monkeypatch):
 def test_unknown_section_fails():
   with pytest.raises(SystemExit):
     throughput.parse_args(ARGV + ['--what', 'head'])
+
+
+# ---- The same-run comparison with the original (`--original`).
+
+
+@pytest.fixture(scope='module')
+def stand_in_clone(tmp_path_factory):
+  """A directory laid out like a clone of google-research/vision_transformer.
+
+  Its `vit_jax` is a copy of ours (same API and parameter names as the
+  original's): what is tested is the side-by-side import and the timing,
+  not the original's code, which this repository does not ship.
+  """
+  root = tmp_path_factory.mktemp('clone')
+  shutil.copytree(os.path.dirname(models.__file__), root / 'vit_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  return str(root)
+
+
+def test_original_is_imported_beside_ours(stand_in_clone):
+  ours = sys.modules['vit_jax.models_vit']
+  module = throughput.load_original(stand_in_clone)
+  assert module.__file__.startswith(stand_in_clone + os.sep)
+  assert module is not ours
+  # Ours is back in place for everything imported after.
+  assert sys.modules['vit_jax.models_vit'] is ours
+  assert sys.modules['vit_jax'].__file__ == vit_jax.__file__
+
+
+@pytest.mark.parametrize('what', ['infer', 'train'])
+def test_original_is_timed_on_the_same_parameters(stand_in_clone, what):
+  args = throughput.parse_args(ARGV + ['--what', what, '--original',
+                                       stand_in_clone])
+  rows = throughput.measure(what, 'testing', args,
+                            throughput.load_original(stand_in_clone))
+  assert set(rows) == {'float32', 'original'}
+  for row in rows.values():
+    _check_row(row)
+  assert rows['original']['flops'] == rows['float32']['flops']
+
+
+def test_original_must_be_a_clone(tmp_path):
+  with pytest.raises(SystemExit, match='google-research/vision_transformer'):
+    throughput.load_original(str(tmp_path))
+
+
+def test_original_with_other_parameters_or_logits_is_refused(stand_in_clone):
+  module = throughput.load_original(stand_in_clone)
+  ours = models.get_model('testing', num_classes=10)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  params = ours.init(jax.random.key(0), images, train=False)['params']
+  params = jax.tree_util.tree_map(  # A head that is not zero.
+      lambda p: p + 0.3 * rng.standard_normal(p.shape), params)
+  assert throughput.check_same_function(
+      throughput.original_model(module, ours), ours, params, images) < 1e-5
+  with pytest.raises(SystemExit, match='parameter tree differs'):
+    throughput.check_same_function(  # No class token: no `cls` parameter.
+        throughput.original_model(module, ours.clone(classifier='gap')),
+        ours, params, images)
+  with pytest.raises(SystemExit, match='logits differ'):
+    throughput.check_same_function(  # Same tree, another function.
+        ours.clone(layernorm_epsilon=0.5), ours, params, images)
+
+
+def test_targets_are_judged_against_the_original_of_the_run(capsys,
+                                                            monkeypatch):
+  """x original and 'met' from canned rows (the measuring is tested above)."""
+  row = lambda ips: dict(images_per_s=ips, compile_s=1., peak_bytes=2**20,
+                         flops=1e9, xla_flops=1e9)
+  monkeypatch.setattr(throughput, 'measure', lambda *_: {
+      'float32': row(6.6), 'bfloat16': row(9.0), 'original': row(5.0)})
+  throughput.main(['--models', 'ViT-S_16', '--what', 'train', '--repeats',
+                   '1'])
+  out = capsys.readouterr().out
+  table = out[out.index('## Against the original'):].split('\n\n')[0]
+  cells = [[c.strip() for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:] if line.startswith('|')]
+  # step, model, dtype, img/s, original, x original, target, met.
+  assert [c[:8] for c in cells] == [
+      ['train', 'ViT-S_16', 'float32', '6.6', '5.0', '1.32', '>= 1.3', 'yes'],
+      ['train', 'ViT-S_16', 'bfloat16', '9.0', '5.0', '1.80', '>= 2', 'NO'],
+  ], table
