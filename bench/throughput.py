@@ -60,8 +60,9 @@ machine sold under the same CPU name that was not the same CPU: the
 development machine of this repository's later runs is an AMD EPYC of
 family 25 (Zen 4), whose 512-bit FMAs run at half the rate of the Zen 5 of
 MACHINE.md (XLA float32 matmul peak 199 vs 407 GFLOP/s), and the original
-itself ran there at 4.2 (ViT-B/16 inference) and 4.5-4.9 (ViT-S/16
-training step) images/s instead of MACHINE.md's 9.1 and 7.8. The host line
+itself ran there at 4.0-4.6 (ViT-B/16 inference) and 4.8-4.9 (ViT-S/16
+training step) images/s in three runs of this script (see README, Speed)
+instead of MACHINE.md's 9.1 and 7.8. The host line
 prints the CPU family. Timings on the shared development machine move by
 10% and more: compare numbers of one run.
 
