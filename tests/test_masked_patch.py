@@ -214,3 +214,28 @@ def test_loss_counts_only_chosen_patches(initial_params):
   loss = jax.jit(masked_patch.make_loss_fn(model))(
       params, _solid((10, 20, 30), batch=2), jax.random.key(0))
   assert float(loss) == 0.0
+
+
+def test_token_only_last_block_does_not_prune_patch_prediction():
+  """The predictor needs every patch's output: the switch must not apply."""
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)),
+                       jnp.float32)
+  kw = dict(num_classes=None,
+            patches=ml_collections.ConfigDict({'size': (4, 4)}),
+            hidden_size=16, classifier='token',
+            transformer=ml_collections.ConfigDict(dict(
+                num_layers=2, num_heads=2, mlp_dim=32, dropout_rate=0.,
+                attention_dropout_rate=0.)))
+  plain = masked_patch.MaskedPatchPredictor(**kw)
+  switched = masked_patch.MaskedPatchPredictor(token_only_last_block=True,
+                                                **kw)
+  params = plain.init(jax.random.key(0), images, train=False,
+                      corrupt_patches=False)['params']
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(  # A prediction head that is not zero.
+      lambda p: p + 0.1 * rng.standard_normal(p.shape), params)
+  predict = lambda m: m.apply({'params': params}, images, train=False,
+                              corrupt_patches=False)[0]
+  logits = predict(plain)
+  assert logits.shape[:2] == (2, 16)  # Every patch of the 4x4 grid.
+  np.testing.assert_array_equal(predict(switched), logits)

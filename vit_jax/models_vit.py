@@ -35,6 +35,11 @@ Beyond the original:
       does) the block computes attention the reference way instead; same
       numbers, only slower. They also have no attention dropout: training
       with `attention_dropout_rate > 0` and a fused impl raises.
+    - `attention_impl='heads_major'`: the reference attention (same numbers)
+      with both einsums as batched matmuls over leading (batch, head) axes;
+      faster float32 inference on XLA:CPU, slower in bfloat16 there.
+    - `token_only_last_block=True`: with the class-token classifier, the last
+      block computes the class token's row only (same logits).
     - `scan=True`: the encoder blocks are one `nn.scan` body, so compile time
       does not grow with depth. Parameters then live under
       `Transformer/encoderblock/...` with a leading layer axis; see
@@ -686,10 +691,13 @@ class VisionTransformer(nn.Module):
         cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
         cls = jnp.tile(cls, [n, 1, 1]).astype(x.dtype)
         x = jnp.concatenate([cls, x], axis=1)
-      x = self.encoder(name='Transformer', **self.transformer,
-                       **self._encoder_extra_kwargs())(
-                           x, train=train, grid=(gh, gw),
-                           num_prefix_tokens=int(self.has_class_token))
+      extra = self._encoder_extra_kwargs()
+      if (self.token_only_last_block and self.classifier == 'token' and
+          not self.is_mutable_collection('intermediates')):
+        extra['last_block_output_tokens'] = 1  # Only x[:, 0] is used below.
+      x = self.encoder(name='Transformer', **self.transformer, **extra)(
+          x, train=train, grid=(gh, gw),
+          num_prefix_tokens=int(self.has_class_token))
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -732,7 +740,4 @@ class VisionTransformer(nn.Module):
       extra['layernorm_epsilon'] = self.layernorm_epsilon
     if not self.approximate_gelu:
       extra['approximate_gelu'] = self.approximate_gelu
-    if (self.token_only_last_block and self.classifier == 'token' and
-        not self.is_mutable_collection('intermediates')):
-      extra['last_block_output_tokens'] = 1
     return {k: v for k, v in extra.items() if k not in self.transformer}
