@@ -553,8 +553,12 @@ def timm_inference(name: str, args) -> Dict[str, float]:
   PyTorch with all cores, batch and image size of the run, random weights,
   `torch.inference_mode()`, median of `args.repeats` after two warm-ups.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  import timm  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import timm  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f'--timm needs PyTorch and timm ({e}); install them '
+                     '(pip install torch timm) or leave out --timm.') from e
   if name not in TIMM_NAMES:
     return {}
   torch.set_num_threads(os.cpu_count())

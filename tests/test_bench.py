@@ -151,3 +151,10 @@ def test_targets_are_judged_against_the_original_of_the_run(capsys,
       ['train', 'ViT-S_16', 'float32', '6.6', '5.0', '1.32', '>= 1.3', 'yes'],
       ['train', 'ViT-S_16', 'bfloat16', '9.0', '5.0', '1.80', '>= 2', 'NO'],
   ], table
+
+
+def test_timm_without_timm_says_how_to_get_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'timm', None)  # `import timm` fails.
+  args = throughput.parse_args(ARGV + ['--timm'])
+  with pytest.raises(SystemExit, match='pip install torch timm'):
+    throughput.timm_inference('ViT-S_16', args)
