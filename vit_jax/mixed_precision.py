@@ -3,10 +3,11 @@
 `VisionTransformer(dtype=jnp.bfloat16)` hands these to its flax layers
 (`dot_general=`, `conv_general_dilated=`, the attention einsums), so that
 every matmul takes bfloat16 operands and accumulates and returns float32:
-what GPU tensor cores do, and what the AVX512-BF16 units of the development
-CPU do at 2.2x the float32 rate (XLA, 2048^3: 892 vs 407 GFLOP/s), whereas a
-bfloat16-out dot runs there at 335 GFLOP/s, below float32
-(/work/shared/MACHINE.md).
+what GPU tensor cores do, and what AVX512-BF16 CPUs do at about twice the
+float32 rate (XLA, 2048^3: 892 vs 407 GFLOP/s on the Zen 5 of
+/work/shared/MACHINE.md, where a bfloat16-out dot runs at 335 GFLOP/s,
+below float32; 383 vs 209 on the Zen 4 development machine, see
+bench/throughput.py).
 
 Two things JAX does not do by itself, hence this module:
   * the backward pass. JAX's transpose of such a dot meets a float32
