@@ -393,15 +393,16 @@ def measure(what: str, name: str, args,
   params = jax.jit(lambda x: first.init(jax.random.key(0), x, train=False)[
       'params'])(images[:1])  # Jitted: eager init dispatches op by op.
   variants = dict(ours)
+  scanned = kw.get('scan', False)
   if original is not None:
-    variants['original'] = original_model(original, build(name, 'float32',
-                                                          args))
-    check_same_function(variants['original'], build(name, 'float32', args),
-                        params, images[:2], scan=args.scan and what == 'train')
+    reference = build(name, 'float32', args, **kw)
+    variants['original'] = original_model(original, reference)
+    check_same_function(variants['original'], reference, params, images[:2],
+                        scan=scanned)
   calls, rows = [], {}
   for key, model in variants.items():
     p = params
-    if key == 'original' and args.scan and what == 'train':
+    if key == 'original' and scanned:  # The original has per-layer names.
       p = layouts.scan_to_layers(params)
     call, rows[key] = PREPARE[what](model, p, args)
     calls.append(call)
@@ -662,37 +663,29 @@ def print_table(header: Sequence[str], rows: List[Sequence[str]]):
 
 
 def describe_machine() -> str:
-  dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [l.split(':', 1)[1].strip() for l in f if
-               l.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
-  return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
-          f'{cpu}{cpu_generation()}, {os.cpu_count()} cores')
-
-
-def cpu_generation() -> str:
-  """' (family F model M, flags)' from /proc/cpuinfo, or ''.
+  """Device, and the host CPU's name, family, model and wide-vector flags.
 
   CPUs sold under one name differ: an AMD EPYC of family 25 (Zen 3/4) runs
   512-bit vector FMAs at half the rate of family 26 (Zen 5), and XLA's
   float32 matmul peak with it.
   """
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
   try:
-    with open('/proc/cpuinfo') as f:
+    with open('/proc/cpuinfo') as f:  # The first processor's entry.
       info = dict(l.split(':', 1) for l in f.read().split('\n\n')[0]
                   .splitlines() if ':' in l)
   except OSError:
-    return ''
+    info = {}
   info = {k.strip(): v.strip() for k, v in info.items()}
-  flags = set(info.get('flags', '').split())
-  simd = [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
-  return (f' (family {info.get("cpu family", "?")} model '
-          f'{info.get("model", "?")}; {" ".join(simd) or "no avx512"})')
+  if info:
+    flags = set(info.get('flags', '').split())
+    simd = [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    cpu = (f'{info.get("model name", cpu)} (family '
+           f'{info.get("cpu family", "?")} model {info.get("model", "?")}; '
+           f'{" ".join(simd) or "no avx512"})')
+  return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
+          f'{cpu}, {os.cpu_count()} cores')
 
 
 def models_vit_impls():

@@ -97,10 +97,11 @@ def test_original_is_imported_beside_ours(stand_in_clone):
   assert sys.modules['vit_jax'].__file__ == vit_jax.__file__
 
 
-@pytest.mark.parametrize('what', ['infer', 'train'])
-def test_original_is_timed_on_the_same_parameters(stand_in_clone, what):
-  args = throughput.parse_args(ARGV + ['--what', what, '--original',
-                                       stand_in_clone])
+@pytest.mark.parametrize('what,extra', [('infer', []), ('train', []),
+                                        ('train', ['--scan'])])
+def test_original_is_timed_on_the_same_parameters(stand_in_clone, what, extra):
+  args = throughput.parse_args(ARGV + extra + ['--what', what, '--original',
+                                               stand_in_clone])
   rows = throughput.measure(what, 'testing', args,
                             throughput.load_original(stand_in_clone))
   assert set(rows) == {'float32', 'original'}
