@@ -270,15 +270,17 @@ def test_remat_recomputes_in_the_backward_pass(images, params):
 # ---- Fused attention.
 
 
-def test_dot_product_attention_matches_reference(images, params, logits,
-                                                 stepped):
-  fused = tiny(attention_impl='xla')
-  np.testing.assert_allclose(apply(fused, params, images), logits, atol=ATOL,
+@pytest.mark.parametrize('impl', ['xla', 'heads_major'])
+def test_attention_impl_matches_reference(images, params, logits, stepped,
+                                          impl):
+  """dot_product_attention ('xla') and heads-major attention: same numbers."""
+  model = tiny(attention_impl=impl)
+  np.testing.assert_allclose(apply(model, params, images), logits, atol=ATOL,
                              rtol=0)
-  assert_trees_close(train_step(fused, params, images), stepped)
+  assert_trees_close(train_step(model, params, images), stepped)
   scanned = layouts.layers_to_scan(params, NUM_LAYERS)
   np.testing.assert_allclose(
-      apply(tiny(scan=True, attention_impl='xla'), scanned, images), logits,
+      apply(tiny(scan=True, attention_impl=impl), scanned, images), logits,
       atol=ATOL, rtol=0)
 
 
@@ -299,11 +301,14 @@ def test_fused_attention_calls_jax_dot_product_attention(images, params):
     assert calls == ['xla'] * NUM_LAYERS  # The reference path does not.
 
 
-def test_fused_attention_falls_back_for_attention_weights(images, params):
-  fused = models.attention_weights(tiny(attention_impl='xla'), params, images)
+@pytest.mark.parametrize('impl', ['xla', 'heads_major'])
+def test_attention_impl_falls_back_for_attention_weights(images, params,
+                                                         impl):
+  """Weights are collected the reference way, [B, N, T, T] per block."""
+  ours = models.attention_weights(tiny(attention_impl=impl), params, images)
   reference = models.attention_weights(tiny(), params, images)
-  assert len(fused) == NUM_LAYERS
-  for f, r in zip(fused, reference):
+  assert len(ours) == NUM_LAYERS
+  for f, r in zip(ours, reference):
     assert f.shape == (4, 2, 5, 5)
     np.testing.assert_allclose(f, r, atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.sum(f, axis=-1), 1., atol=1e-5)
@@ -321,18 +326,6 @@ def test_fused_attention_refuses_attention_dropout(images, params):
 
 
 # ---- Heads-major attention.
-
-
-def test_heads_major_attention_matches_reference(images, params, logits,
-                                                 stepped):
-  model = tiny(attention_impl='heads_major')
-  np.testing.assert_allclose(apply(model, params, images), logits, atol=ATOL,
-                             rtol=0)
-  assert_trees_close(train_step(model, params, images), stepped)
-  scanned = layouts.layers_to_scan(params, NUM_LAYERS)
-  np.testing.assert_allclose(
-      apply(tiny(scan=True, attention_impl='heads_major'), scanned, images),
-      logits, atol=ATOL, rtol=0)
 
 
 def test_heads_major_attention_draws_the_reference_dropout_mask(images,
@@ -361,15 +354,6 @@ def test_heads_major_attention_with_a_mask_equals_flax():
                                        deterministic=True),
       nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)),
       atol=1e-6, rtol=0)
-
-
-def test_heads_major_attention_weights_are_the_references(images, params):
-  ours = models.attention_weights(tiny(attention_impl='heads_major'), params,
-                                  images)
-  reference = models.attention_weights(tiny(), params, images)
-  assert [w.shape for w in ours] == [(4, 2, 5, 5)] * NUM_LAYERS
-  for a, b in zip(ours, reference):
-    np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
 # ---- Class token only in the last block.
