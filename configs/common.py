@@ -87,6 +87,9 @@ def get_config():
   # 'fsdp' (jit over a mesh, parameters and optimizer state sharded;
   # vit_jax/sharding.py): for models too big for one device.
   config.parallelism = 'pmap'
+  # 'fsdp' only: leaves with fewer elements stay replicated (2**16 float32 =
+  # 256 KiB; every weight matrix of ViT-B and larger is above it).
+  config.fsdp_min_shard_size = 2**16
 
   # ---- Logging, evaluation, checkpoints.
   config.log_every = 10  # Progress line and train metrics, in steps.

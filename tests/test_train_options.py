@@ -150,8 +150,10 @@ import numpy as np
 from test_train import tiny_config
 from vit_jax import train, train_checkpoint
 out = {}
-for name, kw in [('pmap', {}), ('fsdp', {'parallelism': 'fsdp'}),
-                 ('fsdp_head', {'parallelism': 'fsdp', 'trainable': 'head'})]:
+# fsdp_min_shard_size: the tiny model's weight matrices are split too.
+fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}
+for name, kw in [('pmap', {}), ('fsdp', fsdp),
+                 ('fsdp_head', dict(fsdp, trainable='head'))]:
   workdir = sys.argv[1] + '/' + name
   config = tiny_config(batch=32, batch_eval=200, total_steps=3,
                        accum_steps=2, eval_every=3, **kw)

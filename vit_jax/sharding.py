@@ -382,16 +382,20 @@ class FsdpRunner:
   Checkpoints hold the full state gathered on the host (`process_allgather`
   when other processes hold shards): the same layout as under pmap, so a run
   resumes under either.
+
+  `min_shard_size` (`config.fsdp_min_shard_size`): leaves with fewer
+  elements stay replicated, see `fsdp_partition_spec`.
   """
 
   def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
-               trainable_mask):
+               trainable_mask, min_shard_size: int = MIN_SHARD_SIZE):
     self.mesh = make_mesh()
     shapes = jax.eval_shape(lambda p: p, params)
-    self.param_shardings = fsdp_shardings(shapes, self.mesh)
+    self.param_shardings = fsdp_shardings(shapes, self.mesh,
+                                          min_size=min_shard_size)
     train_shapes = train.partition(shapes, trainable_mask)[0]
     self.opt_shardings = fsdp_shardings(jax.eval_shape(tx.init, train_shapes),
-                                        self.mesh)
+                                        self.mesh, min_size=min_shard_size)
     self._update = make_sharded_update_fn(
         apply_fn=None, tx=tx, mesh=self.mesh,
         param_shardings=self.param_shardings,

@@ -501,7 +501,9 @@ def make_runner(config, model, tx, mask, params):
                 trainable_mask=mask)
   if (config.get('parallelism') or 'pmap') == 'fsdp':
     from vit_jax import sharding  # pylint: disable=g-import-not-at-top
-    return sharding.FsdpRunner(params=params, **kwargs)
+    return sharding.FsdpRunner(
+        params=params, min_shard_size=config.get(
+            'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE), **kwargs)
   return PmapRunner(n_prefetch=config.prefetch, **kwargs)
 
 
