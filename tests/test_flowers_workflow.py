@@ -29,8 +29,8 @@ import tensorflow_datasets as tfds
 from test_train import set_fields  # (also puts the repository root on path)
 from configs import flowers
 from vit_jax import checkpoint
+from vit_jax import dataset_report
 from vit_jax import folder_split
-from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import train
 from vit_jax import train_checkpoint
@@ -212,11 +212,11 @@ def test_split_files_are_written_and_reproducible(flower_run, tmp_path):
   # A second run of the same config draws the same split; split_seed=1 other
   # files with the same per-class counts.
   config = flowers.get_config(paths['data'])
-  input_pipeline.write_dataset_report(config, str(tmp_path / 'again'))
+  dataset_report.write_dataset_report(config, str(tmp_path / 'again'))
   with open(tmp_path / 'again' / 'split.json') as f:
     assert json.load(f) == written
   config.split_seed = 1
-  other = input_pipeline.write_dataset_report(config, str(tmp_path / 'seed1'))
+  other = dataset_report.write_dataset_report(config, str(tmp_path / 'seed1'))
   assert other['val_files_sha256'] != written['val_files_sha256']
   assert other['val_files_sha256'] == _val_digest(
       _expected_split(paths['data'], 1))

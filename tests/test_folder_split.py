@@ -19,6 +19,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from vit_jax import dataset_report
 from vit_jax import folder_split
 from vit_jax import input_pipeline
 
@@ -217,7 +218,7 @@ def test_single_tree_info_and_split(flowers):
 def test_single_tree_batches_match_class_names(flowers, tmp_path, caplog):
   config = _config(flowers)
   caplog.set_level(logging.INFO)
-  report = input_pipeline.write_dataset_report(config, str(tmp_path))
+  report = dataset_report.write_dataset_report(config, str(tmp_path))
   with open(tmp_path / 'class_names.json') as f:
     names = json.load(f)
   assert names == ['daisy', 'roses', 'tulips']
@@ -282,7 +283,7 @@ def test_single_tree_process_shards(flowers):
 
 
 def test_report_of_other_dataset_kinds(tmp_path):
-  report = input_pipeline.write_dataset_report(
+  report = dataset_report.write_dataset_report(
       ml_collections.ConfigDict(dict(dataset='embedded_mnist')),
       str(tmp_path / 'mnist'))
   with open(tmp_path / 'mnist' / 'class_names.json') as f:
@@ -298,7 +299,7 @@ def test_report_of_other_dataset_kinds(tmp_path):
       (root / split / name).mkdir(parents=True)
       for i in range(n if name == 'a' else 2 * n):
         _write_png(root / split / name / f'{i}.png', [i, 0, 0], 5, 5)
-  report = input_pipeline.write_dataset_report(
+  report = dataset_report.write_dataset_report(
       ml_collections.ConfigDict(dict(dataset=str(root), test_split='test')),
       str(tmp_path / 'tt_work'))
   assert report['kind'] == 'folder train_test'
@@ -333,7 +334,7 @@ def test_report_of_tfds_has_sizes_without_per_class_counts(tmp_path):
   config = ml_collections.ConfigDict(dict(
       dataset='tiny_flowers_for_report', tfds_data_dir=str(tmp_path),
       train_split='train[:50%]', test_split='test'))
-  report = input_pipeline.write_dataset_report(config, str(tmp_path / 'work'))
+  report = dataset_report.write_dataset_report(config, str(tmp_path / 'work'))
   assert report['kind'] == 'tfds' and report['per_class'] is None
   assert report['num_examples'] == {'train': 6, 'val': 5}
   with open(tmp_path / 'work' / 'class_names.json') as f:
@@ -378,7 +379,7 @@ def test_empty_class_folder_is_dropped_with_warning(tmp_path, caplog):
   assert list(info['int2str']) == ['ant', 'cow'] and info['num_classes'] == 2
   assert re.search(r"Dropping 1 class folder.*\['bee'\].*class_names.json",
                    caplog.text), caplog.text
-  report = input_pipeline.write_dataset_report(
+  report = dataset_report.write_dataset_report(
       ml_collections.ConfigDict(dict(dataset=root, test_split='test')),
       str(tmp_path / 'work'))
   assert report['dropped_classes'] == ['bee']

@@ -87,7 +87,7 @@ def pipeline_images(run):
 def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
   files, _, labels = digits
   workdir, summary = run['workdir'], run['summary']
-  # Training records the class indices (input_pipeline.write_dataset_report).
+  # Training records the class indices (dataset_report.write_dataset_report).
   with open(os.path.join(workdir, predict.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == [str(i) for i in range(10)]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax import dataset_report
 from vit_jax import input_pipeline
 from vit_jax import masked_patch
 from vit_jax import models
@@ -569,7 +570,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
 
   # What the class indices mean and how the data was split.
   if jax.process_index() == 0:
-    report = input_pipeline.write_dataset_report(config, workdir)
+    report = dataset_report.write_dataset_report(config, workdir)
     print(report['table'], flush=True)
 
   # Input pipeline: the batches of steps start_step + 1, start_step + 2, ...
