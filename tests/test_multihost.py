@@ -89,9 +89,10 @@ json.dump({'losses': trajectory(union)}, open(sys.argv[1], 'w'))
 # 4 devices of both processes; checkpoints every 2 steps.
 _FSDP_COMMON = """
 import json, os, shutil, sys
-import flax, jax, numpy as np
+import jax, numpy as np
 from test_train import tiny_config
-from vit_jax import input_pipeline, optim, sharding, train, train_checkpoint
+from vit_jax import checkpoint, input_pipeline, optim, sharding, train
+from vit_jax import train_checkpoint
 
 STEPS = %d
 MIN_SHARD_SIZE = 256
@@ -101,8 +102,8 @@ config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
                      **{'model.transformer.dropout_rate': 0.1})
 
 def flat(params):
-  return {'/'.join(k): np.asarray(v).tolist()
-          for k, v in flax.traverse_util.flatten_dict(params).items()}
+  return {k: np.asarray(v).tolist()
+          for k, v in checkpoint.flatten_tree(params).items()}
 """ % STEPS
 
 _FSDP_WORKER = _FSDP_COMMON + """
@@ -124,13 +125,11 @@ if pid == 0:
 multihost_utils.sync_global_devices('removed step 4')
 resumed = train.train_and_evaluate(config, workdir)
 params = train_checkpoint.TrainCheckpoints(workdir).restore_params()
-json.dump({'steps_saved': steps_saved, 'first': {
-               k: first[k] for k in ('accuracy', 'final_train_loss',
-                                     'train_step_compilations', 'start_step')},
-           'resumed': {
-               k: resumed[k] for k in ('accuracy', 'final_train_loss',
-                                       'train_step_compilations',
-                                       'start_step')},
+keys = ('accuracy', 'final_train_loss', 'train_step_compilations',
+        'start_step')
+json.dump({'steps_saved': steps_saved,
+           'first': {k: first[k] for k in keys},
+           'resumed': {k: resumed[k] for k in keys},
            'uninterrupted': flat(uninterrupted), 'params': flat(params)},
           open(out, 'w'))
 """
@@ -140,7 +139,7 @@ model = train.create_model(config, 10)
 params = train.init_params(model, config)
 tx, _ = optim.make_optimizer(config)
 runner = train.make_runner(config, model, tx, None, params)
-sharded = [k for k, s in flax.traverse_util.flatten_dict(
+sharded = [k for k, s in checkpoint.flatten_tree(
     runner.param_shardings).items() if s.spec != jax.sharding.PartitionSpec()]
 params, opt_state = runner.place(
     params, jax.device_get(jax.jit(tx.init)(params)))
@@ -152,7 +151,7 @@ for step in range(1, STEPS + 1):
       keys(step))
   losses.append(runner.scalar(loss))
 json.dump({'losses': losses, 'params': flat(runner.to_host(params)),
-           'sharded': ['/'.join(k) for k in sharded]}, open(sys.argv[1], 'w'))
+           'sharded': sharded}, open(sys.argv[1], 'w'))
 """
 
 
