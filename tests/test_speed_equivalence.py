@@ -467,16 +467,28 @@ def test_bfloat16_matmuls_take_bf16_and_accumulate_in_float32(
   hlo = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(
       params, images).as_text()
   dots = _dots(hlo)
-  # q, k, v, out, 2 attention einsums, 2 MLP per block; pre_logits; head.
-  assert len(dots) == NUM_LAYERS * 8 + 2
-  for operands, result in dots:
-    assert all('bf16' in t for t in operands), (operands, result)
-    if attention_impl == 'reference':
+  block_dots = [d for d in dots if all('bf16' in t for t in d[0])]
+  edge_dots = [d for d in dots if d not in block_dots]
+  # q, k, v, out, 2 attention einsums, 2 MLP per block.
+  assert len(block_dots) == NUM_LAYERS * 8
+  if attention_impl == 'reference':
+    for operands, result in block_dots:
       assert 'f32' in result, (operands, result)
-  assert 'stablehlo.convolution' in hlo
-  conv = [l for l in hlo.splitlines() if 'stablehlo.convolution' in l][0]
-  assert 'bf16' in conv.rsplit(':', 1)[1].split('->')[0]
-  assert 'f32' in conv.rsplit('->', 1)[1]
+  # The first and last layers stay float32 (models_vit.EDGE_DTYPE):
+  # pre_logits, head and the patch embedding, operands and result.
+  assert len(edge_dots) == 2, edge_dots
+  for operands, result in edge_dots:
+    assert all('f32' in t for t in operands + (result,)), (operands, result)
+  conv = [l for l in hlo.splitlines() if 'stablehlo.convolution' in l]
+  assert len(conv) == 1 and 'bf16' not in conv[0], conv
+  # The final LayerNorm hands float32 to the head, the blocks' bfloat16.
+  _, state = model.apply(
+      {'params': params}, images, train=False,
+      capture_intermediates=lambda m, _: isinstance(m, nn.LayerNorm))
+  norms = state['intermediates']['Transformer']
+  assert norms['encoder_norm']['__call__'][0].dtype == jnp.float32
+  assert norms['encoderblock_0']['LayerNorm_0']['__call__'][0].dtype == (
+      jnp.bfloat16)
 
 
 @pytest.mark.parametrize('lhs_shape,rhs_shape,dimension_numbers', [

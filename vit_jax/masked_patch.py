@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax import models
-from vit_jax import mixed_precision
 from vit_jax import models_vit
 
 Array = Any
@@ -195,9 +194,9 @@ class MaskedPatchPredictor(models_vit.VisionTransformer):
                      **self._encoder_extra_kwargs())(
                          x, train=train, grid=(gh, gw),
                          num_prefix_tokens=prefix)
-    logits = nn.Dense(num_color_classes(self.color_bits), dtype=self.dtype,
+    logits = nn.Dense(num_color_classes(self.color_bits),
+                      dtype=models_vit.EDGE_DTYPE,
                       kernel_init=nn.initializers.zeros,
-                      **mixed_precision.matmul_kwargs(self.dtype),
                       name='mpp_head')(x[:, prefix:])
     return logits.astype(jnp.float32), chosen
 

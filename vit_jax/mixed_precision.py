@@ -1,8 +1,8 @@
 """Matmuls of bfloat16 operands with float32 accumulation, forward and backward.
 
-`VisionTransformer(dtype=jnp.bfloat16)` hands these to its flax layers
-(`dot_general=`, `conv_general_dilated=`, the attention einsums), so that
-every matmul takes bfloat16 operands and accumulates and returns float32:
+`VisionTransformer(dtype=jnp.bfloat16)` hands these to the flax layers of
+its encoder blocks (`dot_general=`, the attention einsums), so that every
+block matmul takes bfloat16 operands and accumulates and returns float32:
 what GPU tensor cores do, and what AVX512-BF16 CPUs do at about twice the
 float32 rate (XLA, 2048^3: 892 vs 407 GFLOP/s on the Zen 5 of
 /work/shared/MACHINE.md, where a bfloat16-out dot runs at 335 GFLOP/s,
@@ -139,16 +139,6 @@ def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
   dimension_numbers = tuple(tuple(tuple(int(d) for d in dims) for dims in pair)
                             for pair in dimension_numbers)
   return _mixed_dot(lhs, rhs, dimension_numbers)
-
-
-def f32_accumulating_conv(lhs, rhs, *args, **kwargs):
-  """Drop-in `lax.conv_general_dilated` with float32 accumulation and output.
-
-  Used for the patch embedding only, whose input gradient is never needed;
-  its kernel gradient (about 1% of a ViT's FLOPs) keeps JAX's float32 rule.
-  """
-  kwargs['preferred_element_type'] = jnp.float32
-  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
 class F32AccumulatingEinsum:
