@@ -219,17 +219,12 @@ def three_steps(*, devices, accum_steps):
   return losses, jax.device_get(flax.jax_utils.unreplicate(params_repl))
 
 
-def _flat(params):
-  return {'/'.join(str(k.key) for k in path): v
-          for path, v in jax.tree_util.tree_leaves_with_path(params)}
-
-
 def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   out = str(tmp_path / 'eight.npz')
   run_python(_DATA_PARALLEL_SCRIPT, devices=8, args=(out, '1'))
   eight = dict(np.load(out))
   losses, params = three_steps(devices=1, accum_steps=1)
-  flat = _flat(params)
+  flat = checkpoint.flatten_tree(params)
   # It trains: step 1 sees the zero head (log 10), later steps do not.
   assert abs(losses[0] - np.log(10)) < 1e-5
   assert losses[2] != losses[1] != losses[0]
@@ -244,7 +239,7 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   # 1 device, 4 accumulated micro-batches of 4 == 1 device x 16 at once.
   losses4, params4 = three_steps(devices=1, accum_steps=4)
   np.testing.assert_allclose(losses4, losses, rtol=1e-5)
-  for key, value in _flat(params4).items():
+  for key, value in checkpoint.flatten_tree(params4).items():
     np.testing.assert_allclose(value, flat[key], rtol=1e-5, atol=1e-6,
                                err_msg=key)
 

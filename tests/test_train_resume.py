@@ -16,6 +16,7 @@ import numpy as np
 from test_train import REPO
 from test_train import read_summary
 from test_train import tiny_config
+from vit_jax import checkpoint
 from vit_jax import train
 from vit_jax import train_checkpoint
 
@@ -103,17 +104,9 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   assert summary['start_step'] == killed_at
   assert read_summary(workdir)['step'] == TOTAL_STEPS
   got = train_checkpoint.TrainCheckpoints(workdir).restore_params()
-  flat_want = dict(_flat(want))
-  flat_got = dict(_flat(got))
+  flat_want = checkpoint.flatten_tree(want)
+  flat_got = checkpoint.flatten_tree(got)
   assert flat_got.keys() == flat_want.keys()
   for key, value in flat_want.items():
     np.testing.assert_allclose(flat_got[key], value, rtol=0, atol=1e-6,
                                err_msg=key)
-
-
-def _flat(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flat(value, f'{prefix}{key}/')
-    else:
-      yield f'{prefix}{key}', np.asarray(value)
