@@ -60,7 +60,7 @@ def get_config():
   config.mpp.random_prob = 0.1  # by another patch; the rest are kept.
   config.mpp.color_bits = 3  # Target: 3-bit mean colour (512 classes).
 
-  # ---- Pre-trained checkpoint (fine-tuning; vit_jax/checkpoint.py).
+  # ---- Pre-trained checkpoint (fine-tuning; vit_jax/pretrained.py).
   config.pretrained_dir = placeholder(str)  # Folder of released .npz files, or None.
   config.pretrained_path = placeholder(str)  # A specific .npz; wins over pretrained_dir.
 

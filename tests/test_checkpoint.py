@@ -787,3 +787,17 @@ def test_cli_resize(tmp_path, method):
   # The input had linen names, so the output keeps them.
   assert ('Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'
           in np.load(out).files)
+
+
+def test_original_api_names_stay_in_checkpoint():
+  # SPEC section 8: code written for the original calls these on
+  # `vit_jax.checkpoint`; they live in `pretrained` and `posembed` now.
+  from vit_jax import posembed  # pylint: disable=g-import-not-at-top
+  from vit_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoint import interpolate_posembed  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoint import load_pretrained  # pylint: disable=g-import-not-at-top
+  assert load_pretrained is pretrained.load_pretrained
+  assert checkpoint.inspect_params is pretrained.inspect_params
+  assert interpolate_posembed is posembed.interpolate_posembed
+  with pytest.raises(AttributeError, match='no_such_name'):
+    checkpoint.no_such_name  # pylint: disable=pointless-statement

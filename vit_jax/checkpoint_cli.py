@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from vit_jax.checkpoint import (  # pylint: disable=g-multiple-import
-    _ENCODER_BLOCK, CheckpointError, NAME_SCHEMES, Params, _image_grid, _shape,
-    flatten_tree, interpolate_posembed, load, read_npz, save)
+    _ENCODER_BLOCK, CheckpointError, NAME_SCHEMES, Params, flatten_tree, load,
+    read_npz, save, shape_of)
+from vit_jax.posembed import image_grid, interpolate_posembed
 from vit_jax.configs import models as models_config
 
 
@@ -46,12 +47,12 @@ def describe(params: Params) -> Dict[str, Any]:
   if kernel is None or np.ndim(kernel) != 4:
     raise CheckpointError('No embedding/kernel of rank 4: not a ViT '
                           'checkpoint.')
-  ph, pw, _, hidden = _shape(kernel)
+  ph, pw, _, hidden = shape_of(kernel)
   info = {'hidden_size': hidden, 'patch_size': (ph, pw)}
 
   resnet, stem_stride = None, 1
   if 'conv_root' in params:
-    width = _shape(params['conv_root']['kernel'])[-1]
+    width = shape_of(params['conv_root']['kernel'])[-1]
     stages = sorted((int(k[len('block'):]), v) for k, v in params.items()
                     if re.fullmatch(r'block\d+', k))
     num_layers = tuple(
@@ -73,28 +74,28 @@ def describe(params: Params) -> Dict[str, Any]:
     block = blocks[0][1]
     query = block.get('MultiHeadDotProductAttention_0', {}).get('query', {})
     if 'kernel' in query:
-      info['num_heads'] = _shape(query['kernel'])[1]
+      info['num_heads'] = shape_of(query['kernel'])[1]
     dense = block.get('MlpBlock_0', {}).get('Dense_0', {})
     if 'kernel' in dense:
-      info['mlp_dim'] = _shape(dense['kernel'])[1]
+      info['mlp_dim'] = shape_of(dense['kernel'])[1]
 
   info['has_class_token'] = 'cls' in params
   info['classifier'] = 'token' if info['has_class_token'] else 'gap'
   posemb = transformer.get('posembed_input', {}).get('pos_embedding')
   info['num_tokens'] = info['grid'] = None
   if posemb is not None:
-    info['num_tokens'] = _shape(posemb)[1]
+    info['num_tokens'] = shape_of(posemb)[1]
     grid_tokens = info['num_tokens'] - int(info['has_class_token'])
     g = math.isqrt(max(grid_tokens, 0))
     if g * g == grid_tokens:
       info['grid'] = (g, g)
   pre_logits = params.get('pre_logits', {})
-  info['representation_size'] = (_shape(pre_logits['kernel'])[-1]
+  info['representation_size'] = (shape_of(pre_logits['kernel'])[-1]
                                  if 'kernel' in pre_logits else None)
   head = params.get('head', {})
-  info['num_classes'] = (_shape(head['kernel'])[-1] if 'kernel' in head
+  info['num_classes'] = (shape_of(head['kernel'])[-1] if 'kernel' in head
                          else None)
-  info['num_params'] = sum(int(np.prod(_shape(v)))
+  info['num_params'] = sum(int(np.prod(shape_of(v)))
                            for v in flatten_tree(params).values())
   info['zoo_names'] = _zoo_names(info)
   return info
@@ -255,8 +256,8 @@ def _resize(args) -> None:
                           'embedding to resize.')
   old = posembed['pos_embedding']
   try:
-    grid = _image_grid(args.image_size, info['pixels_per_token'], 'new')
-    old_grid = (None if args.source_image_size is None else _image_grid(
+    grid = image_grid(args.image_size, info['pixels_per_token'], 'new')
+    old_grid = (None if args.source_image_size is None else image_grid(
         args.source_image_size, info['pixels_per_token'], 'source'))
     new = interpolate_posembed(
         old, grid[0] * grid[1] + int(info['has_class_token']),

@@ -27,12 +27,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import checkpoint
 from vit_jax import dataset_report
 from vit_jax import input_pipeline
 from vit_jax import masked_patch
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import pretrained
 from vit_jax import progress
 from vit_jax import train_checkpoint
 from vit_jax import trainable
@@ -352,7 +352,7 @@ def init_params(model, config: ml_collections.ConfigDict, *,
   path = pretrained_path(config) if load_pretrained else None
   if path:
     logging.info('Fine-tuning from %s', path)
-    params = checkpoint.load_pretrained(
+    params = pretrained.load_pretrained(
         pretrained_path=path, init_params=params, model_config=config.model,
         image_size=(height, width))
   return jax.tree_util.tree_map(np.asarray, params)

@@ -1,0 +1,185 @@
+"""Resampling position embeddings to a new token grid (SPEC section 5).
+
+The paper fine-tunes at a higher resolution than it pre-trains, keeping the
+patch size: the sequence gets longer, and "we perform 2D interpolation of the
+pre-trained position embeddings, according to their location in the
+original image" (Sec. 3.2). `interpolate_posembed` is the original's function
+of that name (the class-token row kept aside, the grid resampled with
+`scipy.ndimage.zoom(order=1)` numbers), extended to non-square grids and a
+bicubic method. `vit_jax.pretrained.load_pretrained` uses it when fine-tuning;
+`python -m vit_jax.checkpoint resize` applies it to a file. The original's
+name `vit_jax.checkpoint.interpolate_posembed` still works.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+
+from vit_jax.checkpoint import CheckpointError
+
+Grid = Tuple[int, int]
+
+# 'bilinear_aligned' is the original's scipy.ndimage.zoom(order=1);
+# 'bilinear' is accepted as its short name.
+RESAMPLE_METHODS = ('bilinear_aligned', 'bicubic')
+_METHOD_ALIASES = {'bilinear': 'bilinear_aligned'}
+
+
+def _bilinear_aligned_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] linear interpolation, output i at input i*(n_in-1)/(n_out-1).
+
+  The corner-aligned sampling of `scipy.ndimage.zoom(order=1)`, which the
+  original uses (SPEC section 5).
+  """
+  weights = np.zeros((n_out, n_in))
+  if n_in == 1 or n_out == 1:
+    weights[:, 0] = 1.
+    return weights
+  position = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+  left = np.clip(np.floor(position).astype(int), 0, n_in - 2)
+  frac = position - left
+  rows = np.arange(n_out)
+  weights[rows, left] = 1. - frac
+  weights[rows, left + 1] += frac
+  return weights
+
+
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+  """Keys' cubic convolution kernel with a = -0.5 (Keys 1981)."""
+  x = np.abs(x)
+  near = (1.5 * x - 2.5) * x * x + 1.
+  far = ((-0.5 * x + 2.5) * x - 4.) * x + 2.
+  return np.where(x < 1., near, np.where(x < 2., far, 0.))
+
+
+def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] bicubic weights, half-pixel centres, antialiased shrinking.
+
+  Output pixel i's centre lies at input coordinate (i + 0.5) * n_in / n_out
+  - 0.5. When shrinking, the kernel is stretched by n_in / n_out (a low-pass
+  filter). Taps outside the input are dropped and each row renormalised to
+  sum to 1. This is the definition of `jax.image.resize(method='cubic')`
+  (also PIL's BICUBIC), which the tests compare with.
+  """
+  scale = n_in / n_out
+  support = max(scale, 1.)
+  centre = (np.arange(n_out) + 0.5) * scale - 0.5
+  weights = _keys_cubic((centre[:, None] - np.arange(n_in)[None, :]) / support)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resample_grid(grid_HxWxD: np.ndarray, new_hw: Grid,
+                  method: str = 'bilinear_aligned') -> np.ndarray:
+  """Resamples a grid of embeddings [H, W, D] to [new_h, new_w, D].
+
+  Args:
+    grid_HxWxD: the embeddings on their grid.
+    new_hw: (new_h, new_w).
+    method: 'bilinear_aligned' (the original's, = scipy.ndimage.zoom with
+      order=1, corners aligned) or 'bicubic' (see `_bicubic_weights`).
+
+  Returns:
+    The resampled grid, in the input's dtype (computed in float64).
+  """
+  method = _METHOD_ALIASES.get(method, method)
+  if method not in RESAMPLE_METHODS:
+    raise ValueError(f'Unknown resampling method {method!r}; use one of '
+                     f'{RESAMPLE_METHODS + tuple(_METHOD_ALIASES)}.')
+  weights_fn = (_bilinear_aligned_weights if method == 'bilinear_aligned'
+                else _bicubic_weights)
+  h, w, _ = grid_HxWxD.shape
+  new_h, new_w = new_hw
+  rows_hxH = weights_fn(h, new_h)
+  cols_wxW = weights_fn(w, new_w)
+  out = np.einsum('hH,HWd,wW->hwd', rows_hxH,
+                  np.asarray(grid_HxWxD, np.float64), cols_wxW)
+  return out.astype(grid_HxWxD.dtype)
+
+
+def _grid_of(num_tokens: int, grid: Optional[Sequence[int]], what: str) -> Grid:
+  """`grid` checked against `num_tokens`, or the square grid of that many."""
+  if grid is not None:
+    gh, gw = (int(g) for g in grid)
+    if gh <= 0 or gw <= 0 or gh * gw != num_tokens:
+      raise CheckpointError(
+          f'The {what} grid {gh}x{gw} has {gh * gw} tokens, but the position '
+          f'embedding has {num_tokens} grid tokens.')
+    return gh, gw
+  g = math.isqrt(max(num_tokens, 0))
+  if num_tokens <= 0 or g * g != num_tokens:
+    raise CheckpointError(
+        f'The {what} position embedding has {num_tokens} grid tokens, which '
+        'is not a square grid; give the grid explicitly (grid=/old_grid= of '
+        'interpolate_posembed, image_size=/pretrained_image_size= of '
+        'load_pretrained, --image-size/--source-image-size of the command '
+        'line).')
+  return g, g
+
+
+def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,
+                         grid: Optional[Sequence[int]] = None,
+                         old_grid: Optional[Sequence[int]] = None,
+                         method: str = 'bilinear_aligned') -> np.ndarray:
+  """Resamples a (1, N, D) position embedding to `num_tokens` rows.
+
+  As the original (SPEC section 5): the class-token row (when the model has
+  one) is kept aside, the rest reshaped to its grid, resampled, and the
+  class row put back in front. With the default method the numbers are the
+  original's `scipy.ndimage.zoom(grid, (gh/gh_old, gw/gw_old, 1), order=1)`.
+
+  Args:
+    posemb: (1, N, D), class-token row first when `has_class_token`.
+    num_tokens: rows of the result, the class token included.
+    has_class_token: whether row 0 belongs to the class token.
+    grid: (rows, cols) of the new grid; default: square.
+    old_grid: (rows, cols) of `posemb`'s grid; default: square.
+    method: 'bilinear_aligned' (alias 'bilinear'; the original's) or
+      'bicubic' (`jax.image.resize(method='cubic')` numbers).
+
+  Returns:
+    numpy (1, num_tokens, D) in `posemb`'s dtype.
+
+  Raises:
+    CheckpointError: a grid that is not square when none is given, or one
+      that does not have the number of tokens.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise CheckpointError(f'The position embedding has shape {posemb.shape}; '
+                          'expected (1, tokens, hidden).')
+  num_prefix = int(bool(has_class_token))
+  posemb_tok, posemb_grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
+  gh_old, gw_old = _grid_of(posemb_grid.shape[0], old_grid, 'checkpoint\'s')
+  gh, gw = _grid_of(num_tokens - num_prefix, grid, 'new')
+  logging.info('interpolate_posembed: grid %dx%d -> %dx%d (%s)', gh_old, gw_old,
+               gh, gw, method)
+  grid_HxWxD = posemb_grid.reshape(gh_old, gw_old, -1)
+  resampled = resample_grid(grid_HxWxD, (gh, gw), method)
+  return np.concatenate([posemb_tok, resampled.reshape(1, gh * gw, -1)],
+                        axis=1)
+
+
+def pixels_per_token(model_config) -> Grid:
+  """Stem stride times patch size, from the model config."""
+  ph, pw = tuple(model_config.patches.size)
+  resnet = model_config.get('resnet')
+  stride = 1
+  if resnet is not None:
+    from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
+    stride = models_resnet.stem_stride(tuple(resnet.num_layers))
+  return stride * ph, stride * pw
+
+
+def image_grid(image_size, stride: Grid, what: str) -> Grid:
+  """Tokens per (row, column) of an image size; `what` names it in errors."""
+  if isinstance(image_size, int):
+    image_size = (image_size, image_size)
+  h, w = (int(s) for s in image_size)
+  sh, sw = stride
+  if h <= 0 or w <= 0 or h % sh or w % sw:
+    raise CheckpointError(
+        f'The {what} image size {h}x{w} is not a positive multiple of the '
+        f'{sh}x{sw} pixels per token of the model.')
+  return h // sh, w // sw
