@@ -60,8 +60,8 @@ machine sold under the same CPU name that was not the same CPU: the
 development machine of this repository's later runs is an AMD EPYC of
 family 25 (Zen 4), whose 512-bit FMAs run at half the rate of the Zen 5 of
 MACHINE.md (XLA float32 matmul peak 199 vs 407 GFLOP/s), and the original
-itself ran there at 4.0-4.6 (ViT-B/16 inference) and 4.8-4.9 (ViT-S/16
-training step) images/s in three runs of this script (see README, Speed)
+itself ran there at 4.0-4.6 (ViT-B/16 inference) and 4.7-4.9 (ViT-S/16
+training step) images/s in four runs of this script (see README, Speed)
 instead of MACHINE.md's 9.1 and 7.8. The host line
 prints the CPU family. Timings on the shared development machine move by
 10% and more: compare numbers of one run.
@@ -72,7 +72,11 @@ interleaved calls):
     (`dtype=jnp.bfloat16`): ViT-B/16 inference 1.9x float32; ViT-S/16
     training step 1.6x, but only after a custom gradient
     (`vit_jax.mixed_precision`): with JAX's own gradient the backward dots
-    ran in float32 and the step was just 1.1x.
+    ran in float32 and the step was just 1.1x. Since commit 9000c09 the
+    first and last layers stay float32 (`models_vit.EDGE_DTYPE`, for
+    accuracy): ViT-S/16 training 1.61x the original instead of 1.64x, ViT-B/16
+    inference 2.21x instead of 2.16x (README, Speed; runs at 0d89088 and
+    54399a6; differences of that size are within run-to-run noise).
   * bfloat16 activations between matmuls (dot outputs cast back to bf16):
     training 15% slower than float32 activations; XLA:CPU's bf16
     elementwise code is slower than its float32 code.
