@@ -17,9 +17,9 @@ after 1,500 steps, the same in two runs; 3-7 minutes of training and
 evaluation (measured with other jobs on the cores). --config.seed=1 gives
 0.9860; --config.model.dtype=bfloat16 gives 0.9780 (seed 0) and 0.9770
 (seed 1) at commit 9000c09; over seeds 0-9 bfloat16 averages 0.9783 and
-float32 0.9803, a 0.20-point gap within seed noise (README, Results). Leaves checkpoints/, TensorBoard events, summary.json and the
-dataset report (class_names.json, split.json, split_counts.png) in the
-workdir.
+float32 0.9803, a 0.20-point gap within seed noise (README, Results).
+Leaves checkpoints/, TensorBoard events, summary.json and the dataset report
+(class_names.json, split.json, split_counts.png) in the workdir.
 """
 
 import ml_collections

@@ -41,6 +41,7 @@ Command line (`python -m vit_jax.checkpoint --help`, in `checkpoint_cli`):
 
 import collections
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -418,7 +419,6 @@ _MOVED = {
 def __getattr__(name: str) -> Any:
   """`checkpoint.load_pretrained` etc.: the original's names, moved."""
   if name in _MOVED:
-    import importlib  # pylint: disable=g-import-not-at-top
     return getattr(importlib.import_module(f'vit_jax.{_MOVED[name]}'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
