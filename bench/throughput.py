@@ -26,6 +26,14 @@ Sections (`--what`, comma-separated):
   train    images/s of one training step as the original fine-tunes: forward,
            backward, global-norm clip 1.0, SGD momentum 0.9 with a bfloat16
            momentum buffer (optax), parameters donated.
+  ceiling  with infer and/or train: the same functions' matmuls alone
+           (`bench.ceiling`: every dot_general and convolution of the
+           jaxpr, backward ones included, at their shapes and dtypes, on
+           random operands), timed interleaved with the full calls. The
+           images/s a step would reach if everything between its matmuls
+           (LayerNorm, GELU, softmax, casts, the optimizer) took no time:
+           what no change short of other matmul shapes or fewer FLOPs can
+           pass.
   frozen   frozen-backbone fine-tuning: images/s of the training loop's own
            step (`train.make_update_fn`, pmapped, one device; same optimizer
            and batch as `train`) training every parameter ('train (all)')
@@ -139,6 +147,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench import ceiling
 from vit_jax import layouts
 from vit_jax import models
 from vit_jax import trainable
@@ -180,7 +189,8 @@ TARGET_REMAT_BATCH_RATIO = 2.0  # remat full vs none, same memory budget.
 TARGET_SCAN_COMPILE_RATIO = 1 / 3  # ViT-L/16 train step, scan vs loop.
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-SECTIONS = ('peak', 'infer', 'train', 'frozen', 'compile', 'remat')
+SECTIONS = ('peak', 'infer', 'train', 'ceiling', 'frozen', 'compile',
+            'remat')
 # The frozen section: `trainable` of each step (train.make_update_fn), and
 # the step's name in the tables.
 FROZEN_STEPS = ('all', 'head')
@@ -350,12 +360,13 @@ def batch_arrays(batch: int, image_size: int, num_classes: int):
 def prepare_infer(model, params, args) -> Tuple[Callable[[], Any], Dict]:
   """(call, row without images_per_s) of jitted `model.apply(train=False)`."""
   images, _ = batch_arrays(args.batch, args.image_size, args.num_classes)
-  compiled, compile_s = compile_timed(
-      lambda p, x: model.apply({'params': p}, x, train=False), params, images)
+  infer = lambda p, x: model.apply({'params': p}, x, train=False)
+  compiled, compile_s = compile_timed(infer, params, images)
   return (lambda: compiled(params, images)), dict(
       compile_s=compile_s, peak_bytes=peak_bytes(compiled),
       flops=vit_forward_flops(model, args.image_size),
-      xla_flops=_per_image(xla_flops(compiled), args.batch))
+      xla_flops=_per_image(xla_flops(compiled), args.batch),
+      traced=(infer, _abstract((params, images))))
 
 
 def prepare_train(model, params, args) -> Tuple[Callable[[], Any], Dict]:
@@ -365,9 +376,10 @@ def prepare_train(model, params, args) -> Tuple[Callable[[], Any], Dict]:
   # A copy: the step donates its parameters.
   state = [jax.tree_util.tree_map(jnp.copy, params), tx.init(params)]
   rng = jax.random.key(1)
-  compiled, compile_s = compile_timed(
-      make_train_step(model, tx), state[0], state[1], images, labels, rng,
-      donate_argnums=(0, 1))
+  train_step = make_train_step(model, tx)
+  traced = (train_step, _abstract((*state, images, labels, rng)))
+  compiled, compile_s = compile_timed(train_step, *state, images, labels, rng,
+                                      donate_argnums=(0, 1))
 
   def step():
     state[0], state[1], loss = compiled(state[0], state[1], images, labels,
@@ -377,7 +389,14 @@ def prepare_train(model, params, args) -> Tuple[Callable[[], Any], Dict]:
   fwd = vit_forward_flops(model, args.image_size)
   return step, dict(compile_s=compile_s, peak_bytes=peak_bytes(compiled),
                     flops=None if fwd is None else 3 * fwd,
-                    xla_flops=_per_image(xla_flops(compiled), args.batch))
+                    xla_flops=_per_image(xla_flops(compiled), args.batch),
+                    traced=traced)
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs of `tree`'s arrays (to trace without touching them)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 PREPARE = {'infer': prepare_infer, 'train': prepare_train}
@@ -392,9 +411,15 @@ def measure(what: str, name: str, args,
   'original'. The calls of all variants are interleaved, so that their
   ratios hold on a machine whose speed drifts.
 
+  With 'ceiling' in `args.what`, each of our dtypes also gets its matmul
+  ceiling (`bench.ceiling`): the function's dot_generals and convolutions
+  alone, at its shapes, timed interleaved with the rest.
+
   Returns:
     {dtype or 'original': row}; a row has images_per_s, compile_s,
-    peak_bytes, flops (analytic, per image) and xla_flops (per image).
+    peak_bytes, flops (analytic, per image) and xla_flops (per image); with
+    the ceiling, our rows also have ceiling_images_per_s (the matmuls alone)
+    and matmul_flops (theirs, per image, counted from the jaxpr).
   """
   kw = {} if what == 'infer' else dict(remat_policy=args.remat_policy,
                                        scan=args.scan)
@@ -417,13 +442,25 @@ def measure(what: str, name: str, args,
       p = layouts.scan_to_layers(params)
     call, rows[key] = PREPARE[what](model, p, args)
     calls.append(call)
+  keys = list(variants)
+  for key in ours:
+    fn, abstract_args = rows[key].pop('traced')
+    if 'ceiling' in args.what:
+      ops = ceiling.matmul_ops(fn, *abstract_args)
+      rows[key]['matmul_flops'] = sum(op.flops for op in ops) / args.batch
+      calls.append(ceiling.dots_only(ops))
+      keys.append(('ceiling', key))
   if original is not None:  # The original computes every token to the end.
+    rows['original'].pop('traced')
     full = models.get_model(name, num_classes=args.num_classes)
     rows['original']['flops'] = (vit_forward_flops(full, args.image_size) *
                                  (1 if what == 'infer' else 3))
-  for key, seconds in zip(variants, median_seconds_interleaved(
+  for key, seconds in zip(keys, median_seconds_interleaved(
       calls, args.repeats)):
-    rows[key]['images_per_s'] = args.batch / seconds
+    if isinstance(key, tuple):
+      rows[key[1]]['ceiling_images_per_s'] = args.batch / seconds
+    else:
+      rows[key]['images_per_s'] = args.batch / seconds
   return rows
 
 
@@ -763,6 +800,9 @@ def parse_args(argv):
   for w in args.what:
     if w not in SECTIONS:
       p.error(f'--what: unknown section {w!r}; use {SECTIONS}')
+  if 'ceiling' in args.what and not {'infer', 'train'} & set(args.what):
+    p.error('--what: ceiling measures the infer and train sections\' '
+            'functions; add infer and/or train (e.g. --what train,ceiling)')
   on_gpu = jax.default_backend() == 'gpu'
   if args.batch is None:
     args.batch = 128 if on_gpu else 8
@@ -873,6 +913,36 @@ def main(argv=None):
             'train (all) / train (head only): train.make_update_fn, the '
             'training loop\'s pmapped step, trainable=None / \'head\'.')
 
+  ceilings = {k: r for k, r in results.items()
+              if r.get('ceiling_images_per_s')}
+  if ceilings:
+    log('\n## Matmul ceiling: the matmuls alone (bench.ceiling), calls '
+        'interleaved with the full ones')
+    rows = []
+    for (what, name, d), r in ceilings.items():
+      top = r['ceiling_images_per_s']
+      orig, here = _original_images_per_s(originals, what, name)
+      target = TARGET_X_ORIGINAL.get((what, name, d))
+      gflop = r['matmul_flops'] / 1e9
+      rows.append([
+          what, name, d, f'{r["images_per_s"]:.1f}', f'{top:.1f}',
+          f'{100 * r["images_per_s"] / top:.0f}', f'{gflop:.2f}',
+          f'{gflop * top:.0f}',
+          _fmt(_div(100 * gflop * top, peak.get(d)), '.0f'),
+          _fmt(_div(top, orig), '.2f') + ('' if here or orig is None
+                                          else '*'),
+          '-' if target is None else f'>= {target:g}'])
+    print_table(['step', 'model', 'dtype', 'img/s', 'matmuls alone img/s',
+                 '% of ceiling', 'matmul GFLOP/img', 'matmul GFLOP/s',
+                 '% of peak', 'ceiling x original', 'target'], rows)
+    print('matmuls alone: every dot_general and convolution of the jitted '
+          'function (forward and backward), nothing else; the full call '
+          'cannot beat it without other matmul shapes or fewer FLOPs. '
+          'matmul GFLOP/img: counted from the jaxpr. % of peak: against the '
+          'n^3 matmul above. ceiling x original: the matmuls alone over the '
+          'original\'s full call (* = MACHINE.md\'s number): a target above '
+          'it cannot be met on this machine with these matmuls.')
+
   if frozen:
     log('\n## Training only the head (trainable=\'head\') vs all parameters')
     rows = []
@@ -902,9 +972,7 @@ def main(argv=None):
     rows = []
     for (what, name, d), r in results.items():
       ips = r['images_per_s']
-      here = originals.get((what, name))
-      orig = (here['images_per_s'] if here else
-              ORIGINAL_IMAGES_PER_S.get((what, name)))
+      orig, here = _original_images_per_s(originals, what, name)
       timm_ips = timm.get((name, d)) if what == 'infer' else None
       timm_ref = (timm_ips if timm_ips is not None else
                   TIMM_IMAGES_PER_S.get((what, name, d)))
@@ -919,7 +987,7 @@ def main(argv=None):
       star = lambda v, measured: _fmt(v) + ('' if measured or v is None
                                             else '*')
       rows.append([
-          what, name, d, f'{ips:.1f}', star(orig, here is not None),
+          what, name, d, f'{ips:.1f}', star(orig, here),
           _fmt(x_orig, '.2f'),
           '-' if target is None else f'>= {target:g}' + (
               ' & > timm' if (what, name, d) in TARGET_ABOVE_TIMM else ''),
@@ -982,6 +1050,14 @@ def main(argv=None):
           'remat saves memory only under scan: without it the scheduler runs '
           'the recomputation early and keeps its outputs as long as the '
           'forward\'s.')
+
+
+def _original_images_per_s(originals, what, name):
+  """(images/s, measured in this run?): `originals`, else MACHINE.md."""
+  here = originals.get((what, name))
+  if here:
+    return here['images_per_s'], True
+  return ORIGINAL_IMAGES_PER_S.get((what, name)), False
 
 
 def _gib(n):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench import ceiling
 from bench import throughput
 import vit_jax
 from vit_jax import models
@@ -159,3 +160,115 @@ def test_timm_without_timm_says_how_to_get_it(monkeypatch):
   args = throughput.parse_args(ARGV + ['--timm'])
   with pytest.raises(SystemExit, match='pip install torch timm'):
     throughput.timm_inference('ViT-S_16', args)
+
+
+# ---- The matmul ceiling (`bench.ceiling`, `--what ceiling`).
+
+
+def _testing_step(scan=False):
+  model = models.get_model('testing', num_classes=10, scan=scan)
+  images, labels = throughput.batch_arrays(2, 32, 10)
+  params = model.init(jax.random.key(0), images[:1], train=False)['params']
+  tx = throughput.make_optimizer()
+  step = throughput.make_train_step(model, tx)
+  return model, step, (params, tx.init(params), images, labels,
+                       jax.random.key(1))
+
+
+def test_ceiling_counts_the_forward_matmuls_exactly():
+  model, _, (params, _, images, _, _) = _testing_step()
+  ops = ceiling.matmul_ops(
+      lambda p, x: model.apply({'params': p}, x, train=False), params, images)
+  # Patch embedding, q, k, v, q k^T, softmax(.) v, out, MLP x2, head.
+  assert [op.name for op in ops].count('conv_general_dilated') == 1
+  assert len(ops) == 10
+  assert sum(op.flops for op in ops) == 2 * throughput.vit_forward_flops(
+      model, 32)
+
+
+def test_ceiling_counts_the_backward_and_each_scanned_layer():
+  model, step, args = _testing_step()
+  ops = ceiling.matmul_ops(step, *args)
+  conv = [op for op in ops if op.name == 'conv_general_dilated']
+  # Each matmul gives two in the backward pass, but the images need no
+  # gradient: the patch embedding's backward is its kernel gradient alone.
+  assert len(ops) == 3 * 10 - 1 and len(conv) == 2
+  forward = 2 * throughput.vit_forward_flops(model, 32)
+  assert sum(op.flops for op in ops) == 3 * forward - conv[0].flops
+
+  layers = dict(models.MODEL_CONFIGS['testing'].transformer.to_dict(),
+                num_layers=3)
+  deep = lambda scan: models.get_model('testing', num_classes=10, scan=scan,
+                                       transformer=layers)
+  counted = {}
+  for scan in (False, True):
+    m = deep(scan)
+    images = args[2]
+    params = m.init(jax.random.key(0), images[:1], train=False)['params']
+    counted[scan] = ceiling.matmul_ops(
+        lambda p, x, m=m: m.apply({'params': p}, x, train=False), params,
+        images)
+  assert len(counted[True]) == len(counted[False]) == 1 + 3 * 8 + 1
+  assert (sum(op.flops for op in counted[True]) ==
+          sum(op.flops for op in counted[False]))
+
+
+def test_dots_only_computes_every_product_at_its_shape():
+  _, step, args = _testing_step()
+  ops = ceiling.matmul_ops(step, *args)
+  outs = jax.block_until_ready(ceiling.dots_only(ops)())
+  assert [o.shape for o in outs] == [op.out_shape for op in ops]
+  assert all(bool(jnp.all(jnp.isfinite(o))) and float(jnp.abs(o).max()) > 0
+             for o in outs)
+  with pytest.raises(ValueError, match='no matmuls'):
+    ceiling.dots_only([])
+
+
+def test_ceiling_refuses_data_dependent_loops():
+  def loop(x):
+    return jax.lax.while_loop(lambda c: c[1] < 3,
+                              lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0]
+  with pytest.raises(NotImplementedError, match="'while'"):
+    ceiling.matmul_ops(loop, jnp.ones((4, 4)))
+
+
+@pytest.mark.parametrize('what', ['infer', 'train'])
+def test_measure_times_the_ceiling_beside_the_call(what):
+  args = throughput.parse_args(ARGV + ['--what', f'{what},ceiling'])
+  row = throughput.measure(what, 'testing', args)['float32']
+  _check_row(row)
+  assert row['ceiling_images_per_s'] > 0
+  model = models.get_model('testing', num_classes=10)
+  forward = throughput.vit_forward_flops(model, 32)
+  if what == 'infer':
+    assert row['matmul_flops'] == row['flops'] == forward
+  else:
+    assert forward * 2 < row['matmul_flops'] < row['flops'] == 3 * forward
+
+
+def test_ceiling_needs_infer_or_train():
+  with pytest.raises(SystemExit):
+    throughput.parse_args(ARGV + ['--what', 'ceiling'])
+
+
+def test_ceiling_table_against_the_original_of_the_run(capsys, monkeypatch):
+  """% of ceiling and ceiling x original from canned rows."""
+  row = lambda ips, top=None: dict(
+      images_per_s=ips, compile_s=1., peak_bytes=2**20, flops=1e9,
+      xla_flops=1e9, **({} if top is None else dict(
+          ceiling_images_per_s=top, matmul_flops=2e9)))
+  monkeypatch.setattr(throughput, 'measure', lambda *_: {
+      'float32': row(5.0, top=6.0), 'bfloat16': row(7.5, top=12.5),
+      'original': row(5.0)})
+  throughput.main(['--models', 'ViT-S_16', '--what', 'train,ceiling',
+                   '--repeats', '1'])
+  out = capsys.readouterr().out
+  table = out[out.index('## Matmul ceiling'):].split('\n\n')[0]
+  cells = [[c.strip() for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:] if line.startswith('|')]
+  # img/s, alone, % of ceiling, GFLOP/img, GFLOP/s, % of peak (no peak
+  # section: '-'), ceiling x original, target.
+  assert [c[3:] for c in cells] == [
+      ['5.0', '6.0', '83', '2.00', '12', '-', '1.20', '>= 1.3'],
+      ['7.5', '12.5', '60', '2.00', '25', '-', '2.50', '>= 2'],
+  ], table

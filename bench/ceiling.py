@@ -1,0 +1,126 @@
+"""The matmul ceiling of a function: its matrix products alone, timed.
+
+A training step is matmuls plus everything between them (LayerNorm, GELU,
+softmax, casts, transposes, the optimizer). Timing the matmuls alone, at the
+shapes, dtypes and dimension numbers the step itself uses, gives the speed
+the step would have if everything else were free: a ceiling no rewrite of
+the elementwise code can pass. `bench.throughput --what ceiling` prints it
+beside the full step.
+
+  ops = matmul_ops(step, *args)      # every dot_general and convolution
+  call = dots_only(ops)              # a jitted function of those alone
+  seconds = median_seconds(call, 9)
+
+The operations come from the function's jaxpr, after differentiation: the
+forward matmuls and the two products each one gives in the backward pass.
+Their operands are random arrays of the recorded shapes, made once; the
+jitted function takes no arguments and returns every product (so none is
+dropped). Nothing orders the products: XLA may run independent ones side by
+side, which only makes the ceiling higher.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, List, Sequence
+
+import jax
+from jax.extend import core as jex_core
+import numpy as np
+
+MATMUL_PRIMITIVES = ('dot_general', 'conv_general_dilated')
+# Primitives whose sub-jaxprs do not run exactly once per call.
+_UNCOUNTABLE = ('while', 'cond')
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulOp:
+  """One dot_general or convolution of a traced function."""
+  primitive: Any
+  params: dict
+  in_avals: tuple
+  out_shape: tuple
+
+  @property
+  def name(self) -> str:
+    return self.primitive.name
+
+  @property
+  def flops(self) -> float:
+    """2 per multiply-add."""
+    out = math.prod(self.out_shape)
+    if self.name == 'dot_general':
+      (contract, _), _ = self.params['dimension_numbers']
+      lhs = self.in_avals[0].shape
+      return 2. * out * math.prod(lhs[i] for i in contract)
+    # A convolution: each output element sums over the kernel's input
+    # features (of its group) and spatial window.
+    rhs_spec = self.params['dimension_numbers'].rhs_spec
+    kernel = self.in_avals[1].shape
+    return 2. * out * math.prod(kernel) / kernel[rhs_spec[0]]
+
+
+def _sub_jaxprs(params: dict):
+  for value in params.values():
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+      if isinstance(v, jex_core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jex_core.Jaxpr):
+        yield v
+
+
+def _collect(jaxpr, repeat: int, out: List[MatmulOp]):
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in MATMUL_PRIMITIVES:
+      op = MatmulOp(eqn.primitive, dict(eqn.params),
+                    tuple(v.aval for v in eqn.invars),
+                    tuple(eqn.outvars[0].aval.shape))
+      out.extend([op] * repeat)
+      continue
+    if name in _UNCOUNTABLE:
+      raise NotImplementedError(
+          f'matmul_ops: a {name!r} runs its body a data-dependent number of '
+          'times, so its matmuls cannot be counted; time a function without '
+          'it (e.g. scan=False, no dropout branches).')
+    times = repeat * (eqn.params['length'] if name == 'scan' else 1)
+    for sub in _sub_jaxprs(eqn.params):
+      _collect(sub, times, out)
+
+
+def matmul_ops(fn: Callable[..., Any], *args) -> List[MatmulOp]:
+  """Every matmul that `fn(*args)` runs, in program order.
+
+  A scan's body counts `length` times. A custom_vjp's forward counts once
+  (its backward appears only in a differentiated function's jaxpr, where it
+  is inlined).
+
+  Args:
+    fn: a jax-traceable function (e.g. a training step).
+    *args: its arguments (arrays or ShapeDtypeStructs).
+
+  Returns:
+    MatmulOps; `sum(op.flops for op in ops)` is the function's matmul FLOPs.
+  """
+  ops: List[MatmulOp] = []
+  _collect(jax.make_jaxpr(fn)(*args).jaxpr, 1, ops)
+  return ops
+
+
+def dots_only(ops: Sequence[MatmulOp], seed: int = 0) -> Callable[[], Any]:
+  """A jitted, argument-free call of `ops` alone on random operands.
+
+  Repeated ops (a scan's body, identical layers) get operands of their own,
+  as in the real function: no product is computed once and reused.
+  """
+  if not ops:
+    raise ValueError('dots_only: no matmuls to time.')
+  rng = np.random.default_rng(seed)
+  operands = [[jax.numpy.asarray(rng.standard_normal(a.shape), a.dtype)
+               for a in op.in_avals] for op in ops]
+
+  @jax.jit
+  def run(operands):
+    return [op.primitive.bind(*xs, **op.params)
+            for op, xs in zip(ops, operands)]
+
+  return lambda: run(operands)
