@@ -52,9 +52,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from vit_jax import layouts
+from vit_jax import trees
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
+
+# Defined in `trees` (which `layouts` shares); these are the original's names.
+CheckpointError = trees.CheckpointError
+recover_tree = trees.recover_tree
+flatten_tree = trees.flatten_tree
 
 _NUMBERED = re.compile(r'^(.*)_(\d+)$')
 _ENCODER_BLOCK = re.compile(r'^encoderblock_\d+$')
@@ -72,40 +78,8 @@ _RELEASED_BLOCK_NAMES = {
 NAME_SCHEMES = ('released', 'linen')
 
 
-class CheckpointError(ValueError):
-  """A checkpoint file that cannot be read or does not fit the model."""
-
-
 # ----------------------------------------------------------------------------
 # Trees.
-
-
-def recover_tree(keys, values) -> Params:
-  """Nests flat '/'-joined keys into a dict tree."""
-  tree = {}
-  for key, value in zip(keys, values):
-    node = tree
-    *parents, leaf = key.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise CheckpointError(f'Key {key!r} nests under a parameter {part!r}.')
-    if isinstance(node.get(leaf), dict):
-      raise CheckpointError(f'Key {key!r} is both a parameter and a module.')
-    node[leaf] = value
-  return tree
-
-
-def flatten_tree(tree: Params, prefix: str = '') -> Dict[str, Any]:
-  """The inverse of `recover_tree`: {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, (dict, collections.abc.Mapping)):
-      flat.update(flatten_tree(value, path + '/'))
-    else:
-      flat[path] = value
-  return flat
 
 
 def flatten_keep_empty(tree: Mapping[str, Any],

@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping
 import jax
 import numpy as np
 
+from vit_jax import trees
+
 Params = Any
 
 SCANNED = 'encoderblock'
@@ -35,40 +37,13 @@ def _is_flat(tree: Mapping[str, Any]) -> bool:
       isinstance(v, Mapping) for v in tree.values())
 
 
-def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  tree = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, f'{prefix}{k}/'))
-    else:
-      flat[f'{prefix}{k}'] = v
-  return flat
+def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  return trees.recover_tree(list(flat), list(flat.values()))
 
 
 def _map_tree(fn, tree):
   return {k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v)
           for k, v in tree.items()}
-
-
-def _leaves_with_paths(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_leaves_with_paths(v, f'{prefix}{k}/'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 def _on_mappings(fn, tree):
@@ -80,7 +55,7 @@ def _on_mappings(fn, tree):
 
 def is_scanned(params: Params) -> bool:
   """Whether some subtree of `params` holds blocks in the scanned layout."""
-  params = _unflatten(params) if _is_flat(params) else params
+  params = _nest(params) if _is_flat(params) else params
   return any(k == SCANNED or (isinstance(v, Mapping) and is_scanned(v))
              for k, v in params.items())
 
@@ -104,9 +79,9 @@ def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
   if not isinstance(params, Mapping):
     return _on_mappings(lambda t: layers_to_scan(t, num_layers), params)
   flat = _is_flat(params)
-  tree = _unflatten(params) if flat else params
+  tree = _nest(params) if flat else params
   out = _layers_to_scan(tree, num_layers, path='')
-  return _flatten(out) if flat else out
+  return trees.flatten_tree(out) if flat else out
 
 
 def _layers_to_scan(tree, num_layers, path):
@@ -122,7 +97,7 @@ def _layers_to_scan(tree, num_layers, path):
           f'{path or "params"} has blocks {sorted(layers)}, but the model has '
           f'num_layers={num_layers} (blocks 0..{num_layers - 1}). Load a '
           'checkpoint of the same depth or fix transformer.num_layers.')
-    blocks = [_leaves_with_paths(tree[layers[i]]) for i in range(num_layers)]
+    blocks = [trees.flatten_tree(tree[layers[i]]) for i in range(num_layers)]
     for i, block in enumerate(blocks[1:], 1):
       if block.keys() != blocks[0].keys():
         raise ValueError(
@@ -135,7 +110,7 @@ def _layers_to_scan(tree, num_layers, path):
           raise ValueError(
               f'{path}encoderblock_{i}/{name} has shape {np.shape(leaf)} but '
               f'encoderblock_0 has {np.shape(blocks[0][name])}.')
-    out[SCANNED] = _unflatten(
+    out[SCANNED] = _nest(
         {name: _stack([b[name] for b in blocks]) for name in blocks[0]})
   for k, v in tree.items():
     if k in layers.values():
@@ -162,16 +137,16 @@ def scan_to_layers(params: Params) -> Dict[str, Any]:
   if not isinstance(params, Mapping):
     return _on_mappings(scan_to_layers, params)
   flat = _is_flat(params)
-  tree = _unflatten(params) if flat else params
+  tree = _nest(params) if flat else params
   out = _scan_to_layers(tree, path='')
-  return _flatten(out) if flat else out
+  return trees.flatten_tree(out) if flat else out
 
 
 def _scan_to_layers(tree, path):
   out = {}
   for k, v in tree.items():
     if k == SCANNED and isinstance(v, Mapping):
-      leaves = _leaves_with_paths(v)
+      leaves = trees.flatten_tree(v)
       depths = {name: np.shape(x)[0] if np.ndim(x) else None
                 for name, x in leaves.items()}
       if len(set(depths.values())) != 1 or None in depths.values():

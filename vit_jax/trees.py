@@ -1,0 +1,45 @@
+"""Parameter trees as nested dicts and as flat '/'-keyed dicts.
+
+The released `.npz` checkpoints hold one array per '/'-joined path
+(`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`); flax holds the
+same parameters as nested dicts. `recover_tree` nests, `flatten_tree`
+flattens. `checkpoint` (whose names these are in the original's API) and
+`layouts` both build on them; this module imports neither.
+"""
+
+import collections.abc
+from typing import Any, Dict
+
+Params = Dict[str, Any]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def recover_tree(keys, values) -> Params:
+  """Nests flat '/'-joined keys into a dict tree."""
+  tree = {}
+  for key, value in zip(keys, values):
+    node = tree
+    *parents, leaf = key.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise CheckpointError(f'Key {key!r} nests under a parameter {part!r}.')
+    if isinstance(node.get(leaf), dict):
+      raise CheckpointError(f'Key {key!r} is both a parameter and a module.')
+    node[leaf] = value
+  return tree
+
+
+def flatten_tree(tree: Params, prefix: str = '') -> Dict[str, Any]:
+  """The inverse of `recover_tree`: {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, collections.abc.Mapping):
+      flat.update(flatten_tree(value, path + '/'))
+    else:
+      flat[path] = value
+  return flat
