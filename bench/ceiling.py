@@ -38,11 +38,19 @@ class MatmulOp:
   primitive: Any
   params: dict
   in_avals: tuple
-  out_shape: tuple
+  out_aval: Any
+
+  @property
+  def out_shape(self) -> tuple:
+    return tuple(self.out_aval.shape)
 
   @property
   def name(self) -> str:
     return self.primitive.name
+
+  @property
+  def out_dtype(self) -> str:
+    return str(self.out_aval.dtype)
 
   @property
   def flops(self) -> float:
@@ -73,8 +81,7 @@ def _collect(jaxpr, repeat: int, out: List[MatmulOp]):
     name = eqn.primitive.name
     if name in MATMUL_PRIMITIVES:
       op = MatmulOp(eqn.primitive, dict(eqn.params),
-                    tuple(v.aval for v in eqn.invars),
-                    tuple(eqn.outvars[0].aval.shape))
+                    tuple(v.aval for v in eqn.invars), eqn.outvars[0].aval)
       out.extend([op] * repeat)
       continue
     if name in _UNCOUNTABLE:
@@ -124,3 +131,54 @@ def dots_only(ops: Sequence[MatmulOp], seed: int = 0) -> Callable[[], Any]:
             for op, xs in zip(ops, operands)]
 
   return lambda: run(operands)
+
+
+@dataclasses.dataclass
+class ShapeTiming:
+  """The ops of one shape and kind, each timed alone."""
+  op: MatmulOp  # The first of them.
+  count: int
+  seconds: float  # One op, median.
+
+  @property
+  def gflops_per_s(self) -> float:
+    return self.op.flops / self.seconds / 1e9
+
+  def describe(self) -> str:
+    """Kind, operand shapes and dtypes, output dtype, dimension numbers."""
+    lhs, rhs = self.op.in_avals[:2]
+    text = (f'{self.op.name} {lhs.str_short()} x {rhs.str_short()} -> '
+            f'{self.op.out_dtype}')
+    if self.op.name == 'dot_general':
+      (lc, rc), (lb, rb) = self.op.params['dimension_numbers']
+      text += f', contract {tuple(lc)}x{tuple(rc)}'
+      if lb:
+        text += f' batch {tuple(lb)}x{tuple(rb)}'
+    return text
+
+
+def by_shape(ops: Sequence[MatmulOp], time_fn: Callable[[Callable[[], Any]],
+                                                          float],
+             seed: int = 0) -> List[ShapeTiming]:
+  """Each distinct op (kind, shapes, dtypes, parameters) timed on its own.
+
+  Args:
+    ops: from `matmul_ops`.
+    time_fn: seconds of a call (e.g. a median of repeated calls).
+    seed: of the random operands.
+
+  Returns:
+    One ShapeTiming per distinct op, the most total time first: where a
+    step's matmul time goes, and at what rate each shape runs.
+  """
+  groups = {}
+  for op in ops:
+    key = (op.name, tuple((a.shape, str(a.dtype)) for a in op.in_avals),
+           repr(sorted(op.params.items())))
+    if key in groups:
+      groups[key][1] += 1
+    else:
+      groups[key] = [op, 1]
+  timings = [ShapeTiming(op, count, time_fn(dots_only([op], seed)))
+             for op, count in groups.values()]
+  return sorted(timings, key=lambda t: -t.count * t.seconds)

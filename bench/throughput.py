@@ -33,7 +33,8 @@ Sections (`--what`, comma-separated):
            images/s a step would reach if everything between its matmuls
            (LayerNorm, GELU, softmax, casts, the optimizer) took no time:
            what no change short of other matmul shapes or fewer FLOPs can
-           pass.
+           pass. `--ceiling-shapes N` also times each distinct matmul
+           alone and lists the N that take the most time, with their rate.
   frozen   frozen-backbone fine-tuning: images/s of the training loop's own
            step (`train.make_update_fn`, pmapped, one device; same optimizer
            and batch as `train`) training every parameter ('train (all)')
@@ -448,6 +449,9 @@ def measure(what: str, name: str, args,
     if 'ceiling' in args.what:
       ops = ceiling.matmul_ops(fn, *abstract_args)
       rows[key]['matmul_flops'] = sum(op.flops for op in ops) / args.batch
+      if args.ceiling_shapes:
+        rows[key]['matmul_shapes'] = ceiling.by_shape(
+            ops, lambda call: median_seconds(call, args.repeats))
       calls.append(ceiling.dots_only(ops))
       keys.append(('ceiling', key))
   if original is not None:  # The original computes every token to the end.
@@ -772,6 +776,10 @@ def parse_args(argv):
                  'float32 model is timed too (infer, train), interleaved with '
                  'ours on the same parameters, and the targets are judged '
                  'against it')
+  p.add_argument('--ceiling-shapes', type=int, default=0, metavar='N',
+                 help='with the ceiling: also time each distinct matmul '
+                 'alone and print the N taking the most time per step '
+                 '(shape, count, GFLOP/s)')
   p.add_argument('--timm', action='store_true',
                  help='also time timm inference (needs torch and timm)')
   p.add_argument('--scan', action='store_true',
@@ -942,6 +950,10 @@ def main(argv=None):
           'n^3 matmul above. ceiling x original: the matmuls alone over the '
           'original\'s full call (* = MACHINE.md\'s number): a target above '
           'it cannot be met on this machine with these matmuls.')
+    for (what, name, d), r in ceilings.items():
+      if r.get('matmul_shapes'):
+        print_matmul_shapes(f'{what} {name} {d}', r['matmul_shapes'],
+                            args.ceiling_shapes, peak.get(d))
 
   if frozen:
     log('\n## Training only the head (trainable=\'head\') vs all parameters')
@@ -1050,6 +1062,23 @@ def main(argv=None):
           'remat saves memory only under scan: without it the scheduler runs '
           'the recomputation early and keeps its outputs as long as the '
           'forward\'s.')
+
+
+def print_matmul_shapes(title, timings, top, peak_gflops):
+  """The `top` ceiling.ShapeTimings taking the most time, as a table."""
+  total = sum(t.count * t.seconds for t in timings)
+  shown = timings[:top]
+  shown_s = sum(t.count * t.seconds for t in shown)
+  print(f'\n### {title}: matmuls by shape, each timed alone ({len(shown)} of '
+        f'{len(timings)} shapes, {100 * shown_s / total:.0f}% of their time)')
+  print_table(
+      ['ms/step', '% of matmul time', 'count', 'ms each', 'GFLOP/s',
+       '% of peak', 'op'],
+      [[f'{1e3 * t.count * t.seconds:.1f}',
+        f'{100 * t.count * t.seconds / total:.0f}', t.count,
+        f'{1e3 * t.seconds:.2f}', f'{t.gflops_per_s:.0f}',
+        _fmt(_div(100 * t.gflops_per_s, peak_gflops), '.0f'), t.describe()]
+       for t in shown])
 
 
 def _original_images_per_s(originals, what, name):

@@ -272,3 +272,26 @@ def test_ceiling_table_against_the_original_of_the_run(capsys, monkeypatch):
       ['5.0', '6.0', '83', '2.00', '12', '-', '1.20', '>= 1.3'],
       ['7.5', '12.5', '60', '2.00', '25', '-', '2.50', '>= 2'],
   ], table
+
+
+def test_matmuls_by_shape_group_and_time_each_kind_once():
+  _, step, args = _testing_step()
+  ops = ceiling.matmul_ops(step, *args)
+  calls = []
+
+  def fake_time(call):  # Runs the call; 'takes' 1 ms per op it computes.
+    calls.append(len(jax.block_until_ready(call())))
+    return 1e-3 * calls[-1]
+
+  timings = ceiling.by_shape(ops, fake_time)
+  assert calls == [1] * len(timings)  # Every distinct op alone, once.
+  assert sum(t.count for t in timings) == len(ops)
+  assert len(timings) < len(ops)  # e.g. q, k and v share one shape.
+  counts = [t.count for t in timings]
+  assert counts == sorted(counts, reverse=True)  # Equal times: by count.
+  qkv = timings[0]
+  assert qkv.op.name == 'dot_general' and qkv.count >= 3
+  assert qkv.gflops_per_s == pytest.approx(qkv.op.flops / 1e-3 / 1e9)
+  # q, k, v: [batch, tokens, hidden] x [hidden, heads, head dim].
+  assert qkv.describe() == ('dot_general float32[2,5,10] x float32[10,2,5] '
+                            '-> float32, contract (2,)x(0,)')
