@@ -127,6 +127,20 @@ interleaved calls):
     images/s, interleaved medians of 7; uncommitted experiment on 748ed31),
     so not used. (A jax.profiler trace charges many small ops with the time
     they wait for the other core; only whole-step timings decide.)
+  * Where the time goes (`--what ceiling`, commit 0b88f7c): the ViT-S/16
+    float32 step runs at 80-87% of the speed of its matmuls alone, bfloat16
+    at 61-70%; the attention einsums run at 20-45% of the matmul peak
+    whatever their layout (batched over (batch, head), leading or not; one
+    dot per image or per head; the sequence padded to 200, 208, 224 or 256
+    tokens: microbenchmarks, none faster).
+  * float32 gradient dots through `mixed_precision`'s custom gradient
+    (explicit transposes to plain [b, m, k] x [b, k, n] matmuls): ViT-S/16
+    float32 training step 0.96x (interleaved medians of 9; uncommitted
+    experiment on 0b88f7c), gradients unchanged.
+  * Two host devices (`--xla_force_host_platform_device_count=2`, pmap,
+    4 images each) instead of one device with both cores: ViT-S/16 training
+    step within noise in float32 (4.96 and 5.04 vs 4.80 and 5.02 images/s,
+    two runs each) and bfloat16 (7.30 and 7.45 vs 6.22 and 7.15).
 """
 
 import argparse
@@ -1071,6 +1085,8 @@ def print_matmul_shapes(title, timings, top, peak_gflops):
   shown_s = sum(t.count * t.seconds for t in shown)
   print(f'\n### {title}: matmuls by shape, each timed alone ({len(shown)} of '
         f'{len(timings)} shapes, {100 * shown_s / total:.0f}% of their time)')
+  print('(Each op timed alone, a few ms: such timings move by up to 2x between '
+        'runs on a shared machine; the ceiling above, all in one call, less.)')
   print_table(
       ['ms/step', '% of matmul time', 'count', 'ms each', 'GFLOP/s',
        '% of peak', 'op'],
