@@ -25,6 +25,7 @@ Fused kernels are not `dot_general`s and are left out: with cuDNN attention
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, List, Sequence
 
 import jax
@@ -115,6 +116,26 @@ def matmul_ops(fn: Callable[..., Any], *args) -> List[MatmulOp]:
   ops: List[MatmulOp] = []
   _collect(jax.make_jaxpr(fn)(*args).jaxpr, 1, ops)
   return ops
+
+
+def bytes_needed(ops: Sequence[MatmulOp]) -> int:
+  """Memory `dots_only(ops)` holds: every op's operands and output."""
+  size = lambda aval: math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+  return sum(sum(size(a) for a in op.in_avals) + size(op.out_aval)
+             for op in ops)
+
+
+def memory_budget_bytes(device=None) -> int:
+  """Half of the device's memory (the host's RAM for a CPU device)."""
+  device = device or jax.devices()[0]
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # Backend without stats.
+    pass
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit']) // 2
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
 
 
 def dots_only(ops: Sequence[MatmulOp], seed: int = 0) -> Callable[[], Any]:

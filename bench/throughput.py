@@ -35,6 +35,9 @@ Sections (`--what`, comma-separated):
            what no change short of other matmul shapes or fewer FLOPs can
            pass. `--ceiling-shapes N` also times each distinct matmul
            alone and lists the N that take the most time, with their rate.
+           Skipped, with the reason, where the products' operands and
+           outputs would take over half the device's memory (e.g. ViT-B/16
+           training at a GPU batch of 128: lower --batch).
   frozen   frozen-backbone fine-tuning: images/s of the training loop's own
            step (`train.make_update_fn`, pmapped, one device; same optimizer
            and batch as `train`) training every parameter ('train (all)')
@@ -471,6 +474,12 @@ def measure(what: str, name: str, args,
     if 'ceiling' in args.what:
       ops = ceiling.matmul_ops(fn, *abstract_args)
       rows[key]['matmul_flops'] = sum(op.flops for op in ops) / args.batch
+      need, budget = ceiling.bytes_needed(ops), ceiling.memory_budget_bytes()
+      if need > budget:
+        print(f'  {name} {key}: matmul ceiling skipped: its operands and '
+              f'outputs take {need / GiB:.1f} GiB, over half the device\'s '
+              f'memory ({budget / GiB:.1f} GiB); a smaller --batch fits.')
+        continue
       if args.ceiling_shapes:
         rows[key]['matmul_shapes'] = ceiling.by_shape(
             ops, lambda call: median_seconds(call, args.repeats))

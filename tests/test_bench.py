@@ -295,3 +295,17 @@ def test_matmuls_by_shape_group_and_time_each_kind_once():
   # q, k, v: [batch, tokens, hidden] x [hidden, heads, head dim].
   assert qkv.describe() == ('dot_general float32[2,5,10] x float32[10,2,5] '
                             '-> float32, contract (2,)x(0,)')
+
+
+def test_ceiling_too_big_for_the_device_is_skipped_with_a_reason(
+    capsys, monkeypatch):
+  ops = ceiling.matmul_ops(lambda a, b: a @ b, jnp.ones((4, 8)),
+                           jnp.ones((8, 16)))
+  assert ceiling.bytes_needed(ops) == (4 * 8 + 8 * 16 + 4 * 16) * 4
+  assert ceiling.memory_budget_bytes() > 2**20
+  monkeypatch.setattr(ceiling, 'memory_budget_bytes', lambda: 1000)
+  args = throughput.parse_args(ARGV + ['--what', 'train,ceiling'])
+  row = throughput.measure('train', 'testing', args)['float32']
+  _check_row(row)  # The step itself is still measured.
+  assert 'ceiling_images_per_s' not in row
+  assert 'matmul ceiling skipped' in capsys.readouterr().out
