@@ -406,3 +406,16 @@ def test_save_errors(tmp_path, changes, kw, message):
   with pytest.raises(ValueError, match=message):
     convert_hf.save_hf(params, config, tmp_path, **kw)
   assert not (tmp_path / 'config.json').exists()
+
+
+def test_moved_names_still_resolve_in_convert_hf():
+  """save_hf lives in export_hf, the layout helpers in torch_layouts."""
+  from vit_jax import export_hf  # pylint: disable=g-import-not-at-top
+  from vit_jax import torch_layouts  # pylint: disable=g-import-not-at-top
+  assert convert_hf.save_hf is export_hf.save_hf
+  for name in ('to_numpy', 'dense_from_linear', 'attention_from_linear',
+               'linear_from_dense', 'linear_from_attention', 'conv_from_torch',
+               'fold_input_normalization', 'read_weights_file'):
+    assert getattr(convert_hf, name) is getattr(torch_layouts, name), name
+  with pytest.raises(AttributeError, match='no attribute'):
+    convert_hf.not_a_name  # pylint: disable=pointless-statement

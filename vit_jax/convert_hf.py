@@ -35,22 +35,24 @@ handled here (docs/interop.md has the full table):
     normalization`), so the loaded model takes [-1, 1] images like every
     model of this project.
 
-Layout helpers, also used by `convert_torchvision`: `dense_from_linear`,
-`attention_from_linear` and their inverses, `conv_from_torch`,
-`fold_input_normalization`, `read_weights_file`.
+The writer, `save_hf`, lives in `export_hf`; the layout helpers shared with
+`convert_torchvision` (`dense_from_linear`, `attention_from_linear` and their
+inverses, `conv_from_torch`, `fold_input_normalization`,
+`read_weights_file`) in `torch_layouts`. All still resolve here, as
+`convert_hf.save_hf` and so on.
 """
 
+import importlib
 import json
-import math
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-import flax.linen as nn
 import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import torch_layouts
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
@@ -89,7 +91,7 @@ _V5_RENAMES = (
     (r'^layers\.(\d+)\.', r'encoder.layer.\1.'),
 )
 # Per encoder block: HF module (original names) -> our module path.
-_BLOCK_MODULES = (
+BLOCK_MODULES = (
     ('layernorm_before', 'LayerNorm_0'),
     ('attention.attention.query', 'MultiHeadDotProductAttention_0/query'),
     ('attention.attention.key', 'MultiHeadDotProductAttention_0/key'),
@@ -103,104 +105,6 @@ _BLOCK_MODULES = (
 _UNUSED = (
     'embeddings.mask_token',  # masked image modelling only
 )
-
-
-# ----------------------------------------------------------------------------
-# Layout helpers (also used by convert_torchvision).
-
-
-def to_numpy(x) -> np.ndarray:
-  """A torch tensor, jax or numpy array as a float32 numpy array."""
-  if hasattr(x, 'detach'):  # torch; .float() also handles bfloat16.
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, dtype=np.float32)
-
-
-def dense_from_linear(weight_OxI, bias_O=None) -> Params:
-  """`nn.Linear` weight (out, in) -> flax Dense {'kernel': (in, out), 'bias'};
-  a missing bias becomes zeros."""
-  weight_OxI = to_numpy(weight_OxI)
-  out = weight_OxI.shape[0]
-  bias = np.zeros(out, np.float32) if bias_O is None else to_numpy(bias_O)
-  return {'kernel': np.ascontiguousarray(weight_OxI.T), 'bias': bias}
-
-
-def attention_from_linear(weight, bias, num_heads: int, *,
-                          is_out: bool = False) -> Params:
-  """One `nn.Linear` of attention -> a flax DenseGeneral of MHA.
-
-  Args:
-    weight: q/k/v: (heads*head_dim, D); out: (D, heads*head_dim).
-    bias: q/k/v: (heads*head_dim,) or None (no bias: zeros); out: (D,).
-    num_heads: number of heads.
-    is_out: the output projection.
-
-  Returns:
-    q/k/v: kernel (D, heads, head_dim), bias (heads, head_dim);
-    out: kernel (heads, head_dim, D), bias (D,).
-  """
-  dense = dense_from_linear(weight, bias)
-  kernel = dense['kernel']
-  if is_out:
-    hd, d = kernel.shape
-    return {'kernel': kernel.reshape(num_heads, hd // num_heads, d),
-            'bias': dense['bias']}
-  d, hd = kernel.shape
-  return {'kernel': kernel.reshape(d, num_heads, hd // num_heads),
-          'bias': dense['bias'].reshape(num_heads, hd // num_heads)}
-
-
-def linear_from_dense(dense: Mapping[str, Any]
-                     ) -> Tuple[np.ndarray, np.ndarray]:
-  """The inverse of `dense_from_linear`: (weight (out, in), bias (out,))."""
-  kernel = np.asarray(dense['kernel'], np.float32)
-  return (np.ascontiguousarray(kernel.T),
-          np.asarray(dense['bias'], np.float32))
-
-
-def conv_from_torch(weight_OxIxHxW, bias_O) -> Params:
-  """`nn.Conv2d` OIHW weight -> flax Conv {'kernel': HWIO, 'bias'}."""
-  kernel = to_numpy(weight_OxIxHxW).transpose(2, 3, 1, 0)
-  return {'kernel': np.ascontiguousarray(kernel), 'bias': to_numpy(bias_O)}
-
-
-def fold_input_normalization(embedding: Mapping[str, Any], scale_C,
-                             offset_C) -> Params:
-  """Folds a per-channel affine input map into the patch-embedding conv.
-
-  A model trained on inputs `x' = scale * x + offset` (per channel) computes
-  on `x` what the returned parameters compute, exactly: the patch conv has
-  VALID padding, so every kernel tap sees a pixel and
-  `conv(x', W) + b = conv(x, W * scale) + (b + sum_hwc W * offset)`.
-
-  Args:
-    embedding: {'kernel': (ph, pw, C, D), 'bias': (D,)}.
-    scale_C: (C,) multiplier.
-    offset_C: (C,) offset.
-
-  Returns:
-    The folded {'kernel', 'bias'}.
-  """
-  kernel = np.asarray(embedding['kernel'], np.float64)
-  scale = np.asarray(scale_C, np.float64)
-  offset = np.asarray(offset_C, np.float64)
-  new_kernel = kernel * scale[None, None, :, None]
-  new_bias = (np.asarray(embedding['bias'], np.float64)
-              + np.einsum('hwcd,c->d', kernel, offset))
-  return {'kernel': new_kernel.astype(np.float32),
-          'bias': new_bias.astype(np.float32)}
-
-
-def linear_from_attention(dense: Mapping[str, Any], *,
-                           is_out: bool) -> Tuple[np.ndarray, np.ndarray]:
-  """The inverse of `attention_from_linear`: (weight (out, in), bias)."""
-  kernel = np.asarray(dense['kernel'], np.float32)
-  bias = np.asarray(dense['bias'], np.float32)
-  if is_out:  # (heads, head_dim, D) -> (heads*head_dim, D)
-    kernel = kernel.reshape(-1, kernel.shape[-1])
-  else:  # (D, heads, head_dim) -> (D, heads*head_dim)
-    kernel = kernel.reshape(kernel.shape[0], -1)
-  return np.ascontiguousarray(kernel.T), bias.reshape(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -265,43 +169,6 @@ def read_hf_config(path: PathLike) -> Dict[str, Any]:
   return config
 
 
-def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
-  """One `.safetensors` or torch (`.bin`) file -> {name: float32 array}."""
-  if file_path.endswith('.safetensors'):
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-    try:
-      return {k: to_numpy(v)
-              for k, v in safetensors_numpy.load_file(file_path).items()}
-    except TypeError:
-      # numpy has no bfloat16: read through torch, which has.
-      pass
-    except Exception as e:  # safetensors raises its own error types.
-      raise checkpoint.CheckpointError(
-          f'Cannot read {file_path!r}: {e}. Re-download or re-export it.'
-      ) from e
-    _import_torch(f'{file_path} holds bfloat16 tensors; reading them')
-    from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
-    return {k: to_numpy(v)
-            for k, v in safetensors_torch.load_file(file_path).items()}
-  torch = _import_torch(f'Reading {file_path}')
-  try:
-    state = torch.load(file_path, map_location='cpu', weights_only=True)
-  except Exception as e:  # torch raises many types for bad files.
-    raise checkpoint.CheckpointError(
-        f'Cannot read {file_path!r}: {e}. Re-download or re-export it.') from e
-  return {k: to_numpy(v) for k, v in state.items()}
-
-
-def _import_torch(what: str):
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise checkpoint.CheckpointError(
-        f'{what} needs torch, which is not installed: pip install torch '
-        '(or re-save the model as model.safetensors).') from e
-  return torch
-
-
 def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
   """All weights of an HF model directory, as float32 numpy arrays.
 
@@ -318,7 +185,7 @@ def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
   for name in (SAFETENSORS_NAME, TORCH_BIN_NAME):
     single = os.path.join(path, name)
     if os.path.exists(single):
-      return read_weights_file(single)
+      return torch_layouts.read_weights_file(single)
     index = single + '.index.json'
     if os.path.exists(index):
       weight_map = _read_json(index, 'shard index').get('weight_map', {})
@@ -329,7 +196,7 @@ def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
           raise checkpoint.CheckpointError(
               f'{index} lists the shard {shard!r}, which is missing. '
               'Download all shards.')
-        weights.update(read_weights_file(shard_path))
+        weights.update(torch_layouts.read_weights_file(shard_path))
       return weights
   raise checkpoint.CheckpointError(
       f'{path!r} has no weights: expected {SAFETENSORS_NAME} or '
@@ -353,7 +220,7 @@ def _canonical_names(weights: Mapping[str, np.ndarray]
   return out
 
 
-def _pair(x) -> Tuple[int, int]:
+def as_pair(x) -> Tuple[int, int]:
   return (int(x), int(x)) if np.ndim(x) == 0 else tuple(int(v) for v in x)
 
 
@@ -420,7 +287,7 @@ def load_hf(path: PathLike, *,
   num_heads = int(config.get('num_attention_heads', 12))
   num_layers = int(config.get('num_hidden_layers', 12))
   mlp_dim = int(config.get('intermediate_size', 3072))
-  patch = _pair(config.get('patch_size', 16))
+  patch = as_pair(config.get('patch_size', 16))
   hidden_act = config.get('hidden_act', 'gelu')
   if hidden_act not in _GELU_APPROXIMATE:
     raise checkpoint.CheckpointError(
@@ -459,7 +326,7 @@ def load_hf(path: PathLike, *,
 
   w = weights
   params: Params = {
-      'embedding': conv_from_torch(
+      'embedding': torch_layouts.conv_from_torch(
           w['embeddings.patch_embeddings.projection.weight'],
           w['embeddings.patch_embeddings.projection.bias']),
       'cls': w['embeddings.cls_token'],
@@ -473,22 +340,22 @@ def load_hf(path: PathLike, *,
     params['Transformer'][f'encoderblock_{i}'] = _block_from_hf(
         w, f'encoder.layer.{i}.', num_heads)
   if has_pooler:
-    params['pre_logits'] = dense_from_linear(w['pooler.dense.weight'],
-                                             w['pooler.dense.bias'])
+    params['pre_logits'] = torch_layouts.dense_from_linear(
+        w['pooler.dense.weight'], w['pooler.dense.bias'])
   if is_classifier:
-    params['head'] = dense_from_linear(w['classifier.weight'],
-                                       w['classifier.bias'])
+    params['head'] = torch_layouts.dense_from_linear(
+        w['classifier.weight'], w['classifier.bias'])
 
   num_channels = int(config.get('num_channels', 3))
   _check_shapes(path, params, hidden=hidden, mlp_dim=mlp_dim, patch=patch,
                 num_channels=num_channels,
-                image_size=_pair(config.get('image_size', 224)))
+                image_size=as_pair(config.get('image_size', 224)))
 
   normalization = (_input_normalization(path, num_channels)
                    if fold_normalization else None)
   if normalization is not None:
-    params['embedding'] = fold_input_normalization(params['embedding'],
-                                                   *normalization)
+    params['embedding'] = torch_layouts.fold_input_normalization(
+        params['embedding'], *normalization)
 
   model_config = ml_collections.ConfigDict(dict(
       model_name=os.path.basename(os.path.normpath(path)),
@@ -530,7 +397,7 @@ def _expected_names(num_layers: int, is_classifier: bool, has_pooler: bool,
            'embeddings.patch_embeddings.projection.bias',
            'layernorm.weight', 'layernorm.bias']
   for i in range(num_layers):
-    for module, _ in _BLOCK_MODULES:
+    for module, _ in BLOCK_MODULES:
       names.append(f'encoder.layer.{i}.{module}.weight')
       if qkv_bias or module.split('.')[-1] not in ('query', 'key', 'value'):
         names.append(f'encoder.layer.{i}.{module}.bias')
@@ -547,16 +414,16 @@ def _layernorm(w, name: str) -> Params:
 
 def _block_from_hf(w, prefix: str, num_heads: int) -> Params:
   block: Params = {}
-  for module, ours in _BLOCK_MODULES:
+  for module, ours in BLOCK_MODULES:
     weight = w[f'{prefix}{module}.weight']
     bias = w.get(f'{prefix}{module}.bias')  # None: qkv_bias=False.
     if ours.startswith('LayerNorm'):
       value = _layernorm(w, f'{prefix}{module}')
     elif ours.startswith('MultiHeadDotProductAttention'):
-      value = attention_from_linear(weight, bias, num_heads,
-                                    is_out=ours.endswith('/out'))
+      value = torch_layouts.attention_from_linear(
+          weight, bias, num_heads, is_out=ours.endswith('/out'))
     else:
-      value = dense_from_linear(weight, bias)
+      value = torch_layouts.dense_from_linear(weight, bias)
     parent, name = ours.split('/', 1) if '/' in ours else (ours, None)
     if name is None:
       block[parent] = value
@@ -594,232 +461,18 @@ def _short_list(names, limit: int = 12) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Writing.
+# Names that moved (convert_hf.save_hf, convert_hf.dense_from_linear, ...).
+
+_MOVED = dict(
+    {'save_hf': 'vit_jax.export_hf'},
+    **{name: 'vit_jax.torch_layouts' for name in (
+        'to_numpy', 'dense_from_linear', 'attention_from_linear',
+        'linear_from_dense', 'linear_from_attention', 'conv_from_torch',
+        'fold_input_normalization', 'read_weights_file')})
 
 
-def _field(model_config, name: str, default=None):
-  """A VisionTransformer field from a ConfigDict, a dict or the module."""
-  if isinstance(model_config, nn.Module):
-    return getattr(model_config, name, default)
-  return model_config.get(name, default)
-
-
-def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
-            id2label: Optional[Union[Mapping[int, str], Sequence[str]]] = None,
-            image_size: Optional[Union[int, Sequence[int]]] = None) -> None:
-  """Writes a Hugging Face model directory of our parameters.
-
-  Writes `config.json`, `model.safetensors` and `preprocessor_config.json`
-  (a ViTImageProcessor normalising to [-1, 1], our input convention). A model
-  with a head becomes a `ViTForImageClassification`; one without
-  (`num_classes` 0/None) a `ViTModel`, whose pooler is our `pre_logits`
-  (without `representation_size` it has no pooler: load it with
-  `ViTModel.from_pretrained(path, add_pooling_layer=False)`). The config
-  records our numerics (`layernorm_epsilon`, default 1e-6; GELU tanh
-  approximation `gelu_pytorch_tanh` unless `approximate_gelu=False`), so HF
-  computes our outputs.
-
-  Args:
-    params: the model's parameters (numpy or jax; linen or released names;
-      per-layer or scanned blocks).
-    model_config: the `VisionTransformer` fields (ConfigDict or dict, as
-      `models.MODEL_CONFIGS[...]` plus `num_classes`), or the module.
-    path: the directory to write (created if needed; files replaced).
-    id2label: class names, {index: name} or a list; default `LABEL_{i}`.
-    image_size: the training resolution (int or (h, w)); default: from the
-      position embedding, which must then be a square grid.
-
-  Raises:
-    ValueError: a model HF's ViT cannot express (classifier other than
-      'token', a ResNet stem, a non-learned position embedding, a
-      `pre_logits` layer in front of a head), or bad `id2label`/`image_size`.
-  """
-  classifier = _field(model_config, 'classifier', 'token')
-  if classifier != 'token':
-    raise ValueError(
-        f'save_hf: classifier={classifier!r}; HF ViT classifies token 0 only '
-        "(classifier='token'). Models pooled otherwise cannot be exported.")
-  if _field(model_config, 'resnet') is not None:
-    raise ValueError('save_hf: hybrid (ResNet + ViT) models have no HF ViT '
-                     'counterpart; export them with vit_jax.checkpoint.save.')
-  posemb = _field(model_config, 'posemb', 'learn')
-  if posemb != 'learn':
-    raise ValueError(f'save_hf: posemb={posemb!r}; HF ViT has a learned 1-D '
-                     "position embedding only (posemb='learn').")
-  num_classes = _field(model_config, 'num_classes') or 0
-  representation_size = _field(model_config, 'representation_size')
-  if num_classes and representation_size is not None:
-    raise ValueError(
-        'save_hf: the model has a pre_logits layer (representation_size='
-        f'{representation_size}) in front of its head; '
-        'ViTForImageClassification applies its classifier to token 0 directly. '
-        'Export the backbone as a ViTModel (num_classes=0: pre_logits becomes '
-        'the pooler, the head is dropped) or fine-tune with '
-        'representation_size=None.')
-
-  tree = checkpoint.canonicalize(params)
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in checkpoint.flatten_tree(tree).items()}
-  tree = checkpoint.recover_tree(list(flat), list(flat.values()))
-  transformer = tree.get('Transformer', {})
-  layers = sorted(int(k.rsplit('_', 1)[1]) for k in transformer
-                  if re.match(r'^encoderblock_\d+$', k))
-  if 'embedding' not in tree or 'cls' not in tree or not layers:
-    raise ValueError('save_hf: params lack embedding, cls or encoder blocks; '
-                     'pass the ViT parameters (the "params" collection).')
-  if num_classes and 'head' not in tree:
-    raise ValueError(f'save_hf: num_classes={num_classes} but params have no '
-                     'head.')
-  if representation_size is not None and 'pre_logits' not in tree:
-    raise ValueError(f'save_hf: representation_size={representation_size} '
-                     'but params have no pre_logits.')
-
-  ph, pw, channels, hidden = tree['embedding']['kernel'].shape
-  query = transformer['encoderblock_0']['MultiHeadDotProductAttention_0'][
-      'query']['kernel']
-  num_heads = query.shape[1]
-  mlp_dim = transformer['encoderblock_0']['MlpBlock_0']['Dense_0'][
-      'kernel'].shape[1]
-  num_tokens = transformer['posembed_input']['pos_embedding'].shape[1] - 1
-  image_hw = _image_size(image_size, num_tokens, (ph, pw))
-
-  weights = _hf_weights(tree, layers, num_classes, representation_size)
-  prefix = 'vit.' if num_classes else ''
-  weights = {(k if k.startswith('classifier.') else prefix + k): v
-             for k, v in weights.items()}
-
-  labels = _id2label(id2label, num_classes)
-  transformer_config = _field(model_config, 'transformer') or {}
-  config = {
-      'architectures': ['ViTForImageClassification' if num_classes
-                        else 'ViTModel'],
-      'model_type': MODEL_TYPE,
-      'hidden_size': int(hidden),
-      'num_hidden_layers': len(layers),
-      'num_attention_heads': int(num_heads),
-      'intermediate_size': int(mlp_dim),
-      'hidden_act': ('gelu_pytorch_tanh'
-                     if _field(model_config, 'approximate_gelu', True)
-                     else 'gelu'),
-      'hidden_dropout_prob': float(transformer_config.get('dropout_rate', 0.)),
-      'attention_probs_dropout_prob': float(
-          transformer_config.get('attention_dropout_rate', 0.)),
-      'layer_norm_eps': float(_field(model_config, 'layernorm_epsilon', 1e-6)),
-      'image_size': (image_hw[0] if image_hw[0] == image_hw[1]
-                     else list(image_hw)),
-      'patch_size': int(ph) if ph == pw else [int(ph), int(pw)],
-      'num_channels': int(channels),
-      'qkv_bias': True,
-      'encoder_stride': int(ph),
-      'pooler_output_size': int(representation_size or hidden),
-      'pooler_act': 'tanh',
-      'initializer_range': 0.02,
-      'dtype': 'float32',
-  }
-  if labels is not None:
-    config['id2label'] = {str(k): v for k, v in labels.items()}
-    config['label2id'] = {v: k for k, v in labels.items()}
-  preprocessor = {
-      'image_processor_type': 'ViTImageProcessor',
-      'do_resize': True,
-      'size': {'height': image_hw[0], 'width': image_hw[1]},
-      'resample': 2,  # bilinear
-      'do_rescale': True,
-      'rescale_factor': 1 / 255,
-      'do_normalize': True,
-      # (p / 255 - 0.5) / 0.5 = (p - 127.5) / 127.5: our [-1, 1] scaling.
-      'image_mean': [0.5] * channels,
-      'image_std': [0.5] * channels,
-  }
-
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  safetensors_numpy.save_file(
-      {k: np.ascontiguousarray(v) for k, v in weights.items()},
-      os.path.join(path, SAFETENSORS_NAME),
-      # transformers refuses safetensors files without a framework tag.
-      metadata={'format': 'pt'})
-  for name, content in ((CONFIG_NAME, config),
-                        (PREPROCESSOR_NAME, preprocessor)):
-    with open(os.path.join(path, name), 'w', encoding='utf-8') as f:
-      json.dump(content, f, indent=2, sort_keys=True)
-      f.write('\n')
-
-
-def _image_size(image_size, num_tokens: int,
-                patch: Tuple[int, int]) -> Tuple[int, int]:
-  if image_size is not None:
-    h, w = _pair(image_size)
-    if h % patch[0] or w % patch[1] or (
-        (h // patch[0]) * (w // patch[1]) != num_tokens):
-      raise ValueError(
-          f'save_hf: image_size {h}x{w} with patch {patch[0]}x{patch[1]} does '
-          f'not give the {num_tokens} patch tokens of the position embedding.')
-    return h, w
-  g = math.isqrt(num_tokens)
-  if g * g != num_tokens:
-    raise ValueError(
-        f'save_hf: the position embedding has {num_tokens} patch tokens, not '
-        'a square grid; pass image_size=(height, width).')
-  return g * patch[0], g * patch[1]
-
-
-def _id2label(id2label, num_classes: int) -> Optional[Dict[int, str]]:
-  if not num_classes:
-    if id2label:
-      raise ValueError('save_hf: id2label given for a model without head.')
-    return None
-  if id2label is None:
-    return {i: f'LABEL_{i}' for i in range(num_classes)}
-  if isinstance(id2label, Mapping):
-    labels = {int(k): str(v) for k, v in id2label.items()}
-  else:
-    labels = {i: str(v) for i, v in enumerate(id2label)}
-  if sorted(labels) != list(range(num_classes)):
-    raise ValueError(
-        f'save_hf: id2label must name classes 0..{num_classes - 1} '
-        f'(num_classes={num_classes}); got indices {sorted(labels)[:10]}...')
-  return labels
-
-
-def _hf_weights(tree: Params, layers: Sequence[int], num_classes: int,
-                representation_size) -> Dict[str, np.ndarray]:
-  """Our tree -> HF names (without the `vit.` prefix), original layout."""
-  transformer = tree['Transformer']
-  kernel = tree['embedding']['kernel']  # HWIO -> OIHW
-  weights = {
-      'embeddings.cls_token': tree['cls'],
-      'embeddings.position_embeddings':
-          transformer['posembed_input']['pos_embedding'],
-      'embeddings.patch_embeddings.projection.weight':
-          kernel.transpose(3, 2, 0, 1),
-      'embeddings.patch_embeddings.projection.bias': tree['embedding']['bias'],
-      'layernorm.weight': transformer['encoder_norm']['scale'],
-      'layernorm.bias': transformer['encoder_norm']['bias'],
-  }
-  for i in layers:
-    block = transformer[f'encoderblock_{i}']
-    for module, ours in _BLOCK_MODULES:
-      node = block
-      for part in ours.split('/'):
-        node = node[part]
-      name = f'encoder.layer.{i}.{module}'
-      if ours.startswith('LayerNorm'):
-        weights[f'{name}.weight'] = node['scale']
-        weights[f'{name}.bias'] = node['bias']
-        continue
-      if ours.startswith('MultiHeadDotProductAttention'):
-        weight, bias = linear_from_attention(node,
-                                              is_out=ours.endswith('/out'))
-      else:
-        weight, bias = linear_from_dense(node)
-      weights[f'{name}.weight'] = weight
-      weights[f'{name}.bias'] = bias
-  if representation_size is not None:
-    weights['pooler.dense.weight'], weights['pooler.dense.bias'] = (
-        linear_from_dense(tree['pre_logits']))
-  if num_classes:
-    weights['classifier.weight'], weights['classifier.bias'] = (
-        linear_from_dense(tree['head']))
-  return weights
+def __getattr__(name):
+  # Lazy: export_hf imports this module.
+  if name in _MOVED:
+    return getattr(importlib.import_module(_MOVED[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -13,7 +13,7 @@ config sets `approximate_gelu=False`.
 Input normalisation differs from this project's: torchvision's weights
 expect ImageNet mean/std normalisation, `(x / 255 - IMAGENET_MEAN) /
 IMAGENET_STD`, not [-1, 1]. By default `load_torchvision` folds that map into
-the patch embedding (exact: see `convert_hf.fold_input_normalization`), so
+the patch embedding (exact: `torch_layouts.fold_input_normalization`), so
 the loaded model takes [-1, 1] images like every model here and plugs into
 the input pipeline, training and evaluation unchanged. With
 `fold_normalization=False` the weights are kept as they are and the caller
@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import convert_hf
+from vit_jax import torch_layouts
 
 Params = Dict[str, Any]
 
@@ -97,7 +97,7 @@ def read_state_dict(
       raise checkpoint.CheckpointError(f'State dict file {path!r} does not '
                                        'exist.')
     if path.endswith('.safetensors'):
-      return read_state_dict(convert_hf.read_weights_file(path))
+      return read_state_dict(torch_layouts.read_weights_file(path))
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
@@ -124,7 +124,7 @@ def read_state_dict(
       name = name[len('module.'):]
     for old, new in _LEGACY_MLP:
       name = name.replace(old, new)
-    out[name] = convert_hf.to_numpy(value)
+    out[name] = torch_layouts.to_numpy(value)
   return out
 
 
@@ -202,8 +202,8 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
   _check_shapes(w, num_layers, hidden=hidden, mlp_dim=mlp_dim)
 
   params: Params = {
-      'embedding': convert_hf.conv_from_torch(w['conv_proj.weight'],
-                                              w['conv_proj.bias']),
+      'embedding': torch_layouts.conv_from_torch(w['conv_proj.weight'],
+                                                 w['conv_proj.bias']),
       'cls': w['class_token'],
       'Transformer': {
           'posembed_input': {'pos_embedding': w['encoder.pos_embedding']},
@@ -214,13 +214,13 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
     params['Transformer'][f'encoderblock_{i}'] = _block(
         w, f'encoder.layers.encoder_layer_{i}.', num_heads)
   if has_pre_logits:
-    params['pre_logits'] = convert_hf.dense_from_linear(
+    params['pre_logits'] = torch_layouts.dense_from_linear(
         w['heads.pre_logits.weight'], w['heads.pre_logits.bias'])
   if has_head:
-    params['head'] = convert_hf.dense_from_linear(w['heads.head.weight'],
-                                                  w['heads.head.bias'])
+    params['head'] = torch_layouts.dense_from_linear(
+        w['heads.head.weight'], w['heads.head.bias'])
   if fold_normalization:
-    params['embedding'] = convert_hf.fold_input_normalization(
+    params['embedding'] = torch_layouts.fold_input_normalization(
         params['embedding'], *_normalization_for_minus1_1())
 
   model_config = ml_collections.ConfigDict(dict(
@@ -279,9 +279,9 @@ def _block(w, prefix: str, num_heads: int) -> Params:
   d = in_w.shape[1]  # Rows: q, k, v stacked.
   attention = {}
   for j, name in enumerate(('query', 'key', 'value')):
-    attention[name] = convert_hf.attention_from_linear(
+    attention[name] = torch_layouts.attention_from_linear(
         in_w[j * d:(j + 1) * d], in_b[j * d:(j + 1) * d], num_heads)
-  attention['out'] = convert_hf.attention_from_linear(
+  attention['out'] = torch_layouts.attention_from_linear(
       w[prefix + 'self_attention.out_proj.weight'],
       w[prefix + 'self_attention.out_proj.bias'], num_heads, is_out=True)
   return {
@@ -289,10 +289,10 @@ def _block(w, prefix: str, num_heads: int) -> Params:
       'MultiHeadDotProductAttention_0': attention,
       'LayerNorm_1': _layernorm(w, prefix + 'ln_2'),
       'MlpBlock_0': {
-          'Dense_0': convert_hf.dense_from_linear(w[prefix + 'mlp.0.weight'],
-                                                  w[prefix + 'mlp.0.bias']),
-          'Dense_1': convert_hf.dense_from_linear(w[prefix + 'mlp.3.weight'],
-                                                  w[prefix + 'mlp.3.bias']),
+          'Dense_0': torch_layouts.dense_from_linear(
+              w[prefix + 'mlp.0.weight'], w[prefix + 'mlp.0.bias']),
+          'Dense_1': torch_layouts.dense_from_linear(
+              w[prefix + 'mlp.3.weight'], w[prefix + 'mlp.3.bias']),
       },
   }
 
