@@ -206,3 +206,11 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   with pytest.raises(SystemExit):
     predict.main(['--checkpoint', npz, str(image)])
   capsys.readouterr()
+
+
+def test_moved_loaders_still_resolve_in_predict():
+  from vit_jax import trained_model  # pylint: disable=g-import-not-at-top
+  for name in predict._MOVED:  # pylint: disable=protected-access
+    assert getattr(predict, name) is getattr(trained_model, name), name
+  with pytest.raises(AttributeError, match='no attribute'):
+    predict.not_a_name  # pylint: disable=pointless-statement

@@ -1,0 +1,274 @@
+"""A model trained by this project's pipeline, loaded for inference.
+
+`load_model_from_workdir(W, npz)` rebuilds the model of a finished training
+run from `W/summary.json` (its `config.model`, image size `config.pp.crop`)
+with the parameters of an exported `.npz`, and finds its class names
+(`W/class_names.json`, else the config's dataset); `load_model_from_
+config_file(config.py, npz)` does the same from the training config file.
+Both return a `TrainedModel` for `predict.classify`; `python -m
+vit_jax.predict --workdir W` / `--config FILE` is the command line. These
+names also resolve as `predict.load_model_from_workdir` and so on.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any, List, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax import checkpoint
+from vit_jax import models
+from vit_jax import predict
+
+Params = Any
+
+
+class TrainedModel(NamedTuple):
+  """A model of a training run with its checkpoint, ready for `classify`.
+
+  Attributes:
+    model: the VisionTransformer of the run's `config.model`, with the head
+      of the checkpoint.
+    params: the checkpoint's parameters.
+    image_size: (height, width) the run trained and evaluated at
+      (`config.pp.crop`).
+    class_names: names in class-index order (the workdir's
+      `class_names.json`, else the config's dataset), or None if unknown.
+    config: the run's config.
+  """
+  model: Any
+  params: Params
+  image_size: Tuple[int, int]
+  class_names: Optional[List[str]]
+  config: ml_collections.ConfigDict
+
+
+# Fields of the training config that only shape the training computation:
+# an exported `.npz` always holds per-layer blocks (checkpoint.save), and
+# inference needs no rematerialisation.
+_INFERENCE_OVERRIDES = {'scan': False, 'remat_policy': 'none'}
+_DTYPE_NAMES = ('bfloat16', 'float16', 'float32', 'float64')
+
+
+def _parse_dtype(value):
+  """A dtype, or its text in summary.json ("<class 'jax.numpy.bfloat16'>")."""
+  if not isinstance(value, str):
+    return value
+  match = re.search('|'.join(_DTYPE_NAMES), value)
+  if match is None:
+    raise ValueError(f'config.model.dtype={value!r} is not a dtype; expected '
+                     f'one of {_DTYPE_NAMES}.')
+  return getattr(jnp, match.group(0))  # what configs write: jnp.bfloat16
+
+
+def model_from_config(model_config, *, num_classes: Optional[int],
+                      representation_size: Optional[int] = None):
+  """The VisionTransformer of a training config's `config.model`.
+
+  Args:
+    model_config: `config.model` of a training config: a ConfigDict, or the
+      dict that `summary.json` holds (tuples as lists, dtypes as text).
+    num_classes: head size (from the checkpoint).
+    representation_size: `pre_logits` size (from the checkpoint), or None.
+
+  Returns:
+    The module, with `scan=False` and no rematerialisation (see
+    `_INFERENCE_OVERRIDES`); the fused 'cudnn' attention becomes 'xla' off
+    GPUs.
+  """
+  if model_config is None:
+    raise ValueError('The config has no config.model (the VisionTransformer '
+                     'fields); it cannot describe a trained model.')
+  fields = (model_config.to_dict() if hasattr(model_config, 'to_dict')
+            else dict(model_config))
+  known = {f.name for f in dataclasses.fields(models.VisionTransformer)
+           } - {'parent', 'name'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'config.model has fields {unknown} that '
+                     'VisionTransformer does not know; known fields: '
+                     f'{sorted(known)}.')
+  if 'dtype' in fields:
+    fields['dtype'] = _parse_dtype(fields['dtype'])
+  fields.update(_INFERENCE_OVERRIDES)
+  if fields.get('attention_impl') == 'cudnn' and jax.default_backend() != 'gpu':
+    fields['attention_impl'] = 'xla'
+  fields.update(num_classes=num_classes,
+                representation_size=representation_size)
+  return models.from_config(fields)
+
+
+def load_model_from_config(model_config, checkpoint_path: str, *,
+                           num_classes: Optional[int] = None
+                           ) -> Tuple[Any, Params]:
+  """Loads a checkpoint into the model of a training config.
+
+  Args:
+    model_config: `config.model` (ConfigDict or dict), see
+      `model_from_config`.
+    checkpoint_path: an `.npz` checkpoint, e.g. what `vit_jax.export` wrote.
+    num_classes: if given, must equal the checkpoint's head size.
+
+  Returns:
+    (model, params); `num_classes` and `representation_size` come from the
+    checkpoint, as in `load_model`.
+  """
+  params = checkpoint.load(checkpoint_path)
+  head_classes, representation_size = predict.head_sizes(
+      params, checkpoint_path, num_classes)
+  model = model_from_config(model_config, num_classes=head_classes,
+                            representation_size=representation_size)
+  return model, params
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of a finished training run, from `<workdir>/summary.json`."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f'Workdir {workdir!r} does not exist (or is not a '
+                     'folder).')
+  path = os.path.join(workdir, predict.SUMMARY_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(
+        f'Workdir {workdir!r} has no {predict.SUMMARY_FILE}: it is written '
+        'when a training run (python -m vit_jax.main --workdir=...) '
+        'finishes. Finish the run (the same command resumes it), or pass its '
+        'config file with --config instead of --workdir.')
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'Cannot read {path}: {e}.') from e
+  config = summary.get('config') if isinstance(summary, dict) else None
+  if not isinstance(config, dict):
+    raise ValueError(f'{path} holds no training config (no "config" '
+                     'object); was it written by vit_jax.train?')
+  return ml_collections.ConfigDict(config)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a config file, as `vit_jax.main --config` does.
+
+  Args:
+    spec: `FILE.py` or `FILE.py:ARG` (ARG is passed to `get_config`), e.g.
+      `configs/embedded.py` or `configs/finetune.py:b16,cifar10`.
+
+  Returns:
+    The config.
+  """
+  path, _, arg = spec.partition(':')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise ValueError(f'Config file {spec!r}: no such file ({path}).')
+  # Config files import `configs.common`: the repository root (and the
+  # parent of the file's folder, for a copy of configs/) must be importable.
+  for root in (os.path.dirname(os.path.dirname(path)), predict.REPO_ROOT):
+    if root not in sys.path:
+      sys.path.insert(0, root)
+  name = '_vit_predict_config_' + re.sub(r'\W', '_', path)
+  try:
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Config file {spec!r} failed to load: '
+                     f'{type(e).__name__}: {e}') from e
+  return config
+
+
+def _image_size_of(config) -> Tuple[int, int]:
+  # As input_pipeline.get_image_size (without importing tf.data machinery).
+  return predict.as_hw((config.get('pp') or {}).get('crop', 224))
+
+
+def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
+  """Class names of the config's dataset, or None when it cannot be read."""
+  dataset = config.get('dataset')
+  if not dataset:
+    return None
+  try:
+    return predict.load_labels(dataset, num_classes,
+                       data_dir=config.get('tfds_data_dir'))
+  except ValueError:
+    return None
+
+
+def _load_trained(config, checkpoint_path: str, source: str,
+                  class_names_file: Optional[str],
+                  num_classes: Optional[int]) -> TrainedModel:
+  """The model of `config` with `checkpoint_path`'s parameters."""
+  if config.get('model') is None:
+    raise ValueError(f'{source} has no config.model (the VisionTransformer '
+                     'fields), so it cannot describe a trained model.')
+  model, params = load_model_from_config(config.model, checkpoint_path,
+                                         num_classes=num_classes)
+  if not model.num_classes:
+    raise ValueError(f'{checkpoint_path} has no head, so it cannot '
+                     'classify; fine-tune it first.')
+  image_size = _image_size_of(config)
+  predict.check_params_fit(
+      model, params, image_size,
+      fix=f'{checkpoint_path} does not hold a model of {source}: pass the '
+      'checkpoint that run exported (python -m vit_jax.export --workdir=W '
+      '--output=FILE.npz).')
+  if class_names_file and os.path.isfile(class_names_file):
+    names = predict.load_labels(class_names_file, model.num_classes)
+  else:
+    names = _dataset_class_names(config, model.num_classes)
+  return TrainedModel(model, params, image_size, names, config)
+
+
+def load_model_from_workdir(workdir: str, checkpoint_path: str, *,
+                            num_classes: Optional[int] = None
+                            ) -> TrainedModel:
+  """A model trained by `vit_jax.train` in `workdir`, with a checkpoint.
+
+  Args:
+    workdir: the training workdir; its `summary.json` gives the model
+      (`config.model`) and the image size (`config.pp.crop`), its
+      `class_names.json` (if any, else the config's dataset) the class names.
+    checkpoint_path: the `.npz` exported from the run, e.g. by
+      `python -m vit_jax.export --workdir=W --output=FILE.npz`.
+    num_classes: if given, must equal the checkpoint's head size.
+
+  Returns:
+    A `TrainedModel`; `classify(m.model, m.params, images,
+    image_size=m.image_size, labels=m.class_names)` classifies as the run's
+    evaluation did.
+
+  Raises:
+    ValueError: no such workdir, no summary.json (run not finished), a config
+      without a model, or a checkpoint that does not fit it.
+    checkpoint.CheckpointError: an unreadable checkpoint.
+  """
+  config = read_run_config(workdir)
+  return _load_trained(config, checkpoint_path, f'the run in {workdir}',
+                       os.path.join(workdir, predict.CLASS_NAMES_FILE),
+                       num_classes)
+
+
+def load_model_from_config_file(config_file: str, checkpoint_path: str, *,
+                                num_classes: Optional[int] = None
+                                ) -> TrainedModel:
+  """As `load_model_from_workdir`, with the run's config file instead.
+
+  Args:
+    config_file: `FILE.py[:ARG]`, see `load_config_file`.
+    checkpoint_path: the `.npz` of a model trained with that config.
+    num_classes: if given, must equal the checkpoint's head size.
+
+  Returns:
+    A `TrainedModel`; class names from `class_names.json` next to the
+    checkpoint, else the config's dataset, else None.
+  """
+  config = load_config_file(config_file)
+  return _load_trained(
+      config, checkpoint_path, f'config {config_file}',
+      os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)),
+                   predict.CLASS_NAMES_FILE), num_classes)
