@@ -3,9 +3,9 @@
 A training step is matmuls plus everything between them (LayerNorm, GELU,
 softmax, casts, transposes, the optimizer). Timing the matmuls alone, at the
 shapes, dtypes and dimension numbers the step itself uses, gives the speed
-the step would have if everything else were free: a ceiling no rewrite of
-the elementwise code can pass. `bench.throughput --what ceiling` prints it
-beside the full step.
+the step would have if everything else were free: an estimate of the
+ceiling that no rewrite of the elementwise code can lift.
+`bench.throughput --what ceiling` prints it beside the full step.
 
   ops = matmul_ops(step, *args)      # every dot_general and convolution
   call = dots_only(ops)              # a jitted function of those alone
@@ -92,8 +92,9 @@ def _collect(jaxpr, repeat: int, out: List[MatmulOp]):
     if name in _UNCOUNTABLE:
       raise NotImplementedError(
           f'matmul_ops: a {name!r} runs its body a data-dependent number of '
-          'times, so its matmuls cannot be counted; time a function without '
-          'it (e.g. scan=False, no dropout branches).')
+          'times (or picks one of several), so its matmuls cannot be '
+          'counted; time a function without lax.while_loop or lax.cond (a '
+          'scan, or a fori_loop of static length, is counted).')
     times = repeat * (eqn.params['length'] if name == 'scan' else 1)
     for sub in _sub_jaxprs(eqn.params):
       _collect(sub, times, out)

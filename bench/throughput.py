@@ -32,8 +32,9 @@ Sections (`--what`, comma-separated):
            random operands), timed interleaved with the full calls. The
            images/s a step would reach if everything between its matmuls
            (LayerNorm, GELU, softmax, casts, the optimizer) took no time:
-           what no change short of other matmul shapes or fewer FLOPs can
-           pass. `--ceiling-shapes N` also times each distinct matmul
+           an estimate of the most that work on anything but the matmuls
+           can give (the products read operands of their own, so a call
+           whose data stays in cache can edge past it). `--ceiling-shapes N` also times each distinct matmul
            alone and lists the N that take the most time, with their rate.
            Skipped, with the reason, where the products' operands and
            outputs would take over half the device's memory (e.g. ViT-B/16
@@ -975,12 +976,13 @@ def main(argv=None):
                  '% of ceiling', 'matmul GFLOP/img', 'matmul GFLOP/s',
                  '% of peak', 'ceiling x original', 'target'], rows)
     print('matmuls alone: every dot_general and convolution of the jitted '
-          'function (forward and backward), nothing else; the full call '
-          'cannot beat it without other matmul shapes or fewer FLOPs. '
+          'function (forward and backward), nothing else: an estimate of the '
+          'most the full call can reach with these matmuls (it can edge past '
+          'it where its data stays in cache). '
           'matmul GFLOP/img: counted from the jaxpr. % of peak: against the '
           'n^3 matmul above. ceiling x original: the matmuls alone over the '
           'original\'s full call (* = MACHINE.md\'s number): a target above '
-          'it cannot be met on this machine with these matmuls.')
+          'it is out of reach on this machine with these matmuls.')
     for (what, name, d), r in ceilings.items():
       if r.get('matmul_shapes'):
         print_matmul_shapes(f'{what} {name} {d}', r['matmul_shapes'],
