@@ -48,3 +48,18 @@ def test_checkpoint_and_layouts_share_them():
     np.testing.assert_array_equal(back[k], v)
   with pytest.raises(trees.CheckpointError, match='both a parameter'):
     layouts.is_scanned({'a/b/c': 1, 'a/b': 2})
+
+
+def test_flatten_keeps_empty_layers_on_request():
+  tree = {'IdentityLayer_0': {}, 'head': {'bias': 1}}
+  assert trees.flatten_tree(tree) == {'head/bias': 1}
+  assert trees.flatten_tree(tree, keep_empty=True) == {
+      'IdentityLayer_0': {}, 'head/bias': 1}
+
+
+def test_to_dict_turns_mappings_into_plain_dicts():
+  from flax.core import FrozenDict  # pylint: disable=g-import-not-at-top
+  leaf = np.ones(2)
+  out = trees.to_dict(FrozenDict({'a': {'b': leaf}}))
+  assert type(out) is dict and type(out['a']) is dict  # pylint: disable=unidiomatic-typecheck
+  assert out['a']['b'] is leaf

@@ -82,26 +82,6 @@ NAME_SCHEMES = ('released', 'linen')
 # Trees.
 
 
-def flatten_keep_empty(tree: Mapping[str, Any],
-                       prefix: str = '') -> Dict[str, Any]:
-  """`flatten_tree` keeping empty sub-dicts (layers without weights)."""
-  flat = {}
-  for key, value in tree.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, collections.abc.Mapping) and value:
-      flat.update(flatten_keep_empty(value, path + '/'))
-    else:
-      flat[path] = value
-  return flat
-
-
-def to_dict(tree: Any) -> Any:
-  """Mappings (FrozenDict, ConfigDict-like) to plain dicts, leaves untouched."""
-  if isinstance(tree, collections.abc.Mapping):
-    return {k: to_dict(v) for k, v in tree.items()}
-  return tree
-
-
 def shape_of(x) -> Optional[Tuple[int, ...]]:
   """A leaf's shape (arrays, ShapeDtypeStructs, lists); None for a subtree."""
   if isinstance(x, collections.abc.Mapping):
@@ -264,7 +244,7 @@ def canonicalize(params: Mapping[str, Any]) -> Params:
     A new nested dict of the same leaves (numpy stays numpy) under linen
     names, per-layer blocks, squeezed GroupNorm parameters.
   """
-  tree = to_dict(params)
+  tree = trees.to_dict(params)
   tree = _strip_wrappers(tree)
   tree = _convert_big_vision(tree)
   tree = convert_pre_linen(tree)

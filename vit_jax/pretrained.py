@@ -21,6 +21,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import layouts
 from vit_jax import posembed
+from vit_jax import trees
 from vit_jax.checkpoint import CheckpointError
 
 Params = checkpoint.Params
@@ -109,8 +110,8 @@ def inspect_params(*, params: Params, expected: Params,
   Raises:
     CheckpointError (a ValueError, as the original raised): keys differ.
   """
-  params_flat = checkpoint.flatten_keep_empty(params)
-  expected_flat = checkpoint.flatten_keep_empty(expected)
+  params_flat = trees.flatten_tree(params, keep_empty=True)
+  expected_flat = trees.flatten_tree(expected, keep_empty=True)
   missing, unexpected, mismatched = _differing_keys(params_flat, expected_flat)
   # Layers without weights: flax serialisation drops their empty dicts.
   empty = [k for k in missing
@@ -192,7 +193,7 @@ def load_pretrained(*, pretrained_path: Union[str, os.PathLike, Mapping],
     source = f'Checkpoint {os.fspath(pretrained_path)!r}'
     restored = checkpoint.load(pretrained_path)
   try:
-    return _adapt(restored, checkpoint.to_dict(init_params), model_config,
+    return _adapt(restored, trees.to_dict(init_params), model_config,
                   image_size=image_size,
                   pretrained_image_size=pretrained_image_size, method=method)
   except CheckpointError as e:
@@ -267,8 +268,8 @@ def _adapt(restored: Params, init_params: Params, model_config, *, image_size,
     except ValueError as e:
       raise CheckpointError(str(e)) from None
 
-  restored_flat = checkpoint.flatten_keep_empty(restored)
-  init_flat = checkpoint.flatten_keep_empty(init_params)
+  restored_flat = trees.flatten_tree(restored, keep_empty=True)
+  init_flat = trees.flatten_tree(init_params, keep_empty=True)
   missing, unexpected, mismatched = _differing_keys(restored_flat, init_flat)
   # Top-level modules the model lacks are pre-training heads (e.g. masked
   # patch prediction's `mpp_head`, `mask_token`): dropped, as the original

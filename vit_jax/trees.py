@@ -33,13 +33,26 @@ def recover_tree(keys, values) -> Params:
   return tree
 
 
-def flatten_tree(tree: Params, prefix: str = '') -> Dict[str, Any]:
-  """The inverse of `recover_tree`: {'a/b/c': leaf}."""
+def flatten_tree(tree: Params, prefix: str = '', *,
+                 keep_empty: bool = False) -> Dict[str, Any]:
+  """The inverse of `recover_tree`: {'a/b/c': leaf}.
+
+  With `keep_empty`, an empty sub-dict (a layer without weights) stays as a
+  leaf of its own instead of vanishing.
+  """
   flat = {}
   for key, value in tree.items():
     path = f'{prefix}{key}'
-    if isinstance(value, collections.abc.Mapping):
-      flat.update(flatten_tree(value, path + '/'))
+    if isinstance(value, collections.abc.Mapping) and (value or
+                                                       not keep_empty):
+      flat.update(flatten_tree(value, path + '/', keep_empty=keep_empty))
     else:
       flat[path] = value
   return flat
+
+
+def to_dict(tree: Any) -> Any:
+  """Mappings (FrozenDict, ConfigDict-like) to plain dicts, leaves untouched."""
+  if isinstance(tree, collections.abc.Mapping):
+    return {k: to_dict(v) for k, v in tree.items()}
+  return tree
