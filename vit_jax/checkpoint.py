@@ -41,7 +41,6 @@ Command line (`python -m vit_jax.checkpoint --help`, in `checkpoint_cli`):
 
 import collections
 import contextlib
-import importlib
 import os
 import re
 import sys
@@ -52,6 +51,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from vit_jax import layouts
+from vit_jax import moved_names
 from vit_jax import trees
 
 Params = Dict[str, Any]
@@ -364,17 +364,11 @@ def _write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
 
 # The original's API (SPEC section 8) kept these in this module.
 _MOVED = {
-    'inspect_params': 'pretrained',
-    'load_pretrained': 'pretrained',
-    'interpolate_posembed': 'posembed',
+    'inspect_params': 'vit_jax.pretrained',
+    'load_pretrained': 'vit_jax.pretrained',
+    'interpolate_posembed': 'vit_jax.posembed',
 }
-
-
-def __getattr__(name: str) -> Any:
-  """`checkpoint.load_pretrained` etc.: the original's names, moved."""
-  if name in _MOVED:
-    return getattr(importlib.import_module(f'vit_jax.{_MOVED[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = moved_names.resolver(__name__, _MOVED)
 
 
 def main(argv=None) -> int:

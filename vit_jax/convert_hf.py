@@ -42,7 +42,6 @@ inverses, `conv_from_torch`, `fold_input_normalization`,
 `convert_hf.save_hf` and so on.
 """
 
-import importlib
 import json
 import os
 import re
@@ -52,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import moved_names
 from vit_jax import torch_layouts
 
 Params = Dict[str, Any]
@@ -469,10 +469,4 @@ _MOVED = dict(
         'to_numpy', 'dense_from_linear', 'attention_from_linear',
         'linear_from_dense', 'linear_from_attention', 'conv_from_torch',
         'fold_input_normalization', 'read_weights_file')})
-
-
-def __getattr__(name):
-  # Lazy: export_hf imports this module.
-  if name in _MOVED:
-    return getattr(importlib.import_module(_MOVED[name]), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = moved_names.resolver(__name__, _MOVED)

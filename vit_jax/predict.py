@@ -63,7 +63,6 @@ config (the message on stderr starts with `error:`), else 0.
 """
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -77,6 +76,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import moved_names
 
 Params = Any
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
@@ -581,16 +581,11 @@ def main(argv=None) -> int:
 
 # The loaders of pipeline-trained models moved to `trained_model`; their names
 # still resolve here (`predict.load_model_from_workdir`, ...).
-_MOVED = ('TrainedModel', 'model_from_config', 'load_model_from_config',
-          'read_run_config', 'load_config_file', 'load_model_from_workdir',
-          'load_model_from_config_file')
-
-
-def __getattr__(name):
-  # Lazy: trained_model imports this module.
-  if name in _MOVED:
-    return getattr(importlib.import_module('vit_jax.trained_model'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+_MOVED = {name: 'vit_jax.trained_model' for name in (
+    'TrainedModel', 'model_from_config', 'load_model_from_config',
+    'read_run_config', 'load_config_file', 'load_model_from_workdir',
+    'load_model_from_config_file')}
+__getattr__ = moved_names.resolver(__name__, _MOVED)
 
 
 if __name__ == '__main__':
