@@ -39,9 +39,14 @@ def describe(params: Params) -> Dict[str, Any]:
     cols) or None when not square, num_tokens, representation_size,
     num_classes, num_params and zoo_names (matching MODEL_CONFIGS).
 
+    An MLP-Mixer (a `stem` instead of an `embedding`) is described by
+    `describe_mixer` instead.
+
   Raises:
     CheckpointError: no `embedding/kernel` of rank 4 (not a ViT).
   """
+  if 'stem' in params and 'embedding' not in params:
+    return describe_mixer(params)
   embedding = params.get('embedding', {})
   kernel = embedding.get('kernel') if isinstance(embedding, dict) else None
   if kernel is None or np.ndim(kernel) != 4:
@@ -101,10 +106,44 @@ def describe(params: Params) -> Dict[str, Any]:
   return info
 
 
+def describe_mixer(params: Params) -> Dict[str, Any]:
+  """`describe` of an MLP-Mixer tree: model 'Mixer', hidden_dim, patch_size,
+  num_blocks, tokens_mlp_dim, channels_mlp_dim, num_tokens, num_classes,
+  num_params and zoo_names."""
+  kernel = params['stem'].get('kernel')
+  if kernel is None or np.ndim(kernel) != 4:
+    raise CheckpointError('No stem/kernel of rank 4: not a Mixer checkpoint.')
+  ph, pw, _, hidden = shape_of(kernel)
+  blocks = [v for k, v in params.items() if re.fullmatch(r'MixerBlock_\d+', k)]
+  mlp_dims = {}
+  for mlp in ('token_mixing', 'channel_mixing'):
+    dense = blocks[0].get(mlp, {}).get('Dense_0', {}) if blocks else {}
+    mlp_dims[mlp] = shape_of(dense['kernel']) if 'kernel' in dense else None
+  head = params.get('head', {})
+  info = {
+      'model': 'Mixer', 'hidden_dim': hidden, 'patch_size': (ph, pw),
+      'num_blocks': len(blocks),
+      'num_tokens': (mlp_dims['token_mixing'] or (None,))[0],
+      'tokens_mlp_dim': (mlp_dims['token_mixing'] or (None, None))[1],
+      'channels_mlp_dim': (mlp_dims['channel_mixing'] or (None, None))[1],
+      'num_classes': shape_of(head['kernel'])[-1] if 'kernel' in head else None,
+      'num_params': sum(int(np.prod(shape_of(v)))
+                        for v in flatten_tree(params).values()),
+  }
+  info['zoo_names'] = [
+      name for name, c in models_config.MODEL_CONFIGS.items()
+      if 'num_blocks' in c and tuple(c.patches.size) == (ph, pw) and
+      all(c[k] == info[k] for k in ('hidden_dim', 'num_blocks',
+                                    'tokens_mlp_dim', 'channels_mlp_dim'))]
+  return info
+
+
 def _zoo_names(info: Dict[str, Any]) -> List[str]:
   """MODEL_CONFIGS entries with the same architecture (head sizes aside)."""
   names = []
   for name, config in models_config.MODEL_CONFIGS.items():
+    if 'num_blocks' in config:  # a Mixer
+      continue
     resnet = config.get('resnet')
     if resnet is None:
       same_resnet = info['resnet'] is None
@@ -151,6 +190,12 @@ def _fmt_grid(grid) -> str:
 
 def _describe_lines(info: Dict[str, Any]) -> List[str]:
   """Human-readable `describe` output, one fact per line."""
+  zoo_line = 'zoo_name: ' + (' or '.join(info['zoo_names']) or 'none')
+  if info.get('model') == 'Mixer':
+    fields = ('hidden_dim', 'num_blocks', 'tokens_mlp_dim',
+              'channels_mlp_dim', 'num_tokens', 'num_classes')
+    return (['model: MLP-Mixer'] + [f'{k}: {info[k]}' for k in fields] +
+            [f'patch_size: {_fmt_grid(info["patch_size"])}', zoo_line])
   lines = [f'hidden_size: {info["hidden_size"]}',
            f'num_layers: {info["num_layers"]}',
            f'num_heads: {info["num_heads"]}',
@@ -178,7 +223,7 @@ def _describe_lines(info: Dict[str, Any]) -> List[str]:
          else 'no class token; or unpooled)'))
   lines.append(f'representation_size: {info["representation_size"]}')
   lines.append(f'num_classes: {info["num_classes"]}')
-  lines.append('zoo_name: ' + (' or '.join(info['zoo_names']) or 'none'))
+  lines.append(zoo_line)
   return lines
 
 
@@ -250,6 +295,10 @@ def _resize(args) -> None:
   flat = read_npz(args.input)
   params = load(args.input)
   info = describe(params)
+  if info.get('model') == 'Mixer':
+    raise CheckpointError(
+        f'Checkpoint {args.input!r} is an MLP-Mixer: its token-mixing MLPs '
+        'are sized for its token count, so it cannot be resized.')
   posembed = params.get('Transformer', {}).get('posembed_input', {})
   if 'pos_embedding' not in posembed:
     raise CheckpointError(f'Checkpoint {args.input!r} has no learned position '

@@ -1,7 +1,9 @@
 """Model front door: the module classes, the zoo lookup and probes.
 
-`from vit_jax import models; models.VisionTransformer(...)` and
-`models.get_model('ViT-B_16', num_classes=10)` work as in the original.
+`from vit_jax import models; models.VisionTransformer(...)`,
+`models.MlpMixer(...)` and `models.get_model('ViT-B_16', num_classes=10)` work
+as in the original; `get_model` builds an `MlpMixer` for the `Mixer-*` zoo
+entries.
 """
 
 import difflib
@@ -10,6 +12,7 @@ from typing import Any, List
 import jax
 import ml_collections
 
+from vit_jax import models_mixer
 from vit_jax import models_resnet
 from vit_jax import models_vit
 from vit_jax.configs import models as models_config
@@ -22,6 +25,8 @@ VisionTransformer = models_vit.VisionTransformer
 StdConv = models_resnet.StdConv
 ResidualUnit = models_resnet.ResidualUnit
 ResNetStage = models_resnet.ResNetStage
+MlpMixer = models_mixer.MlpMixer
+MixerBlock = models_mixer.MixerBlock
 
 MODEL_CONFIGS = models_config.MODEL_CONFIGS
 
@@ -41,27 +46,33 @@ def canonical_name(name: str) -> str:
       + f' Known models: {", ".join(sorted(MODEL_CONFIGS))}.')
 
 
-def get_model(name: str, **kw) -> VisionTransformer:
+def get_model(name: str, **kw):
   """Builds the zoo model `name`; `kw` sets or overrides module fields.
 
   Args:
-    name: a key of MODEL_CONFIGS, e.g. 'ViT-B_16' (also 'ViT-B/16').
-    **kw: `VisionTransformer` fields, e.g. `num_classes=10`,
+    name: a key of MODEL_CONFIGS, e.g. 'ViT-B_16' (also 'ViT-B/16'), or
+      'Mixer-B_16'.
+    **kw: module fields, e.g. `num_classes=10`; for a ViT also
       `representation_size=None`, `dtype=jnp.bfloat16`, `posemb='sincos2d'`.
 
   Returns:
-    The flax module.
+    The flax module (`VisionTransformer` or `MlpMixer`).
   """
   return from_config(MODEL_CONFIGS[canonical_name(name)], **kw)
 
 
-def from_config(config: Any, model_cls=VisionTransformer,
-                **kw) -> VisionTransformer:
+def model_class(config: Any):
+  """`MlpMixer` for a Mixer's fields (`num_blocks`), else VisionTransformer."""
+  return MlpMixer if 'num_blocks' in config else VisionTransformer
+
+
+def from_config(config: Any, model_cls=None, **kw):
   """Builds a model from a zoo-style ConfigDict (or dict) and `kw`.
 
   Args:
-    config: VisionTransformer fields, as the zoo's ConfigDicts hold them.
-    model_cls: VisionTransformer or a model built on its fields (e.g.
+    config: module fields, as the zoo's ConfigDicts hold them.
+    model_cls: the module class; None picks it by the fields (`model_class`).
+      Also a model built on VisionTransformer's fields (e.g.
       `masked_patch.MaskedPatchPredictor`).
     **kw: fields to set or override.
 
@@ -72,6 +83,7 @@ def from_config(config: Any, model_cls=VisionTransformer,
   fields = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
   fields.update(kw)
   fields.setdefault('num_classes', None)
+  model_cls = model_cls or model_class(fields)
   for key in ('patches', 'transformer', 'resnet'):
     # The original passes these as ConfigDicts; keep that for module fields.
     if isinstance(fields.get(key), dict):

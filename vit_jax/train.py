@@ -305,7 +305,8 @@ def evaluate(runner, params, ds_test) -> float:
 
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> models.VisionTransformer:
-  """The model of `config.model` (a zoo ConfigDict copy or a custom one).
+  """The model of `config.model` (a zoo ConfigDict copy or a custom one):
+  a VisionTransformer, or an MlpMixer for a Mixer's fields.
 
   With `config.objective='mpp'` a `masked_patch.MaskedPatchPredictor` with
   the same encoder (its fields from `config.mpp`); `num_classes` is unused.
@@ -318,7 +319,8 @@ def create_model(config: ml_collections.ConfigDict,
     fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
     return masked_patch.MaskedPatchPredictor(
         num_classes=None, **fields, **(config.get('mpp') or {}))
-  return models.VisionTransformer(num_classes=num_classes, **config.model)
+  return models.model_class(config.model)(num_classes=num_classes,
+                                          **config.model)
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:

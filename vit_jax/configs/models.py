@@ -1,24 +1,37 @@
 """The model zoo: one locked `ml_collections.ConfigDict` per model name.
 
-Names are the original's (`ViT-B_16`, `R50+ViT-B_16`, ...) and are the stems of
-the released checkpoint files (`ViT-B_16.npz`). Each config holds the
-`VisionTransformer` fields except `num_classes`; `models.get_model(name,
-num_classes=...)` builds the module. Parameter counts (1000 classes, 224x224)
-are pinned by tests/test_models.py against SPEC section 3.
+Names are the original's (`ViT-B_16`, `R50+ViT-B_16`, `Mixer-B_16`, ...) and
+are the stems of the released checkpoint files (`ViT-B_16.npz`). Each config
+holds the fields of its module (`VisionTransformer`, or `MlpMixer` for the
+`Mixer-*` entries, which have `num_blocks`) except `num_classes`;
+`models.get_model(name, num_classes=...)` builds the module. The getters
+`get_<short name>_config` are the original's, so `configs/vit.py:b16,cifar10`
+finds `get_b16_config`. Parameter counts (1000 classes, 224x224) are pinned by
+tests/test_models.py against SPEC section 3 and the Mixer paper.
 """
 
 import ml_collections
 
 MODEL_CONFIGS = {}
 
+# AugReg checkpoints (gs://vit_models/augreg/index.csv) are named
+# `<model>-<upstream run>.npz`, `<model>` being the zoo name without `ViT-`
+# and with `+` as `_` (`R_Ti_16`, `R50_B_16`), so that a file name is also a
+# URI without escaping. The original leaves out the Mixers and the models
+# AugReg did not train; `testing` stays out too.
+AUGREG_CONFIGS = {}
+_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14')
+
 
 def _register(get_config):
-  """Adds a config getter's result to MODEL_CONFIGS under its `model_name`."""
+  """Adds a getter's config to MODEL_CONFIGS (and AUGREG_CONFIGS)."""
   config = get_config().lock()
   name = config.get('model_name')
   if name in MODEL_CONFIGS:
     raise ValueError(f'Model {name!r} registered twice.')
   MODEL_CONFIGS[name] = config
+  if not name.startswith('Mixer') and name not in _NOT_IN_AUGREG:
+    AUGREG_CONFIGS[name.replace('ViT-', '').replace('+', '_')] = config
   return get_config
 
 
@@ -59,7 +72,7 @@ def _gap_norep(name, base):
 
 
 @_register
-def get_testing():
+def get_testing_config():
   """A tiny model for unit tests."""
   config = _vit('testing', hidden=10, patch=16, layers=1, heads=2, mlp=10)
   config.transformer.dropout_rate = 0.1
@@ -67,9 +80,9 @@ def get_testing():
 
 
 @_register
-def get_testing_unpooled():
+def get_testing_unpooled_config():
   """`testing` with the head applied to every token."""
-  config = get_testing()
+  config = get_testing_config()
   config.model_name = 'testing-unpooled'
   config.classifier = 'unpooled'
   return config
@@ -193,3 +206,35 @@ def get_r50_l32_config():
                    patch=1)
   config.transformer.dropout_rate = 0.1
   return config
+
+
+# MLP-Mixer (Tolstikhin et al., 2021, Table 1).
+
+
+def _mixer(name, *, hidden, patch, blocks, tokens_mlp, channels_mlp):
+  config = ml_collections.ConfigDict()
+  config.model_name = name
+  config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+  config.hidden_dim = hidden
+  config.num_blocks = blocks
+  config.tokens_mlp_dim = tokens_mlp
+  config.channels_mlp_dim = channels_mlp
+  return config
+
+
+@_register
+def get_mixer_b16_config():
+  return _mixer('Mixer-B_16', hidden=768, patch=16, blocks=12, tokens_mlp=384,
+                channels_mlp=3072)
+
+
+@_register
+def get_mixer_b32_config():
+  return _mixer('Mixer-B_32', hidden=768, patch=32, blocks=12, tokens_mlp=384,
+                channels_mlp=3072)
+
+
+@_register
+def get_mixer_l16_config():
+  return _mixer('Mixer-L_16', hidden=1024, patch=16, blocks=24,
+                tokens_mlp=512, channels_mlp=4096)

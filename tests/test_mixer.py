@@ -1,0 +1,140 @@
+"""MLP-Mixer: zoo parameter counts, released-name `.npz` files, fine-tuning."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax import checkpoint
+from vit_jax import checkpoint_cli
+from vit_jax import export
+from vit_jax import models
+from vit_jax import train
+
+import test_train
+
+# The original's counts at 1000 classes, 224x224.
+PARAM_COUNTS = {
+    'Mixer-B_16': 59_880_472,
+    'Mixer-B_32': 60_293_428,
+    'Mixer-L_16': 208_196_168,
+}
+
+
+def tiny_mixer_config():
+  """Two blocks on 28x28 images with 7x7 patches (16 tokens)."""
+  return ml_collections.ConfigDict({
+      'model_name': 'Mixer-tiny_7', 'patches': {'size': (7, 7)},
+      'hidden_dim': 8, 'num_blocks': 2, 'tokens_mlp_dim': 6,
+      'channels_mlp_dim': 12})
+
+
+def init(model, size=28):
+  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                    train=False)['params']
+
+
+def images(n=4, size=28):
+  return jax.random.uniform(jax.random.PRNGKey(1), (n, size, size, 3),
+                            minval=-1., maxval=1.)
+
+
+def randomized(params, seed=2):
+  """Every leaf random, so that no zero head hides a wrong load."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_zoo_parameter_count(name):
+  model = models.get_model(name, num_classes=1000)
+  assert isinstance(model, models.MlpMixer)
+  shapes = jax.eval_shape(lambda: init(model, 224))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == (
+      PARAM_COUNTS[name])
+
+
+def test_released_names_round_trip(tmp_path):
+  model = models.from_config(tiny_mixer_config(), num_classes=5)
+  params = randomized(init(model))
+  path = str(tmp_path / 'Mixer-tiny_7.npz')
+  checkpoint.save(params, path)
+  with np.load(path) as data:
+    keys = set(data.files)
+  # The original's names (its models_mixer.py): one `.npz` key per leaf.
+  assert {'stem/kernel', 'stem/bias', 'pre_head_layer_norm/scale',
+          'head/kernel', 'MixerBlock_1/LayerNorm_0/scale',
+          'MixerBlock_1/token_mixing/Dense_0/kernel',
+          'MixerBlock_1/channel_mixing/Dense_1/bias',
+          'MixerBlock_0/LayerNorm_1/bias'} <= keys
+  assert len(keys) == len(jax.tree.leaves(params))
+  loaded = checkpoint.load(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  x = images()
+  np.testing.assert_array_equal(
+      model.apply({'params': loaded}, x, train=False),
+      model.apply({'params': params}, x, train=False))
+
+
+def test_inspect_names_the_mixer(tmp_path, capsys):
+  model = models.get_model('Mixer-B_32', num_classes=10)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                        jax.eval_shape(lambda: init(model, 64)))
+  path = str(tmp_path / 'mixer.npz')
+  checkpoint.save(params, path)
+  assert checkpoint_cli.main(['inspect', path]) == 0
+  out = capsys.readouterr().out
+  assert 'model: MLP-Mixer' in out
+  assert 'zoo_name: Mixer-B_32' in out
+  assert 'num_blocks: 12' in out
+
+
+def test_load_pretrained_gives_a_fresh_zero_head(tmp_path):
+  path = str(tmp_path / 'pretrained.npz')
+  pretrained_params = randomized(
+      init(models.from_config(tiny_mixer_config(), num_classes=5)))
+  checkpoint.save(pretrained_params, path)
+  model = models.from_config(tiny_mixer_config(), num_classes=3)
+  params = checkpoint.load_pretrained(
+      pretrained_path=path, init_params=init(model),
+      model_config=tiny_mixer_config())
+  assert params['head']['kernel'].shape == (8, 3)
+  assert not np.any(params['head']['kernel'])
+  for name in ('stem', 'MixerBlock_0', 'MixerBlock_1', 'pre_head_layer_norm'):
+    jax.tree.map(np.testing.assert_array_equal, params[name],
+                 pretrained_params[name])
+  np.testing.assert_array_equal(
+      model.apply({'params': params}, images(), train=False), 0.)
+
+
+def test_fine_tuning_adapts_the_head(tmp_path):
+  """A pre-trained Mixer fine-tuned by train.train_and_evaluate."""
+  path = str(tmp_path / 'pretrained.npz')
+  pretrained_params = randomized(
+      init(models.from_config(tiny_mixer_config(), num_classes=5)))
+  checkpoint.save(pretrained_params, path)
+  config = test_train.tiny_config(**{
+      'model': tiny_mixer_config(), 'model_name': 'Mixer-tiny_7',
+      'pretrained_path': path, 'total_steps': 3, 'base_lr': 0.1,
+      'batch': 16, 'pp.augment': 'none'})
+  workdir = str(tmp_path / 'workdir')
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['step'] == 3 and 0 <= summary['accuracy'] <= 1
+  tuned_path = str(tmp_path / 'tuned.npz')
+  export.export(workdir, tuned_path)
+  tuned = checkpoint.load(tuned_path)
+  assert tuned['head']['kernel'].shape == (8, 10)
+  assert np.any(tuned['head']['kernel'])  # trained from the fresh zeros
+  assert not np.allclose(tuned['stem']['kernel'],
+                         pretrained_params['stem']['kernel'])
