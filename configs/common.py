@@ -38,9 +38,12 @@ def get_config():
   config.split_seed = placeholder(int)
   config.pp = ml_collections.ConfigDict()
   config.pp.crop = 384  # Resolution: train crops and test images (pixels).
-  # 'inception_crop' (+ flip, the paper's), 'shift' (digits), or 'none'.
+  # 'inception_crop' (+ flip, the paper's), 'shift' or 'affine' (digits),
+  # or 'none' (vit_jax.input_pipeline.Augment).
   config.pp.augment = 'inception_crop'
-  config.pp.shift_pad = 2  # Max translation of augment='shift', pixels.
+  config.pp.shift_pad = 2  # Max translation of 'shift' and 'affine', pixels.
+  config.pp.rotate = 0.0  # Max rotation of 'affine', degrees.
+  config.pp.zoom = 0.0  # Max relative zoom of 'affine' (scale 1 +- zoom).
   config.batch = 512  # Global train batch, over all devices and hosts.
   config.batch_eval = 512  # Global eval batch.
   config.shuffle_buffer = 50_000  # Examples in the shuffle buffer (TFDS).
@@ -79,6 +82,8 @@ def get_config():
   config.weight_decay = 0.0  # Decoupled (times lr) decay; 'adamw' only.
   config.accum_steps = 8  # Micro-batches per device batch (saves memory).
   config.loss = 'softmax_xent'  # Or 'sigmoid_xent' (multi-label, 21k).
+  # Targets (1 - s) * one_hot + s / classes (Szegedy et al., 2016); 0: off.
+  config.label_smoothing = 0.0
   # Parameters that train (vit_jax/trainable.py): None/'all', 'head',
   # 'head+pre_logits', or a regex on '/'-joined paths. The rest stay frozen
   # bit for bit and get neither gradients nor optimizer state.

@@ -38,6 +38,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import folder_split
+from vit_jax import validation
 
 EMBEDDED_MNIST = 'embedded_mnist'
 # The embedded split never changes: it is drawn once with this legacy numpy
@@ -50,7 +51,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 # Formats tf.io.decode_image reads (MPO: multi-picture JPEG from cameras).
 _TF_DECODABLE = ('JPEG', 'MPO', 'PNG', 'GIF', 'BMP')
 _FOLDER_LAYOUT = '<dir>/train/<class>/*.jpg and <dir>/test/<class>/*.jpg'
-_AUGMENTS = ('inception_crop', 'shift', 'none')
+_AUGMENTS = ('inception_crop', 'shift', 'affine', 'none')
 
 
 class _ClassNames(list):
@@ -346,7 +347,10 @@ def _folder_source(root, split, process_index, process_count, val_fraction,
 
 def _tfds_builder(name, data_dir=None, manual_dir=None, download=False):
   """Returns a prepared builder; never downloads unless `download` is True."""
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise _unknown_tfds_name(name) from None
   if builder.is_prepared():
     return builder
   if download:
@@ -363,6 +367,21 @@ def _tfds_builder(name, data_dir=None, manual_dir=None, download=False):
       f'TFDS dataset {name!r} is not prepared in {builder.data_dir!r} '
       f'(data_dir={data_dir!r}), and nothing is downloaded implicitly. '
       f'To fix: {fix}.')
+
+
+def _unknown_tfds_name(name) -> validation.ConfigError:
+  """The error for a dataset TFDS does not know: a few close names, never
+  the whole catalogue (which TFDS's own message lists)."""
+  base = name.split(':')[0].split('/')[0]
+  close = validation.closest(
+      base, tfds.list_builders(with_community_datasets=False))
+  hint = (f'Close TFDS names: {", ".join(close)}.' if close else
+          'No TFDS dataset has a close name.')
+  return validation.ConfigError(
+      f'Unknown dataset {name!r}: not {EMBEDDED_MNIST!r}, not an existing '
+      f'folder, and not a TFDS dataset. {hint} Set --config.dataset to a TFDS '
+      'name (https://www.tensorflow.org/datasets/catalog), an image folder, '
+      f'or {EMBEDDED_MNIST}.')
 
 
 def _tfds_source(builder, split, process_index, process_count, train, seed):
@@ -445,28 +464,87 @@ def _local_batch(global_batch, name, process_count, device_count):
   return local, local // device_count
 
 
-def _preprocess(image, size, augment, shift_pad, seed=None):
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Train-time augmentation of `config.pp` (none at evaluation).
+
+  Attributes:
+    kind: 'inception_crop' (the paper's: random crop + flip), 'shift'
+      (random translation with zero padding), 'affine' (random rotation,
+      zoom and translation about the centre, zero fill; digits), or 'none'.
+    shift_pad: max translation of 'shift' and 'affine', pixels.
+    rotate: max rotation of 'affine', degrees (uniform in +-rotate).
+    zoom: max relative zoom of 'affine' (scale uniform in 1 +- zoom).
+  """
+  kind: str = 'inception_crop'
+  shift_pad: float = 2
+  rotate: float = 0.
+  zoom: float = 0.
+
+  @classmethod
+  def from_config(cls, config) -> 'Augment':
+    pp = config.get('pp', {})
+    augment = cls(kind=pp.get('augment', cls.kind),
+                  shift_pad=pp.get('shift_pad', cls.shift_pad),
+                  rotate=pp.get('rotate', cls.rotate) or 0.,
+                  zoom=pp.get('zoom', cls.zoom) or 0.)
+    if augment.kind not in _AUGMENTS:
+      raise ValueError(f'config.pp.augment={augment.kind!r}; use one of '
+                       f'{_AUGMENTS}.')
+    return augment
+
+
+def _inception_crop(image, size, seed):
+  crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, num=2))
+  # The original's crop: 5-100% of the area, aspect 3/4..4/3, no object.
+  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+      seed=crop_seed, min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0),
+      use_image_if_no_bounding_boxes=True)
+  image = tf.slice(image, begin, crop)
+  image.set_shape([None, None, 3])  # tf.slice forgets the channel count
+  image = tf.image.resize(image, size)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _random_affine(image, size, augment: Augment, seed):
+  """Rotation, zoom and translation about the centre; bilinear, zero fill.
+
+  The transform maps each output pixel back to the input, as
+  ImageProjectiveTransformV3 expects: input = A (output - c) + c - t, with
+  A the inverse of "rotate by theta, then scale by s".
+  """
+  image = tf.image.resize(image, size)
+  u = tf.random.stateless_uniform([4], seed, minval=-1., maxval=1.)
+  theta = u[0] * augment.rotate * math.pi / 180.
+  scale = 1. + u[1] * augment.zoom
+  tx, ty = u[2] * augment.shift_pad, u[3] * augment.shift_pad
+  cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
+  cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
+  transform = tf.stack([cos, sin, cx - cos * cx - sin * cy - tx,
+                        -sin, cos, cy + sin * cx - cos * cy - ty, 0., 0.])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None],
+      output_shape=tf.constant(size, tf.int32), fill_value=0.,
+      interpolation='BILINEAR', fill_mode='CONSTANT')
+  return out[0]
+
+
+def _preprocess(image, size, augment: Augment, seed=None):
   """Decoded uint8 image -> normalized float32 crop (augmented if `seed`)."""
-  if seed is None or augment == 'none':
+  if seed is None or augment.kind == 'none':
     image = tf.image.resize(image, size)  # eval: plain resize, no centre crop
-  elif augment == 'inception_crop':
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2))
-    # The original's crop: 5-100% of the area, aspect 3/4..4/3, no object.
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-        seed=crop_seed, min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0),
-        use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, crop)
-    image.set_shape([None, None, 3])  # tf.slice forgets the channel count
-    image = tf.image.resize(image, size)
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  else:  # 'shift' (validated in get_datasets)
+  elif augment.kind == 'inception_crop':
+    image = _inception_crop(image, size, seed)
+  elif augment.kind == 'affine':
+    image = _random_affine(image, size, augment, seed)
+  else:  # 'shift'
     # Random translation by up to `shift_pad` pixels; zero (black) padding is
     # the background of digits. No flip: mirrored digits are other digits.
     image = tf.image.resize(image, size)
-    p = shift_pad
+    p = int(augment.shift_pad)
     image = tf.pad(image, [[p, p], [p, p], [0, 0]])
     image = tf.image.stateless_random_crop(image, [*size, 3], seed=seed)
   return (tf.cast(image, tf.float32) - 127.5) / 127.5
@@ -510,7 +588,7 @@ def get_datasets(config, *, start_step: int = 0,
   ('embedded_mnist'), `train_split` ('train'), `test_split` ('test'), `batch`
   (512), `batch_eval` (= batch), `shuffle_buffer` (50_000; TFDS only, the
   in-memory sources shuffle fully), `seed` (0), `pp.crop` (224),
-  `pp.augment` ('inception_crop' | 'shift' | 'none'), `pp.shift_pad` (2),
+  `pp.augment`, `pp.shift_pad`, `pp.rotate`, `pp.zoom` (see `Augment`),
   `tfds_data_dir` (None), `tfds_manual_dir` (None), `tfds_download` (False),
   and for a single-tree image folder `val_fraction` (0.2) and `split_seed`
   (0; independent of `seed`), with the splits 'train' and 'val' ('test' is
@@ -533,11 +611,7 @@ def get_datasets(config, *, start_step: int = 0,
   pc = jax.process_count() if process_count is None else process_count
   devices = jax.local_device_count()
   size = get_image_size(config)
-  pp = config.get('pp', {})
-  augment = pp.get('augment', 'inception_crop')
-  shift_pad = pp.get('shift_pad', 2)
-  if augment not in _AUGMENTS:
-    raise ValueError(f'config.pp.augment={augment!r}; use one of {_AUGMENTS}.')
+  augment = Augment.from_config(config)
   seed = config.get('seed') or 0
   train_split, test_split = _split_names(config)
   batch = config.get('batch') or 512
@@ -578,8 +652,7 @@ def get_datasets(config, *, start_step: int = 0,
     # Global example number: unique across processes, so hosts never share
     # augmentation randomness.
     ex_seed = tf.stack([tf_seed, count * pc + pi])
-    return {'image': _preprocess(src.decode(image), size, augment, shift_pad,
-                                 ex_seed),
+    return {'image': _preprocess(src.decode(image), size, augment, ex_seed),
             'label': tf.one_hot(label, src.num_classes),
             'mask': tf.constant(1.0)}
 
@@ -597,7 +670,7 @@ def get_datasets(config, *, start_step: int = 0,
   src = _source(config, test_split, pi, pc, train=False)
 
   def eval_pp(image, label):
-    return {'image': _preprocess(src.decode(image), size, augment, shift_pad),
+    return {'image': _preprocess(src.decode(image), size, augment),
             'label': tf.one_hot(label, src.num_classes),
             'mask': tf.constant(1.0)}
 
