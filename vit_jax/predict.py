@@ -9,9 +9,8 @@ and for a model trained by this project's pipeline (a custom architecture
 such as configs/embedded.py's), from its workdir or its config file:
 
   python -m vit_jax.main --workdir=/tmp/vit_mnist
+  python -m vit_jax.predict --workdir=/tmp/vit_mnist digit.png [--topk 1]
   python -m vit_jax.export --workdir=/tmp/vit_mnist --output=/tmp/mnist.npz
-  python -m vit_jax.predict --workdir /tmp/vit_mnist \
-      --checkpoint /tmp/mnist.npz digit.png [--topk 1]
   python -m vit_jax.predict --config configs/embedded.py \
       --checkpoint /tmp/mnist.npz digit.png
 
@@ -21,10 +20,11 @@ the model fields from its `config.model`, the image size from `config.pp.crop`
 and the class names from `W/class_names.json` (when training wrote it), else
 from the config's dataset. `--config FILE.py[:ARG]` reads the same fields
 from the training config file (as `python -m vit_jax.main --config` does).
-The parameters always come from `--checkpoint`, an `.npz` file (e.g. what
-`vit_jax.export` writes). In Python: `load_model_from_workdir` and
-`load_model_from_config_file` (module `vit_jax.trained_model`; the names
-also resolve here), then `classify`.
+The parameters come from `--checkpoint`, an `.npz` file (e.g. what
+`vit_jax.export` writes); with `--workdir` and no `--checkpoint`, from the
+newest train-state checkpoint in `W/checkpoints`. In Python:
+`load_model_from_workdir` and `load_model_from_config_file` (module
+`vit_jax.trained_model`; the names also resolve here), then `classify`.
 
 Images are preprocessed exactly as the input pipeline's evaluation
 (`vit_jax.input_pipeline`, and the original vit_jax): decoded to uint8 RGB with
@@ -493,9 +493,10 @@ def _parse_args(argv):
   arch.add_argument('--config', metavar='FILE.py[:ARG]',
                     help='the training config file (its config.model, '
                          'config.pp.crop and dataset)')
-  parser.add_argument('--checkpoint', required=True,
+  parser.add_argument('--checkpoint', default=None,
                       help='.npz checkpoint (python -m vit_jax.export writes '
-                           'one from a workdir)')
+                           'one from a workdir); with --workdir it defaults '
+                           'to the newest train-state checkpoint there')
   parser.add_argument('--topk', type=int, default=5)
   parser.add_argument('--image-size', type=int, default=None,
                       help='default: --workdir/--config pp.crop, else from '
@@ -514,6 +515,11 @@ def main(argv=None) -> int:
   # Imported here: trained_model imports this module.
   from vit_jax import trained_model  # pylint: disable=g-import-not-at-top
   args = _parse_args(argv)
+  if args.checkpoint is None and not args.workdir:
+    print('error: --checkpoint FILE.npz is required with --model and '
+          '--config (only --workdir has checkpoints of its own).',
+          file=sys.stderr)
+    return 2
   try:
     trained_names = None
     if args.model:
@@ -543,9 +549,9 @@ def main(argv=None) -> int:
     else:
       names = load_labels(args.labels, model.num_classes,
                           checkpoint_dir=os.path.dirname(
-                              os.path.abspath(args.checkpoint)),
+                              os.path.abspath(args.checkpoint or '.')),
                           data_dir=args.data_dir)
-  except (ValueError, checkpoint.CheckpointError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if head_is_zero(params):

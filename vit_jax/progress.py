@@ -1,14 +1,26 @@
-"""What a user sees while training: progress lines, metrics, compile counts.
+"""What a user sees while training: a progress bar or lines, metrics, compiles.
 
-Process 0 prints one line every `log_every` steps (step, loss, learning rate,
-images/s, ETA) and the test accuracy after each evaluation; TensorBoard event
-files (clu metric writers) get the same numbers in the workdir.
+Process 0 shows training progress in one of two forms:
+- on a terminal, one tqdm bar (step, loss, test accuracy, images/s, ETA),
+  updated every step, with the loss refreshed every `log_every` steps;
+- otherwise (a log file, a pipe, CI), one plain line every `log_every` steps
+  (step, loss, learning rate, images/s, ETA) and one per evaluation.
+The same numbers go to TensorBoard event files (clu metric writers) and, one
+JSON object per line, to `<workdir>/metrics.jsonl`, which `run_plots` reads
+for `curves.png`; a resumed run appends to it.
 """
 
+import json
+import os
+import sys
 import time
-from absl import logging
+from typing import Any, Dict, List, Optional
+
 from clu import metric_writers
 import jax
+import tqdm
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 def format_duration(seconds: float) -> str:
@@ -19,8 +31,31 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def read_metrics(workdir: str, last_step: Optional[int] = None
+                 ) -> List[Dict[str, Any]]:
+  """The records of `metrics.jsonl`, one per (step, kind), latest kept.
+
+  A resumed run rewrites the steps after its checkpoint; for each step and
+  set of keys the latest record wins. `last_step` drops later records (of an
+  earlier, longer attempt).
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  records = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a kill
+        continue
+      if last_step is None or record['step'] <= last_step:
+        records[(record['step'], tuple(sorted(record)))] = record
+  return sorted(records.values(), key=lambda r: r['step'])
+
+
 class Progress:
-  """Step timing, the progress line and TensorBoard scalars.
+  """Step timing, the progress display and the metric writers.
 
   Speed is measured from the end of the first step (which includes
   compilation) and excludes time spent in `paused()` blocks (evaluation,
@@ -28,24 +63,39 @@ class Progress:
 
   Attributes:
     images_per_s: the latest measured training speed, or None.
+    is_chief: whether this process shows progress and writes files.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, batch: int):
+  def __init__(self, workdir: str, *, total_steps: int, batch: int,
+               start_step: int = 0, bar: Optional[bool] = None):
     self.is_chief = jax.process_index() == 0
     self._writer = metric_writers.create_default_writer(
         workdir, just_logging=not self.is_chief)
+    self._metrics = (open(os.path.join(workdir, METRICS_FILE), 'a')
+                     if self.is_chief else None)
     self._total = total_steps
     self._batch = batch
     self._t_start = time.time()
     self._t_last = None  # time of the last measurement point
     self._step_last = None
+    self._postfix = {}
     self.images_per_s = None
+    if bar is None:
+      bar = sys.stdout.isatty()
+    self._bar = None
+    if bar and self.is_chief:
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
+                            unit='step', dynamic_ncols=True, file=sys.stdout,
+                            smoothing=0.1)
 
   def first_step_done(self, step: int) -> None:
     """Call once after the first step has finished (blocked on)."""
-    logging.info('First step (compilation included) took %.1fs.',
-                 time.time() - self._t_start)
     self._t_last, self._step_last = time.time(), step
+
+  def step_done(self) -> None:
+    """Advances the bar by one step (no device synchronisation)."""
+    if self._bar is not None:
+      self._bar.update(1)
 
   def log_train(self, step: int, loss: float, lr: float) -> None:
     now = time.time()
@@ -55,27 +105,52 @@ class Progress:
       self.images_per_s = self._batch / seconds_per_step
       eta = seconds_per_step * (self._total - step)
     self._t_last, self._step_last = now, step
-    if self.is_chief:
-      speed = (f'  {self.images_per_s:,.0f} img/s  ETA {format_duration(eta)}'
-               if eta is not None else '')
-      print(f'step {step:>{len(str(self._total))}}/{self._total}'
-            f'  loss {loss:.4f}  lr {lr:.3g}{speed}', flush=True)
     scalars = {'train_loss': loss, 'learning_rate': lr}
     if self.images_per_s:
       scalars['img_per_sec'] = self.images_per_s
-    self._writer.write_scalars(step, scalars)
+    self._write(step, scalars)
+    if not self.is_chief:
+      return
+    if self._bar is not None:
+      self._postfix['loss'] = f'{loss:.4f}'
+      if self.images_per_s:
+        self._postfix['img/s'] = f'{self.images_per_s:,.0f}'
+      self._bar.set_postfix(self._postfix, refresh=True)
+      return
+    speed = (f'  {self.images_per_s:,.0f} img/s  ETA {format_duration(eta)}'
+             if eta is not None else '')
+    print(f'step {step:>{len(str(self._total))}}/{self._total}'
+          f'  loss {loss:.4f}  lr {lr:.3g}{speed}', flush=True)
 
   def log_eval(self, step: int, accuracy: float) -> None:
-    if self.is_chief:
+    self._write(step, {'accuracy_test': accuracy})
+    if not self.is_chief:
+      return
+    if self._bar is not None:
+      self._postfix['test_acc'] = f'{accuracy:.4f}'
+      self._bar.set_postfix(self._postfix, refresh=True)
+    else:
       print(f'step {step}: test accuracy {accuracy:.4f}', flush=True)
-    self._writer.write_scalars(step, {'accuracy_test': accuracy})
 
   def log_scalars(self, step: int, scalars) -> None:
-    """Other evaluations (e.g. few-shot accuracies): printed and written."""
+    """Other evaluations (e.g. few-shot accuracies): shown and written."""
+    self._write(step, dict(scalars))
     if self.is_chief:
       text = '  '.join(f'{k} {v:.4f}' for k, v in sorted(scalars.items()))
-      print(f'step {step}: {text}', flush=True)
-    self._writer.write_scalars(step, dict(scalars))
+      self.print(f'step {step}: {text}')
+
+  def print(self, text: str) -> None:
+    """A line on the console that does not break the bar."""
+    if self._bar is not None:
+      self._bar.write(text, file=sys.stdout)
+    else:
+      print(text, flush=True)
+
+  def _write(self, step: int, scalars: Dict[str, float]) -> None:
+    self._writer.write_scalars(step, scalars)
+    if self._metrics is not None:
+      self._metrics.write(json.dumps({'step': step, **scalars}) + '\n')
+      self._metrics.flush()
 
   def skip(self, seconds: float) -> None:
     """Leaves `seconds` out of the speed measurement."""
@@ -87,8 +162,16 @@ class Progress:
     return _Pause(self)
 
   def close(self) -> None:
-    self._writer.flush()
-    self._writer.close()
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    if self._metrics is not None:
+      self._metrics.close()
+      self._metrics = None
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+      self._writer = None
 
 
 class _Pause:

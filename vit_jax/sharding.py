@@ -388,7 +388,8 @@ class FsdpRunner:
   """
 
   def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
-               trainable_mask, min_shard_size: int = MIN_SHARD_SIZE):
+               trainable_mask, min_shard_size: int = MIN_SHARD_SIZE,
+               confusion_fn=None):
     self.mesh = make_mesh()
     shapes = jax.eval_shape(lambda p: p, params)
     self.param_shardings = fsdp_shardings(shapes, self.mesh,
@@ -404,6 +405,11 @@ class FsdpRunner:
     self._eval = make_sharded_eval_fn(
         apply_fn=None, mesh=self.mesh, param_shardings=self.param_shardings,
         counts_fn=counts_fn)
+    self._confusion = confusion_fn and jax.jit(
+        confusion_fn, in_shardings=(self.param_shardings,
+                                    NamedSharding(self.mesh, P(_axis(
+                                        self.mesh, None)))),
+        out_shardings=NamedSharding(self.mesh, P()))
 
   def place(self, params, opt_state):
     return (shard_params(params, self.param_shardings),
@@ -435,3 +441,8 @@ class FsdpRunner:
   def counts(self, params, batch):
     correct, count = self._eval(params, batch)
     return _host_scalar(correct), _host_scalar(count)
+
+  def confusion(self, params, batch) -> np.ndarray:
+    """The global batch's confusion matrix (`train.top1_confusion`)."""
+    return np.asarray(self._confusion(params, batch).addressable_shards[0]
+                      .data)

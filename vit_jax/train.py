@@ -30,13 +30,17 @@ import optax
 from vit_jax import dataset_report
 from vit_jax import input_pipeline
 from vit_jax import masked_patch
+from vit_jax import inference_time
 from vit_jax import models
 from vit_jax import optim
+from vit_jax import original_configs
 from vit_jax import pretrained
 from vit_jax import progress
+from vit_jax import run_plots
 from vit_jax import train_checkpoint
 from vit_jax import trainable
 from vit_jax import utils
+from vit_jax import validation
 
 # The pmap axis; gradients, losses and eval counts are reduced over it.
 AXIS = 'batch'
@@ -98,14 +102,17 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
       return masked_patch.loss_fn(params, images, rng, model=model)
     return mpp_loss
   return classification_loss_fn(model.apply,
-                                config.get('loss') or 'softmax_xent')
+                                config.get('loss') or 'softmax_xent',
+                                config.get('label_smoothing') or 0.)
 
 
 def classification_loss_fn(apply_fn: Callable[..., Any],
-                           loss: str = 'softmax_xent'
+                           loss: str = 'softmax_xent',
+                           label_smoothing: float = 0.
                            ) -> Callable[..., jax.Array]:
   """`loss_fn(params, images, labels, rng)`: LOSSES[loss] of the logits of
-  `apply_fn` in training mode, dropout keyed by `rng`."""
+  `apply_fn` in training mode, dropout keyed by `rng`; the targets are
+  `(1 - label_smoothing) * labels + label_smoothing / classes`."""
   if loss not in LOSSES:
     raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
   loss_of = LOSSES[loss]
@@ -113,6 +120,9 @@ def classification_loss_fn(apply_fn: Callable[..., Any],
   def loss_fn(params, images, labels, rng):
     logits = apply_fn({'params': params}, images, train=True,
                       rngs={'dropout': rng})
+    if label_smoothing:
+      labels = (1. - label_smoothing) * labels + (
+          label_smoothing / labels.shape[-1])
     return loss_of(logits=logits, labels=labels)
   return loss_fn
 
@@ -199,6 +209,24 @@ def top1_counts(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   return counts
 
 
+def top1_confusion(apply_fn: Callable[..., Any],
+                   num_classes: int) -> Callable[..., Any]:
+  """`confusion(params, batch) -> [classes, classes]` counts of one batch.
+
+  Rows are the true class (the label's argmax), columns the top-1 class;
+  padding examples (`batch['mask']` 0) are left out. For one-hot labels its
+  trace over its sum is `top1_counts`'s accuracy.
+  """
+
+  def confusion(params, batch):
+    logits = apply_fn({'params': params}, batch['image'], train=False)
+    true_BxK = jax.nn.one_hot(jnp.argmax(batch['label'], -1), num_classes)
+    pred_BxK = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+    return jnp.einsum('bi,bj->ij', true_BxK * batch['mask'][:, None],
+                      pred_BxK)
+  return confusion
+
+
 def mpp_counts(model) -> Callable[..., Any]:
   """`counts(params, batch) -> (correct, count)` of masked patch prediction.
 
@@ -252,12 +280,14 @@ class PmapRunner:
   """
 
   def __init__(self, *, loss_fn, counts_fn, tx, accum_steps: int,
-               trainable_mask, n_prefetch: int):
+               trainable_mask, n_prefetch: int, confusion_fn=None):
     self.devices = jax.local_device_count()
     self._update = make_update_fn(apply_fn=None, accum_steps=accum_steps,
                                   tx=tx, loss_fn=loss_fn,
                                   trainable_mask=trainable_mask)
     self._eval = make_eval_fn(None, counts_fn=counts_fn)
+    self._confusion = confusion_fn and jax.pmap(
+        lambda p, b: jax.lax.psum(confusion_fn(p, b), AXIS), axis_name=AXIS)
     self._n_prefetch = n_prefetch
 
   def place(self, params, opt_state):
@@ -287,6 +317,10 @@ class PmapRunner:
     correct, count = self._eval(params, batch)
     return self.scalar(correct), self.scalar(count)
 
+  def confusion(self, params, batch) -> np.ndarray:
+    """The batch's confusion matrix over all devices (`top1_confusion`)."""
+    return _first(self._confusion(params, batch))
+
 
 def evaluate(runner, params, ds_test) -> float:
   """Accuracy over one pass of `ds_test` (each example counted once)."""
@@ -298,6 +332,15 @@ def evaluate(runner, params, ds_test) -> float:
   if not count:
     raise ValueError('The test split is empty; check --config.test_split.')
   return correct / count
+
+
+def confusion_matrix(runner, params, ds_test) -> np.ndarray:
+  """[classes, classes] int64 counts over one pass of `ds_test`."""
+  total = None
+  for batch in runner.batches(ds_test):
+    m = np.rint(runner.confusion(params, batch)).astype(np.int64)
+    total = m if total is None else total + m
+  return total
 
 
 # ------------------------------------------------------------------ model
@@ -363,44 +406,6 @@ def init_params(model, config: ml_collections.ConfigDict, *,
 # ----------------------------------------------------------- loop helpers
 
 
-def _check_config(config, device_count: int) -> None:
-  """Errors a user can fix, before any data is read or anything compiled."""
-  if config.total_steps <= 0:
-    raise ValueError(f'config.total_steps={config.total_steps} must be > 0.')
-  for name in ('log_every', 'eval_every', 'checkpoint_every'):
-    if config.get(name, 1) <= 0:
-      raise ValueError(f'config.{name} must be > 0 (got {config.get(name)}).')
-  if config.get('loss', 'softmax_xent') not in LOSSES:
-    raise ValueError(f'Unknown config.loss {config.loss!r}; use one of '
-                     f'{sorted(LOSSES)}.')
-  objective = config.get('objective') or 'classification'
-  if objective not in OBJECTIVES:
-    raise ValueError(f'Unknown config.objective {objective!r}; use one of '
-                     f'{OBJECTIVES}.')
-  if objective == 'mpp' and pretrained_path(config):
-    raise ValueError('Masked patch prediction pre-trains from scratch; unset '
-                     'config.pretrained_path / pretrained_dir.')
-  parallelism = config.get('parallelism') or 'pmap'
-  if parallelism not in PARALLELISMS:
-    raise ValueError(f'Unknown config.parallelism {parallelism!r}; use one '
-                     f'of {PARALLELISMS}.')
-  trainable.pattern(config.get('trainable'))  # fails early on a bad regex
-  if (config.get('fewshot') or {}).get('every_steps', 0) < 0:
-    raise ValueError('config.fewshot.every_steps must be >= 0 (0: off).')
-  global_devices = device_count * jax.process_count()
-  if config.batch % global_devices:
-    raise ValueError(
-        f'config.batch={config.batch} is not divisible by the {global_devices} '
-        f'devices; set --config.batch to a multiple of {global_devices}.')
-  per_device = config.batch // global_devices
-  accum = config.get('accum_steps', 1) or 1
-  if per_device % accum:
-    raise ValueError(
-        f'The per-device batch {per_device} (config.batch={config.batch} over '
-        f'{global_devices} devices) is not divisible by config.accum_steps='
-        f'{accum}; choose accum_steps dividing {per_device}.')
-
-
 def _first(x_repl) -> np.ndarray:
   """The first local replica of a pmapped array, as numpy.
 
@@ -455,12 +460,16 @@ class _LossWatch:
     for step, loss_on_devices in self._pending:
       loss = self._scalar(loss_on_devices)
       if not np.isfinite(loss):
+        last = self._ckpts.latest_step()
+        kept = (f'the last good checkpoint (step {last}) is kept in '
+                f'{self._ckpts.directory} and nothing later was saved'
+                if last is not None else
+                'no checkpoint was saved before it, so the same command '
+                'starts again from step 0')
         raise NonFiniteLossError(
             f'The training loss is {loss} at step {step}. Training stopped; '
-            f'the last good checkpoint (step {self._ckpts.latest_step()}) is '
-            f'kept in {self._ckpts.directory} and nothing later was saved. '
-            'Lower --config.base_lr, raise --config.warmup_steps, or set '
-            '--config.grad_norm_clip.')
+            f'{kept}. Lower --config.base_lr, raise --config.warmup_steps, or '
+            'set --config.grad_norm_clip.')
     self._pending.clear()
 
 
@@ -498,10 +507,13 @@ def _init_or_restore(config, model, tx, ckpts, start_step):
 
 def make_runner(config, model, tx, mask, params):
   """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
+  is_mpp = (config.get('objective') or 'classification') == 'mpp'
   kwargs = dict(loss_fn=make_loss_fn(model, config),
                 counts_fn=make_counts_fn(model, config), tx=tx,
                 accum_steps=config.get('accum_steps', 1),
-                trainable_mask=mask)
+                trainable_mask=mask,
+                confusion_fn=None if is_mpp else top1_confusion(
+                    model.apply, model.num_classes))
   if (config.get('parallelism') or 'pmap') == 'fsdp':
     from vit_jax import sharding  # pylint: disable=g-import-not-at-top
     return sharding.FsdpRunner(
@@ -526,6 +538,70 @@ def _write_json_atomically(path: str, data: Dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _finish_run(config, workdir: str, summary: Dict[str, Any]) -> None:
+  """Process 0 at the end of a finished run: pictures, summary.json, and the
+  closing lines (result, what the workdir holds, what to run next)."""
+  class_names = None
+  names_path = os.path.join(workdir, dataset_report.CLASS_NAMES_FILE)
+  if os.path.exists(names_path):
+    with open(names_path) as f:
+      class_names = json.load(f)
+  title = f'{config.get("model_name") or "model"} on {config.dataset}'
+  summary['plots'] = run_plots.write_run_plots(
+      workdir, last_step=summary['step'], confusion=summary.get('confusion'),
+      class_names=class_names, title=title)
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
+  _write_json_atomically(summary_path, summary)
+  what = (f'test accuracy {summary["accuracy"]:.4f}'
+          if summary['objective'] == 'classification' else
+          f'test {summary["objective"]} accuracy {summary["accuracy"]:.4f}')
+  print(f'Final {what} after {summary["step"]} steps '
+        f'({progress.format_duration(summary["train_time_s"])} of training, '
+        f'{progress.format_duration(summary["total_time_s"])} in all).',
+        flush=True)
+  print(workdir_contents(workdir), flush=True)
+  print(next_commands(config, workdir, summary), flush=True)
+
+
+def workdir_contents(workdir: str) -> str:
+  """A few lines: the workdir and what a finished run left in it."""
+  notes = {
+      SUMMARY_FILE: 'accuracy, history, config',
+      run_plots.CURVES_FILE: 'training loss and test accuracy',
+      run_plots.CONFUSION_FILE: 'test confusion matrix',
+      train_checkpoint.CHECKPOINT_SUBDIR: 'train state (resume, export)',
+      progress.METRICS_FILE: 'metrics, one JSON line each',
+  }
+  names = sorted(os.listdir(workdir))
+  lines = [f'Workdir {workdir}:']
+  for name in names:
+    if name in notes:
+      lines.append(f'  {name:<16} {notes[name]}')
+  others = [n for n in names if n not in notes and not n.startswith('.')]
+  events = [n for n in others if n.startswith('events.out.tfevents')]
+  rest = [n for n in others if n not in events]
+  if events:
+    lines.append(f'  {"events.out.*":<16} TensorBoard events')
+  if rest:
+    lines.append(f'  also: {", ".join(rest)}')
+  return '\n'.join(lines)
+
+
+def next_commands(config, workdir: str, summary: Dict[str, Any]) -> str:
+  """The commands a person runs next on this workdir."""
+  lines = ['Next:']
+  if summary['objective'] == 'classification':
+    lines.append(f'  classify an image:  python -m vit_jax.predict '
+                 f'--workdir={workdir} IMAGE.png')
+  lines.append(f'  TensorBoard:        tensorboard --logdir={workdir}')
+  lines.append(f'  export weights:     python -m vit_jax.export '
+               f'--workdir={workdir} --output=model.npz')
+  if config.dataset == input_pipeline.EMBEDDED_MNIST:
+    lines.append('  fine-tune at 42x42: the commands in '
+                 'configs/embedded_pretrain.py')
+  return '\n'.join(lines)
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -537,7 +613,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   one. On SIGTERM it saves a checkpoint after the current step and returns.
 
   Args:
-    config: experiment config (see configs/common.py for every field).
+    config: experiment config (see configs/common.py for every field), or
+      one in the original vit_jax's shape (vit_jax/configs/common.py),
+      translated by `original_configs.to_project_config`. With
+      `trainer='inference_time'` it times inference instead
+      (`vit_jax.inference_time`) and returns its numbers.
     workdir: output folder: checkpoints/, TensorBoard events, summary.json.
 
   Returns:
@@ -548,6 +628,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is
       kept and nothing later is saved.
   """
+  if original_configs.trainer(config) == 'inference_time':
+    return inference_time.inference_time(config, workdir)
+  config = original_configs.to_project_config(config)
   with contextlib.ExitStack() as cleanup:
     return _train_and_evaluate(config, workdir, cleanup)
 
@@ -556,7 +639,9 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   """`train_and_evaluate`; `cleanup` closes what it opens, also on errors."""
   t_start = time.time()
   device_count = jax.local_device_count()
-  _check_config(config, device_count)
+  validation.check_config(config, device_count=device_count,
+                          process_count=jax.process_count())
+  validation.check_paths(config)
   # A missing dataset fails here, before the checkpoint manager starts its
   # background threads (which would otherwise outlive a quick exit).
   num_classes = input_pipeline.get_dataset_info(
@@ -602,7 +687,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   step_keys = _StepKeys(config.seed)
   lr_jit = jax.jit(lr_fn)
   compiles = progress.CompileCounter()
-  out = progress.Progress(workdir, total_steps=total_steps, batch=config.batch)
+  out = progress.Progress(workdir, total_steps=total_steps, batch=config.batch,
+                          start_step=min(start_step, total_steps))
   cleanup.callback(out.close)
   losses = _LossWatch(ckpts, runner.scalar)
   eval_history, fewshot_history, accuracy, last_loss = [], [], None, None
@@ -618,6 +704,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
       with compiles:
         params, opt_state, loss = runner.step(params, opt_state, batch, key)
       losses.add(step, loss)
+      out.step_done()
       if step == start_step + 1:
         jax.block_until_ready(loss)
         out.first_step_done(step)
@@ -670,15 +757,14 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
       'checkpoint_dir': ckpts.directory,
       'config': json.loads(config.to_json_best_effort()),
   }
-  summary_path = os.path.join(workdir, SUMMARY_FILE)
   if interrupted:
     logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.', step)
-    if out.is_chief:
-      print(f'Interrupted after step {step}; checkpoint saved in '
-            f'{ckpts.directory}. Run the same command to resume.', flush=True)
-  elif out.is_chief:  # summary.json marks a finished run
-    _write_json_atomically(summary_path, summary)
-    print(f'Final test accuracy {accuracy:.4f} after {step} steps '
-          f'({progress.format_duration(summary["total_time_s"])}). '
-          f'Summary: {summary_path}', flush=True)
+    out.print(f'Interrupted after step {step}; checkpoint saved in '
+              f'{ckpts.directory}. Run the same command to resume.')
+    return summary
+  if not is_mpp:  # all processes take part; process 0 writes
+    summary['confusion'] = confusion_matrix(runner, params, ds_test).tolist()
+  out.close()
+  if out.is_chief:  # summary.json marks a finished run
+    _finish_run(config, workdir, summary)
   return summary

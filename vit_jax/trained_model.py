@@ -105,26 +105,46 @@ def model_from_config(model_config, *, num_classes: Optional[int],
 
 
 def load_model_from_config(model_config, checkpoint_path: str, *,
-                           num_classes: Optional[int] = None
+                           num_classes: Optional[int] = None,
+                           params: Optional[Params] = None
                            ) -> Tuple[Any, Params]:
   """Loads a checkpoint into the model of a training config.
 
   Args:
     model_config: `config.model` (ConfigDict or dict), see
       `model_from_config`.
-    checkpoint_path: an `.npz` checkpoint, e.g. what `vit_jax.export` wrote.
+    checkpoint_path: an `.npz` checkpoint, e.g. what `vit_jax.export` wrote;
+      with `params`, only named in messages.
     num_classes: if given, must equal the checkpoint's head size.
+    params: parameters already read (e.g. from a train-state checkpoint);
+      `checkpoint_path` is then not read.
 
   Returns:
     (model, params); `num_classes` and `representation_size` come from the
     checkpoint, as in `load_model`.
   """
-  params = checkpoint.load(checkpoint_path)
+  if params is None:
+    params = checkpoint.load(checkpoint_path)
   head_classes, representation_size = predict.head_sizes(
       params, checkpoint_path, num_classes)
   model = model_from_config(model_config, num_classes=head_classes,
                             representation_size=representation_size)
   return model, params
+
+
+def workdir_params(workdir: str) -> Tuple[Params, str]:
+  """(parameters, description) of the newest train-state checkpoint.
+
+  Scanned encoder blocks come back per layer, as an exported `.npz` has them.
+  """
+  from vit_jax import train_checkpoint  # pylint: disable=g-import-not-at-top
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  try:
+    step = ckpts.latest_step()
+    params = checkpoint.canonicalize(ckpts.restore_params(step))
+  finally:
+    ckpts.close()
+  return params, f'step {step} of {ckpts.directory}'
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -201,13 +221,15 @@ def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
 
 def _load_trained(config, checkpoint_path: str, source: str,
                   class_names_file: Optional[str],
-                  num_classes: Optional[int]) -> TrainedModel:
-  """The model of `config` with `checkpoint_path`'s parameters."""
+                  num_classes: Optional[int], params=None) -> TrainedModel:
+  """The model of `config` with `checkpoint_path`'s parameters (or
+  `params`, read from `checkpoint_path` elsewhere)."""
   if config.get('model') is None:
     raise ValueError(f'{source} has no config.model (the VisionTransformer '
                      'fields), so it cannot describe a trained model.')
   model, params = load_model_from_config(config.model, checkpoint_path,
-                                         num_classes=num_classes)
+                                         num_classes=num_classes,
+                                         params=params)
   if not model.num_classes:
     raise ValueError(f'{checkpoint_path} has no head, so it cannot '
                      'classify; fine-tune it first.')
@@ -224,7 +246,8 @@ def _load_trained(config, checkpoint_path: str, source: str,
   return TrainedModel(model, params, image_size, names, config)
 
 
-def load_model_from_workdir(workdir: str, checkpoint_path: str, *,
+def load_model_from_workdir(workdir: str,
+                            checkpoint_path: Optional[str] = None, *,
                             num_classes: Optional[int] = None
                             ) -> TrainedModel:
   """A model trained by `vit_jax.train` in `workdir`, with a checkpoint.
@@ -234,7 +257,8 @@ def load_model_from_workdir(workdir: str, checkpoint_path: str, *,
       (`config.model`) and the image size (`config.pp.crop`), its
       `class_names.json` (if any, else the config's dataset) the class names.
     checkpoint_path: the `.npz` exported from the run, e.g. by
-      `python -m vit_jax.export --workdir=W --output=FILE.npz`.
+      `python -m vit_jax.export --workdir=W --output=FILE.npz`; None: the
+      newest train-state checkpoint in `W/checkpoints`.
     num_classes: if given, must equal the checkpoint's head size.
 
   Returns:
@@ -248,9 +272,12 @@ def load_model_from_workdir(workdir: str, checkpoint_path: str, *,
     checkpoint.CheckpointError: an unreadable checkpoint.
   """
   config = read_run_config(workdir)
+  params = None
+  if checkpoint_path is None:
+    params, checkpoint_path = workdir_params(workdir)
   return _load_trained(config, checkpoint_path, f'the run in {workdir}',
                        os.path.join(workdir, predict.CLASS_NAMES_FILE),
-                       num_classes)
+                       num_classes, params)
 
 
 def load_model_from_config_file(config_file: str, checkpoint_path: str, *,

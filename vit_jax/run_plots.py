@@ -1,0 +1,130 @@
+"""Pictures of a finished training run, written into its workdir.
+
+- `curves.png`: the training loss (log scale) and the test accuracy over
+  steps, from the run's `metrics.jsonl` (`vit_jax.progress`).
+- `confusion.png`: the test split's confusion matrix (true class down,
+  predicted class across) with the class names, counts in the cells and the
+  accuracy (its trace over its total) in the title.
+
+Both use matplotlib's Agg canvas without pyplot, so they work without a
+display and leave notebook figures alone.
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from vit_jax import progress
+
+CURVES_FILE = 'curves.png'
+CONFUSION_FILE = 'confusion.png'
+
+
+def _new_figure(size):
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
+  fig = Figure(figsize=size)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _series(records: Sequence[Dict[str, Any]], key: str):
+  points = [(r['step'], r[key]) for r in records if key in r]
+  return tuple(np.array(v) for v in zip(*points)) if points else ([], [])
+
+
+def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
+                 title: str = '') -> None:
+  """Training loss and test accuracy against the step, side by side.
+
+  Args:
+    records: `progress.read_metrics(workdir)`: dicts with 'step' and some of
+      'train_loss', 'accuracy_test'.
+    path: the PNG to write.
+    title: shown above both panels (e.g. the model and dataset).
+  """
+  fig = _new_figure((10, 3.8))
+  ax_loss, ax_acc = fig.subplots(1, 2)
+  steps, loss = _series(records, 'train_loss')
+  ax_loss.plot(steps, loss, color='#4c72b0')
+  if len(loss) and np.all(np.asarray(loss) > 0):
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+    ax_loss.set_yscale('log')
+    for axis in (ax_loss.yaxis,):
+      axis.set_major_formatter(ticker.FormatStrFormatter('%.3g'))
+      axis.set_minor_formatter(ticker.FormatStrFormatter('%.3g'))
+  ax_loss.set_xlabel('step')
+  ax_loss.set_title('training loss')
+  steps, acc = _series(records, 'accuracy_test')
+  ax_acc.plot(steps, acc, marker='o', color='#dd8452')
+  if len(acc):
+    ax_acc.annotate(f'{acc[-1]:.4f}', (steps[-1], acc[-1]),
+                    textcoords='offset points', xytext=(-10, -14),
+                    ha='right')
+  ax_acc.set_xlabel('step')
+  ax_acc.set_title('test accuracy')
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def write_confusion(matrix: np.ndarray, path: str, *,
+                    class_names: Optional[List[str]] = None,
+                    title: str = '') -> None:
+  """The confusion matrix as a heat map with counts.
+
+  Args:
+    matrix: [classes, classes] counts, rows the true class, columns the
+      predicted one.
+    path: the PNG to write.
+    class_names: tick labels (default: the class indices). Classes beyond
+      40 are drawn without per-cell counts or names.
+    title: prefix of the title, which ends with the accuracy.
+  """
+  matrix = np.asarray(matrix)
+  k = matrix.shape[0]
+  names = [str(n) for n in (class_names or range(k))]
+  side = min(14., 2.5 + 0.45 * k)
+  fig = _new_figure((side + 1, side))
+  ax = fig.add_subplot(1, 1, 1)
+  # Row-normalised colours, so rare classes' errors show as clearly.
+  rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  image = ax.imshow(rows, cmap='Blues', vmin=0, vmax=1)
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+               label='fraction of the true class')
+  if k <= 40:
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 3 else 0)
+    ax.set_yticklabels(names)
+    for i, j in zip(*np.nonzero(matrix)):
+      ax.text(j, i, str(int(matrix[i, j])), ha='center', va='center',
+              fontsize=7, color='white' if rows[i, j] > 0.5 else 'black')
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  total = matrix.sum()
+  accuracy = np.trace(matrix) / total if total else float('nan')
+  ax.set_title(f'{title}{" - " if title else ""}test accuracy {accuracy:.4f} '
+               f'({int(np.trace(matrix))}/{int(total)})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def write_run_plots(workdir: str, *, last_step: int, confusion=None,
+                    class_names=None, title: str = '') -> List[str]:
+  """Writes curves.png (and confusion.png if given); returns their names."""
+  written = []
+  write_curves(progress.read_metrics(workdir, last_step),
+               os.path.join(workdir, CURVES_FILE), title=title)
+  written.append(CURVES_FILE)
+  if confusion is not None:
+    write_confusion(confusion, os.path.join(workdir, CONFUSION_FILE),
+                    class_names=class_names, title=title)
+    written.append(CONFUSION_FILE)
+  return written
