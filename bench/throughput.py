@@ -159,7 +159,6 @@ import argparse
 import functools
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -175,6 +174,7 @@ import numpy as np
 import optax
 
 from bench import ceiling
+from bench import machine
 from vit_jax import layouts
 from vit_jax import models
 from vit_jax import trainable
@@ -747,29 +747,10 @@ def print_table(header: Sequence[str], rows: List[Sequence[str]]):
 
 
 def describe_machine() -> str:
-  """Device, and the host CPU's name, family, model and wide-vector flags.
-
-  CPUs sold under one name differ: an AMD EPYC of family 25 (Zen 3/4) runs
-  512-bit vector FMAs at half the rate of family 26 (Zen 5), and XLA's
-  float32 matmul peak with it.
-  """
+  """Device, and the host CPU's name, family, model and wide-vector flags."""
   dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:  # The first processor's entry.
-      info = dict(l.split(':', 1) for l in f.read().split('\n\n')[0]
-                  .splitlines() if ':' in l)
-  except OSError:
-    info = {}
-  info = {k.strip(): v.strip() for k, v in info.items()}
-  if info:
-    flags = set(info.get('flags', '').split())
-    simd = [f for f in ('avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
-    cpu = (f'{info.get("model name", cpu)} (family '
-           f'{info.get("cpu family", "?")} model {info.get("model", "?")}; '
-           f'{" ".join(simd) or "no avx512"})')
   return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
-          f'{cpu}, {os.cpu_count()} cores')
+          f'{machine.cpu_description()}')
 
 
 def models_vit_impls():
