@@ -1,7 +1,8 @@
-"""MLP-Mixer: zoo parameter counts, released-name `.npz` files, fine-tuning."""
+"""MLP-Mixer: zoo parameter counts, released-name `.npz` files, adaptation.
 
-import os
-import sys
+Fine-tuning through the training pipeline: tests/test_original_commands.py
+(the original's Mixer command).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,18 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_jax import checkpoint
 from vit_jax import checkpoint_cli
-from vit_jax import export
 from vit_jax import models
-from vit_jax import train
-
-import test_train
 
 # The original's counts at 1000 classes, 224x224.
 PARAM_COUNTS = {
@@ -116,25 +108,3 @@ def test_load_pretrained_gives_a_fresh_zero_head(tmp_path):
                  pretrained_params[name])
   np.testing.assert_array_equal(
       model.apply({'params': params}, images(), train=False), 0.)
-
-
-def test_fine_tuning_adapts_the_head(tmp_path):
-  """A pre-trained Mixer fine-tuned by train.train_and_evaluate."""
-  path = str(tmp_path / 'pretrained.npz')
-  pretrained_params = randomized(
-      init(models.from_config(tiny_mixer_config(), num_classes=5)))
-  checkpoint.save(pretrained_params, path)
-  config = test_train.tiny_config(**{
-      'model': tiny_mixer_config(), 'model_name': 'Mixer-tiny_7',
-      'pretrained_path': path, 'total_steps': 3, 'base_lr': 0.1,
-      'batch': 16, 'pp.augment': 'none'})
-  workdir = str(tmp_path / 'workdir')
-  summary = train.train_and_evaluate(config, workdir)
-  assert summary['step'] == 3 and 0 <= summary['accuracy'] <= 1
-  tuned_path = str(tmp_path / 'tuned.npz')
-  export.export(workdir, tuned_path)
-  tuned = checkpoint.load(tuned_path)
-  assert tuned['head']['kernel'].shape == (8, 10)
-  assert np.any(tuned['head']['kernel'])  # trained from the fresh zeros
-  assert not np.allclose(tuned['stem']['kernel'],
-                         pretrained_params['stem']['kernel'])

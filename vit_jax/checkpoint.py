@@ -41,6 +41,7 @@ Command line (`python -m vit_jax.checkpoint --help`, in `checkpoint_cli`):
 
 import collections
 import contextlib
+import io
 import os
 import re
 import sys
@@ -50,6 +51,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from vit_jax import filesystem
 from vit_jax import layouts
 from vit_jax import moved_names
 from vit_jax import trees
@@ -175,21 +177,26 @@ def _unsqueeze_groupnorm(params: Params) -> Params:
 
 
 def read_npz(path: str) -> Dict[str, np.ndarray]:
-  """Reads every array of an `.npz`; a clear CheckpointError for bad files."""
+  """Reads every array of an `.npz` (a local path or a URI such as gs://...);
+  a clear CheckpointError for bad files."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not filesystem.exists(path):
     raise CheckpointError(f'Checkpoint {path!r} does not exist.')
-  if os.path.isdir(path):
+  if filesystem.isdir(path):
     raise CheckpointError(
         f'Checkpoint {path!r} is a directory, not an .npz file. (Orbax '
         'training checkpoints are exported to .npz with checkpoint.save.)')
-  if not zipfile.is_zipfile(path):
-    raise CheckpointError(
-        f'Checkpoint {path!r} is not an .npz file (not a zip archive, or a '
-        'truncated one). Re-download or re-export it.')
   try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {k: data[k] for k in data.files}
+    with filesystem.open_file(path, 'rb') as f:
+      if not zipfile.is_zipfile(f):
+        raise CheckpointError(
+            f'Checkpoint {path!r} is not an .npz file (not a zip archive, or '
+            'a truncated one). Re-download or re-export it.')
+      f.seek(0)
+      with np.load(f, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+  except CheckpointError:
+    raise
   except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError,
           TypeError, AttributeError, NotImplementedError) as e:
     raise CheckpointError(
@@ -340,6 +347,22 @@ def save(params: Mapping[str, Any], path: str, *,
 
 
 def _write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
+  if filesystem.has_scheme(path):
+    # A remote file system: a temporary name beside it, then a rename. The
+    # archive is built in memory (zipfile needs to seek, which remote files
+    # may not).
+    tmp_path = f'{path}.tmp'
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    try:
+      with filesystem.open_file(tmp_path, 'wb') as f:
+        f.write(buffer.getvalue())
+      filesystem.replace(tmp_path, path)
+    except BaseException:
+      with contextlib.suppress(Exception):
+        filesystem.remove(tmp_path)
+      raise
+    return
   directory = os.path.dirname(os.path.abspath(path))
   try:
     fd, tmp_path = tempfile.mkstemp(
@@ -360,6 +383,39 @@ def _write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp_path)
     raise
+
+
+def copy(src: str, dst: str, progress: bool = True,
+         block_size: int = 10 * 1024 * 1024) -> None:
+  """Copies a file between any two paths of `vit_jax.filesystem` (e.g. a
+  released checkpoint from gs://vit_models/... to a local folder), in blocks
+  of `block_size` bytes, with a progress bar if `progress`."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  with filesystem.open_file(src, 'rb') as fin, \
+      filesystem.open_file(dst, 'wb') as fout:
+    with tqdm.tqdm(unit='B', unit_scale=True, disable=not progress) as bar:
+      while block := fin.read(block_size):
+        fout.write(block)
+        bar.update(len(block))
+
+
+def get_augreg_df(directory: str = 'gs://vit_models/augreg'):
+  """The AugReg runs of `{directory}/index.csv` as a pandas DataFrame.
+
+  One row per fine-tuning of a pre-training (Steiner et al., "How to train
+  your ViT?"): `filename` is the pre-trained checkpoint's stem
+  (`{directory}/{filename}.npz`), `ds` its pre-training data ('i1k',
+  'i21k', 'i21k_30'), `final_val` its final upstream validation accuracy,
+  `adapt_*` the fine-tuning's dataset, settings, results and file.
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  path = filesystem.join(directory, 'index.csv')
+  if not filesystem.exists(path):
+    raise FileNotFoundError(
+        f'AugReg index {path} does not exist; the public one is '
+        'gs://vit_models/augreg/index.csv.')
+  with filesystem.open_file(path, 'r') as f:
+    return pd.read_csv(f)
 
 
 # The original's API (SPEC section 8) kept these in this module.

@@ -1,13 +1,18 @@
-"""The original's training helpers: learning-rate schedule, accumulation.
+"""The original's training helpers: learning-rate schedule, accumulation, and
+its log file (`add_gfile_logger`).
 
-Both keep the original's signatures (SPEC section 8) so code written for
+They keep the original's signatures (SPEC section 8) so code written for
 google-research/vision_transformer runs unchanged.
 """
 
+import logging as python_logging
 from typing import Any, Callable, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+
+from vit_jax import filesystem
 
 DECAY_TYPES = ('cosine', 'linear')
 
@@ -102,3 +107,16 @@ def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
   first = loss_and_grad_fn(params, images_AxBx[0], labels_AxBx[0])
   loss, grads = jax.lax.fori_loop(1, accum_steps, add_slice, first)
   return jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+
+
+def add_gfile_logger(workdir: str, *, basename: str = 'train',
+                     level: int = python_logging.INFO) -> None:
+  """Appends the Python log to `{workdir}/{basename}.log` (any path of
+  `vit_jax.filesystem`, e.g. gs://...), line by line."""
+  filesystem.makedirs(workdir)
+  stream = filesystem.open_file(
+      filesystem.join(workdir, f'{basename}.log'), 'a')
+  handler = python_logging.StreamHandler(stream)
+  handler.setLevel(level)
+  handler.setFormatter(logging.PythonFormatter())
+  python_logging.getLogger('').addHandler(handler)

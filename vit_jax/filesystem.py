@@ -1,0 +1,78 @@
+"""One filesystem layer for checkpoint, index and config paths.
+
+A local path goes through the standard library. A path with a scheme
+(`gs://vit_models/imagenet21k/ViT-B_16.npz`, `s3://...`, TensorFlow's
+in-memory `ram://...`, any file system registered with TensorFlow) goes
+through `tf.io.gfile`, imported only then, so that local use does not pay for
+importing TensorFlow.
+"""
+
+import builtins
+import os
+from typing import IO, List
+
+
+def has_scheme(path) -> bool:
+  """Whether `path` is a URI (`scheme://...`) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def exists(path) -> bool:
+  if has_scheme(path):
+    return _gfile().exists(os.fspath(path))
+  return os.path.exists(path)
+
+
+def isdir(path) -> bool:
+  if has_scheme(path):
+    return _gfile().isdir(os.fspath(path))
+  return os.path.isdir(path)
+
+
+def listdir(path) -> List[str]:
+  if has_scheme(path):
+    return [name.rstrip('/') for name in _gfile().listdir(os.fspath(path))]
+  return os.listdir(path)
+
+
+def makedirs(path) -> None:
+  if has_scheme(path):
+    _gfile().makedirs(os.fspath(path))
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def open_file(path, mode: str = 'rb') -> IO:
+  """A file object of `path` (seekable when read in binary mode)."""
+  if has_scheme(path):
+    return _gfile().GFile(os.fspath(path), mode)
+  return builtins.open(path, mode)
+
+
+def replace(source, destination) -> None:
+  """Renames `source` over `destination`."""
+  if has_scheme(source) or has_scheme(destination):
+    _gfile().rename(os.fspath(source), os.fspath(destination),
+                    overwrite=True)
+  else:
+    os.replace(source, destination)
+
+
+def remove(path) -> None:
+  if has_scheme(path):
+    _gfile().remove(os.fspath(path))
+  else:
+    os.remove(path)
+
+
+def join(directory, *names) -> str:
+  """`directory/name`; a URI keeps its `scheme://` and gets `/` separators."""
+  directory = os.fspath(directory)
+  if has_scheme(directory):
+    return '/'.join([directory.rstrip('/')] + [n.strip('/') for n in names])
+  return os.path.join(directory, *names)
