@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import input_pipeline
@@ -345,3 +346,46 @@ def test_tfds_not_prepared_raises_without_download(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match='tfds_manual_dir'):
     input_pipeline.get_datasets(_config(dataset='imagenet2012',
                                         tfds_data_dir=str(tmp_path)))
+
+
+def _bilinear(image, y, x):
+  """image[y, x] at real coordinates, zero outside (numpy reference)."""
+  out = 0.
+  for yy, wy in ((np.floor(y), 1 - (y - np.floor(y))),
+                 (np.floor(y) + 1, y - np.floor(y))):
+    for xx, wx in ((np.floor(x), 1 - (x - np.floor(x))),
+                   (np.floor(x) + 1, x - np.floor(x))):
+      if 0 <= yy < image.shape[0] and 0 <= xx < image.shape[1]:
+        out = out + wy * wx * image[int(yy), int(xx)]
+  return out
+
+
+def test_affine_augment_geometry():
+  """'affine' with no range is the identity; a quarter turn about the centre
+  is np.rot90 (clockwise on screen); a shift of one pixel moves every column by one; a zoom of 2
+  samples the input at centre + (output - centre) / 2; the draw is a pure
+  function of the seed."""
+  rng = np.random.RandomState(0)
+  image = tf.constant(rng.randint(0, 256, (28, 28, 3)).astype(np.uint8))
+  pixels = image.numpy().astype(np.float32)
+  plain = input_pipeline._preprocess(image, (28, 28),
+                                     input_pipeline.Augment('none'))
+  still = input_pipeline.Augment('affine', shift_pad=0)
+  seed = tf.constant([0, 7], tf.int64)
+  np.testing.assert_array_equal(
+      input_pipeline._preprocess(image, (28, 28), still, seed), plain)
+  affine = lambda *a: input_pipeline._affine_image(image, (28, 28), *a).numpy()
+  np.testing.assert_allclose(affine(np.pi / 2, 1., 0., 0.),
+                             np.rot90(pixels, k=-1, axes=(0, 1)), atol=1e-3)
+  shifted = affine(0., 1., 1., 0.)
+  np.testing.assert_allclose(shifted[:, 1:], pixels[:, :-1], atol=1e-3)
+  assert not shifted[:, 0].any()  # zero fill
+  zoomed = affine(0., 2., 0., 0.)
+  for y, x in ((0, 0), (5, 20), (13, 14), (27, 3)):
+    want = _bilinear(pixels, 13.5 + (y - 13.5) / 2, 13.5 + (x - 13.5) / 2)
+    np.testing.assert_allclose(zoomed[y, x], want, atol=1e-2)
+  busy = input_pipeline.Augment('affine', shift_pad=3, rotate=15, zoom=0.1)
+  draw = lambda s: input_pipeline._preprocess(
+      image, (28, 28), busy, tf.constant([0, s], tf.int64)).numpy()
+  np.testing.assert_array_equal(draw(7), draw(7))
+  assert np.abs(draw(7) - draw(8)).max() > 0.1

@@ -292,6 +292,42 @@ def test_sigmoid_xent_matches_formula():
       -jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)
 
 
+def test_label_smoothing_mixes_uniform_targets():
+  """loss_fn(label_smoothing=s) is the cross-entropy against
+  (1 - s) * one_hot + s / classes, computed here by hand."""
+  logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, -0.3]], np.float32)
+  labels = np.eye(3, dtype=np.float32)[[0, 2]]
+  apply_fn = lambda variables, images, train, rngs: variables['params']
+  loss_fn = train.classification_loss_fn(apply_fn, 'softmax_xent', 0.1)
+  got = loss_fn(jnp.asarray(logits), None, jnp.asarray(labels), None)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = 0.9 * labels + 0.1 / 3
+  np.testing.assert_allclose(got, -(targets * logp).sum(-1).mean(), rtol=1e-6)
+  plain = train.classification_loss_fn(apply_fn)(
+      jnp.asarray(logits), None, jnp.asarray(labels), None)
+  np.testing.assert_allclose(plain, -(labels * logp).sum(-1).mean(),
+                             rtol=1e-6)
+
+
+def test_confusion_counts_top1_without_padding():
+  """Rows true class, columns top-1; padding left out; its trace is
+  top1_counts' number correct."""
+  rng = np.random.RandomState(3)
+  n, k = 40, 4
+  logits = rng.normal(size=(n, k)).astype(np.float32)
+  labels = np.eye(k, dtype=np.float32)[rng.randint(0, k, n)]
+  mask = (np.arange(n) < n - 5).astype(np.float32)
+  apply_fn = lambda variables, images, train: images
+  batch = {'image': logits, 'label': labels, 'mask': mask}
+  got = np.asarray(train.top1_confusion(apply_fn, k)(None, batch))
+  want = np.zeros((k, k))
+  for i in range(n - 5):
+    want[labels[i].argmax(), logits[i].argmax()] += 1
+  np.testing.assert_array_equal(got, want)
+  correct, count = train.top1_counts(apply_fn)(None, batch)
+  assert np.trace(got) == float(correct) and got.sum() == float(count)
+
+
 # ------------------------------------------------------------------ faults
 
 

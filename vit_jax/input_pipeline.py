@@ -509,27 +509,32 @@ def _inception_crop(image, size, seed):
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def _random_affine(image, size, augment: Augment, seed):
-  """Rotation, zoom and translation about the centre; bilinear, zero fill.
+def _affine_image(image, size, theta, scale, tx, ty):
+  """Rotation by `theta` (radians), zoom by `scale` about the centre, then
+  translation by (tx, ty) pixels; bilinear, zero fill; float32 out.
 
-  The transform maps each output pixel back to the input, as
-  ImageProjectiveTransformV3 expects: input = A (output - c) + c - t, with
-  A the inverse of "rotate by theta, then scale by s".
+  ImageProjectiveTransformV3 maps each output pixel back to the input:
+  input = A (output - c) + c - t, with A the inverse of "rotate, then zoom".
   """
-  image = tf.image.resize(image, size)
-  u = tf.random.stateless_uniform([4], seed, minval=-1., maxval=1.)
-  theta = u[0] * augment.rotate * math.pi / 180.
-  scale = 1. + u[1] * augment.zoom
-  tx, ty = u[2] * augment.shift_pad, u[3] * augment.shift_pad
   cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
   cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
-  transform = tf.stack([cos, sin, cx - cos * cx - sin * cy - tx,
-                        -sin, cos, cy + sin * cx - cos * cy - ty, 0., 0.])
+  transform = tf.cast(tf.stack([
+      cos, sin, cx - cos * cx - sin * cy - tx,
+      -sin, cos, cy + sin * cx - cos * cy - ty, 0., 0.]), tf.float32)
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None],
+      images=tf.cast(image, tf.float32)[None], transforms=transform[None],
       output_shape=tf.constant(size, tf.int32), fill_value=0.,
       interpolation='BILINEAR', fill_mode='CONSTANT')
   return out[0]
+
+
+def _random_affine(image, size, augment: Augment, seed):
+  """`_affine_image` with parameters drawn uniformly from `augment`'s ranges."""
+  image = tf.image.resize(image, size)
+  u = tf.random.stateless_uniform([4], seed, minval=-1., maxval=1.)
+  return _affine_image(image, size, u[0] * augment.rotate * math.pi / 180.,
+                       1. + u[1] * augment.zoom, u[2] * augment.shift_pad,
+                       u[3] * augment.shift_pad)
 
 
 def _preprocess(image, size, augment: Augment, seed=None):
