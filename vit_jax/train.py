@@ -641,7 +641,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   device_count = jax.local_device_count()
   validation.check_config(config, device_count=device_count,
                           process_count=jax.process_count())
-  validation.check_paths(config)
+  validation.check_data_and_paths(config)
   # A missing dataset fails here, before the checkpoint manager starts its
   # background threads (which would otherwise outlive a quick exit).
   num_classes = input_pipeline.get_dataset_info(

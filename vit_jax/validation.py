@@ -1,0 +1,361 @@
+"""Checks of a run's inputs, before any data is read or a model is built.
+
+One place for the mistakes a user can make on the command line of
+`python -m vit_jax.main`: config keys that do not exist
+(`check_override_keys`), values the config cannot hold (`check_config`, which
+runs before TensorFlow loads), and data options and paths that cannot work
+(`check_workdir`, `check_data_and_paths`). Each failure is a `ConfigError`:
+one paragraph naming the field or path, what is wrong and what to do.
+`vit_jax.main` prints it without a traceback and exits with status 2;
+`vit_jax.train.train_and_evaluate` runs the config checks itself, so Python
+callers get them too. docs/troubleshooting.md lists the errors.
+"""
+
+import difflib
+import os
+import re
+from typing import Iterable, List, Optional, Sequence
+
+import ml_collections
+
+from vit_jax import filesystem
+
+# Compute dtypes a model or optimizer state may be given by name.
+DTYPES = ('float32', 'bfloat16', 'float16')
+# What users of other trainers type, and this config's name for it.
+_SYNONYMS = {
+    'learning_rate': 'base_lr', 'lr': 'base_lr', 'batch_size': 'batch',
+    'global_batch_size': 'batch', 'eval_batch_size': 'batch_eval',
+    'steps': 'total_steps', 'num_steps': 'total_steps',
+    'train_steps': 'total_steps', 'num_train_steps': 'total_steps',
+    'epochs': 'total_steps', 'num_epochs': 'total_steps',
+    'wd': 'weight_decay', 'warmup': 'warmup_steps', 'image_size': 'pp.crop',
+    'resolution': 'pp.crop', 'model': 'model_name', 'arch': 'model_name',
+}
+_MAX_SUGGESTIONS = 5
+
+
+class ConfigError(ValueError):
+  """A config value, command-line key or path that cannot work."""
+
+
+def closest(word: str, candidates: Iterable[str], n: int = _MAX_SUGGESTIONS,
+            cutoff: float = 0.6) -> List[str]:
+  """Up to `n` of `candidates` closest to `word` (difflib), best first."""
+  return difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
+
+
+# ------------------------------------------------------------ unknown keys
+
+
+def config_keys(config, prefix: str = '') -> List[str]:
+  """Every dotted key of `config`: leaves and nested blocks."""
+  keys = []
+  for name, value in config.items():
+    key = f'{prefix}{name}'
+    keys.append(key)
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      keys.extend(config_keys(value, f'{key}.'))
+  return keys
+
+
+def _missing_part(config, key: str) -> Optional[str]:
+  """The first dotted prefix of `key` that `config` lacks, else None."""
+  node = config
+  parts = key.split('.')
+  for i, part in enumerate(parts):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
+        part not in node):
+      return '.'.join(parts[:i + 1])
+    node = node[part]
+  return None
+
+
+def _suggestions(key: str, keys: Sequence[str]) -> List[str]:
+  """Existing keys a user may have meant by `key`."""
+  leaf = key.rsplit('.', 1)[-1]
+  found = [_SYNONYMS[leaf]] if _SYNONYMS.get(leaf) in keys else []
+  found += closest(key, keys, cutoff=0.5)
+  by_leaf = {k.rsplit('.', 1)[-1]: k for k in keys}
+  found += [by_leaf[m] for m in closest(leaf, by_leaf, cutoff=0.75)]
+  return list(dict.fromkeys(found))[:_MAX_SUGGESTIONS]
+
+
+def check_override_keys(config, keys: Iterable[str], config_file: str):
+  """Raises ConfigError for the first `--config.<key>` `config` lacks."""
+  for key in keys:
+    missing = _missing_part(config, key)
+    if missing is None:
+      continue
+    all_keys = config_keys(config)
+    close = _suggestions(key, all_keys)
+    where = (f'config.{missing.rsplit(".", 1)[0]} has no field '
+             f'{missing.rsplit(".", 1)[1]!r}' if '.' in missing else
+             f'the config has no field {missing!r}')
+    hint = (f'Did you mean: {", ".join(close)}?' if close else
+            f'The top-level keys are: {", ".join(sorted(config.keys()))}.')
+    raise ConfigError(
+        f'Unknown config key --config.{key}: {where}. {hint} Every field '
+        f'is listed, with a comment, in {config_file} and configs/common.py; '
+        'a config never gains fields from the command line.')
+
+
+# ---------------------------------------------------------------- values
+
+
+def _choices(config) -> dict:
+  """{dotted field: valid values} of the model and optimizer options."""
+  # Imported here: vit_jax.main checks keys before JAX loads. None of these
+  # imports TensorFlow, so a bad value fails in seconds.
+  from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
+  from vit_jax import optim  # pylint: disable=g-import-not-at-top
+  from vit_jax import utils  # pylint: disable=g-import-not-at-top
+  choices = {'optimizer': optim.OPTIMIZERS, 'decay_type': utils.DECAY_TYPES,
+             'optim_dtype': (None,) + DTYPES}
+  if config.get('model') is not None:
+    choices.update({
+        'model.classifier': models_vit.CLASSIFIERS,
+        'model.posemb': models_vit.POSEMB_TYPES,
+        'model.attention_impl': models_vit.ATTENTION_IMPLS,
+        'model.remat_policy': tuple(models_vit.REMAT_POLICIES),
+        'model.dtype': DTYPES,
+    })
+  return choices
+
+
+def _run_choices() -> dict:
+  """{field: valid values} of the options the trainer itself reads."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  return {'loss': tuple(train.LOSSES), 'objective': train.OBJECTIVES,
+          'parallelism': train.PARALLELISMS}
+
+
+def _get(config, key: str, default=None):
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
+        part not in node):
+      return default
+    node = node[part]
+  return node
+
+
+def _check_choices(config, choices) -> None:
+  for key, valid in choices.items():
+    value = _get(config, key, valid[0])
+    if not isinstance(value, str) and value is not None:
+      continue  # e.g. a jnp dtype given in Python
+    if value not in valid:
+      close = closest(value or '', [v for v in valid if v], n=1, cutoff=0.5)
+      raise ConfigError(
+          f'Unknown config.{key}={value!r}'
+          f'{f" (did you mean {close[0]!r}?)" if close else ""}; set '
+          f'--config.{key} to one of {list(valid)}.')
+
+
+# (keys, lowest valid value, the rule).
+_BOUNDS = (
+    (('total_steps', 'batch', 'batch_eval', 'log_every', 'eval_every',
+      'checkpoint_every', 'accum_steps', 'shuffle_buffer'), 1,
+     'must be at least 1'),
+    (('warmup_steps', 'prefetch', 'base_lr', 'weight_decay', 'linear_end',
+      'grad_norm_clip', 'label_smoothing', 'fewshot.every_steps'), 0,
+     'must not be negative'),
+)
+# Fields where 0 switches something off.
+_ZERO_IS_OFF = ('fewshot.every_steps', 'prefetch', 'grad_norm_clip',
+                'weight_decay', 'label_smoothing', 'warmup_steps')
+
+
+def _check_numbers(config) -> None:
+  for keys, lowest, rule in _BOUNDS:
+    for key in keys:
+      value = _get(config, key)
+      if value is not None and value < lowest:
+        off = '; 0 turns it off' if key in _ZERO_IS_OFF else ''
+        raise ConfigError(f'config.{key}={value} {rule}{off}. Set '
+                          f'--config.{key} to a value >= {lowest}.')
+
+
+def _check_batch(config, device_count: int, process_count: int) -> None:
+  devices = device_count * process_count
+  where = (f'{devices} devices ({process_count} processes x {device_count} '
+           'local devices)' if process_count > 1 else f'{devices} devices')
+  for key in ('batch', 'batch_eval'):
+    value = config.get(key)
+    if value and value % devices:
+      raise ConfigError(
+          f'config.{key}={value} is not divisible by the {where}; set '
+          f'--config.{key} to a multiple of {devices}, e.g. '
+          f'{max(value // devices, 1) * devices}.')
+  per_device = config.batch // devices
+  accum = config.get('accum_steps', 1) or 1
+  if per_device % accum:
+    raise ConfigError(
+        f'The per-device batch {per_device} (config.batch={config.batch} over '
+        f'{devices} devices) is not divisible by config.accum_steps={accum}; '
+        f'choose accum_steps dividing {per_device}.')
+
+
+def _check_model(config) -> None:
+  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
+  model = config.get('model')
+  if model is None:
+    raise ConfigError('config.model is not set; copy one from '
+                      'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
+  stem = 1
+  if model.get('resnet') is not None:
+    stem = models_resnet.stem_stride(model.resnet.num_layers)
+  patch = tuple(model.patches.size)
+  stride = (stem * patch[0], stem * patch[1])
+  crop = config.pp.crop
+  size = (crop, crop) if isinstance(crop, int) else tuple(crop)
+  if size[0] % stride[0] or size[1] % stride[1]:
+    what = (f'the patch size {patch[0]}x{patch[1]}' if stem == 1 else
+            f'{stride[0]}x{stride[1]} (ResNet stem stride {stem} x patch)')
+    good = [max(size[0] // stride[0], 1) * stride[0],
+            -(-size[0] // stride[0]) * stride[0]]
+    raise ConfigError(
+        f'config.pp.crop={config.pp.crop} gives {size[0]}x{size[1]} images, '
+        f'not a multiple of {what}; set --config.pp.crop to a multiple, e.g. '
+        f'{" or ".join(str(g) for g in dict.fromkeys(good))}.')
+  _check_model_name(config)
+
+
+def _check_model_name(config) -> None:
+  """`model_name` only labels the run and names `<pretrained_dir>/<name>.npz`;
+  a name that is not the model's would silently train another model."""
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  name, own = config.get('model_name'), config.model.get('model_name')
+  if not name or not own or name == own:
+    return
+  close = ', '.join(closest(name, list(models.MODEL_CONFIGS) + [own], n=3,
+                            cutoff=0.5))
+  raise ConfigError(
+      f'config.model_name={name!r} is not the model this config trains '
+      f'(config.model is {own!r}). model_name does not choose the model: it '
+      'labels the run and names the pre-trained file '
+      '<pretrained_dir>/<model_name>.npz. To train a zoo model, pick a config '
+      'that builds it, e.g. --config=configs/finetune.py:ViT-B_16,cifar10'
+      f'{f" (close names: {close})" if close else ""}; or leave '
+      '--config.model_name out.')
+
+
+def check_config(config: ml_collections.ConfigDict, *, device_count: int,
+                 process_count: int = 1) -> None:
+  """Raises ConfigError for the first model, optimizer, batch or step value
+  of `config` that cannot work. Does not import TensorFlow.
+
+  Args:
+    config: a training config (configs/common.py lists every field).
+    device_count: local devices of this process.
+    process_count: processes of the run.
+  """
+  _check_numbers(config)
+  _check_choices(config, _choices(config))
+  _check_model(config)
+  _check_batch(config, device_count, process_count)
+  _check_trainable(config.get('trainable'))
+
+
+def check_data_and_paths(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a trainer option, augmentation or pre-trained
+  checkpoint of `config` that cannot work (`check_config`'s rest)."""
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  _check_choices(config, _run_choices())
+  try:
+    input_pipeline.Augment.from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.get('objective') == 'mpp' and train.pretrained_path(config):
+    raise ConfigError('Masked patch prediction pre-trains from scratch; unset '
+                      'config.pretrained_path / pretrained_dir.')
+  _check_pretrained(train.pretrained_path(config), config)
+
+
+def _check_trainable(spec: Optional[str]) -> None:
+  from vit_jax import trainable  # pylint: disable=g-import-not-at-top
+  regex = trainable.pattern(spec)
+  if regex is None:
+    return
+  try:
+    re.compile(regex)
+  except re.error as e:
+    raise ConfigError(
+        f'config.trainable={spec!r} is not a valid regular expression ({e}); '
+        f'use one of {sorted(trainable.PRESETS)} or a regex on '
+        "'/'-joined parameter paths.") from None
+
+
+# ----------------------------------------------------------------- paths
+
+
+def check_remote(path: str, what: str) -> None:
+  """Raises ConfigError if nothing installed can read `path`'s scheme."""
+  if not filesystem.has_scheme(path):
+    return
+  scheme = path.split('://', 1)[0]
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    schemes = tf.io.gfile.get_registered_schemes()
+  except ImportError:
+    schemes = []
+  if scheme not in schemes:
+    raise ConfigError(
+        f'{what} {path!r} is a {scheme}:// path, and no installed filesystem '
+        f'reads {scheme}:// (TensorFlow here reads '
+        f'{", ".join(s + "://" for s in schemes if s)}). Copy the file to a '
+        'local disk first, or install a TensorFlow build with that '
+        'filesystem (for gs://: `pip install tensorflow`, with network access '
+        'and `gcloud auth application-default login`).')
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates `workdir` if missing; raises ConfigError if it cannot be used.
+
+  Returns its absolute path.
+  """
+  if filesystem.has_scheme(workdir):
+    check_remote(workdir, '--workdir')
+    return workdir
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(
+        f'--workdir={workdir} is a file, not a folder. The workdir is a folder '
+        'for checkpoints, logs and summary.json (created if missing): choose '
+        'another path, e.g. --workdir=/tmp/vit_run.')
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, '.write_test')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f'--workdir={workdir} cannot be written: {e.strerror} ({path}). '
+        'Choose a folder you can write to, e.g. --workdir=/tmp/vit_run.'
+    ) from None
+  return path
+
+
+def _check_pretrained(path: Optional[str], config) -> None:
+  """Raises ConfigError for a pre-trained file that cannot be read."""
+  if not path:
+    return
+  if filesystem.has_scheme(path):
+    check_remote(path, 'The pre-trained checkpoint')
+    return
+  if os.path.exists(path):
+    return
+  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(path)[:-len('.npz')] if path.endswith('.npz') else ''
+  field = ('--config.pretrained_path' if config.get('pretrained_path') else
+           '--config.pretrained_dir (<pretrained_dir>/<model_name>.npz)')
+  get = (f' The released file: gsutil cp gs://vit_models/imagenet21k/'
+         f'{name}.npz {os.path.dirname(path) or "."}/'
+         if name in models.MODEL_CONFIGS else '')
+  raise ConfigError(
+      f'The pre-trained checkpoint {path} (from {field}) does not exist.{get} '
+      'Or point --config.pretrained_path at a .npz you have, or set '
+      '--config.pretrained_dir= (empty) to train from scratch.')
