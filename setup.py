@@ -27,7 +27,11 @@ setuptools.setup(
     name='vit_jax',
     version='0.1.0',
     description='Vision Transformer (ViT) in JAX/Flax: models, checkpoints, training.',
-    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    # `configs` (the experiment configs, with the main job's default) is
+    # installed beside vit_jax, so that `python -m vit_jax.main` finds its
+    # default config and `configs.common` outside a checkout too.
+    packages=setuptools.find_packages(
+        include=['vit_jax', 'vit_jax.*', 'configs']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={

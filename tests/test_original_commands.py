@@ -1,7 +1,8 @@
 """The original vit_jax README's commands, run as written on tfds mock data.
 
 Each runs `python -m vit_jax.main --workdir=W --config=<the original's config
-file>[:arg] ...` in this process (so that `tfds.testing.mock_data` applies),
+file>[:arg] ...` in this process (so that `tfds.testing.mock_data` applies;
+see `run_main`),
 with a local `--config.pretrained_dir` holding `vit_jax.test_utils`
 checkpoints and overrides that shrink the model, images and steps. Each must
 train, evaluate and leave TensorBoard events and checkpoints in the workdir.
@@ -9,9 +10,9 @@ train, evaluate and leave TensorBoard events and checkpoints in the workdir.
 
 import glob
 import os
-import sys
 
 from absl import flags
+from ml_collections import config_flags
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,8 +21,8 @@ import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
 from vit_jax import export
-from vit_jax import main as vit_main
 from vit_jax import test_utils
+from vit_jax import train
 from vit_jax import train_checkpoint
 from vit_jax.configs import augreg
 from vit_jax.configs import models
@@ -99,21 +100,25 @@ def _encoded_images(self, split, **unused_kwargs):
                                              'label': labels})
 
 
-def run_main(argv, data_dir, monkeypatch):
-  """`python -m vit_jax.main <argv>` in this process, on mock data."""
+def run_main(argv, data_dir):
+  """`python -m vit_jax.main <argv>` in this process, on mock data.
+
+  The command line is parsed as vit_jax.main parses it (an ml_collections
+  config file flag with `--config.<field>` overrides; here in flag values
+  of its own), then handed to train.train_and_evaluate, as main does.
+  """
   argv = ['vit_jax.main'] + argv
-  # ml_collections reads the --config.<field> overrides from sys.argv and
-  # defines a flag for each: forget those of an earlier run.
-  monkeypatch.setattr(sys, 'argv', argv)
-  for name in list(flags.FLAGS):
-    if name.startswith('config.'):
-      delattr(flags.FLAGS, name)
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
+  flag_values = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, flag_values=flag_values, lock_config=True,
+      sys_argv=argv)
+  workdir_flag = flags.DEFINE_string('workdir', None, '',
+                                     flag_values=flag_values)
+  flag_values(argv)
   with tfds.testing.mock_data(num_examples=50, data_dir=data_dir,
                               policy=tfds.testing.MockPolicy.USE_FILES,
                               as_dataset_fn=_encoded_images):
-    vit_main.main(['vit_jax.main'])
+    train.train_and_evaluate(config_flag.value, workdir_flag.value)
 
 
 def event_tags(workdir):
@@ -132,17 +137,17 @@ def assert_trained_and_evaluated(workdir, steps=2):
   assert any('accuracy' in t for t in tags), tags
 
 
-def test_vit_finetuning_command(dirs, monkeypatch):
+def test_vit_finetuning_command(dirs):
   workdir = str(dirs['root'] / 'vit')
   run_main([f'--workdir={workdir}',
             f'--config={CONFIGS}/vit.py:testing,cifar10',
             f'--config.pretrained_dir={dirs["pretrained"]}',
             f'--config.tfds_data_dir={dirs["data"]}'] + SMALL_RUN,
-           dirs['data'], monkeypatch)
+           dirs['data'])
   assert_trained_and_evaluated(workdir)
 
 
-def test_augreg_command_picks_the_best_i21k_checkpoint(dirs, monkeypatch):
+def test_augreg_command_picks_the_best_i21k_checkpoint(dirs):
   workdir = str(dirs['root'] / 'augreg')
   run_main([f'--workdir={workdir}',
             f'--config={CONFIGS}/augreg.py:R_Ti_16',
@@ -151,13 +156,13 @@ def test_augreg_command_picks_the_best_i21k_checkpoint(dirs, monkeypatch):
             f'--config.pretrained_dir={dirs["pretrained"]}',
             f'--config.tfds_data_dir={dirs["data"]}',
             '--config.model.transformer.num_layers=1'] + SMALL_RUN +
-           ['--config.pp.crop=64'], dirs['data'], monkeypatch)
+           ['--config.pp.crop=64'], dirs['data'])
   assert_trained_and_evaluated(workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert f'{AUGREG_STEM}.npz' in f.read()
 
 
-def test_mixer_command(dirs, monkeypatch):
+def test_mixer_command(dirs):
   workdir = str(dirs['root'] / 'mixer')
   run_main([f'--workdir={workdir}',
             f'--config={CONFIGS}/mixer_base16_cifar10.py',
@@ -165,11 +170,13 @@ def test_mixer_command(dirs, monkeypatch):
             f'--config.tfds_data_dir={dirs["data"]}',
             '--config.model.hidden_dim=8', '--config.model.num_blocks=1',
             '--config.model.tokens_mlp_dim=4',
-            '--config.model.channels_mlp_dim=8'] + SMALL_RUN,
-           dirs['data'], monkeypatch)
-  assert_trained_and_evaluated(workdir)
+            '--config.model.channels_mlp_dim=8'] + SMALL_RUN +
+           ['--config.total_steps=3'], dirs['data'])
+  assert_trained_and_evaluated(workdir, steps=3)
   # Fine-tuning as the original: a fresh zero head for the 10 classes, then
-  # trained; the pre-trained body is fine-tuned too.
+  # trained; the pre-trained body is fine-tuned too (from step 3 on: the
+  # first update has learning rate 0, and the body's gradient is 0 while
+  # the head is).
   pretrained = checkpoint.load(os.path.join(dirs['pretrained'],
                                             'Mixer-B_16.npz'))
   tuned_path = os.path.join(workdir, 'tuned.npz')
@@ -181,14 +188,13 @@ def test_mixer_command(dirs, monkeypatch):
                             pretrained['stem']['kernel'])
 
 
-def test_inference_time_command(dirs, monkeypatch):
+def test_inference_time_command(dirs):
   workdir = str(dirs['root'] / 'inference_time')
   run_main([f'--workdir={workdir}',
             f'--config={CONFIGS}/inference_time.py',
             '--config.model_name=testing', '--config.batch=8',
             '--config.num_classes=10', '--config.image_size=32',
-            '--config.steps=2', '--config.initial_steps=1'], dirs['data'],
-           monkeypatch)
+            '--config.steps=2', '--config.initial_steps=1'], dirs['data'])
   assert {'imgs_sec_core_min', 'imgs_sec_core_max', 'imgs_sec_core_mean',
           'imgs_sec_core_std'} <= event_tags(workdir)
 

@@ -26,10 +26,24 @@ if _REPO_ROOT not in sys.path:
 
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-DEFAULT_CONFIG = os.path.join(_REPO_ROOT, 'configs', 'embedded.py')
+
+def _default_config():
+  """configs/embedded.py of the `configs` package: beside vit_jax in a
+  checkout, in site-packages when installed from a wheel."""
+  try:
+    import configs  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)),
+                      'embedded.py')
+
+
+DEFAULT_CONFIG = _default_config()
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
+    'config',
+    DEFAULT_CONFIG if DEFAULT_CONFIG and os.path.exists(DEFAULT_CONFIG)
+    else None,
     'Experiment config file, e.g. configs/finetune.py:b16,cifar10.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
