@@ -1,9 +1,10 @@
 """The original vit_jax's public names, its config modules, and their errors.
 
 Every name below is imported from the module the original has it in, and the
-main functions are called with the original's keyword arguments. Paths go
-through `vit_jax.filesystem`: TensorFlow's in-memory `ram://` scheme stands
-in for gs:// (no network).
+main functions are called with the original's keyword arguments. Paths of
+checkpoints, the AugReg index and image folders go through
+`vit_jax.filesystem`: TensorFlow's in-memory `ram://` scheme stands in for
+gs:// (no network).
 """
 
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import filesystem
@@ -34,6 +36,8 @@ from vit_jax.configs import inference_time as inference_time_config
 from vit_jax.configs import mixer_base16_cifar10
 from vit_jax.configs import models as models_config
 from vit_jax.configs import vit
+
+import test_train
 
 ORIGINAL_NAMES = {
     checkpoint: ['load', 'load_pretrained', 'inspect_params', 'recover_tree',
@@ -228,3 +232,21 @@ def test_config_paths_are_reachable():
     assert os.path.exists(os.path.join(directory, f'{name}.py'))
   assert isinstance(common.DATASET_PRESETS['cifar10'],
                     ml_collections.ConfigDict)
+
+
+def test_an_image_folder_behind_a_scheme_feeds_the_pipeline():
+  root = 'ram://image_folder'
+  rng = np.random.default_rng(0)
+  for split, per_class in (('train', 6), ('test', 2)):
+    for name in ('cat', 'dog'):
+      filesystem.makedirs(f'{root}/{split}/{name}')
+      for i in range(per_class):
+        png = tf.io.encode_png(rng.integers(0, 256, (20, 24, 3), np.uint8))
+        with filesystem.open_file(f'{root}/{split}/{name}/{i}.png', 'wb') as f:
+          f.write(png.numpy())
+  info = input_pipeline.get_dataset_info(root, 'train')
+  assert (info['num_examples'], info['num_classes']) == (12, 2)
+  config = test_train.tiny_config(dataset=root, batch=8, batch_eval=4)
+  ds_train, _ = input_pipeline.get_datasets(config)
+  batch = next(iter(ds_train))
+  assert np.asarray(batch['image']).shape[-3:] == (28, 28, 3)

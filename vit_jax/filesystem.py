@@ -1,4 +1,4 @@
-"""One filesystem layer for checkpoint, index and config paths.
+"""One filesystem layer for checkpoint, AugReg index and image-folder paths.
 
 A local path goes through the standard library. A path with a scheme
 (`gs://vit_models/imagenet21k/ViT-B_16.npz`, `s3://...`, TensorFlow's
@@ -9,7 +9,7 @@ importing TensorFlow.
 
 import builtins
 import os
-from typing import IO, List
+from typing import IO, Iterator, List, Tuple
 
 
 def has_scheme(path) -> bool:
@@ -38,6 +38,17 @@ def listdir(path) -> List[str]:
   if has_scheme(path):
     return [name.rstrip('/') for name in _gfile().listdir(os.fspath(path))]
   return os.listdir(path)
+
+
+def walk(top) -> Iterator[Tuple[str, List[str], List[str]]]:
+  """`os.walk(top)`: (dirpath, dirnames, filenames), top down; sorting
+  `dirnames` in place orders the descent."""
+  if not has_scheme(top):
+    yield from os.walk(top)
+    return
+  for dirpath, dirnames, filenames in _gfile().walk(os.fspath(top)):
+    dirnames[:] = [d.rstrip('/') for d in dirnames]
+    yield dirpath.rstrip('/'), dirnames, filenames
 
 
 def makedirs(path) -> None:

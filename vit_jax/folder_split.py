@@ -39,6 +39,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from vit_jax import filesystem
+
 TRAIN_TEST = 'train_test'  # <dir>/train/<class>/*, <dir>/test/<class>/*
 SINGLE_TREE = 'single_tree'  # <dir>/<class>/*, split by this module
 
@@ -63,11 +65,11 @@ def detect_layout(root: str) -> str:
   with a class called "train" or "test" is far less likely than a split
   layout missing one of its halves, whose error should name that half.
   """
-  if not os.path.isdir(root):
+  if not filesystem.isdir(root):
     raise ValueError(f'Image folder {root!r} does not exist; expected '
                      f'{LAYOUTS_HELP}.')
   for name in (TRAIN, 'test'):
-    if os.path.isdir(os.path.join(root, name)):
+    if filesystem.isdir(filesystem.join(root, name)):
       return TRAIN_TEST
   return SINGLE_TREE
 

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import filesystem
 from vit_jax import folder_split
 from vit_jax import validation
 
@@ -152,14 +153,15 @@ def _embedded_source(split, process_index, process_count):
 
 
 def _is_folder(dataset):
-  return os.path.isdir(dataset) or dataset.startswith(('/', '.', '~'))
+  return (filesystem.has_scheme(dataset) or filesystem.isdir(dataset) or
+          dataset.startswith(('/', '.', '~')))
 
 
 def _check_image(path):
   """Cheap header check; True if tf.io.decode_image should read the file."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as im:
+    with filesystem.open_file(path, 'rb') as f, Image.open(f) as im:
       fmt = im.format
       im.verify()  # PNG: chunk CRCs; JPEG/GIF/BMP: header structure
     return fmt in _TF_DECODABLE
@@ -168,9 +170,9 @@ def _check_image(path):
 
 
 def _class_dirs(split_dir):
-  return sorted(d for d in os.listdir(split_dir)
+  return sorted(d for d in filesystem.listdir(split_dir)
                 if not d.startswith('.') and
-                os.path.isdir(os.path.join(split_dir, d)))
+                filesystem.isdir(filesystem.join(split_dir, d)))
 
 
 def _list_images(tree_dir, classes):
@@ -191,10 +193,10 @@ def _list_images(tree_dir, classes):
   """
   candidates = []
   for label, name in enumerate(classes):
-    class_dir = os.path.join(tree_dir, name)
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-      dirnames.sort()  # os.walk order is filesystem dependent
-      candidates += [(os.path.join(dirpath, f), label)
+    class_dir = filesystem.join(tree_dir, name)
+    for dirpath, dirnames, filenames in filesystem.walk(class_dir):
+      dirnames.sort()  # walk order is filesystem dependent
+      candidates += [(filesystem.join(dirpath, f), label)
                      for f in sorted(filenames)
                      if f.lower().endswith(IMAGE_EXTENSIONS)]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -214,15 +216,15 @@ def _list_split_folder(root, split):
   during a run is not re-read.
   """
   layout = f'expected the layout {_FOLDER_LAYOUT}'
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  split_dir = filesystem.join(root, split)
+  if not filesystem.isdir(split_dir):
     raise ValueError(f'Image folder {split_dir!r} does not exist; {layout}.')
   # Class index = position in the sorted union of the class folders of all
   # splits, so train and test agree even if a split lacks a class.
   names = set(_class_dirs(split_dir))
   for other in ('train', 'test'):
-    if os.path.isdir(os.path.join(root, other)):
-      names.update(_class_dirs(os.path.join(root, other)))
+    if filesystem.isdir(filesystem.join(root, other)):
+      names.update(_class_dirs(filesystem.join(root, other)))
   if not _class_dirs(split_dir):
     raise ValueError(f'Image folder {split_dir!r} has no class subfolders; '
                      f'{layout}.')
@@ -248,7 +250,8 @@ class _Tree:
 def _list_tree(root):
   """Lists a single tree; cached per process like `_list_split_folder`."""
   names = _class_dirs(root)
-  loose = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
+  loose = [f for f in filesystem.listdir(root)
+           if f.lower().endswith(IMAGE_EXTENSIONS)]
   if not names:
     found = (f'{len(loose)} image(s) lie directly in it, e.g. {loose[:3]}'
              if loose else 'it is empty of images')
