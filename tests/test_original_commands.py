@@ -12,6 +12,7 @@ import glob
 import os
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 import pandas as pd
@@ -20,11 +21,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
+from vit_jax import input_pipeline
 from vit_jax import export
 from vit_jax import test_utils
 from vit_jax import train
 from vit_jax import train_checkpoint
-from vit_jax.configs import augreg
+from vit_jax.configs import common
 from vit_jax.configs import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +200,17 @@ def test_inference_time_command(dirs):
           'imgs_sec_core_std'} <= event_tags(workdir)
 
 
-def test_unknown_augreg_name_lists_the_known_ones():
-  with pytest.raises(ValueError, match=r"'X_99'.*R_Ti_16.*S_16"):
-    augreg.get_config('X_99-i21k-300ep')
+def test_get_datasets_takes_the_original_config(dirs):
+  """The original's Colab: its config straight into get_datasets."""
+  config = common.with_dataset(common.get_config(), 'cifar10')
+  config.batch = 8
+  config.pp.crop = 32
+  config.tfds_data_dir = dirs['data']
+  with tfds.testing.mock_data(num_examples=50, data_dir=dirs['data'],
+                              policy=tfds.testing.MockPolicy.USE_FILES,
+                              as_dataset_fn=_encoded_images):
+    ds_train, _ = input_pipeline.get_datasets(config)
+    batch = next(iter(ds_train))
+  devices = jax.local_device_count()
+  assert np.asarray(batch['image']).shape == (devices, 8 // devices, 32, 32, 3)
+  assert np.asarray(batch['label']).shape == (devices, 8 // devices, 10)

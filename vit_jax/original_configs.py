@@ -49,8 +49,13 @@ RELEASED = {
 
 
 def trainer(config: ml_collections.ConfigDict) -> str:
-  """`config.trainer` ('train' when absent): what `train_and_evaluate` runs."""
-  name = config.get('trainer') or 'train'
+  """What `train_and_evaluate` runs: `config.trainer`, else 'train'.
+
+  The original's configs/inference_time.py names its trainer in a field
+  `train` instead, which is read too.
+  """
+  name = config.get('trainer') or (
+      'inference_time' if config.get('train') == 'inference_time' else 'train')
   if name not in TRAINERS:
     raise ValueError(f'Unknown config.trainer {name!r}; use one of '
                      f'{", ".join(TRAINERS)}.')

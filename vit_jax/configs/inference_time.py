@@ -23,8 +23,6 @@ def get_config():
   config.batch = 0
   config.num_classes = 0
   config.image_size = 0  # Height = width.
+  # The trainer train.train_and_evaluate runs (original_configs.trainer).
   config.train = 'inference_time'
-  # What `vit_jax.main` dispatches on (the original's main.py reads
-  # `trainer`, which its own config of this name lacked).
-  config.trainer = 'inference_time'
   return config
