@@ -134,7 +134,7 @@ SPEED_FIELDS = {
 
 def zoo_model(name: str, *, representation_size=False,
               dropout=None) -> ml_collections.ConfigDict:
-  """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS.
+  """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS (ViTs).
 
   Args:
     name: a key of vit_jax.configs.models.MODEL_CONFIGS.
@@ -145,8 +145,9 @@ def zoo_model(name: str, *, representation_size=False,
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
   with model.unlocked():
-    for field, value in SPEED_FIELDS.items():
-      model[field] = value
+    if 'num_blocks' not in model:  # not for the MLP-Mixer
+      for field, value in SPEED_FIELDS.items():
+        model[field] = value
     if representation_size is True:
       model.representation_size = model.hidden_size
     elif representation_size is None:

@@ -30,25 +30,22 @@ ImageNet 84.53; L/16 ImageNet 85.05.
 
 from configs import common
 from vit_jax import models
+from vit_jax.configs import common as original_common
+from vit_jax.configs import vit
 
-# Short model names accepted as the first argument.
-MODELS = {
-    'ti16': 'ViT-Ti_16', 's16': 'ViT-S_16', 's32': 'ViT-S_32',
-    'b8': 'ViT-B_8', 'b16': 'ViT-B_16', 'b32': 'ViT-B_32',
-    'l16': 'ViT-L_16', 'l32': 'ViT-L_32', 'h14': 'ViT-H_14',
-    'r50_b16': 'R50+ViT-B_16', 'r50_l32': 'R50+ViT-L_32',
-    'r26_s32': 'R26+ViT-S_32', 'r26_b32': 'R26+ViT-B_32',
-    'testing': 'testing',
-}
+# Short model names accepted as the first argument: those of the original's
+# vit.py (`b16` for get_b16_config, ...).
+MODELS = {short: vit.model_config(short).model_name
+          for short in vit.model_names()}
 
-# dataset: (total_steps, train_split, test_split), the original's presets.
-DATASETS = {
-    'cifar10': (10_000, 'train[:98%]', 'test'),
-    'cifar100': (10_000, 'train[:98%]', 'test'),
-    'imagenet2012': (20_000, 'train[:99%]', 'validation'),
+# dataset: (total_steps, train_split, test_split); the original's presets
+# (vit_jax/configs/common.py) and the paper's Pets and Flowers runs.
+DATASETS = {name: (preset.total_steps, preset.pp.train, preset.pp.test)
+            for name, preset in original_common.DATASET_PRESETS.items()}
+DATASETS.update({
     'oxford_iiit_pet': (500, 'train[:90%]', 'test'),
     'oxford_flowers102': (500, 'train[:90%]', 'test'),
-}
+})
 
 
 def model_name(arg: str) -> str:

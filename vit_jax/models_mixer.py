@@ -1,5 +1,5 @@
-"""MLP-Mixer (Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for Vision",
-NeurIPS 2021), as the original `vit_jax` has it.
+"""MLP-Mixer (Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for
+Vision", NeurIPS 2021), as the original `vit_jax` has it.
 
 Module and parameter names are the original's (`stem`, `MixerBlock_{i}/
 {LayerNorm_0, token_mixing, LayerNorm_1, channel_mixing}/Dense_{0,1}`,

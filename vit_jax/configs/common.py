@@ -112,7 +112,7 @@ def flatten(
     config: Union[ml_collections.ConfigDict, Dict[str, Any]],
     prefix: Tuple[str, ...] = ('config',)
 ) -> Iterable[Tuple[str, Any]]:
-  """Yields (`config.a.b`, value) for every leaf of `config`, e.g. for sweeps."""
+  """(`config.a.b`, value) of every leaf of `config`, e.g. for sweeps."""
   for key, value in config.items():
     if isinstance(value, (dict, ml_collections.ConfigDict)):
       yield from flatten(value, prefix + (key,))

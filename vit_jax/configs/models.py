@@ -5,9 +5,10 @@ are the stems of the released checkpoint files (`ViT-B_16.npz`). Each config
 holds the fields of its module (`VisionTransformer`, or `MlpMixer` for the
 `Mixer-*` entries, which have `num_blocks`) except `num_classes`;
 `models.get_model(name, num_classes=...)` builds the module. The getters
-`get_<short name>_config` are the original's, so `configs/vit.py:b16,cifar10`
-finds `get_b16_config`. Parameter counts (1000 classes, 224x224) are pinned by
-tests/test_models.py against SPEC section 3 and the Mixer paper.
+`get_<short name>_config` are the original's, so
+`vit_jax/configs/vit.py:b16,cifar10` finds `get_b16_config`. Parameter counts
+(1000 classes, 224x224) are pinned by tests/test_models.py against SPEC
+section 3, and by tests/test_mixer.py against the original's.
 """
 
 import ml_collections

@@ -24,6 +24,11 @@ def model_names():
                 if name.startswith('get_') and name.endswith('_config'))
 
 
+def model_config(model):
+  """The zoo config of `<model>` (`get_<model>_config()`), unlocked."""
+  return getattr(models, f'get_{model}_config')()
+
+
 def get_config(model_dataset):
   """The fine-tuning config of `<model>,<dataset>`, e.g. 'b16,cifar10'."""
   model, _, dataset = model_dataset.partition(',')
@@ -33,7 +38,7 @@ def get_config(model_dataset):
         f'{model_dataset!r}. Models: {", ".join(model_names())}. Datasets: '
         f'{", ".join(sorted(common.DATASET_PRESETS))}.')
   config = common.with_dataset(common.get_config(), dataset)
-  config.model = getattr(models, f'get_{model}_config')()
+  config.model = model_config(model)
   if (model, dataset) == ('b16', 'cifar10'):
     config.base_lr = 0.01
   return config
