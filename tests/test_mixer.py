@@ -42,10 +42,9 @@ def images(n=4, size=28):
 
 def randomized(params, seed=2):
   """Every leaf random, so that no zero head hides a wrong load."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      np.asarray(jax.random.normal(k, x.shape)) for k, x in zip(keys, leaves)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
 
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))

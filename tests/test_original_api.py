@@ -110,8 +110,6 @@ def test_training_helpers_with_the_original_keywords():
   loss, _ = utils.accumulate_gradient(loss_and_grad, 1., images, labels, 2)
   assert float(loss) == pytest.approx(1.)
   model = models.get_model('testing', num_classes=3)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
-                      train=False)['params']
   tx = optax.sgd(0.1)
   update_fn = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx)
   assert callable(update_fn)
