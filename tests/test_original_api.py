@@ -145,16 +145,23 @@ def test_original_configs_have_its_fields_and_defaults():
 
 
 def test_translation_to_this_projects_shape(tmp_path):
+  """The issue's config (built as the original's own train test builds it),
+  which train.train_and_evaluate once met with AttributeError: train_split."""
   test_utils.create_checkpoint(models_config.get_testing_config(),
                                str(tmp_path / 'testing.npz'))
-  config = vit.get_config('testing,cifar100')
+  config = common.get_config()
+  config.model = models_config.get_testing_config()
+  config.dataset = 'cifar100'
+  config.pp = ml_collections.ConfigDict(
+      {'train': 'train[:98%]', 'test': 'test', 'crop': 224})
+  config.total_steps = 3
   config.pretrained_dir = str(tmp_path)
   config.progress_every = 7
   config.checkpoint_every = 0  # the original's "never": at the end only
   project = original_configs.to_project_config(config)
   assert (project.train_split, project.test_split, project.pp.crop) == (
-      'train[:98%]', 'test', 384)
-  assert project.log_every == 7 and project.checkpoint_every == 10_000
+      'train[:98%]', 'test', 224)
+  assert project.log_every == 7 and project.checkpoint_every == 3
   assert project.pretrained_path == str(tmp_path / 'testing.npz')
   assert project.model.model_name == project.model_name == 'testing'
 

@@ -12,7 +12,6 @@ import glob
 import os
 
 from absl import flags
-import ml_collections
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -22,8 +21,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
-from vit_jax import input_pipeline
 from vit_jax import export
+from vit_jax import input_pipeline
 from vit_jax import test_utils
 from vit_jax import train
 from vit_jax import train_checkpoint
@@ -215,30 +214,3 @@ def test_get_datasets_takes_the_original_config(dirs):
   devices = jax.local_device_count()
   assert np.asarray(batch['image']).shape == (devices, 8 // devices, 32, 32, 3)
   assert np.asarray(batch['label']).shape == (devices, 8 // devices, 10)
-
-
-def test_the_issues_config_built_in_python(dirs, tmp_path):
-  """common.get_config() + config.pp + configs.models + pretrained_dir, on a
-  generated image folder, as the original's own train test builds it."""
-  folder = tmp_path / 'images'
-  rng = np.random.default_rng(0)
-  for split in ('train', 'test'):
-    for name in ('a', 'b', 'c'):
-      os.makedirs(folder / split / name)
-      for i in range(4):
-        (folder / split / name / f'{i}.png').write_bytes(tf.io.encode_png(
-            rng.integers(0, 256, (24, 24, 3), np.uint8)).numpy())
-  config = common.get_config()
-  config.model = models.get_testing_config()
-  config.dataset = str(folder)
-  config.pp = ml_collections.ConfigDict(
-      {'train': 'train', 'test': 'test', 'crop': 32})
-  config.batch = 8
-  config.accum_steps = 2
-  config.batch_eval = 4
-  config.total_steps = 1
-  config.warmup_steps = 1
-  config.pretrained_dir = dirs['pretrained']
-  workdir = str(tmp_path / 'work')
-  assert train.train_and_evaluate(config, workdir)['step'] == 1
-  assert_trained_and_evaluated(workdir, steps=1)
