@@ -25,7 +25,7 @@ from configs import embedded
 
 def get_config(pretrained_path: str = ''):
   """Returns the fine-tuning config; the argument is the pre-trained .npz."""
-  config = embedded.get_config()
+  config = embedded.get_digits_config()
   config.model.representation_size = None
   config.model.posemb = 'learn'  # as pre-trained
   if pretrained_path:

@@ -33,7 +33,7 @@ from configs import embedded
 
 def get_config():
   """Returns the masked-patch-prediction pre-training config."""
-  config = embedded.get_config()
+  config = embedded.get_digits_config()
   config.objective = 'mpp'
   config.model.posemb = 'learn'
   config.model.representation_size = None

@@ -30,7 +30,7 @@ from configs import embedded
 
 def get_config():
   """Returns the pre-training config."""
-  config = embedded.get_config()
+  config = embedded.get_digits_config()
   config.model.representation_size = config.model.hidden_size
   # Learned position embeddings, as the paper's: they are what fine-tuning
   # at another resolution resamples.

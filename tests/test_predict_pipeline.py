@@ -39,7 +39,7 @@ PROB_LINE = re.compile(r'^  (\d\.\d{4})  (\S+)$')
 def run(tmp_path_factory):
   """A finished short training run, its exported `.npz` and its summary."""
   base = tmp_path_factory.mktemp('pipeline')
-  config = embedded.get_config()
+  config = embedded.get_digits_config()
   config.total_steps = STEPS
   config.warmup_steps = 10
   config.batch = 128

@@ -30,6 +30,7 @@ from vit_jax import optim  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
 from vit_jax import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
+from vit_jax import validation  # pylint: disable=wrong-import-position
 
 
 # ------------------------------------------------------------------ helpers
@@ -49,8 +50,8 @@ def tiny_model_config(*, dropout=0.0, representation_size=None):
 
 
 def tiny_config(**overrides):
-  """The main job's config with a tiny model and a few steps."""
-  config = embedded.get_config()
+  """The digits config (28x28, 7x7 patches) with a tiny model, few steps."""
+  config = embedded.get_digits_config()
   config.model = tiny_model_config()
   config.model_name = 'tiny'
   config.batch = 32
@@ -384,7 +385,7 @@ def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='other.npz'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   config = tiny_config(pretrained_path=str(tmp_path / 'missing.npz'))
-  with pytest.raises(checkpoint.CheckpointError, match='does not exist'):
+  with pytest.raises(validation.ConfigError, match='does not exist'):
     train.train_and_evaluate(config, str(tmp_path / 'work2'))
 
 

@@ -87,11 +87,18 @@ def test_pretraining_table3(module, model):
 
 
 def test_embedded_configs():
-  main = embedded.get_config()
-  assert main.dataset == 'embedded_mnist' and main.pp.crop == 28
-  assert tuple(main.model.patches.size) == (7, 7)
-  assert main.model.hidden_size == 64 and main.model.transformer.num_layers == 4
-  assert main.optimizer == 'adamw' and main.pp.augment == 'shift'
+  digits = embedded.get_digits_config()
+  assert digits.dataset == 'embedded_mnist' and digits.pp.crop == 28
+  assert tuple(digits.model.patches.size) == (7, 7)
+  assert digits.model.hidden_size == 64
+  assert digits.model.transformer.num_layers == 4
+  assert digits.optimizer == 'adamw' and digits.pp.augment == 'shift'
+  main = embedded.get_config()  # the digits setup with the main job's recipe
+  assert main.pp.augment == 'affine' and main.pp.rotate == 15
+  assert main.model.token_only_last_block
+  assert main.model.attention_impl == 'heads_major'
+  changed = {k for k, v in main.items() if digits.get(k) != v}
+  assert changed == {'pp', 'model', 'total_steps'}
   pre = embedded_pretrain.get_config()
   assert pre.model.representation_size == 64 and pre.model.posemb == 'learn'
   ft = embedded_finetune.get_config('/x/ViT-mnist_7.npz')
