@@ -30,6 +30,7 @@ from vit_jax import original_configs
 from vit_jax import test_utils
 from vit_jax import train
 from vit_jax import utils
+from vit_jax import validation
 from vit_jax.configs import augreg
 from vit_jax.configs import common
 from vit_jax.configs import inference_time as inference_time_config
@@ -182,13 +183,14 @@ def test_a_field_of_neither_shape_is_named():
 def test_missing_pretrained_file_names_it_and_the_bucket(tmp_path):
   config = vit.get_config('b16,cifar10')
   config.pretrained_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError) as e:
+  with pytest.raises(validation.ConfigError) as e:
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert str(tmp_path / 'ViT-B_16.npz') in str(e.value)
   assert 'gs://vit_models/imagenet21k' in str(e.value)
   config = mixer_base16_cifar10.get_config()
   config.pretrained_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match='gs://mixer_models/imagenet21k'):
+  with pytest.raises(validation.ConfigError,
+                     match='gs://mixer_models/imagenet21k'):
     original_configs.to_project_config(config)
 
 
