@@ -70,13 +70,20 @@ import sys
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __name__ == '__main__':
+  # The command line's output is the predictions: no TensorFlow start-up
+  # lines (its oneDNN notice and C++ log preamble). TensorFlow only decodes
+  # and resizes images here, which oneDNN does not touch.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from vit_jax import checkpoint
-from vit_jax import models
-from vit_jax import moved_names
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from vit_jax import models  # pylint: disable=g-import-not-at-top
+from vit_jax import moved_names  # pylint: disable=g-import-not-at-top
 
 Params = Any
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
