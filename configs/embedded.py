@@ -89,9 +89,14 @@ def get_digits_config():
   return config
 
 
-def get_config():
+def get_config(arg=None):
   """Returns the main job: the digits setup with affine augmentation and
-  2,000 steps."""
+  2,000 steps; `configs/embedded.py:digits` returns the digits setup alone."""
+  if arg == 'digits':
+    return get_digits_config()
+  if arg:
+    raise ValueError(f'configs/embedded.py takes no argument or "digits", '
+                     f'not {arg!r}.')
   config = get_digits_config()
   # Random rotation (+-15 degrees), zoom (+-15%) and translation (+-3
   # pixels) about the centre, instead of shifts alone.

@@ -99,6 +99,7 @@ def test_embedded_configs():
   assert main.model.attention_impl == 'heads_major'
   changed = {k for k, v in main.items() if digits.get(k) != v}
   assert changed == {'pp', 'model', 'total_steps'}
+  assert embedded.get_config('digits').to_dict() == digits.to_dict()
   pre = embedded_pretrain.get_config()
   assert pre.model.representation_size == 64 and pre.model.posemb == 'learn'
   ft = embedded_finetune.get_config('/x/ViT-mnist_7.npz')
