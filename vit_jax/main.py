@@ -4,15 +4,32 @@ Fields of the config are overridden with `--config.<field>=<value>`, e.g.
 `--config.total_steps=100 --config.base_lr=0.01`. Without `--config` the
 offline main job runs (configs/embedded.py).
 
+Console and log file: the console shows what the run prints (the data
+table, progress lines, results) and warnings. Every log line (INFO and up:
+the config, metrics, library messages, the C++ libraries' stderr) goes to
+`<workdir>/log.txt`, with the full traceback of any error; `--verbose` also
+shows the library logging on the console. An error is one paragraph ending
+with the `--traceback` hint; the exit status is 2 for a config, flag or path
+error (vit_jax/validation.py), 1 for other errors, 3 when a process of a
+multi-process run was lost. docs/troubleshooting.md lists them.
+
 Several hosts: start one process per host with the same command plus
 `--coordinator_address=<host:port> --num_processes=<n> --process_id=<i>` (or
 the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID). Each process feeds its own share of the global batch;
-process 0 writes the logs and summary.json.
+process 0 writes the logs and summary.json. Each process runs its training in
+a worker child (vit_jax/supervisor.py): when a process dies or cannot be
+reached, the others stop with one paragraph naming it, the newest complete
+checkpoint and the command to resume.
 """
 
+import faulthandler
+import logging as std_logging
 import os
+import re
 import sys
+import threading
+import traceback
 
 from absl import app
 from absl import flags
@@ -25,6 +42,16 @@ if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
 
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from vit_jax import filesystem  # pylint: disable=g-import-not-at-top
+from vit_jax import supervisor  # pylint: disable=g-import-not-at-top
+from vit_jax import validation  # pylint: disable=g-import-not-at-top
+
+# In the workdir: the absl log (INFO and up) and the C++ libraries' stderr.
+LOG_FILE = 'log.txt'
+# The command line as given (absl strips the flags from main's argv).
+_ARGV = list(sys.argv)
+_TRACEBACK_HINT = '(--traceback shows where it happened.)'
 
 
 def _default_config():
@@ -40,6 +67,51 @@ def _default_config():
 
 DEFAULT_CONFIG = _default_config()
 
+
+def _config_argument(argv):
+  """The value of --config in `argv`, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _exit_on_bad_config_file_or_keys(argv, default):
+  """Checks the config file and the `--config.<key>` overrides before
+  ml_collections applies them (it would raise a bare KeyError traceback)."""
+  keys = [re.sub(r'^--?(no)?config\.', '', a.split('=', 1)[0]) for a in argv
+          if re.match(r'^--?(no)?config\.', a)]
+  spec = _config_argument(argv) or default
+  if not spec:
+    return
+  path = spec.split(':', 1)[0]
+  try:
+    if not os.path.exists(path):
+      raise validation.ConfigError(
+          f'Config file {path} does not exist. The configs are the .py files '
+          'of configs/ (and vit_jax/configs/ for the original vit_jax\'s), '
+          'e.g. --config=configs/embedded.py.')
+    # The parser behind --config, here without the overrides.
+    try:
+      config = config_flags.config_flags.ConfigFileFlagParser('config').parse(
+          spec)
+    except Exception as e:  # pylint: disable=broad-except
+      # ml_collections puts the config file's traceback in the message.
+      raise validation.ConfigError(
+          f'Config file {spec} failed to load: '
+          f'{str(e).strip().splitlines()[-1]}') from e
+    validation.check_override_keys(config, keys, path)
+  except validation.ConfigError as e:
+    if '--traceback' in argv:
+      raise
+    print(f'Error: {e}\n{_TRACEBACK_HINT}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  _exit_on_bad_config_file_or_keys(_ARGV, DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
     DEFAULT_CONFIG if DEFAULT_CONFIG and os.path.exists(DEFAULT_CONFIG)
@@ -57,6 +129,16 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Index of this process (multi-host runs).')
 _TRACEBACK = flags.DEFINE_bool(
     'traceback', False, 'Show the full traceback of errors.')
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'Also show the library logging (absl INFO lines, '
+    'TensorFlow / XLA C++ messages) on the console, not only in '
+    f'<workdir>/{LOG_FILE}.')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'init_timeout_s', 300, 'Multi-process runs: seconds to wait for every '
+    'process to join before giving up.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_s', 100, 'Multi-process runs: seconds without a sign '
+    'of life after which a process counts as lost.')
 
 
 def _distributed_args():
@@ -72,10 +154,14 @@ def _distributed_args():
   if not any(given):
     return None
   if not all(given):
-    raise app.UsageError(
+    raise validation.ConfigError(
         'A multi-process run needs all of --coordinator_address, '
         '--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, '
         'JAX_NUM_PROCESSES, JAX_PROCESS_ID).')
+  if num < 1 or not 0 <= pid < num:
+    raise validation.ConfigError(
+        f'--process_id={pid} with --num_processes={num}: the ids of a '
+        f'{num}-process run are 0..{num - 1}, one per process.')
   return dict(coordinator_address=address, num_processes=num, process_id=pid)
 
 
@@ -84,15 +170,9 @@ def _user_errors():
   # Imported here: JAX must not initialise before jax.distributed.initialize.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax import train_checkpoint  # pylint: disable=g-import-not-at-top
-  errors = (ValueError, FileNotFoundError, NotADirectoryError,
-            FloatingPointError, checkpoint.CheckpointError,
-            train_checkpoint.NonFiniteStateError)
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    errors += (tfds.core.registered.DatasetNotFoundError,)
-  except (ImportError, AttributeError):
-    pass
-  return errors
+  return (ValueError, FileNotFoundError, NotADirectoryError,
+          FloatingPointError, checkpoint.CheckpointError,
+          train_checkpoint.NonFiniteStateError)
 
 
 class _QuietLibraries:
@@ -106,8 +186,94 @@ class _QuietLibraries:
     return True
 
 
+def _console_and_log_file(log_path):
+  """Log lines to `log_path`; the console keeps prints, warnings, errors.
+
+  Unless --verbose, the C++ libraries' stderr (file descriptor 2) goes to the
+  log file too, and Python's `sys.stderr` to a copy of the console. In a
+  worker of a multi-process run, fd 2 already is the log file.
+  """
+  console_fd = os.environ.get(supervisor.CONSOLE_FD_ENV)
+  if console_fd is None and not _VERBOSE.value and log_path:
+    sys.stderr.flush()
+    console_fd = os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    faulthandler.enable(file=os.fdopen(console_fd, 'w', closefd=False))
+  if console_fd is not None:
+    sys.stderr = os.fdopen(int(console_fd), 'w', buffering=1)
+  if supervisor.is_worker():
+    # A peer's death also fails background threads (checkpoint barriers,
+    # metric writers); their tracebacks belong in the log, not the console.
+    threading.excepthook = lambda args: traceback.print_exception(
+        args.exc_value, file=sys.__stderr__)
+  console = logging.get_absl_handler()
+  console.python_handler.stream = sys.stderr
+  console.addFilter(_QuietLibraries())
+  if not _VERBOSE.value:
+    console.setLevel(std_logging.WARNING)
+  std_logging.captureWarnings(True)
+  if log_path:
+    to_file = std_logging.FileHandler(log_path)
+    to_file.setFormatter(logging.PythonFormatter())
+    to_file.addFilter(_QuietLibraries())
+    std_logging.getLogger().addHandler(to_file)
+
+
+def _report(error, log_path, distributed):
+  """Prints `error` as one paragraph and exits; the traceback goes to the log
+  file (with --traceback, to the console as well)."""
+  where = f' The full traceback is in {log_path}.' if log_path else ''
+  if log_path:
+    with open(log_path, 'a') as f:
+      f.write('Error:\n' + ''.join(traceback.format_exception(error)))
+  if _TRACEBACK.value:
+    raise error
+  if distributed and supervisor.is_peer_error(error):
+    with open(log_path or os.devnull, 'a') as log:
+      supervisor.exit_lost_peer(supervisor.lost_peer_message(
+          what=f'{type(error).__name__}: {str(error).splitlines()[0]}',
+          process_id=distributed['process_id'],
+          num_processes=distributed['num_processes'],
+          workdir=_WORKDIR.value, argv=_ARGV), log)
+  if isinstance(error, validation.ConfigError):
+    code, text = 2, str(error)
+  elif isinstance(error, _user_errors()):
+    code, text = 1, str(error)
+  else:
+    code, text = 1, (f'{type(error).__name__}: {error}\nThis looks like a bug '
+                     'in vit_jax; please report it with the log file.')
+  print(f'\nError: {text}\n{_TRACEBACK_HINT}{where}', file=sys.stderr,
+        flush=True)
+  sys.exit(code)
+
+
+def _train(distributed):
+  """Starts JAX (and its distributed runtime) and trains the config."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if distributed:
+    jax.distributed.initialize(
+        **distributed, initialization_timeout=_INIT_TIMEOUT.value,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+  from vit_jax import original_configs  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  # Before TensorFlow loads (vit_jax.train): a bad value fails in seconds.
+  # (train_and_evaluate translates the original vit_jax's configs too.)
+  if original_configs.trainer(config) == 'train':
+    validation.check_config(original_configs.to_project_config(config),
+                            device_count=jax.local_device_count(),
+                            process_count=jax.process_count())
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('Command: %s', ' '.join(_ARGV))
+  logging.info('Config:\n%s', config)
+  logging.info('JAX: %d process(es), %d local / %d global devices (%s).',
+               jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if _WORKDIR.value is None:
@@ -116,26 +282,24 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError(
         '--config is required, e.g. --config=configs/embedded.py')
-  distributed = _distributed_args()
-  import jax  # pylint: disable=g-import-not-at-top
-  if distributed:
-    jax.distributed.initialize(**distributed)
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
-
-  config = _CONFIG.value
-  logging.info('Config:\n%s', config)
-  logging.info('JAX: %d process(es), %d local / %d global devices (%s).',
-               jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  log_path = distributed = None
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except _user_errors() as e:
-    if _TRACEBACK.value:
-      raise
-    logging.error('%s: %s', type(e).__name__, e)
-    print(f'\nError: {e}\n(--traceback shows where it happened.)',
-          file=sys.stderr, flush=True)
-    sys.exit(1)
+    distributed = _distributed_args()
+    workdir = validation.check_workdir(_WORKDIR.value)
+    if not filesystem.has_scheme(workdir):
+      log_path = os.path.join(workdir, LOG_FILE)
+    if distributed and not supervisor.is_worker():
+      sys.exit(supervisor.run_worker(
+          _ARGV, log_path=log_path or os.devnull,
+          process_id=distributed['process_id'],
+          num_processes=distributed['num_processes'],
+          coordinator=distributed['coordinator_address'], workdir=workdir))
+    _console_and_log_file(log_path)
+    if distributed:
+      supervisor.watch_parent()
+    _train(distributed)
+  except Exception as e:  # pylint: disable=broad-except
+    _report(e, log_path, distributed)
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ callers get them too. docs/troubleshooting.md lists the errors.
 import difflib
 import os
 import re
+import tempfile
 from typing import Iterable, List, Optional, Sequence
 
 import ml_collections
@@ -327,9 +328,9 @@ def check_workdir(workdir: str) -> str:
         'another path, e.g. --workdir=/tmp/vit_run.')
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, '.write_test')
-    with open(probe, 'w'):
-      pass
+    # A name of its own: the processes of a run share the workdir.
+    fd, probe = tempfile.mkstemp(dir=path, prefix='.write_test')
+    os.close(fd)
     os.remove(probe)
   except OSError as e:
     raise ConfigError(
