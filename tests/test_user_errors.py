@@ -129,11 +129,14 @@ LOST_PROCESS = Case(
     'run the printed command again on every process (each with its own '
     '--process_id): it resumes from that step')
 SAME_PROCESS_ID = Case(
-    'same_process_id', 'two processes given the same `--process_id` (or '
-    'different `--num_processes`)', [], 3,
+    'same_process_id', 'two processes given the same `--process_id`', [], 3,
     ['could not join the 2-process run', 'needs its own --process_id'],
-    'give each process its own id in 0..n-1 and the same --num_processes; '
-    'the wait is --init_timeout_s')
+    'give each process its own id in 0..n-1; the wait is --init_timeout_s')
+OTHER_NUM_PROCESSES = Case(
+    'other_num_processes', 'a process given another `--num_processes` than '
+    'process 0', [], 2,
+    ['was started with --num_processes=3', 'has 2 processes'],
+    'give every process the same --num_processes')
 _ABSL_LINE = re.compile(r'^[IWEF]\d{4} ', re.MULTILINE)
 _NOISE = ('absl::InitializeLog', 'oneDNN', 'libtpu', 'fontManager')
 
@@ -209,7 +212,7 @@ def troubleshooting_table() -> str:
   """The table of docs/troubleshooting.md, from CASES."""
   lines = ['| what you did | the error names | what to do | exit |',
            '|---|---|---|---|']
-  for case in CASES + [LOST_PROCESS, SAME_PROCESS_ID]:
+  for case in CASES + [LOST_PROCESS, SAME_PROCESS_ID, OTHER_NUM_PROCESSES]:
     names = ' ... '.join(w.replace('|', '\\|') for w in case.words)
     lines.append(f'| {case.did} | {names} | {case.fix} | {case.code} |')
   return '\n'.join(lines) + '\n'
@@ -303,6 +306,20 @@ def test_same_process_id_twice_says_so_and_exits(tmp_path):
     assert len(err.strip().splitlines()) <= 3, err
     for words in SAME_PROCESS_ID.words:
       assert words in err.replace('\n', ' '), err
+
+
+def test_other_num_processes_says_so_and_exits(tmp_path):
+  args = [f'--workdir={tmp_path / "w"}', *TINY,
+          f'--coordinator_address=127.0.0.1:{_free_port()}']
+  first = _start(args + ['--num_processes=2'], 0, subprocess.DEVNULL)
+  other = _start(args + ['--num_processes=3'], 1, subprocess.DEVNULL)
+  err = other.communicate(timeout=120)[1]
+  first.kill()
+  first.communicate()
+  assert other.returncode == 2, err
+  assert 'Traceback' not in err and len(err.strip().splitlines()) <= 3, err
+  for words in OTHER_NUM_PROCESSES.words:
+    assert words in err, err
 
 
 if __name__ == '__main__':

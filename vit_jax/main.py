@@ -231,12 +231,12 @@ def _report(error, log_path, distributed):
   if _TRACEBACK.value:
     raise error
   if distributed and supervisor.is_peer_error(error):
-    with open(log_path or os.devnull, 'a') as log:
-      supervisor.exit_lost_peer(supervisor.lost_peer_message(
-          what=f'{type(error).__name__}: {str(error).splitlines()[0]}',
-          process_id=distributed['process_id'],
-          num_processes=distributed['num_processes'],
-          workdir=_WORKDIR.value, argv=_ARGV), log)
+    print('\nError: ' + supervisor.lost_peer_message(
+        what=f'{type(error).__name__}: {str(error).splitlines()[0]}',
+        process_id=distributed['process_id'],
+        num_processes=distributed['num_processes'],
+        workdir=_WORKDIR.value, argv=_ARGV), file=sys.stderr)
+    supervisor.exit_now(supervisor.LOST_PEER_EXIT)
   if isinstance(error, validation.ConfigError):
     code, text = 2, str(error)
   elif isinstance(error, _user_errors()):
@@ -246,6 +246,8 @@ def _report(error, log_path, distributed):
                      'in vit_jax; please report it with the log file.')
   print(f'\nError: {text}\n{_TRACEBACK_HINT}{where}', file=sys.stderr,
         flush=True)
+  if distributed and supervisor.is_worker():
+    supervisor.exit_now(code)
   sys.exit(code)
 
 
@@ -256,6 +258,13 @@ def _train(distributed):
     jax.distributed.initialize(
         **distributed, initialization_timeout=_INIT_TIMEOUT.value,
         heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    if jax.process_count() != distributed['num_processes']:
+      raise validation.ConfigError(
+          f'This process was started with --num_processes='
+          f'{distributed["num_processes"]}, but the run it joined at '
+          f'{distributed["coordinator_address"]} has {jax.process_count()} '
+          'processes (process 0 decides). Give every process the same '
+          '--num_processes.')
   from vit_jax import original_configs  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # Before TensorFlow loads (vit_jax.train): a bad value fails in seconds.

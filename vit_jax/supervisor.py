@@ -9,10 +9,11 @@ and whose Python stderr is the console. The supervisor waits for it; when it
 dies of a signal or an abort, the supervisor prints one paragraph: which
 process was lost, the newest complete checkpoint on disk, and the command to
 resume. A worker that sees a collective fail (a peer's connection reset) says
-the same itself and exits at once (`exit_lost_peer`), without waiting for the
+the same itself and exits at once (`exit_now`), without waiting for the
 runtime's shutdown barrier.
 """
 
+import logging
 import os
 import re
 import shlex
@@ -101,12 +102,14 @@ def lost_peer_message(*, what: str, process_id: int, num_processes: int,
           f'own --process_id); for this one:\n  {resume_command(argv)}')
 
 
-def exit_lost_peer(message: str, log) -> None:
-  """Prints `message` and ends this worker at once, skipping the runtime's
-  shutdown barrier (which would wait for the lost peer, then abort)."""
-  print(f'\nError: {message}', file=sys.stderr, flush=True)
-  log.flush()
-  os._exit(LOST_PEER_EXIT)  # pylint: disable=protected-access
+def exit_now(code: int) -> None:
+  """Ends this worker at once, skipping the distributed runtime's shutdown
+  barrier, which would wait for every peer (a lost one never comes) and
+  then abort."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def watch_parent() -> None:
