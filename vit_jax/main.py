@@ -9,9 +9,10 @@ table, progress lines, results) and warnings. Every log line (INFO and up:
 the config, metrics, library messages, the C++ libraries' stderr) goes to
 `<workdir>/log.txt`, with the full traceback of any error; `--verbose` also
 shows the library logging on the console. An error is one paragraph ending
-with the `--traceback` hint; the exit status is 2 for a config, flag or path
-error (vit_jax/validation.py), 1 for other errors, 3 when a process of a
-multi-process run was lost. docs/troubleshooting.md lists them.
+with the `--traceback` hint; the exit status is 2 for a config value, key or
+path or a multi-process flag (vit_jax/validation.py), 1 for other errors, 3
+when a process of a multi-process run was lost. docs/troubleshooting.md lists
+them.
 
 Several hosts: start one process per host with the same command plus
 `--coordinator_address=<host:port> --num_processes=<n> --process_id=<i>` (or
