@@ -39,7 +39,7 @@ def _start(workdir):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='')
   return subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.main',
-       f'--config={os.path.join(REPO, "configs", "embedded.py")}',
+       f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
        f'--workdir={workdir}', *args],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
       text=True)

@@ -571,6 +571,7 @@ def workdir_contents(workdir: str) -> str:
       run_plots.CONFUSION_FILE: 'test confusion matrix',
       train_checkpoint.CHECKPOINT_SUBDIR: 'train state (resume, export)',
       progress.METRICS_FILE: 'metrics, one JSON line each',
+      'log.txt': 'the full log (python -m vit_jax.main writes it)',
   }
   names = sorted(os.listdir(workdir))
   lines = [f'Workdir {workdir}:']
