@@ -187,6 +187,18 @@ class _QuietLibraries:
     return True
 
 
+class _OwnRecordsOnly:
+  """Console filter without --verbose: log records of this project and
+  Python warnings; library records (e.g. orbax's background threads failing
+  when a peer process dies) stay in the log file."""
+
+  _OWN = (f'{os.sep}vit_jax{os.sep}', f'{os.sep}configs{os.sep}')
+
+  def filter(self, record):
+    return (record.name == 'py.warnings' or
+            any(p in record.pathname for p in self._OWN))
+
+
 def _console_and_log_file(log_path):
   """Log lines to `log_path`; the console keeps prints, warnings, errors.
 
@@ -214,6 +226,7 @@ def _console_and_log_file(log_path):
   console.addFilter(_QuietLibraries())
   if not _VERBOSE.value:
     console.setLevel(std_logging.WARNING)
+    console.addFilter(_OwnRecordsOnly())
   std_logging.captureWarnings(True)
   if log_path:
     to_file = std_logging.FileHandler(log_path)
