@@ -68,7 +68,7 @@ issue's targets (multiples of the original's float32 images/s). With
 `--original DIR` the original's model runs in this process on the same
 parameters (its logits are checked against ours first), its calls
 interleaved with ours: the only comparison that holds across machines.
-Without it the numbers of /work/shared/MACHINE.md stand in, measured on a
+Without it the numbers of the project's shared/MACHINE.md stand in, measured on a
 machine sold under the same CPU name that was not the same CPU: the
 development machine of this repository's later runs is an AMD EPYC of
 family 25 (Zen 4), whose 512-bit FMAs run at half the rate of the Zen 5 of
@@ -181,7 +181,7 @@ from vit_jax import trainable
 
 GiB = 2**30
 
-# /work/shared/MACHINE.md, "Reference speeds on this machine type": Google's
+# the project's shared/MACHINE.md, "Reference speeds on this machine type": Google's
 # original vit_jax, jit, batch 8, 224x224, 1000 classes, median of 9, float32,
 # images/s on the 2-core AMD EPYC (Zen 5) development machine.
 ORIGINAL_IMAGES_PER_S = {
@@ -1023,7 +1023,7 @@ def main(argv=None):
                  'x original', 'target', 'met', 'timm img/s', 'x timm'], rows)
     print('original: the original vit_jax in float32, measured in this run '
           '(--original) on the same parameters; * = not measured here, the '
-          'number of /work/shared/MACHINE.md instead (another CPU of the same '
+          'number of the project\'s shared/MACHINE.md instead (another CPU of the same '
           'name can be half as fast: compare the matmul peaks above). timm: '
           'measured here with --timm (inference), else MACHINE.md (*).')
 

@@ -1,32 +1,134 @@
-"""The main job: the README's first command reaches the stated accuracy.
+"""The main job: the README's first command, run once and examined.
 
 `python -m vit_jax.main --workdir=<dir>` (no --config: configs/embedded.py)
-trains the small ViT on the embedded MNIST digits offline and must reach at
-least 98% on the 1,000 held-out digits, leaving a checkpoint, TensorBoard
-logs and summary.json.
+trains the small ViT on the embedded MNIST digits offline. One run (a
+module fixture) serves every test here: the accuracy, the console a person
+sees (each progress step once, no library noise, the closing lines), the
+pictures in the workdir, and the README's third command (predict) on a test
+digit written as a PNG.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
+import PIL.Image
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Lines of library start-up noise that must not reach the console.
+NOISE = (
+    'oneDNN custom operations',  # TensorFlow
+    'absl::InitializeLog',  # TensorFlow's C++ logging before absl init
+    'libtpu', "Unable to initialize backend 'tpu'",  # the JAX TPU probe
+    'fontManager',  # matplotlib's font cache
+    'Traceback',
+)
+ABSL_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 
-def test_default_command_reaches_98_percent(tmp_path):
-  workdir = str(tmp_path / 'vit_mnist')
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
+
+def _env():
+  env = dict(os.environ)
+  for name in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL'):
+    env.pop(name, None)  # as a user's shell has them
+  return env
+
+
+@pytest.fixture(scope='module')
+def main_job(tmp_path_factory):
+  """(workdir, console lines, summary) of the default command."""
+  workdir = str(tmp_path_factory.mktemp('main_job') / 'vit_mnist')
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-4000:]
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-4000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
+  return workdir, result.stdout.splitlines(), summary
+
+
+def test_default_command_reaches_98_percent(main_job):
+  workdir, console, summary = main_job
   assert summary['config']['dataset'] == 'embedded_mnist'
   assert summary['step'] == summary['total_steps']
   assert summary['accuracy'] >= 0.98, summary['eval_history']
-  assert f'Final test accuracy {summary["accuracy"]:.4f}' in result.stdout
   assert os.listdir(os.path.join(workdir, 'checkpoints')) != []
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert any(line.startswith(
+      f'Final test accuracy {summary["accuracy"]:.4f} after '
+      f'{summary["step"]} steps') for line in console)
+
+
+def test_console_shows_each_thing_once_and_no_noise(main_job):
+  """Output is not a terminal here: one plain line per log_every steps."""
+  _, console, summary = main_job
+  config = summary['config']
+  total, every = config['total_steps'], config['log_every']
+  steps = [int(m.group(1)) for line in console
+           for m in [re.match(r'^step +(\d+)/\d+ +loss ', line)] if m]
+  want = sorted(set(range(every, total + 1, every)) | {total})
+  assert steps == want
+  evals = [line for line in console if re.match(r'^step \d+: test accur', line)]
+  assert len(evals) == len(summary['eval_history'])
+  assert sum('Dataset embedded_mnist' in line for line in console) == 1
+  for line in console:
+    assert not ABSL_LOG_LINE.match(line), line
+    assert not any(noise in line for noise in NOISE), line
+  # The closing lines: result, workdir contents, next commands.
+  final = [i for i, l in enumerate(console) if l.startswith('Final test')][0]
+  tail = '\n'.join(console[final:])
+  for name in ('summary.json', 'curves.png', 'confusion.png', 'checkpoints'):
+    assert name in tail
+  assert 'python -m vit_jax.predict --workdir=' in tail
+  assert 'tensorboard --logdir=' in tail
+
+
+def test_pictures_decode_and_confusion_matches_accuracy(main_job):
+  workdir, _, summary = main_job
+  for name in ('curves.png', 'confusion.png'):
+    with PIL.Image.open(os.path.join(workdir, name)) as image:
+      assert image.format == 'PNG'
+      assert min(image.size) > 200
+  confusion = np.array(summary['confusion'])
+  assert confusion.shape == (10, 10)
+  assert confusion.sum() == 1000  # every test digit once
+  assert np.trace(confusion) / confusion.sum() == summary['accuracy']
+  assert confusion.sum(axis=1).tolist() == [100] * 10  # the stratified split
+
+
+def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
+  """The README's third command, on test digits saved as PNG files: the
+  newest train-state checkpoint and the exported .npz classify alike, and
+  the digits' true classes come out on top as often as the evaluation's
+  confusion matrix says."""
+  workdir, _, summary = main_job
+  sys.path.insert(0, REPO)
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  images, labels = input_pipeline._embedded_split('test')  # pylint: disable=protected-access
+  paths = []
+  for i in range(0, 1000, 50):
+    paths.append(str(tmp_path / f'digit{i}_{labels[i]}.png'))
+    PIL.Image.fromarray(images[i, :, :, 0]).save(paths[-1])
+  npz = str(tmp_path / 'model.npz')
+  subprocess.run([sys.executable, '-m', 'vit_jax.export',
+                  f'--workdir={workdir}', f'--output={npz}'], cwd=REPO,
+                 env=_env(), check=True, capture_output=True)
+  outputs = []
+  for extra in ([], [f'--checkpoint={npz}']):
+    result = subprocess.run(
+        [sys.executable, '-m', 'vit_jax.predict', f'--workdir={workdir}',
+         '--topk=1', *extra, *paths], cwd=REPO, env=_env(),
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''  # no library start-up lines either
+    outputs.append(result.stdout)
+  assert outputs[0] == outputs[1]
+  top1 = re.findall(r'^  [0-9.]+  (\d)$', outputs[0], re.M)
+  assert len(top1) == len(paths)
+  right = sum(int(t) == labels[i] for t, i in zip(top1, range(0, 1000, 50)))
+  assert right >= 0.9 * len(paths), outputs[0]

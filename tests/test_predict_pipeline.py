@@ -1,7 +1,7 @@
 """Predict on a model the training pipeline trained: CLI accuracy = training.
 
 The acceptance test of `python -m vit_jax.predict --workdir`: train the
-embedded-MNIST ViT of configs/embedded.py briefly (150 steps, batch 128),
+embedded-MNIST ViT of configs/embedded.py:digits briefly (150 steps, batch 128),
 export it to `.npz` with `vit_jax.export`, write the 1,000 held-out test
 digits as PNG files in per-class folders, classify them all with the command
 line (`--topk 1`) and count: the CLI gets right exactly the images the
@@ -152,7 +152,7 @@ def test_python_api_workdir_and_config_file(run, digits):
 
   # The config file describes the same model; arrays classify like files.
   from_file = predict.load_model_from_config_file(
-      os.path.join(ROOT, 'configs', 'embedded.py'), run['npz'])
+      os.path.join(ROOT, 'configs', 'embedded.py') + ':digits', run['npz'])
   assert from_file.image_size == (28, 28)
   assert from_file.class_names == [str(i) for i in range(10)]  # its dataset
   by_path = predict.classify(trained.model, trained.params, files[:16],
