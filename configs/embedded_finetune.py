@@ -12,7 +12,7 @@ the paper fine-tunes) and the head starts at zero. The recipe is the paper's
 fine-tuning one scaled down: SGD with momentum 0.9, gradient clip 1, no
 weight decay, warmup then cosine decay.
 
-Expected result (2-core CPU, commit 7d4c539), from the checkpoint of
+Expected result (2-core CPU, jax 0.10.2), from the checkpoint of
 configs/embedded_pretrain.py (0.962): 0.959 test accuracy after 300 steps.
 The same config from scratch (--config.pretrained_dir=) reaches 0.507 in
 these 300 steps: the pre-trained weights, not the short fine-tuning, do the

@@ -16,13 +16,12 @@ patches). Step 3 fine-tunes at 42x42 (6x6 grid): position embeddings
 resampled, `pre_logits` dropped, a fresh zero head.
 
 Expected result (measured with the three commands above, 2-core CPU, jax
-0.10.2, commit 7d4c539): 0.962 test accuracy after the 1,000 pre-training
+0.10.2): 0.962 test accuracy after the 1,000 pre-training
 steps (few-shot linear probes on its pre-logits at step 1,000, with
 --config.fewshot.every_steps=1000: 1-shot 0.953, 5-shot 0.960, 10-shot
 0.963, 25-shot 0.962, mean of 3 seeds); then 0.959 after fine-tuning at
 42x42 for 300 steps (configs/embedded_finetune.py), where the same
 fine-tuning run from scratch (--config.pretrained_dir=) reaches 0.507.
-Deterministic on a given machine.
 """
 
 from configs import embedded
