@@ -1,11 +1,13 @@
-"""The main job: the README's first command, run once and examined.
+"""The main job: the README's first command, shortened, run once and examined.
 
 `python -m vit_jax.main --workdir=<dir>` (no --config: configs/embedded.py)
-trains the small ViT on the embedded MNIST digits offline. One run (a
-module fixture) serves every test here: the accuracy, the console a person
-sees (each progress step once, no library noise, the closing lines), the
-pictures in the workdir, and the README's third command (predict) on a test
-digit written as a PNG.
+trains the small ViT on the embedded MNIST digits offline. Here it runs with
+`--config.total_steps=300` (the full run's accuracy over seeds is the job of
+`python -m bench.main_job`, docs/main_job.md). One run (a module fixture)
+serves every test here: learning, the console a person sees (each progress
+step once, no library noise, the closing lines), the pictures in the
+workdir, and the README's third command (predict) on test digits written as
+PNG files.
 """
 
 import json
@@ -29,6 +31,8 @@ NOISE = (
     'Traceback',
 )
 ABSL_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
+# The default command with fewer steps: 300 steps reach about 0.91.
+SHORT = ('--config.total_steps=300', '--config.eval_every=150')
 
 
 def _env():
@@ -40,10 +44,10 @@ def _env():
 
 @pytest.fixture(scope='module')
 def main_job(tmp_path_factory):
-  """(workdir, console lines, summary) of the default command."""
+  """(workdir, console lines, summary) of the default command, shortened."""
   workdir = str(tmp_path_factory.mktemp('main_job') / 'vit_mnist')
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}'],
+      [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *SHORT],
       cwd=REPO, env=_env(), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
   assert result.returncode == 0, result.stdout[-4000:]
@@ -52,11 +56,12 @@ def main_job(tmp_path_factory):
   return workdir, result.stdout.splitlines(), summary
 
 
-def test_default_command_reaches_98_percent(main_job):
+def test_default_command_learns_the_digits(main_job):
   workdir, console, summary = main_job
   assert summary['config']['dataset'] == 'embedded_mnist'
-  assert summary['step'] == summary['total_steps']
-  assert summary['accuracy'] >= 0.98, summary['eval_history']
+  assert summary['step'] == summary['total_steps'] == 300
+  assert [step for step, _ in summary['eval_history']] == [150, 300]
+  assert summary['accuracy'] >= 0.85, summary['eval_history']
   assert os.listdir(os.path.join(workdir, 'checkpoints')) != []
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert any(line.startswith(
@@ -131,4 +136,4 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
   top1 = re.findall(r'^  [0-9.]+  (\d)$', outputs[0], re.M)
   assert len(top1) == len(paths)
   right = sum(int(t) == labels[i] for t, i in zip(top1, range(0, 1000, 50)))
-  assert right >= 0.9 * len(paths), outputs[0]
+  assert right >= 0.75 * len(paths), outputs[0]
