@@ -18,7 +18,7 @@ jitted function takes no arguments and returns every product (so none is
 dropped). Nothing orders the products: XLA may run independent ones side by
 side, which only makes the ceiling higher; but each reads operands of its
 own and every output is kept, so a function whose data stays in cache can
-edge past it (bench/throughput.py's results in the README show one case).
+edge past it (docs/speed.md shows one case).
 Fused kernels are not `dot_general`s and are left out: with cuDNN attention
 (`attention_impl='cudnn'`, GPU) the ceiling lacks the attention matmuls.
 """

@@ -1,6 +1,6 @@
 r"""Speed of the Vision Transformer: throughput, MFU, compile time, memory.
 
-Command (all sections, about 20 minutes on the 2-core development CPU):
+Command (all sections; about 20 minutes on a 2-core CPU):
 
   python -m bench.throughput
 
@@ -68,91 +68,16 @@ issue's targets (multiples of the original's float32 images/s). With
 `--original DIR` the original's model runs in this process on the same
 parameters (its logits are checked against ours first), its calls
 interleaved with ours: the only comparison that holds across machines.
-Without it the numbers of the project's shared/MACHINE.md stand in, measured on a
-machine sold under the same CPU name that was not the same CPU: the
-development machine of this repository's later runs is an AMD EPYC of
-family 25 (Zen 4), whose 512-bit FMAs run at half the rate of the Zen 5 of
-MACHINE.md (XLA float32 matmul peak 199 vs 407 GFLOP/s), and the original
-itself ran there at 4.0-4.6 (ViT-B/16 inference) and 4.7-4.9 (ViT-S/16
-training step) images/s in four runs of this script (see README, Speed)
-instead of MACHINE.md's 9.1 and 7.8. The host line
-prints the CPU family. Timings on the shared development machine move by
-10% and more: compare numbers of one run.
+Without it the reference speeds of the project's shared/MACHINE.md stand in
+(marked *), measured on another CPU of the same name, so compare numbers of
+one run. `--timm` adds timm's inference (torch and timm installed).
 
-What was tried on the development CPU (jax 0.10.2, 2 cores; ratios of
-interleaved calls):
-  * bfloat16 compute with float32 accumulation in every matmul
-    (`dtype=jnp.bfloat16`): ViT-B/16 inference 1.9x float32; ViT-S/16
-    training step 1.6x, but only after a custom gradient
-    (`vit_jax.mixed_precision`): with JAX's own gradient the backward dots
-    ran in float32 and the step was just 1.1x. Since commit 9000c09 the
-    first and last layers stay float32 (`models_vit.EDGE_DTYPE`, for
-    accuracy): ViT-S/16 training 1.61x the original instead of 1.64x, ViT-B/16
-    inference 2.21x instead of 2.16x (README, Speed; runs at 0d89088 and
-    54399a6; differences of that size are within run-to-run noise).
-  * bfloat16 activations between matmuls (dot outputs cast back to bf16):
-    training 15% slower than float32 activations; XLA:CPU's bf16
-    elementwise code is slower than its float32 code.
-  * bf16 parameters stored for inference (no per-call cast): a further +6%
-    for ViT-B/16 (not used here: the switch keeps float32 parameters).
-  * q/k/v fused into one [D, 3D] matmul: 10-20% slower than three matmuls
-    (microbenchmark), so not done.
-  * `attention_impl='xla'` (`jax.nn.dot_product_attention`): float32 the
-    same as the reference, bfloat16 ~10% slower (its probs @ v dot is
-    bf16-out, XLA:CPU's slow kind).
-  * `scan=True`: ~10% slower steps (float32), more in bfloat16; it is for
-    compile time and, with remat, memory.
-  * XLA flags (XLA_FLAGS): --xla_cpu_use_onednn=true,
-    --xla_cpu_prefer_vector_width=512, --xla_cpu_opt_preset=FAST_RUNTIME,
-    --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY:
-    within noise (+-5%); --xla_cpu_experimental_ynn_fusion_type=+eltwise,
-    +reduce: 5-15% slower; --xla_cpu_use_xnnpack=false breaks bf16 dots.
-    `--xla_cpu_use_thunk_runtime` is deprecated (always on) in jax 0.10.
-  * Profile (jax.profiler trace): with bfloat16 the matmuls are ~65% of a
-    ViT-S/16 training step; the rest is spread over LayerNorm, GELU, softmax,
-    casts and the transposes of the gradient matmuls. In float32 (Zen 4) the
-    dots are 80% of the step and run at ~70% of the 2048^3 peak on average;
-    the attention einsums at ~30%.
-  * `token_only_last_block=True` (the last block computes the class token's
-    row only): ViT-S/16 training step +7% (float32) / +13% (bfloat16),
-    ViT-B/16 inference +7%, logits equal to 5e-7.
-  * `attention_impl='heads_major'` (the attention einsums as batched
-    matmuls over leading (batch, head) axes): ViT-B/16 float32 inference
-    +10% (+17% with the token-only last block), but bfloat16 inference -11%
-    and training steps -3 to -5%; so an option, not a default.
-  * bfloat16 gradient dots without the explicit transposes of
-    `mixed_precision._batched_matmul` (jax 0.10.2 runs them): the input
-    gradient 4% slower over a ViT-S/16 step, the kernel gradient 2x slower
-    (microbenchmark).
-  * float32 -> bfloat16 casts by integer rounding of the bits (vectorised
-    round-to-nearest-even, the same bits as XLA's convert) for the matmul
-    operands and cotangents: 2-4x faster than XLA:CPU's convert alone, but
-    the ViT-S/16 bfloat16 training step got 0.89x as fast (7.14 vs 8.00
-    images/s, interleaved medians of 7; uncommitted experiment on 748ed31),
-    so not used. (A jax.profiler trace charges many small ops with the time
-    they wait for the other core; only whole-step timings decide.)
-  * Where the time goes (`--what ceiling`, commit 0b88f7c): the ViT-S/16
-    float32 step runs at 80-87% of the speed of its matmuls alone, bfloat16
-    at 61-70%; the attention einsums run at 20-45% of the matmul peak
-    whatever their layout (batched over (batch, head), leading or not; one
-    dot per image or per head; the sequence padded to 200, 208, 224 or 256
-    tokens: microbenchmarks, none faster).
-  * float32 gradient dots through `mixed_precision`'s custom gradient
-    (explicit transposes to plain [b, m, k] x [b, k, n] matmuls): ViT-S/16
-    float32 training step 0.96x (interleaved medians of 9; uncommitted
-    experiment on 0b88f7c), gradients unchanged.
-  * bfloat16 for the matmul operands only (cast inside the custom dot;
-    LayerNorm outputs, activations and every gradient outside the matmuls
-    in float32, so no bf16 round trips in the backward pass): ViT-S/16
-    training step within noise (6.83, 8.16, 7.75 vs 6.93, 7.73, 7.81
-    images/s, alternating runs), embedded-job accuracy seeds 0 and 1 0.976
-    and 0.976 vs 0.978 and 0.977 (`python -m vit_jax.main
-    --config.model.dtype=bfloat16 --config.seed=S`): not kept
-    (uncommitted experiment on 42db695).
-  * Two host devices (`--xla_force_host_platform_device_count=2`, pmap,
-    4 images each) instead of one device with both cores: ViT-S/16 training
-    step within noise in float32 (4.96 and 5.04 vs 4.80 and 5.02 images/s,
-    two runs each) and bfloat16 (7.30 and 7.45 vs 6.22 and 7.15).
+What it prints: the command, jax and jaxlib versions, the device and CPU
+line (`bench.machine`), XLA_FLAGS and the batch; then per section its
+measurements, and at the end the tables "Throughput (images/s), model FLOPs
+utilisation, compile, memory", "Matmul ceiling" (with `ceiling`), "Training
+only the head" (with `frozen`) and "Against the original and the targets".
+Measured results, with the commands that gave them: docs/speed.md.
 """
 
 import argparse
@@ -183,7 +108,7 @@ GiB = 2**30
 
 # the project's shared/MACHINE.md, "Reference speeds on this machine type": Google's
 # original vit_jax, jit, batch 8, 224x224, 1000 classes, median of 9, float32,
-# images/s on the 2-core AMD EPYC (Zen 5) development machine.
+# images/s on a 2-core AMD EPYC (Zen 5).
 ORIGINAL_IMAGES_PER_S = {
     ('infer', 'ViT-Ti_16'): 100.8,
     ('infer', 'ViT-S_16'): 35.6,
