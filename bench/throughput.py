@@ -100,9 +100,9 @@ import optax
 
 from bench import ceiling
 from bench import machine
-from vit_jax import layouts
+from vit_jax.params import layouts
 from vit_jax import models
-from vit_jax import trainable
+from vit_jax.training import trainable
 
 GiB = 2**30
 
@@ -461,7 +461,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
     update = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx,
                                   trainable_mask=mask)
     state = list(flax.jax_utils.replicate(
-        (params, tx.init(train.partition(params, mask)[0])),
+        (params, tx.init(trainable.partition(params, mask)[0])),
         devices=devices, axis_name=train.AXIS))
     t0 = time.perf_counter()
     compiled = update.lower(state[0], state[1], batch, rng).compile()
@@ -481,7 +481,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
     rows[trained] = dict(
         compile_s=compile_s, peak_bytes=peak_bytes(compiled), flops=flops,
         xla_flops=_per_image(xla_flops(compiled), args.batch),
-        trainable=trainable.count(train.partition(params, mask)[0]),
+        trainable=trainable.count(trainable.partition(params, mask)[0]),
         params=trainable.count(params))
   seconds = median_seconds_interleaved(steps, args.repeats)
   for trained, s in zip(FROZEN_STEPS, seconds):

@@ -31,7 +31,7 @@ def get_config():
   config.test_split = 'test'  # Evaluated every eval_every steps.
   # A folder with one <dir>/<class>/* tree (no train/test folders) is split
   # per class, seeded: val_fraction of each class is the 'test' split
-  # (None: 0.2 and seed 0; vit_jax/folder_split.py). The split, class names
+  # (None: 0.2 and seed 0; vit_jax/data/folder_split.py). The split, class names
   # and per-class counts are written to the workdir (split.json,
   # class_names.json, split_counts.png).
   config.val_fraction = placeholder(float)
@@ -55,7 +55,7 @@ def get_config():
   config.model = None  # ConfigDict of VisionTransformer fields.
 
   # 'classification' (supervised; the paper), or 'mpp': masked patch
-  # prediction pre-training (Sec. 4.6; vit_jax/masked_patch.py), fields below.
+  # prediction pre-training (Sec. 4.6; vit_jax/training/masked_patch.py), fields below.
   config.objective = 'classification'
   config.mpp = ml_collections.ConfigDict()
   config.mpp.mask_ratio = 0.5  # Patch embeddings chosen for prediction.
@@ -67,7 +67,7 @@ def get_config():
   config.pretrained_dir = placeholder(str)  # Folder of released .npz files, or None.
   config.pretrained_path = placeholder(str)  # A specific .npz; wins over pretrained_dir.
 
-  # ---- Optimization (vit_jax/optim.py, vit_jax/utils.py).
+  # ---- Optimization (vit_jax/training/optim.py, vit_jax/utils.py).
   config.optimizer = 'sgd_momentum'  # 'sgd_momentum', 'adam' or 'adamw'.
   config.total_steps = 10_000  # Updates in the run.
   config.base_lr = 0.03  # Peak learning rate.
@@ -84,13 +84,13 @@ def get_config():
   config.loss = 'softmax_xent'  # Or 'sigmoid_xent' (multi-label, 21k).
   # Targets (1 - s) * one_hot + s / classes (Szegedy et al., 2016); 0: off.
   config.label_smoothing = 0.0
-  # Parameters that train (vit_jax/trainable.py): None/'all', 'head',
+  # Parameters that train (vit_jax/training/trainable.py): None/'all', 'head',
   # 'head+pre_logits', or a regex on '/'-joined paths. The rest stay frozen
   # bit for bit and get neither gradients nor optimizer state.
   config.trainable = placeholder(str)
   # 'pmap' (the original: the train state replicated on every device) or
   # 'fsdp' (jit over a mesh, parameters and optimizer state sharded;
-  # vit_jax/sharding.py): for models too big for one device.
+  # vit_jax/training/sharding.py): for models too big for one device.
   config.parallelism = 'pmap'
   # 'fsdp' only: leaves with fewer elements stay replicated (2**16 float32 =
   # 256 KiB; every weight matrix of ViT-B and larger is above it).
@@ -101,7 +101,7 @@ def get_config():
   config.eval_every = 100  # Test accuracy, in steps (and at the end).
   config.checkpoint_every = 1_000  # Train-state checkpoint (and at the end).
   # Few-shot linear evaluation of the pre-logits features during training
-  # (the paper's metric; vit_jax/fewshot.py). every_steps 0: off. None
+  # (the paper's metric; vit_jax/evaluation/fewshot.py). every_steps 0: off. None
   # fields take the defaults of fewshot.make_fewshot_evaluator (the training
   # dataset, its 'train'/'test' splits, image size pp.crop).
   config.fewshot = ml_collections.ConfigDict()

@@ -28,7 +28,7 @@ The run prints the per-class train/val counts first (also written to the
 workdir: class_names.json, split.json, split_counts.png; for TFDS only the
 split sizes), which parameters train, the validation accuracy after every
 epoch, and `Final test accuracy ...` at the end. A folder's split is
-`vit_jax/folder_split.py`'s: per class, seeded by `split_seed` alone, so it is
+`vit_jax/data/folder_split.py`'s: per class, seeded by `split_seed` alone, so it is
 the same on every machine and run (`--config.split_seed=1` draws another;
 `--config.val_fraction=0.1` holds out less). TFDS has only a 'train' split
 here: 'train[:80%]' (2,936 images) trains, 'train[80%:]' (734) validates,

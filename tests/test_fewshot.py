@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import fewshot
+from vit_jax.evaluation import fewshot
 from vit_jax import models
+from vit_jax.params import trees
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'official')
 IMAGE = 32
@@ -166,12 +167,12 @@ def test_fewshot_evaluator_for_training(tiny):
 
 
 def _save(params, path):
-  np.savez(path, **checkpoint.flatten_tree(
+  np.savez(path, **trees.flatten_tree(
       jax.tree_util.tree_map(np.asarray, params)))
 
 
 def test_cli(tmp_path, capsys):
-  # In-process (`main` is what `python -m vit_jax.fewshot` runs); the
+  # In-process (`main` is what `python -m vit_jax.evaluation.fewshot` runs); the
   # subprocess route is covered by tests/test_predict.py's CLI test.
   model = models.get_model('testing')
   params = jax.jit(lambda: model.init(jax.random.key(0),

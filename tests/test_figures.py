@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import figures
+from vit_jax.paper import figures
 from vit_jax import models
 
 IMAGE = 32

@@ -29,12 +29,14 @@ import tensorflow_datasets as tfds
 from test_train import set_fields  # (also puts the repository root on path)
 from configs import flowers
 from vit_jax import checkpoint
-from vit_jax import dataset_report
-from vit_jax import folder_split
+from vit_jax.data import dataset_report
+from vit_jax.data import folder_split
 from vit_jax import models
 from vit_jax import train
-from vit_jax import train_checkpoint
-from vit_jax import trainable
+from vit_jax.params import trees
+from vit_jax.run_config import validation
+from vit_jax.training import train_checkpoint
+from vit_jax.training import trainable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +94,7 @@ def _write_pretrained(path):
 
 
 def _flat(tree):
-  return {k: np.asarray(v) for k, v in checkpoint.flatten_tree(tree).items()}
+  return {k: np.asarray(v) for k, v in trees.flatten_tree(tree).items()}
 
 
 def _expected_split(root, split_seed):
@@ -265,7 +267,7 @@ def test_preset_tfds_and_folder_fields(tmp_path):
   assert tfds_config.eval_every == 46
   assert tfds_config.trainable == 'head'
   assert tfds_config.pp.crop == 224
-  assert train.pretrained_path(tfds_config) == os.path.join('.',
+  assert validation.pretrained_path(tfds_config) == os.path.join('.',
                                                             'ViT-B_16.npz')
   assert tfds_config.model.hidden_size == 768
   assert tfds_config.model.representation_size == 768  # 21k's pre_logits

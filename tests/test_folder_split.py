@@ -1,4 +1,4 @@
-"""Tests of single-tree image folders: vit_jax.folder_split (the seeded,
+"""Tests of single-tree image folders: vit_jax.data.folder_split (the seeded,
 stratified train/val split) and its use by vit_jax.input_pipeline
 (get_dataset_info, get_datasets, write_dataset_report). All offline, on tiny
 PNG folders written here."""
@@ -19,8 +19,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import dataset_report
-from vit_jax import folder_split
+from vit_jax.data import dataset_report
+from vit_jax.data import folder_split
 from vit_jax import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def test_split_independent_of_location_and_python_hash():
   # ...and so do fresh interpreters with different str hash seeds.
   script = textwrap.dedent("""
       import json
-      from vit_jax import folder_split
+      from vit_jax.data import folder_split
       files = {c: [f'{c}/{i}.png' for i in range(30)] for c in 'pqrs'}
       print(json.dumps(folder_split.split_files(files, split_seed=5)))
   """)

@@ -20,8 +20,9 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from vit_jax import convert_hf
-from vit_jax import layouts
+from vit_jax.interop import convert_hf
+from vit_jax.interop import export_hf
+from vit_jax.params import layouts
 from vit_jax import models
 
 ATOL = 1e-4
@@ -259,7 +260,7 @@ def test_export_classifier_loads_in_hf_with_our_logits(tmp_path, numerics):
   config = our_config(**numerics)
   params = random_params(config, seed=3)
   labels = ['cat', 'dog', 'bird', 'fish', 'frog']
-  convert_hf.save_hf(params, config, tmp_path, id2label=labels)
+  export_hf.save_hf(params, config, tmp_path, id2label=labels)
 
   hf_model, info = transformers.ViTForImageClassification.from_pretrained(
       tmp_path, output_loading_info=True)
@@ -288,7 +289,7 @@ def test_export_backbone_as_vitmodel(tmp_path, representation_size):
   config = our_config(num_classes=None,
                       representation_size=representation_size)
   params = random_params(config, seed=4)
-  convert_hf.save_hf(params, config, tmp_path)
+  export_hf.save_hf(params, config, tmp_path)
   assert json.loads((tmp_path / 'config.json').read_text())[
       'architectures'] == ['ViTModel']
   # Without pre_logits there is no pooler to load: HF must not build one.
@@ -310,8 +311,8 @@ def test_export_backbone_as_vitmodel(tmp_path, representation_size):
 def test_export_scanned_params_equals_per_layer(tmp_path):
   config = our_config()
   params = random_params(config, seed=5)
-  convert_hf.save_hf(params, config, tmp_path / 'layers')
-  convert_hf.save_hf(layouts.layers_to_scan(params, 2), config,
+  export_hf.save_hf(params, config, tmp_path / 'layers')
+  export_hf.save_hf(layouts.layers_to_scan(params, 2), config,
                      tmp_path / 'scan')
   a, _ = convert_hf.load_hf(tmp_path / 'layers')
   b, _ = convert_hf.load_hf(tmp_path / 'scan')
@@ -320,7 +321,7 @@ def test_export_scanned_params_equals_per_layer(tmp_path):
 
 def test_exported_image_processor_is_our_minus1_1_scaling(tmp_path):
   config = our_config()
-  convert_hf.save_hf(random_params(config, seed=6), config, tmp_path)
+  export_hf.save_hf(random_params(config, seed=6), config, tmp_path)
   processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
   pixels = np.random.RandomState(0).randint(0, 256, (SIZE, SIZE, 3),
                                             dtype=np.uint8)
@@ -404,18 +405,5 @@ def test_save_errors(tmp_path, changes, kw, message):
   config = our_config()
   config.update(changes)
   with pytest.raises(ValueError, match=message):
-    convert_hf.save_hf(params, config, tmp_path, **kw)
+    export_hf.save_hf(params, config, tmp_path, **kw)
   assert not (tmp_path / 'config.json').exists()
-
-
-def test_moved_names_still_resolve_in_convert_hf():
-  """save_hf lives in export_hf, the layout helpers in torch_layouts."""
-  from vit_jax import export_hf  # pylint: disable=g-import-not-at-top
-  from vit_jax import torch_layouts  # pylint: disable=g-import-not-at-top
-  assert convert_hf.save_hf is export_hf.save_hf
-  for name in ('to_numpy', 'dense_from_linear', 'attention_from_linear',
-               'linear_from_dense', 'linear_from_attention', 'conv_from_torch',
-               'fold_input_normalization', 'read_weights_file'):
-    assert getattr(convert_hf, name) is getattr(torch_layouts, name), name
-  with pytest.raises(AttributeError, match='no attribute'):
-    convert_hf.not_a_name  # pylint: disable=pointless-statement

@@ -19,8 +19,9 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from vit_jax import convert_torchvision
+from vit_jax.interop import convert_torchvision
 from vit_jax import models
+from vit_jax.params import trees
 
 nn = torch.nn
 ATOL = 1e-4
@@ -175,8 +176,8 @@ def test_unfolded_params_take_imagenet_normalised_inputs():
   # Only the patch embedding differs from the folded load.
   folded, _ = convert_torchvision.load_torchvision(model.state_dict(),
                                                    num_heads=2)
-  for name, leaf in checkpoint.flatten_tree(params).items():
-    same = np.array_equal(leaf, checkpoint.flatten_tree(folded)[name])
+  for name, leaf in trees.flatten_tree(params).items():
+    same = np.array_equal(leaf, trees.flatten_tree(folded)[name])
     assert same == (not name.startswith('embedding/')), name
 
 

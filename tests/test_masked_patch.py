@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import masked_patch
+from vit_jax.params import trees
+from vit_jax.training import masked_patch
 from vit_jax import models
 
 IMAGE = 32
@@ -103,8 +104,8 @@ def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
   vit_params = jax.eval_shape(lambda: vit.init(
       jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)),
       train=False))['params']
-  mpp_flat = checkpoint.flatten_tree(params)
-  vit_flat = checkpoint.flatten_tree(vit_params)
+  mpp_flat = trees.flatten_tree(params)
+  vit_flat = trees.flatten_tree(vit_params)
   for key, value in vit_flat.items():
     assert key in mpp_flat, key
     assert mpp_flat[key].shape == value.shape, key
@@ -137,7 +138,7 @@ def test_parameter_tree_matches_other_vits(name, kw, size):
   mpp = masked_patch.get_model(name, **kw)
   vit = models.get_model(name, num_classes=None, **kw)
   images = jnp.zeros((1, size, size, 3))
-  shapes = lambda m: checkpoint.flatten_tree(jax.eval_shape(
+  shapes = lambda m: trees.flatten_tree(jax.eval_shape(
       lambda: m.init({'params': jax.random.key(0), 'mpp': jax.random.key(1)},
                      images, train=False))['params'])
   mpp_shapes, vit_shapes = shapes(mpp), shapes(vit)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import checkpoint_cli
+from vit_jax.interop import checkpoint_cli
 from vit_jax import models
 
 # The original's counts at 1000 classes, 224x224.

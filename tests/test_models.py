@@ -8,6 +8,7 @@ import pytest
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import models_vit
+from vit_jax.params import trees
 
 import official
 
@@ -104,7 +105,7 @@ def test_intermediates_match_the_original():
   _, state = official.model(name).apply(
       {'params': params}, official.inputs(), train=False,
       capture_intermediates=True, mutable=['intermediates'])
-  flat = checkpoint.flatten_tree(state['intermediates'])
+  flat = trees.flatten_tree(state['intermediates'])
   checked = 0
   for key in expected.files:
     ours = flat.get(f'{key}/__call__' if key != 'OUTPUT' else '__call__')

@@ -28,7 +28,8 @@ _COMMON = """
 import json, sys
 import flax.jax_utils, jax, numpy as np
 from test_train import tiny_config
-from vit_jax import input_pipeline, optim, train
+from vit_jax import input_pipeline, train
+from vit_jax.training import optim
 
 STEPS = %d
 config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
@@ -91,8 +92,9 @@ _FSDP_COMMON = """
 import json, os, shutil, sys
 import jax, numpy as np
 from test_train import tiny_config
-from vit_jax import checkpoint, input_pipeline, optim, sharding, train
-from vit_jax import train_checkpoint
+from vit_jax import checkpoint, input_pipeline, train
+from vit_jax.params import trees
+from vit_jax.training import optim, sharding, train_checkpoint
 
 STEPS = %d
 MIN_SHARD_SIZE = 256
@@ -103,7 +105,7 @@ config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
 
 def flat(params):
   return {k: np.asarray(v).tolist()
-          for k, v in checkpoint.flatten_tree(params).items()}
+          for k, v in trees.flatten_tree(params).items()}
 """ % STEPS
 
 _FSDP_WORKER = _FSDP_COMMON + """
@@ -139,7 +141,7 @@ model = train.create_model(config, 10)
 params = train.init_params(model, config)
 tx, _ = optim.make_optimizer(config)
 runner = train.make_runner(config, model, tx, None, params)
-sharded = [k for k, s in checkpoint.flatten_tree(
+sharded = [k for k, s in trees.flatten_tree(
     runner.param_shardings).items() if s.spec != jax.sharding.PartitionSpec()]
 params, opt_state = runner.place(
     params, jax.device_get(jax.jit(tx.init)(params)))

@@ -3,7 +3,7 @@
 Every name below is imported from the module the original has it in, and the
 main functions are called with the original's keyword arguments. Paths of
 checkpoints, the AugReg index and image folders go through
-`vit_jax.filesystem`: TensorFlow's in-memory `ram://` scheme stands in for
+`vit_jax.data.filesystem`: TensorFlow's in-memory `ram://` scheme stands in for
 gs:// (no network).
 """
 
@@ -19,18 +19,18 @@ import pytest
 import tensorflow as tf
 
 from vit_jax import checkpoint
-from vit_jax import filesystem
+from vit_jax.data import filesystem
 from vit_jax import inference_time
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import models_mixer
 from vit_jax import models_resnet
 from vit_jax import models_vit
-from vit_jax import original_configs
+from vit_jax.run_config import errors
+from vit_jax.run_config import original_configs
 from vit_jax import test_utils
 from vit_jax import train
 from vit_jax import utils
-from vit_jax import validation
 from vit_jax.configs import augreg
 from vit_jax.configs import common
 from vit_jax.configs import inference_time as inference_time_config
@@ -183,13 +183,13 @@ def test_a_field_of_neither_shape_is_named():
 def test_missing_pretrained_file_names_it_and_the_bucket(tmp_path):
   config = vit.get_config('b16,cifar10')
   config.pretrained_dir = str(tmp_path)
-  with pytest.raises(validation.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert str(tmp_path / 'ViT-B_16.npz') in str(e.value)
   assert 'gs://vit_models/imagenet21k' in str(e.value)
   config = mixer_base16_cifar10.get_config()
   config.pretrained_dir = str(tmp_path)
-  with pytest.raises(validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match='gs://mixer_models/imagenet21k'):
     original_configs.to_project_config(config)
 

@@ -13,10 +13,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import predict
+from vit_jax.evaluation import label_names
+from vit_jax.evaluation import trained_model
+from vit_jax.params import trees
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = 32
@@ -149,7 +151,7 @@ def test_zero_head_warns(model_and_params, tmp_path):
   zero = dict(params)
   zero['head'] = {'kernel': np.zeros((10, NUM_CLASSES), np.float32),
                   'bias': np.zeros(NUM_CLASSES, np.float32)}
-  assert predict.head_is_zero(zero) and not predict.head_is_zero(params)
+  assert trained_model.head_is_zero(zero) and not trained_model.head_is_zero(params)
   image = np.zeros((IMAGE, IMAGE, 3), np.uint8)
   with pytest.warns(UserWarning, match=r"head is all zeros \(an ImageNet-21k"):
     result = predict.classify(model, zero, [image], topk=2)[0]
@@ -160,25 +162,25 @@ def test_zero_head_warns(model_and_params, tmp_path):
 def test_labels(tmp_path):
   as_list = tmp_path / 'list.json'
   as_list.write_text(json.dumps(['cat', 'dog', 'bird']))
-  assert predict.load_labels(str(as_list), 3) == ['cat', 'dog', 'bird']
+  assert label_names.load_labels(str(as_list), 3) == ['cat', 'dog', 'bird']
   as_dict = tmp_path / 'class_names.json'
   as_dict.write_text(json.dumps({'0': 'cat', '2': 'bird', '1': 'dog'}))
-  assert predict.load_labels(str(as_dict), 3) == ['cat', 'dog', 'bird']
+  assert label_names.load_labels(str(as_dict), 3) == ['cat', 'dog', 'bird']
   # Found next to a checkpoint when no labels are given.
-  assert predict.load_labels(None, 3, checkpoint_dir=str(tmp_path)) == [
+  assert label_names.load_labels(None, 3, checkpoint_dir=str(tmp_path)) == [
       'cat', 'dog', 'bird']
-  assert predict.load_labels(None, 3) == ['0', '1', '2']
+  assert label_names.load_labels(None, 3) == ['0', '1', '2']
   with pytest.raises(ValueError, match='3 class names but the model head '
                                        'has 5 classes'):
-    predict.load_labels(str(as_list), 5)
-  imagenet = predict.load_labels('imagenet2012', 1000)
+    label_names.load_labels(str(as_list), 5)
+  imagenet = label_names.load_labels('imagenet2012', 1000)
   assert imagenet[0] == 'n01440764' and len(set(imagenet)) == 1000
-  assert predict.load_labels('embedded_mnist', 10) == [str(i)
+  assert label_names.load_labels('embedded_mnist', 10) == [str(i)
                                                        for i in range(10)]
 
 
 def _save_checkpoint(params, path):
-  np.savez(path, **checkpoint.flatten_tree(params))
+  np.savez(path, **trees.flatten_tree(params))
 
 
 def test_load_model_reads_sizes_from_the_checkpoint(tmp_path,
@@ -186,15 +188,15 @@ def test_load_model_reads_sizes_from_the_checkpoint(tmp_path,
   _, params = model_and_params
   ckpt = tmp_path / 'm.npz'
   _save_checkpoint(params, ckpt)
-  model, loaded = predict.load_model('testing', str(ckpt))
+  model, loaded = trained_model.load_model('testing', str(ckpt))
   assert model.num_classes == NUM_CLASSES
   assert model.representation_size is None
-  assert predict.image_size_from_params(model, loaded) == IMAGE
+  assert trained_model.image_size_from_params(model, loaded) == IMAGE
   with pytest.raises(ValueError, match='--num-classes=7.*6-way head'):
-    predict.load_model('testing', str(ckpt), num_classes=7)
+    trained_model.load_model('testing', str(ckpt), num_classes=7)
   with pytest.raises(ValueError, match='does not fit ViT-Ti_16'):
-    big, _ = predict.load_model('ViT-Ti_16', str(ckpt))
-    predict.check_params_fit(big, loaded, IMAGE)
+    big, _ = trained_model.load_model('ViT-Ti_16', str(ckpt))
+    trained_model.check_params_fit(big, loaded, IMAGE)
 
 
 def test_cli(tmp_path, model_and_params):

@@ -2,7 +2,7 @@
 
 The acceptance test of `python -m vit_jax.predict --workdir`: train the
 embedded-MNIST ViT of configs/embedded.py:digits briefly (150 steps, batch 128),
-export it to `.npz` with `vit_jax.export`, write the 1,000 held-out test
+export it to `.npz` with `vit_jax.interop.export`, write the 1,000 held-out test
 digits as PNG files in per-class folders, classify them all with the command
 line (`--topk 1`) and count: the CLI gets right exactly the images the
 training's own evaluation got right, so its accuracy equals the
@@ -26,7 +26,9 @@ if ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
-from vit_jax import export
+from vit_jax.evaluation import label_names
+from vit_jax.evaluation import trained_model
+from vit_jax.interop import export
 from vit_jax import input_pipeline
 from vit_jax import predict
 from vit_jax import train
@@ -88,7 +90,7 @@ def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
   files, _, labels = digits
   workdir, summary = run['workdir'], run['summary']
   # Training records the class indices (dataset_report.write_dataset_report).
-  with open(os.path.join(workdir, predict.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(workdir, label_names.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == [str(i) for i in range(10)]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   proc = subprocess.run(
@@ -119,7 +121,7 @@ def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
 
   # Image by image, the CLI's classes are the argmax of the model on the
   # inputs the training's evaluation fed it.
-  trained = predict.load_model_from_workdir(workdir, run['npz'])
+  trained = trained_model.load_model_from_workdir(workdir, run['npz'])
   logits = jax.jit(lambda p, x: trained.model.apply({'params': p}, x,
                                                     train=False))(
                                                         trained.params,
@@ -141,7 +143,7 @@ def test_png_digits_give_the_pipeline_inputs_bit_for_bit(digits,
 def test_python_api_workdir_and_config_file(run, digits):
   files, images, _ = digits
   workdir, config = run['workdir'], run['config']
-  trained = predict.load_model_from_workdir(workdir, run['npz'])
+  trained = trained_model.load_model_from_workdir(workdir, run['npz'])
   assert trained.image_size == (28, 28)
   assert trained.class_names == [str(i) for i in range(10)]
   expected = train.create_model(config, 10)
@@ -151,7 +153,7 @@ def test_python_api_workdir_and_config_file(run, digits):
   assert trained.config.model.transformer.num_layers == 4
 
   # The config file describes the same model; arrays classify like files.
-  from_file = predict.load_model_from_config_file(
+  from_file = trained_model.load_model_from_config_file(
       os.path.join(ROOT, 'configs', 'embedded.py') + ':digits', run['npz'])
   assert from_file.image_size == (28, 28)
   assert from_file.class_names == [str(i) for i in range(10)]  # its dataset
@@ -191,7 +193,7 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   rc, out = main('--workdir', str(other))
   assert rc == 2
   assert 'does not hold a model of the run in' in out.err
-  assert 'python -m vit_jax.export' in out.err
+  assert 'python -m vit_jax.interop.export' in out.err
   rc, out = main('--config', str(tmp_path / 'nope.py'))
   assert rc == 2 and 'no such file' in out.err
   # The workdir form works in process too, with the run's class names.
@@ -206,11 +208,3 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   with pytest.raises(SystemExit):
     predict.main(['--checkpoint', npz, str(image)])
   capsys.readouterr()
-
-
-def test_moved_loaders_still_resolve_in_predict():
-  from vit_jax import trained_model  # pylint: disable=g-import-not-at-top
-  for name in predict._MOVED:  # pylint: disable=protected-access
-    assert getattr(predict, name) is getattr(trained_model, name), name
-  with pytest.raises(AttributeError, match='no attribute'):
-    predict.not_a_name  # pylint: disable=pointless-statement

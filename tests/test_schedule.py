@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import optim
+from vit_jax.training import optim
 from vit_jax import train
 from vit_jax import utils
 

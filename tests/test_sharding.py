@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from vit_jax import sharding  # pylint: disable=wrong-import-position
+from vit_jax.training import sharding  # pylint: disable=wrong-import-position
 
 # Leaves of the tiny model with at least this many elements are sharded:
 # every kernel and the position embedding; biases, LayerNorm, cls stay whole.
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from vit_jax import models, optim, progress, sharding, train
+from vit_jax import models, train
+from vit_jax.training import objectives, optim, progress, sharding
 
 assert jax.device_count() == 8, jax.devices()
 MIN_SIZE = %(min_size)d
@@ -86,7 +87,7 @@ def run_single_device():
   def step(p, o, batch):
     def loss_fn(p):
       logits = model.apply({'params': p}, batch['image'], train=True)
-      return train.softmax_xent(logits=logits, labels=batch['label'])
+      return objectives.softmax_xent(logits=logits, labels=batch['label'])
     loss, grads = jax.value_and_grad(loss_fn)(p)
     updates, o = tx.update(grads, o, p)
     return jax.tree_util.tree_map(jnp.add, p, updates), o, loss

@@ -18,9 +18,10 @@ import pytest
 
 import official
 from vit_jax import checkpoint
-from vit_jax import layouts
+from vit_jax.params import layouts
 from vit_jax import models
 from vit_jax import models_vit
+from vit_jax.params import trees
 
 ATOL = 1e-5
 NUM_LAYERS = 2
@@ -138,7 +139,7 @@ def test_layouts_round_trip_nested_and_flat(params):
   back = layouts.scan_to_layers(scanned)
   assert_trees_close(back, params, atol=0)
 
-  flat = {k: np.asarray(v) for k, v in checkpoint.flatten_tree(params).items()}
+  flat = {k: np.asarray(v) for k, v in trees.flatten_tree(params).items()}
   flat_scanned = layouts.layers_to_scan(flat, NUM_LAYERS)
   assert ('Transformer/encoderblock/MultiHeadDotProductAttention_0/query/'
           'kernel') in flat_scanned
@@ -502,7 +503,7 @@ def test_bfloat16_matmuls_take_bf16_and_accumulate_in_float32(
 ])
 def test_mixed_precision_gradients_run_in_bf16_and_are_right(
     lhs_shape, rhs_shape, dimension_numbers):
-  from vit_jax import mixed_precision  # pylint: disable=g-import-not-at-top
+  from vit_jax.layers import mixed_precision  # pylint: disable=g-import-not-at-top
   k1, k2 = jax.random.split(jax.random.key(0))
   lhs = jax.random.normal(k1, lhs_shape)
   rhs = jax.random.normal(k2, rhs_shape)

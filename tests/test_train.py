@@ -26,11 +26,13 @@ if REPO not in sys.path:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
 from vit_jax import checkpoint  # pylint: disable=wrong-import-position
-from vit_jax import optim  # pylint: disable=wrong-import-position
+from vit_jax.training import optim  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
-from vit_jax import train_checkpoint  # pylint: disable=wrong-import-position
+from vit_jax.training import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
-from vit_jax import validation  # pylint: disable=wrong-import-position
+from vit_jax.params import trees  # pylint: disable=wrong-import-position
+from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
+from vit_jax.training import objectives  # pylint: disable=wrong-import-position
 
 
 # ------------------------------------------------------------------ helpers
@@ -225,7 +227,7 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   run_python(_DATA_PARALLEL_SCRIPT, devices=8, args=(out, '1'))
   eight = dict(np.load(out))
   losses, params = three_steps(devices=1, accum_steps=1)
-  flat = checkpoint.flatten_tree(params)
+  flat = trees.flatten_tree(params)
   # It trains: step 1 sees the zero head (log 10), later steps do not.
   assert abs(losses[0] - np.log(10)) < 1e-5
   assert losses[2] != losses[1] != losses[0]
@@ -240,7 +242,7 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   # 1 device, 4 accumulated micro-batches of 4 == 1 device x 16 at once.
   losses4, params4 = three_steps(devices=1, accum_steps=4)
   np.testing.assert_allclose(losses4, losses, rtol=1e-5)
-  for key, value in checkpoint.flatten_tree(params4).items():
+  for key, value in trees.flatten_tree(params4).items():
     np.testing.assert_allclose(value, flat[key], rtol=1e-5, atol=1e-6,
                                err_msg=key)
 
@@ -258,7 +260,7 @@ def test_accumulating_4_micro_batches_equals_full_batch():
       rng.normal(0, 0.1, params['head']['kernel'].shape), jnp.float32)
 
   def loss_fn(p, x, y):
-    return train.softmax_xent(
+    return objectives.softmax_xent(
         logits=model.apply({'params': p}, x, train=False), labels=y)
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
@@ -286,10 +288,10 @@ def test_sigmoid_xent_matches_formula():
   labels = jnp.array([[1.0, 0.0, 1.0]])
   p = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5])))
   want = -(np.log(p[0]) + np.log(1 - p[1]) + np.log(p[2]))
-  np.testing.assert_allclose(train.sigmoid_xent(logits=logits, labels=labels),
+  np.testing.assert_allclose(objectives.sigmoid_xent(logits=logits, labels=labels),
                              want, rtol=1e-6)
   np.testing.assert_allclose(
-      train.softmax_xent(logits=logits, labels=jnp.array([[0., 1., 0.]])),
+      objectives.softmax_xent(logits=logits, labels=jnp.array([[0., 1., 0.]])),
       -jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)
 
 
@@ -299,12 +301,12 @@ def test_label_smoothing_mixes_uniform_targets():
   logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, -0.3]], np.float32)
   labels = np.eye(3, dtype=np.float32)[[0, 2]]
   apply_fn = lambda variables, images, train, rngs: variables['params']
-  loss_fn = train.classification_loss_fn(apply_fn, 'softmax_xent', 0.1)
+  loss_fn = objectives.classification_loss_fn(apply_fn, 'softmax_xent', 0.1)
   got = loss_fn(jnp.asarray(logits), None, jnp.asarray(labels), None)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   targets = 0.9 * labels + 0.1 / 3
   np.testing.assert_allclose(got, -(targets * logp).sum(-1).mean(), rtol=1e-6)
-  plain = train.classification_loss_fn(apply_fn)(
+  plain = objectives.classification_loss_fn(apply_fn)(
       jnp.asarray(logits), None, jnp.asarray(labels), None)
   np.testing.assert_allclose(plain, -(labels * logp).sum(-1).mean(),
                              rtol=1e-6)
@@ -320,12 +322,12 @@ def test_confusion_counts_top1_without_padding():
   mask = (np.arange(n) < n - 5).astype(np.float32)
   apply_fn = lambda variables, images, train: images
   batch = {'image': logits, 'label': labels, 'mask': mask}
-  got = np.asarray(train.top1_confusion(apply_fn, k)(None, batch))
+  got = np.asarray(objectives.top1_confusion(apply_fn, k)(None, batch))
   want = np.zeros((k, k))
   for i in range(n - 5):
     want[labels[i].argmax(), logits[i].argmax()] += 1
   np.testing.assert_array_equal(got, want)
-  correct, count = train.top1_counts(apply_fn)(None, batch)
+  correct, count = objectives.top1_counts(apply_fn)(None, batch)
   assert np.trace(got) == float(correct) and got.sum() == float(count)
 
 
@@ -385,7 +387,7 @@ def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='other.npz'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   config = tiny_config(pretrained_path=str(tmp_path / 'missing.npz'))
-  with pytest.raises(validation.ConfigError, match='does not exist'):
+  with pytest.raises(errors.ConfigError, match='does not exist'):
     train.train_and_evaluate(config, str(tmp_path / 'work2'))
 
 

@@ -10,12 +10,11 @@ head.
 
 import numpy as np
 
-import test_train  # pylint: disable=unused-import  # repository root on path
 from configs import embedded_finetune
 from configs import embedded_pretrain
-from vit_jax import checkpoint
-from vit_jax import export
+from vit_jax.interop import export
 from vit_jax import train
+from vit_jax.params import npz
 
 PRETRAIN_STEPS = 200
 FINETUNE_STEPS = 40
@@ -37,7 +36,7 @@ def test_pretrain_export_finetune(tmp_path):
 
   path = str(tmp_path / 'ViT-mnist_7.npz')
   assert export.export(str(tmp_path / 'pre'), path) == PRETRAIN_STEPS
-  exported = checkpoint.read_npz(path)
+  exported = npz.read_npz(path)
   # Released (pre-linen) names, with the representation layer.
   assert ('Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/'
           'kernel') in exported

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from test_train import read_summary, run_python, tiny_config, tiny_model_config
-from vit_jax import checkpoint
-from vit_jax import export
-from vit_jax import fewshot
-from vit_jax import masked_patch
-from vit_jax import optim
+from vit_jax.interop import export
+from vit_jax.evaluation import fewshot
+from vit_jax.params import npz
+from vit_jax.training import masked_patch
+from vit_jax.training import objectives
+from vit_jax.training import optim
 from vit_jax import train
-from vit_jax import train_checkpoint
-from vit_jax import trainable
+from vit_jax.training import train_checkpoint
+from vit_jax.training import trainable
 
 
 def _flat(tree):
@@ -80,7 +81,7 @@ def test_head_only_update_equals_the_head_part_of_the_full_update():
   results = {}
   for spec in ('all', 'head'):
     mask = trainable.trainable_mask(params, spec)
-    train_part = train.partition(params, None if spec == 'all' else mask)[0]
+    train_part = trainable.partition(params, None if spec == 'all' else mask)[0]
     update_fn = train.make_update_fn(
         apply_fn=model.apply, accum_steps=1, tx=tx,
         trainable_mask=None if spec == 'all' else mask)
@@ -148,7 +149,8 @@ _FSDP_SCRIPT = """
 import json, sys
 import numpy as np
 from test_train import tiny_config
-from vit_jax import train, train_checkpoint
+from vit_jax import train
+from vit_jax.training import train_checkpoint
 out = {}
 # fsdp_min_shard_size: the tiny model's weight matrices are split too.
 fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}
@@ -220,7 +222,7 @@ def test_mpp_pretraining_lowers_the_loss_and_fine_tunes(tmp_path):
 
   path = str(tmp_path / 'mpp.npz')
   export.export(str(tmp_path / 'mpp'), path)
-  exported = checkpoint.read_npz(path)
+  exported = npz.read_npz(path)
   assert 'mask_token' in exported and 'mpp_head/kernel' in exported
   ft = tiny_config(total_steps=2, pretrained_path=path)
   ft.model.posemb = config.model.posemb
@@ -236,7 +238,7 @@ def test_mpp_pretraining_lowers_the_loss_and_fine_tunes(tmp_path):
 
 
 def test_mpp_labels_are_example_indices():
-  labels = train.mpp_labels((2, 3))
+  labels = objectives.mpp_labels((2, 3))
   assert labels.shape == (2, 3, 1) and labels.dtype == np.int32
   np.testing.assert_array_equal(labels[1, :, 0], [0, 1, 2])
 

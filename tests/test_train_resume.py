@@ -16,9 +16,9 @@ import numpy as np
 from test_train import REPO
 from test_train import read_summary
 from test_train import tiny_config
-from vit_jax import checkpoint
 from vit_jax import train
-from vit_jax import train_checkpoint
+from vit_jax.params import trees
+from vit_jax.training import train_checkpoint
 
 TOTAL_STEPS = 300
 # Shared by the in-process reference and the command-line runs.
@@ -104,8 +104,8 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   assert summary['start_step'] == killed_at
   assert read_summary(workdir)['step'] == TOTAL_STEPS
   got = train_checkpoint.TrainCheckpoints(workdir).restore_params()
-  flat_want = checkpoint.flatten_tree(want)
-  flat_got = checkpoint.flatten_tree(got)
+  flat_want = trees.flatten_tree(want)
+  flat_got = trees.flatten_tree(got)
   assert flat_got.keys() == flat_want.keys()
   for key, value in flat_want.items():
     np.testing.assert_allclose(flat_got[key], value, rtol=0, atol=1e-6,

@@ -1,11 +1,11 @@
-"""vit_jax.trees: nesting and flattening '/'-keyed parameter trees."""
+"""vit_jax.params.trees: nesting and flattening '/'-keyed parameter trees."""
 
 import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import layouts
-from vit_jax import trees
+from vit_jax.params import layouts
+from vit_jax.params import trees
 
 
 def test_recover_and_flatten_are_inverse():
@@ -31,9 +31,11 @@ def test_keys_that_do_not_nest_are_refused(keys, message):
 
 
 def test_checkpoint_and_layouts_share_them():
-  """The original's names in `checkpoint`; `layouts` nests the same way."""
-  assert checkpoint.recover_tree is trees.recover_tree
-  assert checkpoint.flatten_tree is trees.flatten_tree
+  """The original's `checkpoint.recover_tree` nests as `trees` and `layouts`
+  do."""
+  keys, values = ['a/b', 'a/c', 'd'], [1, 2, 3]
+  assert (checkpoint.recover_tree(keys, values) ==
+          trees.recover_tree(keys, values) == {'a': {'b': 1, 'c': 2}, 'd': 3})
   assert checkpoint.CheckpointError is trees.CheckpointError
   flat = {f'Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/bias':
           np.full(2, i, np.float32) for i in range(3)}

@@ -10,7 +10,7 @@ both, and a few neighbouring layouts, and returns linen names; `save` writes
 the released names by default, so that the original's loader and timm's
 `_load_weights` read our files.
 
-Layouts `load` recognises (`canonicalize`):
+Layouts `load` recognises (`vit_jax.params.npz.canonicalize`):
   * linen and released (pre-linen) names; GroupNorm scale/bias stored as
     (1, 1, 1, C) (released hybrids) are squeezed to (C,).
   * old flax optimizer checkpoints: every parameter under `opt/target/`
@@ -18,245 +18,52 @@ Layouts `load` recognises (`canonicalize`):
     `params/` root (a train state's parameters).
   * big_vision's ViT: `pos_embedding` (1, N, D) at the top level, and, when
     its model was scanned, `Transformer/encoderblock/...` with a leading layer
-    axis (split into `encoderblock_{i}`; see `vit_jax.layouts`). big_vision
-    adds the position embedding BEFORE it prepends the class token, so its
-    table has no class-token row; this model prepends first and then adds
-    (SPEC section 1). The same function in our order is a ZERO position
-    embedding row for the class token, which `load` inserts when the file has
-    a `cls` parameter.
+    axis (split into `encoderblock_{i}`; see `vit_jax.params.layouts`).
+    big_vision adds the position embedding BEFORE it prepends the class
+    token, so its table has no class-token row; this model prepends first and
+    then adds (SPEC section 1). The same function in our order is a ZERO
+    position embedding row for the class token, which `load` inserts when the
+    file has a `cls` parameter.
 
-Fitting a checkpoint to a model (`inspect_params`, `load_pretrained` for
-fine-tuning) lives in `vit_jax.pretrained`, position-embedding resampling
-(`interpolate_posembed`) in `vit_jax.posembed`; the original's names
-`checkpoint.inspect_params`, `checkpoint.load_pretrained` and
-`checkpoint.interpolate_posembed` still work (served by `__getattr__` below,
-since those modules build on this one).
-
-Command line (`python -m vit_jax.checkpoint --help`, in `checkpoint_cli`):
-  inspect FILE                    keys, shapes, dtypes, parameter count, and
-                                  the model the file holds (zoo name if any).
-  convert IN OUT [--names N]      rewrite under linen or released names.
-  resize IN OUT --image-size H W  resample the position embedding offline.
+The original's API (SPEC section 8) lives here: `load`, `recover_tree`,
+`inspect_params` (a checkpoint's tree against a model's), `load_pretrained`
+(a pre-trained checkpoint adapted to a fine-tuning model: a fresh head,
+`pre_logits` dropped when the new model has none, position embeddings
+resampled to the new grid), `interpolate_posembed`, `get_augreg_df`, `copy`.
+Beyond the original, `load_pretrained` handles every classifier, non-square
+grids, bicubic resampling and scanned models, and checks its result against
+the model, failing with a list of what differs. The command line
+(`python -m vit_jax.interop.checkpoint_cli`) inspects, converts and resizes
+files.
 """
 
 import collections
-import contextlib
-import io
 import os
-import re
-import sys
-import tempfile
-import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from absl import logging
 import numpy as np
 
-from vit_jax import filesystem
-from vit_jax import layouts
-from vit_jax import moved_names
-from vit_jax import trees
+from vit_jax.data import filesystem
+from vit_jax.params import layouts
+from vit_jax.params import npz
+from vit_jax.params import posembed
+from vit_jax.params import tree_diff
+from vit_jax.params import trees
+from vit_jax.params.trees import CheckpointError
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
 
-# Defined in `trees` (which `layouts` shares); these are the original's names.
-CheckpointError = trees.CheckpointError
-recover_tree = trees.recover_tree
-flatten_tree = trees.flatten_tree
 
-_NUMBERED = re.compile(r'^(.*)_(\d+)$')
-_ENCODER_BLOCK = re.compile(r'^encoderblock_\d+$')
-_GROUPNORM = re.compile(r'^gn(\d+|_root|_proj)$')
-
-# Inside an encoder block, linen names -> the names of the released files.
-# Pre-linen flax numbered a parent's submodules with one counter in creation
-# order: LayerNorm, attention, LayerNorm, MLP (SPEC section 4).
-_RELEASED_BLOCK_NAMES = {
-    'LayerNorm_0': 'LayerNorm_0',
-    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
-    'LayerNorm_1': 'LayerNorm_2',
-    'MlpBlock_0': 'MlpBlock_3',
-}
-NAME_SCHEMES = ('released', 'linen')
+def recover_tree(keys, values) -> Params:
+  """The nested dict of '/'-joined `keys` and their `values` (the original's
+  helper; `vit_jax.params.trees.flatten_tree` is its inverse)."""
+  return trees.recover_tree(keys, values)
 
 
 # ----------------------------------------------------------------------------
-# Trees.
-
-
-def shape_of(x) -> Optional[Tuple[int, ...]]:
-  """A leaf's shape (arrays, ShapeDtypeStructs, lists); None for a subtree."""
-  if isinstance(x, collections.abc.Mapping):
-    return None
-  return tuple(getattr(x, 'shape', np.shape(x)))
-
-
-def convert_pre_linen(params: Params) -> Params:
-  """Renumbers pre-linen module names (one counter per parent) per class.
-
-  Inside every dict, names `Class_i` are grouped by `Class` and renumbered
-  0, 1, ... in the order of their old index. Linen-named trees pass through
-  unchanged, since their numbers already count per class from 0.
-
-  Args:
-    params: nested dict.
-
-  Returns:
-    The same tree under linen names.
-  """
-  if not isinstance(params, dict):
-    return params
-  groups = collections.defaultdict(list)
-  out = {}
-  for name, value in params.items():
-    match = _NUMBERED.match(name)
-    if match:
-      groups[match.group(1)].append((int(match.group(2)), name, value))
-    else:
-      out[name] = convert_pre_linen(value)
-  for prefix, members in groups.items():
-    members.sort(key=lambda member: member[0])
-    for new_index, (_, _, value) in enumerate(members):
-      out[f'{prefix}_{new_index}'] = convert_pre_linen(value)
-  return out
-
-
-def convert_to_released(params: Params) -> Params:
-  """Linen names -> the released (pre-linen) names inside every encoder block.
-
-  The inverse of `convert_pre_linen` for this model family: only encoder
-  blocks have submodules of different classes under one parent.
-
-  Args:
-    params: nested dict under linen names.
-
-  Returns:
-    The tree under released names.
-  """
-  def walk(tree, in_block):
-    out = {}
-    for name, value in tree.items():
-      if in_block:
-        name = _RELEASED_BLOCK_NAMES.get(name, name)
-      if isinstance(value, dict):
-        value = walk(value, _ENCODER_BLOCK.match(name) is not None)
-      out[name] = value
-    return out
-  return walk(params, False)
-
-
-def _map_groupnorm(params: Params, fn) -> Params:
-  """Applies `fn` to the GroupNorm scale/bias leaves (gn1, gn_root, ...)."""
-  def walk(tree, parent):
-    out = {}
-    for k, v in tree.items():
-      if isinstance(v, dict):
-        out[k] = walk(v, k)
-      elif _GROUPNORM.match(parent) and k in ('scale', 'bias'):
-        out[k] = fn(v)
-      else:
-        out[k] = v
-    return out
-  return walk(params, '')
-
-
-def _fix_groupnorm(params: Params) -> Params:
-  """Squeezes GroupNorm scale/bias stored as (1, 1, 1, C) (released hybrids)."""
-  return _map_groupnorm(
-      params, lambda v: v.reshape(-1) if getattr(v, 'ndim', 0) == 4 else v)
-
-
-def _unsqueeze_groupnorm(params: Params) -> Params:
-  """GroupNorm scale/bias to (1, 1, 1, C), as pre-linen flax stored them."""
-  return _map_groupnorm(
-      params, lambda v: v.reshape(1, 1, 1, -1) if v.ndim == 1 else v)
-
-
-# ----------------------------------------------------------------------------
-# Reading.
-
-
-def read_npz(path: str) -> Dict[str, np.ndarray]:
-  """Reads every array of an `.npz` (a local path or a URI such as gs://...);
-  a clear CheckpointError for bad files."""
-  path = os.fspath(path)
-  if not filesystem.exists(path):
-    raise CheckpointError(f'Checkpoint {path!r} does not exist.')
-  if filesystem.isdir(path):
-    raise CheckpointError(
-        f'Checkpoint {path!r} is a directory, not an .npz file. (Orbax '
-        'training checkpoints are exported to .npz with checkpoint.save.)')
-  try:
-    with filesystem.open_file(path, 'rb') as f:
-      if not zipfile.is_zipfile(f):
-        raise CheckpointError(
-            f'Checkpoint {path!r} is not an .npz file (not a zip archive, or '
-            'a truncated one). Re-download or re-export it.')
-      f.seek(0)
-      with np.load(f, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-  except CheckpointError:
-    raise
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError,
-          TypeError, AttributeError, NotImplementedError) as e:
-    raise CheckpointError(
-        f'Cannot read checkpoint {path!r}: not a complete .npz file '
-        f'({type(e).__name__}: {e}). Re-download or re-export it.') from e
-  if not arrays:
-    raise CheckpointError(f'Checkpoint {path!r} holds no arrays.')
-  return arrays
-
-
-def _strip_wrappers(tree: Params) -> Params:
-  """The parameters inside `opt/target/` or a lone `params/` root."""
-  opt = tree.get('opt')
-  if isinstance(opt, dict) and isinstance(opt.get('target'), dict):
-    # Old flax `Optimizer`: {'target': params, 'state': ...}.
-    return opt['target']
-  if set(tree) == {'params'} and isinstance(tree['params'], dict):
-    return tree['params']
-  return tree
-
-
-def _convert_big_vision(tree: Params) -> Params:
-  """big_vision's top-level `pos_embedding` and scanned blocks to ours."""
-  if 'pos_embedding' in tree:
-    posemb = tree.pop('pos_embedding')
-    transformer = tree.setdefault('Transformer', {})
-    if 'posembed_input' in transformer:
-      raise CheckpointError('Found both big_vision\'s top-level pos_embedding '
-                            'and Transformer/posembed_input.')
-    if getattr(posemb, 'ndim', 0) != 3:
-      raise CheckpointError(f'pos_embedding has shape {shape_of(posemb)}; '
-                            'expected (1, tokens, hidden).')
-    if 'cls' in tree:
-      # big_vision adds the table before prepending the class token: in our
-      # order (prepend, then add) that is a zero row for the class token.
-      posemb = np.concatenate(
-          [np.zeros_like(posemb[:, :1]), np.asarray(posemb)], axis=1)
-    transformer['posembed_input'] = {'pos_embedding': posemb}
-  try:
-    return layouts.scan_to_layers(tree)
-  except ValueError as e:
-    raise CheckpointError(str(e)) from None
-
-
-def canonicalize(params: Mapping[str, Any]) -> Params:
-  """Any layout `load` knows (see the module docstring) -> linen-named tree.
-
-  Args:
-    params: nested dict of arrays (flax FrozenDicts are fine).
-
-  Returns:
-    A new nested dict of the same leaves (numpy stays numpy) under linen
-    names, per-layer blocks, squeezed GroupNorm parameters.
-  """
-  tree = trees.to_dict(params)
-  tree = _strip_wrappers(tree)
-  tree = _convert_big_vision(tree)
-  tree = convert_pre_linen(tree)
-  tree = _fix_groupnorm(tree)
-  return tree
+# Reading and writing.
 
 
 def load(path: str) -> Params:
@@ -276,32 +83,11 @@ def load(path: str) -> Params:
     CheckpointError: the file is missing, not an `.npz`, truncated, or its
       keys do not form a tree.
   """
-  flat = read_npz(path)
+  flat = npz.read_npz(path)
   try:
-    return canonicalize(recover_tree(list(flat), list(flat.values())))
+    return npz.canonicalize(recover_tree(list(flat), list(flat.values())))
   except CheckpointError as e:
     raise CheckpointError(f'Checkpoint {os.fspath(path)!r}: {e}') from None
-
-
-# ----------------------------------------------------------------------------
-# Writing.
-
-
-def _as_numpy(x, path: str) -> np.ndarray:
-  """A leaf as a numpy array (jax arrays are fetched from their device)."""
-  array = np.asarray(x)
-  if array.dtype.kind == 'V':
-    # bfloat16 and friends (ml_dtypes) have no .npy type; np.load would give
-    # raw bytes back. float32 holds them exactly.
-    try:
-      array = array.astype(np.float32)
-    except (TypeError, ValueError) as e:
-      raise CheckpointError(f'Parameter {path!r} has dtype {array.dtype}, '
-                            'which .npz cannot store.') from e
-  if array.dtype.kind == 'O':
-    raise CheckpointError(f'Parameter {path!r} is not a numeric array '
-                          f'({type(x).__name__}).')
-  return array
 
 
 def save(params: Mapping[str, Any], path: str, *,
@@ -332,62 +118,24 @@ def save(params: Mapping[str, Any], path: str, *,
       destination directory cannot be written.
     ValueError: unknown `names`.
   """
-  if names not in NAME_SCHEMES:
-    raise ValueError(f'Unknown names={names!r}; use one of {NAME_SCHEMES}.')
+  if names not in npz.NAME_SCHEMES:
+    raise ValueError(f'Unknown names={names!r}; use one of {npz.NAME_SCHEMES}.')
   if not isinstance(params, collections.abc.Mapping):
     raise CheckpointError(f'save expects a nested dict of parameters; got '
                           f'{type(params).__name__}.')
-  flat = {k: _as_numpy(v, k) for k, v in flatten_tree(params).items()}
+  flat = {k: npz.as_numpy(v, k)
+          for k, v in trees.flatten_tree(params).items()}
   if not flat:
     raise CheckpointError('No parameters to save (empty tree).')
-  tree = canonicalize(recover_tree(list(flat), list(flat.values())))
+  tree = npz.canonicalize(recover_tree(list(flat), list(flat.values())))
   if names == 'released':
-    tree = _unsqueeze_groupnorm(convert_to_released(tree))
-  _write_npz_atomically(os.fspath(path), flatten_tree(tree))
-
-
-def _write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
-  if filesystem.has_scheme(path):
-    # A remote file system: a temporary name beside it, then a rename. The
-    # archive is built in memory (zipfile needs to seek, which remote files
-    # may not).
-    tmp_path = f'{path}.tmp'
-    buffer = io.BytesIO()
-    np.savez(buffer, **flat)
-    try:
-      with filesystem.open_file(tmp_path, 'wb') as f:
-        f.write(buffer.getvalue())
-      filesystem.replace(tmp_path, path)
-    except BaseException:
-      with contextlib.suppress(Exception):
-        filesystem.remove(tmp_path)
-      raise
-    return
-  directory = os.path.dirname(os.path.abspath(path))
-  try:
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  except OSError as e:
-    raise CheckpointError(f'Cannot write {path!r}: {e}') from e
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    # mkstemp creates the file 0600; give it the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    os.replace(tmp_path, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp_path)
-    raise
+    tree = npz.unsqueeze_groupnorm(npz.convert_to_released(tree))
+  npz.write_npz_atomically(os.fspath(path), trees.flatten_tree(tree))
 
 
 def copy(src: str, dst: str, progress: bool = True,
          block_size: int = 10 * 1024 * 1024) -> None:
-  """Copies a file between any two paths of `vit_jax.filesystem` (e.g. a
+  """Copies a file between any two paths of `vit_jax.data.filesystem` (e.g. a
   released checkpoint from gs://vit_models/... to a local folder), in blocks
   of `block_size` bytes, with a progress bar if `progress`."""
   import tqdm  # pylint: disable=g-import-not-at-top
@@ -418,20 +166,290 @@ def get_augreg_df(directory: str = 'gs://vit_models/augreg'):
     return pd.read_csv(f)
 
 
-# The original's API (SPEC section 8) kept these in this module.
-_MOVED = {
-    'inspect_params': 'vit_jax.pretrained',
-    'load_pretrained': 'vit_jax.pretrained',
-    'interpolate_posembed': 'vit_jax.posembed',
-}
-__getattr__ = moved_names.resolver(__name__, _MOVED)
+
+# ----------------------------------------------------------------------------
+# Fitting a checkpoint to a model.
 
 
-def main(argv=None) -> int:
-  """`python -m vit_jax.checkpoint`; see `vit_jax.checkpoint_cli`."""
-  from vit_jax import checkpoint_cli  # pylint: disable=g-import-not-at-top
-  return checkpoint_cli.main(argv)
+def inspect_params(*, params: Params, expected: Params,
+                   fail_if_extra: bool = True, fail_if_missing: bool = True,
+                   fail_if_shape_mismatch: bool = False) -> Params:
+  """Checks that `params` has the keys of `expected` (the original's helper).
+
+  As in the original, empty sub-dicts of `expected` (layers without weights,
+  which serialisation drops) are added back to `params`, and the params are
+  returned. Unlike it, the error lists every differing key with its shape,
+  and shape mismatches of common keys too.
+
+  Args:
+    params: the checkpoint's tree; modified in place (empty dicts added).
+    expected: the model's tree (arrays or `jax.ShapeDtypeStruct`s).
+    fail_if_extra: raise if `params` has keys `expected` lacks.
+    fail_if_missing: raise if `expected` has keys `params` lacks.
+    fail_if_shape_mismatch: raise if a common key's shapes differ (the
+      original did not check shapes, hence False by default).
+
+  Returns:
+    `params`.
+
+  Raises:
+    CheckpointError (a ValueError, as the original raised): keys differ.
+  """
+  params_flat = trees.flatten_tree(params, keep_empty=True)
+  expected_flat = trees.flatten_tree(expected, keep_empty=True)
+  missing, unexpected, mismatched = tree_diff.differing_keys(
+      params_flat, expected_flat)
+  # Layers without weights: flax serialisation drops their empty dicts.
+  empty = [k for k in missing
+           if isinstance(expected_flat[k], collections.abc.Mapping)]
+  for key in empty:
+    node = params
+    for part in key.split('/'):
+      node = node.setdefault(part, {})
+    logging.info('inspect_params: recovered empty %s', key)
+  missing = [k for k in missing if k not in empty]
+  missing, unexpected, mismatched = tree_diff.differences_lines(
+      params_flat, expected_flat, missing, unexpected, mismatched)
+  if missing:
+    logging.info('inspect_params: missing keys: %s', missing)
+  if unexpected:
+    logging.info('inspect_params: unexpected keys: %s', unexpected)
+  if mismatched:
+    logging.info('inspect_params: shapes differ: %s', mismatched)
+  if ((fail_if_missing and missing) or (fail_if_extra and unexpected) or
+      (fail_if_shape_mismatch and mismatched)):
+    raise CheckpointError(
+        tree_diff.differences_message(missing, unexpected, mismatched))
+  return params
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+def load_pretrained(*, pretrained_path: Union[str, os.PathLike, Mapping],
+                    init_params: Mapping[str, Any], model_config,
+                    image_size: Union[None, int, Sequence[int]] = None,
+                    pretrained_image_size: Union[None, int,
+                                                 Sequence[int]] = None,
+                    method: str = 'bilinear_aligned') -> Params:
+  """Adapts a pre-trained checkpoint to a new model for fine-tuning.
+
+  As the original (SPEC section 5):
+    * the head is the fresh one of `init_params` (zeros), also when the class
+      counts match, so the adapted model's logits start at exactly 0 (plus
+      the head bias init);
+    * `pre_logits` is dropped when `model_config.representation_size` is
+      None, kept otherwise;
+    * the position embedding is resampled when its token count differs from
+      the model's; the class-token row is kept aside.
+  Beyond the original:
+    * every classifier: the class token exists for 'token' and
+      'token_unpooled', not for 'gap' and 'unpooled';
+    * non-square grids: the new grid is `image_size` (or
+      `model_config.image_size`) divided by the pixels per token (patch size
+      times the ResNet stem's stride); without one, the token count must be
+      a square. Likewise `pretrained_image_size` for a non-square checkpoint;
+    * `method='bicubic'`; 2-D learned embeddings (`posemb='learn_2d'`);
+      scanned models (`scan=True`);
+    * the result is checked against `init_params`: keys and shapes must
+      agree, else a CheckpointError lists the differences. Only top-level
+      modules the model lacks (pre-training heads such as masked patch
+      prediction's `mpp_head` and `mask_token`) are dropped silently, as the
+      original ignored them.
+
+  Args:
+    pretrained_path: the `.npz`, or an already loaded params dict.
+    init_params: the new model's freshly initialised params.
+    model_config: the model's ConfigDict (zoo config plus num_classes);
+      reads `classifier`, `representation_size`, `patches.size`, `resnet`,
+      and `image_size` / `posemb` if present.
+    image_size: (height, width) or an int: the fine-tuning resolution.
+    pretrained_image_size: the checkpoint's resolution (only needed when its
+      grid is not square).
+    method: resampling, see `interpolate_posembed`.
+
+  Returns:
+    A nested dict of numpy arrays with the structure of `init_params`.
+
+  Raises:
+    CheckpointError: the file is unreadable, or it does not fit the model;
+      the message names the source.
+  """
+  if isinstance(pretrained_path, collections.abc.Mapping):
+    source = 'The given params'
+    restored = npz.canonicalize(pretrained_path)
+  else:
+    source = f'Checkpoint {os.fspath(pretrained_path)!r}'
+    restored = load(pretrained_path)
+  try:
+    return _adapt(restored, trees.to_dict(init_params), model_config,
+                  image_size=image_size,
+                  pretrained_image_size=pretrained_image_size, method=method)
+  except CheckpointError as e:
+    raise CheckpointError(f'{source}: {e}') from None
+
+
+def _materialize(x, fill: float) -> np.ndarray:
+  """An array leaf as numpy; a shape-only leaf as an array full of `fill`."""
+  if hasattr(x, '__array__'):
+    return np.asarray(x)
+  return np.full(x.shape, fill, x.dtype)
+
+
+def _adapt(restored: Params, init_params: Params, model_config, *, image_size,
+           pretrained_image_size, method) -> Params:
+  """`load_pretrained` on a loaded tree."""
+  if isinstance(model_config, dict):
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    model_config = ml_collections.ConfigDict(model_config)
+  restored = inspect_params(params=restored, expected=init_params,
+                            fail_if_extra=False, fail_if_missing=False)
+  classifier = model_config.get('classifier', 'token')
+  has_class_token = classifier in ('token', 'token_unpooled')
+  if has_class_token != ('cls' in restored) and 'embedding' in restored:
+    raise CheckpointError(
+        f'The model (classifier={classifier!r}) '
+        f'{"has" if has_class_token else "has no"} class token, but the '
+        f'checkpoint {"has" if "cls" in restored else "has no"} `cls`. '
+        'Fine-tune with the classifier it was trained with ("token" or '
+        '"token_unpooled" with a class token, "gap" or "unpooled" without).')
+
+  # The original's fine-tuning head variants: representation_size=None drops
+  # pre_logits; otherwise it is kept and only the last layer is new.
+  if model_config.get('representation_size') is None:
+    restored.pop('pre_logits', None)
+  elif 'pre_logits' not in restored and 'pre_logits' in init_params:
+    raise CheckpointError(
+        f'The model has a representation layer (representation_size='
+        f'{model_config.representation_size}) but the checkpoint has no '
+        '`pre_logits`; set representation_size=None.')
+  if 'head' in init_params:
+    # init_params may be shapes only (jax.eval_shape); the fresh head is then
+    # built as the model initialises it: zero kernel, head_bias_init bias.
+    fill = {'kernel': 0., 'bias': model_config.get('head_bias_init', 0.)}
+    restored['head'] = {k: _materialize(v, fill.get(k, 0.))
+                        for k, v in init_params['head'].items()}
+  else:
+    restored.pop('head', None)
+
+  new_posemb = init_params.get('Transformer', {}).get('posembed_input')
+  old_posemb = restored.get('Transformer', {}).get('posembed_input')
+  if new_posemb and old_posemb:
+    image_size = (model_config.get('image_size') if image_size is None
+                  else image_size)
+    grid = old_grid = None
+    if image_size is not None:
+      grid = posembed.image_grid(image_size, pixels_per_token(model_config),
+                         'fine-tuning')
+    if pretrained_image_size is not None:
+      old_grid = posembed.image_grid(pretrained_image_size,
+                             pixels_per_token(model_config), 'pre-training')
+    restored['Transformer']['posembed_input'] = _resample_posembed_input(
+        old_posemb, new_posemb, has_class_token=has_class_token, grid=grid,
+        old_grid=old_grid, method=method)
+
+  # A scanned model (scan=True) holds its blocks stacked.
+  if 'encoderblock' in init_params.get('Transformer', {}):
+    try:
+      restored = layouts.layers_to_scan(
+          restored, trees.shape_of(next(iter(trees.flatten_tree(
+              init_params['Transformer']['encoderblock']).values())))[0])
+    except ValueError as e:
+      raise CheckpointError(str(e)) from None
+
+  restored_flat = trees.flatten_tree(restored, keep_empty=True)
+  init_flat = trees.flatten_tree(init_params, keep_empty=True)
+  missing, unexpected, mismatched = tree_diff.differing_keys(
+      restored_flat, init_flat)
+  # Top-level modules the model lacks are pre-training heads (e.g. masked
+  # patch prediction's `mpp_head`, `mask_token`): dropped, as the original
+  # ignored them. Anything else that differs is another model.
+  foreign = {k.split('/', 1)[0] for k in unexpected} - set(init_params)
+  inner_unexpected = [k for k in unexpected
+                      if k.split('/', 1)[0] not in foreign]
+  if missing or inner_unexpected or mismatched:
+    raise CheckpointError(tree_diff.differences_message(
+        *tree_diff.differences_lines(
+        restored_flat, init_flat, missing, unexpected, mismatched)))
+  for name in sorted(foreign):
+    logging.warning('load_pretrained: dropping %s, which the model lacks.',
+                    name)
+    del restored[name]
+  return restored
+
+
+def _resample_posembed_input(old: Params, new: Params, *, has_class_token,
+                             grid, old_grid, method) -> Params:
+  """Resamples the tables of `posembed_input` to the shapes of `new`."""
+  out = dict(old)
+  if 'pos_embedding' in old and 'pos_embedding' in new:
+    posemb, target = old['pos_embedding'], new['pos_embedding']
+    if (trees.shape_of(posemb) != trees.shape_of(target) or grid is not None or
+        old_grid is not None):
+      out['pos_embedding'] = interpolate_posembed(
+          posemb, trees.shape_of(target)[1], has_class_token, grid=grid,
+          old_grid=old_grid, method=method)
+      logging.info('load_pretrained: position embedding %s -> %s',
+                   trees.shape_of(posemb), out['pos_embedding'].shape)
+  # 2-D learned tables (posemb='learn_2d'): one row per grid row / column.
+  for name in ('pos_embedding_row', 'pos_embedding_col'):
+    if (name in old and name in new and
+        trees.shape_of(old[name]) != trees.shape_of(new[name])):
+      table = np.asarray(old[name])
+      size = trees.shape_of(new[name])[0]
+      out[name] = posembed.resample_grid(table[:, None, :], (size, 1),
+                                method)[:, 0, :]
+  return out
+
+
+
+def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,
+                         grid: Optional[Sequence[int]] = None,
+                         old_grid: Optional[Sequence[int]] = None,
+                         method: str = 'bilinear_aligned') -> np.ndarray:
+  """Resamples a (1, N, D) position embedding to `num_tokens` rows.
+
+  As the original (SPEC section 5): the class-token row (when the model has
+  one) is kept aside, the rest reshaped to its grid, resampled, and the
+  class row put back in front. With the default method the numbers are the
+  original's `scipy.ndimage.zoom(grid, (gh/gh_old, gw/gw_old, 1), order=1)`.
+
+  Args:
+    posemb: (1, N, D), class-token row first when `has_class_token`.
+    num_tokens: rows of the result, the class token included.
+    has_class_token: whether row 0 belongs to the class token.
+    grid: (rows, cols) of the new grid; default: square.
+    old_grid: (rows, cols) of `posemb`'s grid; default: square.
+    method: 'bilinear_aligned' (alias 'bilinear'; the original's) or
+      'bicubic' (`jax.image.resize(method='cubic')` numbers).
+
+  Returns:
+    numpy (1, num_tokens, D) in `posemb`'s dtype.
+
+  Raises:
+    CheckpointError: a grid that is not square when none is given, or one
+      that does not have the number of tokens.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise CheckpointError(f'The position embedding has shape {posemb.shape}; '
+                          'expected (1, tokens, hidden).')
+  num_prefix = int(bool(has_class_token))
+  posemb_tok, posemb_grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
+  gh_old, gw_old = posembed.grid_of(posemb_grid.shape[0], old_grid,
+                                    'checkpoint\'s')
+  gh, gw = posembed.grid_of(num_tokens - num_prefix, grid, 'new')
+  logging.info('interpolate_posembed: grid %dx%d -> %dx%d (%s)', gh_old, gw_old,
+               gh, gw, method)
+  grid_HxWxD = posemb_grid.reshape(gh_old, gw_old, -1)
+  resampled = posembed.resample_grid(grid_HxWxD, (gh, gw), method)
+  return np.concatenate([posemb_tok, resampled.reshape(1, gh * gw, -1)],
+                        axis=1)
+
+
+def pixels_per_token(model_config) -> Grid:
+  """Stem stride times patch size, from the model config."""
+  ph, pw = tuple(model_config.patches.size)
+  resnet = model_config.get('resnet')
+  stride = 1
+  if resnet is not None:
+    from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
+    stride = models_resnet.stem_stride(tuple(resnet.num_layers))
+  return stride * ph, stride * pw

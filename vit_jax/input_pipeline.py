@@ -14,12 +14,12 @@ skips the rest before any decoding. Augmentations use only stateless random
 ops seeded from `(config.seed, global example number)`, so the batch of step
 `s` is a pure function of `(config.seed, s, process index)`.
 
-Image folders come in two layouts (`vit_jax.folder_split.detect_layout`):
+Image folders come in two layouts (`vit_jax.data.folder_split.detect_layout`):
 `<dir>/train/<class>/*` + `<dir>/test/<class>/*`, or a single tree
 `<dir>/<class>/*` that is split per class into 'train' and 'val' by
-`config.val_fraction` and `config.split_seed` (see `vit_jax.folder_split` for
+`config.val_fraction` and `config.split_seed` (see `vit_jax.data.folder_split` for
 the exact, machine-independent recipe). Both are listed, validated, decoded
-and sharded by the same code. `vit_jax.dataset_report` records the class
+and sharded by the same code. `vit_jax.data.dataset_report` records the class
 indices (`class_names.json`) and the split (`split.json`, a bar chart).
 """
 
@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import filesystem
-from vit_jax import folder_split
-from vit_jax import validation
+from vit_jax.data import filesystem
+from vit_jax.data import folder_split
+from vit_jax.run_config import errors
 
 EMBEDDED_MNIST = 'embedded_mnist'
 # The embedded split never changes: it is drawn once with this legacy numpy
@@ -372,15 +372,15 @@ def _tfds_builder(name, data_dir=None, manual_dir=None, download=False):
       f'To fix: {fix}.')
 
 
-def _unknown_tfds_name(name) -> validation.ConfigError:
+def _unknown_tfds_name(name) -> errors.ConfigError:
   """The error for a dataset TFDS does not know: a few close names, never
   the whole catalogue (which TFDS's own message lists)."""
   base = name.split(':')[0].split('/')[0]
-  close = validation.closest(
+  close = errors.closest(
       base, tfds.list_builders(with_community_datasets=False))
   hint = (f'Close TFDS names: {", ".join(close)}.' if close else
           'No TFDS dataset has a close name.')
-  return validation.ConfigError(
+  return errors.ConfigError(
       f'Unknown dataset {name!r}: not {EMBEDDED_MNIST!r}, not an existing '
       f'folder, and not a TFDS dataset. {hint} Set --config.dataset to a TFDS '
       'name (https://www.tensorflow.org/datasets/catalog), an image folder, '
@@ -418,7 +418,7 @@ def get_dataset_info(dataset: str, split: str, *, data_dir=None,
 
   Args:
     dataset: `'embedded_mnist'`, a TFDS name or an image folder path (either
-      layout, see `vit_jax.folder_split`).
+      layout, see `vit_jax.data.folder_split`).
     split: split name, e.g. `'train'`, `'test'` or (TFDS) `'train[:98%]'`;
       a single-tree folder has `'train'` and `'val'` (alias `'test'`).
     data_dir: TFDS data directory (ignored for the other sources).

@@ -10,7 +10,7 @@ the config, metrics, library messages, the C++ libraries' stderr) goes to
 `<workdir>/log.txt`, with the full traceback of any error; `--verbose` also
 shows the library logging on the console. An error is one paragraph ending
 with the `--traceback` hint; the exit status is 2 for a config value, key or
-path or a multi-process flag (vit_jax/validation.py), 1 for other errors, 3
+path or a multi-process flag (vit_jax/run_config/validation.py), 1 for other errors, 3
 when a process of a multi-process run was lost. docs/troubleshooting.md lists
 them.
 
@@ -19,7 +19,7 @@ Several hosts: start one process per host with the same command plus
 the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID). Each process feeds its own share of the global batch;
 process 0 writes the logs and summary.json. Each process runs its training in
-a worker child (vit_jax/supervisor.py): when a process dies or cannot be
+a worker child (vit_jax/training/supervisor.py): when a process dies or cannot be
 reached, the others stop with one paragraph naming it, the newest complete
 checkpoint and the command to resume.
 """
@@ -44,9 +44,11 @@ if _REPO_ROOT not in sys.path:
 
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-from vit_jax import filesystem  # pylint: disable=g-import-not-at-top
-from vit_jax import supervisor  # pylint: disable=g-import-not-at-top
-from vit_jax import validation  # pylint: disable=g-import-not-at-top
+from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
+from vit_jax.training import supervisor  # pylint: disable=g-import-not-at-top
+from vit_jax.run_config import validation  # pylint: disable=g-import-not-at-top
+
+from vit_jax.run_config import errors
 
 # In the workdir: the absl log (INFO and up) and the C++ libraries' stderr.
 LOG_FILE = 'log.txt'
@@ -90,7 +92,7 @@ def _exit_on_bad_config_file_or_keys(argv, default):
   path = spec.split(':', 1)[0]
   try:
     if not os.path.exists(path):
-      raise validation.ConfigError(
+      raise errors.ConfigError(
           f'Config file {path} does not exist. The configs are the .py files '
           'of configs/ (and vit_jax/configs/ for the original vit_jax\'s), '
           'e.g. --config=configs/embedded.py.')
@@ -100,11 +102,11 @@ def _exit_on_bad_config_file_or_keys(argv, default):
           spec)
     except Exception as e:  # pylint: disable=broad-except
       # ml_collections puts the config file's traceback in the message.
-      raise validation.ConfigError(
+      raise errors.ConfigError(
           f'Config file {spec} failed to load: '
           f'{str(e).strip().splitlines()[-1]}') from e
     validation.check_override_keys(config, keys, path)
-  except validation.ConfigError as e:
+  except errors.ConfigError as e:
     if '--traceback' in argv:
       raise
     print(f'Error: {e}\n{_TRACEBACK_HINT}', file=sys.stderr)
@@ -155,12 +157,12 @@ def _distributed_args():
   if not any(given):
     return None
   if not all(given):
-    raise validation.ConfigError(
+    raise errors.ConfigError(
         'A multi-process run needs all of --coordinator_address, '
         '--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, '
         'JAX_NUM_PROCESSES, JAX_PROCESS_ID).')
   if num < 1 or not 0 <= pid < num:
-    raise validation.ConfigError(
+    raise errors.ConfigError(
         f'--process_id={pid} with --num_processes={num}: the ids of a '
         f'{num}-process run are 0..{num - 1}, one per process.')
   return dict(coordinator_address=address, num_processes=num, process_id=pid)
@@ -170,7 +172,7 @@ def _user_errors():
   """Exceptions that carry a message meant for the user: no traceback."""
   # Imported here: JAX must not initialise before jax.distributed.initialize.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
   return (ValueError, FileNotFoundError, NotADirectoryError,
           FloatingPointError, checkpoint.CheckpointError,
           train_checkpoint.NonFiniteStateError)
@@ -251,7 +253,7 @@ def _report(error, log_path, distributed):
         num_processes=distributed['num_processes'],
         workdir=_WORKDIR.value, argv=_ARGV), file=sys.stderr)
     supervisor.exit_now(supervisor.LOST_PEER_EXIT)
-  if isinstance(error, validation.ConfigError):
+  if isinstance(error, errors.ConfigError):
     code, text = 2, str(error)
   elif isinstance(error, _user_errors()):
     code, text = 1, str(error)
@@ -273,13 +275,13 @@ def _train(distributed):
         **distributed, initialization_timeout=_INIT_TIMEOUT.value,
         heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     if jax.process_count() != distributed['num_processes']:
-      raise validation.ConfigError(
+      raise errors.ConfigError(
           f'This process was started with --num_processes='
           f'{distributed["num_processes"]}, but the run it joined at '
           f'{distributed["coordinator_address"]} has {jax.process_count()} '
           'processes (process 0 decides). Give every process the same '
           '--num_processes.')
-  from vit_jax import original_configs  # pylint: disable=g-import-not-at-top
+  from vit_jax.run_config import original_configs  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # Before TensorFlow loads (vit_jax.train): a bad value fails in seconds.
   # (train_and_evaluate translates the original vit_jax's configs too.)

@@ -31,7 +31,7 @@ Beyond the original:
       bfloat16's accuracy loss (README, Results). (On XLA:CPU
       bfloat16 elementwise work is slower than float32, so bfloat16
       activations between the matmuls measured 15% slower.)
-    - `attention_impl` (functions in `vit_jax.attention`): 'reference'
+    - `attention_impl` (functions in `vit_jax.layers.attention`): 'reference'
       (flax's einsum attention, the original), 'xla' or 'cudnn'
       (`jax.nn.dot_product_attention`; 'cudnn' is the fused
       flash-attention kernel of NVIDIA GPUs and needs bfloat16/float16).
@@ -48,7 +48,7 @@ Beyond the original:
     - `scan=True`: the encoder blocks are one `nn.scan` body, so compile time
       does not grow with depth. Parameters then live under
       `Transformer/encoderblock/...` with a leading layer axis; see
-      `vit_jax.layouts` to convert from and to the per-layer layout of the
+      `vit_jax.params.layouts` to convert from and to the per-layer layout of the
       checkpoints.
     - `remat_policy`: rematerialisation of each encoder block in the backward
       pass ('none', 'full', 'save_dots', 'save_all_dots'; see REMAT_POLICIES),
@@ -66,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import attention
-from vit_jax import mixed_precision
+from vit_jax.layers import attention
+from vit_jax.layers import mixed_precision
 from vit_jax import models_resnet
 
 Array = Any

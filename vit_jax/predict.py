@@ -10,7 +10,8 @@ such as configs/embedded.py's), from its workdir or its config file:
 
   python -m vit_jax.main --workdir=/tmp/vit_mnist
   python -m vit_jax.predict --workdir=/tmp/vit_mnist digit.png [--topk 1]
-  python -m vit_jax.export --workdir=/tmp/vit_mnist --output=/tmp/mnist.npz
+  python -m vit_jax.interop.export --workdir=/tmp/vit_mnist \
+      --output=/tmp/mnist.npz
   python -m vit_jax.predict --config configs/embedded.py \
       --checkpoint /tmp/mnist.npz digit.png
 
@@ -21,10 +22,10 @@ and the class names from `W/class_names.json` (when training wrote it), else
 from the config's dataset. `--config FILE.py[:ARG]` reads the same fields
 from the training config file (as `python -m vit_jax.main --config` does).
 The parameters come from `--checkpoint`, an `.npz` file (e.g. what
-`vit_jax.export` writes); with `--workdir` and no `--checkpoint`, from the
-newest train-state checkpoint in `W/checkpoints`. In Python:
-`load_model_from_workdir` and `load_model_from_config_file` (module
-`vit_jax.trained_model`; the names also resolve here), then `classify`.
+`vit_jax.interop.export` writes); with `--workdir` and no `--checkpoint`, from
+the newest train-state checkpoint in `W/checkpoints`. In Python:
+`load_model`, `load_model_from_workdir` and `load_model_from_config_file` of
+`vit_jax.evaluation.trained_model`, then `classify`.
 
 Images are preprocessed exactly as the input pipeline's evaluation
 (`vit_jax.input_pipeline`, and the original vit_jax): decoded to uint8 RGB with
@@ -63,8 +64,6 @@ config (the message on stderr starts with `error:`), else 0.
 """
 
 import argparse
-import json
-import math
 import os
 import sys
 import warnings
@@ -78,20 +77,16 @@ if __name__ == '__main__':
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from vit_jax import models  # pylint: disable=g-import-not-at-top
-from vit_jax import moved_names  # pylint: disable=g-import-not-at-top
+from vit_jax.evaluation import label_names  # pylint: disable=g-import-not-at-top
+from vit_jax.evaluation import trained_model  # pylint: disable=g-import-not-at-top
+
 
 Params = Any
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
 
-IMAGENET2012 = 'imagenet2012'
-CLASS_NAMES_FILE = 'class_names.json'
-SUMMARY_FILE = 'summary.json'  # vit_jax.train writes it when a run finishes
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_PREFIX = 'Skipping'
 ZERO_HEAD_MESSAGE = (
     "this checkpoint's head is all zeros (an ImageNet-21k pre-training "
@@ -163,14 +158,6 @@ def _as_uint8_rgb(image, name: str = 'image') -> np.ndarray:
   return image[..., :3]
 
 
-def as_hw(image_size) -> Tuple[int, int]:
-  """An image size (side, or (height, width)) as (height, width)."""
-  if isinstance(image_size, (int, np.integer)):
-    return int(image_size), int(image_size)
-  height, width = image_size
-  return int(height), int(width)
-
-
 def preprocess(image_uint8: np.ndarray, image_size) -> np.ndarray:
   """The evaluation preprocessing: plain bilinear resize, then [-1, 1].
 
@@ -182,208 +169,11 @@ def preprocess(image_uint8: np.ndarray, image_size) -> np.ndarray:
     float32 [image_size, image_size, 3] in [-1, 1].
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  size = as_hw(image_size)
+  size = trained_model.as_hw(image_size)
   # The same ops as input_pipeline's eval path (and the original's), in the
   # same order: x / 127.5 - 1 differs from it in the last bit for some x.
   image = tf.image.resize(tf.convert_to_tensor(image_uint8), size)
   return ((tf.cast(image, tf.float32) - 127.5) / 127.5).numpy()
-
-
-# ------------------------------------------------------------- checkpoints
-
-
-def image_size_from_params(model, params: Params) -> Optional[int]:
-  """The image size a learned 1-D position embedding was trained for.
-
-  Args:
-    model: the VisionTransformer (for its stride and class token).
-    params: its parameters.
-
-  Returns:
-    grid side x pixels per token, or None when the table is missing or its
-    grid is not square.
-  """
-  pe = (params.get('Transformer', {}).get('posembed_input', {})
-        .get('pos_embedding'))
-  if pe is None:
-    return None
-  n = pe.shape[1] - int(model.has_class_token)
-  g = math.isqrt(max(n, 0))
-  if g * g != n or model.stride[0] != model.stride[1]:
-    return None
-  return g * model.stride[0]
-
-
-def head_is_zero(params: Params) -> bool:
-  """True if the checkpoint has a head whose kernel and bias are all zeros."""
-  head = params.get('head')
-  if not head:
-    return False
-  return all(not np.any(np.asarray(v)) for v in head.values())
-
-
-def check_params_fit(model, params: Params, image_size,
-                     fix: Optional[str] = None):
-  """Raises a ValueError listing parameters whose shapes do not fit `model`.
-
-  Args:
-    model: the module.
-    params: parameters from a checkpoint.
-    image_size: the input size the model is run at (side or (height, width)).
-    fix: the advice ending the message (default: pass the right --model).
-  """
-  height, width = as_hw(image_size)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, height, width, 3)),
-                         train=False))['params']
-  expected = checkpoint.flatten_tree(shapes)
-  got = checkpoint.flatten_tree(params)
-  missing = sorted(set(expected) - set(got))
-  wrong = [f'{k}: checkpoint {tuple(got[k].shape)} vs model '
-           f'{tuple(expected[k].shape)}'
-           for k in sorted(set(expected) & set(got))
-           if tuple(got[k].shape) != tuple(expected[k].shape)
-           and not k.endswith('pos_embedding')]  # checked by the model itself
-  if missing or wrong:
-    name = model.model_name or 'the model'
-    lines = ([f'  missing in checkpoint: {k}' for k in missing[:8]] +
-             [f'  shape mismatch {w}' for w in wrong[:8]])
-    raise ValueError(
-        f'The checkpoint does not fit {name}:\n' + '\n'.join(lines) + '\n' +
-        (fix or 'Pass the --model the checkpoint was trained with (e.g. the '
-         'stem of an official file name: ViT-B_16.npz -> ViT-B_16).'))
-
-
-def load_model(model_name: str, checkpoint_path: str, *,
-               num_classes: Optional[int] = None, **kw) -> Tuple[Any, Params]:
-  """Loads a checkpoint and builds the zoo model that fits it.
-
-  Args:
-    model_name: zoo name, e.g. 'ViT-B_16'.
-    checkpoint_path: an `.npz` checkpoint (released or written by training).
-    num_classes: if given, must equal the checkpoint's head size.
-    **kw: further `VisionTransformer` fields.
-
-  Returns:
-    (model, params); `num_classes` and `representation_size` come from the
-    checkpoint's `head` and `pre_logits` shapes.
-  """
-  params = checkpoint.load(checkpoint_path)
-  head_classes, representation_size = head_sizes(params, checkpoint_path,
-                                                  num_classes)
-  kw.setdefault('representation_size', representation_size)
-  model = models.get_model(model_name, num_classes=head_classes, **kw)
-  return model, params
-
-
-def head_sizes(params: Params, checkpoint_path: str,
-                num_classes: Optional[int]) -> Tuple[Optional[int],
-                                                     Optional[int]]:
-  """(head classes, pre_logits size) of a checkpoint; None where it has none."""
-  head = params.get('head', {}).get('kernel')
-  head_classes = None if head is None else int(head.shape[-1])
-  if num_classes is not None and head_classes != num_classes:
-    raise ValueError(
-        f'--num-classes={num_classes}, but the checkpoint {checkpoint_path} '
-        + (f'has a {head_classes}-way head.' if head_classes else
-           'has no head.') +
-        ' Drop --num-classes or use a matching checkpoint.')
-  rep = params.get('pre_logits', {}).get('kernel')
-  return head_classes, None if rep is None else int(rep.shape[-1])
-
-
-# ------------------------------------------------------------------ labels
-
-
-def _tfds_label_names(name: str) -> Optional[List[str]]:
-  """Label names TFDS knows without the data being prepared (may be None)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    label = tfds.builder(name).info.features['label']
-    return list(label.names)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def load_labels(spec: Union[None, str, Sequence[str]], num_classes: int, *,
-                checkpoint_dir: Optional[str] = None,
-                data_dir: Optional[str] = None) -> List[str]:
-  """Resolves class names for a `num_classes`-way head.
-
-  Args:
-    spec: None, a list of names, 'imagenet2012', a `.json` file (a list, or
-      `{index: name}`), a `.txt` file (one name per line) or a dataset name
-      understood by `vit_jax.input_pipeline`.
-    num_classes: the head size; the names must cover it.
-    checkpoint_dir: where to look for `class_names.json` when `spec` is None.
-    data_dir: TFDS data directory for dataset names.
-
-  Returns:
-    `num_classes` names.
-  """
-  if spec is None:
-    candidate = os.path.join(checkpoint_dir or '', CLASS_NAMES_FILE)
-    if checkpoint_dir is not None and os.path.isfile(candidate):
-      spec = candidate
-    elif num_classes == 1000:
-      spec = IMAGENET2012
-    else:
-      return [str(i) for i in range(num_classes)]
-
-  if not isinstance(spec, str):
-    names = [str(n) for n in spec]
-    source = 'the label list'
-  elif spec.endswith('.json'):
-    source = spec
-    try:
-      with open(spec) as f:
-        data = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'Cannot read labels file {spec}: {e}.') from e
-    if isinstance(data, dict):
-      try:
-        by_index = {int(k): str(v) for k, v in data.items()}
-      except ValueError as e:
-        raise ValueError(f'{spec}: a labels dict must map class indices to '
-                         f'names, e.g. {{"0": "cat"}}; got keys like '
-                         f'{list(data)[:3]}.') from e
-      names = [by_index.get(i, str(i)) for i in range(num_classes)]
-      extra = sorted(i for i in by_index if not 0 <= i < num_classes)
-      if extra:
-        raise ValueError(f'{spec} names classes {extra[:5]} but the head has '
-                         f'{num_classes} classes.')
-    elif isinstance(data, list):
-      names = [str(n) for n in data]
-    else:
-      raise ValueError(f'{spec}: expected a JSON list of names or an '
-                       '{index: name} object.')
-  elif spec.endswith('.txt'):
-    source = spec
-    try:
-      with open(spec) as f:
-        names = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-      raise ValueError(f'Cannot read labels file {spec}: {e}.') from e
-  else:
-    source = f'dataset {spec!r}'
-    names = None
-    try:
-      from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-      names = list(input_pipeline.get_dataset_info(
-          spec, 'train', data_dir=data_dir)['int2str'])
-    except Exception:  # pylint: disable=broad-except
-      names = _tfds_label_names(spec)  # known without prepared data
-    if names is None:
-      raise ValueError(
-          f'--labels {spec!r}: not a .json/.txt file, and no dataset of that '
-          'name could be read. Use imagenet2012, a class_names.json written '
-          'by training, or a prepared dataset name.')
-  if len(names) != num_classes:
-    raise ValueError(f'{source} has {len(names)} class names but the model '
-                     f'head has {num_classes} classes. Pass the labels of the '
-                     'dataset this checkpoint was trained on.')
-  return names
 
 
 # ---------------------------------------------------------------- classify
@@ -433,16 +223,16 @@ def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
   if not model.num_classes or 'head' not in params:
     raise ValueError('classify needs a model with a head (num_classes > 0) '
                      'and a checkpoint that has one; for features use '
-                     'vit_jax.fewshot.extract_features.')
+                     'vit_jax.evaluation.fewshot.extract_features.')
   num_classes = int(params['head']['kernel'].shape[-1])
-  if head_is_zero(params):
+  if trained_model.head_is_zero(params):
     warnings.warn(ZERO_HEAD_MESSAGE, UserWarning, stacklevel=2)
   if image_size is None:
-    image_size = image_size_from_params(model, params)
+    image_size = trained_model.image_size_from_params(model, params)
     if image_size is None:
       raise ValueError('Cannot infer the image size from the checkpoint; '
                        'pass image_size (--image-size).')
-  names = load_labels(labels, num_classes)
+  names = label_names.load_labels(labels, num_classes)
   topk = max(1, min(int(topk), num_classes))
 
   apply = _probabilities_fn(model)
@@ -501,7 +291,8 @@ def _parse_args(argv):
                     help='the training config file (its config.model, '
                          'config.pp.crop and dataset)')
   parser.add_argument('--checkpoint', default=None,
-                      help='.npz checkpoint (python -m vit_jax.export writes '
+                      help='.npz checkpoint (python -m '
+                      'vit_jax.interop.export writes '
                            'one from a workdir); with --workdir it defaults '
                            'to the newest train-state checkpoint there')
   parser.add_argument('--topk', type=int, default=5)
@@ -519,8 +310,6 @@ def _parse_args(argv):
 
 
 def main(argv=None) -> int:
-  # Imported here: trained_model imports this module.
-  from vit_jax import trained_model  # pylint: disable=g-import-not-at-top
   args = _parse_args(argv)
   if args.checkpoint is None and not args.workdir:
     print('error: --checkpoint FILE.npz is required with --model and '
@@ -530,17 +319,18 @@ def main(argv=None) -> int:
   try:
     trained_names = None
     if args.model:
-      model, params = load_model(args.model, args.checkpoint,
+      model, params = trained_model.load_model(args.model, args.checkpoint,
                                  num_classes=args.num_classes)
       if model.num_classes is None:
         raise ValueError(f'{args.checkpoint} has no head, so it cannot '
                          'classify; fine-tune it first.')
-      image_size = args.image_size or image_size_from_params(model, params)
+      image_size = (args.image_size or
+                    trained_model.image_size_from_params(model, params))
       if image_size is None:
         raise ValueError('Cannot infer the image size from the checkpoint '
                          '(no learned position embedding); pass '
                          '--image-size, or --workdir/--config of the run.')
-      check_params_fit(model, params, image_size)
+      trained_model.check_params_fit(model, params, image_size)
     else:
       if args.workdir:
         trained = trained_model.load_model_from_workdir(
@@ -554,14 +344,14 @@ def main(argv=None) -> int:
     if args.labels is None and trained_names is not None:
       names = trained_names
     else:
-      names = load_labels(args.labels, model.num_classes,
+      names = label_names.load_labels(args.labels, model.num_classes,
                           checkpoint_dir=os.path.dirname(
                               os.path.abspath(args.checkpoint or '.')),
                           data_dir=args.data_dir)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if head_is_zero(params):
+  if trained_model.head_is_zero(params):
     print(f'warning: {ZERO_HEAD_MESSAGE}', file=sys.stderr)
 
   with warnings.catch_warnings(record=True) as caught:
@@ -590,15 +380,6 @@ def main(argv=None) -> int:
           f'{", ".join(failed)}', file=sys.stderr)
     return 1
   return 0
-
-
-# The loaders of pipeline-trained models moved to `trained_model`; their names
-# still resolve here (`predict.load_model_from_workdir`, ...).
-_MOVED = {name: 'vit_jax.trained_model' for name in (
-    'TrainedModel', 'model_from_config', 'load_model_from_config',
-    'read_run_config', 'load_config_file', 'load_model_from_workdir',
-    'load_model_from_config_file')}
-__getattr__ = moved_names.resolver(__name__, _MOVED)
 
 
 if __name__ == '__main__':

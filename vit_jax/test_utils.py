@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import checkpoint
-from vit_jax import filesystem
+from vit_jax.data import filesystem
 from vit_jax import models
 
 

@@ -27,122 +27,29 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import dataset_report
+from vit_jax import checkpoint
+from vit_jax.data import dataset_report
+from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
-from vit_jax import masked_patch
+from vit_jax.training import masked_patch
 from vit_jax import inference_time
 from vit_jax import models
-from vit_jax import optim
-from vit_jax import original_configs
-from vit_jax import pretrained
-from vit_jax import progress
-from vit_jax import run_plots
-from vit_jax import train_checkpoint
-from vit_jax import trainable
+from vit_jax.training import objectives
+from vit_jax.training import optim
+from vit_jax.run_config import original_configs
+from vit_jax.training import progress
+from vit_jax.training import run_plots
+from vit_jax.training import sharding
+from vit_jax.training import train_checkpoint
+from vit_jax.training import trainable
 from vit_jax import utils
-from vit_jax import validation
+from vit_jax.run_config import validation
 
 # The pmap axis; gradients, losses and eval counts are reduced over it.
 AXIS = 'batch'
 SUMMARY_FILE = 'summary.json'
-# config.objective: supervised classification (the paper's pre-training and
-# fine-tuning) or masked patch prediction (Sec. 4.6, self-supervised).
-OBJECTIVES = ('classification', 'mpp')
-# config.parallelism: the original's replicated data parallelism, or the
-# FSDP-style sharded step of vit_jax/sharding.py (models too big for one
-# device).
-PARALLELISMS = ('pmap', 'fsdp')
-
-
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or inf."""
-
-
-# ------------------------------------------------------------------- losses
-
-
-def softmax_xent(*, logits, labels):
-  """Softmax cross-entropy on one-hot (or soft) labels, mean over examples."""
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.sum(logp * labels, axis=-1))
-
-
-def sigmoid_xent(*, logits, labels):
-  """Per-class sigmoid cross-entropy summed over classes, mean over examples.
-
-  For multi-label data such as ImageNet-21k, where an image may carry several
-  labels.
-  """
-  log_p = jax.nn.log_sigmoid(logits)
-  log_not_p = jax.nn.log_sigmoid(-logits)
-  return -jnp.mean(jnp.sum(labels * log_p + (1. - labels) * log_not_p,
-                           axis=-1))
-
-
-LOSSES = {'softmax_xent': softmax_xent, 'sigmoid_xent': sigmoid_xent}
-
-
-# --------------------------------------------------------- train / eval step
-
-
-def make_loss_fn(model, config: ml_collections.ConfigDict
-                 ) -> Callable[..., jax.Array]:
-  """`loss_fn(params, images, labels, rng) -> mean loss` of config.objective.
-
-  'classification': `config.loss` (LOSSES) of the logits, dropout keyed by
-  `rng`. 'mpp' (`model` a `masked_patch.MaskedPatchPredictor`): the
-  mean-colour loss over the corrupted patches; `labels` carry example
-  indices (see `mpp_labels`), and the first one is folded into `rng` so that
-  every micro-batch of an accumulated step draws its own corruption.
-  """
-  objective = config.get('objective') or 'classification'
-  if objective == 'mpp':
-    def mpp_loss(params, images, labels, rng):
-      rng = jax.random.fold_in(rng, labels.reshape(-1)[0].astype(jnp.uint32))
-      return masked_patch.loss_fn(params, images, rng, model=model)
-    return mpp_loss
-  return classification_loss_fn(model.apply,
-                                config.get('loss') or 'softmax_xent',
-                                config.get('label_smoothing') or 0.)
-
-
-def classification_loss_fn(apply_fn: Callable[..., Any],
-                           loss: str = 'softmax_xent',
-                           label_smoothing: float = 0.
-                           ) -> Callable[..., jax.Array]:
-  """`loss_fn(params, images, labels, rng)`: LOSSES[loss] of the logits of
-  `apply_fn` in training mode, dropout keyed by `rng`; the targets are
-  `(1 - label_smoothing) * labels + label_smoothing / classes`."""
-  if loss not in LOSSES:
-    raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
-  loss_of = LOSSES[loss]
-
-  def loss_fn(params, images, labels, rng):
-    logits = apply_fn({'params': params}, images, train=True,
-                      rngs={'dropout': rng})
-    if label_smoothing:
-      labels = (1. - label_smoothing) * labels + (
-          label_smoothing / labels.shape[-1])
-    return loss_of(logits=logits, labels=labels)
-  return loss_fn
-
-
-def mpp_labels(batch_shape) -> np.ndarray:
-  """Example indices [..., b, 1] (int32): the 'labels' of an MPP batch."""
-  *lead, b = batch_shape
-  return np.broadcast_to(np.arange(b, dtype=np.int32)[:, None],
-                         (*lead, b, 1)).copy()
-
-
-def partition(params, mask):
-  """(trainable part, frozen part, merge function) of `params`.
-
-  `mask` None: everything trains and nothing is split (the paper's setup).
-  """
-  if mask is None:
-    return params, {}, lambda t: t
-  train_part, frozen = trainable.split(params, mask)
-  return train_part, frozen, lambda t: trainable.merge(t, frozen)
 
 
 def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
@@ -156,9 +63,9 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     apply_fn: the model's `apply`.
     accum_steps: micro-batches per device batch (`utils.accumulate_gradient`).
     tx: the optimizer.
-    loss: a key of LOSSES.
+    loss: a key of objectives.LOSSES.
     loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss` (`make_loss_fn`).
+      loss` (`objectives.make_loss_fn`).
     trainable_mask: tree of bools (`trainable.trainable_mask`); only the
       True leaves get gradients and updates, and `opt_state` must be
       `tx.init` of those leaves alone. None: everything trains.
@@ -170,13 +77,13 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     classes]}`. The loss is the mean over the global batch. params and
     opt_state are donated: do not use the arrays passed in afterwards.
   """
-  loss_fn = loss_fn or classification_loss_fn(apply_fn, loss)
+  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)
     # Device index across all processes: every device drops out differently.
     device_rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-    train_part, _, merge = partition(params, trainable_mask)
+    train_part, _, merge = trainable.partition(params, trainable_mask)
 
     def loss_wrt(train_part, images, labels):
       return loss_fn(merge(train_part), images, labels, device_rng)
@@ -193,75 +100,15 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
   return jax.pmap(update_fn, axis_name=AXIS, donate_argnums=(0, 1))
 
 
-def top1_counts(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`counts(params, batch) -> (correct, count)` of top-1 classification.
-
-  An example is correct when its top-1 class is one of its labels (top-1
-  accuracy for one-hot labels); `batch['mask']` keeps the padding examples
-  of the last batch out.
-  """
-
-  def counts(params, batch):
-    logits = apply_fn({'params': params}, batch['image'], train=False)
-    top1 = jnp.argmax(logits, axis=-1)
-    hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
-    return jnp.sum((hit > 0) * batch['mask']), jnp.sum(batch['mask'])
-  return counts
-
-
-def top1_confusion(apply_fn: Callable[..., Any],
-                   num_classes: int) -> Callable[..., Any]:
-  """`confusion(params, batch) -> [classes, classes]` counts of one batch.
-
-  Rows are the true class (the label's argmax), columns the top-1 class;
-  padding examples (`batch['mask']` 0) are left out. For one-hot labels its
-  trace over its sum is `top1_counts`'s accuracy.
-  """
-
-  def confusion(params, batch):
-    logits = apply_fn({'params': params}, batch['image'], train=False)
-    true_BxK = jax.nn.one_hot(jnp.argmax(batch['label'], -1), num_classes)
-    pred_BxK = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-    return jnp.einsum('bi,bj->ij', true_BxK * batch['mask'][:, None],
-                      pred_BxK)
-  return confusion
-
-
-def mpp_counts(model) -> Callable[..., Any]:
-  """`counts(params, batch) -> (correct, count)` of masked patch prediction.
-
-  Counts the corrupted patches whose 3-bit mean colour is predicted right.
-  The corruption uses a fixed key, so every evaluation sees the same masks.
-  """
-
-  def counts(params, batch):
-    logits, chosen = model.apply({'params': params}, batch['image'],
-                                 train=False,
-                                 rngs={'mpp': jax.random.PRNGKey(0)})
-    targets = masked_patch.mean_color_targets(batch['image'], model.stride,
-                                              model.color_bits)
-    weight = chosen * batch['mask'][:, None]
-    correct = (jnp.argmax(logits, -1) == targets) * weight
-    return jnp.sum(correct), jnp.sum(weight)
-  return counts
-
-
-def make_counts_fn(model, config) -> Callable[..., Any]:
-  """The evaluation counts of config.objective."""
-  if (config.get('objective') or 'classification') == 'mpp':
-    return mpp_counts(model)
-  return top1_counts(model.apply)
-
-
 def make_eval_fn(apply_fn: Callable[..., Any], *,
                  counts_fn: Optional[Callable[..., Any]] = None
                  ) -> Callable[..., Any]:
   """Returns the pmapped `eval_fn(params, batch) -> (correct, count)`.
 
   Both are summed over all devices of all processes; `counts_fn` (default:
-  `top1_counts(apply_fn)`) gives one device's counts.
+  `objectives.top1_counts(apply_fn)`) gives one device's counts.
   """
-  counts_fn = counts_fn or top1_counts(apply_fn)
+  counts_fn = counts_fn or objectives.top1_counts(apply_fn)
 
   def eval_fn(params, batch):
     correct, count = counts_fn(params, batch)
@@ -275,7 +122,8 @@ class PmapRunner:
   every local device and a `jax.pmap`ped step (gradients `pmean`ed over all
   devices of all processes).
 
-  `vit_jax.sharding.FsdpRunner` has the same methods for the sharded step;
+  `vit_jax.training.sharding.FsdpRunner` has the same methods for the
+  sharded step;
   `train_and_evaluate` only talks to this interface.
   """
 
@@ -318,7 +166,8 @@ class PmapRunner:
     return self.scalar(correct), self.scalar(count)
 
   def confusion(self, params, batch) -> np.ndarray:
-    """The batch's confusion matrix over all devices (`top1_confusion`)."""
+    """The batch's confusion matrix over all devices
+    (`objectives.top1_confusion`)."""
     return _first(self._confusion(params, batch))
 
 
@@ -366,16 +215,6 @@ def create_model(config: ml_collections.ConfigDict,
                                           **config.model)
 
 
-def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
-  """`config.pretrained_path`, else `<pretrained_dir>/<model_name>.npz`."""
-  if config.get('pretrained_path'):
-    return config.pretrained_path
-  if config.get('pretrained_dir'):
-    name = config.get('model_name') or config.model.get('model_name')
-    return os.path.join(config.pretrained_dir, f'{name}.npz')
-  return None
-
-
 def init_params(model, config: ml_collections.ConfigDict, *,
                 load_pretrained: bool = True) -> Dict[str, Any]:
   """Fresh parameters (seeded by config.seed), optionally the pre-trained ones.
@@ -394,10 +233,10 @@ def init_params(model, config: ml_collections.ConfigDict, *,
                       jnp.zeros([1, height, width, 3]), train=False)
 
   params = flax.core.unfreeze(init()['params'])
-  path = pretrained_path(config) if load_pretrained else None
+  path = validation.pretrained_path(config) if load_pretrained else None
   if path:
     logging.info('Fine-tuning from %s', path)
-    params = pretrained.load_pretrained(
+    params = checkpoint.load_pretrained(
         pretrained_path=path, init_params=params, model_config=config.model,
         image_size=(height, width))
   return jax.tree_util.tree_map(np.asarray, params)
@@ -485,7 +324,7 @@ def _init_or_restore(config, model, tx, ckpts, start_step):
   mask = None
   if trainable.pattern(config.get('trainable')) is not None:
     mask = trainable.trainable_mask(params, config.trainable)
-  train_part = partition(params, mask)[0]
+  train_part = trainable.partition(params, mask)[0]
   state = {'params': params,
            'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}
   if not start_step:
@@ -508,14 +347,13 @@ def _init_or_restore(config, model, tx, ckpts, start_step):
 def make_runner(config, model, tx, mask, params):
   """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
   is_mpp = (config.get('objective') or 'classification') == 'mpp'
-  kwargs = dict(loss_fn=make_loss_fn(model, config),
-                counts_fn=make_counts_fn(model, config), tx=tx,
+  kwargs = dict(loss_fn=objectives.make_loss_fn(model, config),
+                counts_fn=objectives.make_counts_fn(model, config), tx=tx,
                 accum_steps=config.get('accum_steps', 1),
                 trainable_mask=mask,
-                confusion_fn=None if is_mpp else top1_confusion(
+                confusion_fn=None if is_mpp else objectives.top1_confusion(
                     model.apply, model.num_classes))
   if (config.get('parallelism') or 'pmap') == 'fsdp':
-    from vit_jax import sharding  # pylint: disable=g-import-not-at-top
     return sharding.FsdpRunner(
         params=params, min_shard_size=config.get(
             'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE), **kwargs)
@@ -527,7 +365,6 @@ def _fewshot(config, model):
   every = int((config.get('fewshot') or {}).get('every_steps') or 0)
   if not every:
     return 0, None
-  from vit_jax import fewshot  # pylint: disable=g-import-not-at-top
   return every, fewshot.make_fewshot_evaluator(config)
 
 
@@ -595,7 +432,7 @@ def next_commands(config, workdir: str, summary: Dict[str, Any]) -> str:
     lines.append(f'  classify an image:  python -m vit_jax.predict '
                  f'--workdir={workdir} IMAGE.png')
   lines.append(f'  TensorBoard:        tensorboard --logdir={workdir}')
-  lines.append(f'  export weights:     python -m vit_jax.export '
+  lines.append(f'  export weights:     python -m vit_jax.interop.export '
                f'--workdir={workdir} --output=model.npz')
   if config.dataset == input_pipeline.EMBEDDED_MNIST:
     lines.append('  fine-tune at 42x42: the commands in '
@@ -670,7 +507,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   tx, lr_fn = optim.make_optimizer(config)
   state, mask = _init_or_restore(config, model, tx, ckpts, start_step)
   num_params = trainable.count(state['params'])
-  num_trainable = trainable.count(partition(state['params'], mask)[0])
+  num_trainable = trainable.count(trainable.partition(state['params'], mask)[0])
   logging.info('Model %s: %s parameters (%s trainable), %d classes, %d local '
                'devices, %d processes, %s.', config.get('model_name'),
                f'{num_params:,}', f'{num_trainable:,}', num_classes,
@@ -700,7 +537,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
       if is_mpp:  # example indices: each micro-batch corrupts differently
-        batch = dict(batch, label=mpp_labels(batch['image'].shape[:-3]))
+        batch = dict(batch, label=objectives.mpp_labels(
+            batch['image'].shape[:-3]))
       key = step_keys(step)
       with compiles:
         params, opt_state, loss = runner.step(params, opt_state, batch, key)

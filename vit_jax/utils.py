@@ -12,7 +12,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from vit_jax import filesystem
+from vit_jax.data import filesystem
 
 DECAY_TYPES = ('cosine', 'linear')
 
@@ -112,7 +112,7 @@ def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
 def add_gfile_logger(workdir: str, *, basename: str = 'train',
                      level: int = python_logging.INFO) -> None:
   """Appends the Python log to `{workdir}/{basename}.log` (any path of
-  `vit_jax.filesystem`, e.g. gs://...), line by line."""
+  `vit_jax.data.filesystem`, e.g. gs://...), line by line."""
   filesystem.makedirs(workdir)
   stream = filesystem.open_file(
       filesystem.join(workdir, f'{basename}.log'), 'a')

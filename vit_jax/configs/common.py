@@ -4,7 +4,7 @@ Code and command lines written for the original (`vit_jax/configs/vit.py`,
 `augreg.py`, `mixer_base16_cifar10.py`) build on this module; their configs
 run through the same `vit_jax.train.train_and_evaluate` as this project's own
 (top-level `configs/`), which translates this shape with
-`vit_jax.original_configs.to_project_config`. The fields:
+`vit_jax.run_config.original_configs.to_project_config`. The fields:
 
   pretrained_dir     folder of the pre-trained `.npz` files; the checkpoint is
                      `{pretrained_dir}/{model.model_name}.npz` (released ones:

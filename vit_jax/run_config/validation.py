@@ -11,7 +11,6 @@ one paragraph naming the field or path, what is wrong and what to do.
 callers get them too. docs/troubleshooting.md lists the errors.
 """
 
-import difflib
 import os
 import re
 import tempfile
@@ -19,7 +18,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import ml_collections
 
-from vit_jax import filesystem
+from vit_jax.data import filesystem
+from vit_jax.run_config import errors
+from vit_jax.run_config.errors import ConfigError
 
 # Compute dtypes a model or optimizer state may be given by name.
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -33,18 +34,6 @@ _SYNONYMS = {
     'wd': 'weight_decay', 'warmup': 'warmup_steps', 'image_size': 'pp.crop',
     'resolution': 'pp.crop', 'model': 'model_name', 'arch': 'model_name',
 }
-_MAX_SUGGESTIONS = 5
-
-
-class ConfigError(ValueError):
-  """A config value, command-line key or path that cannot work."""
-
-
-def closest(word: str, candidates: Iterable[str], n: int = _MAX_SUGGESTIONS,
-            cutoff: float = 0.6) -> List[str]:
-  """Up to `n` of `candidates` closest to `word` (difflib), best first."""
-  return difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
-
 
 # ------------------------------------------------------------ unknown keys
 
@@ -76,10 +65,10 @@ def _suggestions(key: str, keys: Sequence[str]) -> List[str]:
   """Existing keys a user may have meant by `key`."""
   leaf = key.rsplit('.', 1)[-1]
   found = [_SYNONYMS[leaf]] if _SYNONYMS.get(leaf) in keys else []
-  found += closest(key, keys, cutoff=0.5)
+  found += errors.closest(key, keys, cutoff=0.5)
   by_leaf = {k.rsplit('.', 1)[-1]: k for k in keys}
-  found += [by_leaf[m] for m in closest(leaf, by_leaf, cutoff=0.75)]
-  return list(dict.fromkeys(found))[:_MAX_SUGGESTIONS]
+  found += [by_leaf[m] for m in errors.closest(leaf, by_leaf, cutoff=0.75)]
+  return list(dict.fromkeys(found))[:errors.MAX_SUGGESTIONS]
 
 
 def check_override_keys(config, keys: Iterable[str], config_file: str):
@@ -109,7 +98,7 @@ def _choices(config) -> dict:
   # Imported here: vit_jax.main checks keys before JAX loads. None of these
   # imports TensorFlow, so a bad value fails in seconds.
   from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
-  from vit_jax import optim  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
   from vit_jax import utils  # pylint: disable=g-import-not-at-top
   choices = {'optimizer': optim.OPTIMIZERS, 'decay_type': utils.DECAY_TYPES,
              'optim_dtype': (None,) + DTYPES}
@@ -126,9 +115,10 @@ def _choices(config) -> dict:
 
 def _run_choices() -> dict:
   """{field: valid values} of the options the trainer itself reads."""
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
-  return {'loss': tuple(train.LOSSES), 'objective': train.OBJECTIVES,
-          'parallelism': train.PARALLELISMS}
+  from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  return {'loss': tuple(objectives.LOSSES), 'objective': objectives.OBJECTIVES,
+          'parallelism': sharding.PARALLELISMS}
 
 
 def _get(config, key: str, default=None):
@@ -147,7 +137,8 @@ def _check_choices(config, choices) -> None:
     if not isinstance(value, str) and value is not None:
       continue  # e.g. a jnp dtype given in Python
     if value not in valid:
-      close = closest(value or '', [v for v in valid if v], n=1, cutoff=0.5)
+      close = errors.closest(value or '', [v for v in valid if v], n=1,
+                             cutoff=0.5)
       raise ConfigError(
           f'Unknown config.{key}={value!r}'
           f'{f" (did you mean {close[0]!r}?)" if close else ""}; set '
@@ -230,8 +221,8 @@ def _check_model_name(config) -> None:
   name, own = config.get('model_name'), config.model.get('model_name')
   if not name or not own or name == own:
     return
-  close = ', '.join(closest(name, list(models.MODEL_CONFIGS) + [own], n=3,
-                            cutoff=0.5))
+  close = ', '.join(errors.closest(
+      name, list(models.MODEL_CONFIGS) + [own], n=3, cutoff=0.5))
   raise ConfigError(
       f'config.model_name={name!r} is not the model this config trains '
       f'(config.model is {own!r}). model_name does not choose the model: it '
@@ -263,20 +254,19 @@ def check_data_and_paths(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for a trainer option, augmentation or pre-trained
   checkpoint of `config` that cannot work (`check_config`'s rest)."""
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
   _check_choices(config, _run_choices())
   try:
     input_pipeline.Augment.from_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.get('objective') == 'mpp' and train.pretrained_path(config):
+  if config.get('objective') == 'mpp' and pretrained_path(config):
     raise ConfigError('Masked patch prediction pre-trains from scratch; unset '
                       'config.pretrained_path / pretrained_dir.')
-  _check_pretrained(train.pretrained_path(config), config)
+  _check_pretrained(pretrained_path(config), config)
 
 
 def _check_trainable(spec: Optional[str]) -> None:
-  from vit_jax import trainable  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import trainable  # pylint: disable=g-import-not-at-top
   regex = trainable.pattern(spec)
   if regex is None:
     return
@@ -360,3 +350,13 @@ def _check_pretrained(path: Optional[str], config) -> None:
       f'The pre-trained checkpoint {path} (from {field}) does not exist.{get} '
       'Or point --config.pretrained_path at a .npz you have, or set '
       '--config.pretrained_dir= (empty) to train from scratch.')
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
+  """`config.pretrained_path`, else `<pretrained_dir>/<model_name>.npz`."""
+  if config.get('pretrained_path'):
+    return config.pretrained_path
+  if config.get('pretrained_dir'):
+    name = config.get('model_name') or config.model.get('model_name')
+    return os.path.join(config.pretrained_dir, f'{name}.npz')
+  return None

@@ -6,7 +6,7 @@
 for a model without head) loads with no missing or unexpected weights, and
 whose outputs are ours (`tests/test_interop_hf.py`). The inverse of
 `convert_hf.load_hf`, whose module docstring lists the differences between
-the two models; `convert_hf.save_hf` is this function.
+the two models.
 """
 
 import json
@@ -19,8 +19,10 @@ import flax.linen as nn
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import convert_hf
-from vit_jax import torch_layouts
+from vit_jax.interop import convert_hf
+from vit_jax.interop import torch_layouts
+from vit_jax.params import npz
+from vit_jax.params import trees
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
@@ -86,9 +88,9 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
         'the pooler, the head is dropped) or fine-tune with '
         'representation_size=None.')
 
-  tree = checkpoint.canonicalize(params)
+  tree = npz.canonicalize(params)
   flat = {k: np.asarray(v, np.float32)
-          for k, v in checkpoint.flatten_tree(tree).items()}
+          for k, v in trees.flatten_tree(tree).items()}
   tree = checkpoint.recover_tree(list(flat), list(flat.values()))
   transformer = tree.get('Transformer', {})
   layers = sorted(int(k.rsplit('_', 1)[1]) for k in transformer

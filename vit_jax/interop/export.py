@@ -1,6 +1,7 @@
 """Exports a trained model to the released `.npz` format.
 
-  python -m vit_jax.export --workdir=<training workdir> --output=model.npz
+  python -m vit_jax.interop.export --workdir=<training workdir> \
+      --output=model.npz
 
 Reads the parameters of the newest train-state checkpoint (orbax, in
 `<workdir>/checkpoints`; `--step` picks another) and writes them with
@@ -15,12 +16,13 @@ from absl import app
 from absl import flags
 
 from vit_jax import checkpoint
-from vit_jax import train_checkpoint
+from vit_jax.params import npz
+from vit_jax.training import train_checkpoint
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
-_NAMES = flags.DEFINE_enum('names', 'released', checkpoint.NAME_SCHEMES,
+_NAMES = flags.DEFINE_enum('names', 'released', npz.NAME_SCHEMES,
                            'Parameter naming scheme of the file.')
 
 

@@ -38,8 +38,7 @@ handled here (docs/interop.md has the full table):
 The writer, `save_hf`, lives in `export_hf`; the layout helpers shared with
 `convert_torchvision` (`dense_from_linear`, `attention_from_linear` and their
 inverses, `conv_from_torch`, `fold_input_normalization`,
-`read_weights_file`) in `torch_layouts`. All still resolve here, as
-`convert_hf.save_hf` and so on.
+`read_weights_file`) in `torch_layouts`.
 """
 
 import json
@@ -51,8 +50,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import moved_names
-from vit_jax import torch_layouts
+from vit_jax.interop import torch_layouts
+from vit_jax.params import trees
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
@@ -445,7 +444,7 @@ def _check_shapes(path: str, params: Params, *, hidden: int, mlp_dim: int,
   grid = (image_size[0] // patch[0], image_size[1] // patch[1])
   expected['Transformer/posembed_input/pos_embedding'] = (
       1, grid[0] * grid[1] + 1, hidden)
-  flat = checkpoint.flatten_tree(params)
+  flat = trees.flatten_tree(params)
   for name, shape in expected.items():
     if name in flat and tuple(flat[name].shape) != shape:
       raise checkpoint.CheckpointError(
@@ -458,15 +457,3 @@ def _check_shapes(path: str, params: Params, *, hidden: int, mlp_dim: int,
 def _short_list(names, limit: int = 12) -> str:
   more = f' ... and {len(names) - limit} more' if len(names) > limit else ''
   return ', '.join(names[:limit]) + more
-
-
-# ----------------------------------------------------------------------------
-# Names that moved (convert_hf.save_hf, convert_hf.dense_from_linear, ...).
-
-_MOVED = dict(
-    {'save_hf': 'vit_jax.export_hf'},
-    **{name: 'vit_jax.torch_layouts' for name in (
-        'to_numpy', 'dense_from_linear', 'attention_from_linear',
-        'linear_from_dense', 'linear_from_attention', 'conv_from_torch',
-        'fold_input_normalization', 'read_weights_file')})
-__getattr__ = moved_names.resolver(__name__, _MOVED)

@@ -1,18 +1,20 @@
-"""A model trained by this project's pipeline, loaded for inference.
+"""A trained model loaded for inference: a zoo model or a training run.
 
-`load_model_from_workdir(W, npz)` rebuilds the model of a finished training
-run from `W/summary.json` (its `config.model`, image size `config.pp.crop`)
-with the parameters of an exported `.npz`, and finds its class names
-(`W/class_names.json`, else the config's dataset); `load_model_from_
-config_file(config.py, npz)` does the same from the training config file.
-Both return a `TrainedModel` for `predict.classify`; `python -m
-vit_jax.predict --workdir W` / `--config FILE` is the command line. These
-names also resolve as `predict.load_model_from_workdir` and so on.
+`load_model(name, npz)` builds the zoo model that fits a checkpoint (head
+and representation sizes read from it). `load_model_from_workdir(W, npz)`
+rebuilds the model of a finished training run from `W/summary.json` (its
+`config.model`, image size `config.pp.crop`) with the parameters of an
+exported `.npz`, and finds its class names (`W/class_names.json`, else the
+config's dataset); `load_model_from_config_file(config.py, npz)` does the
+same from the training config file. Both return a `TrainedModel` for
+`vit_jax.predict.classify`; `python -m vit_jax.predict --model`, `--workdir
+W` and `--config FILE` are the command line.
 """
 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -21,12 +23,19 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
-from vit_jax import predict
+from vit_jax.evaluation import label_names
+from vit_jax.params import npz
+from vit_jax.params import trees
 
 Params = Any
+SUMMARY_FILE = 'summary.json'  # vit_jax.train writes it when a run finishes
+# The checkout holding vit_jax/ and configs/ (config files are found there).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 class TrainedModel(NamedTuple):
@@ -113,7 +122,8 @@ def load_model_from_config(model_config, checkpoint_path: str, *,
   Args:
     model_config: `config.model` (ConfigDict or dict), see
       `model_from_config`.
-    checkpoint_path: an `.npz` checkpoint, e.g. what `vit_jax.export` wrote;
+    checkpoint_path: an `.npz` checkpoint, e.g. what
+      `vit_jax.interop.export` wrote;
       with `params`, only named in messages.
     num_classes: if given, must equal the checkpoint's head size.
     params: parameters already read (e.g. from a train-state checkpoint);
@@ -125,7 +135,7 @@ def load_model_from_config(model_config, checkpoint_path: str, *,
   """
   if params is None:
     params = checkpoint.load(checkpoint_path)
-  head_classes, representation_size = predict.head_sizes(
+  head_classes, representation_size = head_sizes(
       params, checkpoint_path, num_classes)
   model = model_from_config(model_config, num_classes=head_classes,
                             representation_size=representation_size)
@@ -137,11 +147,11 @@ def workdir_params(workdir: str) -> Tuple[Params, str]:
 
   Scanned encoder blocks come back per layer, as an exported `.npz` has them.
   """
-  from vit_jax import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   try:
     step = ckpts.latest_step()
-    params = checkpoint.canonicalize(ckpts.restore_params(step))
+    params = npz.canonicalize(ckpts.restore_params(step))
   finally:
     ckpts.close()
   return params, f'step {step} of {ckpts.directory}'
@@ -152,10 +162,10 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isdir(workdir):
     raise ValueError(f'Workdir {workdir!r} does not exist (or is not a '
                      'folder).')
-  path = os.path.join(workdir, predict.SUMMARY_FILE)
+  path = os.path.join(workdir, SUMMARY_FILE)
   if not os.path.isfile(path):
     raise ValueError(
-        f'Workdir {workdir!r} has no {predict.SUMMARY_FILE}: it is written '
+        f'Workdir {workdir!r} has no {SUMMARY_FILE}: it is written '
         'when a training run (python -m vit_jax.main --workdir=...) '
         'finishes. Finish the run (the same command resumes it), or pass its '
         'config file with --config instead of --workdir.')
@@ -187,7 +197,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise ValueError(f'Config file {spec!r}: no such file ({path}).')
   # Config files import `configs.common`: the repository root (and the
   # parent of the file's folder, for a copy of configs/) must be importable.
-  for root in (os.path.dirname(os.path.dirname(path)), predict.REPO_ROOT):
+  for root in (os.path.dirname(os.path.dirname(path)), REPO_ROOT):
     if root not in sys.path:
       sys.path.insert(0, root)
   name = '_vit_predict_config_' + re.sub(r'\W', '_', path)
@@ -204,7 +214,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def _image_size_of(config) -> Tuple[int, int]:
   # As input_pipeline.get_image_size (without importing tf.data machinery).
-  return predict.as_hw((config.get('pp') or {}).get('crop', 224))
+  return as_hw((config.get('pp') or {}).get('crop', 224))
 
 
 def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
@@ -213,7 +223,7 @@ def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
   if not dataset:
     return None
   try:
-    return predict.load_labels(dataset, num_classes,
+    return label_names.load_labels(dataset, num_classes,
                        data_dir=config.get('tfds_data_dir'))
   except ValueError:
     return None
@@ -234,13 +244,14 @@ def _load_trained(config, checkpoint_path: str, source: str,
     raise ValueError(f'{checkpoint_path} has no head, so it cannot '
                      'classify; fine-tune it first.')
   image_size = _image_size_of(config)
-  predict.check_params_fit(
+  check_params_fit(
       model, params, image_size,
       fix=f'{checkpoint_path} does not hold a model of {source}: pass the '
-      'checkpoint that run exported (python -m vit_jax.export --workdir=W '
+      'checkpoint that run exported (python -m vit_jax.interop.export '
+      '--workdir=W '
       '--output=FILE.npz).')
   if class_names_file and os.path.isfile(class_names_file):
-    names = predict.load_labels(class_names_file, model.num_classes)
+    names = label_names.load_labels(class_names_file, model.num_classes)
   else:
     names = _dataset_class_names(config, model.num_classes)
   return TrainedModel(model, params, image_size, names, config)
@@ -257,7 +268,8 @@ def load_model_from_workdir(workdir: str,
       (`config.model`) and the image size (`config.pp.crop`), its
       `class_names.json` (if any, else the config's dataset) the class names.
     checkpoint_path: the `.npz` exported from the run, e.g. by
-      `python -m vit_jax.export --workdir=W --output=FILE.npz`; None: the
+      `python -m vit_jax.interop.export --workdir=W --output=FILE.npz`;
+      None: the
       newest train-state checkpoint in `W/checkpoints`.
     num_classes: if given, must equal the checkpoint's head size.
 
@@ -276,7 +288,7 @@ def load_model_from_workdir(workdir: str,
   if checkpoint_path is None:
     params, checkpoint_path = workdir_params(workdir)
   return _load_trained(config, checkpoint_path, f'the run in {workdir}',
-                       os.path.join(workdir, predict.CLASS_NAMES_FILE),
+                       os.path.join(workdir, label_names.CLASS_NAMES_FILE),
                        num_classes, params)
 
 
@@ -298,4 +310,116 @@ def load_model_from_config_file(config_file: str, checkpoint_path: str, *,
   return _load_trained(
       config, checkpoint_path, f'config {config_file}',
       os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)),
-                   predict.CLASS_NAMES_FILE), num_classes)
+                   label_names.CLASS_NAMES_FILE), num_classes)
+
+
+# ----------------------------------------------------------- zoo models
+
+
+def as_hw(image_size) -> Tuple[int, int]:
+  """An image size (side, or (height, width)) as (height, width)."""
+  if isinstance(image_size, (int, np.integer)):
+    return int(image_size), int(image_size)
+  height, width = image_size
+  return int(height), int(width)
+
+
+def image_size_from_params(model, params: Params) -> Optional[int]:
+  """The image size a learned 1-D position embedding was trained for.
+
+  Args:
+    model: the VisionTransformer (for its stride and class token).
+    params: its parameters.
+
+  Returns:
+    grid side x pixels per token, or None when the table is missing or its
+    grid is not square.
+  """
+  pe = (params.get('Transformer', {}).get('posembed_input', {})
+        .get('pos_embedding'))
+  if pe is None:
+    return None
+  n = pe.shape[1] - int(model.has_class_token)
+  g = math.isqrt(max(n, 0))
+  if g * g != n or model.stride[0] != model.stride[1]:
+    return None
+  return g * model.stride[0]
+
+
+def head_is_zero(params: Params) -> bool:
+  """True if the checkpoint has a head whose kernel and bias are all zeros."""
+  head = params.get('head')
+  if not head:
+    return False
+  return all(not np.any(np.asarray(v)) for v in head.values())
+
+
+def check_params_fit(model, params: Params, image_size,
+                     fix: Optional[str] = None):
+  """Raises a ValueError listing parameters whose shapes do not fit `model`.
+
+  Args:
+    model: the module.
+    params: parameters from a checkpoint.
+    image_size: the input size the model is run at (side or (height, width)).
+    fix: the advice ending the message (default: pass the right --model).
+  """
+  height, width = as_hw(image_size)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((1, height, width, 3)),
+                         train=False))['params']
+  expected = trees.flatten_tree(shapes)
+  got = trees.flatten_tree(params)
+  missing = sorted(set(expected) - set(got))
+  wrong = [f'{k}: checkpoint {tuple(got[k].shape)} vs model '
+           f'{tuple(expected[k].shape)}'
+           for k in sorted(set(expected) & set(got))
+           if tuple(got[k].shape) != tuple(expected[k].shape)
+           and not k.endswith('pos_embedding')]  # checked by the model itself
+  if missing or wrong:
+    name = model.model_name or 'the model'
+    lines = ([f'  missing in checkpoint: {k}' for k in missing[:8]] +
+             [f'  shape mismatch {w}' for w in wrong[:8]])
+    raise ValueError(
+        f'The checkpoint does not fit {name}:\n' + '\n'.join(lines) + '\n' +
+        (fix or 'Pass the --model the checkpoint was trained with (e.g. the '
+         'stem of an official file name: ViT-B_16.npz -> ViT-B_16).'))
+
+
+def load_model(model_name: str, checkpoint_path: str, *,
+               num_classes: Optional[int] = None, **kw) -> Tuple[Any, Params]:
+  """Loads a checkpoint and builds the zoo model that fits it.
+
+  Args:
+    model_name: zoo name, e.g. 'ViT-B_16'.
+    checkpoint_path: an `.npz` checkpoint (released or written by training).
+    num_classes: if given, must equal the checkpoint's head size.
+    **kw: further `VisionTransformer` fields.
+
+  Returns:
+    (model, params); `num_classes` and `representation_size` come from the
+    checkpoint's `head` and `pre_logits` shapes.
+  """
+  params = checkpoint.load(checkpoint_path)
+  head_classes, representation_size = head_sizes(params, checkpoint_path,
+                                                  num_classes)
+  kw.setdefault('representation_size', representation_size)
+  model = models.get_model(model_name, num_classes=head_classes, **kw)
+  return model, params
+
+
+def head_sizes(params: Params, checkpoint_path: str,
+                num_classes: Optional[int]) -> Tuple[Optional[int],
+                                                     Optional[int]]:
+  """(head classes, pre_logits size) of a checkpoint; None where it has none."""
+  head = params.get('head', {}).get('kernel')
+  head_classes = None if head is None else int(head.shape[-1])
+  if num_classes is not None and head_classes != num_classes:
+    raise ValueError(
+        f'--num-classes={num_classes}, but the checkpoint {checkpoint_path} '
+        + (f'has a {head_classes}-way head.' if head_classes else
+           'has no head.') +
+        ' Drop --num-classes or use a matching checkpoint.')
+  rep = params.get('pre_logits', {}).get('kernel')
+  return head_classes, None if rep is None else int(rep.shape[-1])

@@ -119,3 +119,14 @@ def describe(params: Params, mask: Params) -> str:
   shown = ', '.join(names[:6]) + (f', ... ({len(names)} arrays)'
                                   if len(names) > 6 else '')
   return f'Training {n:,} of {total:,} parameters ({shown}); the rest frozen.'
+
+
+def partition(params, mask):
+  """(trainable part, frozen part, merge function) of `params`.
+
+  `mask` None: everything trains and nothing is split (the paper's setup).
+  """
+  if mask is None:
+    return params, {}, lambda t: t
+  train_part, frozen = split(params, mask)
+  return train_part, frozen, lambda t: merge(t, frozen)

@@ -3,21 +3,19 @@
 The paper fine-tunes at a higher resolution than it pre-trains, keeping the
 patch size: the sequence gets longer, and "we perform 2D interpolation of the
 pre-trained position embeddings, according to their location in the
-original image" (Sec. 3.2). `interpolate_posembed` is the original's function
-of that name (the class-token row kept aside, the grid resampled with
-`scipy.ndimage.zoom(order=1)` numbers), extended to non-square grids and a
-bicubic method. `vit_jax.pretrained.load_pretrained` uses it when fine-tuning;
-`python -m vit_jax.checkpoint resize` applies it to a file. The original's
-name `vit_jax.checkpoint.interpolate_posembed` still works.
+original image" (Sec. 3.2). `resample_grid` resamples a (H, W, D) grid with
+the original's `scipy.ndimage.zoom(order=1)` numbers or bicubically; the
+original's `interpolate_posembed` (in `vit_jax.checkpoint`, which
+`load_pretrained` uses when fine-tuning) builds on it, and
+`python -m vit_jax.interop.checkpoint_cli resize` applies it to a file.
 """
 
 import math
 from typing import Optional, Sequence, Tuple
 
-from absl import logging
 import numpy as np
 
-from vit_jax.checkpoint import CheckpointError
+from vit_jax.params.trees import CheckpointError
 
 Grid = Tuple[int, int]
 
@@ -98,7 +96,7 @@ def resample_grid(grid_HxWxD: np.ndarray, new_hw: Grid,
   return out.astype(grid_HxWxD.dtype)
 
 
-def _grid_of(num_tokens: int, grid: Optional[Sequence[int]], what: str) -> Grid:
+def grid_of(num_tokens: int, grid: Optional[Sequence[int]], what: str) -> Grid:
   """`grid` checked against `num_tokens`, or the square grid of that many."""
   if grid is not None:
     gh, gw = (int(g) for g in grid)
@@ -116,60 +114,6 @@ def _grid_of(num_tokens: int, grid: Optional[Sequence[int]], what: str) -> Grid:
         'load_pretrained, --image-size/--source-image-size of the command '
         'line).')
   return g, g
-
-
-def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,
-                         grid: Optional[Sequence[int]] = None,
-                         old_grid: Optional[Sequence[int]] = None,
-                         method: str = 'bilinear_aligned') -> np.ndarray:
-  """Resamples a (1, N, D) position embedding to `num_tokens` rows.
-
-  As the original (SPEC section 5): the class-token row (when the model has
-  one) is kept aside, the rest reshaped to its grid, resampled, and the
-  class row put back in front. With the default method the numbers are the
-  original's `scipy.ndimage.zoom(grid, (gh/gh_old, gw/gw_old, 1), order=1)`.
-
-  Args:
-    posemb: (1, N, D), class-token row first when `has_class_token`.
-    num_tokens: rows of the result, the class token included.
-    has_class_token: whether row 0 belongs to the class token.
-    grid: (rows, cols) of the new grid; default: square.
-    old_grid: (rows, cols) of `posemb`'s grid; default: square.
-    method: 'bilinear_aligned' (alias 'bilinear'; the original's) or
-      'bicubic' (`jax.image.resize(method='cubic')` numbers).
-
-  Returns:
-    numpy (1, num_tokens, D) in `posemb`'s dtype.
-
-  Raises:
-    CheckpointError: a grid that is not square when none is given, or one
-      that does not have the number of tokens.
-  """
-  posemb = np.asarray(posemb)
-  if posemb.ndim != 3 or posemb.shape[0] != 1:
-    raise CheckpointError(f'The position embedding has shape {posemb.shape}; '
-                          'expected (1, tokens, hidden).')
-  num_prefix = int(bool(has_class_token))
-  posemb_tok, posemb_grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
-  gh_old, gw_old = _grid_of(posemb_grid.shape[0], old_grid, 'checkpoint\'s')
-  gh, gw = _grid_of(num_tokens - num_prefix, grid, 'new')
-  logging.info('interpolate_posembed: grid %dx%d -> %dx%d (%s)', gh_old, gw_old,
-               gh, gw, method)
-  grid_HxWxD = posemb_grid.reshape(gh_old, gw_old, -1)
-  resampled = resample_grid(grid_HxWxD, (gh, gw), method)
-  return np.concatenate([posemb_tok, resampled.reshape(1, gh * gw, -1)],
-                        axis=1)
-
-
-def pixels_per_token(model_config) -> Grid:
-  """Stem stride times patch size, from the model config."""
-  ph, pw = tuple(model_config.patches.size)
-  resnet = model_config.get('resnet')
-  stride = 1
-  if resnet is not None:
-    from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
-    stride = models_resnet.stem_stride(tuple(resnet.num_layers))
-  return stride * ph, stride * pw
 
 
 def image_grid(image_size, stride: Grid, what: str) -> Grid:

@@ -39,7 +39,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from vit_jax import filesystem
+from vit_jax.data import filesystem
 
 TRAIN_TEST = 'train_test'  # <dir>/train/<class>/*, <dir>/test/<class>/*
 SINGLE_TREE = 'single_tree'  # <dir>/<class>/*, split by this module

@@ -1,4 +1,5 @@
-"""Sharded (FSDP-style) training under `jax.jit`, for models too big for one device.
+"""Sharded (FSDP-style) training under `jax.jit`, for models too big for one
+device.
 
 `train.make_update_fn` is the original's data parallelism: `jax.pmap` with a
 full copy of the parameters and optimizer state on every device. This module
@@ -46,9 +47,14 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from vit_jax import train
 from vit_jax import utils
+from vit_jax.training import objectives
+from vit_jax.training import trainable
 
+# config.parallelism: the original's replicated data parallelism
+# (`vit_jax.train`), or the FSDP-style sharded step of this module (models too
+# big for one device).
+PARALLELISMS = ('pmap', 'fsdp')
 # The mesh axis the batch and the parameters are split along.
 DATA_AXIS = 'data'
 # Leaves with fewer elements stay replicated: biases, LayerNorm and scalars
@@ -251,7 +257,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
                           ) -> Callable[..., Any]:
   """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
 
-  Same loss (`train.LOSSES`), same mean over the global batch, same
+  Same loss (`objectives.LOSSES`), same mean over the global batch, same
   accumulation as `train.make_update_fn`: each device's examples are cut
   into `accum_steps` equal slices, and micro-batch `i` is slice `i` of every
   device, so the same examples meet in a micro-batch as under pmap, and no
@@ -272,10 +278,10 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     param_shardings: pytree of shardings of the parameters (`fsdp_shardings`).
     opt_shardings: pytree of shardings of `tx.init(params)`.
     accum_steps: micro-batches per device batch (0 or 1: none).
-    loss: a key of `train.LOSSES`.
+    loss: a key of `objectives.LOSSES`.
     axis_name: the data axis (default: the mesh's only axis).
     loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss` (`train.make_loss_fn`).
+      loss` (`objectives.make_loss_fn`).
     trainable_mask: as in `train.make_update_fn`: only the True leaves train
       and `opt_state` (and `opt_shardings`) cover those alone.
 
@@ -290,7 +296,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     compiles once. They are donated: do not use the arrays passed in
     afterwards. Numpy batches and keys are placed on the fly.
   """
-  loss_fn = loss_fn or train.classification_loss_fn(apply_fn, loss)
+  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
   axis = _axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   accum_steps = max(int(accum_steps or 1), 1)
@@ -307,7 +313,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
           f'devices x accum_steps={accum_steps}; choose a batch that is a '
           f'multiple of {num_shards * accum_steps}.')
 
-    train_part, _, merge = train.partition(params, trainable_mask)
+    train_part, _, merge = trainable.partition(params, trainable_mask)
 
     def loss_wrt(train_part, images, labels):
       return loss_fn(merge(train_part), images, labels, rng)
@@ -355,12 +361,12 @@ def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
   """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
 
   As `train.make_eval_fn`, on a global batch (`shard_batch`): both counts
-  are over the global batch; `counts_fn` (default `train.top1_counts`)
+  are over the global batch; `counts_fn` (default `objectives.top1_counts`)
   computes them, `batch['mask']` keeping padding examples out.
   """
   axis = _axis(mesh, axis_name)
   replicated = NamedSharding(mesh, P())
-  counts_fn = counts_fn or train.top1_counts(apply_fn)
+  counts_fn = counts_fn or objectives.top1_counts(apply_fn)
   return jax.jit(counts_fn,
                  in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
                  out_shardings=(replicated, replicated))
@@ -394,7 +400,7 @@ class FsdpRunner:
     shapes = jax.eval_shape(lambda p: p, params)
     self.param_shardings = fsdp_shardings(shapes, self.mesh,
                                           min_size=min_shard_size)
-    train_shapes = train.partition(shapes, trainable_mask)[0]
+    train_shapes = trainable.partition(shapes, trainable_mask)[0]
     self.opt_shardings = fsdp_shardings(jax.eval_shape(tx.init, train_shapes),
                                         self.mesh, min_size=min_shard_size)
     self._update = make_sharded_update_fn(
@@ -443,6 +449,6 @@ class FsdpRunner:
     return _host_scalar(correct), _host_scalar(count)
 
   def confusion(self, params, batch) -> np.ndarray:
-    """The global batch's confusion matrix (`train.top1_confusion`)."""
+    """The global batch's confusion matrix (`objectives.top1_confusion`)."""
     return np.asarray(self._confusion(params, batch).addressable_shards[0]
                       .data)

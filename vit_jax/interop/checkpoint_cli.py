@@ -1,4 +1,4 @@
-"""What a checkpoint holds, and the `python -m vit_jax.checkpoint` command line.
+"""What a checkpoint holds: `python -m vit_jax.interop.checkpoint_cli`.
 
   inspect FILE                    keys, shapes, dtypes, parameter count, and
                                   the model the file holds (zoo name if any).
@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from vit_jax.checkpoint import (  # pylint: disable=g-multiple-import
-    _ENCODER_BLOCK, CheckpointError, NAME_SCHEMES, Params, flatten_tree, load,
-    read_npz, save, shape_of)
-from vit_jax.posembed import image_grid, interpolate_posembed
+    Params, interpolate_posembed, load, save)
 from vit_jax.configs import models as models_config
+from vit_jax.params.npz import ENCODER_BLOCK, NAME_SCHEMES, read_npz
+from vit_jax.params.posembed import image_grid
+from vit_jax.params.trees import CheckpointError, flatten_tree, shape_of
 
 
 # ----------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def describe(params: Params) -> Dict[str, Any]:
 
   transformer = params.get('Transformer', {})
   blocks = sorted((int(k.rsplit('_', 1)[1]), v) for k, v in transformer.items()
-                  if _ENCODER_BLOCK.match(k))
+                  if ENCODER_BLOCK.match(k))
   info['num_layers'] = len(blocks)
   info['num_heads'] = info['mlp_dim'] = None
   if blocks:
@@ -240,7 +241,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
   parser = _ArgumentParser(
-      prog='python -m vit_jax.checkpoint',
+      prog='python -m vit_jax.interop.checkpoint_cli',
       description='Inspect, convert and resize ViT .npz checkpoints.')
   commands = parser.add_subparsers(dest='command', required=True,
                                    parser_class=_ArgumentParser)

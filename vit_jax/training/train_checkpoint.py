@@ -4,7 +4,7 @@ These hold everything a run needs to continue bit for bit: parameters and
 optimizer state, keyed by the number of updates done. Data order and dropout
 randomness are functions of (seed, step), so nothing else is stored. The
 exchange format for trained models is the released `.npz` (`checkpoint.save`);
-`vit_jax.export` turns the latest train state into one.
+`vit_jax.interop.export` turns the latest train state into one.
 
 orbax writes each step into a temporary folder and renames it when complete,
 so a run killed mid-save (kill -9, preemption) leaves the previous checkpoint

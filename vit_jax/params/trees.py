@@ -3,12 +3,14 @@
 The released `.npz` checkpoints hold one array per '/'-joined path
 (`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`); flax holds the
 same parameters as nested dicts. `recover_tree` nests, `flatten_tree`
-flattens. `checkpoint` (whose names these are in the original's API) and
-`layouts` both build on them; this module imports neither.
+flattens; `shape_of` tells a leaf from a subtree. `vit_jax.checkpoint`,
+`npz` and `layouts` build on them; this module imports none of them.
 """
 
 import collections.abc
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
 
 Params = Dict[str, Any]
 
@@ -56,3 +58,10 @@ def to_dict(tree: Any) -> Any:
   if isinstance(tree, collections.abc.Mapping):
     return {k: to_dict(v) for k, v in tree.items()}
   return tree
+
+
+def shape_of(x) -> Optional[Tuple[int, ...]]:
+  """A leaf's shape (arrays, ShapeDtypeStructs, lists); None for a subtree."""
+  if isinstance(x, collections.abc.Mapping):
+    return None
+  return tuple(getattr(x, 'shape', np.shape(x)))

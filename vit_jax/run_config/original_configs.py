@@ -23,8 +23,8 @@ from absl import logging
 import ml_collections
 
 from vit_jax import checkpoint
-from vit_jax import filesystem
-from vit_jax import validation
+from vit_jax.data import filesystem
+from vit_jax.run_config import errors
 
 # The original's names -> this project's, where they differ.
 RENAMED = {
@@ -58,7 +58,7 @@ def trainer(config: ml_collections.ConfigDict) -> str:
   name = config.get('trainer') or (
       'inference_time' if config.get('train') == 'inference_time' else 'train')
   if name not in TRAINERS:
-    raise validation.ConfigError(
+    raise errors.ConfigError(
         f'Unknown config.trainer {name!r}; use one of {", ".join(TRAINERS)}.')
   return name
 
@@ -99,7 +99,7 @@ def to_project_config(
   """`config` in this project's shape (itself if it already is).
 
   Raises:
-    validation.ConfigError: a field of neither shape, a required one unset,
+    errors.ConfigError: a field of neither shape, a required one unset,
       or no pre-trained checkpoint where the config says.
     FileNotFoundError: no AugReg index.csv in `pretrained_dir`.
   """
@@ -110,7 +110,7 @@ def to_project_config(
   for name in _REQUIRED:
     if _get(config, name) in (None, ''):
       theirs = RENAMED.get(name, name)
-      raise validation.ConfigError(
+      raise errors.ConfigError(
           f'config.{name} is not set (the original vit_jax\'s field; this '
           f'project\'s configs call it config.{theirs}). Set it, e.g. '
           f'--config.{name}=...')
@@ -119,7 +119,7 @@ def to_project_config(
       continue
     target = RENAMED.get(name, name)
     if not _has(project, target):
-      raise validation.ConfigError(
+      raise errors.ConfigError(
           f'config.{name} is a field of neither this project\'s configs '
           '(configs/common.py) nor the original vit_jax\'s '
           '(vit_jax/configs/common.py).')
@@ -145,7 +145,7 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
     name = config.model.get('model_name')
   path = filesystem.join(directory, f'{name}.npz')
   if not filesystem.exists(path):
-    raise validation.ConfigError(
+    raise errors.ConfigError(
         f'Pre-trained checkpoint {path} does not exist. The released '
         f'{name}.npz is in {released}/: download it into '
         f'--config.pretrained_dir, or set --config.pretrained_dir={released} '
@@ -160,7 +160,7 @@ def best_augreg_filename(directory: str, model: str) -> str:
   stems = index.filename.str.split('-').str[0]
   rows = index[(stems == model) & (index.ds == 'i21k')]
   if rows.empty:
-    raise validation.ConfigError(
+    raise errors.ConfigError(
         f'{filesystem.join(directory, "index.csv")} lists no ImageNet-21k '
         f'(ds == "i21k") checkpoint of {model!r}; it lists: '
         f'{", ".join(sorted(set(stems)))}.')

@@ -13,7 +13,7 @@ import os
 from absl import logging
 import numpy as np
 
-from vit_jax import folder_split
+from vit_jax.data import folder_split
 from vit_jax import input_pipeline
 
 CLASS_NAMES_FILE = 'class_names.json'  # the predict CLI reads this name

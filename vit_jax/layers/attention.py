@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import mixed_precision
+from vit_jax.layers import mixed_precision
 
 
 def fused_attention(query, key, value, *, implementation, dropout_rate=0.,

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax import torch_layouts
+from vit_jax.interop import torch_layouts
 
 Params = Dict[str, Any]
 

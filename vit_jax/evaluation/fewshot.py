@@ -31,8 +31,8 @@ Periodic evaluation during training: see `make_fewshot_evaluator`.
 
 Command line:
 
-  python -m vit_jax.fewshot --model ViT-B_16 --checkpoint ViT-B_16.npz \
-      --dataset embedded_mnist --shots 1,5,10 --seeds 3
+  python -m vit_jax.evaluation.fewshot --model ViT-B_16 \
+      --checkpoint ViT-B_16.npz --dataset embedded_mnist --shots 1,5,10 --seeds 3
 """
 
 import argparse
@@ -49,7 +49,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
-from vit_jax import predict
+from vit_jax.evaluation import trained_model
 
 Params = Any
 
@@ -439,7 +439,7 @@ def dataset_info(dataset: str, split: str, data_dir=None) -> dict:
 
 
 def _default_image_size(model, params):
-  size = predict.image_size_from_params(model, params)
+  size = trained_model.image_size_from_params(model, params)
   if size is None:
     raise ValueError('Cannot infer the image size from the position '
                      'embedding; pass image_size.')
@@ -645,7 +645,7 @@ def make_fewshot_evaluator(config, *, model=None
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.fewshot',
+      prog='python -m vit_jax.evaluation.fewshot',
       description='Few-shot linear evaluation of a ViT checkpoint.')
   parser.add_argument('--model', required=True, help='zoo name, e.g. ViT-B_16')
   parser.add_argument('--checkpoint', default=None,
@@ -677,13 +677,13 @@ def main(argv=None) -> int:
   try:
     shots = [int(k) for k in args.shots.split(',') if k.strip()]
     if args.checkpoint:
-      model, params = predict.load_model(args.model, args.checkpoint)
+      model, params = trained_model.load_model(args.model, args.checkpoint)
       image_size = (args.image_size or
-                    predict.image_size_from_params(model, params))
+                    trained_model.image_size_from_params(model, params))
       if image_size is None:
         raise ValueError('Cannot infer the image size from the checkpoint; '
                          'pass --image-size.')
-      predict.check_params_fit(model, params, image_size)
+      trained_model.check_params_fit(model, params, image_size)
     else:
       model = models.get_model(args.model)
       image_size = args.image_size or 224

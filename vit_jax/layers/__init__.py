@@ -1,0 +1,3 @@
+"""Model building blocks: the attention functions and bf16 matmuls with f32
+accumulation.
+"""

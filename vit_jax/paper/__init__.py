@@ -1,0 +1,3 @@
+"""The paper's figures drawn from a model (attention, embeddings, position
+similarity).
+"""

@@ -1,0 +1,3 @@
+"""Parameter trees below `vit_jax.checkpoint`: nesting, the `.npz` naming
+schemes, scanned layouts, position-embedding grids.
+"""
