@@ -36,10 +36,12 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # nbclient, nbformat and ipykernel execute notebooks/ in
-        # tests/test_notebooks.py.
+        # tests/test_notebooks.py; import-linter (lint-imports, and grimp
+        # for tests/test_import_layers.py) and ruff are .ci/run's checks.
         'test': ['pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10',
-                 'nbformat>=5.10', 'ipykernel>=6.29'],
-        # Hugging Face / torchvision interop (vit_jax.convert_hf,
+                 'nbformat>=5.10', 'ipykernel>=6.29', 'import-linter>=2.1',
+                 'ruff>=0.5'],
+        # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
         # this project's machines, where other versions pull CUDA packages.
         'interop': ['torch==2.13.0', 'transformers>=4.40,<6',
