@@ -23,7 +23,6 @@ KNOWN = {
     'bench/throughput.py': 1042,
     'bench/throughput.py:main': 244,
     'configs/common.py:get_config': 102,
-    'vit_jax/checkpoint.py': 455,
     'vit_jax/data/dataset_report.py:write_dataset_report': 90,
     'vit_jax/evaluation/fewshot.py': 713,
     'vit_jax/evaluation/fewshot.py:evaluate': 90,
@@ -38,7 +37,6 @@ KNOWN = {
     'vit_jax/models_vit.py:Encoder.__call__': 81,
     'vit_jax/train.py': 609,
     'vit_jax/train.py:_train_and_evaluate': 134,
-    'vit_jax/training/sharding.py': 454,
     'vit_jax/training/sharding.py:make_sharded_update_fn': 107,
 }
 

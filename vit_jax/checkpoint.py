@@ -10,20 +10,8 @@ both, and a few neighbouring layouts, and returns linen names; `save` writes
 the released names by default, so that the original's loader and timm's
 `_load_weights` read our files.
 
-Layouts `load` recognises (`vit_jax.params.npz.canonicalize`):
-  * linen and released (pre-linen) names; GroupNorm scale/bias stored as
-    (1, 1, 1, C) (released hybrids) are squeezed to (C,).
-  * old flax optimizer checkpoints: every parameter under `opt/target/`
-    (the optimizer state beside it is ignored); a tree under a single
-    `params/` root (a train state's parameters).
-  * big_vision's ViT: `pos_embedding` (1, N, D) at the top level, and, when
-    its model was scanned, `Transformer/encoderblock/...` with a leading layer
-    axis (split into `encoderblock_{i}`; see `vit_jax.params.layouts`).
-    big_vision adds the position embedding BEFORE it prepends the class
-    token, so its table has no class-token row; this model prepends first and
-    then adds (SPEC section 1). The same function in our order is a ZERO
-    position embedding row for the class token, which `load` inserts when the
-    file has a `cls` parameter.
+`load` also reads old optimizer checkpoints and big_vision's layout (the
+list is in `vit_jax.params.npz`).
 
 The original's API (SPEC section 8) lives here: `load`, `recover_tree`,
 `inspect_params` (a checkpoint's tree against a model's), `load_pretrained`

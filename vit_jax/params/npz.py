@@ -1,8 +1,22 @@
 """The `.npz` checkpoint format below `vit_jax.checkpoint`: naming schemes
 and layouts in, released names out, atomic writes.
 
-`vit_jax.checkpoint.load` and `save` are the entry points; the module
-docstring there lists the layouts `canonicalize` recognises.
+`vit_jax.checkpoint.load` and `save` are the entry points.
+
+Layouts `canonicalize` (and so `checkpoint.load`) recognises:
+  * linen and released (pre-linen) names; GroupNorm scale/bias stored as
+    (1, 1, 1, C) (released hybrids) are squeezed to (C,).
+  * old flax optimizer checkpoints: every parameter under `opt/target/`
+    (the optimizer state beside it is ignored); a tree under a single
+    `params/` root (a train state's parameters).
+  * big_vision's ViT: `pos_embedding` (1, N, D) at the top level, and, when
+    its model was scanned, `Transformer/encoderblock/...` with a leading layer
+    axis (split into `encoderblock_{i}`; see `vit_jax.params.layouts`).
+    big_vision adds the position embedding BEFORE it prepends the class
+    token, so its table has no class-token row; this model prepends first and
+    then adds (SPEC section 1). The same function in our order is a ZERO
+    position embedding row for the class token, which `load` inserts when the
+    file has a `cls` parameter.
 """
 
 import collections

@@ -24,6 +24,9 @@ from vit_jax.run_config.errors import ConfigError
 
 # Compute dtypes a model or optimizer state may be given by name.
 DTYPES = ('float32', 'bfloat16', 'float16')
+# config.parallelism: the original's pmap (`vit_jax.train`) or the FSDP-style
+# sharded step of `vit_jax.training.sharding`.
+PARALLELISMS = ('pmap', 'fsdp')
 # What users of other trainers type, and this config's name for it.
 _SYNONYMS = {
     'learning_rate': 'base_lr', 'lr': 'base_lr', 'batch_size': 'batch',
@@ -116,9 +119,8 @@ def _choices(config) -> dict:
 def _run_choices() -> dict:
   """{field: valid values} of the options the trainer itself reads."""
   from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import sharding  # pylint: disable=g-import-not-at-top
   return {'loss': tuple(objectives.LOSSES), 'objective': objectives.OBJECTIVES,
-          'parallelism': sharding.PARALLELISMS}
+          'parallelism': PARALLELISMS}
 
 
 def _get(config, key: str, default=None):

@@ -1,5 +1,4 @@
-"""Sharded (FSDP-style) training under `jax.jit`, for models too big for one
-device.
+"""Sharded (FSDP-style) training under jit, for models bigger than a device.
 
 `train.make_update_fn` is the original's data parallelism: `jax.pmap` with a
 full copy of the parameters and optimizer state on every device. This module
@@ -51,10 +50,6 @@ from vit_jax import utils
 from vit_jax.training import objectives
 from vit_jax.training import trainable
 
-# config.parallelism: the original's replicated data parallelism
-# (`vit_jax.train`), or the FSDP-style sharded step of this module (models too
-# big for one device).
-PARALLELISMS = ('pmap', 'fsdp')
 # The mesh axis the batch and the parameters are split along.
 DATA_AXIS = 'data'
 # Leaves with fewer elements stay replicated: biases, LayerNorm and scalars
