@@ -4,10 +4,7 @@
 its encoder blocks (`dot_general=`, the attention einsums), so that every
 block matmul takes bfloat16 operands and accumulates and returns float32:
 what GPU tensor cores do, and what AVX512-BF16 CPUs do at about twice the
-float32 rate (XLA, 2048^3: 892 vs 407 GFLOP/s on the Zen 5 of
-the project's shared/MACHINE.md, where a bfloat16-out dot runs at 335 GFLOP/s,
-below float32; 383 vs 209 on the Zen 4 development machine, see
-bench/throughput.py).
+float32 rate (measured matmul peaks: docs/speed.md).
 
 Two things JAX does not do by itself, hence this module:
   * the backward pass. JAX's transpose of such a dot meets a float32
