@@ -84,6 +84,9 @@ def get_config():
   config.loss = 'softmax_xent'  # Or 'sigmoid_xent' (multi-label, 21k).
   # Targets (1 - s) * one_hot + s / classes (Szegedy et al., 2016); 0: off.
   config.label_smoothing = 0.0
+  # Evaluate, predict and export an exponential moving average of the weights
+  # with this decay (vit_jax/training/weight_ema.py), e.g. 0.999; 0: off.
+  config.ema_decay = 0.0
   # Parameters that train (vit_jax/training/trainable.py): None/'all', 'head',
   # 'head+pre_logits', or a regex on '/'-joined paths. The rest stay frozen
   # bit for bit and get neither gradients nor optimizer state.

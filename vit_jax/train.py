@@ -42,6 +42,7 @@ from vit_jax.training import run_plots
 from vit_jax.training import sharding
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
+from vit_jax.training import weight_ema
 from vit_jax import utils
 from vit_jax.run_config import validation
 
@@ -531,6 +532,10 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   losses = _LossWatch(ckpts, runner.scalar)
   eval_history, fewshot_history, accuracy, last_loss = [], [], None, None
   step, interrupted = start_step, False
+
+  def evaluated():  # the weights evaluated: their average if config.ema_decay
+    return weight_ema.averaged_params(params, opt_state, mask)
+
   t_train = time.time()
   train_iter = runner.batches(ds_train)
   with train_checkpoint.SigtermFlag() as sigterm:
@@ -564,16 +569,16 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
           interrupted = True
           break
         if step % config.eval_every == 0 or is_last:
-          accuracy = evaluate(runner, params, ds_test)
+          accuracy = evaluate(runner, evaluated(), ds_test)
           eval_history.append([step, accuracy])
           out.log_eval(step, accuracy)
         if fewshot_every and (step % fewshot_every == 0 or is_last):
-          results = fewshot_eval(runner.eval_params(params))
+          results = fewshot_eval(runner.eval_params(evaluated()))
           fewshot_history.append([step, results])
           out.log_scalars(step, results)
   train_time = time.time() - t_train
   if start_step >= total_steps:  # finished before: report, do not train
-    accuracy = evaluate(runner, params, ds_test)
+    accuracy = evaluate(runner, evaluated(), ds_test)
 
   summary = {
       'accuracy': accuracy,
@@ -602,7 +607,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
               f'{ckpts.directory}. Run the same command to resume.')
     return summary
   if not is_mpp:  # all processes take part; process 0 writes
-    summary['confusion'] = confusion_matrix(runner, params, ds_test).tolist()
+    summary['confusion'] = confusion_matrix(runner, evaluated(),
+                                            ds_test).tolist()
   out.close()
   if out.is_chief:  # summary.json marks a finished run
     _finish_run(config, workdir, summary)

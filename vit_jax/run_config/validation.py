@@ -153,12 +153,12 @@ _BOUNDS = (
       'checkpoint_every', 'accum_steps', 'shuffle_buffer'), 1,
      'must be at least 1'),
     (('warmup_steps', 'prefetch', 'base_lr', 'weight_decay', 'linear_end',
-      'grad_norm_clip', 'label_smoothing', 'fewshot.every_steps'), 0,
-     'must not be negative'),
+      'grad_norm_clip', 'label_smoothing', 'fewshot.every_steps',
+      'ema_decay'), 0, 'must not be negative'),
 )
 # Fields where 0 switches something off.
 _ZERO_IS_OFF = ('fewshot.every_steps', 'prefetch', 'grad_norm_clip',
-                'weight_decay', 'label_smoothing', 'warmup_steps')
+                'weight_decay', 'label_smoothing', 'warmup_steps', 'ema_decay')
 
 
 def _check_numbers(config) -> None:

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from vit_jax import utils
+from vit_jax.training import weight_ema
 
 OPTIMIZERS = ('sgd_momentum', 'adam', 'adamw')
 
@@ -34,7 +35,8 @@ def make_optimizer(config: ml_collections.ConfigDict
   base_lr, decay_type, warmup_steps, linear_end, grad_norm_clip (0 or None for
   no clipping), momentum, optim_dtype (SGD momentum buffer / Adam first
   moment), adam_b1, adam_b2, weight_decay (adamw; optax multiplies it by the
-  learning rate, the paper's "decoupled" kind).
+  learning rate, the paper's "decoupled" kind), ema_decay (0 or None: no
+  average of the weights; `weight_ema.with_weight_ema`).
 
   Args:
     config: the experiment config.
@@ -72,4 +74,7 @@ def make_optimizer(config: ml_collections.ConfigDict
   clip = config.get('grad_norm_clip', None)
   if clip:
     opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+  ema_decay = config.get('ema_decay', 0.0)
+  if ema_decay:
+    opt = weight_ema.with_weight_ema(opt, ema_decay)
   return opt, lr_fn

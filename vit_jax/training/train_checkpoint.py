@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax.training import weight_ema
+
 # The folder under the workdir that holds the numbered steps.
 CHECKPOINT_SUBDIR = 'checkpoints'
 # In the names of orbax's temporary folders (`<step>.orbax-checkpoint-tmp-*`).
@@ -133,14 +135,16 @@ class TrainCheckpoints:
     return self._manager.restore(step, args=ocp.args.StandardRestore(template))
 
   def restore_params(self, step: Optional[int] = None) -> Any:
-    """Only the parameters of `step` (default: the latest), as numpy arrays."""
+    """The parameters of `step` (default: the latest) as numpy arrays: their
+    average where the run kept one (`weight_ema.checkpoint_params`)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(
           f'No train checkpoint in {self.directory!r}; train first with '
           'python -m vit_jax.main --config=... --workdir=<that workdir>.')
     state = self._manager.restore(step, args=ocp.args.StandardRestore())
-    return jax.tree_util.tree_map(np.asarray, state['params'])
+    return jax.tree_util.tree_map(np.asarray,
+                                  weight_ema.checkpoint_params(state))
 
   def close(self) -> None:
     self._manager.wait_until_finished()
