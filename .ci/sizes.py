@@ -22,7 +22,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 KNOWN = {
     'bench/throughput.py': 1042,
     'bench/throughput.py:main': 244,
-    'configs/common.py:get_config': 102,
     'vit_jax/data/dataset_report.py:write_dataset_report': 90,
     'vit_jax/evaluation/fewshot.py': 713,
     'vit_jax/evaluation/fewshot.py:evaluate': 90,

@@ -19,8 +19,15 @@ from ml_collections.config_dict import placeholder
 def get_config():
   """Returns the locked base config."""
   config = ml_collections.ConfigDict()
+  _set_data_fields(config)
+  _set_model_fields(config)
+  _set_optimizer_fields(config)
+  _set_run_fields(config)
+  return config.lock()
 
-  # ---- Data (vit_jax/input_pipeline.py).
+
+def _set_data_fields(config):
+  """Data fields (vit_jax/input_pipeline.py)."""
   # 'embedded_mnist' (offline, 5,000 digits), a TFDS name, or an image folder
   # laid out as <dir>/train/<class>/* and <dir>/test/<class>/*.
   config.dataset = 'embedded_mnist'
@@ -50,6 +57,9 @@ def get_config():
   config.prefetch = 2  # Batches put on the devices ahead of time (0: none).
   config.seed = 0  # Parameter init, data order, augmentation and dropout.
 
+
+def _set_model_fields(config):
+  """Model, training objective and pre-trained checkpoint fields."""
   # ---- Model (vit_jax/models_vit.py).
   config.model_name = placeholder(str)  # Zoo name; also <pretrained_dir>/<name>.npz.
   config.model = None  # ConfigDict of VisionTransformer fields.
@@ -67,7 +77,9 @@ def get_config():
   config.pretrained_dir = placeholder(str)  # Folder of released .npz files, or None.
   config.pretrained_path = placeholder(str)  # A specific .npz; wins over pretrained_dir.
 
-  # ---- Optimization (vit_jax/training/optim.py, vit_jax/utils.py).
+
+def _set_optimizer_fields(config):
+  """Optimization fields (vit_jax/training/optim.py, vit_jax/utils.py)."""
   config.optimizer = 'sgd_momentum'  # 'sgd_momentum', 'adam' or 'adamw'.
   config.total_steps = 10_000  # Updates in the run.
   config.base_lr = 0.03  # Peak learning rate.
@@ -99,7 +111,9 @@ def get_config():
   # 256 KiB; every weight matrix of ViT-B and larger is above it).
   config.fsdp_min_shard_size = 2**16
 
-  # ---- Logging, evaluation, checkpoints.
+
+def _set_run_fields(config):
+  """Logging, evaluation (test accuracy, few-shot) and checkpoint fields."""
   config.log_every = 10  # Progress line and train metrics, in steps.
   config.eval_every = 100  # Test accuracy, in steps (and at the end).
   config.checkpoint_every = 1_000  # Train-state checkpoint (and at the end).
@@ -119,8 +133,6 @@ def get_config():
   config.fewshot.max_per_class = placeholder(int)  # Cap the images kept in memory.
   config.fewshot.max_test_examples = placeholder(int)
   config.fewshot.batch_size = placeholder(int)  # None: batch_eval.
-
-  return config.lock()
 
 
 # VisionTransformer fields for speed and memory, not in the zoo configs (the
