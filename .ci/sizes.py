@@ -22,7 +22,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 KNOWN = {
     'bench/throughput.py': 1042,
     'bench/throughput.py:main': 244,
-    'vit_jax/data/dataset_report.py:write_dataset_report': 90,
     'vit_jax/evaluation/fewshot.py': 713,
     'vit_jax/evaluation/fewshot.py:evaluate': 90,
     'vit_jax/evaluation/fewshot.py:make_fewshot_evaluator': 85,
@@ -34,8 +33,6 @@ KNOWN = {
     'vit_jax/interop/export_hf.py:save_hf': 141,
     'vit_jax/models_vit.py': 660,
     'vit_jax/models_vit.py:Encoder.__call__': 81,
-    'vit_jax/train.py': 609,
-    'vit_jax/train.py:_train_and_evaluate': 134,
     'vit_jax/training/sharding.py:make_sharded_update_fn': 107,
 }
 

@@ -159,6 +159,30 @@ def write_dataset_report(config, workdir: str) -> dict:
                 num_examples={r: i['num_examples'] for r, i in infos.items()},
                 per_class=None, num_skipped=None, dropped_classes=[],
                 val_files_sha256=None)
+  val_fraction, split_seed = _describe_source(report, infos, val_fraction,
+                                              split_seed)
+  report['per_class'] = _per_class_counts(report, val_fraction, split_seed)
+
+  report['table'] = _format_table(report)
+  logging.info('%s', report['table'])
+  report['files'] = _write_files(report, workdir)
+  return report
+
+
+def _describe_source(report, infos, val_fraction, split_seed):
+  """Sets the report's `kind` and the fields of an image folder's split.
+
+  Args:
+    report: the report being built (`dataset` set); updated in place.
+    infos: {'train': info, 'val': info} of `get_dataset_info`.
+    val_fraction: the config's (None: the default).
+    split_seed: the config's (None: the default).
+
+  Returns:
+    (val_fraction, split_seed): the checked values for a single tree, else
+    the arguments unchanged.
+  """
+  dataset = report['dataset']
   if dataset == input_pipeline.EMBEDDED_MNIST:
     report['kind'] = 'embedded'
   elif input_pipeline._is_folder(dataset):
@@ -179,25 +203,32 @@ def write_dataset_report(config, workdir: str) -> dict:
       report['num_skipped'] = {r: i['num_skipped'] for r, i in infos.items()}
   else:
     report['kind'] = 'tfds'
-  labels = {role: _split_labels(dataset, split, val_fraction, split_seed)
-            for role, split in splits.items()}
-  if all(v is not None for v in labels.values()):
-    counts = {r: np.bincount(v, minlength=num_classes).tolist()
-              for r, v in labels.items()}
-    report['per_class'] = {n: {'train': counts['train'][i],
-                               'val': counts['val'][i]}
-                           for i, n in enumerate(names)}
+  return val_fraction, split_seed
 
-  report['table'] = _format_table(report)
-  logging.info('%s', report['table'])
+
+def _per_class_counts(report, val_fraction, split_seed):
+  """{name: {'train': n, 'val': n}}, or None for TFDS."""
+  labels = {role: _split_labels(report['dataset'], split, val_fraction,
+                                split_seed)
+            for role, split in report['splits'].items()}
+  if not all(v is not None for v in labels.values()):
+    return None
+  counts = {r: np.bincount(v, minlength=report['num_classes']).tolist()
+            for r, v in labels.items()}
+  return {n: {'train': counts['train'][i], 'val': counts['val'][i]}
+          for i, n in enumerate(report['class_names'])}
+
+
+def _write_files(report, workdir):
+  """Writes class_names.json, split.json and the chart; {role: path}."""
   os.makedirs(workdir, exist_ok=True)
   files = {'class_names': os.path.join(workdir, CLASS_NAMES_FILE),
            'split': os.path.join(workdir, SPLIT_FILE), 'chart': None}
-  _write_json(files['class_names'], names)
+  _write_json(files['class_names'], report['class_names'])
   _write_json(files['split'], {k: v for k, v in report.items()
                                if k != 'table'})
-  if report['per_class'] is not None and num_classes <= MAX_CHART_CLASSES:
+  if (report['per_class'] is not None and
+      report['num_classes'] <= MAX_CHART_CLASSES):
     files['chart'] = os.path.join(workdir, SPLIT_CHART_FILE)
     _write_chart(report, files['chart'])
-  report['files'] = files
-  return report
+  return files
