@@ -22,9 +22,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 KNOWN = {
     'bench/throughput.py': 1042,
     'bench/throughput.py:main': 244,
-    'vit_jax/evaluation/fewshot.py': 713,
-    'vit_jax/evaluation/fewshot.py:evaluate': 90,
-    'vit_jax/evaluation/fewshot.py:make_fewshot_evaluator': 85,
     'vit_jax/input_pipeline.py': 713,
     'vit_jax/input_pipeline.py:get_datasets': 108,
     'vit_jax/interop/convert_hf.py': 459,

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
+from vit_jax.evaluation import features
 from vit_jax.evaluation import fewshot
+from vit_jax.evaluation import fewshot_data
+from vit_jax.evaluation import fewshot_probe
 from vit_jax import models
 from vit_jax.params import trees
 
@@ -39,14 +42,14 @@ def test_closed_form_equals_lstsq_on_the_augmented_system(n, d):
   x = rng.normal(size=(n, d))
   y = 2.0 * np.eye(3)[rng.integers(0, 3, n)] - 1
   l2 = 0.7
-  w = fewshot.fit_ridge(x, y, l2)
+  w = fewshot_probe.fit_ridge(x, y, l2)
   # min |XW - Y|^2 + l2 |W|^2  ==  lstsq of [X; sqrt(l2) I] W = [Y; 0].
   x_aug = np.concatenate([x, np.sqrt(l2) * np.eye(d)])
   y_aug = np.concatenate([y, np.zeros((d, 3))])
   expected, *_ = np.linalg.lstsq(x_aug, y_aug, rcond=None)
   np.testing.assert_allclose(w, expected, atol=1e-10)
   with pytest.raises(ValueError, match='positive'):
-    fewshot.fit_ridge(x, y, 0.0)
+    fewshot_probe.fit_ridge(x, y, 0.0)
 
 
 def test_linear_probe_is_ridge_on_standardised_features_with_bias():
@@ -62,11 +65,11 @@ def test_linear_probe_is_ridge_on_standardised_features_with_bias():
   y_aug = np.concatenate([2.0 * np.eye(4)[train_y] - 1, np.zeros((6, 4))])
   w, *_ = np.linalg.lstsq(x_aug, y_aug, rcond=None)
   expected = np.mean(np.argmax(prep(test_x) @ w, axis=1) == test_y)
-  got = fewshot.linear_probe(train_x, train_y, test_x, test_y, l2_reg=l2)
+  got = fewshot_probe.linear_probe(train_x, train_y, test_x, test_y, l2_reg=l2)
   assert got == expected
   # One-hot labels are accepted too.
-  assert fewshot.linear_probe(train_x, np.eye(4)[train_y], test_x,
-                              np.eye(4)[test_y], l2_reg=l2) == expected
+  assert fewshot_probe.linear_probe(train_x, np.eye(4)[train_y], test_x,
+                                    np.eye(4)[test_y], l2_reg=l2) == expected
 
 
 def _separable(per_class, num_classes=10, dim=32, seed=0):
@@ -79,13 +82,13 @@ def _separable(per_class, num_classes=10, dim=32, seed=0):
 def test_separable_classes_give_10_shot_accuracy_one():
   train_x, train_y = _separable(40)
   test_x, test_y = _separable(20, seed=1)
-  per_seed = fewshot.fewshot_accuracies(
+  per_seed = fewshot_probe.fewshot_accuracies(
       train_x, train_y, test_x, test_y, shots=(10,), seeds=(0, 1, 2))
   assert per_seed == {10: [1.0, 1.0, 1.0]}
   # Choosing l2 on held-out pool images works on the same data.
-  chosen = fewshot.fewshot_accuracies(
+  chosen = fewshot_probe.fewshot_accuracies(
       train_x, train_y, test_x, test_y, shots=(10,), seeds=(0,),
-      l2_regs=fewshot.L2_REG_SWEEP)
+      l2_regs=fewshot_probe.L2_REG_SWEEP)
   assert chosen == {10: [1.0]}
 
 
@@ -95,8 +98,8 @@ def test_too_few_images_for_k_names_class_k_and_count():
   with pytest.raises(ValueError,
                      match=r'5-shot .* 5 training images of class 3, but '
                            r'only 4 are available'):
-    fewshot.fewshot_accuracies(train_x[keep], train_y[keep], train_x,
-                               train_y, shots=(1, 5), seeds=(0,))
+    fewshot_probe.fewshot_accuracies(train_x[keep], train_y[keep], train_x,
+                                     train_y, shots=(1, 5), seeds=(0,))
 
 
 def test_extract_features_is_the_representation():
@@ -112,13 +115,13 @@ def test_extract_features_is_the_representation():
   images = np.load(os.path.join(DATA, 'inputs_64.npy'))
   expected = np.tanh(np.load(os.path.join(DATA,
                                           'tiny_vit_token_pre_logits.npy')))
-  feats = fewshot.extract_features(model, params, images, batch_size=1)
+  feats = features.extract_features(model, params, images, batch_size=1)
   np.testing.assert_allclose(feats, expected, atol=1e-5)
   # Input-pipeline batches [devices, b, ...]; padding (mask 0) is dropped.
   batch = {'image': np.stack([images, np.zeros_like(images)]),
            'mask': np.array([[1.0, 1.0], [0.0, 0.0]])}
   np.testing.assert_allclose(
-      fewshot.extract_features(model, params, [batch], batch_size=1),
+      features.extract_features(model, params, [batch], batch_size=1),
       expected, atol=1e-5)
 
 
@@ -137,15 +140,15 @@ def test_evaluate_on_embedded_mnist(tiny):
 
 
 def test_load_split_caps_are_balanced_and_preprocessed():
-  images, labels = fewshot.load_split('embedded_mnist', 'test',
-                                      image_size=IMAGE, max_examples=50)
+  images, labels = fewshot_data.load_split('embedded_mnist', 'test',
+                                           image_size=IMAGE, max_examples=50)
   # embedded_mnist is stored sorted by class: a plain "first 50" would be
   # all zeros.
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 5))
   assert images.shape == (50, IMAGE, IMAGE, 3)
   assert images.min() >= -1 and images.max() <= 1
-  _, train_labels = fewshot.load_split('embedded_mnist', 'train',
-                                       image_size=IMAGE, max_per_class=3)
+  _, train_labels = fewshot_data.load_split('embedded_mnist', 'train',
+                                            image_size=IMAGE, max_per_class=3)
   np.testing.assert_array_equal(np.bincount(train_labels), np.full(10, 3))
 
 

@@ -223,7 +223,7 @@ def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
   if not model.num_classes or 'head' not in params:
     raise ValueError('classify needs a model with a head (num_classes > 0) '
                      'and a checkpoint that has one; for features use '
-                     'vit_jax.evaluation.fewshot.extract_features.')
+                     'vit_jax.evaluation.features.extract_features.')
   num_classes = int(params['head']['kernel'].shape[-1])
   if trained_model.head_is_zero(params):
     warnings.warn(ZERO_HEAD_MESSAGE, UserWarning, stacklevel=2)
