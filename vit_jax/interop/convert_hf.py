@@ -35,33 +35,31 @@ handled here (docs/interop.md has the full table):
     normalization`), so the loaded model takes [-1, 1] images like every
     model of this project.
 
-The writer, `save_hf`, lives in `export_hf`; the layout helpers shared with
+The writer, `save_hf`, lives in `export_hf`; the files and names both
+directions share (reading `config.json`, the weights and the image processor
+config; `BLOCK_MODULES`) in `hf_format`; the layout helpers shared with
 `convert_torchvision` (`dense_from_linear`, `attention_from_linear` and their
 inverses, `conv_from_torch`, `fold_input_normalization`,
-`read_weights_file`) in `torch_layouts`.
+`read_weights_file`) in `torch_layouts`; the assembly of the returned tree and
+config, which both converters share, in `converter_output`.
 """
 
-import json
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Union
 
 import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax.interop import converter_output
+from vit_jax.interop import hf_format
 from vit_jax.interop import torch_layouts
 from vit_jax.params import trees
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
-
-MODEL_TYPE = 'vit'
-ARCHITECTURES = ('ViTModel', 'ViTForImageClassification')
-CONFIG_NAME = 'config.json'
-PREPROCESSOR_NAME = 'preprocessor_config.json'
-SAFETENSORS_NAME = 'model.safetensors'
-TORCH_BIN_NAME = 'pytorch_model.bin'
 
 # HF `hidden_act` -> our `approximate_gelu`. 'gelu' is torch's exact erf GELU;
 # the others are the tanh approximation (flax's `nn.gelu` default).
@@ -73,182 +71,10 @@ _GELU_APPROXIMATE = {
     'gelu_fast': True,
     'gelu_python_tanh': True,
 }
-# The names `transformers` >= 5 gives the modules in memory (a `state_dict()`
-# saved with `torch.save`); files written by `save_pretrained` use the
-# original names on the right, which every version reads.
-_V5_RENAMES = (
-    (r'^layers\.(\d+)\.attention\.q_proj\.',
-     r'encoder.layer.\1.attention.attention.query.'),
-    (r'^layers\.(\d+)\.attention\.k_proj\.',
-     r'encoder.layer.\1.attention.attention.key.'),
-    (r'^layers\.(\d+)\.attention\.v_proj\.',
-     r'encoder.layer.\1.attention.attention.value.'),
-    (r'^layers\.(\d+)\.attention\.o_proj\.',
-     r'encoder.layer.\1.attention.output.dense.'),
-    (r'^layers\.(\d+)\.mlp\.fc1\.', r'encoder.layer.\1.intermediate.dense.'),
-    (r'^layers\.(\d+)\.mlp\.fc2\.', r'encoder.layer.\1.output.dense.'),
-    (r'^layers\.(\d+)\.', r'encoder.layer.\1.'),
-)
-# Per encoder block: HF module (original names) -> our module path.
-BLOCK_MODULES = (
-    ('layernorm_before', 'LayerNorm_0'),
-    ('attention.attention.query', 'MultiHeadDotProductAttention_0/query'),
-    ('attention.attention.key', 'MultiHeadDotProductAttention_0/key'),
-    ('attention.attention.value', 'MultiHeadDotProductAttention_0/value'),
-    ('attention.output.dense', 'MultiHeadDotProductAttention_0/out'),
-    ('layernorm_after', 'LayerNorm_1'),
-    ('intermediate.dense', 'MlpBlock_0/Dense_0'),
-    ('output.dense', 'MlpBlock_0/Dense_1'),
-)
 # Weights an HF model holds but does not use for the outputs we reproduce.
 _UNUSED = (
     'embeddings.mask_token',  # masked image modelling only
 )
-
-
-# ----------------------------------------------------------------------------
-# Reading.
-
-
-def _read_json(path: str, what: str) -> Dict[str, Any]:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise checkpoint.CheckpointError(
-        f'Cannot read the {what} {path!r}: {e}. Re-export the model with '
-        '`save_pretrained`.') from e
-
-
-def read_hf_config(path: PathLike) -> Dict[str, Any]:
-  """`config.json` of an HF ViT directory, checked to be a supported ViT.
-
-  Args:
-    path: the model directory.
-
-  Returns:
-    The config as a dict.
-
-  Raises:
-    CheckpointError: not a directory, no `config.json`, another model type
-      or an architecture other than ViTModel / ViTForImageClassification.
-  """
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise checkpoint.CheckpointError(
-        f'{path!r} is not a directory. load_hf expects a Hugging Face model '
-        'directory (config.json + model.safetensors), e.g. one written by '
-        '`model.save_pretrained(dir)` or downloaded with '
-        '`huggingface_hub.snapshot_download`.')
-  config_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.exists(config_path):
-    raise checkpoint.CheckpointError(
-        f'{path!r} has no {CONFIG_NAME} (it holds {sorted(os.listdir(path))}). '
-        'A Hugging Face model directory needs the config next to the weights; '
-        'write both with `model.save_pretrained(dir)`.')
-  config = _read_json(config_path, 'model config')
-  model_type = config.get('model_type')
-  if model_type != MODEL_TYPE:
-    hint = {
-        'deit': ' DeiT adds a distillation token that this ViT does not have.',
-        'vit_hybrid': ' Hybrid HF checkpoints use a BiT backbone; load the '
-                      'released R50+ViT .npz with vit_jax.checkpoint instead.',
-    }.get(model_type, '')
-    raise checkpoint.CheckpointError(
-        f'{config_path} has model_type={model_type!r}; only {MODEL_TYPE!r} '
-        f'(transformers.ViTModel / ViTForImageClassification) is supported.'
-        + hint)
-  unsupported = [a for a in config.get('architectures') or ()
-                 if a not in ARCHITECTURES]
-  if unsupported:
-    raise checkpoint.CheckpointError(
-        f'{config_path} is a {unsupported[0]}; only {", ".join(ARCHITECTURES)} '
-        'can be converted (masked image modelling heads have no counterpart '
-        'here). Load the backbone into a ViTModel and `save_pretrained` it.')
-  return config
-
-
-def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
-  """All weights of an HF model directory, as float32 numpy arrays.
-
-  Reads `model.safetensors`, else `pytorch_model.bin`, or their sharded forms
-  (`*.index.json`).
-
-  Args:
-    path: the model directory.
-
-  Returns:
-    {HF parameter name: array}, names as in the file.
-  """
-  path = os.fspath(path)
-  for name in (SAFETENSORS_NAME, TORCH_BIN_NAME):
-    single = os.path.join(path, name)
-    if os.path.exists(single):
-      return torch_layouts.read_weights_file(single)
-    index = single + '.index.json'
-    if os.path.exists(index):
-      weight_map = _read_json(index, 'shard index').get('weight_map', {})
-      weights = {}
-      for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(path, shard)
-        if not os.path.exists(shard_path):
-          raise checkpoint.CheckpointError(
-              f'{index} lists the shard {shard!r}, which is missing. '
-              'Download all shards.')
-        weights.update(torch_layouts.read_weights_file(shard_path))
-      return weights
-  raise checkpoint.CheckpointError(
-      f'{path!r} has no weights: expected {SAFETENSORS_NAME} or '
-      f'{TORCH_BIN_NAME} (or a sharded *.index.json); it holds '
-      f'{sorted(os.listdir(path))}.')
-
-
-def _canonical_names(weights: Mapping[str, np.ndarray]
-                    ) -> Dict[str, np.ndarray]:
-  """Strips the `vit.` prefix of task models; v5 module names -> file names."""
-  out = {}
-  for name, value in weights.items():
-    if name.startswith('vit.'):
-      name = name[len('vit.'):]
-    for pattern, replacement in _V5_RENAMES:
-      new = re.sub(pattern, replacement, name)
-      if new != name:
-        name = new
-        break
-    out[name] = value
-  return out
-
-
-def as_pair(x) -> Tuple[int, int]:
-  return (int(x), int(x)) if np.ndim(x) == 0 else tuple(int(v) for v in x)
-
-
-def _input_normalization(path: str, num_channels: int
-                        ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-  """(scale, offset) taking our [-1, 1] pixels to the model's inputs; None
-  when the preprocessor (or its absence: ViTImageProcessor's defaults) gives
-  exactly [-1, 1]."""
-  pp_path = os.path.join(path, PREPROCESSOR_NAME)
-  if not os.path.exists(pp_path):
-    return None
-  pp = _read_json(pp_path, 'image processor config')
-  # Our x in [-1, 1] is the pixel p in [0, 255] as x = (p - 127.5) / 127.5.
-  # HF feeds ((p * rescale) - mean) / std.
-  rescale = (pp.get('rescale_factor', 1 / 255) if pp.get('do_rescale', True)
-             else 1.)
-  if pp.get('do_normalize', True):
-    mean = np.broadcast_to(np.asarray(pp.get('image_mean', 0.5), np.float64),
-                           (num_channels,))
-    std = np.broadcast_to(np.asarray(pp.get('image_std', 0.5), np.float64),
-                          (num_channels,))
-  else:
-    mean, std = np.zeros(num_channels), np.ones(num_channels)
-  scale = 127.5 * rescale / std
-  offset = (127.5 * rescale - mean) / std
-  if np.allclose(scale, 1., rtol=0, atol=1e-6) and np.allclose(
-      offset, 0., rtol=0, atol=1e-6):
-    return None
-  return scale, offset
 
 
 def load_hf(path: PathLike, *,
@@ -279,14 +105,56 @@ def load_hf(path: PathLike, *,
       missing or unexpected weights, or shapes that disagree with the config.
   """
   path = os.fspath(path)
-  config = read_hf_config(path)
-  weights = _canonical_names(read_hf_weights(path))
+  config = hf_format.read_hf_config(path)
+  weights = hf_format.canonical_names(hf_format.read_hf_weights(path))
+  sizes = _read_sizes(path, config)
+  is_classifier = 'classifier.weight' in weights
+  has_pooler = 'pooler.dense.weight' in weights and not is_classifier
+  _check_names(path, config, weights, num_layers=sizes.num_layers,
+               is_classifier=is_classifier, has_pooler=has_pooler)
 
+  params = _params_from_hf(weights, sizes, is_classifier=is_classifier,
+                           has_pooler=has_pooler)
+  num_channels = int(config.get('num_channels', 3))
+  _check_shapes(path, params, hidden=sizes.hidden, mlp_dim=sizes.mlp_dim,
+                patch=sizes.patch, num_channels=num_channels,
+                image_size=hf_format.as_pair(config.get('image_size', 224)))
+
+  normalization = (hf_format.input_normalization(path, num_channels)
+                   if fold_normalization else None)
+  if normalization is not None:
+    params['embedding'] = torch_layouts.fold_input_normalization(
+        params['embedding'], *normalization)
+  return params, _model_config(path, config, params, sizes)
+
+
+def load_hf_labels(path: PathLike) -> Optional[Dict[int, str]]:
+  """`id2label` of an HF classification directory ({class index: name});
+  None for a ViTModel (whose config carries HF's default two labels)."""
+  config = hf_format.read_hf_config(path)
+  id2label = config.get('id2label')
+  if not id2label or 'ViTModel' in (config.get('architectures') or ()):
+    return None
+  return {int(k): v for k, v in id2label.items()}
+
+
+class _Sizes(NamedTuple):
+  """The architecture `config.json` describes."""
+  hidden: int
+  num_heads: int
+  num_layers: int
+  mlp_dim: int
+  patch: Tuple[int, int]
+  approximate_gelu: bool
+
+
+def _read_sizes(path: str, config: Mapping[str, Any]) -> _Sizes:
+  """The sizes and GELU of `config.json`, checked to describe our ViT."""
   hidden = int(config.get('hidden_size', 768))
   num_heads = int(config.get('num_attention_heads', 12))
   num_layers = int(config.get('num_hidden_layers', 12))
   mlp_dim = int(config.get('intermediate_size', 3072))
-  patch = as_pair(config.get('patch_size', 16))
+  patch = hf_format.as_pair(config.get('patch_size', 16))
   hidden_act = config.get('hidden_act', 'gelu')
   if hidden_act not in _GELU_APPROXIMATE:
     raise checkpoint.CheckpointError(
@@ -296,9 +164,15 @@ def load_hf(path: PathLike, *,
     raise checkpoint.CheckpointError(
         f'{path}: hidden_size {hidden} is not divisible by '
         f'num_attention_heads {num_heads}.')
+  return _Sizes(hidden=hidden, num_heads=num_heads, num_layers=num_layers,
+                mlp_dim=mlp_dim, patch=patch,
+                approximate_gelu=_GELU_APPROXIMATE[hidden_act])
 
-  is_classifier = 'classifier.weight' in weights
-  has_pooler = 'pooler.dense.weight' in weights and not is_classifier
+
+def _check_names(path: str, config: Mapping[str, Any],
+                 weights: Mapping[str, np.ndarray], *, num_layers: int,
+                 is_classifier: bool, has_pooler: bool) -> None:
+  """The weights are exactly those of a ViT of `config.json`."""
   if has_pooler and config.get('pooler_act', 'tanh') != 'tanh':
     raise checkpoint.CheckpointError(
         f'{path}: pooler_act={config.get("pooler_act")!r}; our pre_logits '
@@ -323,70 +197,42 @@ def load_hf(path: PathLike, *,
         + (f'\n  unexpected: {_short_list(unexpected)}' if unexpected else '')
         + '\nRe-export the model with `save_pretrained`, or fix config.json.')
 
-  w = weights
-  params: Params = {
-      'embedding': torch_layouts.conv_from_torch(
-          w['embeddings.patch_embeddings.projection.weight'],
-          w['embeddings.patch_embeddings.projection.bias']),
-      'cls': w['embeddings.cls_token'],
-      'Transformer': {
-          'posembed_input': {
-              'pos_embedding': w['embeddings.position_embeddings']},
-          'encoder_norm': _layernorm(w, 'layernorm'),
-      },
-  }
-  for i in range(num_layers):
-    params['Transformer'][f'encoderblock_{i}'] = _block_from_hf(
-        w, f'encoder.layer.{i}.', num_heads)
+
+def _params_from_hf(w: Mapping[str, np.ndarray], sizes: _Sizes, *,
+                    is_classifier: bool, has_pooler: bool) -> Params:
+  """HF weights (canonical names, checked) -> our parameter tree."""
+  pre_logits = head = None
   if has_pooler:
-    params['pre_logits'] = torch_layouts.dense_from_linear(
+    pre_logits = torch_layouts.dense_from_linear(
         w['pooler.dense.weight'], w['pooler.dense.bias'])
   if is_classifier:
-    params['head'] = torch_layouts.dense_from_linear(
+    head = torch_layouts.dense_from_linear(
         w['classifier.weight'], w['classifier.bias'])
+  return converter_output.params_tree(
+      embedding=torch_layouts.conv_from_torch(
+          w['embeddings.patch_embeddings.projection.weight'],
+          w['embeddings.patch_embeddings.projection.bias']),
+      cls=w['embeddings.cls_token'],
+      pos_embedding=w['embeddings.position_embeddings'],
+      encoder_norm=_layernorm(w, 'layernorm'),
+      blocks=[_block_from_hf(w, f'encoder.layer.{i}.', sizes.num_heads)
+              for i in range(sizes.num_layers)],
+      pre_logits=pre_logits, head=head)
 
-  num_channels = int(config.get('num_channels', 3))
-  _check_shapes(path, params, hidden=hidden, mlp_dim=mlp_dim, patch=patch,
-                num_channels=num_channels,
-                image_size=as_pair(config.get('image_size', 224)))
 
-  normalization = (_input_normalization(path, num_channels)
-                   if fold_normalization else None)
-  if normalization is not None:
-    params['embedding'] = torch_layouts.fold_input_normalization(
-        params['embedding'], *normalization)
-
-  model_config = ml_collections.ConfigDict(dict(
-      model_name=os.path.basename(os.path.normpath(path)),
-      num_classes=(int(params['head']['bias'].shape[0]) if is_classifier
-                   else None),
-      patches=ml_collections.ConfigDict({'size': patch}),
-      hidden_size=hidden,
-      transformer=ml_collections.ConfigDict(dict(
-          num_layers=num_layers,
-          mlp_dim=mlp_dim,
-          num_heads=num_heads,
-          dropout_rate=float(config.get('hidden_dropout_prob', 0.)),
-          attention_dropout_rate=float(
-              config.get('attention_probs_dropout_prob', 0.)),
-      )),
-      representation_size=(int(params['pre_logits']['bias'].shape[0])
-                           if has_pooler else None),
-      classifier='token',
+def _model_config(path: str, config: Mapping[str, Any], params: Params,
+                  sizes: _Sizes) -> ml_collections.ConfigDict:
+  """The `VisionTransformer` fields of the loaded model, HF's numerics."""
+  return converter_output.model_config(
+      params, model_name=os.path.basename(os.path.normpath(path)),
+      patch=sizes.patch, hidden_size=sizes.hidden,
+      num_layers=sizes.num_layers, mlp_dim=sizes.mlp_dim,
+      num_heads=sizes.num_heads,
+      dropout_rate=float(config.get('hidden_dropout_prob', 0.)),
+      attention_dropout_rate=float(
+          config.get('attention_probs_dropout_prob', 0.)),
       layernorm_epsilon=float(config.get('layer_norm_eps', 1e-12)),
-      approximate_gelu=_GELU_APPROXIMATE[hidden_act],
-  ))
-  return params, model_config
-
-
-def load_hf_labels(path: PathLike) -> Optional[Dict[int, str]]:
-  """`id2label` of an HF classification directory ({class index: name});
-  None for a ViTModel (whose config carries HF's default two labels)."""
-  config = read_hf_config(path)
-  id2label = config.get('id2label')
-  if not id2label or 'ViTModel' in (config.get('architectures') or ()):
-    return None
-  return {int(k): v for k, v in id2label.items()}
+      approximate_gelu=sizes.approximate_gelu)
 
 
 def _expected_names(num_layers: int, is_classifier: bool, has_pooler: bool,
@@ -396,7 +242,7 @@ def _expected_names(num_layers: int, is_classifier: bool, has_pooler: bool,
            'embeddings.patch_embeddings.projection.bias',
            'layernorm.weight', 'layernorm.bias']
   for i in range(num_layers):
-    for module, _ in BLOCK_MODULES:
+    for module, _ in hf_format.BLOCK_MODULES:
       names.append(f'encoder.layer.{i}.{module}.weight')
       if qkv_bias or module.split('.')[-1] not in ('query', 'key', 'value'):
         names.append(f'encoder.layer.{i}.{module}.bias')
@@ -413,7 +259,7 @@ def _layernorm(w, name: str) -> Params:
 
 def _block_from_hf(w, prefix: str, num_heads: int) -> Params:
   block: Params = {}
-  for module, ours in BLOCK_MODULES:
+  for module, ours in hf_format.BLOCK_MODULES:
     weight = w[f'{prefix}{module}.weight']
     bias = w.get(f'{prefix}{module}.bias')  # None: qkv_bias=False.
     if ours.startswith('LayerNorm'):

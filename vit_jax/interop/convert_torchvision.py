@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax.interop import converter_output
 from vit_jax.interop import torch_layouts
 
 Params = Dict[str, Any]
@@ -159,6 +160,30 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
       conv-stem variant, or a width with no default head count.
   """
   w = read_state_dict(state_dict_or_path)
+  _check_is_torchvision_vit(w)
+  hidden, _, ph, pw = w['conv_proj.weight'].shape
+  num_layers = _num_layers(w)
+  num_heads = _num_heads(hidden, num_heads)
+  has_head = 'heads.head.weight' in w
+  has_pre_logits = 'heads.pre_logits.weight' in w
+  _check_names(w, num_layers, has_head=has_head,
+               has_pre_logits=has_pre_logits)
+  mlp_dim = w['encoder.layers.encoder_layer_0.mlp.0.weight'].shape[0]
+  _check_shapes(w, num_layers, hidden=hidden, mlp_dim=mlp_dim)
+
+  params = _params(w, num_layers, num_heads)
+  if fold_normalization:
+    params['embedding'] = torch_layouts.fold_input_normalization(
+        params['embedding'], *_normalization_for_minus1_1())
+  return params, converter_output.model_config(
+      params, model_name='torchvision', patch=(int(ph), int(pw)),
+      hidden_size=int(hidden), num_layers=num_layers, mlp_dim=int(mlp_dim),
+      num_heads=int(num_heads), dropout_rate=0., attention_dropout_rate=0.,
+      layernorm_epsilon=LAYERNORM_EPSILON, approximate_gelu=False)
+
+
+def _check_is_torchvision_vit(w: Mapping[str, np.ndarray]) -> None:
+  """A patch-embedding ViT with torchvision's names, or CheckpointError."""
   if any(n.startswith('conv_proj.conv_') for n in w):
     raise checkpoint.CheckpointError(
         'The state dict has a convolutional stem (conv_proj.conv_bn_relu_*, '
@@ -170,12 +195,19 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
           f'VisionTransformer (keys start {sorted(w)[:6]}). Pass '
           '`torchvision.models.vit_b_16(...).state_dict()` or a file of one.')
 
-  hidden, _, ph, pw = w['conv_proj.weight'].shape
+
+def _num_layers(w: Mapping[str, np.ndarray]) -> int:
+  """The number of encoder layers, checked to be numbered from 0."""
   layer_ids = sorted({int(m.group(1)) for n in w if (m := _LAYER.match(n))})
   num_layers = len(layer_ids)
   if layer_ids != list(range(num_layers)):
     raise checkpoint.CheckpointError(
         f'Encoder layers {layer_ids} are not numbered 0..{num_layers - 1}.')
+  return num_layers
+
+
+def _num_heads(hidden: int, num_heads: Optional[int]) -> int:
+  """`num_heads`, or the default of the width; checked to divide it."""
   if num_heads is None:
     if hidden not in DEFAULT_NUM_HEADS:
       raise checkpoint.CheckpointError(
@@ -185,9 +217,12 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
   if hidden % num_heads:
     raise checkpoint.CheckpointError(
         f'num_heads={num_heads} does not divide the width {hidden}.')
+  return num_heads
 
-  has_head = 'heads.head.weight' in w
-  has_pre_logits = 'heads.pre_logits.weight' in w
+
+def _check_names(w: Mapping[str, np.ndarray], num_layers: int, *,
+                 has_head: bool, has_pre_logits: bool) -> None:
+  """The state dict holds exactly the weights of its ViT."""
   expected = _expected_names(num_layers, has_head, has_pre_logits)
   missing = sorted(set(expected) - set(w))
   unexpected = sorted(set(w) - set(expected))
@@ -198,50 +233,27 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
         + (f'\n  unexpected: {_short_list(unexpected)}'
            if unexpected else '')
         + '\nPass the complete `model.state_dict()`.')
-  mlp_dim = w['encoder.layers.encoder_layer_0.mlp.0.weight'].shape[0]
-  _check_shapes(w, num_layers, hidden=hidden, mlp_dim=mlp_dim)
 
-  params: Params = {
-      'embedding': torch_layouts.conv_from_torch(w['conv_proj.weight'],
-                                                 w['conv_proj.bias']),
-      'cls': w['class_token'],
-      'Transformer': {
-          'posembed_input': {'pos_embedding': w['encoder.pos_embedding']},
-          'encoder_norm': _layernorm(w, 'encoder.ln'),
-      },
-  }
-  for i in range(num_layers):
-    params['Transformer'][f'encoderblock_{i}'] = _block(
-        w, f'encoder.layers.encoder_layer_{i}.', num_heads)
-  if has_pre_logits:
-    params['pre_logits'] = torch_layouts.dense_from_linear(
+
+def _params(w: Mapping[str, np.ndarray], num_layers: int,
+            num_heads: int) -> Params:
+  """The state dict (checked) -> our parameter tree."""
+  pre_logits = head = None
+  if 'heads.pre_logits.weight' in w:
+    pre_logits = torch_layouts.dense_from_linear(
         w['heads.pre_logits.weight'], w['heads.pre_logits.bias'])
-  if has_head:
-    params['head'] = torch_layouts.dense_from_linear(
+  if 'heads.head.weight' in w:
+    head = torch_layouts.dense_from_linear(
         w['heads.head.weight'], w['heads.head.bias'])
-  if fold_normalization:
-    params['embedding'] = torch_layouts.fold_input_normalization(
-        params['embedding'], *_normalization_for_minus1_1())
-
-  model_config = ml_collections.ConfigDict(dict(
-      model_name='torchvision',
-      num_classes=int(params['head']['bias'].shape[0]) if has_head else None,
-      patches=ml_collections.ConfigDict({'size': (int(ph), int(pw))}),
-      hidden_size=int(hidden),
-      transformer=ml_collections.ConfigDict(dict(
-          num_layers=num_layers,
-          mlp_dim=int(mlp_dim),
-          num_heads=int(num_heads),
-          dropout_rate=0.,
-          attention_dropout_rate=0.,
-      )),
-      representation_size=(int(params['pre_logits']['bias'].shape[0])
-                           if has_pre_logits else None),
-      classifier='token',
-      layernorm_epsilon=LAYERNORM_EPSILON,
-      approximate_gelu=False,
-  ))
-  return params, model_config
+  return converter_output.params_tree(
+      embedding=torch_layouts.conv_from_torch(w['conv_proj.weight'],
+                                              w['conv_proj.bias']),
+      cls=w['class_token'],
+      pos_embedding=w['encoder.pos_embedding'],
+      encoder_norm=_layernorm(w, 'encoder.ln'),
+      blocks=[_block(w, f'encoder.layers.encoder_layer_{i}.', num_heads)
+              for i in range(num_layers)],
+      pre_logits=pre_logits, head=head)
 
 
 def _expected_names(num_layers: int, has_head: bool, has_pre_logits: bool):

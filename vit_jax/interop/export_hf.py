@@ -6,26 +6,30 @@
 for a model without head) loads with no missing or unexpected weights, and
 whose outputs are ours (`tests/test_interop_hf.py`). The inverse of
 `convert_hf.load_hf`, whose module docstring lists the differences between
-the two models.
+the two models; the file names and the per-block module names both share are
+in `hf_format`.
 """
 
 import json
 import math
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Tuple, Union
 
 import flax.linen as nn
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.interop import convert_hf
+from vit_jax.interop import hf_format
 from vit_jax.interop import torch_layouts
 from vit_jax.params import npz
 from vit_jax.params import trees
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
+
+
 
 
 def _field(model_config, name: str, default=None):
@@ -65,6 +69,29 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
       'token', a ResNet stem, a non-learned position embedding, a
       `pre_logits` layer in front of a head), or bad `id2label`/`image_size`.
   """
+  num_classes, representation_size = _exportable(model_config)
+  tree, layers = _float_tree(params, num_classes, representation_size)
+  shapes = _read_shapes(tree)
+  image_hw = _image_size(image_size, shapes.num_tokens, shapes.patch)
+
+  weights = _hf_weights(tree, layers, num_classes, representation_size)
+  prefix = 'vit.' if num_classes else ''
+  weights = {(k if k.startswith('classifier.') else prefix + k): v
+             for k, v in weights.items()}
+
+  labels = _id2label(id2label, num_classes)
+  config = _hf_config(model_config, shapes, num_layers=len(layers),
+                      image_hw=image_hw, num_classes=num_classes,
+                      representation_size=representation_size)
+  if labels is not None:
+    config['id2label'] = {str(k): v for k, v in labels.items()}
+    config['label2id'] = {v: k for k, v in labels.items()}
+  _write_files(path, weights, config,
+               _preprocessor_config(image_hw, shapes.channels))
+
+
+def _exportable(model_config) -> Tuple[int, Any]:
+  """(num_classes, representation_size) of a model HF's ViT can express."""
   classifier = _field(model_config, 'classifier', 'token')
   if classifier != 'token':
     raise ValueError(
@@ -87,7 +114,12 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
         'Export the backbone as a ViTModel (num_classes=0: pre_logits becomes '
         'the pooler, the head is dropped) or fine-tune with '
         'representation_size=None.')
+  return num_classes, representation_size
 
+
+def _float_tree(params: Mapping[str, Any], num_classes: int,
+                representation_size) -> Tuple[Params, List[int]]:
+  """Our float32 tree under linen names, and its encoder block indices."""
   tree = npz.canonicalize(params)
   flat = {k: np.asarray(v, np.float32)
           for k, v in trees.flatten_tree(tree).items()}
@@ -104,7 +136,22 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
   if representation_size is not None and 'pre_logits' not in tree:
     raise ValueError(f'save_hf: representation_size={representation_size} '
                      'but params have no pre_logits.')
+  return tree, layers
 
+
+class _Shapes(NamedTuple):
+  """The sizes of the model, read off its parameters."""
+  patch: Tuple[int, int]
+  channels: int
+  hidden: int
+  num_heads: int
+  mlp_dim: int
+  num_tokens: int
+
+
+def _read_shapes(tree: Params) -> _Shapes:
+  """Patch, channels, width, heads, MLP width and tokens of `tree`."""
+  transformer = tree['Transformer']
   ph, pw, channels, hidden = tree['embedding']['kernel'].shape
   query = transformer['encoderblock_0']['MultiHeadDotProductAttention_0'][
       'query']['kernel']
@@ -112,23 +159,24 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
   mlp_dim = transformer['encoderblock_0']['MlpBlock_0']['Dense_0'][
       'kernel'].shape[1]
   num_tokens = transformer['posembed_input']['pos_embedding'].shape[1] - 1
-  image_hw = _image_size(image_size, num_tokens, (ph, pw))
+  return _Shapes(patch=(ph, pw), channels=channels, hidden=hidden,
+                 num_heads=num_heads, mlp_dim=mlp_dim, num_tokens=num_tokens)
 
-  weights = _hf_weights(tree, layers, num_classes, representation_size)
-  prefix = 'vit.' if num_classes else ''
-  weights = {(k if k.startswith('classifier.') else prefix + k): v
-             for k, v in weights.items()}
 
-  labels = _id2label(id2label, num_classes)
+def _hf_config(model_config, shapes: _Shapes, *, num_layers: int,
+               image_hw: Tuple[int, int], num_classes: int,
+               representation_size) -> Dict[str, Any]:
+  """`config.json` (without labels): our sizes and numerics in HF's names."""
+  ph, pw = shapes.patch
   transformer_config = _field(model_config, 'transformer') or {}
-  config = {
+  return {
       'architectures': ['ViTForImageClassification' if num_classes
                         else 'ViTModel'],
-      'model_type': convert_hf.MODEL_TYPE,
-      'hidden_size': int(hidden),
-      'num_hidden_layers': len(layers),
-      'num_attention_heads': int(num_heads),
-      'intermediate_size': int(mlp_dim),
+      'model_type': hf_format.MODEL_TYPE,
+      'hidden_size': int(shapes.hidden),
+      'num_hidden_layers': num_layers,
+      'num_attention_heads': int(shapes.num_heads),
+      'intermediate_size': int(shapes.mlp_dim),
       'hidden_act': ('gelu_pytorch_tanh'
                      if _field(model_config, 'approximate_gelu', True)
                      else 'gelu'),
@@ -139,18 +187,20 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
       'image_size': (image_hw[0] if image_hw[0] == image_hw[1]
                      else list(image_hw)),
       'patch_size': int(ph) if ph == pw else [int(ph), int(pw)],
-      'num_channels': int(channels),
+      'num_channels': int(shapes.channels),
       'qkv_bias': True,
       'encoder_stride': int(ph),
-      'pooler_output_size': int(representation_size or hidden),
+      'pooler_output_size': int(representation_size or shapes.hidden),
       'pooler_act': 'tanh',
       'initializer_range': 0.02,
       'dtype': 'float32',
   }
-  if labels is not None:
-    config['id2label'] = {str(k): v for k, v in labels.items()}
-    config['label2id'] = {v: k for k, v in labels.items()}
-  preprocessor = {
+
+
+def _preprocessor_config(image_hw: Tuple[int, int],
+                         channels: int) -> Dict[str, Any]:
+  """`preprocessor_config.json`: a ViTImageProcessor giving [-1, 1] pixels."""
+  return {
       'image_processor_type': 'ViTImageProcessor',
       'do_resize': True,
       'size': {'height': image_hw[0], 'width': image_hw[1]},
@@ -163,16 +213,21 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
       'image_std': [0.5] * channels,
   }
 
+
+def _write_files(path: PathLike, weights: Mapping[str, np.ndarray],
+                 config: Mapping[str, Any],
+                 preprocessor: Mapping[str, Any]) -> None:
+  """Writes the safetensors weights and the two JSON configs into `path`."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   safetensors_numpy.save_file(
       {k: np.ascontiguousarray(v) for k, v in weights.items()},
-      os.path.join(path, convert_hf.SAFETENSORS_NAME),
+      os.path.join(path, hf_format.SAFETENSORS_NAME),
       # transformers refuses safetensors files without a framework tag.
       metadata={'format': 'pt'})
-  for name, content in ((convert_hf.CONFIG_NAME, config),
-                        (convert_hf.PREPROCESSOR_NAME, preprocessor)):
+  for name, content in ((hf_format.CONFIG_NAME, config),
+                        (hf_format.PREPROCESSOR_NAME, preprocessor)):
     with open(os.path.join(path, name), 'w', encoding='utf-8') as f:
       json.dump(content, f, indent=2, sort_keys=True)
       f.write('\n')
@@ -181,7 +236,7 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
 def _image_size(image_size, num_tokens: int,
                 patch: Tuple[int, int]) -> Tuple[int, int]:
   if image_size is not None:
-    h, w = convert_hf.as_pair(image_size)
+    h, w = hf_format.as_pair(image_size)
     if h % patch[0] or w % patch[1] or (
         (h // patch[0]) * (w // patch[1]) != num_tokens):
       raise ValueError(
@@ -231,7 +286,7 @@ def _hf_weights(tree: Params, layers: Sequence[int], num_classes: int,
   }
   for i in layers:
     block = transformer[f'encoderblock_{i}']
-    for module, ours in convert_hf.BLOCK_MODULES:
+    for module, ours in hf_format.BLOCK_MODULES:
       node = block
       for part in ours.split('/'):
         node = node[part]
