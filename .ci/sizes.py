@@ -28,7 +28,6 @@ KNOWN = {
     'vit_jax/models_vit.py:Encoder.__call__': 81,
     'vit_jax/train.py': 609,
     'vit_jax/train.py:_train_and_evaluate': 134,
-    'vit_jax/training/sharding.py:make_sharded_update_fn': 107,
 }
 
 

@@ -20,6 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from vit_jax.training import device_mesh  # pylint: disable=wrong-import-position
+from vit_jax.training import sharded_step  # pylint: disable=wrong-import-position
 from vit_jax.training import sharding  # pylint: disable=wrong-import-position
 
 # Leaves of the tiny model with at least this many elements are sharded:
@@ -35,7 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from vit_jax import models, train
-from vit_jax.training import objectives, optim, progress, sharding
+from vit_jax.training import device_mesh, objectives, optim, progress
+from vit_jax.training import sharded_step, sharding
 
 assert jax.device_count() == 8, jax.devices()
 MIN_SIZE = %(min_size)d
@@ -100,13 +103,13 @@ def run_single_device():
 
 
 def run_sharded(mdl, devices, accum_steps):
-  mesh = sharding.make_mesh(devices)
+  mesh = device_mesh.make_mesh(devices)
   ps = sharding.fsdp_shardings(params, mesh, min_size=MIN_SIZE)
   os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh,
                                 min_size=MIN_SIZE)
   p = sharding.shard_params(params, ps)
   o = jax.jit(tx.init, out_shardings=os_)(p)
-  update_fn = sharding.make_sharded_update_fn(
+  update_fn = sharded_step.make_sharded_update_fn(
       apply_fn=mdl.apply, tx=tx, mesh=mesh, param_shardings=ps,
       opt_shardings=os_, accum_steps=accum_steps)
   losses, rngs = [], []
@@ -280,7 +283,7 @@ def test_partition_spec_ties_and_one_shard():
 
 
 def test_single_device_mesh_replicates_and_round_trips():
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
   tree = {'w': np.arange(2**16, dtype=np.float32).reshape(256, 256),
           'b': np.ones(3, np.int32), 'count': np.int32(7)}
@@ -296,7 +299,7 @@ def test_single_device_mesh_replicates_and_round_trips():
 
 
 def test_shard_batch_layouts():
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   n = jax.local_device_count()
   image = np.arange(n * 2 * 4 * 4 * 3, dtype=np.float32).reshape(n, 2, 4, 4, 3)
   label = np.arange(n * 2 * 5, dtype=np.float32).reshape(n, 2, 5)
@@ -311,15 +314,15 @@ def test_shard_batch_layouts():
 
 
 def test_bad_input_errors():
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   with pytest.raises(ValueError, match='pmap_layout'):
     sharding.shard_batch({'x': np.zeros((2, 3))}, mesh)
   with pytest.raises(ValueError, match='no axis .model'):
     sharding.fsdp_shardings({'w': np.zeros(3)}, mesh, axis_name='model')
   with pytest.raises(ValueError, match='no devices'):
-    sharding.make_mesh([])
+    device_mesh.make_mesh([])
   with pytest.raises(ValueError, match='Unknown loss'):
-    sharding.make_sharded_update_fn(
+    sharded_step.make_sharded_update_fn(
         apply_fn=None, tx=None, mesh=mesh, param_shardings=None,
         opt_shardings=None, loss='l2')
 
@@ -334,10 +337,10 @@ def test_batch_not_divisible_by_accum_steps():
   import optax  # pylint: disable=g-import-not-at-top
   params = {'w': np.zeros((4 * 4 * 3, 3), np.float32)}
   tx = optax.sgd(0.1)
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   ps = sharding.fsdp_shardings(params, mesh)
   os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
-  update_fn = sharding.make_sharded_update_fn(
+  update_fn = sharded_step.make_sharded_update_fn(
       apply_fn=_linear_model, tx=tx, mesh=mesh, param_shardings=ps,
       opt_shardings=os_, accum_steps=3)
   batch = {'image': np.zeros((4 * jax.device_count(), 4, 4, 3), np.float32),
@@ -355,10 +358,10 @@ def test_eval_fn_counts_top1_hits_without_padding():
   labels = np.eye(5, dtype=np.float32)[rng.randint(0, 5, n)]
   labels[0] = 1.0  # multi-label: any class is a hit
   mask = (np.arange(n) < n - 3).astype(np.float32)  # 3 padding examples
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   ps = sharding.fsdp_shardings(params, mesh)
-  eval_fn = sharding.make_sharded_eval_fn(apply_fn=_linear_model, mesh=mesh,
-                                          param_shardings=ps)
+  eval_fn = sharded_step.make_sharded_eval_fn(
+      apply_fn=_linear_model, mesh=mesh, param_shardings=ps)
   correct, count = eval_fn(sharding.shard_params(params, ps),
                            {'image': images, 'label': labels, 'mask': mask})
   top1 = np.argmax(images.reshape(n, -1) @ params['w'], axis=-1)

@@ -20,16 +20,21 @@ The update has the semantics of `train.make_update_fn` (same loss functions,
 global-norm clipping over the whole gradient, same gradient accumulation), so
 on a deterministic model both give the same parameters up to float rounding;
 tests/test_sharding.py pins that on 8 devices. Dropout differs, see
-`make_sharded_update_fn`.
+`sharded_step.make_sharded_update_fn`.
+
+The modules: `device_mesh` (the mesh and its data axis), this one (where
+parameters, optimizer state and batches are placed, and `FsdpRunner`, the
+train loop's interface) and `sharded_step` (the jitted update and eval
+steps).
 
 Usage:
 
-  mesh = sharding.make_mesh()
+  mesh = device_mesh.make_mesh()
   param_shardings = sharding.fsdp_shardings(params, mesh)
   opt_shardings = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
   params = sharding.shard_params(params, param_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  update_fn = sharding.make_sharded_update_fn(
+  update_fn = sharded_step.make_sharded_update_fn(
       apply_fn=model.apply, tx=tx, mesh=mesh, param_shardings=param_shardings,
       opt_shardings=opt_shardings, accum_steps=config.accum_steps)
   for batch in ds_train:  # input_pipeline layout [devices, b, ...]
@@ -37,21 +42,18 @@ Usage:
         params, opt_state, sharding.shard_batch(batch, mesh), step_key)
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
-import optax
 
-from vit_jax import utils
-from vit_jax.training import objectives
+from vit_jax.training import device_mesh
+from vit_jax.training import sharded_step
 from vit_jax.training import trainable
 
-# The mesh axis the batch and the parameters are split along.
-DATA_AXIS = 'data'
 # Leaves with fewer elements stay replicated: biases, LayerNorm and scalars
 # cost more in per-leaf collectives than they save in memory. 2**16 float32
 # is 256 KiB; every weight matrix of ViT-B and larger is above it.
@@ -60,50 +62,11 @@ MIN_SHARD_SIZE = 2**16
 PyTree = Any
 
 
-# -------------------------------------------------------------------- mesh
-
-
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
-              axis_name: str = DATA_AXIS) -> Mesh:
-  """A 1-D mesh over `devices` (default: every device of every process).
-
-  `shard_batch` gives each device of the mesh one row block of the global
-  batch; with the default (`jax.devices()`, which on one host is
-  `jax.local_devices()`) row `d` of an input-pipeline batch
-  `[local_devices, b, ...]` lands on the same device as under pmap.
-
-  Args:
-    devices: the devices, in mesh order.
-    axis_name: the name of the data axis.
-
-  Returns:
-    A `Mesh` with one axis `axis_name` of size `len(devices)`.
-  """
-  devices = jax.devices() if devices is None else list(devices)
-  if not devices:
-    raise ValueError('make_mesh got no devices; pass None for all of them.')
-  return Mesh(np.asarray(devices, dtype=object).reshape(-1), (axis_name,))
-
-
-def _axis(mesh: Mesh, axis_name: Optional[str]) -> str:
-  """`axis_name`, or the mesh's only axis; checks that the mesh has it."""
-  if axis_name is None:
-    if len(mesh.axis_names) != 1:
-      raise ValueError(
-          f'The mesh has axes {mesh.axis_names}; pass axis_name= to say which '
-          'one is the data axis.')
-    return mesh.axis_names[0]
-  if axis_name not in mesh.axis_names:
-    raise ValueError(f'The mesh has no axis {axis_name!r} (axes: '
-                     f'{mesh.axis_names}); pass one of them as axis_name=.')
-  return axis_name
-
-
 # ------------------------------------------------------- parameter layout
 
 
 def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
-                        axis_name: str = DATA_AXIS,
+                        axis_name: str = device_mesh.DATA_AXIS,
                         min_size: int = MIN_SHARD_SIZE) -> P:
   """Where a leaf of `shape` is split over `num_shards` devices (FSDP rule).
 
@@ -143,14 +106,14 @@ def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
   Args:
     params_or_shapes: a pytree of arrays or of anything with `.shape`
       (`jax.ShapeDtypeStruct`).
-    mesh: the mesh (`make_mesh`).
+    mesh: the mesh (`device_mesh.make_mesh`).
     axis_name: the data axis (default: the mesh's only axis).
     min_size: leaves with fewer elements are replicated.
 
   Returns:
     A pytree of `NamedSharding` with the structure of `params_or_shapes`.
   """
-  axis = _axis(mesh, axis_name)
+  axis = device_mesh.data_axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, fsdp_partition_spec(
@@ -199,7 +162,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, *,
 
   Args:
     batch: pytree of host arrays, e.g. {'image', 'label', 'mask'}.
-    mesh: the mesh (`make_mesh`).
+    mesh: the mesh (`device_mesh.make_mesh`).
     axis_name: the data axis (default: the mesh's only axis).
     pmap_layout: whether leaves carry the leading device axis; None infers
       it from `batch['image']` (rank 5: yes, rank 4: no).
@@ -207,7 +170,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, *,
   Returns:
     The pytree of `jax.Array`s of shape `[global_batch, ...]`.
   """
-  axis = _axis(mesh, axis_name)
+  axis = device_mesh.data_axis(mesh, axis_name)
   if pmap_layout is None:
     image = batch.get('image') if isinstance(batch, dict) else None
     if image is None or np.ndim(image) not in (4, 5):
@@ -236,137 +199,6 @@ def shard_batch(batch: PyTree, mesh: Mesh, *,
   return jax.tree_util.tree_map(put, batch)
 
 
-# -------------------------------------------------------- train/eval step
-
-
-def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
-                           tx: optax.GradientTransformation,
-                           mesh: Mesh,
-                           param_shardings: PyTree,
-                           opt_shardings: PyTree,
-                           accum_steps: int = 1,
-                           loss: str = 'softmax_xent',
-                           axis_name: Optional[str] = None,
-                           loss_fn: Optional[Callable[..., Any]] = None,
-                           trainable_mask: Any = None
-                          ) -> Callable[..., Any]:
-  """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
-
-  Same loss (`objectives.LOSSES`), same mean over the global batch, same
-  accumulation as `train.make_update_fn`: each device's examples are cut
-  into `accum_steps` equal slices, and micro-batch `i` is slice `i` of every
-  device, so the same examples meet in a micro-batch as under pmap, and no
-  example moves between devices.
-
-  Dropout differs: pmap gives each device the key `fold_in(rng, device)`
-  for its own examples; here one key `rng` draws the masks of the whole
-  global batch. With `jax_threefry_partitionable` (on by default since JAX
-  0.5) each device draws only its own part, without communication, and the
-  masks do not depend on the number of devices or the mesh: a run is the
-  same on 1 or 8 devices. As under pmap, every micro-batch of one step uses
-  the same key.
-
-  Args:
-    apply_fn: the model's `apply`.
-    tx: the optimizer.
-    mesh: the mesh (`make_mesh`).
-    param_shardings: pytree of shardings of the parameters (`fsdp_shardings`).
-    opt_shardings: pytree of shardings of `tx.init(params)`.
-    accum_steps: micro-batches per device batch (0 or 1: none).
-    loss: a key of `objectives.LOSSES`.
-    axis_name: the data axis (default: the mesh's only axis).
-    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss` (`objectives.make_loss_fn`).
-    trainable_mask: as in `train.make_update_fn`: only the True leaves train
-      and `opt_state` (and `opt_shardings`) cover those alone.
-
-  Returns:
-    `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
-    new_rng)`, with `batch = {'image': [global_batch, H, W, C], 'label':
-    [global_batch, classes]}` (`shard_batch`) and one key `rng` (not one per
-    device). The loss is the mean over the global batch; `new_rng` is
-    `split(rng)[1]` as in `make_update_fn`. Parameters and optimizer state
-    must come in with the shardings given here (`shard_params`; jit refuses
-    jax.Arrays placed otherwise) and come back with them, so the step
-    compiles once. They are donated: do not use the arrays passed in
-    afterwards. Numpy batches and keys are placed on the fly.
-  """
-  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
-  axis = _axis(mesh, axis_name)
-  num_shards = mesh.shape[axis]
-  accum_steps = max(int(accum_steps or 1), 1)
-  batch_sharding = NamedSharding(mesh, P(axis))
-  replicated = NamedSharding(mesh, P())
-
-  def update_fn(params, opt_state, batch, rng):
-    _, new_rng = jax.random.split(rng)
-    images, labels = batch['image'], batch['label']
-    global_batch = images.shape[0]
-    if global_batch % (num_shards * accum_steps):
-      raise ValueError(
-          f'The global batch {global_batch} is not divisible by {num_shards} '
-          f'devices x accum_steps={accum_steps}; choose a batch that is a '
-          f'multiple of {num_shards * accum_steps}.')
-
-    train_part, _, merge = trainable.partition(params, trainable_mask)
-
-    def loss_wrt(train_part, images, labels):
-      return loss_fn(merge(train_part), images, labels, rng)
-
-    loss_and_grad = jax.value_and_grad(loss_wrt)
-    if accum_steps == 1:
-      l, g = loss_and_grad(train_part, images, labels)
-    else:
-      # [D * A * s] -> [A, D, s]: row block d (device d's examples) is cut
-      # into A slices, as pmap's per-device accumulation does. Reshape and
-      # transpose keep the device axis split, so no data moves. The array
-      # handed to `utils.accumulate_gradient` has A "examples" (one slice of
-      # every device each); it feeds them one at a time to `micro_step`.
-      def by_slice(x):
-        x = x.reshape((num_shards, accum_steps, -1) + x.shape[1:])
-        return jax.lax.with_sharding_constraint(
-            x.swapaxes(0, 1), NamedSharding(mesh, P(None, axis)))
-
-      def micro_step(train_part, images_1xDxS, labels_1xDxS):
-        flat = lambda x: jax.lax.with_sharding_constraint(
-            x.reshape((-1,) + x.shape[3:]), batch_sharding)
-        return loss_and_grad(train_part, flat(images_1xDxS),
-                             flat(labels_1xDxS))
-
-      l, g = utils.accumulate_gradient(micro_step, train_part,
-                                       by_slice(images), by_slice(labels),
-                                       accum_steps)
-    updates, opt_state = tx.update(g, opt_state, train_part)
-    params = merge(optax.apply_updates(train_part, updates))
-    return params, opt_state, l, new_rng
-
-  return jax.jit(
-      update_fn,
-      in_shardings=(param_shardings, opt_shardings, batch_sharding,
-                    replicated),
-      out_shardings=(param_shardings, opt_shardings, replicated, replicated),
-      donate_argnums=(0, 1))
-
-
-def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
-                         param_shardings: PyTree,
-                         axis_name: Optional[str] = None,
-                         counts_fn: Optional[Callable[..., Any]] = None
-                        ) -> Callable[..., Any]:
-  """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
-
-  As `train.make_eval_fn`, on a global batch (`shard_batch`): both counts
-  are over the global batch; `counts_fn` (default `objectives.top1_counts`)
-  computes them, `batch['mask']` keeping padding examples out.
-  """
-  axis = _axis(mesh, axis_name)
-  replicated = NamedSharding(mesh, P())
-  counts_fn = counts_fn or objectives.top1_counts(apply_fn)
-  return jax.jit(counts_fn,
-                 in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
-                 out_shardings=(replicated, replicated))
-
-
 # ------------------------------------------------------------ train loop
 
 
@@ -391,25 +223,25 @@ class FsdpRunner:
   def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
                trainable_mask, min_shard_size: int = MIN_SHARD_SIZE,
                confusion_fn=None):
-    self.mesh = make_mesh()
+    self.mesh = device_mesh.make_mesh()
     shapes = jax.eval_shape(lambda p: p, params)
     self.param_shardings = fsdp_shardings(shapes, self.mesh,
                                           min_size=min_shard_size)
     train_shapes = trainable.partition(shapes, trainable_mask)[0]
     self.opt_shardings = fsdp_shardings(jax.eval_shape(tx.init, train_shapes),
                                         self.mesh, min_size=min_shard_size)
-    self._update = make_sharded_update_fn(
+    self._update = sharded_step.make_sharded_update_fn(
         apply_fn=None, tx=tx, mesh=self.mesh,
         param_shardings=self.param_shardings,
         opt_shardings=self.opt_shardings, accum_steps=accum_steps,
         loss_fn=loss_fn, trainable_mask=trainable_mask)
-    self._eval = make_sharded_eval_fn(
+    self._eval = sharded_step.make_sharded_eval_fn(
         apply_fn=None, mesh=self.mesh, param_shardings=self.param_shardings,
         counts_fn=counts_fn)
     self._confusion = confusion_fn and jax.jit(
-        confusion_fn, in_shardings=(self.param_shardings,
-                                    NamedSharding(self.mesh, P(_axis(
-                                        self.mesh, None)))),
+        confusion_fn,
+        in_shardings=(self.param_shardings, NamedSharding(
+            self.mesh, P(device_mesh.data_axis(self.mesh, None)))),
         out_shardings=NamedSharding(self.mesh, P()))
 
   def place(self, params, opt_state):

@@ -1,0 +1,180 @@
+"""The jitted train and eval steps of sharded (FSDP-style) training.
+
+`make_sharded_update_fn` is `train.make_update_fn` without pmap: one
+`jax.jit` over a device mesh (`device_mesh.make_mesh`) that takes the
+parameters and optimizer state placed as `sharding.fsdp_shardings` says and
+the global batch split along the data axis (`sharding.shard_batch`), and
+gives them back placed the same way; `make_sharded_eval_fn` counts top-1 hits
+on such a batch. `sharding` describes the scheme and its `FsdpRunner` drives
+both steps in the train loop:
+
+  update_fn = sharded_step.make_sharded_update_fn(
+      apply_fn=model.apply, tx=tx, mesh=mesh, param_shardings=param_shardings,
+      opt_shardings=opt_shardings, accum_steps=config.accum_steps)
+  params, opt_state, loss, rng = update_fn(params, opt_state, batch, rng)
+"""
+
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import optax
+
+from vit_jax import utils
+from vit_jax.training import device_mesh
+from vit_jax.training import objectives
+from vit_jax.training import trainable
+
+PyTree = Any
+
+
+def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
+                           tx: optax.GradientTransformation,
+                           mesh: Mesh,
+                           param_shardings: PyTree,
+                           opt_shardings: PyTree,
+                           accum_steps: int = 1,
+                           loss: str = 'softmax_xent',
+                           axis_name: Optional[str] = None,
+                           loss_fn: Optional[Callable[..., Any]] = None,
+                           trainable_mask: Any = None
+                          ) -> Callable[..., Any]:
+  """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
+
+  Same loss (`objectives.LOSSES`), same mean over the global batch, same
+  accumulation as `train.make_update_fn`: each device's examples are cut
+  into `accum_steps` equal slices, and micro-batch `i` is slice `i` of every
+  device, so the same examples meet in a micro-batch as under pmap, and no
+  example moves between devices.
+
+  Dropout differs: pmap gives each device the key `fold_in(rng, device)`
+  for its own examples; here one key `rng` draws the masks of the whole
+  global batch. With `jax_threefry_partitionable` (on by default since JAX
+  0.5) each device draws only its own part, without communication, and the
+  masks do not depend on the number of devices or the mesh: a run is the
+  same on 1 or 8 devices. As under pmap, every micro-batch of one step uses
+  the same key.
+
+  Args:
+    apply_fn: the model's `apply`.
+    tx: the optimizer.
+    mesh: the mesh (`device_mesh.make_mesh`).
+    param_shardings: pytree of shardings of the parameters
+      (`sharding.fsdp_shardings`).
+    opt_shardings: pytree of shardings of `tx.init(params)`.
+    accum_steps: micro-batches per device batch (0 or 1: none).
+    loss: a key of `objectives.LOSSES`.
+    axis_name: the data axis (default: the mesh's only axis).
+    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
+      loss` (`objectives.make_loss_fn`).
+    trainable_mask: as in `train.make_update_fn`: only the True leaves train
+      and `opt_state` (and `opt_shardings`) cover those alone.
+
+  Returns:
+    `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
+    new_rng)`, with `batch = {'image': [global_batch, H, W, C], 'label':
+    [global_batch, classes]}` (`sharding.shard_batch`) and one key `rng` (not
+    one per device). The loss is the mean over the global batch; `new_rng` is
+    `split(rng)[1]` as in `make_update_fn`. Parameters and optimizer state
+    must come in with the shardings given here (`sharding.shard_params`; jit
+    refuses jax.Arrays placed otherwise) and come back with them, so the step
+    compiles once. They are donated: do not use the arrays passed in
+    afterwards. Numpy batches and keys are placed on the fly.
+  """
+  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
+  axis = device_mesh.data_axis(mesh, axis_name)
+  accum_steps = max(int(accum_steps or 1), 1)
+  batch_sharding = NamedSharding(mesh, P(axis))
+  replicated = NamedSharding(mesh, P())
+  update_fn = _update_fn(loss_fn=loss_fn, tx=tx, mesh=mesh, axis=axis,
+                         accum_steps=accum_steps,
+                         trainable_mask=trainable_mask)
+  return jax.jit(
+      update_fn,
+      in_shardings=(param_shardings, opt_shardings, batch_sharding,
+                    replicated),
+      out_shardings=(param_shardings, opt_shardings, replicated, replicated),
+      donate_argnums=(0, 1))
+
+
+def _update_fn(*, loss_fn: Callable[..., Any],
+               tx: optax.GradientTransformation, mesh: Mesh, axis: str,
+               accum_steps: int, trainable_mask: Any) -> Callable[..., Any]:
+  """The step `make_sharded_update_fn` jits, on global arrays."""
+  num_shards = mesh.shape[axis]
+
+  def update_fn(params, opt_state, batch, rng):
+    _, new_rng = jax.random.split(rng)
+    images, labels = batch['image'], batch['label']
+    global_batch = images.shape[0]
+    if global_batch % (num_shards * accum_steps):
+      raise ValueError(
+          f'The global batch {global_batch} is not divisible by {num_shards} '
+          f'devices x accum_steps={accum_steps}; choose a batch that is a '
+          f'multiple of {num_shards * accum_steps}.')
+
+    train_part, _, merge = trainable.partition(params, trainable_mask)
+
+    def loss_wrt(train_part, images, labels):
+      return loss_fn(merge(train_part), images, labels, rng)
+
+    loss_and_grad = jax.value_and_grad(loss_wrt)
+    if accum_steps == 1:
+      l, g = loss_and_grad(train_part, images, labels)
+    else:
+      l, g = _accumulate(loss_and_grad, train_part, images, labels, mesh=mesh,
+                         axis=axis, accum_steps=accum_steps)
+    updates, opt_state = tx.update(g, opt_state, train_part)
+    params = merge(optax.apply_updates(train_part, updates))
+    return params, opt_state, l, new_rng
+
+  return update_fn
+
+
+def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree,
+                images, labels, *, mesh: Mesh, axis: str, accum_steps: int):
+  """(loss, grad) over `accum_steps` micro-batches cut as pmap cuts them."""
+  num_shards = mesh.shape[axis]
+  batch_sharding = NamedSharding(mesh, P(axis))
+
+  # [D * A * s] -> [A, D, s]: row block d (device d's examples) is cut
+  # into A slices, as pmap's per-device accumulation does. Reshape and
+  # transpose keep the device axis split, so no data moves. The array
+  # handed to `utils.accumulate_gradient` has A "examples" (one slice of
+  # every device each); it feeds them one at a time to `micro_step`.
+  def by_slice(x):
+    x = x.reshape((num_shards, accum_steps, -1) + x.shape[1:])
+    return jax.lax.with_sharding_constraint(
+        x.swapaxes(0, 1), NamedSharding(mesh, P(None, axis)))
+
+  def micro_step(train_part, images_1xDxS, labels_1xDxS):
+    flat = lambda x: jax.lax.with_sharding_constraint(
+        x.reshape((-1,) + x.shape[3:]), batch_sharding)
+    return loss_and_grad(train_part, flat(images_1xDxS),
+                         flat(labels_1xDxS))
+
+  return utils.accumulate_gradient(micro_step, train_part,
+                                   by_slice(images), by_slice(labels),
+                                   accum_steps)
+
+
+def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
+                         param_shardings: PyTree,
+                         axis_name: Optional[str] = None,
+                         counts_fn: Optional[Callable[..., Any]] = None
+                        ) -> Callable[..., Any]:
+  """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
+
+  As `train.make_eval_fn`, on a global batch (`sharding.shard_batch`): both
+  counts are over the global batch; `counts_fn` (default
+  `objectives.top1_counts`) computes them, `batch['mask']` keeping padding
+  examples out.
+  """
+  axis = device_mesh.data_axis(mesh, axis_name)
+  replicated = NamedSharding(mesh, P())
+  counts_fn = counts_fn or objectives.top1_counts(apply_fn)
+  return jax.jit(counts_fn,
+                 in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
+                 out_shardings=(replicated, replicated))
