@@ -22,8 +22,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 KNOWN = {
     'bench/throughput.py': 1042,
     'bench/throughput.py:main': 244,
-    'vit_jax/input_pipeline.py': 713,
-    'vit_jax/input_pipeline.py:get_datasets': 108,
     'vit_jax/models_vit.py': 660,
     'vit_jax/models_vit.py:Encoder.__call__': 81,
     'vit_jax/train.py': 609,

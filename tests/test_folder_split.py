@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from vit_jax.data import dataset_report
 from vit_jax.data import folder_split
+from vit_jax.data import image_folders
 from vit_jax import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,8 +197,8 @@ def test_single_tree_info_and_split(flowers):
   assert info['val']['num_skipped'] == 1  # broken.png
   assert info['val']['layout'] == 'single_tree'
 
-  train, train_labels, _, _ = input_pipeline._list_folder(flowers, 'train')
-  val, val_labels, _, _ = input_pipeline._list_folder(flowers, 'val')
+  train, train_labels, _, _ = image_folders.list_folder(flowers, 'train')
+  val, val_labels, _, _ = image_folders.list_folder(flowers, 'val')
   readable = {os.path.join(flowers, n, f'{i:02d}.png')
               for n in CHANNEL for i in range(PER_CLASS)}
   assert not set(train) & set(val)
@@ -207,9 +208,9 @@ def test_single_tree_info_and_split(flowers):
   for paths, labels in ((train, train_labels), (val, val_labels)):
     assert [os.path.basename(os.path.dirname(p)) for p in paths] == [
         ['daisy', 'roses', 'tulips'][k] for k in labels]
-  assert input_pipeline._list_folder(flowers, 'val')[0] == val  # same again
-  assert input_pipeline._list_folder(flowers, 'test')[0] == val  # alias
-  other = input_pipeline._list_folder(flowers, 'val', 0.2, 1)[0]
+  assert image_folders.list_folder(flowers, 'val')[0] == val  # same again
+  assert image_folders.list_folder(flowers, 'test')[0] == val  # alias
+  other = image_folders.list_folder(flowers, 'val', 0.2, 1)[0]
   assert sorted(other) != sorted(val) and len(other) == 6
   wider = input_pipeline.get_dataset_info(flowers, 'val', val_fraction=0.35)
   assert wider['num_examples'] == 12  # round(3.5) = 4 per class
@@ -240,7 +241,7 @@ def test_single_tree_batches_match_class_names(flowers, tmp_path, caplog):
   expected = {
       split: {(os.path.basename(os.path.dirname(p)),
                int(os.path.basename(p)[:2]))
-              for p in input_pipeline._list_folder(flowers, split)[0]}
+              for p in image_folders.list_folder(flowers, split)[0]}
       for split in ('train', 'val')}
   assert seen == expected
   assert len(seen['train']) == 24  # one epoch: each train image once
@@ -364,7 +365,7 @@ def test_class_with_one_image_trains_and_warns(tmp_path, caplog):
   assert list(train['int2str']) == ['lone', 'many']
   assert re.search(r"\['lone'\].*single image.*Add images",
                    caplog.text), caplog.text
-  labels = input_pipeline._list_folder(root, 'val')[1]
+  labels = image_folders.list_folder(root, 'val')[1]
   np.testing.assert_array_equal(labels, [1])  # 'many' keeps its index
   only_one = _tree(tmp_path / 'e', {'x': 1, 'y': 1})
   with pytest.raises(ValueError, match="'val' split.*is empty.*at least 2"):

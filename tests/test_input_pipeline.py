@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax.data import embedded_mnist
 from vit_jax import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,17 +53,17 @@ def _assert_batch(batch, lead, size, num_classes):
 
 
 def test_embedded_split_is_fixed_stratified_and_disjoint():
-  train_x, train_y = input_pipeline._embedded_split('train')
-  test_x, test_y = input_pipeline._embedded_split('test')
+  train_x, train_y = embedded_mnist.load_split('train')
+  test_x, test_y = embedded_mnist.load_split('test')
   assert train_x.shape == (4000, 28, 28, 1) and train_x.dtype == np.uint8
   assert test_x.shape == (1000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(train_y), [400] * 10)
   np.testing.assert_array_equal(np.bincount(test_y), [100] * 10)
-  train_idx = input_pipeline._embedded_indices('train')
-  test_idx = input_pipeline._embedded_indices('test')
+  train_idx = embedded_mnist.split_indices('train')
+  test_idx = embedded_mnist.split_indices('test')
   assert not set(train_idx) & set(test_idx)
   assert not {x.tobytes() for x in train_x} & {x.tobytes() for x in test_x}
-  np.testing.assert_array_equal(input_pipeline._embedded_indices('train'),
+  np.testing.assert_array_equal(embedded_mnist.split_indices('train'),
                                 train_idx)  # the same on every call
   # Pin the split itself: a change of seed or algorithm would move these.
   np.testing.assert_array_equal(test_idx[:5], [9, 25, 28, 31, 32])
@@ -112,7 +113,7 @@ def test_process_shards_are_disjoint_and_cover_train():
       config, process_index=i, process_count=2)[0], 20)) for i in range(2)]
   assert len(shards[0]) == len(shards[1]) == 2000  # one epoch, no repeats
   assert not shards[0] & shards[1]
-  x, y = input_pipeline._embedded_split('train')
+  x, y = embedded_mnist.load_split('train')
   full = {(((np.repeat(im, 3, -1).astype(np.float32) - 127.5) / 127.5)
            .tobytes(), int(lab)) for im, lab in zip(x, y)}
   assert shards[0] | shards[1] == full

@@ -113,8 +113,8 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
   confusion matrix says."""
   workdir, _, summary = main_job
   sys.path.insert(0, REPO)
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  images, labels = input_pipeline._embedded_split('test')  # pylint: disable=protected-access
+  from vit_jax.data import embedded_mnist  # pylint: disable=g-import-not-at-top
+  images, labels = embedded_mnist.load_split('test')
   paths = []
   for i in range(0, 1000, 50):
     paths.append(str(tmp_path / f'digit{i}_{labels[i]}.png'))

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
+from vit_jax.data import embedded_mnist
 from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
 from vit_jax.interop import export
@@ -60,8 +61,7 @@ def run(tmp_path_factory):
 def digits(tmp_path_factory):
   """The embedded test split as `<dir>/<label>/<index>.png` (grayscale)."""
   # The split's own arrays, in the order the evaluation reads them.
-  # pylint: disable-next=protected-access
-  images, labels = input_pipeline._embedded_split('test')
+  images, labels = embedded_mnist.load_split('test')
   base = tmp_path_factory.mktemp('digits')
   files = []
   for i, (image, label) in enumerate(zip(images, labels)):

@@ -13,7 +13,9 @@ import os
 from absl import logging
 import numpy as np
 
+from vit_jax.data import embedded_mnist
 from vit_jax.data import folder_split
+from vit_jax.data import image_folders
 from vit_jax import input_pipeline
 
 CLASS_NAMES_FILE = 'class_names.json'  # the predict CLI reads this name
@@ -24,17 +26,17 @@ MAX_CHART_CLASSES = 100
 
 
 # pylint: disable=protected-access
-# The listing helpers of the input pipeline: the report counts exactly what
-# training reads.
+# The listing helpers of the input pipeline and its sources: the report
+# counts exactly what training reads.
 
 
 def _split_labels(dataset, split, val_fraction, split_seed):
   """Labels of a split, or None for TFDS (counting would read the split)."""
   if dataset == input_pipeline.EMBEDDED_MNIST:
-    return input_pipeline._embedded_split(split)[1]
-  if input_pipeline._is_folder(dataset):
-    return input_pipeline._list_folder(dataset, split, val_fraction,
-                                       split_seed)[1]
+    return embedded_mnist.load_split(split)[1]
+  if image_folders.is_folder(dataset):
+    return image_folders.list_folder(dataset, split, val_fraction,
+                                     split_seed)[1]
   return None
 
 
@@ -185,20 +187,20 @@ def _describe_source(report, infos, val_fraction, split_seed):
   dataset = report['dataset']
   if dataset == input_pipeline.EMBEDDED_MNIST:
     report['kind'] = 'embedded'
-  elif input_pipeline._is_folder(dataset):
+  elif image_folders.is_folder(dataset):
     root = os.path.expanduser(dataset)
     layout = infos['train']['layout']
     report['kind'] = f'folder {layout}'
     if layout == folder_split.SINGLE_TREE:
       val_fraction, split_seed = folder_split.check_params(val_fraction,
                                                            split_seed)
-      tree = input_pipeline._list_tree(root)
+      tree = image_folders.list_tree(root)
       report.update(
           val_fraction=val_fraction, split_seed=split_seed,
           num_skipped=tree.num_skipped, dropped_classes=list(tree.dropped),
           val_files_sha256=_val_files_digest(
               root, tree,
-              input_pipeline._split_tree(root, val_fraction, split_seed)))
+              image_folders.split_tree(root, val_fraction, split_seed)))
     else:
       report['num_skipped'] = {r: i['num_skipped'] for r, i in infos.items()}
   else:
