@@ -20,8 +20,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 
 # 'path' (a module) or 'path:qualified.name' (a function) -> lines today.
 KNOWN = {
-    'bench/throughput.py': 1042,
-    'bench/throughput.py:main': 244,
     'vit_jax/models_vit.py': 660,
     'vit_jax/models_vit.py:Encoder.__call__': 81,
     'vit_jax/train.py': 609,

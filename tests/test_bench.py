@@ -17,6 +17,9 @@ import pytest
 
 from bench import ceiling
 from bench import throughput
+from bench import throughput_metrics
+from bench import throughput_original
+from bench import throughput_steps
 import vit_jax
 from vit_jax import models
 
@@ -32,7 +35,7 @@ def _check_row(row):
 
 def test_frozen_rows():
   args = throughput.parse_args(ARGV + ['--what', 'frozen'])
-  rows = throughput.measure_frozen('testing', 'float32', args)
+  rows = throughput_steps.measure_frozen('testing', 'float32', args)
   assert set(rows) == {'all', 'head'}
   for row in rows.values():
     _check_row(row)
@@ -51,7 +54,7 @@ def test_main_runs_frozen_section_alone(capsys, monkeypatch):
       images_per_s=ips, compile_s=1., peak_bytes=2**20, flops=1e6,
       xla_flops=1e6, trainable=trained, params=1000)
   monkeypatch.setattr(
-      throughput, 'measure_frozen',
+      throughput_steps, 'measure_frozen',
       lambda *_: {'all': row(10., 1000), 'head': row(25., 110)})
   throughput.main(ARGV + ['--what', 'frozen', '--dtypes', 'float32,bfloat16'])
   out = capsys.readouterr().out
@@ -90,7 +93,7 @@ def stand_in_clone(tmp_path_factory):
 
 def test_original_is_imported_beside_ours(stand_in_clone):
   ours = sys.modules['vit_jax.models_vit']
-  module = throughput.load_original(stand_in_clone)
+  module = throughput_original.load_original(stand_in_clone)
   assert module.__file__.startswith(stand_in_clone + os.sep)
   assert module is not ours
   # Ours is back in place for everything imported after.
@@ -103,8 +106,8 @@ def test_original_is_imported_beside_ours(stand_in_clone):
 def test_original_is_timed_on_the_same_parameters(stand_in_clone, what, extra):
   args = throughput.parse_args(ARGV + extra + ['--what', what, '--original',
                                                stand_in_clone])
-  rows = throughput.measure(what, 'testing', args,
-                            throughput.load_original(stand_in_clone))
+  rows = throughput_steps.measure(
+      what, 'testing', args, throughput_original.load_original(stand_in_clone))
   assert set(rows) == {'float32', 'original'}
   for row in rows.values():
     _check_row(row)
@@ -113,25 +116,27 @@ def test_original_is_timed_on_the_same_parameters(stand_in_clone, what, extra):
 
 def test_original_must_be_a_clone(tmp_path):
   with pytest.raises(SystemExit, match='google-research/vision_transformer'):
-    throughput.load_original(str(tmp_path))
+    throughput_original.load_original(str(tmp_path))
 
 
 def test_original_with_other_parameters_or_logits_is_refused(stand_in_clone):
-  module = throughput.load_original(stand_in_clone)
+  module = throughput_original.load_original(stand_in_clone)
   ours = models.get_model('testing', num_classes=10)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   params = ours.init(jax.random.key(0), images, train=False)['params']
   params = jax.tree_util.tree_map(  # A head that is not zero.
       lambda p: p + 0.3 * rng.standard_normal(p.shape), params)
-  assert throughput.check_same_function(
-      throughput.original_model(module, ours), ours, params, images) < 1e-5
+  assert throughput_original.check_same_function(
+      throughput_original.original_model(module, ours), ours, params,
+      images) < 1e-5
   with pytest.raises(SystemExit, match='parameter tree differs'):
-    throughput.check_same_function(  # No class token: no `cls` parameter.
-        throughput.original_model(module, ours.clone(classifier='gap')),
+    throughput_original.check_same_function(  # No class token: no `cls`.
+        throughput_original.original_model(module,
+                                           ours.clone(classifier='gap')),
         ours, params, images)
   with pytest.raises(SystemExit, match='logits differ'):
-    throughput.check_same_function(  # Same tree, another function.
+    throughput_original.check_same_function(  # Same tree, another function.
         ours.clone(layernorm_epsilon=0.5), ours, params, images)
 
 
@@ -140,7 +145,7 @@ def test_targets_are_judged_against_the_original_of_the_run(capsys,
   """x original and 'met' from canned rows (the measuring is tested above)."""
   row = lambda ips: dict(images_per_s=ips, compile_s=1., peak_bytes=2**20,
                          flops=1e9, xla_flops=1e9)
-  monkeypatch.setattr(throughput, 'measure', lambda *_: {
+  monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
       'float32': row(6.6), 'bfloat16': row(9.0), 'original': row(5.0)})
   throughput.main(['--models', 'ViT-S_16', '--what', 'train', '--repeats',
                    '1'])
@@ -159,7 +164,7 @@ def test_timm_without_timm_says_how_to_get_it(monkeypatch):
   monkeypatch.setitem(sys.modules, 'timm', None)  # `import timm` fails.
   args = throughput.parse_args(ARGV + ['--timm'])
   with pytest.raises(SystemExit, match='pip install torch timm'):
-    throughput.timm_inference('ViT-S_16', args)
+    throughput_original.timm_inference('ViT-S_16', args)
 
 
 # ---- The matmul ceiling (`bench.ceiling`, `--what ceiling`).
@@ -167,10 +172,10 @@ def test_timm_without_timm_says_how_to_get_it(monkeypatch):
 
 def _testing_step(scan=False):
   model = models.get_model('testing', num_classes=10, scan=scan)
-  images, labels = throughput.batch_arrays(2, 32, 10)
+  images, labels = throughput_steps.batch_arrays(2, 32, 10)
   params = model.init(jax.random.key(0), images[:1], train=False)['params']
-  tx = throughput.make_optimizer()
-  step = throughput.make_train_step(model, tx)
+  tx = throughput_steps.make_optimizer()
+  step = throughput_steps.make_train_step(model, tx)
   return model, step, (params, tx.init(params), images, labels,
                        jax.random.key(1))
 
@@ -182,8 +187,8 @@ def test_ceiling_counts_the_forward_matmuls_exactly():
   # Patch embedding, q, k, v, q k^T, softmax(.) v, out, MLP x2, head.
   assert [op.name for op in ops].count('conv_general_dilated') == 1
   assert len(ops) == 10
-  assert sum(op.flops for op in ops) == 2 * throughput.vit_forward_flops(
-      model, 32)
+  assert sum(op.flops for op in ops) == (
+      2 * throughput_metrics.vit_forward_flops(model, 32))
 
 
 def test_ceiling_counts_the_backward_and_each_scanned_layer():
@@ -193,7 +198,7 @@ def test_ceiling_counts_the_backward_and_each_scanned_layer():
   # Each matmul gives two in the backward pass, but the images need no
   # gradient: the patch embedding's backward is its kernel gradient alone.
   assert len(ops) == 3 * 10 - 1 and len(conv) == 2
-  forward = 2 * throughput.vit_forward_flops(model, 32)
+  forward = 2 * throughput_metrics.vit_forward_flops(model, 32)
   assert sum(op.flops for op in ops) == 3 * forward - conv[0].flops
 
   layers = dict(models.MODEL_CONFIGS['testing'].transformer.to_dict(),
@@ -235,11 +240,11 @@ def test_ceiling_refuses_data_dependent_loops():
 @pytest.mark.parametrize('what', ['infer', 'train'])
 def test_measure_times_the_ceiling_beside_the_call(what):
   args = throughput.parse_args(ARGV + ['--what', f'{what},ceiling'])
-  row = throughput.measure(what, 'testing', args)['float32']
+  row = throughput_steps.measure(what, 'testing', args)['float32']
   _check_row(row)
   assert row['ceiling_images_per_s'] > 0
   model = models.get_model('testing', num_classes=10)
-  forward = throughput.vit_forward_flops(model, 32)
+  forward = throughput_metrics.vit_forward_flops(model, 32)
   if what == 'infer':
     assert row['matmul_flops'] == row['flops'] == forward
   else:
@@ -257,7 +262,7 @@ def test_ceiling_table_against_the_original_of_the_run(capsys, monkeypatch):
       images_per_s=ips, compile_s=1., peak_bytes=2**20, flops=1e9,
       xla_flops=1e9, **({} if top is None else dict(
           ceiling_images_per_s=top, matmul_flops=2e9)))
-  monkeypatch.setattr(throughput, 'measure', lambda *_: {
+  monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
       'float32': row(5.0, top=6.0), 'bfloat16': row(7.5, top=12.5),
       'original': row(5.0)})
   throughput.main(['--models', 'ViT-S_16', '--what', 'train,ceiling',
@@ -305,7 +310,7 @@ def test_ceiling_too_big_for_the_device_is_skipped_with_a_reason(
   assert ceiling.memory_budget_bytes() > 2**20
   monkeypatch.setattr(ceiling, 'memory_budget_bytes', lambda: 1000)
   args = throughput.parse_args(ARGV + ['--what', 'train,ceiling'])
-  row = throughput.measure('train', 'testing', args)['float32']
+  row = throughput_steps.measure('train', 'testing', args)['float32']
   _check_row(row)  # The step itself is still measured.
   assert 'ceiling_images_per_s' not in row
   assert 'matmul ceiling skipped' in capsys.readouterr().out
