@@ -22,8 +22,6 @@ ROOTS = ('vit_jax', 'bench', 'configs')
 KNOWN = {
     'vit_jax/models_vit.py': 660,
     'vit_jax/models_vit.py:Encoder.__call__': 81,
-    'vit_jax/train.py': 609,
-    'vit_jax/train.py:_train_and_evaluate': 134,
 }
 
 

@@ -224,6 +224,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
   # vit_jax.train imports TensorFlow (input pipeline): only this section
   # pays for it.
   from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import runners  # pylint: disable=g-import-not-at-top
   model = build(name, dtype_name, args, remat_policy=args.remat_policy,
                 scan=args.scan)
   images, labels = batch_arrays(args.batch, args.image_size, args.num_classes)
@@ -231,7 +232,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
       'params'])(images[:1])  # Jitted: eager init dispatches op by op.
   tx = make_optimizer()
   # One device: the leading axis of pmap; replicated with the step's axis
-  # name as train.PmapRunner.place does, so the first call does not
+  # name as runners.PmapRunner.place does, so the first call does not
   # recompile.
   devices = jax.local_devices()[:1]
   batch = {'image': images[None], 'label': labels[None]}
@@ -245,7 +246,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
                                   trainable_mask=mask)
     state = list(flax.jax_utils.replicate(
         (params, tx.init(trainable.partition(params, mask)[0])),
-        devices=devices, axis_name=train.AXIS))
+        devices=devices, axis_name=runners.AXIS))
     t0 = time.perf_counter()
     compiled = update.lower(state[0], state[1], batch, rng).compile()
     compile_s = time.perf_counter() - t0

@@ -29,7 +29,7 @@ import json, sys
 import flax.jax_utils, jax, numpy as np
 from test_train import tiny_config
 from vit_jax import input_pipeline, train
-from vit_jax.training import optim
+from vit_jax.training import optim, runners, step_guards
 
 STEPS = %d
 config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
@@ -42,14 +42,14 @@ def trajectory(next_batch):
   tx, _ = optim.make_optimizer(config)
   update_fn = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx)
   params_repl, opt_repl = flax.jax_utils.replicate(
-      (params, jax.device_get(tx.init(params))), axis_name=train.AXIS)
-  keys = train._StepKeys(config.seed)
+      (params, jax.device_get(tx.init(params))), axis_name=runners.AXIS)
+  keys = step_guards.StepKeys(config.seed)
   losses = []
   for step in range(1, STEPS + 1):
     rng = np.broadcast_to(keys(step), (jax.local_device_count(), 2))
     params_repl, opt_repl, loss, _ = update_fn(params_repl, opt_repl,
                                                next_batch(), rng)
-    losses.append(float(train._first(loss)))
+    losses.append(float(runners.first_replica(loss)))
   return losses
 """ % STEPS
 
@@ -94,7 +94,7 @@ import jax, numpy as np
 from test_train import tiny_config
 from vit_jax import checkpoint, input_pipeline, train
 from vit_jax.params import trees
-from vit_jax.training import optim, sharding, train_checkpoint
+from vit_jax.training import optim, sharding, step_guards, train_checkpoint
 
 STEPS = %d
 MIN_SHARD_SIZE = 256
@@ -145,7 +145,7 @@ sharded = [k for k, s in trees.flatten_tree(
     runner.param_shardings).items() if s.spec != jax.sharding.PartitionSpec()]
 params, opt_state = runner.place(
     params, jax.device_get(jax.jit(tx.init)(params)))
-keys = train._StepKeys(config.seed)
+keys = step_guards.StepKeys(config.seed)
 losses = []
 for step in range(1, STEPS + 1):
   params, opt_state, loss = runner.step(

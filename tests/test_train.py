@@ -33,6 +33,9 @@ from vit_jax import utils  # pylint: disable=wrong-import-position
 from vit_jax.params import trees  # pylint: disable=wrong-import-position
 from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
 from vit_jax.training import objectives  # pylint: disable=wrong-import-position
+from vit_jax.training import run_report  # pylint: disable=wrong-import-position
+from vit_jax.training import runners  # pylint: disable=wrong-import-position
+from vit_jax.training import step_guards  # pylint: disable=wrong-import-position
 
 
 # ------------------------------------------------------------------ helpers
@@ -93,7 +96,7 @@ def run_python(code, *, devices=1, timeout=300, args=()):
 
 
 def read_summary(workdir):
-  with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+  with open(os.path.join(workdir, run_report.SUMMARY_FILE)) as f:
     return json.load(f)
 
 
@@ -208,13 +211,13 @@ def three_steps(*, devices, accum_steps):
   update_fn = train.make_update_fn(apply_fn=model.apply,
                                    accum_steps=accum_steps, tx=tx)
   params_repl, opt_repl = flax.jax_utils.replicate(
-      (params, tx.init(params)), axis_name=train.AXIS)
+      (params, tx.init(params)), axis_name=runners.AXIS)
   losses = []
   for step in range(3):
     batch = {'image': images[step].reshape(devices, -1, 28, 28, 3),
              'label': labels[step].reshape(devices, -1, 10)}
     rng_repl = flax.jax_utils.replicate(jax.random.PRNGKey(step),
-                                        axis_name=train.AXIS)
+                                        axis_name=runners.AXIS)
     params_repl, opt_repl, loss, _ = update_fn(params_repl, opt_repl, batch,
                                                rng_repl)
     assert np.all(np.asarray(loss) == np.asarray(loss)[0])  # pmean'd
@@ -349,13 +352,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
   workdir = str(tmp_path / 'work')
   # NaN is only looked at when logging (every 100) or checkpointing (every 2).
   config = tiny_config(total_steps=8, checkpoint_every=2, log_every=100)
-  with pytest.raises(train.NonFiniteLossError, match=r'at step 4\b') as e:
+  with pytest.raises(step_guards.NonFiniteLossError, match=r'at step 4\b') as e:
     train.train_and_evaluate(config, workdir)
   assert 'step 2' in str(e.value)  # names the kept checkpoint
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   assert ckpts.all_steps() == [2]
   assert train_checkpoint.first_non_finite(ckpts.restore_params()) is None
-  assert not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
+  assert not os.path.exists(os.path.join(workdir, run_report.SUMMARY_FILE))
 
 
 def test_checkpoint_refuses_nan_state_and_drops_unfinished_saves(tmp_path):

@@ -18,6 +18,7 @@ from test_train import read_summary
 from test_train import tiny_config
 from vit_jax import train
 from vit_jax.params import trees
+from vit_jax.training import run_report
 from vit_jax.training import train_checkpoint
 
 TOTAL_STEPS = 300
@@ -97,7 +98,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   process.wait(timeout=60)
   killed_at = _latest(workdir)
   assert first_new <= killed_at < TOTAL_STEPS
-  assert not os.path.exists(os.path.join(workdir, train.SUMMARY_FILE))
+  assert not os.path.exists(os.path.join(workdir, run_report.SUMMARY_FILE))
 
   # 3. Finish with the same config.
   summary = train.train_and_evaluate(tiny_config(**OVERRIDES), workdir)

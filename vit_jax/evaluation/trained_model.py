@@ -32,7 +32,6 @@ from vit_jax.params import npz
 from vit_jax.params import trees
 
 Params = Any
-SUMMARY_FILE = 'summary.json'  # vit_jax.train writes it when a run finishes
 # The checkout holding vit_jax/ and configs/ (config files are found there).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -159,14 +158,15 @@ def workdir_params(workdir: str) -> Tuple[Params, str]:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of a finished training run, from `<workdir>/summary.json`."""
+  from vit_jax.training import run_report  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise ValueError(f'Workdir {workdir!r} does not exist (or is not a '
                      'folder).')
-  path = os.path.join(workdir, SUMMARY_FILE)
+  path = os.path.join(workdir, run_report.SUMMARY_FILE)
   if not os.path.isfile(path):
     raise ValueError(
-        f'Workdir {workdir!r} has no {SUMMARY_FILE}: it is written '
-        'when a training run (python -m vit_jax.main --workdir=...) '
+        f'Workdir {workdir!r} has no {run_report.SUMMARY_FILE}: it is '
+        'written when a training run (python -m vit_jax.main --workdir=...) '
         'finishes. Finish the run (the same command resumes it), or pass its '
         'config file with --config instead of --workdir.')
   try:

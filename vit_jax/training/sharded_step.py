@@ -167,7 +167,7 @@ def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
                         ) -> Callable[..., Any]:
   """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
 
-  As `train.make_eval_fn`, on a global batch (`sharding.shard_batch`): both
+  As `runners.make_eval_fn`, on a global batch (`sharding.shard_batch`): both
   counts are over the global batch; `counts_fn` (default
   `objectives.top1_counts`) computes them, `batch['mask']` keeping padding
   examples out.

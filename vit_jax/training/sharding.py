@@ -208,7 +208,7 @@ def _host_scalar(x) -> float:
 
 
 class FsdpRunner:
-  """`train.PmapRunner`'s interface for the sharded step
+  """`runners.PmapRunner`'s interface for the sharded step
   (`config.parallelism='fsdp'`): one mesh over every device of every process,
   parameters and optimizer state split FSDP-style, global batches.
 

@@ -1,0 +1,65 @@
+"""The closing lines of a finished run: what the workdir holds, what to run
+next, and summary.json written so that a reader never sees half of it.
+
+`vit_jax.train` prints `workdir_contents` and `next_commands` after the final
+accuracy; both only read the workdir and the config.
+"""
+
+import json
+import os
+from typing import Any, Dict
+
+from vit_jax import input_pipeline
+from vit_jax.training import progress
+from vit_jax.training import run_plots
+from vit_jax.training import train_checkpoint
+
+SUMMARY_FILE = 'summary.json'
+
+
+def write_json_atomically(path: str, data: Dict[str, Any]) -> None:
+  """Writes `data` to `path` through a temporary file and a rename."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def workdir_contents(workdir: str) -> str:
+  """A few lines: the workdir and what a finished run left in it."""
+  notes = {
+      SUMMARY_FILE: 'accuracy, history, config',
+      run_plots.CURVES_FILE: 'training loss and test accuracy',
+      run_plots.CONFUSION_FILE: 'test confusion matrix',
+      train_checkpoint.CHECKPOINT_SUBDIR: 'train state (resume, export)',
+      progress.METRICS_FILE: 'metrics, one JSON line each',
+      'log.txt': 'the full log (python -m vit_jax.main writes it)',
+  }
+  names = sorted(os.listdir(workdir))
+  lines = [f'Workdir {workdir}:']
+  for name in names:
+    if name in notes:
+      lines.append(f'  {name:<16} {notes[name]}')
+  others = [n for n in names if n not in notes and not n.startswith('.')]
+  events = [n for n in others if n.startswith('events.out.tfevents')]
+  rest = [n for n in others if n not in events]
+  if events:
+    lines.append(f'  {"events.out.*":<16} TensorBoard events')
+  if rest:
+    lines.append(f'  also: {", ".join(rest)}')
+  return '\n'.join(lines)
+
+
+def next_commands(config, workdir: str, summary: Dict[str, Any]) -> str:
+  """The commands a person runs next on this workdir."""
+  lines = ['Next:']
+  if summary['objective'] == 'classification':
+    lines.append(f'  classify an image:  python -m vit_jax.predict '
+                 f'--workdir={workdir} IMAGE.png')
+  lines.append(f'  TensorBoard:        tensorboard --logdir={workdir}')
+  lines.append(f'  export weights:     python -m vit_jax.interop.export '
+               f'--workdir={workdir} --output=model.npz')
+  if config.dataset == input_pipeline.EMBEDDED_MNIST:
+    lines.append('  fine-tune at 42x42: the commands in '
+                 'configs/embedded_pretrain.py')
+  return '\n'.join(lines)
