@@ -115,8 +115,8 @@ def describe_machine() -> str:
 
 
 def models_vit_impls():
-  from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
-  return models_vit.ATTENTION_IMPLS
+  from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
+  return attention.IMPLS
 
 
 def parse_args(argv):

@@ -21,6 +21,7 @@ from vit_jax import checkpoint
 from vit_jax.params import layouts
 from vit_jax import models
 from vit_jax import models_vit
+from vit_jax.layers import attention
 from vit_jax.params import trees
 
 ATOL = 1e-5
@@ -351,7 +352,7 @@ def test_heads_major_attention_with_a_mask_equals_flax():
   mask = rng.uniform(size=(2, 3, 5, 5)) < 0.6
   mask[..., np.arange(5), np.arange(5)] = True  # No fully masked row.
   np.testing.assert_allclose(
-      models_vit.heads_major_attention(q, k, v, mask=jnp.asarray(mask),
+      attention.heads_major_attention(q, k, v, mask=jnp.asarray(mask),
                                        deterministic=True),
       nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)),
       atol=1e-6, rtol=0)

@@ -15,11 +15,18 @@ Both fall back to the reference when the caller collects the attention
 probabilities (`intermediates` mutable), which a fused kernel never forms.
 """
 
+import functools
+from typing import Any, Dict
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vit_jax.layers import mixed_precision
+
+# `attention_impl` values: flax's attention (the original), its einsums as
+# batched matmuls, `jax.nn.dot_product_attention` with XLA's or cuDNN's kernel.
+IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 
 
 def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
@@ -112,3 +119,33 @@ def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
   out = nn.dot_product_attention(*map(to_heads_major, (query, key, value)),
                                  mask=mask, **kw)
   return jnp.swapaxes(out[..., 0, :], -3, -2)
+
+
+def attention_kwargs(attention_impl: str, dtype: Any) -> Dict[str, Any]:
+  """`nn.MultiHeadDotProductAttention` kwargs of the speed switches.
+
+  Args:
+    attention_impl: one of IMPLS.
+    dtype: the block's compute dtype; below float32 the projections and both
+      einsums accumulate in float32 (`mixed_precision`).
+
+  Returns:
+    The kwargs; empty for the original's graph ('reference', float32).
+  """
+  if attention_impl not in IMPLS:
+    raise ValueError(f'Unknown attention_impl {attention_impl!r}; use one of '
+                     f'{IMPLS}.')
+  kw = {}
+  if attention_impl == 'heads_major':
+    kw['attention_fn'] = heads_major_attention
+  elif attention_impl != 'reference':
+    kw['attention_fn'] = functools.partial(fused_attention,
+                                           implementation=attention_impl)
+  if not mixed_precision.is_float32(dtype):
+    kw['qkv_dot_general'] = mixed_precision.f32_accumulating_dot_general
+    kw['out_dot_general'] = mixed_precision.f32_accumulating_dot_general
+    einsum_cls = functools.partial(mixed_precision.F32AccumulatingEinsum,
+                                   dtype)
+    kw['qk_attn_weights_einsum_cls'] = einsum_cls
+    kw['attn_weights_value_einsum_cls'] = einsum_cls
+  return kw

@@ -101,6 +101,8 @@ def _choices(config) -> dict:
   # Imported here: vit_jax.main checks keys before JAX loads. None of these
   # imports TensorFlow, so a bad value fails in seconds.
   from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
+  from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
+  from vit_jax.layers import block_stack  # pylint: disable=g-import-not-at-top
   from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
   from vit_jax import utils  # pylint: disable=g-import-not-at-top
   choices = {'optimizer': optim.OPTIMIZERS, 'decay_type': utils.DECAY_TYPES,
@@ -109,8 +111,8 @@ def _choices(config) -> dict:
     choices.update({
         'model.classifier': models_vit.CLASSIFIERS,
         'model.posemb': models_vit.POSEMB_TYPES,
-        'model.attention_impl': models_vit.ATTENTION_IMPLS,
-        'model.remat_policy': tuple(models_vit.REMAT_POLICIES),
+        'model.attention_impl': attention.IMPLS,
+        'model.remat_policy': tuple(block_stack.REMAT_POLICIES),
         'model.dtype': DTYPES,
     })
   return choices
