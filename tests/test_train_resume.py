@@ -111,3 +111,42 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   for key, value in flat_want.items():
     np.testing.assert_allclose(flat_got[key], value, rtol=0, atol=1e-6,
                                err_msg=key)
+
+
+def test_unreadable_newest_step_is_moved_aside_and_the_run_resumes(tmp_path):
+  """The newest step's data files truncated: the command resumes from
+  the step before, names the unreadable step and where it went, keeps its
+  files, and prints no traceback."""
+  workdir = str(tmp_path / 'work')
+  short = dict(OVERRIDES, total_steps=20, checkpoint_every=10,
+               eval_every=20, log_every=10)
+  train.train_and_evaluate(tiny_config(**short), workdir)
+  ckpt_dir = train_checkpoint.checkpoint_dir(workdir)
+  data = [os.path.join(root, name)
+          for root, _, names in os.walk(os.path.join(ckpt_dir, '20'))
+          for name in names if os.sep + 'd' + os.sep in root + os.sep]
+  assert data
+  for path in data:  # every array data file of the step cut in half
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+  args = [f'--config.{k}={v}' for k, v in dict(short, total_steps=30).items()]
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main',
+       f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
+       f'--workdir={workdir}', *args],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
+      text=True, timeout=300)
+  console = result.stdout + result.stderr
+  assert result.returncode == 0, console[-3000:]
+  assert 'Traceback' not in console, console[-3000:]
+  moved = os.path.join(workdir, train_checkpoint.UNREADABLE_SUBDIR, '20')
+  assert f'Checkpoint step 20 in {ckpt_dir} cannot be read' in console, (
+      console[-3000:])
+  assert f'moved to {moved}' in console
+  assert console.count('cannot be read') == 1
+  for path in data:  # kept, not deleted
+    assert os.path.exists(os.path.join(
+        moved, os.path.relpath(path, os.path.join(ckpt_dir, '20'))))
+  summary = read_summary(workdir)
+  assert summary['start_step'] == 10 and summary['step'] == 30

@@ -151,36 +151,61 @@ def init_params(model, config: ml_collections.ConfigDict, *,
 # ----------------------------------------------------------- loop helpers
 
 
-def _init_or_restore(config, model, tx, ckpts, start_step):
-  """The train state {'params', 'opt_state'} (numpy) and the trainable mask.
+def _init_or_restore(config, model, tx, ckpts):
+  """(train state {'params', 'opt_state'} as numpy, trainable mask, step).
 
   A fresh run starts from `init_params` (pre-trained weights if the config
-  names them); a resumed one from its checkpoint, which must fit the model.
-  The optimizer state covers the trainable parameters only
-  (`config.trainable`).
+  names them) at step 0; a resumed one from its newest readable checkpoint,
+  which must fit the model. A step whose files cannot be read is moved aside
+  (`TrainCheckpoints.move_aside`) and the step before it is tried. The
+  optimizer state covers the trainable parameters only (`config.trainable`).
   """
-  params = init_params(model, config, load_pretrained=not start_step)
+  steps = ckpts.all_steps()
+  params = init_params(model, config, load_pretrained=not steps)
   mask = None
   if trainable.pattern(config.get('trainable')) is not None:
     mask = trainable.trainable_mask(params, config.trainable)
   train_part = trainable.partition(params, mask)[0]
   state = {'params': params,
            'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}
-  if not start_step:
-    return state, mask
-  fix = 'Use a new --workdir, or the config the run was started with.'
+  for step in reversed(steps):
+    restored = _restore_step(ckpts, step, state)
+    if restored is not None:
+      return restored, mask, step
+  if steps:  # none was readable, all moved aside: start afresh
+    return _init_or_restore(config, model, tx, ckpts)
+  return state, mask, 0
+
+
+def _restore_step(ckpts, step: int, template):
+  """`step` read into `template`'s structure, or None if its files cannot
+  be read (it is then moved aside, see `_set_aside`).
+
+  Raises:
+    ValueError: the step was saved for another model or optimizer.
+  """
   try:
-    restored = ckpts.restore(start_step, state)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f'Cannot resume from step {start_step} in {ckpts.directory}: its '
-        f'train state does not fit this config ({type(e).__name__}: {e}). '
-        f'{fix}') from e
-  mismatch = train_checkpoint.tree_mismatch(restored, state)
+    saved = ckpts.saved_shapes(step)
+  except Exception as e:  # pylint: disable=broad-except
+    return _set_aside(ckpts, step, f'its metadata: {type(e).__name__}')
+  mismatch = train_checkpoint.tree_mismatch(saved, template)
   if mismatch:
-    raise ValueError(f'Cannot resume from step {start_step} in '
-                     f'{ckpts.directory}: {mismatch}. {fix}')
-  return restored, mask
+    raise ValueError(
+        f'Cannot resume from step {step} in {ckpts.directory}: {mismatch}. '
+        'Use a new --workdir, or the config the run was started with.')
+  try:
+    return ckpts.restore(step, template)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    return _set_aside(ckpts, step, f'{type(e).__name__}: {str(e)[:200]}')
+
+
+def _set_aside(ckpts, step: int, error: str) -> None:
+  """Moves the unreadable `step` aside, with a warning that says where."""
+  moved = ckpts.move_aside(step)
+  message = (f'Checkpoint step {step} in {ckpts.directory} cannot be read '
+             f'({error}); it was moved to {moved} and the run resumes from '
+             'the newest step before it.')
+  logging.warning('%s', message)
 
 
 def make_runner(config, model, tx, mask, params):
@@ -306,18 +331,17 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   os.makedirs(workdir, exist_ok=True)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   cleanup.callback(ckpts.close)
-  start_step = ckpts.latest_step() or 0
-  if start_step:
-    logging.info('Resuming from %s at step %d', ckpts.directory, start_step)
   if jax.process_index() == 0:  # what the classes are and how data was split
     print(dataset_report.write_dataset_report(config, workdir)['table'],
           flush=True)
+  model = create_model(config, num_classes)
+  tx, lr_fn = optim.make_optimizer(config)
+  state, mask, start_step = _init_or_restore(config, model, tx, ckpts)
+  if start_step:
+    logging.info('Resuming from %s at step %d', ckpts.directory, start_step)
   # The batches of steps start_step + 1, start_step + 2, ...
   ds_train, ds_test = input_pipeline.get_datasets(
       config, start_step=min(start_step, config.total_steps))
-  model = create_model(config, num_classes)
-  tx, lr_fn = optim.make_optimizer(config)
-  state, mask = _init_or_restore(config, model, tx, ckpts, start_step)
   num_params = trainable.count(state['params'])
   num_trainable = trainable.count(trainable.partition(state['params'], mask)[0])
   logging.info('Model %s: %s parameters (%s trainable), %d classes, %d local '

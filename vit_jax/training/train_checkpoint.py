@@ -11,9 +11,12 @@ so a run killed mid-save (kill -9, preemption) leaves the previous checkpoint
 intact; `save` also refuses a state with NaN/inf values.
 """
 
+import contextlib
+import functools
 import os
 import shutil
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
@@ -26,6 +29,8 @@ from vit_jax.training import weight_ema
 
 # The folder under the workdir that holds the numbered steps.
 CHECKPOINT_SUBDIR = 'checkpoints'
+# Beside it: steps that could not be read, moved there and never deleted.
+UNREADABLE_SUBDIR = 'checkpoints_unreadable'
 # In the names of orbax's temporary folders (`<step>.orbax-checkpoint-tmp-*`).
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 
@@ -48,11 +53,23 @@ def first_non_finite(tree: Any) -> Optional[str]:
   return None
 
 
+def _path_name(path) -> str:
+  """'params/head/kernel' for a key path, whatever its containers: the same
+  for a NamedTuple field and the dict orbax saves it as."""
+  names = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
+           for k in path)
+  return '/'.join(map(str, names))
+
+
+def _shape(x) -> tuple:
+  return tuple(x.shape) if hasattr(x, 'shape') else np.shape(x)
+
+
 def tree_mismatch(got: Any, want: Any) -> Optional[str]:
   """Describes the first difference in structure or shapes, else None."""
-  got_flat = {jax.tree_util.keystr(p): np.shape(x)
+  got_flat = {_path_name(p): _shape(x)
               for p, x in jax.tree_util.tree_leaves_with_path(got)}
-  want_flat = {jax.tree_util.keystr(p): np.shape(x)
+  want_flat = {_path_name(p): _shape(x)
                for p, x in jax.tree_util.tree_leaves_with_path(want)}
   for key in sorted(set(got_flat) | set(want_flat)):
     if key not in got_flat:
@@ -79,6 +96,28 @@ def _remove_unfinished_saves(directory: str) -> None:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def _drop_closed_loop_errors(previous_hook, unraisable) -> None:
+  if not (isinstance(unraisable.exc_value, RuntimeError) and
+          str(unraisable.exc_value) == 'Event loop is closed'):
+    previous_hook(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_aborted_reads():
+  """Drops the "Event loop is closed" errors of an aborted read.
+
+  When one file of a step cannot be read, orbax gives up on the step while
+  the reads of the other files are still in flight; they complete later on
+  an event loop orbax has closed and print one traceback each. The caller
+  reports the unreadable step itself, so those are dropped, from the start of
+  a read that fails for the rest of the process.
+  """
+  previous = sys.unraisablehook
+  sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous)
+  yield
+  sys.unraisablehook = previous  # not reached when the restore failed
+
+
 class TrainCheckpoints:
   """Numbered train states in `<workdir>/checkpoints/<step>`.
 
@@ -99,7 +138,8 @@ class TrainCheckpoints:
             max_to_keep=max_to_keep,
             # Synchronous: when `save` returns the step is on disk, so a
             # SIGTERM handler or a NaN check after it can rely on it.
-            enable_async_checkpointing=False))
+            enable_async_checkpointing=False),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     """The newest complete step, or None if there is none."""
@@ -132,7 +172,38 @@ class TrainCheckpoints:
 
   def restore(self, step: int, template: Any) -> Any:
     """Reads `step` into the structure and dtypes of `template`."""
-    return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+    with _quiet_aborted_reads():
+      return self._manager.restore(
+          step, args=ocp.args.StandardRestore(template))
+
+  def saved_shapes(self, step: int) -> Any:
+    """The tree of `jax.ShapeDtypeStruct`s saved as `step`, read from its
+    metadata alone (no array data)."""
+    with _quiet_aborted_reads():
+      tree = self._manager.item_metadata(step)
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+
+  def move_aside(self, step: int) -> str:
+    """Moves `step` out of the checkpoint folder, into
+    `<workdir>/checkpoints_unreadable/`, and returns where it went.
+
+    For a step that cannot be read: the run goes on from the step before,
+    and the files stay for inspection (nothing is deleted).
+    """
+    root = os.path.join(os.path.dirname(self.directory), UNREADABLE_SUBDIR)
+    dest = os.path.join(root, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(root, f'{step}.{n}'), n + 1
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'move_aside_{step}')
+    self._manager.reload()
+    return dest
 
   def restore_params(self, step: Optional[int] = None) -> Any:
     """The parameters of `step` (default: the latest) as numpy arrays: their
