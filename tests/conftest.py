@@ -1,0 +1,54 @@
+"""Test-suite setup: one persistent XLA compilation cache per run.
+
+Many tests train the same tiny models, in this process and in the
+subprocesses they start (command lines, several devices, several
+processes). With JAX's persistent compilation cache each of those
+computations is compiled once per run of the suite and loaded from disk
+afterwards. The cache lives in `<repo>/.cache/xla_tests`; the controlling
+pytest process empties it when a run starts, so every run starts cold and
+its time is that of a fresh clone. Subprocesses inherit the setting through
+the environment.
+
+`VIT_JAX_TEST_CPU_LOG=FILE` appends one line per test to FILE: its node id,
+wall seconds, CPU seconds of the pytest process and of the subprocesses it
+waited for (tab-separated), to find where the suite's time goes.
+"""
+
+import os
+import shutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
+
+
+def pytest_configure(config):
+  del config
+  if not os.environ.get('PYTEST_XDIST_WORKER'):  # the controller
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
+  os.makedirs(XLA_CACHE, exist_ok=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = XLA_CACHE
+  # Cache every computation, however quick its compilation.
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+
+
+_CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')
+
+
+if _CPU_LOG:
+  import resource  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    del nextitem
+    def cpu():
+      s = resource.getrusage(resource.RUSAGE_SELF)
+      c = resource.getrusage(resource.RUSAGE_CHILDREN)
+      return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
+    t0, (s0, c0) = time.time(), cpu()
+    yield
+    s1, c1 = cpu()
+    with open(_CPU_LOG, 'a') as f:
+      f.write(f'{item.nodeid}\t{time.time() - t0:.1f}\t{s1 - s0:.1f}\t'
+              f'{c1 - c0:.1f}\n')
