@@ -5,7 +5,8 @@ XLA_FLAGS device count and feeds its own share of the global batch, as the
 input pipeline splits it per process. The one-process reference feeds the
 union of both shares (in the same device order) to 4 devices. Both data
 parallelisms are pinned: pmap (replicated state) and FSDP (state sharded
-across the processes, checkpoints gathered and resumed).
+across the processes, checkpoints gathered and resumed). The three processes
+run once, for both tests (a module fixture).
 """
 
 import json
@@ -16,6 +17,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from test_train import REPO
 
@@ -25,16 +27,30 @@ STEPS = 4
 # pipeline, with dropout on (per-device keys come from the global device
 # index, so they agree too).
 _COMMON = """
-import json, sys
+import json, os, shutil, sys
 import flax.jax_utils, jax, numpy as np
 from test_train import tiny_config
 from vit_jax import input_pipeline, train
-from vit_jax.training import optim, runners, step_guards
+from vit_jax.params import trees
+from vit_jax.training import optim, runners, sharding, step_guards
+from vit_jax.training import train_checkpoint
 
 STEPS = %d
+MIN_SHARD_SIZE = 256
 config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
                      warmup_steps=0,
                      **{'model.transformer.dropout_rate': 0.1})
+# FSDP: the tiny model's weight matrices (512+ elements) are split over the
+# 4 devices of both processes; checkpoints every 2 steps.
+fsdp_config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
+                          warmup_steps=0, checkpoint_every=2,
+                          parallelism='fsdp',
+                          fsdp_min_shard_size=MIN_SHARD_SIZE,
+                          **{'model.transformer.dropout_rate': 0.1})
+
+def flat(params):
+  return {k: np.asarray(v).tolist()
+          for k, v in trees.flatten_tree(params).items()}
 
 def trajectory(next_batch):
   model = train.create_model(config, 10)
@@ -53,7 +69,10 @@ def trajectory(next_batch):
   return losses
 """ % STEPS
 
+# One of two processes: the pmap trajectory and train loop, then the FSDP
+# loop, interrupted and resumed.
 _WORKER = _COMMON + """
+from jax.experimental import multihost_utils
 port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
 jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                            num_processes=2, process_id=pid)
@@ -63,59 +82,14 @@ it = ds_train.as_numpy_iterator()
 losses = trajectory(lambda: {k: v for k, v in next(it).items()
                              if k != 'mask'})
 # The real loop too: eval counts and checkpoints across processes.
-summary = train.train_and_evaluate(config, workdir)
-json.dump({'losses': losses, 'accuracy': summary['accuracy'],
-           'step': summary['step'], 'compiles':
-           summary['train_step_compilations']}, open(out, 'w'))
-"""
+summary = train.train_and_evaluate(config, os.path.join(workdir, 'pmap'))
+pmap = {'losses': losses, 'accuracy': summary['accuracy'],
+        'step': summary['step'],
+        'compiles': summary['train_step_compilations']}
 
-_UNION = """
-assert jax.process_count() == 1 and jax.device_count() == 4
-its = [input_pipeline.get_datasets(config, process_index=i, process_count=2)[0]
-       .as_numpy_iterator() for i in range(2)]
-
-def union():
-  # Process i's [4, 2, ...] share -> its 8 examples; both -> [4 devices, 4].
-  parts = [next(it) for it in its]
-  return {k: np.concatenate([p[k].reshape(8, *p[k].shape[2:]) for p in parts]
-                            ).reshape(4, 4, *parts[0][k].shape[2:])
-          for k in ('image', 'label')}
-"""
-
-_REFERENCE = _COMMON + _UNION + """
-json.dump({'losses': trajectory(union)}, open(sys.argv[1], 'w'))
-"""
-
-# FSDP: the tiny model's weight matrices (512+ elements) are split over the
-# 4 devices of both processes; checkpoints every 2 steps.
-_FSDP_COMMON = """
-import json, os, shutil, sys
-import jax, numpy as np
-from test_train import tiny_config
-from vit_jax import checkpoint, input_pipeline, train
-from vit_jax.params import trees
-from vit_jax.training import optim, sharding, step_guards, train_checkpoint
-
-STEPS = %d
-MIN_SHARD_SIZE = 256
-config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
-                     warmup_steps=0, checkpoint_every=2, parallelism='fsdp',
-                     fsdp_min_shard_size=MIN_SHARD_SIZE,
-                     **{'model.transformer.dropout_rate': 0.1})
-
-def flat(params):
-  return {k: np.asarray(v).tolist()
-          for k, v in trees.flatten_tree(params).items()}
-""" % STEPS
-
-_FSDP_WORKER = _FSDP_COMMON + """
-from jax.experimental import multihost_utils
-port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
-jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                           num_processes=2, process_id=pid)
-assert jax.process_count() == 2 and jax.device_count() == 4
-first = train.train_and_evaluate(config, workdir)
-ckpts = train_checkpoint.TrainCheckpoints(workdir)
+fsdp_dir = os.path.join(workdir, 'fsdp')
+first = train.train_and_evaluate(fsdp_config, fsdp_dir)
+ckpts = train_checkpoint.TrainCheckpoints(fsdp_dir)
 steps_saved = ckpts.all_steps()
 uninterrupted = ckpts.restore_params()
 ckpts.close()
@@ -125,35 +99,57 @@ multihost_utils.sync_global_devices('read step 4')
 if pid == 0:
   shutil.rmtree(os.path.join(ckpts.directory, str(STEPS)))
 multihost_utils.sync_global_devices('removed step 4')
-resumed = train.train_and_evaluate(config, workdir)
-params = train_checkpoint.TrainCheckpoints(workdir).restore_params()
+resumed = train.train_and_evaluate(fsdp_config, fsdp_dir)
+params = train_checkpoint.TrainCheckpoints(fsdp_dir).restore_params()
 keys = ('accuracy', 'final_train_loss', 'train_step_compilations',
         'start_step')
-json.dump({'steps_saved': steps_saved,
-           'first': {k: first[k] for k in keys},
-           'resumed': {k: resumed[k] for k in keys},
-           'uninterrupted': flat(uninterrupted), 'params': flat(params)},
+json.dump({'pmap': pmap, 'fsdp': {
+    'steps_saved': steps_saved,
+    'first': {k: first[k] for k in keys},
+    'resumed': {k: resumed[k] for k in keys},
+    'uninterrupted': flat(uninterrupted), 'params': flat(params)}},
           open(out, 'w'))
 """
 
-_FSDP_REFERENCE = _FSDP_COMMON + _UNION + """
-model = train.create_model(config, 10)
-params = train.init_params(model, config)
-tx, _ = optim.make_optimizer(config)
-runner = train.make_runner(config, model, tx, None, params)
+# One process x 4 devices fed the union of both processes' shares.
+_REFERENCE = _COMMON + """
+assert jax.process_count() == 1 and jax.device_count() == 4
+
+def union_of_shares():
+  its = [input_pipeline.get_datasets(config, process_index=i,
+                                     process_count=2)[0].as_numpy_iterator()
+         for i in range(2)]
+
+  def union():
+    # Process i's [4, 2, ...] share -> its 8 examples; both -> [4 devices, 4].
+    parts = [next(it) for it in its]
+    return {k: np.concatenate([p[k].reshape(8, *p[k].shape[2:])
+                               for p in parts]
+                              ).reshape(4, 4, *parts[0][k].shape[2:])
+            for k in ('image', 'label')}
+  return union
+
+pmap_losses = trajectory(union_of_shares())
+
+model = train.create_model(fsdp_config, 10)
+params = train.init_params(model, fsdp_config)
+tx, _ = optim.make_optimizer(fsdp_config)
+runner = train.make_runner(fsdp_config, model, tx, None, params)
 sharded = [k for k, s in trees.flatten_tree(
     runner.param_shardings).items() if s.spec != jax.sharding.PartitionSpec()]
 params, opt_state = runner.place(
     params, jax.device_get(jax.jit(tx.init)(params)))
-keys = step_guards.StepKeys(config.seed)
+keys = step_guards.StepKeys(fsdp_config.seed)
+union = union_of_shares()
 losses = []
 for step in range(1, STEPS + 1):
   params, opt_state, loss = runner.step(
       params, opt_state, sharding.shard_batch(union(), runner.mesh),
       keys(step))
   losses.append(runner.scalar(loss))
-json.dump({'losses': losses, 'params': flat(runner.to_host(params)),
-           'sharded': sharded}, open(sys.argv[1], 'w'))
+json.dump({'pmap': {'losses': pmap_losses},
+           'fsdp': {'losses': losses, 'params': flat(runner.to_host(params)),
+                    'sharded': sharded}}, open(sys.argv[1], 'w'))
 """
 
 
@@ -171,11 +167,15 @@ def _env(devices):
   return env
 
 
-def _run_both(tmp_path, worker, reference):
-  """Runs 2 worker processes (2 devices each) and the 4-device reference.
+@pytest.fixture(scope='module')
+def both(tmp_path_factory):
+  """Runs 2 worker processes (2 devices each) and the 4-device reference
+  once for both tests.
 
   Returns (the workers' JSON outputs, the reference's, the workers' workdir).
   """
+  tmp_path = tmp_path_factory.mktemp('multihost')
+  worker, reference = _WORKER, _REFERENCE
   port = _free_port()
   workdir = str(tmp_path / 'work')
   outs = [str(tmp_path / f'p{i}.json') for i in range(2)]
@@ -200,9 +200,11 @@ def _run_both(tmp_path, worker, reference):
   return results, want, workdir
 
 
-def test_two_processes_match_one_process(tmp_path):
-  results, want, workdir = _run_both(tmp_path, _WORKER, _REFERENCE)
-  want = want['losses']
+def test_two_processes_match_one_process(both):
+  results, want, workdir = both
+  results = [r['pmap'] for r in results]
+  workdir = os.path.join(workdir, 'pmap')
+  want = want['pmap']['losses']
   # The head starts at zero: step 1's loss is log(10) whatever the batch.
   assert abs(want[0] - np.log(10)) < 1e-5
   assert len(want) == STEPS and len(set(want)) == STEPS  # it trains
@@ -218,8 +220,10 @@ def test_two_processes_match_one_process(tmp_path):
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(STEPS)]
 
 
-def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
-  results, want, workdir = _run_both(tmp_path, _FSDP_WORKER, _FSDP_REFERENCE)
+def test_fsdp_two_processes_match_one_process_and_resume(both):
+  results, want, workdir = both
+  results, want = [r['fsdp'] for r in results], want['fsdp']
+  workdir = os.path.join(workdir, 'fsdp')
   # The state really is split across the processes: every weight matrix.
   assert len(want['sharded']) >= 4, want['sharded']
   assert 'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel' in (
