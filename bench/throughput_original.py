@@ -13,14 +13,13 @@ sure it computes our logits on our parameters before it is timed.
 
 import importlib
 import os
-import statistics
 import sys
-import time
 from typing import Dict
 
 import jax
 import jax.numpy as jnp
 
+from bench import throughput_metrics
 from vit_jax.params import layouts
 
 def load_original(path: str):
@@ -116,13 +115,8 @@ def timm_inference(name: str, args) -> Dict[str, float]:
       with torch.inference_mode(), torch.autocast(
           'cpu', dtype=torch.bfloat16, enabled=d == 'bfloat16'):
         return model(x)
-    call()
-    call()
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - t0)
-    out[d] = args.batch / statistics.median(times)
+    call()  # a second warm-up call beside median_seconds' own
+    out[d] = args.batch / throughput_metrics.median_seconds(call,
+                                                            args.repeats)
   return out
 
