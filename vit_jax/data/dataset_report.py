@@ -14,6 +14,7 @@ from absl import logging
 import numpy as np
 
 from vit_jax.data import embedded_mnist
+from vit_jax.data import filesystem
 from vit_jax.data import folder_split
 from vit_jax.data import image_folders
 from vit_jax import input_pipeline
@@ -106,11 +107,8 @@ def _write_chart(report, path):
 
 
 def _write_json(path, data):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:  # ASCII (escaped): readable under any locale
-    json.dump(data, f, indent=1)
-    f.write('\n')
-  os.replace(tmp, path)
+  # ASCII (escaped): readable under any locale.
+  filesystem.write_text_atomically(path, json.dumps(data, indent=1) + '\n')
 
 
 def write_dataset_report(config, workdir: str) -> dict:

@@ -74,6 +74,15 @@ def replace(source, destination) -> None:
     os.replace(source, destination)
 
 
+def write_text_atomically(path, text: str) -> None:
+  """Writes `text` to `path` through `<path>.tmp` and a rename: a reader
+  sees the old file or the new one, never part of either."""
+  tmp = f'{os.fspath(path)}.tmp'
+  with open_file(tmp, 'w') as f:
+    f.write(text)
+  replace(tmp, path)
+
+
 def remove(path) -> None:
   if has_scheme(path):
     _gfile().remove(os.fspath(path))

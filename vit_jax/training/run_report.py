@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict
 
 from vit_jax import input_pipeline
+from vit_jax.data import filesystem
 from vit_jax.training import progress
 from vit_jax.training import run_plots
 from vit_jax.training import train_checkpoint
@@ -18,11 +19,9 @@ SUMMARY_FILE = 'summary.json'
 
 
 def write_json_atomically(path: str, data: Dict[str, Any]) -> None:
-  """Writes `data` to `path` through a temporary file and a rename."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes `data` as JSON to `path` (`filesystem.write_text_atomically`)."""
+  filesystem.write_text_atomically(
+      path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def workdir_contents(workdir: str) -> str:
