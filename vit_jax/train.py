@@ -297,7 +297,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 class _Run:
   """A run set up to train: its data, model, step and state on the devices."""
   config: ml_collections.ConfigDict
-  workdir: str
   ckpts: train_checkpoint.TrainCheckpoints
   start_step: int
   ds_train: Any
@@ -353,7 +352,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
     print(trainable.describe(state['params'], mask), flush=True)
   runner = make_runner(config, model, tx, mask, state['params'])
   params, opt_state = runner.place(state['params'], state['opt_state'])
-  return _Run(config, workdir, ckpts, start_step, ds_train, ds_test, model,
+  return _Run(config, ckpts, start_step, ds_train, ds_test, model,
               lr_fn, mask, runner, params, opt_state, num_params,
               num_trainable)
 
