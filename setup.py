@@ -14,8 +14,8 @@ INSTALL_REQUIRES = [
     'tensorflow-cpu>=2.18,<2.22',
     'tensorflow-datasets>=4.9.7,<4.10',
     'importlib_resources',  # some tfds builders import it
-    'clu>=0.0.12',
-    'tensorboard>=2.18',  # clu's metric writers import it
+    'clu>=0.0.12',  # the original's inference_time trainer writes with it
+    'tensorboard>=2.18',  # tf.summary's scalars (the event files)
     'absl-py',
     'pillow',
     'tqdm',

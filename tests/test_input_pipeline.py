@@ -146,8 +146,9 @@ def test_prefetch():
   assert batch['image'].shape == (1, 32, 28, 28, 3)
 
 
-def test_eight_devices_layout_in_subprocess():
+def test_eight_devices_layout_in_subprocess_without_keras():
   script = textwrap.dedent("""
+      import sys
       import jax, ml_collections, pytest
       from vit_jax import input_pipeline
       assert jax.local_device_count() == 8
@@ -162,6 +163,12 @@ def test_eight_devices_layout_in_subprocess():
       c.batch = 12
       with pytest.raises(ValueError, match='12.*8 local devices.*of 8'):
         input_pipeline.get_datasets(c)
+      # TensorFlow came in through vit_jax.data.tf_import: without Keras,
+      # which tf.keras still loads on first use.
+      assert not {'keras', 'sklearn'} & set(sys.modules), 'keras imported'
+      from vit_jax.data import tf_import
+      assert tf_import.import_tensorflow().keras.layers.Dense
+      assert 'keras' in sys.modules
       print('SUBPROCESS OK')
   """)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',

@@ -14,7 +14,6 @@ import time
 from typing import Dict
 
 from absl import logging
-from clu import metric_writers
 import flax
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,9 @@ def inference_time(config: ml_collections.ConfigDict,
   infer_repl = jax.pmap(functools.partial(model.apply, train=False))
   images = jnp.ones([devices, config.batch // devices, size, size, 3])
 
+  # clu's writers import Keras (through TensorBoard's hparams plugin): only
+  # here, not whenever vit_jax.train is imported.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, asynchronous=False)
   writer.write_hparams(config.to_dict())
 

@@ -33,13 +33,15 @@ from typing import Optional
 
 import flax.jax_utils
 import jax
-import tensorflow as tf
 
 from vit_jax.data import embedded_mnist
 from vit_jax.data import folder_split
 from vit_jax.data import image_folders
 from vit_jax.data import sources
+from vit_jax.data import tf_import
 from vit_jax.data import tfds_source
+
+tf = tf_import.import_tensorflow()
 
 # `config.dataset` of the embedded digits (`vit_jax.data.embedded_mnist`).
 EMBEDDED_MNIST = embedded_mnist.NAME

@@ -80,6 +80,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from vit_jax.data import tf_import  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import label_names  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import trained_model  # pylint: disable=g-import-not-at-top
 
@@ -114,7 +115,7 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
     ImageError: naming the file, if it is missing or neither TensorFlow nor
       PIL can decode it.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_import.import_tensorflow()
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ImageError(f'{path}: no such file.')
@@ -168,7 +169,7 @@ def preprocess(image_uint8: np.ndarray, image_size) -> np.ndarray:
   Returns:
     float32 [image_size, image_size, 3] in [-1, 1].
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_import.import_tensorflow()
   size = trained_model.as_hw(image_size)
   # The same ops as input_pipeline's eval path (and the original's), in the
   # same order: x / 127.5 - 1 differs from it in the last bit for some x.

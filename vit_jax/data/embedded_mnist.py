@@ -13,9 +13,11 @@ needs no download. They are split once, per class, into a fixed 'train'
 import functools
 
 import numpy as np
-import tensorflow as tf
 
 from vit_jax.data import sources
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()
 
 # The value of `config.dataset` that selects these digits.
 NAME = 'embedded_mnist'

@@ -11,6 +11,8 @@ import builtins
 import os
 from typing import IO, Iterator, List, Tuple
 
+from vit_jax.data import tf_import
+
 
 def has_scheme(path) -> bool:
   """Whether `path` is a URI (`scheme://...`) rather than a local path."""
@@ -18,7 +20,7 @@ def has_scheme(path) -> bool:
 
 
 def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_import.import_tensorflow()
   return tf.io.gfile
 
 

@@ -24,11 +24,13 @@ import os
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from vit_jax.data import filesystem
 from vit_jax.data import folder_split
 from vit_jax.data import sources
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 # Formats tf.io.decode_image reads (MPO: multi-picture JPEG from cameras).

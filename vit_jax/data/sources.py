@@ -11,7 +11,9 @@ input pipeline shuffles, decodes, augments and batches any of them alike.
 import dataclasses
 from typing import Callable
 
-import tensorflow as tf
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence
 import ml_collections
 
 from vit_jax.data import filesystem
+from vit_jax.data import tf_import
 from vit_jax.run_config import errors
 from vit_jax.run_config.errors import ConfigError
 
@@ -292,7 +293,7 @@ def check_remote(path: str, what: str) -> None:
     return
   scheme = path.split('://', 1)[0]
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.import_tensorflow()
     schemes = tf.io.gfile.get_registered_schemes()
   except ImportError:
     schemes = []

@@ -5,9 +5,10 @@ Process 0 shows training progress in one of two forms:
   updated every step, with the loss refreshed every `log_every` steps;
 - otherwise (a log file, a pipe, CI), one plain line every `log_every` steps
   (step, loss, learning rate, images/s, ETA) and one per evaluation.
-The same numbers go to TensorBoard event files (clu metric writers) and, one
-JSON object per line, to `<workdir>/metrics.jsonl`, which `run_plots` reads
-for `curves.png`; a resumed run appends to it.
+The same numbers go to the absl log (`[step] name=value, ...`), to
+TensorBoard event files (`tf.summary`, process 0) and, one JSON object per
+line, to `<workdir>/metrics.jsonl`, which `run_plots` reads for
+`curves.png`; a resumed run appends to it.
 """
 
 import json
@@ -16,9 +17,13 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from clu import metric_writers
+from absl import logging
 import jax
 import tqdm
+
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -69,8 +74,8 @@ class Progress:
   def __init__(self, workdir: str, *, total_steps: int, batch: int,
                start_step: int = 0, bar: Optional[bool] = None):
     self.is_chief = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_chief)
+    self._events = (tf.summary.create_file_writer(workdir)
+                    if self.is_chief else None)
     self._metrics = (open(os.path.join(workdir, METRICS_FILE), 'a')
                      if self.is_chief else None)
     self._total = total_steps
@@ -147,7 +152,12 @@ class Progress:
       print(text, flush=True)
 
   def _write(self, step: int, scalars: Dict[str, float]) -> None:
-    self._writer.write_scalars(step, scalars)
+    logging.info('[%d] %s', step, ', '.join(
+        f'{k}={float(v):.6g}' for k, v in sorted(scalars.items())))
+    if self._events is not None:
+      with self._events.as_default(step=step):
+        for name, value in scalars.items():
+          tf.summary.scalar(name, value)
     if self._metrics is not None:
       self._metrics.write(json.dumps({'step': step, **scalars}) + '\n')
       self._metrics.flush()
@@ -168,10 +178,9 @@ class Progress:
     if self._metrics is not None:
       self._metrics.close()
       self._metrics = None
-    if self._writer is not None:
-      self._writer.flush()
-      self._writer.close()
-      self._writer = None
+    if self._events is not None:
+      self._events.close()
+      self._events = None
 
 
 class _Pause:
