@@ -1,4 +1,4 @@
-"""Test-suite setup: one persistent XLA compilation cache per run.
+"""Test-suite setup: compilation settings and the CPU log.
 
 Many tests train the same tiny models, in this process and in the
 subprocesses they start (command lines, several devices, several
@@ -9,13 +9,24 @@ pytest process empties it when a run starts, so every run starts cold and
 its time is that of a fresh clone. Subprocesses inherit the setting through
 the environment.
 
+The fixture `unoptimized_xla` compiles a test module's computations with
+most of XLA's optimizations off (`jax_disable_most_optimizations`). The
+modules that use it compare tiny models' numbers in this process alone
+(against the original's logits, between implementations of one model),
+where compiling costs more than running and XLA's optimizations do not
+change what a computation means. Modules that compare with a subprocess's
+results, which are optimized as a user's runs are, keep the default.
+
 `VIT_JAX_TEST_CPU_LOG=FILE` appends one line per test to FILE: its node id,
 wall seconds, CPU seconds of the pytest process and of the subprocesses it
-waited for (tab-separated), to find where the suite's time goes.
+waited for, the pytest-xdist worker and the test's end time (tab-separated),
+to find where the suite's time goes.
 """
 
 import os
 import shutil
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
@@ -31,13 +42,23 @@ def pytest_configure(config):
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 
+@pytest.fixture(scope='module')
+def unoptimized_xla():
+  """Most XLA optimizations off for one test module (see above)."""
+  # Imported here: jax reads JAX_COMPILATION_CACHE_DIR when it is imported,
+  # after pytest_configure has set it.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
+
+
 _CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')
 
 
 if _CPU_LOG:
   import resource  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  import pytest  # pylint: disable=g-import-not-at-top
 
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
@@ -51,4 +72,5 @@ if _CPU_LOG:
     s1, c1 = cpu()
     with open(_CPU_LOG, 'a') as f:
       f.write(f'{item.nodeid}\t{time.time() - t0:.1f}\t{s1 - s0:.1f}\t'
-              f'{c1 - c0:.1f}\n')
+              f'{c1 - c0:.1f}\t{os.environ.get("PYTEST_XDIST_WORKER", "-")}'
+              f'\t{time.time():.1f}\n')

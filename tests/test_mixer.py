@@ -14,6 +14,9 @@ from vit_jax import checkpoint
 from vit_jax.interop import checkpoint_cli
 from vit_jax import models
 
+# Compared in this process only: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures('unoptimized_xla')
+
 # The original's counts at 1000 classes, 224x224.
 PARAM_COUNTS = {
     'Mixer-B_16': 59_880_472,

@@ -12,6 +12,9 @@ from vit_jax.params import trees
 
 import official
 
+# Compared in this process only: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures('unoptimized_xla')
+
 # SPEC section 3: exact parameter counts at 1000 classes, 224x224.
 PARAM_COUNTS = {
     'ViT-Ti_16': 5_717_416,

@@ -24,6 +24,9 @@ from vit_jax import models_vit
 from vit_jax.layers import attention
 from vit_jax.params import trees
 
+# Compared in this process only: see tests/conftest.py.
+pytestmark = pytest.mark.usefixtures('unoptimized_xla')
+
 ATOL = 1e-5
 NUM_LAYERS = 2
 
