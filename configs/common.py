@@ -104,12 +104,23 @@ def _set_optimizer_fields(config):
   # bit for bit and get neither gradients nor optimizer state.
   config.trainable = placeholder(str)
   # 'pmap' (the original: the train state replicated on every device) or
-  # 'fsdp' (jit over a mesh, parameters and optimizer state sharded;
-  # vit_jax/training/sharding.py): for models too big for one device.
+  # 'fsdp' (jit over the data x fsdp mesh below, parameters and optimizer
+  # state sharded; vit_jax/training/sharding.py): for models too big for one
+  # device.
   config.parallelism = 'pmap'
   # 'fsdp' only: leaves with fewer elements stay replicated (2**16 float32 =
   # 256 KiB; every weight matrix of ViT-B and larger is above it).
   config.fsdp_min_shard_size = 2**16
+  # 'fsdp' only: the 2-D device mesh (vit_jax/training/device_mesh.py). The
+  # batch is split over all data x fsdp devices, parameters and optimizer
+  # state along fsdp only (each of the data rows holds a sharded copy);
+  # data x fsdp must be the device count of all processes, -1 takes the
+  # devices the other axis leaves. The default, 1 x all, shards the state
+  # over every device; data=-1, fsdp=1 is data parallelism with replicated
+  # state (pmap's math under jit); e.g. data=2, fsdp=-1 on 8 devices: 2 x 4.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
 
 
 def _set_run_fields(config):

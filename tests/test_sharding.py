@@ -1,5 +1,6 @@
 """Sharded (FSDP) training under jit: layout of the train state, equivalence
-with the pmapped step of train.py and with a plain single-device step.
+with the pmapped step of train.py and with a plain single-device step, on
+the 1-D mesh and on data x fsdp meshes.
 
 The 8-device cases run once, in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX starts;
@@ -102,8 +103,7 @@ def run_single_device():
   return losses, flat(p)
 
 
-def run_sharded(mdl, devices, accum_steps):
-  mesh = device_mesh.make_mesh(devices)
+def run_sharded(mdl, mesh, accum_steps):
   ps = sharding.fsdp_shardings(params, mesh, min_size=MIN_SIZE)
   os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh,
                                 min_size=MIN_SIZE)
@@ -135,11 +135,27 @@ def diff(a, b):
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
+def placement(x, mesh):
+  """Where the shards of `x` are, in the mesh's [data, fsdp] grid."""
+  by_device = {s.device: s for s in x.addressable_shards}
+  grid = [[by_device[d] for d in row] for row in mesh.devices]
+  return {
+      'spec': [None if a is None else a if isinstance(a, str) else list(a)
+               for a in x.sharding.spec],
+      'shard_shape': list(grid[0][0].data.shape),
+      'starts': [[[sl.start or 0 for sl in s.index] for s in row]
+                 for row in grid],
+      'rows_equal': all(np.array_equal(np.asarray(grid[0][j].data),
+                                       np.asarray(row[j].data))
+                        for row in grid for j in range(len(row)))}
+
+
 out = {}
 pmap_losses, pmap_params = run_pmap()
 ref_losses, ref_params = run_single_device()
 for accum in (1, 2):
-  losses, p, o, n_compiles, rngs = run_sharded(model, None, accum)
+  losses, p, o, n_compiles, rngs = run_sharded(
+      model, device_mesh.make_mesh(), accum)
   out[f'accum{accum}'] = {
       'losses': losses, 'compiles': n_compiles, 'new_rngs': rngs,
       'loss_vs_pmap': max(abs(a - b) for a, b in zip(losses, pmap_losses)),
@@ -148,6 +164,7 @@ for accum in (1, 2):
       'params_vs_single': diff(flat(p), ref_params),
       'params': {k: v.tolist() for k, v in flat(p).items()}}
   if accum == 1:
+    fsdp_1d_params = flat(p)
     mlp = p['Transformer']['encoderblock_0']['MlpBlock_0']
     mu = o[1][0].trace  # chain(clip, sgd): sgd = chain(trace, scale)
     out['layout'] = {
@@ -166,8 +183,30 @@ out['single_losses'] = ref_losses
 out['keys'] = [k.tolist() for k in keys]
 # Dropout: one key for the global batch, drawn shard by shard.
 dropout_model = make_model(0.3)
-out['dropout_8'] = run_sharded(dropout_model, None, 1)[0]
-out['dropout_1'] = run_sharded(dropout_model, jax.devices()[:1], 1)[0]
+out['dropout_8'] = run_sharded(dropout_model, device_mesh.make_mesh(), 1)[0]
+out['dropout_1'] = run_sharded(dropout_model,
+                               device_mesh.make_mesh(jax.devices()[:1]), 1)[0]
+# The data x fsdp meshes: 2 x 4 (hybrid), 8 x 1 (data parallel), 1 x 8.
+for data, fsdp in ((2, 4), (8, 1), (1, 8)):
+  mesh = device_mesh.make_data_fsdp_mesh(data, fsdp)
+  losses, p, o, n_compiles, _ = run_sharded(model, mesh, 1)
+  out[f'mesh{data}x{fsdp}'] = {
+      'shape': [mesh.shape['data'], mesh.shape['fsdp']],
+      'compiles': n_compiles, 'losses': losses,
+      'params_vs_pmap': diff(flat(p), pmap_params),
+      'params_vs_fsdp_1d': diff(flat(p), fsdp_1d_params),
+      'params_equal_fsdp_1d': all(np.array_equal(v, fsdp_1d_params[k])
+                                  for k, v in flat(p).items())}
+  if data == 2:
+    mlp = p['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']
+    mu = o[1][0].trace['Transformer']['encoderblock_0']['MlpBlock_0'][
+        'Dense_0']
+    image = sharding.shard_batch(pmap_layout(batches[0]), mesh)['image']
+    out['layout2x4'] = {
+        'kernel': placement(mlp['kernel'], mesh),
+        'momentum_kernel': placement(mu['kernel'], mesh),
+        'bias': placement(mlp['bias'], mesh),
+        'image': placement(image, mesh)}
 print('RESULT ' + json.dumps(out))
 '''
 
@@ -257,6 +296,44 @@ def test_dropout_independent_of_device_count(eight):
   assert abs(eight['dropout_8'][1] - eight['accum1']['losses'][1]) > 1e-3
 
 
+def test_hybrid_2x4_mesh_splits_state_over_fsdp_and_batch_over_all(eight):
+  layout = eight['layout2x4']
+  # The (32, 64) kernel and its momentum: columns 16j..16j+15 on fsdp column
+  # j, the same values in both data rows.
+  for name in ('kernel', 'momentum_kernel'):
+    leaf = layout[name]
+    assert leaf['spec'] == [None, 'fsdp'], name
+    assert leaf['shard_shape'] == [32, 64 // 4], name
+    assert leaf['starts'] == [[[0, 16 * j] for j in range(4)]] * 2, name
+    assert leaf['rows_equal'], name
+  # The bias (below MIN_SIZE): whole on all 8 devices.
+  bias = layout['bias']
+  assert bias['shard_shape'] == [64] and bias['rows_equal']
+  assert bias['starts'] == [[[0]] * 4] * 2
+  # The batch of 16: 2 rows per device, row block 4i + j on mesh (i, j).
+  image = layout['image']
+  assert image['spec'] == [['data', 'fsdp']]
+  assert image['shard_shape'] == [2, 32, 32, 3]
+  assert image['starts'] == [[[2 * (4 * i + j), 0, 0, 0] for j in range(4)]
+                             for i in range(2)]
+  assert not image['rows_equal']
+
+
+def test_data_fsdp_meshes_train_like_pmap_and_the_1d_mesh(eight):
+  for name, shape in (('mesh2x4', [2, 4]), ('mesh8x1', [8, 1]),
+                      ('mesh1x8', [1, 8])):
+    run = eight[name]
+    assert run['shape'] == shape, name
+    assert run['compiles'] == 1, name
+    assert run['params_vs_pmap'] < TOL, (name, run['params_vs_pmap'])
+    assert run['params_vs_fsdp_1d'] < TOL, (name, run['params_vs_fsdp_1d'])
+    np.testing.assert_allclose(run['losses'], eight['pmap_losses'], atol=TOL,
+                               err_msg=name)
+  # 1 x 8 compiles to the 1-D mesh's program: the same parameters, bit for
+  # bit.
+  assert eight['mesh1x8']['params_equal_fsdp_1d']
+
+
 # ------------------------------------------------------------ one device
 
 
@@ -298,8 +375,10 @@ def test_single_device_mesh_replicates_and_round_trips():
   assert sharding.fsdp_shardings(shapes, mesh) == shardings
 
 
-def test_shard_batch_layouts():
-  mesh = device_mesh.make_mesh()
+@pytest.mark.parametrize('make_mesh', [device_mesh.make_mesh,
+                                       device_mesh.make_data_fsdp_mesh])
+def test_shard_batch_layouts(make_mesh):
+  mesh = make_mesh()
   n = jax.local_device_count()
   image = np.arange(n * 2 * 4 * 4 * 3, dtype=np.float32).reshape(n, 2, 4, 4, 3)
   label = np.arange(n * 2 * 5, dtype=np.float32).reshape(n, 2, 5)
@@ -311,6 +390,51 @@ def test_shard_batch_layouts():
                                 label.reshape(n * 2, 5))
   flat = sharding.shard_batch({'image': image[0]}, mesh)
   np.testing.assert_array_equal(np.asarray(flat['image']), image[0])
+
+
+def test_mesh_shape_resolves_minus_one_and_rejects_what_does_not_fit():
+  assert device_mesh.mesh_shape(2, -1, 8) == (2, 4)
+  assert device_mesh.mesh_shape(-1, 1, 8) == (8, 1)
+  assert device_mesh.mesh_shape(1, -1, 8) == (1, 8)
+  assert device_mesh.mesh_shape(4, 2, 8) == (4, 2)
+  for data, fsdp, words in ((2, 2, r'data=2 x fsdp=2 = 4 devices'),
+                            (3, -1, r'data=3 does not divide the 8 devices; '
+                             r'choose one of \[1, 2, 4, 8\]'),
+                            (-1, -1, 'both -1'),
+                            (0, 8, 'data=0 is not a number of devices'),
+                            (1, -2, 'fsdp=-2 is not a number of devices')):
+    with pytest.raises(ValueError, match=words):
+      device_mesh.mesh_shape(data, fsdp, 8)
+
+
+class _FakeDevice:
+  """What mesh_utils reads of a CPU device, for process layouts of tests."""
+  platform = device_kind = 'cpu'
+
+  def __init__(self, id_, process_index):
+    self.id, self.process_index = id_, process_index
+
+
+def _grid_processes(processes, local, data, fsdp):
+  # Listed round-robin over processes: the grid must still group them.
+  devices = [_FakeDevice(p * local + i, p) for i in range(local)
+             for p in range(processes)]
+  grid = device_mesh.device_grid(data, fsdp, devices)
+  assert grid.shape == (data, fsdp)
+  assert sorted(d.id for d in grid.flat) == list(range(processes * local))
+  return [[d.process_index for d in row] for row in grid]
+
+
+def test_device_grid_keeps_each_process_together():
+  # Whole data rows per process: the processes lie along data.
+  assert _grid_processes(2, 4, 2, 4) == [[0] * 4, [1] * 4]
+  assert _grid_processes(2, 4, 8, 1) == [[0]] * 4 + [[1]] * 4
+  assert _grid_processes(4, 2, 4, 2) == [[p] * 2 for p in range(4)]
+  # A data row spans whole processes.
+  assert _grid_processes(2, 4, 1, 8) == [[0] * 4 + [1] * 4]
+  assert _grid_processes(4, 2, 2, 4) == [[0, 0, 1, 1], [2, 2, 3, 3]]
+  # Neither (3 devices per process, rows of 2): still contiguous row by row.
+  assert _grid_processes(2, 3, 3, 2) == [[0, 0], [0, 1], [1, 1]]
 
 
 def test_bad_input_errors():

@@ -155,7 +155,8 @@ out = {}
 # fsdp_min_shard_size: the tiny model's weight matrices are split too.
 fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}
 for name, kw in [('pmap', {}), ('fsdp', fsdp),
-                 ('fsdp_head', dict(fsdp, trainable='head'))]:
+                 ('fsdp_head', dict(fsdp, trainable='head')),
+                 ('mesh2x4', dict(fsdp, **{'mesh.data': 2}))]:
   workdir = sys.argv[1] + '/' + name
   config = tiny_config(batch=32, batch_eval=200, total_steps=3,
                        accum_steps=2, eval_every=3, **kw)
@@ -172,17 +173,20 @@ json.dump(out, open(sys.argv[1] + '/out.json', 'w'))
 
 
 def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
+  """The default mesh (1 x 8) and --config.mesh.data=2 (2 x 4) train like
+  pmap, with gradient accumulation."""
   run_python(_FSDP_SCRIPT, devices=8, args=(str(tmp_path),))
   with open(tmp_path / 'out.json') as f:
     out = json.load(f)
-  pmap, fsdp = out['pmap'], out['fsdp']
-  assert pmap['compilations'] == fsdp['compilations'] == 1
-  assert fsdp['accuracy'] == pmap['accuracy']
-  np.testing.assert_allclose(fsdp['loss'], pmap['loss'], rtol=1e-5)
-  assert fsdp['params'].keys() == pmap['params'].keys()
-  for key, value in pmap['params'].items():
-    np.testing.assert_allclose(fsdp['params'][key], value, rtol=1e-5,
-                               atol=1e-5, err_msg=key)
+  pmap = out['pmap']
+  for fsdp in (out['fsdp'], out['mesh2x4']):
+    assert pmap['compilations'] == fsdp['compilations'] == 1
+    assert fsdp['accuracy'] == pmap['accuracy']
+    np.testing.assert_allclose(fsdp['loss'], pmap['loss'], rtol=1e-5)
+    assert fsdp['params'].keys() == pmap['params'].keys()
+    for key, value in pmap['params'].items():
+      np.testing.assert_allclose(fsdp['params'][key], value, rtol=1e-5,
+                                 atol=1e-5, err_msg=key)
   # Frozen under FSDP: the backbone is the initialisation, bit for bit.
   config = tiny_config()
   init = {'/'.join(k.split('/')): v for k, v in _flat(train.init_params(

@@ -70,6 +70,13 @@ CASES = [
          ['--config.batch=32'], 2,
          ['config.batch=32 is not divisible by the 3 devices'],
          'a multiple of the device count', devices=3),
+    Case('mesh_vs_devices', 'a `mesh` (`parallelism=fsdp`) that does not '
+         'fit the devices', ['--config.parallelism=fsdp',
+                             '--config.mesh.data=3'], 2,
+         ['config.mesh (data=3, fsdp=-1) does not fit the 4 devices',
+          'data=3 does not divide the 4 devices', 'data x fsdp = 4'],
+         'sizes whose product is the device count, or -1 for one of them',
+         devices=4),
     Case('image_vs_patch', 'an image size that is not a multiple of the patch',
          ['--config.pp.crop=30'], 2,
          ['not a multiple of the patch size',

@@ -220,7 +220,8 @@ def make_runner(config, model, tx, mask, params):
     return sharding.FsdpRunner(
         params=params, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
         trainable_mask=mask, min_shard_size=config.get(
-            'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE), **kwargs)
+            'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE),
+        mesh_sizes=config.get('mesh'), **kwargs)
   update_fn = make_update_fn(apply_fn=None, accum_steps=accum_steps, tx=tx,
                              loss_fn=loss_fn, trainable_mask=mask)
   return runners.PmapRunner(update_fn=update_fn, n_prefetch=config.prefetch,

@@ -26,7 +26,8 @@ from vit_jax.run_config.errors import ConfigError
 # Compute dtypes a model or optimizer state may be given by name.
 DTYPES = ('float32', 'bfloat16', 'float16')
 # config.parallelism: the original's pmap (`vit_jax.train`) or the FSDP-style
-# sharded step of `vit_jax.training.sharding`.
+# sharded step of `vit_jax.training.sharding` on the data x fsdp mesh of
+# config.mesh.
 PARALLELISMS = ('pmap', 'fsdp')
 # What users of other trainers type, and this config's name for it.
 _SYNONYMS = {
@@ -194,6 +195,25 @@ def _check_batch(config, device_count: int, process_count: int) -> None:
         f'choose accum_steps dividing {per_device}.')
 
 
+def _check_mesh(config, device_count: int, process_count: int) -> None:
+  """config.mesh must cover the devices of all processes exactly once."""
+  if config.get('parallelism') != 'fsdp':
+    return
+  from vit_jax.training import device_mesh  # pylint: disable=g-import-not-at-top
+  mesh = config.get('mesh') or {}
+  data, fsdp = mesh.get('data', 1), mesh.get('fsdp', -1)
+  devices = device_count * process_count
+  try:
+    device_mesh.mesh_shape(data, fsdp, devices)
+  except ValueError as e:
+    raise ConfigError(
+        f'config.mesh (data={data}, fsdp={fsdp}) does not fit the {devices} '
+        f'devices of this run: {e} Set --config.mesh.data and '
+        f'--config.mesh.fsdp so that data x fsdp = {devices}, or one of them '
+        'to -1 for the devices the other leaves (e.g. --config.mesh.data=1 '
+        '--config.mesh.fsdp=-1 shards over every device).') from None
+
+
 def _check_model(config) -> None:
   from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   model = config.get('model')
@@ -252,6 +272,7 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int,
   _check_choices(config, _choices(config))
   _check_model(config)
   _check_batch(config, device_count, process_count)
+  _check_mesh(config, device_count, process_count)
   _check_trainable(config.get('trainable'))
 
 

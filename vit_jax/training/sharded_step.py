@@ -1,9 +1,10 @@
 """The jitted train and eval steps of sharded (FSDP-style) training.
 
 `make_sharded_update_fn` is `train.make_update_fn` without pmap: one
-`jax.jit` over a device mesh (`device_mesh.make_mesh`) that takes the
-parameters and optimizer state placed as `sharding.fsdp_shardings` says and
-the global batch split along the data axis (`sharding.shard_batch`), and
+`jax.jit` over a device mesh (`device_mesh.make_mesh` or
+`make_data_fsdp_mesh`) that takes the parameters and optimizer state placed
+as `sharding.fsdp_shardings` says and the global batch split over the
+mesh's batch axes (`sharding.shard_batch`), and
 gives them back placed the same way; `make_sharded_eval_fn` counts top-1 hits
 on such a batch. `sharding` describes the scheme and its `FsdpRunner` drives
 both steps in the train loop:
@@ -14,7 +15,7 @@ both steps in the train loop:
   params, opt_state, loss, rng = update_fn(params, opt_state, batch, rng)
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 from jax.sharding import Mesh
@@ -28,6 +29,8 @@ from vit_jax.training import objectives
 from vit_jax.training import trainable
 
 PyTree = Any
+# A mesh axis name, or a tuple of them (`device_mesh.batch_axes`).
+Axes = Union[str, Tuple[str, ...]]
 
 
 def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
@@ -57,16 +60,23 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
   same on 1 or 8 devices. As under pmap, every micro-batch of one step uses
   the same key.
 
+  The batch is split over every axis of the mesh (`device_mesh.batch_axes`;
+  "device" above means one device of the mesh), the parameters as
+  `param_shardings` say: on a data x fsdp mesh this is hybrid sharding, and
+  the same step serves the 1-D mesh, 1 x n (FSDP) and n x 1 (data
+  parallelism with replicated state).
+
   Args:
     apply_fn: the model's `apply`.
     tx: the optimizer.
-    mesh: the mesh (`device_mesh.make_mesh`).
+    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
     param_shardings: pytree of shardings of the parameters
       (`sharding.fsdp_shardings`).
     opt_shardings: pytree of shardings of `tx.init(params)`.
     accum_steps: micro-batches per device batch (0 or 1: none).
     loss: a key of `objectives.LOSSES`.
-    axis_name: the data axis (default: the mesh's only axis).
+    axis_name: the axis the batch is split along (default: every axis of
+      the mesh).
     loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
       loss` (`objectives.make_loss_fn`).
     trainable_mask: as in `train.make_update_fn`: only the True leaves train
@@ -84,7 +94,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
     afterwards. Numpy batches and keys are placed on the fly.
   """
   loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
-  axis = device_mesh.data_axis(mesh, axis_name)
+  axis = device_mesh.batch_axes(mesh, axis_name)
   accum_steps = max(int(accum_steps or 1), 1)
   batch_sharding = NamedSharding(mesh, P(axis))
   replicated = NamedSharding(mesh, P())
@@ -100,10 +110,10 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
 
 
 def _update_fn(*, loss_fn: Callable[..., Any],
-               tx: optax.GradientTransformation, mesh: Mesh, axis: str,
+               tx: optax.GradientTransformation, mesh: Mesh, axis: Axes,
                accum_steps: int, trainable_mask: Any) -> Callable[..., Any]:
   """The step `make_sharded_update_fn` jits, on global arrays."""
-  num_shards = mesh.shape[axis]
+  num_shards = device_mesh.axis_size(mesh, axis)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)
@@ -134,9 +144,9 @@ def _update_fn(*, loss_fn: Callable[..., Any],
 
 
 def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree,
-                images, labels, *, mesh: Mesh, axis: str, accum_steps: int):
+                images, labels, *, mesh: Mesh, axis: Axes, accum_steps: int):
   """(loss, grad) over `accum_steps` micro-batches cut as pmap cuts them."""
-  num_shards = mesh.shape[axis]
+  num_shards = device_mesh.axis_size(mesh, axis)
   batch_sharding = NamedSharding(mesh, P(axis))
 
   # [D * A * s] -> [A, D, s]: row block d (device d's examples) is cut
@@ -170,9 +180,10 @@ def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
   As `runners.make_eval_fn`, on a global batch (`sharding.shard_batch`): both
   counts are over the global batch; `counts_fn` (default
   `objectives.top1_counts`) computes them, `batch['mask']` keeping padding
-  examples out.
+  examples out. The batch is split over `axis_name` (default: every axis of
+  the mesh).
   """
-  axis = device_mesh.data_axis(mesh, axis_name)
+  axis = device_mesh.batch_axes(mesh, axis_name)
   replicated = NamedSharding(mesh, P())
   counts_fn = counts_fn or objectives.top1_counts(apply_fn)
   return jax.jit(counts_fn,

@@ -3,14 +3,18 @@
 `train.make_update_fn` is the original's data parallelism: `jax.pmap` with a
 full copy of the parameters and optimizer state on every device. This module
 is the alternative of big_vision: one `jax.jit` over a `jax.sharding.Mesh`
-with a single data axis, where
+(`device_mesh`), either 1-D (one axis `data`) or 2-D (`data` x `fsdp`),
+where
 
-  * the batch is one global array `[global_batch, H, W, C]` split along the
-    data axis, so every device computes the examples it holds;
+  * the batch is one global array `[global_batch, H, W, C]` split over every
+    device of the mesh, so every device computes the examples it holds;
   * every parameter (and the optimizer state that has its shape) is split
-    along its largest dimension that the data axis divides, and replicated
-    when it is small or no dimension divides ("fully sharded data
-    parallelism"): a device holds 1/n of the train state;
+    along its largest dimension that the parameter axis divides (`fsdp` on
+    the 2-D mesh, `data` on the 1-D one), and replicated when it is small or
+    no dimension divides ("fully sharded data parallelism"): a device holds
+    1/n of the train state, n the size of that axis. On the 2-D mesh each
+    of the `data` rows holds such a sharded copy (hybrid sharding): n x 1 is
+    plain data parallelism with replicated state, 1 x n the 1-D mesh's FSDP;
   * nothing is reduced by hand: XLA's SPMD partitioner all-gathers a
     parameter where the forward or backward pass needs it whole, and reduces
     the gradient of the global-mean loss onto the parameter's shards
@@ -22,14 +26,14 @@ on a deterministic model both give the same parameters up to float rounding;
 tests/test_sharding.py pins that on 8 devices. Dropout differs, see
 `sharded_step.make_sharded_update_fn`.
 
-The modules: `device_mesh` (the mesh and its data axis), this one (where
+The modules: `device_mesh` (the meshes and their axes), this one (where
 parameters, optimizer state and batches are placed, and `FsdpRunner`, the
 train loop's interface) and `sharded_step` (the jitted update and eval
 steps).
 
 Usage:
 
-  mesh = device_mesh.make_mesh()
+  mesh = device_mesh.make_data_fsdp_mesh(data=2, fsdp=-1)  # or make_mesh()
   param_shardings = sharding.fsdp_shardings(params, mesh)
   opt_shardings = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
   params = sharding.shard_params(params, param_shardings)
@@ -42,7 +46,7 @@ Usage:
         params, opt_state, sharding.shard_batch(batch, mesh), step_key)
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -76,8 +80,8 @@ def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
 
   Args:
     shape: the leaf's shape.
-    num_shards: size of the data axis.
-    axis_name: the data axis.
+    num_shards: size of that axis.
+    axis_name: the axis the parameters are split along.
     min_size: leaves with fewer elements are replicated.
 
   Returns:
@@ -101,19 +105,22 @@ def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
 
   The rule depends only on the shape, so an optimizer state's buffers
   (momentum, Adam moments, whatever their dtype) are split exactly like
-  their parameters: pass `jax.eval_shape(tx.init, params)` for them.
+  their parameters: pass `jax.eval_shape(tx.init, params)` for them. Leaves
+  are split along one axis (`device_mesh.fsdp_axis`) and replicated along
+  the others: on a data x fsdp mesh every data row holds a full copy.
 
   Args:
     params_or_shapes: a pytree of arrays or of anything with `.shape`
       (`jax.ShapeDtypeStruct`).
-    mesh: the mesh (`device_mesh.make_mesh`).
-    axis_name: the data axis (default: the mesh's only axis).
+    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
+    axis_name: the axis to split along (default: `fsdp` on a data x fsdp
+      mesh, else the mesh's only axis).
     min_size: leaves with fewer elements are replicated.
 
   Returns:
     A pytree of `NamedSharding` with the structure of `params_or_shapes`.
   """
-  axis = device_mesh.data_axis(mesh, axis_name)
+  axis = device_mesh.fsdp_axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, fsdp_partition_spec(
@@ -152,25 +159,27 @@ def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, *,
                 axis_name: Optional[str] = None,
                 pmap_layout: Optional[bool] = None) -> PyTree:
-  """An input-pipeline batch as global arrays split along the data axis.
+  """An input-pipeline batch as global arrays split along the batch axes.
 
   Each process passes its own share of the global batch, either in the
   layout of `input_pipeline.get_datasets` (`[local_devices, b, ...]`, the
   two leading axes are merged) or already flat (`[local_batch, ...]`). The
   result holds the processes' shares one after another: `[global_batch,
-  ...]`, device `d` of this process holding row block `d`.
+  ...]`, the `d`-th device of this process in mesh order (row by row on a
+  2-D mesh) holding row block `d` of its share.
 
   Args:
     batch: pytree of host arrays, e.g. {'image', 'label', 'mask'}.
-    mesh: the mesh (`device_mesh.make_mesh`).
-    axis_name: the data axis (default: the mesh's only axis).
+    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
+    axis_name: the axis to split along (default: every axis of the mesh,
+      `device_mesh.batch_axes`).
     pmap_layout: whether leaves carry the leading device axis; None infers
       it from `batch['image']` (rank 5: yes, rank 4: no).
 
   Returns:
     The pytree of `jax.Array`s of shape `[global_batch, ...]`.
   """
-  axis = device_mesh.data_axis(mesh, axis_name)
+  axes = device_mesh.batch_axes(mesh, axis_name)
   if pmap_layout is None:
     image = batch.get('image') if isinstance(batch, dict) else None
     if image is None or np.ndim(image) not in (4, 5):
@@ -179,7 +188,7 @@ def shard_batch(batch: PyTree, mesh: Mesh, *,
           "batch['image'] of rank 5 ([devices, b, H, W, C]) or 4 ([b, H, W, "
           "C]); pass pmap_layout=True or False.")
     pmap_layout = np.ndim(image) == 5
-  sharding = NamedSharding(mesh, P(axis))
+  sharding = NamedSharding(mesh, P(axes))
   local_shards = len(mesh.local_devices)
 
   def put(x):
@@ -209,21 +218,29 @@ def _host_scalar(x) -> float:
 
 class FsdpRunner:
   """`runners.PmapRunner`'s interface for the sharded step
-  (`config.parallelism='fsdp'`): one mesh over every device of every process,
-  parameters and optimizer state split FSDP-style, global batches.
+  (`config.parallelism='fsdp'`): a data x fsdp mesh over every device of
+  every process (`device_mesh.make_data_fsdp_mesh`; `config.mesh`), the
+  parameters and optimizer state split FSDP-style along `fsdp` and
+  replicated along `data`, global batches split over both.
 
   Checkpoints hold the full state gathered on the host (`process_allgather`
   when other processes hold shards): the same layout as under pmap, so a run
   resumes under either.
 
   `min_shard_size` (`config.fsdp_min_shard_size`): leaves with fewer
-  elements stay replicated, see `fsdp_partition_spec`.
+  elements stay replicated, see `fsdp_partition_spec`. `mesh_sizes`
+  (`config.mesh`): {'data': ..., 'fsdp': ...}, the sizes of
+  `device_mesh.make_data_fsdp_mesh`; a missing size or None is its default
+  (1 x every device: all of it FSDP).
   """
 
   def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
                trainable_mask, min_shard_size: int = MIN_SHARD_SIZE,
-               confusion_fn=None):
-    self.mesh = device_mesh.make_mesh()
+               confusion_fn=None,
+               mesh_sizes: Optional[Mapping[str, int]] = None):
+    mesh_sizes = mesh_sizes or {}
+    self.mesh = device_mesh.make_data_fsdp_mesh(
+        data=mesh_sizes.get('data', 1), fsdp=mesh_sizes.get('fsdp', -1))
     shapes = jax.eval_shape(lambda p: p, params)
     self.param_shardings = fsdp_shardings(shapes, self.mesh,
                                           min_size=min_shard_size)
@@ -241,7 +258,7 @@ class FsdpRunner:
     self._confusion = confusion_fn and jax.jit(
         confusion_fn,
         in_shardings=(self.param_shardings, NamedSharding(
-            self.mesh, P(device_mesh.data_axis(self.mesh, None)))),
+            self.mesh, P(device_mesh.batch_axes(self.mesh, None)))),
         out_shardings=NamedSharding(self.mesh, P()))
 
   def place(self, params, opt_state):
