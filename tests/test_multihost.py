@@ -5,12 +5,18 @@ XLA_FLAGS device count and feeds its own share of the global batch, as the
 input pipeline splits it per process. The one-process reference feeds the
 union of both shares (in the same device order) to 4 devices. Both data
 parallelisms are pinned: pmap (replicated state) and FSDP (state sharded
-across the processes, checkpoints gathered and resumed). The three processes
-run once, for both tests (a module fixture).
+across the processes, checkpoints written shard by shard and resumed).
+
+Before them, two processes x 4 devices save an FSDP state without
+gathering it (`process_allgather` raises there), each writing about half;
+the two workers restore it onto 2 x 2 devices (FSDP and pmap) and the
+reference onto 1 x 4. The processes run once, for all tests (a module
+fixture).
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +26,8 @@ import numpy as np
 import pytest
 
 from test_train import REPO
+from vit_jax.params import trees
+from vit_jax.training import train_checkpoint
 
 STEPS = 4
 
@@ -52,6 +60,38 @@ def flat(params):
   return {k: np.asarray(v).tolist()
           for k, v in trees.flatten_tree(params).items()}
 
+def forbid_gathering():
+  # Makes process_allgather raise for more than 1 KiB: the code after never
+  # gathers the state (only the small values of jax's own barriers).
+  from jax.experimental import multihost_utils
+  gather = multihost_utils.process_allgather
+  def small_gather(tree, *args, **kwargs):
+    size = sum(np.size(x) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+    assert size <= 1024, f'process_allgather of {size} bytes'
+    return gather(tree, *args, **kwargs)
+  multihost_utils.process_allgather = small_gather
+  return lambda: setattr(multihost_utils, 'process_allgather', gather)
+
+def restored(cfg, workdir):
+  # The params of workdir's newest step as the train loop restores them for
+  # cfg (on this process count and device count), gathered to numpy, with
+  # the step and whether they hold the runner's layout.
+  from jax.experimental import multihost_utils
+  model = train.create_model(cfg, 10)
+  tx, _ = optim.make_optimizer(cfg)
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  state, _, step, runner = train._init_or_restore(cfg, model, tx, ckpts)
+  ckpts.close()
+  params = state['params']
+  layout = all(isinstance(x, np.ndarray) for x in
+               jax.tree_util.tree_leaves(params))
+  if hasattr(runner, 'param_shardings'):
+    layout = jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda x, s: x.sharding == s, params, runner.param_shardings))
+    params = multihost_utils.process_allgather(params, tiled=True)
+  return {'step': step, 'layout': layout, 'params': flat(params)}
+
 def trajectory(next_batch):
   model = train.create_model(config, 10)
   params = train.init_params(model, config)
@@ -69,8 +109,43 @@ def trajectory(next_batch):
   return losses
 """ % STEPS
 
+# One of two processes x 4 devices: saves an FSDP state without gathering it.
+_SAVER = _COMMON + """
+import contextlib
+import jax.numpy as jnp
+port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                           num_processes=2, process_id=pid)
+assert jax.process_count() == 2 and jax.device_count() == 8
+forbid_gathering()
+with contextlib.ExitStack() as cleanup:
+  run = train._set_up(fsdp_config, workdir, cleanup)
+  # Random values, in the same layout: the written bytes do not depend on
+  # how well zstd compresses (Adam's zero moments would vanish).
+  def noisy(t):
+    leaves, treedef = jax.tree_util.tree_flatten(t)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return treedef.unflatten([
+        x + jax.random.normal(k, x.shape, x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.inexact) else x
+        for x, k in zip(leaves, keys)])
+  fresh = {'params': run.params, 'opt_state': run.opt_state}
+  bump = jax.jit(noisy, out_shardings=jax.tree_util.tree_map(
+      lambda x: x.sharding, fresh))
+  state = bump(fresh)
+  run.ckpts.save(1, state, run.runner.saved_state)
+  # Read back onto the same layout: every shard this process holds.
+  back = run.ckpts.restore(1, run.runner.restore_template(state))
+  same = all(np.array_equal(a.data, b.data) and a.index == b.index
+             for x, y in zip(jax.tree_util.tree_leaves(state),
+                             jax.tree_util.tree_leaves(back))
+             for a, b in zip(x.addressable_shards, y.addressable_shards))
+json.dump({'same': same}, open(out, 'w'))
+"""
+
 # One of two processes: the pmap trajectory and train loop, then the FSDP
-# loop, interrupted and resumed.
+# loop (gathering nothing), interrupted and resumed; then the 8-device
+# state restored.
 _WORKER = _COMMON + """
 from jax.experimental import multihost_utils
 port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
@@ -88,6 +163,7 @@ pmap = {'losses': losses, 'accuracy': summary['accuracy'],
         'compiles': summary['train_step_compilations']}
 
 fsdp_dir = os.path.join(workdir, 'fsdp')
+allow_gathering = forbid_gathering()
 first = train.train_and_evaluate(fsdp_config, fsdp_dir)
 ckpts = train_checkpoint.TrainCheckpoints(fsdp_dir)
 steps_saved = ckpts.all_steps()
@@ -100,10 +176,16 @@ if pid == 0:
   shutil.rmtree(os.path.join(ckpts.directory, str(STEPS)))
 multihost_utils.sync_global_devices('removed step 4')
 resumed = train.train_and_evaluate(fsdp_config, fsdp_dir)
+allow_gathering()
 params = train_checkpoint.TrainCheckpoints(fsdp_dir).restore_params()
+layouts = {'fsdp8_to_fsdp': restored(fsdp_config,
+                                     os.path.join(workdir, 'from8')),
+           'fsdp8_to_pmap': restored(config, os.path.join(workdir, 'from8')),
+           'pmap_to_fsdp': restored(fsdp_config,
+                                    os.path.join(workdir, 'pmap'))}
 keys = ('accuracy', 'final_train_loss', 'train_step_compilations',
         'start_step')
-json.dump({'pmap': pmap, 'fsdp': {
+json.dump({'pmap': pmap, 'layouts': layouts, 'fsdp': {
     'steps_saved': steps_saved,
     'first': {k: first[k] for k in keys},
     'resumed': {k: resumed[k] for k in keys},
@@ -147,7 +229,8 @@ for step in range(1, STEPS + 1):
       params, opt_state, sharding.shard_batch(union(), runner.mesh),
       keys(step))
   losses.append(runner.scalar(loss))
-json.dump({'pmap': {'losses': pmap_losses},
+layouts = {'fsdp8_to_fsdp': restored(fsdp_config, sys.argv[2])}
+json.dump({'pmap': {'losses': pmap_losses}, 'layouts': layouts,
            'fsdp': {'losses': losses, 'params': flat(runner.to_host(params)),
                     'sharded': sharded}}, open(sys.argv[1], 'w'))
 """
@@ -157,6 +240,22 @@ def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+def _run_pair(script, devices, outs, workdir):
+  """Starts `script` as 2 processes of `devices` devices each (argv: port,
+  process index, its output file, `workdir`); returns the processes."""
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, '-c', textwrap.dedent(script), str(port), str(i),
+       outs[i], workdir], cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _wait(processes):
+  logs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, log in zip(processes, logs):
+    assert p.returncode == 0, log[-4000:]
 
 
 def _env(devices):
@@ -172,24 +271,25 @@ def both(tmp_path_factory):
   """Runs 2 worker processes (2 devices each) and the 4-device reference
   once for both tests.
 
-  Returns (the workers' JSON outputs, the reference's, the workers' workdir).
+  Returns (the workers' JSON outputs, the reference's, the workers'
+  workdir, the savers' JSON outputs and workdir).
   """
   tmp_path = tmp_path_factory.mktemp('multihost')
-  worker, reference = _WORKER, _REFERENCE
-  port = _free_port()
+  saved8 = str(tmp_path / 'saved8')
+  saver_outs = [str(tmp_path / f's{i}.json') for i in range(2)]
+  _wait(_run_pair(_SAVER, 4, saver_outs, saved8))
   workdir = str(tmp_path / 'work')
+  for copy in (os.path.join(workdir, 'from8'), str(tmp_path / 'ref8')):
+    shutil.copytree(os.path.join(saved8, 'checkpoints'),
+                    os.path.join(copy, 'checkpoints'))
   outs = [str(tmp_path / f'p{i}.json') for i in range(2)]
-  workers = [subprocess.Popen(
-      [sys.executable, '-c', textwrap.dedent(worker), str(port), str(i),
-       outs[i], workdir], cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  workers = _run_pair(_WORKER, 2, outs, workdir)
   ref_out = str(tmp_path / 'ref.json')
   ref = subprocess.run(
-      [sys.executable, '-c', textwrap.dedent(reference), ref_out], cwd=REPO,
-      env=_env(4), capture_output=True, text=True, timeout=600)
-  logs = [w.communicate(timeout=600)[0] for w in workers]
-  for w, log in zip(workers, logs):
-    assert w.returncode == 0, log[-4000:]
+      [sys.executable, '-c', textwrap.dedent(_REFERENCE), ref_out,
+       str(tmp_path / 'ref8')], cwd=REPO, env=_env(4), capture_output=True,
+      text=True, timeout=600)
+  _wait(workers)
   assert ref.returncode == 0, ref.stderr[-4000:]
   with open(ref_out) as f:
     want = json.load(f)
@@ -197,11 +297,15 @@ def both(tmp_path_factory):
   for o in outs:
     with open(o) as f:
       results.append(json.load(f))
-  return results, want, workdir
+  savers = []
+  for o in saver_outs:
+    with open(o) as f:
+      savers.append(json.load(f))
+  return results, want, workdir, savers, saved8
 
 
 def test_two_processes_match_one_process(both):
-  results, want, workdir = both
+  results, want, workdir, _, _ = both
   results = [r['pmap'] for r in results]
   workdir = os.path.join(workdir, 'pmap')
   want = want['pmap']['losses']
@@ -221,7 +325,7 @@ def test_two_processes_match_one_process(both):
 
 
 def test_fsdp_two_processes_match_one_process_and_resume(both):
-  results, want, workdir = both
+  results, want, workdir, _, _ = both
   results, want = [r['fsdp'] for r in results], want['fsdp']
   workdir = os.path.join(workdir, 'fsdp')
   # The state really is split across the processes: every weight matrix.
@@ -249,3 +353,43 @@ def test_fsdp_two_processes_match_one_process_and_resume(both):
   assert results[0]['params'] == results[1]['params']
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   assert summary['processes'] == 2 and summary['devices'] == 4
+
+
+def _bytes_under(folder):
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(folder) for name in names)
+
+
+def test_fsdp_save_is_written_shard_by_shard_by_each_process(both):
+  """2 processes x 4 devices: each process writes its own files, about half
+  of the state's bytes, and none gathers the state (the savers and the
+  FSDP runs of the workers ran with process_allgather raising)."""
+  _, _, _, savers, saved8 = both
+  assert [s['same'] for s in savers] == [True, True]
+  step = os.path.join(train_checkpoint.checkpoint_dir(saved8), '1', 'default')
+  written = [_bytes_under(os.path.join(step, f'ocdbt.process_{i}'))
+             for i in range(2)]
+  assert min(written) > 0.35 * sum(written), written
+
+
+def test_restore_onto_other_layouts(both):
+  """The FSDP state saved on 2 x 4 devices, restored onto 2 x 2 devices
+  (FSDP and pmap) and 1 x 4 (FSDP); the pmap run's state onto FSDP 2 x 2:
+  the saved parameters, in the runner's layout."""
+  results, want, workdir, _, saved8 = both
+  saved = train_checkpoint.TrainCheckpoints(saved8).restore_params()
+  from_pmap = train_checkpoint.TrainCheckpoints(
+      os.path.join(workdir, 'pmap')).restore_params()
+  flat = lambda p: {k: np.asarray(v).tolist()
+                    for k, v in trees.flatten_tree(p).items()}
+  cases = [(r['layouts'], name) for r in results
+           for name in ('fsdp8_to_fsdp', 'fsdp8_to_pmap')]
+  cases.append((want['layouts'], 'fsdp8_to_fsdp'))
+  for layouts, name in cases:
+    got = layouts[name]
+    assert got['step'] == 1 and got['layout'], name
+    assert got['params'] == flat(saved), name
+  for r in results:
+    got = r['layouts']['pmap_to_fsdp']
+    assert got['step'] == STEPS and got['layout']
+    assert got['params'] == flat(from_pmap)

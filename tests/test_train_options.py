@@ -130,7 +130,7 @@ def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
   assert summary['num_trainable_params'] == n_trainable
   assert summary['num_params'] > 10 * n_trainable
   # AdamW's moments exist for the trainable leaves only.
-  state, mask, step = train._init_or_restore(  # pylint: disable=protected-access
+  state, mask, step, _ = train._init_or_restore(  # pylint: disable=protected-access
       config, model, optim.make_optimizer(config)[0], ckpts)
   ckpts.close()
   assert step == 3 and mask is not None

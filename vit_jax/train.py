@@ -39,6 +39,7 @@ from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.run_config import original_configs
 from vit_jax.training import progress
+from vit_jax.training import resume
 from vit_jax.training import run_plots
 from vit_jax.training import run_report
 from vit_jax.training import runners
@@ -151,61 +152,38 @@ def init_params(model, config: ml_collections.ConfigDict, *,
 # ----------------------------------------------------------- loop helpers
 
 
-def _init_or_restore(config, model, tx, ckpts):
-  """(train state {'params', 'opt_state'} as numpy, trainable mask, step).
-
-  A fresh run starts from `init_params` (pre-trained weights if the config
-  names them) at step 0; a resumed one from its newest readable checkpoint,
-  which must fit the model. A step whose files cannot be read is moved aside
-  (`TrainCheckpoints.move_aside`) and the step before it is tried. The
-  optimizer state covers the trainable parameters only (`config.trainable`).
-  """
-  steps = ckpts.all_steps()
-  params = init_params(model, config, load_pretrained=not steps)
+def _fresh_state(config, model, tx, *, load_pretrained: bool):
+  """(train state {'params', 'opt_state'} as numpy, trainable mask) of a
+  fresh run; the optimizer state covers the trainable parameters only
+  (`config.trainable`)."""
+  params = init_params(model, config, load_pretrained=load_pretrained)
   mask = None
   if trainable.pattern(config.get('trainable')) is not None:
     mask = trainable.trainable_mask(params, config.trainable)
   train_part = trainable.partition(params, mask)[0]
-  state = {'params': params,
-           'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}
-  for step in reversed(steps):
-    restored = _restore_step(ckpts, step, state)
-    if restored is not None:
-      return restored, mask, step
-  if steps:  # none was readable, all moved aside: start afresh
-    return _init_or_restore(config, model, tx, ckpts)
-  return state, mask, 0
+  return {'params': params,
+          'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}, mask
 
 
-def _restore_step(ckpts, step: int, template):
-  """`step` read into `template`'s structure, or None if its files cannot
-  be read (it is then moved aside, see `_set_aside`).
+def _init_or_restore(config, model, tx, ckpts):
+  """(train state {'params', 'opt_state'}, trainable mask, step, runner).
 
-  Raises:
-    ValueError: the step was saved for another model or optimizer.
+  A fresh run starts from `init_params` (pre-trained weights if the config
+  names them) at step 0, as numpy arrays; a resumed one from its newest
+  readable checkpoint (`resume.restore_newest`), which must fit the model,
+  in the layout of the runner (`make_runner`): numpy under pmap, sharded
+  `jax.Array`s under FSDP, whatever layout it was saved from.
   """
-  try:
-    saved = ckpts.saved_shapes(step)
-  except Exception as e:  # pylint: disable=broad-except
-    return _set_aside(ckpts, step, f'its metadata: {type(e).__name__}')
-  mismatch = train_checkpoint.tree_mismatch(saved, template)
-  if mismatch:
-    raise ValueError(
-        f'Cannot resume from step {step} in {ckpts.directory}: {mismatch}. '
-        'Use a new --workdir, or the config the run was started with.')
-  try:
-    return ckpts.restore(step, template)
-  except (ValueError, KeyError, TypeError, OSError) as e:
-    return _set_aside(ckpts, step, f'{type(e).__name__}: {str(e)[:200]}')
-
-
-def _set_aside(ckpts, step: int, error: str) -> None:
-  """Moves the unreadable `step` aside, with a warning that says where."""
-  moved = ckpts.move_aside(step)
-  message = (f'Checkpoint step {step} in {ckpts.directory} cannot be read '
-             f'({error}); it was moved to {moved} and the run resumes from '
-             'the newest step before it.')
-  logging.warning('%s', message)
+  steps = ckpts.all_steps()
+  state, mask = _fresh_state(config, model, tx, load_pretrained=not steps)
+  runner = make_runner(config, model, tx, mask, state['params'])
+  restored, step = resume.restore_newest(ckpts,
+                                         runner.restore_template(state))
+  if restored is not None:
+    return restored, mask, step, runner
+  if steps:  # none was readable, all moved aside: start afresh
+    state = _fresh_state(config, model, tx, load_pretrained=True)[0]
+  return state, mask, 0, runner
 
 
 def make_runner(config, model, tx, mask, params):
@@ -336,7 +314,8 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
           flush=True)
   model = create_model(config, num_classes)
   tx, lr_fn = optim.make_optimizer(config)
-  state, mask, start_step = _init_or_restore(config, model, tx, ckpts)
+  state, mask, start_step, runner = _init_or_restore(config, model, tx,
+                                                     ckpts)
   if start_step:
     logging.info('Resuming from %s at step %d', ckpts.directory, start_step)
   # The batches of steps start_step + 1, start_step + 2, ...
@@ -351,7 +330,6 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
                config.get('parallelism') or 'pmap')
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
-  runner = make_runner(config, model, tx, mask, state['params'])
   params, opt_state = runner.place(state['params'], state['opt_state'])
   return _Run(config, ckpts, start_step, ds_train, ds_test, model,
               lr_fn, mask, runner, params, opt_state, num_params,
@@ -397,8 +375,9 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
       with out.paused():
         if step % config.checkpoint_every == 0 or is_last or sigterm.received:
           losses.check()
-          run.ckpts.save(step, runner.to_host(
-              {'params': run.params, 'opt_state': run.opt_state}))
+          run.ckpts.save(step, {'params': run.params,
+                                'opt_state': run.opt_state},
+                         runner.saved_state)
         if sigterm.received and not is_last:
           res['interrupted'] = True
           break
@@ -411,6 +390,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
           results = fewshot_eval(runner.eval_params(run.evaluated()))
           res['fewshot_history'].append([step, results])
           out.log_scalars(step, results)
+  run.ckpts.wait_until_finished()  # the last save on disk before reporting
   res['train_time_s'] = time.time() - t_train
   res['train_step_compilations'] = compiles.count
   return res

@@ -85,6 +85,16 @@ class PmapRunner:
   def to_host(self, tree):
     return jax.tree_util.tree_map(first_replica, tree)
 
+  def saved_state(self, tree):
+    """What a checkpoint holds of the replicated `tree`: one replica, as
+    numpy arrays (the layout every runner restores from)."""
+    return self.to_host(tree)
+
+  def restore_template(self, state):
+    """The restore template of a host `state`: itself (numpy arrays, read
+    whole by every process and replicated by `place`)."""
+    return state
+
   def eval_params(self, params):
     return params
 

@@ -223,9 +223,9 @@ class FsdpRunner:
   parameters and optimizer state split FSDP-style along `fsdp` and
   replicated along `data`, global batches split over both.
 
-  Checkpoints hold the full state gathered on the host (`process_allgather`
-  when other processes hold shards): the same layout as under pmap, so a run
-  resumes under either.
+  Checkpoints are written shard by shard from the devices (each process
+  writes what it holds; nothing is gathered) and hold the same arrays as
+  under pmap, so a run resumes under either, on any number of devices.
 
   `min_shard_size` (`config.fsdp_min_shard_size`): leaves with fewer
   elements stay replicated, see `fsdp_partition_spec`. `mesh_sizes`
@@ -284,6 +284,20 @@ class FsdpRunner:
       return jax.device_get(tree)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return multihost_utils.process_allgather(tree, tiled=True)
+
+  def saved_state(self, tree):
+    """What a checkpoint holds of `tree`: the sharded arrays themselves."""
+    return tree
+
+  def restore_template(self, state):
+    """The restore template of a host `state` ({'params', 'opt_state'}):
+    shapes and dtypes with this runner's shardings, so that each process
+    reads only its shards."""
+    shardings = {'params': self.param_shardings,
+                 'opt_state': self.opt_shardings}
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+        state, shardings)
 
   def eval_params(self, params):
     return params

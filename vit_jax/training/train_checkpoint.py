@@ -6,9 +6,15 @@ randomness are functions of (seed, step), so nothing else is stored. The
 exchange format for trained models is the released `.npz` (`checkpoint.save`);
 `vit_jax.interop.export` turns the latest train state into one.
 
-orbax writes each step into a temporary folder and renames it when complete,
-so a run killed mid-save (kill -9, preemption) leaves the previous checkpoint
-intact; `save` also refuses a state with NaN/inf values.
+Saves are asynchronous: `save` returns once the state is copied off the
+devices, and the files are written while training goes on. A sharded state
+(global `jax.Array`s of `sharding.FsdpRunner`) is written shard by shard, each
+process writing the shards it holds, and read back into whatever layout the
+restore template names (another device count, process count, or pmap's
+replicated numpy arrays). orbax writes each step into a temporary folder and
+renames it when complete, so a run killed mid-save (kill -9, preemption)
+leaves the previous checkpoint intact; `save` also refuses a state with
+NaN/inf values, checked on the devices.
 """
 
 import contextlib
@@ -18,10 +24,11 @@ import shutil
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,14 +50,37 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
+@jax.jit
+def _finite_flags(leaves: list) -> jax.Array:
+  """One bool per leaf: no NaN/inf in it. A single reduction on the devices
+  that hold the leaves, whatever their sharding."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def first_non_finite(tree: Any) -> Optional[str]:
-  """Path of the first floating leaf holding NaN or inf, else None."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    leaf = np.asarray(leaf)
-    if np.issubdtype(leaf.dtype, np.inexact) or leaf.dtype.name == 'bfloat16':
-      if not np.all(np.isfinite(leaf.astype(np.float32))):
-        return jax.tree_util.keystr(path)
-  return None
+  """Path of the first floating leaf holding NaN or inf, else None.
+
+  The leaves may be numpy arrays or `jax.Array`s of any sharding, also
+  spread over several processes (all of which must call this together); the
+  check runs where they are and only one bool per leaf comes back.
+  """
+  floating = [(path, leaf) for path, leaf
+              in jax.tree_util.tree_leaves_with_path(tree)
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  if not floating:
+    return None
+  flags = _finite_flags([leaf for _, leaf in floating])
+  if not flags.is_fully_addressable:  # a reduction's result is replicated
+    flags = flags.addressable_shards[0].data
+  bad = np.flatnonzero(~np.asarray(flags))
+  return jax.tree_util.keystr(floating[bad[0]][0]) if bad.size else None
+
+
+def _host_template(shapes: Any) -> Any:
+  """Restore-template leaves that make orbax return numpy arrays, whatever
+  layout the step was saved from: zero-strided arrays, so no memory."""
+  return jax.tree_util.tree_map(
+      lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
 
 
 def _path_name(path) -> str:
@@ -122,7 +152,9 @@ class TrainCheckpoints:
   """Numbered train states in `<workdir>/checkpoints/<step>`.
 
   All processes of a multi-process run must call `save` and `restore`
-  together; orbax writes the files once.
+  together; orbax writes the files once. A step being written counts as
+  saved (`latest_step`, `all_steps`): it completes unless the process dies,
+  and `close` waits for it.
 
   Attributes:
     directory: the checkpoint folder.
@@ -135,26 +167,32 @@ class TrainCheckpoints:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            # Synchronous: when `save` returns the step is on disk, so a
-            # SIGTERM handler or a NaN check after it can rely on it.
-            enable_async_checkpointing=False),
+            max_to_keep=max_to_keep, enable_async_checkpointing=True),
         item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete step, or None if there is none."""
+    """The newest step saved (or being written), or None if there is none."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list:
-    """The complete steps on disk, oldest first."""
+    """The steps saved (or being written), oldest first."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any) -> None:
-    """Writes `state` (a pytree of host arrays) as `step`.
+  def save(self, step: int, state: Any,
+           to_write: Optional[Callable[[Any], Any]] = None) -> None:
+    """Starts writing `state` as `step` and returns before it is on disk.
+
+    Waits for the previous save first, and copies `state` off the devices
+    before returning, so the caller may overwrite or donate its arrays.
 
     Args:
       step: updates done.
-      state: e.g. {'params': ..., 'opt_state': ...} as numpy arrays.
+      state: e.g. {'params': ..., 'opt_state': ...}: numpy arrays (the same
+        on every process; process 0 writes them) or global `jax.Array`s
+        (each process writes the shards it holds, never the whole state).
+        Checked for NaN/inf where it is (`first_non_finite`).
+      to_write: what is written instead of `state` itself, computed from
+        it after the check (pmap: one replica as numpy arrays).
 
     Raises:
       NonFiniteStateError: `state` holds NaN/inf; nothing is written and the
@@ -167,11 +205,28 @@ class TrainCheckpoints:
           f'good checkpoint (step {self.latest_step()}) is kept.')
     if step in self._manager.all_steps():
       return
+    if to_write is not None:
+      state = to_write(state)
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def wait_until_finished(self) -> None:
+    """Returns when the step being written, if any, is on disk."""
     self._manager.wait_until_finished()
 
   def restore(self, step: int, template: Any) -> Any:
-    """Reads `step` into the structure and dtypes of `template`."""
+    """Reads `step` into the structure, dtypes and layout of `template`.
+
+    Args:
+      step: a saved step.
+      template: numpy leaves read as numpy arrays (every process reads the
+        whole state); `jax.ShapeDtypeStruct` leaves with a `sharding` read as
+        `jax.Array`s of that sharding, each process reading only its shards,
+        whatever layout the step was saved from.
+
+    Returns:
+      The state, with `template`'s structure.
+    """
+    self._manager.wait_until_finished()
     with _quiet_aborted_reads():
       return self._manager.restore(
           step, args=ocp.args.StandardRestore(template))
@@ -179,6 +234,7 @@ class TrainCheckpoints:
   def saved_shapes(self, step: int) -> Any:
     """The tree of `jax.ShapeDtypeStruct`s saved as `step`, read from its
     metadata alone (no array data)."""
+    self._manager.wait_until_finished()
     with _quiet_aborted_reads():
       tree = self._manager.item_metadata(step)
     return jax.tree_util.tree_map(
@@ -213,7 +269,7 @@ class TrainCheckpoints:
       raise FileNotFoundError(
           f'No train checkpoint in {self.directory!r}; train first with '
           'python -m vit_jax.main --config=... --workdir=<that workdir>.')
-    state = self._manager.restore(step, args=ocp.args.StandardRestore())
+    state = self.restore(step, _host_template(self.saved_shapes(step)))
     return jax.tree_util.tree_map(np.asarray,
                                   weight_ema.checkpoint_params(state))
 
