@@ -102,14 +102,11 @@ def device_grid(data: int, fsdp: int,
 
   Flattened row by row it keeps each process's devices together, which
   `sharding.shard_batch` needs (a process feeds one contiguous block of
-  rows). When every process has the same number of devices and either
-  whole data rows fit in a process (`fsdp` divides its devices) or a data
-  row spans whole processes (its devices divide `fsdp`),
-  `mesh_utils.create_hybrid_device_mesh` lays processes out as its slow
-  (DCN) granules: along `data` in the first case, so the fsdp collectives
-  stay inside a process. One process: `mesh_utils.create_device_mesh`
-  (topology-aware on TPU; on CPU and GPU the devices in id order). Other
-  cases: the devices in (process, id) order.
+  rows): with several processes the devices in (process, id) order, so a
+  process holds whole data rows when `fsdp` divides its device count and a
+  data row spans whole processes when its devices divide `fsdp`. One
+  process: `mesh_utils.create_device_mesh` (topology-aware on TPU; on CPU
+  and GPU the devices in id order).
 
   Args:
     data: size of the data axis.
@@ -120,16 +117,8 @@ def device_grid(data: int, fsdp: int,
     An object array of shape [data, fsdp].
   """
   devices = list(devices)
-  processes = sorted({d.process_index for d in devices})
-  local = [sum(d.process_index == p for d in devices) for p in processes]
-  if len(processes) == 1:
+  if len({d.process_index for d in devices}) == 1:
     return mesh_utils.create_device_mesh((data, fsdp), devices)
-  if len(set(local)) == 1 and (local[0] % fsdp == 0 or fsdp % local[0] == 0):
-    inner = ((local[0] // fsdp, fsdp) if local[0] % fsdp == 0 else
-             (1, local[0]))
-    outer = (data // inner[0], fsdp // inner[1])
-    return mesh_utils.create_hybrid_device_mesh(
-        inner, outer, devices, process_is_granule=True)
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   return np.asarray(ordered, dtype=object).reshape(data, fsdp)
 
