@@ -14,6 +14,7 @@ the same parameters as one that was never interrupted.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -294,6 +295,16 @@ class _Run:
     return weight_ema.averaged_params(self.params, self.opt_state, self.mask)
 
 
+def _close_checkpoints(ckpts, exc_type, exc, tb) -> None:
+  """Closes `ckpts` after the step being written, unless an error ends a
+  multi-process run: a lost peer would hold that write at orbax's commit
+  barrier until the runtime's heartbeat timeout. The process then exits
+  without it, and the next start removes the unfinished step."""
+  del exc, tb
+  if exc_type is None or jax.process_count() == 1:
+    ckpts.close()
+
+
 def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   """Checks the config, opens the checkpoints, builds data, model, optimizer
   and runner, and places the fresh or restored train state."""
@@ -308,7 +319,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
       data_dir=config.get('tfds_data_dir'))['num_classes']
   os.makedirs(workdir, exist_ok=True)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
-  cleanup.callback(ckpts.close)
+  cleanup.push(functools.partial(_close_checkpoints, ckpts))
   if jax.process_index() == 0:  # what the classes are and how data was split
     print(dataset_report.write_dataset_report(config, workdir)['table'],
           flush=True)
