@@ -8,7 +8,7 @@ parallelisms are pinned: pmap (replicated state) and FSDP (state sharded
 across the processes, checkpoints written shard by shard and resumed).
 
 Before them, two processes x 4 devices save an FSDP state without
-gathering it (`process_allgather` raises there), each writing about half;
+gathering it (`process_allgather` raises there), each writing its shards;
 the two workers restore it onto 2 x 2 devices (FSDP and pmap) and the
 reference onto 1 x 4. The processes run once, for all tests (a module
 fixture).
@@ -24,6 +24,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from test_train import REPO
 from vit_jax.params import trees
@@ -355,21 +356,42 @@ def test_fsdp_two_processes_match_one_process_and_resume(both):
   assert summary['processes'] == 2 and summary['devices'] == 4
 
 
-def _bytes_under(folder):
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(folder) for name in names)
+def _chunks_written(ocdbt_folder):
+  """{array name: set of zarr chunk indices} in one process's OCDBT store."""
+  store = ts.KvStore.open({'driver': 'ocdbt',
+                           'base': f'file://{ocdbt_folder}/'}).result()
+  chunks = {}
+  for key in store.list().result():
+    name, chunk = key.decode().rsplit('/', 1)
+    if not chunk.startswith('.'):
+      chunks.setdefault(name, set()).add(tuple(map(int, chunk.split('.'))))
+  return chunks
 
 
 def test_fsdp_save_is_written_shard_by_shard_by_each_process(both):
-  """2 processes x 4 devices: each process writes its own files, about half
-  of the state's bytes, and none gathers the state (the savers and the
-  FSDP runs of the workers ran with process_allgather raising)."""
+  """2 processes x 4 devices: each process writes the chunks of the shards
+  its own devices hold, no chunk is written twice, and none gathers the
+  state (the savers and the FSDP runs of the workers ran with
+  process_allgather raising)."""
   _, _, _, savers, saved8 = both
   assert [s['same'] for s in savers] == [True, True]
   step = os.path.join(train_checkpoint.checkpoint_dir(saved8), '1', 'default')
-  written = [_bytes_under(os.path.join(step, f'ocdbt.process_{i}'))
+  written = [_chunks_written(os.path.join(step, f'ocdbt.process_{i}'))
              for i in range(2)]
-  assert min(written) > 0.35 * sum(written), written
+  names = set(written[0]) | set(written[1])
+  split = {n for n in names
+           if len(written[0].get(n, ())) + len(written[1].get(n, ())) == 8}
+  assert 'params.Transformer.encoderblock_0.MlpBlock_0.Dense_0.kernel' in split
+  assert 'opt_state.1.0.mu.Transformer.encoderblock_0.MlpBlock_0.Dense_0.' \
+         'kernel' in split
+  for name in names:
+    assert not written[0].get(name, set()) & written[1].get(name, set()), name
+  # The devices are in (process, id) order: FSDP shards 0-3 live on
+  # process 0, shards 4-7 on process 1.
+  for name in split:
+    for i in range(2):
+      along = {max(chunk) for chunk in written[i][name]}
+      assert along == set(range(4 * i, 4 * i + 4)), (name, i, along)
 
 
 def test_restore_onto_other_layouts(both):
