@@ -212,12 +212,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   path = tmp_path / 'x.npz'
   write_bytes(path, b'previous contents')
 
-  def crashing_savez(file, **arrays):
-    del arrays
-    file.write(b'PK\x03\x04 half a zip')
-    raise KeyboardInterrupt('killed mid-write')
+  written = []
 
-  monkeypatch.setattr(np, 'savez', crashing_savez)
+  def crashing_write(file, array, **kwargs):
+    del kwargs
+    file.write(array.tobytes()[:8])
+    written.append(array)
+    if len(written) % 3 == 0:  # Killed in the third array of each file.
+      raise KeyboardInterrupt('killed mid-write')
+
+  monkeypatch.setattr(np.lib.format, 'write_array', crashing_write)
   with pytest.raises(KeyboardInterrupt):
     checkpoint.save(params, str(path))
   assert path.read_bytes() == b'previous contents'

@@ -1,28 +1,39 @@
-"""Training options: frozen parameters, FSDP in the loop, MPP, few-shot.
+"""Training options: frozen parameters, FSDP in the loop, MPP, few-shot,
+and exporting a run's parameters one at a time.
 
 Each run is the real `train.train_and_evaluate` on the embedded digits with
-the 1-layer model of test_train.tiny_config.
+the 1-layer model of test_train.tiny_config; the export tests also save
+train states of test_checkpoint's models directly.
 """
 
 import json
 import math
 import os
+import time
+import weakref
+import zipfile
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
+import test_checkpoint
 from test_train import read_summary, run_python, tiny_config, tiny_model_config
+from vit_jax import checkpoint
 from vit_jax.interop import export
 from vit_jax.evaluation import fewshot
+from vit_jax.params import layouts
 from vit_jax.params import npz
+from vit_jax.params import trees
 from vit_jax.training import masked_patch
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax import train
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
+from vit_jax.training import weight_ema
 
 
 def _flat(tree):
@@ -37,6 +48,26 @@ def _tiny_params(representation_size=8):
   config.model = tiny_model_config(representation_size=representation_size)
   model = train.create_model(config, 10)
   return config, model, train.init_params(model, config)
+
+
+def _npz_entries(path):
+  with zipfile.ZipFile(path) as f:
+    return {name: f.read(name) for name in f.namelist()}
+
+
+def export_differences(workdir, directory, names='released'):
+  """Exports `workdir`'s newest step (streamed, leaf by leaf) and writes it
+  the whole-tree way (`checkpoint.save` of `restore_params`, the whole state
+  read); returns the `.npy` entries whose bytes differ, and the count."""
+  streamed = os.path.join(directory, f'streamed_{names}.npz')
+  whole = os.path.join(directory, f'whole_{names}.npz')
+  step = export.export(workdir, streamed, names=names)
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  checkpoint.save(ckpts.restore_params(step), whole, names=names)
+  ckpts.close()
+  got, want = _npz_entries(streamed), _npz_entries(whole)
+  return sorted(k for k in got.keys() | want.keys()
+                if got.get(k) != want.get(k)), len(want)
 
 
 # ------------------------------------------------------- trainable selection
@@ -149,6 +180,7 @@ _FSDP_SCRIPT = """
 import json, sys
 import numpy as np
 from test_train import tiny_config
+from test_train_options import export_differences
 from vit_jax import train
 from vit_jax.training import train_checkpoint
 out = {}
@@ -168,17 +200,24 @@ for name, kw in [('pmap', {}), ('fsdp', fsdp),
                'loss': summary['final_train_loss'],
                'compilations': summary['train_step_compilations'],
                'params': flat}
+  if name.startswith('fsdp'):  # Sharded states, exported leaf by leaf.
+    out[name]['export'] = export_differences(workdir, workdir)
 json.dump(out, open(sys.argv[1] + '/out.json', 'w'))
 """
 
 
 def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
   """The default mesh (1 x 8) and --config.mesh.data=2 (2 x 4) train like
-  pmap, with gradient accumulation."""
+  pmap, with gradient accumulation; the sharded states export leaf by leaf."""
   run_python(_FSDP_SCRIPT, devices=8, args=(str(tmp_path),))
   with open(tmp_path / 'out.json') as f:
     out = json.load(f)
   pmap = out['pmap']
+  # Exported from FSDP shards: the file of the whole-state path, byte for
+  # byte (the frozen run has moments for the head only).
+  for name in ('fsdp', 'fsdp_head'):
+    assert out[name]['export'] == [[], len(out['pmap']['params'])], (
+        out[name]['export'])
   for fsdp in (out['fsdp'], out['mesh2x4']):
     assert pmap['compilations'] == fsdp['compilations'] == 1
     assert fsdp['accuracy'] == pmap['accuracy']
@@ -198,6 +237,110 @@ def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
     else:
       np.testing.assert_array_equal(np.asarray(head[key], np.float32), value,
                                     err_msg=key)
+
+
+# ------------------------------------------- export, one leaf at a time
+
+
+def _save_state(workdir, case):
+  """A train state as a run saves it, of test_checkpoint's 2-layer model:
+  'hybrid' (ResNet root, SGD momentum) or 'scanned_ema' (scanned blocks;
+  Adam and an average of the weights, all leaves + 1). Returns the
+  parameters export should write (linen names, per layer)."""
+  hybrid = case == 'hybrid'
+  config = test_checkpoint.tiny_config(
+      'gap' if hybrid else 'token', 16 if hybrid else None,
+      () if hybrid else None, 2 if hybrid else 8)
+  params = test_checkpoint.random_params(config, (16, 16))
+  tx = optax.sgd(0.1, momentum=0.9) if hybrid else optax.adam(1e-3)
+  state = {'params': params, 'opt_state': tx.init(params)}
+  if case == 'scanned_ema':
+    state['params'] = layouts.layers_to_scan(params, 2)
+    ema = weight_ema.with_weight_ema(tx, 0.9).init(state['params'])
+    state['opt_state'] = ema._replace(ema_params=jax.tree_util.tree_map(
+        lambda x: x + 1, ema.ema_params))
+    params = jax.tree_util.tree_map(lambda x: x + 1, params)
+  ckpts = train_checkpoint.TrainCheckpoints(workdir)
+  ckpts.save(1, state)
+  ckpts.close()
+  return params
+
+
+@pytest.fixture(scope='module')
+def saved_state(tmp_path_factory):
+  """case -> (workdir, parameters) of `_save_state`, saved once a module."""
+  cache = {}
+
+  def get(case):
+    if case not in cache:
+      workdir = str(tmp_path_factory.mktemp(case))
+      cache[case] = workdir, _save_state(workdir, case)
+    return cache[case]
+  return get
+
+
+# A plain ViT is exported from FSDP shards in _FSDP_SCRIPT.
+@pytest.mark.parametrize('case', ['hybrid', 'scanned_ema'])
+def test_streamed_export_writes_the_whole_tree_file(tmp_path, saved_state,
+                                                    case):
+  """Every `.npy` entry as `checkpoint.save` of `restore_params` writes it,
+  byte for byte, under both naming schemes."""
+  workdir, params = saved_state(case)
+  for names in npz.NAME_SCHEMES:
+    differences, count = export_differences(workdir, str(tmp_path), names)
+    assert differences == [] and count == len(trees.flatten_tree(params))
+  exported = checkpoint.load(str(tmp_path / 'streamed_released.npz'))
+  test_checkpoint.assert_trees_equal(exported, params)
+
+
+def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
+                                              monkeypatch):
+  """Each read restores one leaf, never one of the optimizer's moments; its
+  arrays are written, and it is gone, before the next read."""
+  workdir, params = saved_state('scanned_ema')
+  path = str(tmp_path / 'model.npz')
+  events, alive = [], []
+  read = train_checkpoint.TrainCheckpoints._read_leaves  # pylint: disable=protected-access
+
+  def read_one(self, directory, item):
+    # The leaf read before is gone. (orbax's reader threads may still hold
+    # it for a moment after handing it over.)
+    deadline = time.monotonic() + 5
+    while any(ref() is not None for ref in alive):
+      assert time.monotonic() < deadline, 'a leaf read before is still held'
+      time.sleep(0.001)
+    restored = read(self, directory, item)
+    (key,), leaves = trees.flatten_tree(item), jax.tree_util.tree_leaves(
+        restored)
+    assert len(leaves) == 1 and isinstance(leaves[0], np.ndarray)
+    alive.append(weakref.ref(leaves[0]))
+    events.append(key)
+    return restored
+
+  def restore(*unused_args):
+    raise AssertionError('The whole train state was restored.')
+
+  write = np.lib.format.write_array
+  def write_one(f, array, **kw):
+    events.append(array.shape)
+    write(f, array, **kw)
+
+  monkeypatch.setattr(train_checkpoint.TrainCheckpoints, '_read_leaves',
+                      read_one)
+  monkeypatch.setattr(train_checkpoint.TrainCheckpoints, 'restore', restore)
+  monkeypatch.setattr(np.lib.format, 'write_array', write_one)
+  export.export(workdir, path)
+  reads = [e for e in events if isinstance(e, str)]
+  # The average replaces every parameter; no moment (mu, nu) is read.
+  scanned = layouts.layers_to_scan(params, 2)
+  assert sorted(reads) == sorted(f'opt_state/ema_params/{k}'
+                                 for k in trees.flatten_tree(scanned))
+  # After each read, its arrays (a scanned leaf: one per layer) are written.
+  for i, key in enumerate(reads):
+    start = events.index(key) + 1
+    end = events.index(reads[i + 1]) if i + 1 < len(reads) else len(events)
+    assert end - start == (2 if '/encoderblock/' in key else 1), key
+  assert len(npz.read_npz(path)) == len(trees.flatten_tree(params))
 
 
 # ------------------------------------------------------ masked patch pred.

@@ -106,8 +106,6 @@ def save(params: Mapping[str, Any], path: str, *,
       destination directory cannot be written.
     ValueError: unknown `names`.
   """
-  if names not in npz.NAME_SCHEMES:
-    raise ValueError(f'Unknown names={names!r}; use one of {npz.NAME_SCHEMES}.')
   if not isinstance(params, collections.abc.Mapping):
     raise CheckpointError(f'save expects a nested dict of parameters; got '
                           f'{type(params).__name__}.')
@@ -115,9 +113,7 @@ def save(params: Mapping[str, Any], path: str, *,
           for k, v in trees.flatten_tree(params).items()}
   if not flat:
     raise CheckpointError('No parameters to save (empty tree).')
-  tree = npz.canonicalize(recover_tree(list(flat), list(flat.values())))
-  if names == 'released':
-    tree = npz.unsqueeze_groupnorm(npz.convert_to_released(tree))
+  tree = npz.file_tree(recover_tree(list(flat), list(flat.values())), names)
   npz.write_npz_atomically(os.fspath(path), trees.flatten_tree(tree))
 
 

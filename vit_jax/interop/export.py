@@ -4,18 +4,31 @@
       --output=model.npz
 
 Reads the parameters of the newest train-state checkpoint (orbax, in
-`<workdir>/checkpoints`; `--step` picks another) and writes them with
-`checkpoint.save`: released (pre-linen) names, loadable by this project's
-`checkpoint.load_pretrained`, the original vit_jax and timm. A fine-tuning
-config then names the file with `--config.pretrained_path=model.npz`.
+`<workdir>/checkpoints`; `--step` picks another) and writes the file
+`checkpoint.save` would write of them: released (pre-linen) names, loadable
+by this project's `checkpoint.load_pretrained`, the original vit_jax and
+timm. A fine-tuning config then names the file with
+`--config.pretrained_path=model.npz`.
+
+The parameters stream from the checkpoint into the file one at a time
+(`TrainCheckpoints.iter_params`, `vit_jax.params.leafwise`): only one of them
+is in memory at once, and the optimizer state is never read, whatever the
+run's layout (FSDP shards included). In a multi-process run every process
+reads along and process 0 writes the file. orbax's INFO lines (several per
+parameter read) are shown with `--verbosity=0`.
 """
 
+import collections
+import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 
 from vit_jax import checkpoint
+from vit_jax.params import leafwise
 from vit_jax.params import npz
 from vit_jax.training import train_checkpoint
 
@@ -34,10 +47,16 @@ def export(workdir: str, output: str, *, step=None,
     The step that was exported.
   """
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
-  step = ckpts.latest_step() if step is None else step
-  params = ckpts.restore_params(step)
-  checkpoint.save(params, output, names=names)
-  ckpts.close()
+  try:
+    step = ckpts.latest_step() if step is None else step
+    layout = leafwise.plan(ckpts.param_shapes(step), names)
+    arrays = leafwise.convert(ckpts.iter_params(step), layout)
+    if jax.process_index() == 0:
+      npz.write_npz_atomically(os.fspath(output), arrays)
+    else:  # Reads along: each read is collective.
+      collections.deque(arrays, maxlen=0)
+  finally:
+    ckpts.close()
   return step
 
 
@@ -46,6 +65,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value or not _OUTPUT.value:
     raise app.UsageError('--workdir and --output are required.')
+  if not flags.FLAGS['verbosity'].present:
+    # orbax logs several INFO lines per read, and export reads every leaf.
+    logging.set_verbosity(logging.WARNING)
   try:
     step = export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
                   names=_NAMES.value)

@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import zipfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Iterable, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -223,6 +223,28 @@ def canonicalize(params: Mapping[str, Any]) -> Params:
   return tree
 
 
+def file_tree(params: Mapping[str, Any], names: str) -> Params:
+  """`canonicalize`d, then under the names and shapes a file of `names` holds.
+
+  Args:
+    params: nested dict of arrays in any layout `canonicalize` knows.
+    names: 'released' (pre-linen names, GroupNorm scale/bias as
+      (1, 1, 1, C)) or 'linen' (this model's own).
+
+  Returns:
+    The tree to write, with per-layer encoder blocks.
+
+  Raises:
+    ValueError: unknown `names`.
+  """
+  if names not in NAME_SCHEMES:
+    raise ValueError(f'Unknown names={names!r}; use one of {NAME_SCHEMES}.')
+  tree = canonicalize(params)
+  if names == 'released':
+    tree = unsqueeze_groupnorm(convert_to_released(tree))
+  return tree
+
+
 # ----------------------------------------------------------------------------
 # Writing.
 
@@ -246,14 +268,43 @@ def as_numpy(x, path: str) -> np.ndarray:
 
 
 
-def write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
+def _write_entries(f, arrays: Iterable[Tuple[str, Any]]) -> None:
+  """Writes ('name', array) pairs into `f` as the zip entries 'name.npy' of
+  `np.savez` (uncompressed, zip64), each as soon as it arrives."""
+  names = set()
+  with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED,
+                       allowZip64=True) as archive:
+    for name, array in arrays:
+      if name in names:
+        raise CheckpointError(f'Parameter {name!r} is written twice.')
+      names.add(name)
+      with archive.open(f'{name}.npy', 'w', force_zip64=True) as entry:
+        np.lib.format.write_array(entry, np.asanyarray(array),
+                                  allow_pickle=False)
+      del array  # Not held while the next one is produced.
+
+
+def write_npz_atomically(
+    path: str, arrays: Union[Mapping[str, np.ndarray],
+                             Iterable[Tuple[str, np.ndarray]]]) -> None:
+  """Writes an `.npz` that `np.load` reads, or nothing if a step fails.
+
+  Args:
+    path: the destination (a local path or a URI such as gs://...). Locally
+      the file is written to a temporary name in the same directory and then
+      renamed over `path`.
+    arrays: {'name': array} or an iterable of ('name', array) pairs, e.g. a
+      generator that produces each array when it is needed. A local file
+      receives each array as it comes, so only one need exist at a time; a
+      remote one is built in memory (zipfile needs to seek, which remote
+      files may not) and then uploaded.
+  """
+  if isinstance(arrays, Mapping):
+    arrays = arrays.items()
   if filesystem.has_scheme(path):
-    # A remote file system: a temporary name beside it, then a rename. The
-    # archive is built in memory (zipfile needs to seek, which remote files
-    # may not).
     tmp_path = f'{path}.tmp'
     buffer = io.BytesIO()
-    np.savez(buffer, **flat)
+    _write_entries(buffer, arrays)
     try:
       with filesystem.open_file(tmp_path, 'wb') as f:
         f.write(buffer.getvalue())
@@ -271,7 +322,7 @@ def write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
     raise CheckpointError(f'Cannot write {path!r}: {e}') from e
   try:
     with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **flat)
+      _write_entries(f, arrays)
       f.flush()
       os.fsync(f.fileno())
     # mkstemp creates the file 0600; give it the usual permissions.
@@ -283,4 +334,3 @@ def write_npz_atomically(path: str, flat: Dict[str, np.ndarray]) -> None:
     with contextlib.suppress(OSError):
       os.remove(tmp_path)
     raise
-

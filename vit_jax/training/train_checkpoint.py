@@ -4,7 +4,9 @@ These hold everything a run needs to continue bit for bit: parameters and
 optimizer state, keyed by the number of updates done. Data order and dropout
 randomness are functions of (seed, step), so nothing else is stored. The
 exchange format for trained models is the released `.npz` (`checkpoint.save`);
-`vit_jax.interop.export` turns the latest train state into one.
+`vit_jax.interop.export` turns the latest train state into one, reading its
+parameters (or their average) one leaf at a time (`iter_params`) and nothing
+else of the optimizer state.
 
 Saves are asynchronous: `save` returns once the state is copied off the
 devices, and the files are written while training goes on. A sharded state
@@ -24,9 +26,11 @@ import shutil
 import signal
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import (Any, Callable, Dict, Iterator, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 from absl import logging
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,12 +87,29 @@ def _host_template(shapes: Any) -> Any:
       lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
 
 
+def _path_keys(path) -> Tuple[str, ...]:
+  """('params', 'head', 'kernel') for a key path, whatever its containers:
+  the same for a NamedTuple field and the dict orbax saves it as."""
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+               for k in path)
+
+
 def _path_name(path) -> str:
-  """'params/head/kernel' for a key path, whatever its containers: the same
-  for a NamedTuple field and the dict orbax saves it as."""
-  names = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
-           for k in path)
-  return '/'.join(map(str, names))
+  """'params/head/kernel' for a key path (`_path_keys` joined)."""
+  return '/'.join(_path_keys(path))
+
+
+class _SavedLeaf(NamedTuple):
+  """Where a leaf lies in a saved state (its keys), and its shape and dtype."""
+  keys: Tuple[str, ...]
+  shape: jax.ShapeDtypeStruct
+
+
+def _nest(keys: Sequence[str], leaf: Any) -> dict:
+  """{keys[0]: {keys[1]: ... leaf}}: a restore item of one leaf."""
+  for key in reversed(keys):
+    leaf = {key: leaf}
+  return leaf
 
 
 def _shape(x) -> tuple:
@@ -169,6 +190,7 @@ class TrainCheckpoints:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=True),
         item_handlers=ocp.StandardCheckpointHandler())
+    self._reader = None  # For `iter_params`, made on first use.
 
   def latest_step(self) -> Optional[int]:
     """The newest step saved (or being written), or None if there is none."""
@@ -261,21 +283,75 @@ class TrainCheckpoints:
     self._manager.reload()
     return dest
 
-  def restore_params(self, step: Optional[int] = None) -> Any:
-    """The parameters of `step` (default: the latest) as numpy arrays: their
-    average where the run kept one (`weight_ema.checkpoint_params`)."""
+  def _step_or_latest(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(
           f'No train checkpoint in {self.directory!r}; train first with '
           'python -m vit_jax.main --config=... --workdir=<that workdir>.')
+    return step
+
+  def restore_params(self, step: Optional[int] = None) -> Any:
+    """The parameters of `step` (default: the latest) as numpy arrays: their
+    average where the run kept one (`weight_ema.checkpoint_params`)."""
+    step = self._step_or_latest(step)
     state = self.restore(step, _host_template(self.saved_shapes(step)))
     return jax.tree_util.tree_map(np.asarray,
                                   weight_ema.checkpoint_params(state))
 
+  def _saved_params(self, step: int) -> Dict[str, _SavedLeaf]:
+    """{'head/kernel': _SavedLeaf, ...}: where each of `restore_params`'s
+    leaves lies in the saved state, from its metadata alone."""
+    saved = jax.tree_util.tree_map_with_path(
+        lambda path, s: _SavedLeaf(_path_keys(path), s),
+        self.saved_shapes(step))
+    return flax.traverse_util.flatten_dict(
+        weight_ema.checkpoint_params(saved), sep='/')
+
+  def param_shapes(self, step: Optional[int] = None
+                   ) -> Dict[str, jax.ShapeDtypeStruct]:
+    """{'head/kernel': shape, ...} of `restore_params(step)`, in the order
+    `iter_params` yields them, read from the metadata alone."""
+    return {name: leaf.shape for name, leaf
+            in self._saved_params(self._step_or_latest(step)).items()}
+
+  def iter_params(self, step: Optional[int] = None
+                  ) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yields ('head/kernel', array) for each of `restore_params(step)`'s
+    leaves, read from the files one at a time.
+
+    Each read restores that one leaf (orbax's partial restore), whole and as
+    a numpy array, whatever layout it was saved from; the optimizer state is
+    never read, apart from the average of the weights that replaces the
+    parameters where the run kept one. All processes of a multi-process run
+    must iterate together (each read is collective); each reads every leaf.
+    """
+    step = self._step_or_latest(step)
+    directory = os.path.join(self.directory, str(step),
+                             ocp.checkpoint_manager.DEFAULT_ITEM_NAME)
+    for name, leaf in self._saved_params(step).items():
+      restored = self._read_leaves(
+          directory, _nest(leaf.keys, _host_template(leaf.shape)))
+      for key in leaf.keys:
+        restored = restored[key]
+      yield name, restored
+      del restored  # Not held while the next leaf is read.
+
+  def _read_leaves(self, directory: str, item: Any) -> Any:
+    """Reads the leaves of `item`, a part of the saved tree, and no others."""
+    if self._reader is None:
+      self._reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    with _quiet_aborted_reads():
+      return self._reader.restore(directory, args=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+    if self._reader is not None:
+      self._reader.close()
 
 
 class SigtermFlag:

@@ -1,0 +1,104 @@
+"""Converting parameters to a file's layout one array at a time.
+
+`npz.file_tree` converts a whole tree of arrays: names, per-layer encoder
+blocks out of scanned ones, GroupNorm shapes. A tree too large to hold at
+once (the parameters of a big model's train state) is converted leaf by
+leaf instead: `plan` runs that same conversion on stand-ins, which carry a
+shape and record what the conversion does to them (a layer's slice of a
+scanned block, a reshape), and `convert` then applies each leaf's record to
+the array when it arrives. The arrays come out equal to `file_tree`'s, in
+the order of the leaves (all of a scanned leaf's layers together).
+"""
+
+import math
+import operator
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence
+from typing import Tuple
+
+import numpy as np
+
+from vit_jax.params import npz
+from vit_jax.params import trees
+from vit_jax.params.trees import CheckpointError
+
+# {leaf key: [(file key, its stand-in), ...]}: what `plan` returns.
+Layout = Dict[str, List[Tuple[str, '_StandIn']]]
+
+
+class _StandIn:
+  """A leaf's shape, and the indexing and reshapes applied to it so far.
+
+  It has what the conversion uses of an array (`shape`, `ndim`, `x[i]`,
+  `x.reshape(...)`) and nothing else, so a conversion step that would need
+  the values fails here rather than being replayed wrongly.
+  """
+
+  def __init__(self, key: str, shape: Sequence[int], steps: tuple = ()):
+    self.key = key
+    self.shape = tuple(shape)
+    self.steps = steps
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __getitem__(self, index):
+    if not isinstance(index, int) or not self.shape:
+      raise TypeError(f'{self.key}: the leaf-by-leaf conversion only takes '
+                      f'whole layers out of a leaf, not [{index!r}].')
+    return _StandIn(self.key, self.shape[1:],
+                    self.steps + ((operator.getitem, index),))
+
+  def reshape(self, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+      shape = tuple(shape[0])
+    size = math.prod(self.shape)
+    known = math.prod(d for d in shape if d != -1)
+    new = tuple(size // known if d == -1 else d for d in shape)
+    if math.prod(new) != size:
+      raise ValueError(f'{self.key}: cannot reshape {self.shape} to {shape}.')
+    return _StandIn(self.key, new, self.steps + ((np.reshape, new),))
+
+  def apply(self, array: np.ndarray) -> np.ndarray:
+    """What the conversion makes of `array`, the leaf's value."""
+    for fn, arg in self.steps:
+      array = fn(array, arg)
+    return array
+
+
+def plan(shapes: Mapping[str, Any], names: str) -> Layout:
+  """Where each leaf of a parameter tree goes in a file of `names`.
+
+  Args:
+    shapes: {'/'-joined key: anything with a `.shape`, or a shape tuple} of
+      every parameter, in any layout `npz.canonicalize` knows.
+    names: the file's naming scheme (`npz.NAME_SCHEMES`).
+
+  Returns:
+    {key: [(file key, stand-in), ...]}, the keys in the order of `shapes`;
+    a scanned leaf has one entry per layer.
+
+  Raises:
+    CheckpointError: no parameters, or keys that do not form a tree.
+    ValueError: unknown `names`.
+  """
+  if not shapes:
+    raise CheckpointError('No parameters to save (empty tree).')
+  stand_ins = [_StandIn(k, getattr(s, 'shape', s)) for k, s in shapes.items()]
+  tree = npz.file_tree(trees.recover_tree(list(shapes), stand_ins), names)
+  layout = {key: [] for key in shapes}
+  for file_key, stand_in in trees.flatten_tree(tree).items():
+    layout[stand_in.key].append((file_key, stand_in))
+  return layout
+
+
+def convert(leaves: Iterable[Tuple[str, Any]],
+            layout: Layout) -> Iterator[Tuple[str, np.ndarray]]:
+  """Yields the (file key, array) pairs of each (key, array) of `leaves` as
+  it arrives, converted as `layout` (`plan`) says, as numpy arrays
+  (`npz.as_numpy`). Holds no leaf past its pairs."""
+  for key, leaf in leaves:
+    leaf = npz.as_numpy(leaf, key)
+    for file_key, stand_in in layout[key]:
+      yield file_key, stand_in.apply(leaf)
+    del leaf
