@@ -15,7 +15,6 @@ the times and the ratio; nothing is asserted.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -99,16 +98,10 @@ def _one_save(runner, state, folder):
 
 def main(argv=None):
   args = parse_args(argv)
-  if 'xla_force_host_platform_device_count' not in os.environ.get(
-      'XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_'
-                               f'force_host_platform_device_count={args.devices}')
-  import jax  # pylint: disable=g-import-not-at-top
   from bench import machine  # pylint: disable=g-import-not-at-top
-  print('command: python -m bench.checkpoint_save ' + ' '.join(
-      sys.argv[1:] if argv is None else argv))
-  print(f'machine: {machine.cpu_description()}; {jax.device_count()} '
-        f'{jax.devices()[0].platform} devices')
+  machine.force_cpu_devices(args.devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  machine.print_header('bench.checkpoint_save', argv)
   root = args.workdir or tempfile.mkdtemp(prefix='bench_ckpt_')
   runner, params, opt_state, batch = _setup(args)
   state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(

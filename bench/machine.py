@@ -8,6 +8,7 @@ benchmark prints this line beside its numbers.
 
 import os
 import platform
+import sys
 
 
 def cpu_description() -> str:
@@ -27,3 +28,24 @@ def cpu_description() -> str:
            f'{info.get("cpu family", "?")} model {info.get("model", "?")}; '
            f'{" ".join(simd) or "no avx512"})')
   return f'{cpu}, {os.cpu_count()} cores'
+
+
+def force_cpu_devices(count: int) -> None:
+  """Asks XLA for `count` CPU devices, unless XLA_FLAGS already sets a
+  number; call it before JAX is imported."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_force_host_platform_device_count' not in flags:
+    os.environ['XLA_FLAGS'] = (
+        f'{flags} --xla_force_host_platform_device_count={count}'.strip())
+
+
+def print_header(module: str, argv=None) -> None:
+  """Prints the command line (`python -m <module> <argv>`, default the
+  process's arguments) and the machine with its JAX devices: the first two
+  lines of a benchmark."""
+  import jax  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else argv
+  print(f'command: python -m {module} ' + ' '.join(argv))
+  print(f'machine: {cpu_description()}; {jax.device_count()} '
+        f'{jax.devices()[0].platform} devices; jax {jax.__version__}',
+        flush=True)

@@ -2,12 +2,15 @@
 
 On the zoo's 'testing' model (1 block, hidden 10) at 32x32, batch 2, one
 timed call: only that the measurements run and report what they should, not
-how fast.
+how fast. bench/memory_scaling.py: the per-device bytes of the sharded step
+on two devices (last test).
 """
 
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -314,3 +317,50 @@ def test_ceiling_too_big_for_the_device_is_skipped_with_a_reason(
   _check_row(row)  # The step itself is still measured.
   assert 'ceiling_images_per_s' not in row
   assert 'matmul ceiling skipped' in capsys.readouterr().out
+
+
+# ---- bench/memory_scaling.py: per-device memory of the sharded step.
+
+_MEMORY_ROWS = r'''
+import json
+import jax
+from bench import memory_scaling
+assert jax.device_count() == 2, jax.devices()
+args = memory_scaling.parse_args(
+    ['--image-size', '32', '--num-classes', '10', '--min-shard-size', '64'])
+config = memory_scaling.make_config('testing', 2, (1, 2), args)
+_, (params, _, _, _) = memory_scaling.abstract_step(config, 10)
+shapes = [list(x.shape) for x in jax.tree_util.tree_leaves(params)]
+rows = {f'{d}x{f}': memory_scaling.measure('testing', 2, (d, f), args)
+        for d, f in ((2, 1), (1, 2))}
+print('JSON' + json.dumps({'shapes': shapes, 'rows': rows}))
+'''
+
+
+def test_memory_scaling_splits_the_state_over_fsdp_only():
+  """The 'testing' model on 2 devices: 2 x 1 holds all of the train state
+  on each device, 1 x 2 half of every leaf the FSDP rule splits."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+             PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH',
+                                                              '')]))
+  out = subprocess.run([sys.executable, '-c', _MEMORY_ROWS], env=env,
+                       cwd=repo, capture_output=True, text=True, check=True)
+  found = json.loads(out.stdout.split('JSON', 1)[1])
+  data, fsdp = found['rows']['2x1'], found['rows']['1x2']
+  total = data['params_total']
+  # float32 leaves: one of >= 64 elements with an even dimension is halved.
+  split = sum(4 * int(np.prod(s)) for s in found['shapes']
+              if np.prod(s) >= 64 and any(n % 2 == 0 for n in s))
+  assert 0 < split < total
+  assert data['params'] == total
+  assert fsdp['params'] == total - split // 2
+  # AdamW: two float32 moments per parameter, split as the parameters are,
+  # and two int32 step counts (Adam's and the learning-rate schedule's).
+  assert data['opt_total'] == data['opt'] == 2 * total + 8
+  for row in (data, fsdp):
+    assert row['opt'] == 2 * row['params'] + 8
+    assert row['args'] >= row['params'] + row['opt']
+    assert row['temp'] > 0
+    assert row['peak'] >= row['args']

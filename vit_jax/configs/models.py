@@ -21,7 +21,8 @@ MODEL_CONFIGS = {}
 # URI without escaping. The original leaves out the Mixers and the models
 # AugReg did not train; `testing` stays out too.
 AUGREG_CONFIGS = {}
-_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14')
+_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14',
+                  'ViT-g_14')
 
 
 def _register(get_config):
@@ -137,6 +138,17 @@ def get_l32_config():
 def get_h14_config():
   return _vit('ViT-H_14', hidden=1280, patch=14, layers=32, heads=16,
               mlp=5120, dropout=0.1)
+
+
+@_register
+def get_g14_config():
+  """ViT-g/14 of "Scaling Vision Transformers" (Zhai et al., 2022).
+
+  Not in the original and without a released checkpoint: a model for
+  sharded training (docs/scaling.md).
+  """
+  return _vit('ViT-g_14', hidden=1408, patch=14, layers=40, heads=16,
+              mlp=6144)
 
 
 # AugReg's global-average-pooled models without representation layer.
