@@ -9,13 +9,14 @@ pytest process empties it when a run starts, so every run starts cold and
 its time is that of a fresh clone. Subprocesses inherit the setting through
 the environment.
 
-The fixture `unoptimized_xla` compiles a test module's computations with
-most of XLA's optimizations off (`jax_disable_most_optimizations`). The
-modules that use it compare tiny models' numbers in this process alone
-(against the original's logits, between implementations of one model),
-where compiling costs more than running and XLA's optimizations do not
-change what a computation means. Modules that compare with a subprocess's
-results, which are optimized as a user's runs are, keep the default.
+A test module that sets `UNOPTIMIZED_XLA = True` compiles with most of
+XLA's optimizations off (`jax_disable_most_optimizations`), in this process
+and in the subprocesses it starts (through `JAX_DISABLE_MOST_OPTIMIZATIONS`
+in the environment), so every side of a comparison compiles alike. Those
+are the modules whose time goes into compiling many small programs rather
+than running them; XLA's optimizations do not change what a computation
+means. The modules that train for hundreds of steps (the main job, the
+notebooks, pre-train -> fine-tune) keep the optimized default.
 
 `VIT_JAX_TEST_CPU_LOG=FILE` appends one line per test to FILE: its node id,
 wall seconds, CPU seconds of the pytest process and of the subprocesses it
@@ -42,15 +43,26 @@ def pytest_configure(config):
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 
-@pytest.fixture(scope='module')
-def unoptimized_xla():
-  """Most XLA optimizations off for one test module (see above)."""
+@pytest.fixture(scope='module', autouse=True)
+def _xla_optimizations(request):
+  """Most XLA optimizations off for a module with UNOPTIMIZED_XLA = True."""
+  if not getattr(request.module, 'UNOPTIMIZED_XLA', False):
+    yield
+    return
   # Imported here: jax reads JAX_COMPILATION_CACHE_DIR when it is imported,
   # after pytest_configure has set it.
   import jax  # pylint: disable=g-import-not-at-top
+  name = 'JAX_DISABLE_MOST_OPTIMIZATIONS'
+  before = jax.config.read('jax_disable_most_optimizations'), os.environ.get(
+      name)
   jax.config.update('jax_disable_most_optimizations', True)
+  os.environ[name] = 'true'
   yield
-  jax.config.update('jax_disable_most_optimizations', False)
+  jax.config.update('jax_disable_most_optimizations', before[0])
+  if before[1] is None:
+    os.environ.pop(name)
+  else:
+    os.environ[name] = before[1]
 
 
 _CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')

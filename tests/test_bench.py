@@ -26,6 +26,8 @@ from bench import throughput_steps
 import vit_jax
 from vit_jax import models
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 ARGV = ['--models', 'testing', '--dtypes', 'float32', '--batch', '2',
         '--image-size', '32', '--num-classes', '10', '--repeats', '1']
 FIELDS = ('images_per_s', 'compile_s', 'peak_bytes', 'flops', 'xla_flops')
@@ -325,6 +327,7 @@ _MEMORY_ROWS = r'''
 import json
 import jax
 from bench import memory_scaling
+
 assert jax.device_count() == 2, jax.devices()
 args = memory_scaling.parse_args(
     ['--image-size', '32', '--num-classes', '10', '--min-shard-size', '64'])

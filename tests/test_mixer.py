@@ -15,7 +15,7 @@ from vit_jax.interop import checkpoint_cli
 from vit_jax import models
 
 # Compared in this process only: see tests/conftest.py.
-pytestmark = pytest.mark.usefixtures('unoptimized_xla')
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 # The original's counts at 1000 classes, 224x224.
 PARAM_COUNTS = {

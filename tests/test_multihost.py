@@ -30,6 +30,8 @@ from test_train import REPO
 from vit_jax.params import trees
 from vit_jax.training import train_checkpoint
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 STEPS = 4
 
 # Shared by both sides: the loss trajectory of make_update_fn on the real

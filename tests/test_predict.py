@@ -20,6 +20,9 @@ from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
 from vit_jax.params import trees
 
+
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = 32
 NUM_CLASSES = 6

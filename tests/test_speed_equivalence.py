@@ -25,7 +25,7 @@ from vit_jax.layers import attention
 from vit_jax.params import trees
 
 # Compared in this process only: see tests/conftest.py.
-pytestmark = pytest.mark.usefixtures('unoptimized_xla')
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 ATOL = 1e-5
 NUM_LAYERS = 2

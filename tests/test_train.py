@@ -19,6 +19,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)

@@ -16,6 +16,9 @@ from vit_jax.training import train_checkpoint
 from vit_jax.training import weight_ema
 
 
+
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 def test_average_is_the_bias_corrected_weighted_mean():
   decay = 0.8
   tx = weight_ema.with_weight_ema(optax.sgd(0.1, momentum=0.9), decay)
