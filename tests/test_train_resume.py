@@ -24,6 +24,8 @@ from vit_jax.params import trees
 from vit_jax.training import run_report
 from vit_jax.training import train_checkpoint
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 TOTAL_STEPS = 300
 # Shared by the in-process reference and the command-line runs.
 OVERRIDES = {

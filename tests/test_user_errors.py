@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, 'docs', 'troubleshooting.md')
 TINY = ['--config.model.hidden_size=16',
