@@ -52,17 +52,12 @@ def _xla_optimizations(request):
   # Imported here: jax reads JAX_COMPILATION_CACHE_DIR when it is imported,
   # after pytest_configure has set it.
   import jax  # pylint: disable=g-import-not-at-top
-  name = 'JAX_DISABLE_MOST_OPTIMIZATIONS'
-  before = jax.config.read('jax_disable_most_optimizations'), os.environ.get(
-      name)
-  jax.config.update('jax_disable_most_optimizations', True)
-  os.environ[name] = 'true'
-  yield
-  jax.config.update('jax_disable_most_optimizations', before[0])
-  if before[1] is None:
-    os.environ.pop(name)
-  else:
-    os.environ[name] = before[1]
+  before = jax.config.read('jax_disable_most_optimizations')
+  with pytest.MonkeyPatch.context() as patch:  # restores the environment
+    patch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
+    jax.config.update('jax_disable_most_optimizations', True)
+    yield
+    jax.config.update('jax_disable_most_optimizations', before)
 
 
 _CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')
