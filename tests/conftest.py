@@ -18,6 +18,14 @@ than running them; XLA's optimizations do not change what a computation
 means. The modules that train for hundreds of steps (the main job, the
 notebooks, pre-train -> fine-tune) keep the optimized default.
 
+Test files run longest first: with `-n 2 --dist loadfile` each file goes
+whole to one worker, and a long file handed out last would keep one core
+busy while the other has nothing left (pytest-xdist would otherwise order
+files by their number of tests). `LONGEST_FIRST` lists the files that take
+over 25 CPU seconds, longest first, from a `VIT_JAX_TEST_CPU_LOG` run; the
+others follow in the usual order. The order changes when tests run, not
+what they check.
+
 `VIT_JAX_TEST_CPU_LOG=FILE` appends one line per test to FILE: its node id,
 wall seconds, CPU seconds of the pytest process and of the subprocesses it
 waited for, the pytest-xdist worker and the test's end time (tab-separated),
@@ -31,16 +39,32 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
+LONGEST_FIRST = (
+    'test_notebooks.py', 'test_multihost.py', 'test_user_errors.py',
+    'test_main_job.py', 'test_train_resume.py', 'test_train_finetune.py',
+    'test_train_options.py', 'test_train.py', 'test_speed_equivalence.py',
+    'test_models.py', 'test_sharding.py', 'test_predict_pipeline.py',
+    'test_original_commands.py', 'test_bench.py')
 
 
 def pytest_configure(config):
-  del config
   if not os.environ.get('PYTEST_XDIST_WORKER'):  # the controller
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
   os.makedirs(XLA_CACHE, exist_ok=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = XLA_CACHE
   # Cache every computation, however quick its compilation.
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist
+    config.option.loadscopereorder = False  # keep the order set below
+
+
+def pytest_collection_modifyitems(items):
+  """Orders the tests' files by LONGEST_FIRST (a stable sort)."""
+  def rank(item):
+    name = os.path.basename(str(item.path))
+    return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST
+            else len(LONGEST_FIRST))
+  items.sort(key=rank)
 
 
 @pytest.fixture(scope='module', autouse=True)

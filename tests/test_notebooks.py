@@ -8,12 +8,19 @@ ipykernel's `python3`, which jupyter_client starts with this interpreter
 find the repository through `VIT_JAX_REPO` and write their training runs and
 figures to `VIT_JAX_NOTEBOOK_WORKDIR`. One device: XLA_FLAGS is removed.
 
+Both notebooks train the same 150-step model into `<workdir>/train`, and
+they share one workdir (a module fixture): paper_figures, run after
+quickstart, finds quickstart's finished run there and only evaluates it
+(`train_and_evaluate` resumes from the newest checkpoint), as a person
+re-running a notebook would see. Run alone, it trains.
+
 Besides "no cell failed", the printed numbers are checked: accuracies far
 above chance (0.1; the notebooks print 0.765 after their 150 steps), the
 exported file reproducing the training accuracy, the official fixture's
 logits matching the original's, the figure files and the few-shot table.
 """
 
+import json
 import os
 import re
 import sys
@@ -21,6 +28,7 @@ import sys
 import nbclient
 import nbformat
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
@@ -30,14 +38,19 @@ CHECK_KERNEL = 'import sys\nprint("KERNEL_PREFIX", sys.prefix)'
 MIN_ACCURACY = 0.5
 
 
-def _execute(name, tmp_path):
-  """Runs notebooks/<name>.ipynb; returns (stdout text, outputs, workdir)."""
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """The notebooks' shared VIT_JAX_NOTEBOOK_WORKDIR."""
+  return tmp_path_factory.mktemp('notebooks') / 'work'
+
+
+def _execute(name, tmp_path, workdir):
+  """Runs notebooks/<name>.ipynb; returns (stdout text, outputs)."""
   nb = nbformat.read(os.path.join(NOTEBOOKS, f'{name}.ipynb'), as_version=4)
   for cell in nb.cells:
     if cell.cell_type == 'code':
       cell.outputs, cell.execution_count = [], None
   nb.cells.append(nbformat.v4.new_code_cell(CHECK_KERNEL))
-  workdir = tmp_path / 'work'
   env = dict(os.environ, VIT_JAX_REPO=REPO,
              VIT_JAX_NOTEBOOK_WORKDIR=str(workdir), TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
@@ -54,7 +67,7 @@ def _execute(name, tmp_path):
                    if o.output_type == 'stream' and o.name == 'stdout')
   assert f'KERNEL_PREFIX {sys.prefix}\n' in stdout, (
       'the kernel did not run in this environment', stdout[-500:])
-  return stdout, outputs, workdir
+  return stdout, outputs
 
 
 def _number(pattern, text):
@@ -69,8 +82,13 @@ def _png_outputs(outputs):
           and 'image/png' in o.data]
 
 
-def test_quickstart(tmp_path):
-  stdout, outputs, workdir = _execute('quickstart', tmp_path)
+def _summary(workdir):
+  with open(workdir / 'train' / 'summary.json') as f:
+    return json.load(f)
+
+
+def test_quickstart(tmp_path, workdir):
+  stdout, outputs = _execute('quickstart', tmp_path, workdir)
 
   accuracy, = _number(r'Test accuracy after 150 steps: ([0-9.]+)', stdout)
   assert accuracy > MIN_ACCURACY
@@ -100,11 +118,15 @@ def test_quickstart(tmp_path):
   assert len(_png_outputs(outputs)) >= 2
 
 
-def test_paper_figures(tmp_path):
-  stdout, outputs, workdir = _execute('paper_figures', tmp_path)
+def test_paper_figures(tmp_path, workdir):
+  trained = _summary(workdir) if (workdir / 'train').is_dir() else None
+  stdout, outputs = _execute('paper_figures', tmp_path, workdir)
 
   accuracy, = _number(r'Test accuracy after 150 steps: ([0-9.]+)', stdout)
   assert accuracy > MIN_ACCURACY
+  if trained:  # quickstart's run, evaluated again
+    assert _summary(workdir)['start_step'] == trained['step'] == 150
+    assert accuracy == trained['accuracy']
   for figure in ('filters_pca', 'posemb_similarity', 'attention_distance',
                  'attention_rollout'):
     with open(workdir / 'figures' / f'{figure}.png', 'rb') as f:
