@@ -343,12 +343,18 @@ def test_fsdp_two_processes_match_one_process_and_resume(both):
     np.testing.assert_allclose(r['first']['final_train_loss'],
                                want['losses'][-1], rtol=1e-5)
     # The uninterrupted run, and the run resumed from step 2 on both
-    # processes, end where the one-process run ends. (atol: the attention
-    # key biases have a zero exact gradient, and Adam scales the gradient's
-    # rounding noise, which differs with the reduction order, to ~1e-6.)
+    # processes, end where the one-process run ends. The attention key
+    # biases are left out: adding a bias to every key shifts each query's
+    # scores by one constant, so their exact gradient is zero and what they
+    # hold is rounding noise (which depends on the reduction order) scaled
+    # by Adam; they only have to stay well below one Adam step (lr 4e-3),
+    # which a real gradient would move them by.
     for got in (r['uninterrupted'], r['params']):
       assert got.keys() == want['params'].keys()
       for key, value in want['params'].items():
+        if key.endswith('/key/bias'):
+          assert np.max(np.abs([got[key], value])) < 1e-3, key
+          continue
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5,
                                    err_msg=key)
     assert r['resumed']['accuracy'] == r['first']['accuracy']
