@@ -5,7 +5,8 @@ XLA_FLAGS device count and feeds its own share of the global batch, as the
 input pipeline splits it per process. The one-process reference feeds the
 union of both shares (in the same device order) to 4 devices. Both data
 parallelisms are pinned: pmap (replicated state) and FSDP (state sharded
-across the processes, checkpoints written shard by shard and resumed).
+across the processes, checkpoints written shard by shard and resumed, then
+exported to `.npz` by both processes, process 0 writing the file).
 
 Before them, two processes x 4 devices save an FSDP state without
 gathering it (`process_allgather` raises there), each writing its shards;
@@ -27,6 +28,7 @@ import pytest
 import tensorstore as ts
 
 from test_train import REPO
+from vit_jax import checkpoint
 from vit_jax.params import trees
 from vit_jax.training import train_checkpoint
 
@@ -178,6 +180,9 @@ if pid == 0:
   shutil.rmtree(os.path.join(ckpts.directory, str(STEPS)))
 multihost_utils.sync_global_devices('removed step 4')
 resumed = train.train_and_evaluate(fsdp_config, fsdp_dir)
+# Both processes export (each read is collective); process 0 writes.
+from vit_jax.interop import export
+exported_step = export.export(fsdp_dir, os.path.join(workdir, 'fsdp.npz'))
 allow_gathering()
 params = train_checkpoint.TrainCheckpoints(fsdp_dir).restore_params()
 layouts = {'fsdp8_to_fsdp': restored(fsdp_config,
@@ -188,7 +193,7 @@ layouts = {'fsdp8_to_fsdp': restored(fsdp_config,
 keys = ('accuracy', 'final_train_loss', 'train_step_compilations',
         'start_step')
 json.dump({'pmap': pmap, 'layouts': layouts, 'fsdp': {
-    'steps_saved': steps_saved,
+    'steps_saved': steps_saved, 'exported_step': exported_step,
     'first': {k: first[k] for k in keys},
     'resumed': {k: resumed[k] for k in keys},
     'uninterrupted': flat(uninterrupted), 'params': flat(params)}},
@@ -376,6 +381,23 @@ def _chunks_written(ocdbt_folder):
       index = tuple(map(int, chunk.split('.')))
       chunks.setdefault(name, {})[index] = len(store.read(key).result().value)
   return chunks
+
+
+def test_fsdp_export_on_two_processes(both):
+  """`export.export` on both processes of the FSDP run (process_allgather
+  raising): one released-format file, the run's final parameters exactly."""
+  results, _, workdir, _, _ = both
+  assert [r['fsdp']['exported_step'] for r in results] == [STEPS, STEPS]
+  with np.load(os.path.join(workdir, 'fsdp.npz')) as f:
+    assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in f.files
+  exported = trees.flatten_tree(checkpoint.load(
+      os.path.join(workdir, 'fsdp.npz')))
+  want = results[0]['fsdp']['params']
+  assert exported.keys() == want.keys()
+  for key, value in exported.items():
+    np.testing.assert_array_equal(value, np.asarray(want[key], np.float32),
+                                  err_msg=key)
+  assert not [n for n in os.listdir(workdir) if n.startswith('fsdp.npz.')]
 
 
 def test_fsdp_save_is_written_shard_by_shard_by_each_process(both):
