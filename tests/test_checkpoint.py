@@ -18,8 +18,10 @@ import numpy as np
 from PIL import Image
 import pytest
 import scipy.ndimage
+import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax.data import filesystem
 from vit_jax.interop import checkpoint_cli
 from vit_jax.params import layouts
 from vit_jax import models
@@ -229,6 +231,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     checkpoint.save(params, str(tmp_path / 'new.npz'))
   assert os.listdir(tmp_path) == ['x.npz']
+
+
+def test_remote_npz_is_streamed_one_array_at_a_time():
+  """A scheme:// destination (ram://, TensorFlow's in-memory file system,
+  standing in for gs://; its files cannot tell or seek): each array is in
+  the file before the next is produced, and np.load reads the result."""
+  path = 'ram://streamed/model.npz'
+  arrays = {f'layer_{i}/kernel': np.full((256, 256), i, np.float32)
+            for i in range(4)}
+  sizes = []
+
+  def produce():
+    for name, array in arrays.items():
+      tmp = f'{path}.tmp'  # created at the first write
+      sizes.append(tf.io.gfile.stat(tmp).length if filesystem.exists(tmp)
+                   else 0)
+      yield name, array
+
+  npz.write_npz_atomically(path, produce())
+  assert not filesystem.exists(f'{path}.tmp')
+  # Before array i, the first i arrays (256 KiB each) have been written.
+  assert [size // (256 * 1024) for size in sizes] == [0, 1, 2, 3]
+  with filesystem.open_file(path, 'rb') as f:
+    loaded = np.load(io.BytesIO(f.read()))
+    assert {k: loaded[k].tolist() for k in loaded.files} == {
+        k: v.tolist() for k, v in arrays.items()}
 
 
 # ----------------------------------------------------------------------------

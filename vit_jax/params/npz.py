@@ -21,7 +21,6 @@ Layouts `canonicalize` (and so `checkpoint.load`) recognises:
 
 import collections
 import contextlib
-import io
 import os
 import re
 import tempfile
@@ -268,6 +267,22 @@ def as_numpy(x, path: str) -> np.ndarray:
 
 
 
+class _AppendOnly:
+  """A file zipfile can only append to. Remote files (gfile) may fail to
+  seek or tell with errors zipfile does not expect; without those methods
+  it counts the bytes itself and streams."""
+
+  def __init__(self, f):
+    self._f = f
+
+  def write(self, data) -> int:
+    self._f.write(data)  # gfile returns None
+    return memoryview(data).nbytes
+
+  def flush(self) -> None:
+    self._f.flush()
+
+
 def _write_entries(f, arrays: Iterable[Tuple[str, Any]]) -> None:
   """Writes ('name', array) pairs into `f` as the zip entries 'name.npy' of
   `np.savez` (uncompressed, zip64), each as soon as it arrives."""
@@ -294,20 +309,18 @@ def write_npz_atomically(
       the file is written to a temporary name in the same directory and then
       renamed over `path`.
     arrays: {'name': array} or an iterable of ('name', array) pairs, e.g. a
-      generator that produces each array when it is needed. A local file
-      receives each array as it comes, so only one need exist at a time; a
-      remote one is built in memory (zipfile needs to seek, which remote
-      files may not) and then uploaded.
+      generator that produces each array when it is needed. The file
+      receives each array as it comes, so only one need exist at a time. A
+      remote file is written as a stream (`path.tmp`, then renamed), which
+      zipfile supports by writing each entry's sizes after its data.
   """
   if isinstance(arrays, Mapping):
     arrays = arrays.items()
   if filesystem.has_scheme(path):
     tmp_path = f'{path}.tmp'
-    buffer = io.BytesIO()
-    _write_entries(buffer, arrays)
     try:
       with filesystem.open_file(tmp_path, 'wb') as f:
-        f.write(buffer.getvalue())
+        _write_entries(_AppendOnly(f), arrays)
       filesystem.replace(tmp_path, path)
     except BaseException:
       with contextlib.suppress(Exception):
