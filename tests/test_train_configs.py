@@ -95,7 +95,7 @@ def test_embedded_configs():
   assert digits.optimizer == 'adamw' and digits.pp.augment == 'shift'
   main = embedded.get_config()  # the digits setup with the main job's recipe
   assert main.pp.augment == 'affine' and main.pp.rotate == 15
-  assert main.model.token_only_last_block
+  assert main.model.classifier == 'gap' and digits.model.classifier == 'token'
   assert main.model.attention_impl == 'heads_major'
   changed = {k for k, v in main.items() if digits.get(k) != v}
   assert changed == {'pp', 'model', 'total_steps'}
