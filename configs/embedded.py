@@ -14,7 +14,7 @@ batch 256, 100 warmup steps and cosine decay over 2,000 steps (128 epochs).
 
 Expected result (python -m bench.main_job, seeds 0-4, 2-core AMD EPYC Zen 4,
 jax 0.10.2): test accuracy 0.987 / 0.986 / 0.986 / 0.985 / 0.983, mean 0.9854,
-195-265 s of training per seed; docs/main_job.md has the table and how the
+192-203 s of training per seed; docs/main_job.md has the table and how the
 recipe was found. Leaves checkpoints/, summary.json (with the test confusion
 matrix), curves.png, confusion.png, metrics.jsonl, TensorBoard events,
 log.txt and the dataset report (class_names.json, split.json,
