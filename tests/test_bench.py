@@ -327,7 +327,6 @@ _MEMORY_ROWS = r'''
 import json
 import jax
 from bench import memory_scaling
-
 assert jax.device_count() == 2, jax.devices()
 args = memory_scaling.parse_args(
     ['--image-size', '32', '--num-classes', '10', '--min-shard-size', '64'])

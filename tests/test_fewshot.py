@@ -17,7 +17,6 @@ from vit_jax.evaluation import fewshot_probe
 from vit_jax import models
 from vit_jax.params import trees
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'official')

@@ -11,7 +11,6 @@ import pytest
 from vit_jax.paper import figures
 from vit_jax import models
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 IMAGE = 32

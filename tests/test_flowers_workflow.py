@@ -38,7 +38,6 @@ from vit_jax.run_config import validation
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

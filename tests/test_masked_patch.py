@@ -13,7 +13,6 @@ from vit_jax.params import trees
 from vit_jax.training import masked_patch
 from vit_jax import models
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 IMAGE = 32

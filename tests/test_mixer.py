@@ -14,7 +14,6 @@ from vit_jax import checkpoint
 from vit_jax.interop import checkpoint_cli
 from vit_jax import models
 
-# Compared in this process only: see tests/conftest.py.
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 # The original's counts at 1000 classes, 224x224.

@@ -12,7 +12,6 @@ from vit_jax.params import trees
 
 import official
 
-# Compared in this process only: see tests/conftest.py.
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 # SPEC section 3: exact parameter counts at 1000 classes, 224x224.

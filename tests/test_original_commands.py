@@ -29,7 +29,6 @@ from vit_jax.training import train_checkpoint
 from vit_jax.configs import common
 from vit_jax.configs import models
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

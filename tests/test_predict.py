@@ -20,7 +20,6 @@ from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
 from vit_jax.params import trees
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

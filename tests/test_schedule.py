@@ -12,9 +12,8 @@ from vit_jax.training import optim
 from vit_jax import train
 from vit_jax import utils
 
-
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 
 def spec_lr(step, *, total, base, decay_type, warmup, end=1e-5):
   """SPEC section 6, written out in plain Python."""

@@ -24,7 +24,6 @@ from vit_jax import models_vit
 from vit_jax.layers import attention
 from vit_jax.params import trees
 
-# Compared in this process only: see tests/conftest.py.
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 ATOL = 1e-5

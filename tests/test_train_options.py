@@ -35,8 +35,8 @@ from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 
 def _flat(tree):
   name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(
@@ -185,7 +185,6 @@ from test_train import tiny_config
 from test_train_options import export_differences
 from vit_jax import train
 from vit_jax.training import train_checkpoint
-
 out = {}
 # fsdp_min_shard_size: the tiny model's weight matrices are split too.
 fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}

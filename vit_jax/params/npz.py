@@ -266,7 +266,6 @@ def as_numpy(x, path: str) -> np.ndarray:
 
 
 
-
 class _AppendOnly:
   """A file zipfile can only append to. Remote files (gfile) may fail to
   seek or tell with errors zipfile does not expect; without those methods
