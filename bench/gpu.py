@@ -41,6 +41,7 @@ from bench import throughput
 from bench import throughput_metrics as metrics
 from bench import throughput_report as report
 from bench import throughput_steps as steps
+from vit_jax import models
 
 GiB = metrics.GiB
 FULL = dict(models='ViT-B_16,ViT-L_16', image_size=224, num_classes=1000,
@@ -52,7 +53,7 @@ MFU_FLOPS = {'train': 3, 'infer': 1}  # x the forward pass's matmul FLOPs.
 
 def parse_args(argv):
   p = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
+      prog='python -m bench.gpu', description=__doc__.split('\n\n')[0],
       epilog=__doc__[__doc__.index('In this order'):],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--tiny', action='store_true',
@@ -80,6 +81,11 @@ def parse_args(argv):
     if getattr(args, name) is None:
       setattr(args, name, value)
   args.models = [m for m in args.models.split(',') if m]
+  for m in args.models:
+    try:
+      models.canonical_name(m)
+    except ValueError as err:
+      p.error(f'--models: {err}')
   args.dtypes = [d for d in args.dtypes.split(',') if d]
   args.attention = [a for a in args.attention.split(',') if a]
   for d in args.dtypes:
@@ -185,12 +191,24 @@ def _next_batch(fits, over, max_batch, limit):
   return nxt
 
 
-def _train_call(compiled, model, batch, args):
-  """A call of `compiled` (the training step) on fresh state."""
+_PARAMS = {}
+
+
+def init_params(name, model, args):
+  """`name`'s float32 parameters, initialised once per model and run (they
+  do not depend on the compute dtype or the attention implementation)."""
+  if name not in _PARAMS:
+    images, _ = steps.batch_arrays(1, args.image_size, args.num_classes)
+    _PARAMS[name] = jax.jit(lambda x: model.init(
+        jax.random.key(0), x, train=False)['params'])(images)
+  return _PARAMS[name]
+
+
+def _train_call(compiled, params, batch, args):
+  """A call of `compiled` (the training step) on a copy of `params`."""
   images, labels = steps.batch_arrays(batch, args.image_size,
                                       args.num_classes)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)[
-      'params'])(images[:1])
+  params = jax.tree_util.tree_map(jax.numpy.copy, params)  # It is donated.
   state = [params, steps.make_optimizer().init(params)]
   rng = jax.random.key(1)
 
@@ -205,28 +223,27 @@ def _train_call(compiled, model, batch, args):
 def time_train(name, dtype, args, fits, impl='reference'):
   """Train images/s at the largest of `fits` that runs; its row, or None."""
   model = steps.build(name, dtype, _settings(args, attention_impl=impl))
+  params = init_params(name, model, args)
   for batch, compiled, compile_s, peak in reversed(fits):
     try:
       seconds = metrics.median_seconds(
-          _train_call(compiled, model, batch, args), args.repeats)
+          _train_call(compiled, params, batch, args), args.repeats)
     except Exception as err:  # pylint: disable=broad-except
       if not is_out_of_memory(err):
         raise
       report.log(f'    batch {batch}: out of memory when run; one smaller')
       continue
-    return dict(batch=batch, train=batch / seconds, train_compile_s=compile_s,
-                train_peak=peak, model=model)
+    return dict(name=name, batch=batch, train=batch / seconds,
+                train_compile_s=compile_s, train_peak=peak, model=model)
   return None
 
 
 def time_infer(row, args):
   """Adds inference images/s, compile time and peak memory to `row`."""
   model, batch = row['model'], row['batch']
-  images, _ = steps.batch_arrays(1, args.image_size, args.num_classes)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)[
-      'params'])(images)
-  call, infer = steps.prepare_infer(model, params,
-                                    _settings(args, batch=batch))
+  call, infer = steps.prepare_infer(
+      model, init_params(row['name'], model, args),
+      _settings(args, batch=batch))
   row.update(infer=batch / metrics.median_seconds(call, args.repeats),
              infer_compile_s=infer['compile_s'],
              infer_peak=infer['peak_bytes'])

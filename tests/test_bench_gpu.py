@@ -164,7 +164,8 @@ def test_a_batch_out_of_memory_when_run_falls_back(monkeypatch):
     if call() == 8:
       raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating')
     return 0.5
-  monkeypatch.setattr(gpu, '_train_call', lambda c, m, batch, a: lambda: batch)
+  monkeypatch.setattr(gpu, '_train_call', lambda c, p, batch, a: lambda: batch)
+  monkeypatch.setattr(gpu, 'init_params', lambda *_: 'params')
   monkeypatch.setattr(gpu.metrics, 'median_seconds', seconds)
   args = gpu.parse_args(['--tiny'])
   fits = [(4, 'c4', 1., 40), (8, 'c8', 2., 80)]
@@ -176,6 +177,7 @@ def test_a_batch_out_of_memory_when_run_falls_back(monkeypatch):
 
 
 def test_unknown_dtype_or_attention_fails():
-  for argv in (['--dtypes', 'float16'], ['--attention', 'flash']):
+  for argv in (['--dtypes', 'float16'], ['--attention', 'flash'],
+               ['--models', 'ViT-X_16']):
     with pytest.raises(SystemExit):
       gpu.parse_args(argv)
