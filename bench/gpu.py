@@ -148,8 +148,8 @@ def search_batch(name, dtype, args, limit, left):
       report.log(f'    batch {batch:5d}: out of memory while compiling')
       break
     fit = limit is None or tried[2] <= limit
-    report.log(f'    batch {batch:5d}: peak {report.gib(tried[2]):7.2f} GiB'
-               + ('' if limit is None else f' of {limit / GiB:.2f}')
+    report.log(f'    batch {batch:5d}: peak {_size(tried[2])}'
+               + ('' if limit is None else f' of {_size(limit)}')
                + f', compiled in {tried[1]:.1f} s'
                + ('' if fit else ': does not fit'))
     if fit:
@@ -186,7 +186,7 @@ def _next_batch(fits, over, max_batch, limit):
     nxt *= 2
   if nxt == last:
     report.log(f'    batch {last * 2:5d}: predicted peak '
-               f'{predict(last * 2) / GiB:.2f} GiB: does not fit')
+               f'{_size(predict(last * 2))}: does not fit')
     return 0
   return nxt
 
@@ -362,9 +362,9 @@ def main(argv=None):
   print(f'Matmul peak of this run ({args.matmul_size}^3): float32 '
         f'{_rate(peak["float32"])}, bf16 in / f32 accumulate '
         f'{_rate(peak["bfloat16"])}. Device memory: '
-        + ('-' if limit is None else f'{limit / GiB:.1f} GiB usable')
+        + ('-' if limit is None else f'{_size(limit)} usable')
         + ('' if device_peak is None else
-           f', {device_peak / GiB:.1f} GiB peak in use over the run')
+           f', {_size(device_peak)} peak in use over the run')
         + f'. {time.perf_counter() - start:.0f} s of the '
         f'{args.budget_s:.0f} s budget.')
 
@@ -394,13 +394,18 @@ def print_table(rows, peak, args):
         name, dtype, impl, row['batch'], f'{row["train"]:.1f}',
         percent('train'), report.fmt(row.get('infer')), percent('infer'),
         both('train_compile_s', 'infer_compile_s', '.1f'),
-        f'{report.fmt(report.gib(row["train_peak"]), ".2f")} / '
-        f'{report.fmt(report.gib(row.get("infer_peak")), ".2f")}'])
+        f'{_size(row["train_peak"])} / {_size(row.get("infer_peak"))}'])
   report.print_table(
       ['model', 'dtype', 'attention', 'batch', 'train img/s', 'train MFU',
        'infer img/s', 'infer MFU', 'compile s (train / infer)',
-       'peak GiB (train / infer)'], cells)
+       'peak memory (train / infer)'], cells)
   print('\n'.join(notes))
+
+
+def _size(n):
+  if n is None:
+    return '-'
+  return f'{n / GiB:.2f} GiB' if n >= GiB / 10 else f'{n / 2**20:.1f} MiB'
 
 
 def _rate(gflops):
