@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax.training import accumulation
 from vit_jax.data import dataset_report
 from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
@@ -49,7 +50,6 @@ from vit_jax.training import step_guards
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
-from vit_jax import utils
 from vit_jax.run_config import validation
 
 def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
@@ -57,11 +57,12 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
                    loss: str = 'softmax_xent',
                    loss_fn: Optional[Callable[..., Any]] = None,
                    trainable_mask: Any = None) -> Callable[..., Any]:
-  """Returns the pmapped update step of data-parallel training.
+  """Returns the update step of data-parallel training (pmapped).
 
   Args:
     apply_fn: the model's `apply`.
-    accum_steps: micro-batches per device batch (`utils.accumulate_gradient`).
+    accum_steps: micro-batches per device batch, each its own dispatch
+      (`accumulation.make_update_fn`).
     tx: the optimizer.
     loss: a key of objectives.LOSSES.
     loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
@@ -78,6 +79,10 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     opt_state are donated: do not use the arrays passed in afterwards.
   """
   loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
+  if accum_steps and accum_steps > 1:
+    return accumulation.make_update_fn(
+        loss_fn=loss_fn, accum_steps=accum_steps, tx=tx,
+        trainable_mask=trainable_mask, axis_name=runners.AXIS)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)
@@ -88,9 +93,8 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
     def loss_wrt(train_part, images, labels):
       return loss_fn(merge(train_part), images, labels, device_rng)
 
-    l, g = utils.accumulate_gradient(
-        jax.value_and_grad(loss_wrt), train_part, batch['image'],
-        batch['label'], accum_steps)
+    l, g = jax.value_and_grad(loss_wrt)(train_part, batch['image'],
+                                        batch['label'])
     g = jax.lax.pmean(g, axis_name=runners.AXIS)
     updates, opt_state = tx.update(g, opt_state, train_part)
     params = merge(optax.apply_updates(train_part, updates))

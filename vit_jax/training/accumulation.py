@@ -1,0 +1,70 @@
+"""Gradient accumulation with one dispatch per micro-batch.
+
+`utils.accumulate_gradient` loops over the micro-batches inside one program
+(`lax.fori_loop`). On XLA:CPU that loop's body runs slower than the same
+computation dispatched on its own, and a small micro-batch whose activations
+stay in the CPU's cache runs faster per image than the whole batch (the
+numbers are in docs/main_job.md). Here each micro-batch's loss and gradient
+is its own pmapped call that adds into a running sum, and one last call
+averages, reduces over devices and applies the optimizer. The sums are taken
+in the loop's order (micro-batch 0, then 1, ...), so the result is the
+loop's to float rounding (tested in tests/test_accumulation.py).
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vit_jax.training import trainable
+
+
+def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
+                   tx: optax.GradientTransformation, trainable_mask: Any,
+                   axis_name: str) -> Callable[..., Any]:
+  """`train.make_update_fn`'s step for `accum_steps` > 1, one call per slice.
+
+  Returns `update_fn(params, opt_state, batch, rng) -> (params, opt_state,
+  loss, new_rng)` with the arguments and results of the pmapped step of
+  `train.make_update_fn`; params and opt_state are donated.
+  """
+
+  def add_slice(params, acc, batch, index, rng):
+    """acc + (loss, grads) of slice `index` of this device's batch."""
+    device_rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    train_part, _, merge = trainable.partition(params, trainable_mask)
+    size = batch['image'].shape[0] // accum_steps
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * size, size)
+    loss_i, grads_i = jax.value_and_grad(
+        lambda t: loss_fn(merge(t), take(batch['image']), take(batch['label']),
+                          device_rng))(train_part)
+    if acc is None:
+      return loss_i, grads_i
+    return jax.tree_util.tree_map(jnp.add, acc, (loss_i, grads_i))
+
+  def apply(params, opt_state, acc, rng):
+    loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, acc)
+    grads = jax.lax.pmean(grads, axis_name=axis_name)
+    train_part, _, merge = trainable.partition(params, trainable_mask)
+    updates, opt_state = tx.update(grads, opt_state, train_part)
+    params = merge(optax.apply_updates(train_part, updates))
+    loss = jax.lax.pmean(loss, axis_name=axis_name)
+    return params, opt_state, loss, jax.random.split(rng)[1]
+
+  add_p = jax.pmap(add_slice, axis_name=axis_name, in_axes=(0, 0, 0, None, 0),
+                   donate_argnums=(1,))
+  apply_p = jax.pmap(apply, axis_name=axis_name, donate_argnums=(0, 1))
+
+  def update_fn(params, opt_state, batch, rng):
+    per_device = batch['image'].shape[1]
+    if per_device % accum_steps:
+      raise ValueError(
+          f'The per-device batch {per_device} is not divisible by accum_steps '
+          f'{accum_steps}; choose accum_steps dividing it.')
+    acc = None
+    for index in range(accum_steps):
+      acc = add_p(params, acc, batch, index, rng)
+    return apply_p(params, opt_state, acc, rng)
+
+  return update_fn
