@@ -42,10 +42,15 @@ def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
 
   Args:
     records: `progress.read_metrics(workdir)`: dicts with 'step' and some of
-      'train_loss', 'accuracy_test'.
+      'train_loss', 'accuracy_test' (one marker per evaluation).
     path: the PNG to write.
     title: shown above both panels (e.g. the model and dataset).
   """
+  curves_figure(records, title=title).savefig(path, dpi=100)
+
+
+def curves_figure(records: Sequence[Dict[str, Any]], *, title: str = ''):
+  """The matplotlib Figure of `write_curves`."""
   fig = _new_figure((10, 3.8))
   ax_loss, ax_acc = fig.subplots(1, 2)
   steps, loss = _series(records, 'train_loss')
@@ -53,9 +58,12 @@ def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
   if len(loss) and np.all(np.asarray(loss) > 0):
     from matplotlib import ticker  # pylint: disable=g-import-not-at-top
     ax_loss.set_yscale('log')
-    for axis in (ax_loss.yaxis,):
-      axis.set_major_formatter(ticker.FormatStrFormatter('%.3g'))
-      axis.set_minor_formatter(ticker.FormatStrFormatter('%.3g'))
+    # Labels at 1, 2 and 5 times each power of ten, none on minor ticks:
+    # matplotlib's default labels every minor tick of a short log range.
+    ax_loss.yaxis.set_major_locator(
+        ticker.LogLocator(base=10, subs=(1., 2., 5.)))
+    ax_loss.yaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+    ax_loss.yaxis.set_minor_formatter(ticker.NullFormatter())
   ax_loss.set_xlabel('step')
   ax_loss.set_title('training loss')
   steps, acc = _series(records, 'accuracy_test')
@@ -71,7 +79,7 @@ def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  return fig
 
 
 def write_confusion(matrix: np.ndarray, path: str, *,
