@@ -366,3 +366,22 @@ def test_memory_scaling_splits_the_state_over_fsdp_only():
     assert row['args'] >= row['params'] + row['opt']
     assert row['temp'] > 0
     assert row['peak'] >= row['args']
+
+
+def test_main_job_report_speed_columns_and_baseline_ratio():
+  from bench import main_job  # pylint: disable=g-import-not-at-top
+  rows = [dict(seed=0, accuracy=0.987, train_s=80., wall_s=90., steps=2000,
+               images_per_s=6000., input_wait_s=4., train_flops_per_image=1e7),
+          dict(seed=1, accuracy=0.983, train_s=100., wall_s=110., steps=2000,
+               images_per_s=5000., input_wait_s=0., train_flops_per_image=1e7)]
+  baseline = dict(seed=0, accuracy=0.986, train_s=190., images_per_s=2500.,
+                  overrides=['--config.accum_steps=1'])
+  text = main_job.report(rows, 'cmd', peak=120., baseline=baseline)
+  seed0 = next(l for l in text.splitlines() if l.startswith('   0  '))
+  # 1e7 FLOPs x 6000 img/s = 60 GFLOP/s = 50% of 120; 4 of 80 s waiting.
+  assert seed0.split()[-4:] == ['6,000', '60.0', '50%', '5.0%']
+  assert 'mean 0.9850' in text and 'range 0.9830-0.9870' in text
+  assert 'every seed >= 0.982 (met)' in text
+  assert 'training <= 90 s on Zen 4 (NOT met' in text  # the worst is 100 s
+  assert 'trains 2.38x faster' in text  # 190 / 80
+  assert "at most half the baseline's time: NOT met" in text  # 100 > 95

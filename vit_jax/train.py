@@ -362,13 +362,16 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   compiles = progress.CompileCounter()
   losses = step_guards.LossWatch(run.ckpts, runner.scalar)
   res = dict(eval_history=[], fewshot_history=[], accuracy=None,
-             final_train_loss=None, step=run.start_step, interrupted=False)
+             final_train_loss=None, step=run.start_step, interrupted=False,
+             input_wait_s=0.)
   t_train = time.time()
   train_iter = runner.batches(run.ds_train)
   with train_checkpoint.SigtermFlag() as sigterm:
     for step in range(run.start_step + 1, config.total_steps + 1):
       res['step'] = step
+      t_wait = time.time()
       batch = next(train_iter)
+      res['input_wait_s'] += time.time() - t_wait
       if is_mpp:  # example indices: each micro-batch corrupts differently
         batch = dict(batch, label=objectives.mpp_labels(
             batch['image'].shape[:-3]))
