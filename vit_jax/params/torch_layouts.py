@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from vit_jax import checkpoint
+from vit_jax.params.trees import CheckpointError
 
 Params = Dict[str, Any]
 
@@ -124,7 +124,7 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
       # numpy has no bfloat16: read through torch, which has.
       pass
     except Exception as e:  # safetensors raises its own error types.
-      raise checkpoint.CheckpointError(
+      raise CheckpointError(
           f'Cannot read {file_path!r}: {e}. Re-download or re-export it.'
       ) from e
     import_torch(f'{file_path} holds bfloat16 tensors; reading them')
@@ -135,7 +135,7 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
   try:
     state = torch.load(file_path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files.
-    raise checkpoint.CheckpointError(
+    raise CheckpointError(
         f'Cannot read {file_path!r}: {e}. Re-download or re-export it.') from e
   return {k: to_numpy(v) for k, v in state.items()}
 
@@ -145,7 +145,7 @@ def import_torch(what: str):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise checkpoint.CheckpointError(
+    raise CheckpointError(
         f'{what} needs torch, which is not installed: pip install torch '
         '(or re-save the model as model.safetensors).') from e
   return torch
