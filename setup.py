@@ -44,7 +44,10 @@ setuptools.setup(
         # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
         # this project's machines, where other versions pull CUDA packages.
+        # timm (vit_jax.params.timm_layout's tests build real timm models)
+        # needs torchvision; 0.28.0 is the release for torch 2.13.0.
         'interop': ['torch==2.13.0', 'transformers>=4.40,<6',
-                    'safetensors>=0.4'],
+                    'safetensors>=0.4', 'timm>=1.0,<2',
+                    'torchvision==0.28.0'],
     },
 )

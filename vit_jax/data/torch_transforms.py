@@ -62,6 +62,7 @@ def random_resized_crop(image, size, seed):
   shape = tf.shape(image)
   top, left, h, w = crop_box(shape[0], shape[1], seed)
   image = tf.slice(image, [top, left, 0], [h, w, -1])
+  image.set_shape([None, None, 3])  # tf.slice forgets the channel count
   return tf.image.resize(image, size, antialias=True)
 
 
@@ -84,4 +85,6 @@ def resize_short_center_crop(image, size, short_side: int):
   top = tf.cast(tf.round(tf.cast(new_h - size[0], tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size[1], tf.float32) / 2),
                  tf.int32)
-  return tf.slice(image, [top, left, 0], [size[0], size[1], -1])
+  image = tf.slice(image, [top, left, 0], [size[0], size[1], -1])
+  image.set_shape([size[0], size[1], 3])
+  return image
