@@ -37,6 +37,8 @@ import shutil
 
 import pytest
 
+import timm_support
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
 LONGEST_FIRST = (
@@ -44,10 +46,12 @@ LONGEST_FIRST = (
     'test_main_job.py', 'test_train_resume.py', 'test_train_finetune.py',
     'test_train_options.py', 'test_train.py', 'test_speed_equivalence.py',
     'test_models.py', 'test_sharding.py', 'test_predict_pipeline.py',
-    'test_original_commands.py', 'test_bench.py')
+    'test_original_commands.py', 'test_interop_timm.py',
+    'test_flowers_tutorial.py', 'test_bench.py')
 
 
 def pytest_configure(config):
+  timm_support.make_torchvision_importable()
   if not os.environ.get('PYTEST_XDIST_WORKER'):  # the controller
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
   os.makedirs(XLA_CACHE, exist_ok=True)
