@@ -37,8 +37,6 @@ import shutil
 
 import pytest
 
-import timm_support
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
 LONGEST_FIRST = (
@@ -51,7 +49,6 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-  timm_support.make_torchvision_importable()
   if not os.environ.get('PYTEST_XDIST_WORKER'):  # the controller
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
   os.makedirs(XLA_CACHE, exist_ok=True)
