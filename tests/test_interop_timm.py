@@ -27,23 +27,21 @@ import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name, create_model kwargs, image size. ViT-B/16's blocks at depth 2 and
-# 32x32 images (4 patches); layer scale and no q/k/v bias: ViT-M GAP.
+SIZE = 32  # images of 2x2 patches
+# name, create_model kwargs: ViT-Ti/16 at depth 2 (the block order), ViT-B/16
+# and its GAP variant at one block, layer scale without q/k/v bias (ViT-M GAP).
 MODELS = {
-    'ti16': ('vit_tiny_patch16_224', dict(depth=2, img_size=48), 48),
-    'b16': ('vit_base_patch16_224', dict(depth=2, img_size=32), 32),
-    'gap': ('vit_base_patch16_gap_224', dict(depth=2, img_size=32), 32),
+    'ti16': ('vit_tiny_patch16_224', dict(depth=2, img_size=SIZE)),
+    'b16': ('vit_base_patch16_224', dict(depth=1, img_size=SIZE)),
+    'gap': ('vit_base_patch16_gap_224', dict(depth=1, img_size=SIZE)),
     'layer_scale': ('vit_medium_patch16_gap_240',
-                    dict(depth=1, img_size=32, init_values=0.3), 32),
+                    dict(depth=1, img_size=SIZE, init_values=0.3)),
 }
+IMAGES = np.random.RandomState(0).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(
+    np.float32)
 
 
-def _images(size, n=2):
-  return np.random.RandomState(0).uniform(-1, 1, (n, size, size, 3)).astype(
-      np.float32)
-
-
-def _timm_logits(model, images):
+def _timm_logits(model, images=IMAGES):
   with torch.no_grad():
     return model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
 
@@ -57,17 +55,43 @@ def _timm_model(name, kwargs, num_classes=5, seed=0):
   return model
 
 
-def _ours(model_config, params, images):
-  model = models.VisionTransformer(**model_config)
-  return np.asarray(model.apply({'params': params}, images, train=False))
+def _timm_from(exported, state_dict):
+  """`timm.create_model` of an export, its `state_dict` loaded strictly."""
+  with torch.device('meta'):  # no initialisation: every weight is loaded
+    model = timm.create_model(exported.name, **exported.kwargs)
+  model.load_state_dict(state_dict, strict=True, assign=True)
+  return model.eval()
+
+
+_APPLY = {}
+
+
+def _ours(model_config, params, images=IMAGES):
+  """Our logits, one compilation per model config."""
+  key = str(model_config)
+  if key not in _APPLY:
+    model = models.VisionTransformer(**model_config)
+    _APPLY[key] = jax.jit(
+        lambda p, x: model.apply({'params': p}, x, train=False))
+  return np.asarray(_APPLY[key](params, images))
+
+
+@pytest.fixture(scope='module')
+def timm_models():
+  """{key: the perturbed timm model of MODELS[key]}, built on first use."""
+  cache = {}
+  def get(key):
+    if key not in cache:
+      cache[key] = _timm_model(*MODELS[key])
+    return cache[key]
+  return get
 
 
 @pytest.mark.parametrize('key', sorted(MODELS))
-def test_timm_state_dict_in_and_out(key, tmp_path):
-  name, kwargs, size = MODELS[key]
-  model = _timm_model(name, kwargs)
-  images = _images(size)
-  expected = _timm_logits(model, images)
+def test_timm_state_dict_in_and_out(key, timm_models, tmp_path):
+  name, kwargs = MODELS[key]
+  model = timm_models(key)
+  expected = _timm_logits(model)
   path = str(tmp_path / 'model.pth')
   torch.save(model.state_dict(), path)
 
@@ -77,39 +101,31 @@ def test_timm_state_dict_in_and_out(key, tmp_path):
                         if k != 'init_values'}))
   loaded = checkpoint.load(path)  # the same tree, through the public API
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
-  np.testing.assert_allclose(_ours(model_config, loaded, images), expected,
-                             atol=1e-5, rtol=0)
+  ours = _ours(model_config, loaded)
+  np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
   out = str(tmp_path / 'export.safetensors')
   exported = export_timm.save_timm(params, out)
   from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
-  back = timm.create_model(exported.name, **exported.kwargs).eval()
-  back.load_state_dict(safetensors_torch.load_file(out), strict=True)
-  np.testing.assert_allclose(_timm_logits(back, images),
-                             _ours(model_config, params, images),
-                             atol=1e-5, rtol=0)
+  back = _timm_from(exported, safetensors_torch.load_file(out))
+  np.testing.assert_allclose(_timm_logits(back), ours, atol=1e-5, rtol=0)
 
 
-def test_pth_export_and_safetensors_input(tmp_path):
-  name, kwargs, size = MODELS['ti16']
-  model = _timm_model(name, kwargs, num_classes=3, seed=1)
+def test_pth_export_and_safetensors_input(timm_models, tmp_path):
+  model = timm_models('ti16')
   from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / 'model.safetensors')
   safetensors_torch.save_file(model.state_dict(), path)
   params = checkpoint.load(path)
   out = str(tmp_path / 'export.pth')
   exported = export_timm.save_timm(params, out)
-  back = timm.create_model(exported.name, **exported.kwargs).eval()
-  back.load_state_dict(torch.load(out, weights_only=True), strict=True)
-  images = _images(size)
-  np.testing.assert_allclose(_timm_logits(back, images),
-                             _timm_logits(model, images), atol=1e-5, rtol=0)
+  back = _timm_from(exported, torch.load(out, weights_only=True))
+  np.testing.assert_allclose(_timm_logits(back), _timm_logits(model),
+                             atol=1e-5, rtol=0)
 
 
-def _legacy_state_dict(representation=24, classes=7):
+def _legacy_state_dict(model, representation=24, classes=7):
   """The layout of timm's `jx_vit_*_in21k` files: `pre_logits.fc`."""
-  model = _timm_model('vit_tiny_patch16_224', dict(depth=1, img_size=32),
-                      num_classes=classes, seed=2)
   state = {k: v for k, v in model.state_dict().items()
            if not k.startswith('head.')}
   rng = torch.Generator().manual_seed(3)
@@ -118,34 +134,34 @@ def _legacy_state_dict(representation=24, classes=7):
   state['pre_logits.fc.bias'] = torch.randn(representation, generator=rng)
   state['head.weight'] = torch.randn(classes, representation, generator=rng)
   state['head.bias'] = torch.randn(classes, generator=rng)
-  return model, state
+  return state
 
 
-def test_pre_logits_layout_matches_tanh_of_fc_and_the_released_npz(tmp_path):
-  model, state = _legacy_state_dict()
+def test_pre_logits_layout_matches_tanh_of_fc_and_the_released_npz(
+    timm_models, tmp_path):
+  model = timm_models('ti16')
+  state = _legacy_state_dict(model)
   path = str(tmp_path / 'jx_vit_tiny_in21k.pth')
   torch.save(state, path)
   params, model_config, _ = timm_layout.read(path)
   assert model_config.representation_size == 24
-  images = _images(32)
   # pre_logits output = tanh(fc(norm(x)[:, 0])), x from timm's blocks.
   with torch.no_grad():
     tokens = model.forward_features(
-        torch.from_numpy(images).permute(0, 3, 1, 2))[:, 0]
+        torch.from_numpy(IMAGES).permute(0, 3, 1, 2))[:, 0]
     fc = state['pre_logits.fc.weight'], state['pre_logits.fc.bias']
     pre_logits = torch.tanh(tokens @ fc[0].T + fc[1])
     logits = (pre_logits @ state['head.weight'].T + state['head.bias'])
   features_config = dict(model_config, num_classes=None)
-  np.testing.assert_allclose(_ours(features_config, params, images),
+  np.testing.assert_allclose(_ours(features_config, params),
                              pre_logits.numpy(), atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_ours(model_config, params, images),
-                             logits.numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_ours(model_config, params), logits.numpy(),
+                             atol=1e-5, rtol=0)
   # The same weights as a released .npz give the same logits.
   npz = str(tmp_path / 'released.npz')
   checkpoint.save(params, npz)
-  np.testing.assert_allclose(
-      _ours(model_config, checkpoint.load(npz), images), logits.numpy(),
-      atol=1e-5, rtol=0)
+  np.testing.assert_allclose(_ours(model_config, checkpoint.load(npz)),
+                             logits.numpy(), atol=1e-5, rtol=0)
   with pytest.raises(checkpoint.CheckpointError, match='pre_logits'):
     export_timm.save_timm(params, str(tmp_path / 'x.safetensors'))
   assert not os.path.exists(tmp_path / 'x.safetensors')
@@ -175,7 +191,8 @@ def test_timm_models_table_matches_timm():
 
 
 @pytest.mark.parametrize('name, kwargs, match', [
-    ('vit_base_r50_s16_224', dict(img_size=64, num_classes=2), 'hybrid'),
+    ('vit_base_r50_s16_224', dict(img_size=64, num_classes=2, depth=1),
+     'hybrid'),
     ('vit_tiny_patch16_224', dict(global_pool='avg', depth=1, img_size=32),
      'fc_norm'),
     ('vit_tiny_patch16_224', dict(reg_tokens=2, depth=1, img_size=32),
@@ -204,14 +221,13 @@ def test_torch_files_that_are_no_timm_vit(tmp_path):
     checkpoint.load(path)
 
 
-def test_command_lines_inspect_and_export(tmp_path, capsys):
-  name, kwargs, _ = MODELS['ti16']
+def test_command_lines_inspect_and_export(timm_models, tmp_path, capsys):
   path = str(tmp_path / 'model.pth')
-  torch.save(_timm_model(name, kwargs).state_dict(), path)
+  torch.save(timm_models('ti16').state_dict(), path)
   assert checkpoint_cli.main(['inspect', path]) == 0
   out = capsys.readouterr().out
   assert ("layout: timm state dict of timm.create_model("
-          "'vit_tiny_patch16_224', num_classes=5, depth=2, img_size=48)"
+          "'vit_tiny_patch16_224', num_classes=5, depth=2, img_size=32)"
           in out)
   assert 'zoo_name: none' in out and 'hidden_size: 192' in out
   npz = str(tmp_path / 'model.npz')
@@ -222,7 +238,7 @@ def test_command_lines_inspect_and_export(tmp_path, capsys):
       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 0, result.stderr
   assert ("model = timm.create_model('vit_tiny_patch16_224', num_classes=5, "
-          "depth=2, img_size=48)") in result.stdout
+          "depth=2, img_size=32)") in result.stdout
   back = trees.flatten_tree(checkpoint.load(str(tmp_path / 'out.safetensors')))
   for key, value in trees.flatten_tree(checkpoint.load(npz)).items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)

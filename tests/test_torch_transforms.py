@@ -57,9 +57,10 @@ def test_flip_mirrors_about_half_of_the_examples():
 
 def test_random_resized_crop_boxes_have_torchvision_ranges():
   h, w = 60, 80
-  draw = tf.function(lambda seed: tf.stack(torch_transforms.crop_box(
-      h, w, seed)))
-  boxes = np.array([draw(tf.constant([i, 1])).numpy() for i in range(400)])
+  seeds = tf.stack([tf.range(400), tf.ones(400, tf.int32)], axis=1)
+  boxes = tf.function(lambda seeds: tf.map_fn(
+      lambda seed: tf.stack(torch_transforms.crop_box(h, w, seed)), seeds))(
+          seeds).numpy()
   top, left, bh, bw = boxes.T
   area, ratio = bh * bw / (h * w), bw / bh
   assert (top >= 0).all() and (left >= 0).all()
