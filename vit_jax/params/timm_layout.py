@@ -55,12 +55,6 @@ TIMM_MODELS.update({
     'vit_gigantic_patch14_224': (1664, 48, 16, 8192, 14, 224, False, True,
                                  False),
     'vit_base_patch16_gap_224': (768, 12, 16, 3072, 16, 224, True, True, False),
-    'vit_medium_patch16_gap_240': (512, 12, 8, 2048, 16, 240, True, False,
-                                   True),
-    'vit_medium_patch16_gap_256': (512, 12, 8, 2048, 16, 256, True, False,
-                                   True),
-    'vit_medium_patch16_gap_384': (512, 12, 8, 2048, 16, 384, True, False,
-                                   True),
     'vit_betwixt_patch16_gap_256': (640, 12, 10, 2560, 16, 256, True, False,
                                     True),
     'vit_huge_patch14_gap_224': (1280, 32, 16, 5120, 14, 224, True, True,
@@ -70,6 +64,9 @@ TIMM_MODELS.update({
     'vit_giant_patch16_gap_224': (1408, 40, 16, 6144, 16, 224, True, True,
                                   False),
 })
+TIMM_MODELS.update({
+    f'vit_medium_patch16_gap_{s}': (512, 12, 8, 2048, 16, s, True, False, True)
+    for s in (240, 256, 384)})
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _BLOCK_PARTS = ('norm1.weight', 'norm1.bias', 'attn.qkv.weight',
