@@ -40,9 +40,10 @@ setuptools.setup(
         # nbclient, nbformat and ipykernel execute notebooks/ in
         # tests/test_notebooks.py; import-linter (lint-imports, and grimp
         # for tests/test_import_layers.py) and ruff are .ci/run's checks.
+        # timm and its torchvision (torch 2.13.0's): the timm parity tests only.
         'test': ['pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10',
                  'nbformat>=5.10', 'ipykernel>=6.29', 'import-linter>=2.1',
-                 'ruff>=0.5'],
+                 'ruff>=0.5', 'timm>=1.0,<2', 'torchvision==0.28.0'],
         # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
         # this project's machines, where other versions pull CUDA packages.

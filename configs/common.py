@@ -46,11 +46,16 @@ def _set_data_fields(config):
   config.pp = ml_collections.ConfigDict()
   config.pp.crop = 384  # Resolution: train crops and test images (pixels).
   # 'inception_crop' (+ flip, the paper's), 'shift' or 'affine' (digits),
-  # or 'none' (vit_jax.input_pipeline.Augment).
+  # 'random_resized_crop' (torchvision's) or 'none'
+  # (vit_jax.input_pipeline.Augment, vit_jax/data/torch_transforms.py).
   config.pp.augment = 'inception_crop'
   config.pp.shift_pad = 2  # Max translation of 'shift' and 'affine', pixels.
   config.pp.rotate = 0.0  # Max rotation of 'affine', degrees.
   config.pp.zoom = 0.0  # Max relative zoom of 'affine' (scale 1 +- zoom).
+  config.pp.flip = False  # Random horizontal flip after the augmentation.
+  # Evaluation: short side to this, then the centre crop (torchvision's
+  # Resize + CenterCrop); None: a plain resize to pp.crop (the original's).
+  config.pp.eval_resize = placeholder(int)
   config.batch = 512  # Global train batch, over all devices and hosts.
   config.batch_eval = 512  # Global eval batch.
   config.shuffle_buffer = 50_000  # Examples in the shuffle buffer (TFDS).

@@ -44,7 +44,8 @@ LONGEST_FIRST = (
     'test_main_job.py', 'test_train_resume.py', 'test_train_finetune.py',
     'test_train_options.py', 'test_train.py', 'test_speed_equivalence.py',
     'test_models.py', 'test_sharding.py', 'test_predict_pipeline.py',
-    'test_original_commands.py', 'test_bench.py')
+    'test_original_commands.py', 'test_flowers_tutorial.py',
+    'test_bench.py')
 
 
 def pytest_configure(config):

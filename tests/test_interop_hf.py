@@ -15,7 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+import timm_support
+
 torch = pytest.importorskip('torch')
+timm_support.make_torchvision_importable()  # transformers imports it
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
 

@@ -16,6 +16,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import pytest
 
+import timm_support
+
 torch = pytest.importorskip('torch')
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -267,6 +269,7 @@ def test_error_inconsistent_shapes():
 
 
 def test_real_torchvision_if_available():
+  timm_support.make_torchvision_importable()
   try:
     from torchvision.models import vision_transformer  # pylint: disable=g-import-not-at-top
   except Exception:  # pylint: disable=broad-except

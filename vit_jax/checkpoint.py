@@ -11,7 +11,8 @@ the released names by default, so that the original's loader and timm's
 `_load_weights` read our files.
 
 `load` also reads old optimizer checkpoints and big_vision's layout (the
-list is in `vit_jax.params.npz`).
+list is in `vit_jax.params.npz`), and timm ViT state dicts (`.pth`,
+`.safetensors`; `vit_jax.params.timm_layout`).
 
 The original's API (SPEC section 8) lives here: `load`, `recover_tree`,
 `inspect_params` (a checkpoint's tree against a model's), `load_pretrained`
@@ -36,6 +37,8 @@ from vit_jax.data import filesystem
 from vit_jax.params import layouts
 from vit_jax.params import npz
 from vit_jax.params import posembed
+from vit_jax.params import timm_layout
+from vit_jax.params import torch_layouts
 from vit_jax.params import tree_diff
 from vit_jax.params import trees
 from vit_jax.params.trees import CheckpointError
@@ -58,7 +61,9 @@ def load(path: str) -> Params:
   """Loads an `.npz` checkpoint into a nested dict of numpy arrays.
 
   Accepts linen and released (pre-linen) names, old optimizer and big_vision
-  layouts (module docstring); squeezes (1,1,1,C) GroupNorm parameters.
+  layouts (module docstring), timm state dicts (`torch.save` files, read
+  without executing code, and `.safetensors`); squeezes (1,1,1,C) GroupNorm
+  parameters.
   Returns linen names, ready for `model.apply({'params': p}, ...)`.
 
   Args:
@@ -71,6 +76,13 @@ def load(path: str) -> Params:
     CheckpointError: the file is missing, not an `.npz`, truncated, or its
       keys do not form a tree.
   """
+  if torch_layouts.is_torch_file(path):
+    try:
+      params, _, timm_model = timm_layout.read(path)
+    except CheckpointError as e:
+      raise CheckpointError(f'Checkpoint {os.fspath(path)!r}: {e}') from None
+    logging.info('%s: timm weights of %s', path, timm_model)
+    return params
   flat = npz.read_npz(path)
   try:
     return npz.canonicalize(recover_tree(list(flat), list(flat.values())))
@@ -148,7 +160,6 @@ def get_augreg_df(directory: str = 'gs://vit_models/augreg'):
         'gs://vit_models/augreg/index.csv.')
   with filesystem.open_file(path, 'r') as f:
     return pd.read_csv(f)
-
 
 
 # ----------------------------------------------------------------------------
@@ -381,7 +392,6 @@ def _resample_posembed_input(old: Params, new: Params, *, has_class_token,
       out[name] = posembed.resample_grid(table[:, None, :], (size, 1),
                                 method)[:, 0, :]
   return out
-
 
 
 def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,

@@ -40,12 +40,14 @@ from vit_jax.data import image_folders
 from vit_jax.data import sources
 from vit_jax.data import tf_import
 from vit_jax.data import tfds_source
+from vit_jax.data import torch_transforms
 
 tf = tf_import.import_tensorflow()
 
 # `config.dataset` of the embedded digits (`vit_jax.data.embedded_mnist`).
 EMBEDDED_MNIST = embedded_mnist.NAME
-_AUGMENTS = ('inception_crop', 'shift', 'affine', 'none')
+_AUGMENTS = ('inception_crop', 'shift', 'affine', 'random_resized_crop',
+             'none')
 
 
 class _ClassNames(list):
@@ -122,15 +124,22 @@ class Augment:
   Attributes:
     kind: 'inception_crop' (the paper's: random crop + flip), 'shift'
       (random translation with zero padding), 'affine' (random rotation,
-      zoom and translation about the centre, zero fill; digits), or 'none'.
+      zoom and translation about the centre, zero fill; digits),
+      'random_resized_crop' (torchvision's) or 'none'.
     shift_pad: max translation of 'shift' and 'affine', pixels.
     rotate: max rotation of 'affine', degrees (uniform in +-rotate).
     zoom: max relative zoom of 'affine' (scale uniform in 1 +- zoom).
+    flip: random horizontal flip after the augmentation.
+    eval_resize: evaluation resizes the short side to this and takes the
+      centre crop; None: a plain resize (the original's). The tutorials'
+      options: `vit_jax.data.torch_transforms`.
   """
   kind: str = 'inception_crop'
   shift_pad: float = 2
   rotate: float = 0.
   zoom: float = 0.
+  flip: bool = False
+  eval_resize: Optional[int] = None
 
   @classmethod
   def from_config(cls, config) -> 'Augment':
@@ -138,10 +147,21 @@ class Augment:
     augment = cls(kind=pp.get('augment', cls.kind),
                   shift_pad=pp.get('shift_pad', cls.shift_pad),
                   rotate=pp.get('rotate', cls.rotate) or 0.,
-                  zoom=pp.get('zoom', cls.zoom) or 0.)
+                  zoom=pp.get('zoom', cls.zoom) or 0.,
+                  flip=bool(pp.get('flip', False)),
+                  eval_resize=pp.get('eval_resize'))
     if augment.kind not in _AUGMENTS:
       raise ValueError(f'config.pp.augment={augment.kind!r}; use one of '
                        f'{_AUGMENTS}.')
+    if augment.flip and augment.kind == 'inception_crop':
+      raise ValueError('config.pp.flip=True with pp.augment=inception_crop, '
+                       'which flips already; set one of them otherwise.')
+    if augment.eval_resize and augment.eval_resize < max(
+        get_image_size(config)):
+      raise ValueError(
+          f'config.pp.eval_resize={augment.eval_resize} is smaller than '
+          f'pp.crop={pp.get("crop")}; the centre crop must fit (the '
+          'tutorials: 256 for 224).')
     return augment
 
 
@@ -190,12 +210,17 @@ def _random_affine(image, size, augment: Augment, seed):
 
 def _preprocess(image, size, augment: Augment, seed=None):
   """Decoded uint8 image -> normalized float32 crop (augmented if `seed`)."""
-  if seed is None or augment.kind == 'none':
+  if seed is None and augment.eval_resize:
+    image = torch_transforms.resize_short_center_crop(image, size,
+                                                      augment.eval_resize)
+  elif seed is None or augment.kind == 'none':
     image = tf.image.resize(image, size)  # eval: plain resize, no centre crop
   elif augment.kind == 'inception_crop':
     image = _inception_crop(image, size, seed)
   elif augment.kind == 'affine':
     image = _random_affine(image, size, augment, seed)
+  elif augment.kind == 'random_resized_crop':
+    image = torch_transforms.random_resized_crop(image, size, seed)
   else:  # 'shift'
     # Random translation by up to `shift_pad` pixels; zero (black) padding is
     # the background of digits. No flip: mirrored digits are other digits.
@@ -203,6 +228,8 @@ def _preprocess(image, size, augment: Augment, seed=None):
     p = int(augment.shift_pad)
     image = tf.pad(image, [[p, p], [p, p], [0, 0]])
     image = tf.image.stateless_random_crop(image, [*size, 3], seed=seed)
+  if seed is not None and augment.flip:
+    image = torch_transforms.random_flip(image, seed)
   return (tf.cast(image, tf.float32) - 127.5) / 127.5
 
 

@@ -1,7 +1,8 @@
 """What a checkpoint holds: `python -m vit_jax.interop.checkpoint_cli`.
 
   inspect FILE                    keys, shapes, dtypes, parameter count, and
-                                  the model the file holds (zoo name if any).
+                                  the model the file holds (zoo name if any;
+                                  a timm .pth/.safetensors: its timm model).
   convert IN OUT [--names N]      rewrite under linen or released names.
   resize IN OUT --image-size H W  resample the position embedding offline.
 """
@@ -18,6 +19,8 @@ from vit_jax.checkpoint import (  # pylint: disable=g-multiple-import
     Params, interpolate_posembed, load, save)
 from vit_jax.configs import models as models_config
 from vit_jax.params.npz import ENCODER_BLOCK, NAME_SCHEMES, read_npz
+from vit_jax.params import timm_layout
+from vit_jax.params import torch_layouts
 from vit_jax.params.posembed import image_grid
 from vit_jax.params.trees import CheckpointError, flatten_tree, shape_of
 
@@ -273,14 +276,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(path: str) -> None:
-  flat = read_npz(path)
+  if torch_layouts.is_torch_file(path):  # a timm state dict
+    params, _, timm_model = timm_layout.read(path)
+    flat = flatten_tree(params)
+    layout = f'timm state dict of {timm_model}'
+  else:
+    flat = read_npz(path)
+    params = load(path)
+    layout = _names_scheme(list(flat))
   print(f'{path}')
   width = max(len(k) for k in flat)
   for key in sorted(flat):
     print(f'  {key:<{width}}  {str(flat[key].shape):<18} {flat[key].dtype}')
-  params = load(path)
   info = describe(params)
-  print(f'layout: {_names_scheme(list(flat))}')
+  print(f'layout: {layout}')
   print(f'parameters: {info["num_params"]:,}')
   for line in _describe_lines(info):
     print(line)

@@ -53,9 +53,9 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.interop import converter_output
 from vit_jax.interop import hf_format
-from vit_jax.interop import torch_layouts
+from vit_jax.params import converter_output
+from vit_jax.params import torch_layouts
 from vit_jax.params import trees
 
 Params = Dict[str, Any]

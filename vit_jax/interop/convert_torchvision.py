@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.interop import converter_output
-from vit_jax.interop import torch_layouts
+from vit_jax.params import converter_output
+from vit_jax.params import torch_layouts
 
 Params = Dict[str, Any]
 
@@ -91,42 +91,8 @@ def read_state_dict(
   Returns:
     {name: array}.
   """
-  state = state_dict_or_path
-  if isinstance(state, (str, os.PathLike)):
-    path = os.fspath(state)
-    if not os.path.exists(path):
-      raise checkpoint.CheckpointError(f'State dict file {path!r} does not '
-                                       'exist.')
-    if path.endswith('.safetensors'):
-      return read_state_dict(torch_layouts.read_weights_file(path))
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise checkpoint.CheckpointError(
-          f'Reading {path} needs torch: pip install torch.') from e
-    try:
-      state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many types for bad files.
-      raise checkpoint.CheckpointError(
-          f'Cannot read {path!r} with torch.load: {e}. Pass a state dict '
-          '(`model.state_dict()`) saved with torch.save.') from e
-  if not isinstance(state, Mapping):
-    raise checkpoint.CheckpointError(
-        f'Expected a state dict (mapping of names to tensors); got '
-        f'{type(state).__name__}.')
-  if 'conv_proj.weight' not in state:
-    for wrapper in ('model', 'state_dict', 'model_ema'):
-      if isinstance(state.get(wrapper), Mapping):
-        state = state[wrapper]
-        break
-  out = {}
-  for name, value in state.items():
-    if name.startswith('module.'):
-      name = name[len('module.'):]
-    for old, new in _LEGACY_MLP:
-      name = name.replace(old, new)
-    out[name] = torch_layouts.to_numpy(value)
-  return out
+  return torch_layouts.read_state_dict(
+      state_dict_or_path, marker='conv_proj.weight', renames=_LEGACY_MLP)
 
 
 def load_torchvision(state_dict_or_path: Union[str, os.PathLike,

@@ -22,8 +22,8 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax.interop import hf_format
-from vit_jax.interop import torch_layouts
 from vit_jax.params import npz
+from vit_jax.params import torch_layouts
 from vit_jax.params import trees
 
 Params = Dict[str, Any]

@@ -1,8 +1,10 @@
 """PyTorch weights -> and <- this project's flax layouts.
 
-What the Hugging Face (`convert_hf`, `export_hf`) and torchvision
-(`convert_torchvision`) converters share: reading one `.safetensors` or torch
-`.bin` file as float32 numpy arrays, and the per-layer layout maps.
+What the Hugging Face (`convert_hf`, `export_hf`), torchvision
+(`convert_torchvision`) and timm (`vit_jax.params.timm_layout`) converters
+share: reading one `.safetensors` or torch file (never executing code) as
+float32 numpy arrays, telling such files from `.npz`, and the per-layer
+layout maps.
 `nn.Linear` weights are (out, in), flax Dense kernels (in, out); attention
 projections are (heads*head_dim, D) there, (D, heads, head_dim) and
 (heads, head_dim, D) here; convolutions are OIHW there, HWIO here. Input
@@ -10,11 +12,13 @@ normalisation other than this project's [-1, 1] scaling can be folded into
 the patch embedding (`fold_input_normalization`).
 """
 
-from typing import Any, Dict, Mapping, Tuple
+import os
+import zipfile
+from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from vit_jax import checkpoint
+from vit_jax.params.trees import CheckpointError
 
 Params = Dict[str, Any]
 
@@ -124,7 +128,7 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
       # numpy has no bfloat16: read through torch, which has.
       pass
     except Exception as e:  # safetensors raises its own error types.
-      raise checkpoint.CheckpointError(
+      raise CheckpointError(
           f'Cannot read {file_path!r}: {e}. Re-download or re-export it.'
       ) from e
     import_torch(f'{file_path} holds bfloat16 tensors; reading them')
@@ -135,7 +139,7 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
   try:
     state = torch.load(file_path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files.
-    raise checkpoint.CheckpointError(
+    raise CheckpointError(
         f'Cannot read {file_path!r}: {e}. Re-download or re-export it.') from e
   return {k: to_numpy(v) for k, v in state.items()}
 
@@ -145,7 +149,70 @@ def import_torch(what: str):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise checkpoint.CheckpointError(
+    raise CheckpointError(
         f'{what} needs torch, which is not installed: pip install torch '
         '(or re-save the model as model.safetensors).') from e
   return torch
+
+
+def is_torch_file(path) -> bool:
+  """Whether a local `path` is a `.safetensors` file or a `torch.save` zip
+  archive (whatever its extension), rather than an `.npz`."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    return False
+  if path.endswith('.safetensors'):
+    return True
+  try:
+    with zipfile.ZipFile(path) as archive:
+      return any(n.endswith('/data.pkl') or n == 'data.pkl'
+                 for n in archive.namelist())
+  except (zipfile.BadZipFile, OSError):
+    return False
+
+
+def read_state_dict(
+    state_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
+    marker: str, renames: Sequence[Tuple[str, str]] = ()
+) -> Dict[str, np.ndarray]:
+  """A state dict (or its `.safetensors` / `torch.save` file) as float32
+  numpy arrays.
+
+  A training checkpoint (`{'model' | 'state_dict' | 'model_ema' |
+  'state_dict_ema': state_dict, ...}`) is unwrapped unless it holds `marker`
+  itself; DistributedDataParallel's `module.` prefix is dropped and the
+  `(old, new)` substrings of `renames` are replaced in every name.
+  """
+  state = state_or_path
+  if isinstance(state, (str, os.PathLike)):
+    path = os.fspath(state)
+    if not os.path.exists(path):
+      raise CheckpointError(f'State dict file {path!r} does not exist.')
+    if path.endswith('.safetensors'):
+      state = read_weights_file(path)
+    else:
+      torch = import_torch(f'Reading {path}')
+      try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+      except Exception as e:  # torch raises many types for bad files.
+        raise CheckpointError(
+            f'Cannot read {path!r} with torch.load(weights_only=True): {e}. '
+            'Pass a state dict (`model.state_dict()`) saved with '
+            'torch.save.') from e
+  if not isinstance(state, Mapping):
+    raise CheckpointError(
+        f'Expected a state dict (mapping of names to tensors); got '
+        f'{type(state).__name__}.')
+  if marker not in state:
+    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+      if isinstance(state.get(wrapper), Mapping):
+        state = state[wrapper]
+        break
+  out = {}
+  for name, value in state.items():
+    if name.startswith('module.'):
+      name = name[len('module.'):]
+    for old, new in renames:
+      name = name.replace(old, new)
+    out[name] = to_numpy(value)
+  return out

@@ -1,10 +1,11 @@
 """What every PyTorch ViT converter returns: our parameter tree and config.
 
-`convert_hf.load_hf` and `convert_torchvision.load_torchvision` map the
+`convert_hf.load_hf`, `convert_torchvision.load_torchvision` and
+`timm_layout.read` map the
 PyTorch weights into flax layouts part by part (`torch_layouts`); these
 functions assemble the parts into the nested parameter dict of
 `models.VisionTransformer` (linen names) and the ConfigDict of its fields, so
-that both converters return the same `(params, model_config)`:
+that the converters return the same `(params, model_config)`:
 
   params = converter_output.params_tree(
       embedding=..., cls=..., pos_embedding=..., encoder_norm=...,
@@ -30,7 +31,7 @@ def params_tree(*, embedding: Params, cls, pos_embedding,
 
   Args:
     embedding: the patch embedding {'kernel' (HWIO), 'bias'}.
-    cls: the class token (1, 1, D).
+    cls: the class token (1, 1, D), or None (global average pooling).
     pos_embedding: the position embedding (1, 1+N, D), class row first.
     encoder_norm: the final LayerNorm {'scale', 'bias'}.
     blocks: the encoder blocks in order, each under linen names.
@@ -43,12 +44,13 @@ def params_tree(*, embedding: Params, cls, pos_embedding,
   """
   params: Params = {
       'embedding': embedding,
-      'cls': cls,
       'Transformer': {
           'posembed_input': {'pos_embedding': pos_embedding},
           'encoder_norm': encoder_norm,
       },
   }
+  if cls is not None:
+    params['cls'] = cls
   for i, block in enumerate(blocks):
     params['Transformer'][f'encoderblock_{i}'] = block
   if pre_logits is not None:
@@ -62,11 +64,12 @@ def model_config(params: Params, *, model_name: str, patch: Tuple[int, int],
                  hidden_size: int, num_layers: int, mlp_dim: int,
                  num_heads: int, dropout_rate: float,
                  attention_dropout_rate: float, layernorm_epsilon: float,
-                 approximate_gelu: bool) -> ml_collections.ConfigDict:
+                 approximate_gelu: bool,
+                 classifier: str = 'token') -> ml_collections.ConfigDict:
   """The `VisionTransformer` fields of a converted model.
 
   `num_classes` and `representation_size` come from the widths of `params`'
-  `head` and `pre_logits` (None without them); the classifier is token 0.
+  `head` and `pre_logits` (None without them).
 
   Args:
     params: the tree of `params_tree`.
@@ -80,6 +83,7 @@ def model_config(params: Params, *, model_name: str, patch: Tuple[int, int],
     attention_dropout_rate: dropout on the attention weights.
     layernorm_epsilon: the LayerNorms' epsilon.
     approximate_gelu: the tanh GELU (True) or the exact erf one.
+    classifier: 'token' (token 0) or 'gap'.
 
   Returns:
     A ConfigDict for `models.VisionTransformer(**model_config)`.
@@ -99,7 +103,7 @@ def model_config(params: Params, *, model_name: str, patch: Tuple[int, int],
       )),
       representation_size=(int(params['pre_logits']['bias'].shape[0])
                            if 'pre_logits' in params else None),
-      classifier='token',
+      classifier=classifier,
       layernorm_epsilon=layernorm_epsilon,
       approximate_gelu=approximate_gelu,
   ))
