@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax.data import affine as vit_affine
 from vit_jax.data import embedded_mnist
 from vit_jax import input_pipeline
 
@@ -382,7 +383,8 @@ def test_affine_augment_geometry():
   seed = tf.constant([0, 7], tf.int64)
   np.testing.assert_array_equal(
       input_pipeline._preprocess(image, (28, 28), still, seed), plain)
-  affine = lambda *a: input_pipeline._affine_image(image, (28, 28), *a).numpy()
+  affine = lambda *a: vit_affine.warp(image[None], (28, 28), *(
+      tf.constant([v], tf.float32) for v in a))[0].numpy()
   np.testing.assert_allclose(affine(np.pi / 2, 1., 0., 0.),
                              np.rot90(pixels, k=-1, axes=(0, 1)), atol=1e-3)
   shifted = affine(0., 1., 1., 0.)
@@ -397,3 +399,30 @@ def test_affine_augment_geometry():
       image, (28, 28), busy, tf.constant([0, s], tf.int64)).numpy()
   np.testing.assert_array_equal(draw(7), draw(7))
   assert np.abs(draw(7) - draw(8)).max() > 0.1
+
+
+@pytest.mark.parametrize('kind', ['affine', 'none'])
+def test_batched_train_examples_equal_one_by_one(kind):
+  """The embedded digits are decoded and augmented a batch at a time; the
+  batches equal those of the example-by-example path (same seeds), also
+  past an epoch boundary and from a resumed position."""
+  src = embedded_mnist.make_source('train', 1, 2)  # process 1 of 2: 2,000
+  augment = input_pipeline.Augment(kind, shift_pad=3, rotate=15, zoom=0.15)
+  assert input_pipeline._batchable(src, augment)
+
+  def batches(batched, first, augment=augment):
+    ds = input_pipeline._numbered_train_stream(src, None, 5, first=first)
+    return _take(input_pipeline._train_batches(
+        ds, src, (28, 28), augment, 5, (1, 2), 64, batched=batched), 3)
+
+  for first in (0, 1984):  # 1984: the second batch spans two epochs
+    one_by_one, batched = batches(False, first), batches(True, first)
+    for want, got in zip(one_by_one, batched):
+      assert got['image'].shape == (64, 28, 28, 3)
+      np.testing.assert_array_equal(got['label'], want['label'])
+      np.testing.assert_array_equal(got['mask'], want['mask'])
+      np.testing.assert_allclose(got['image'], want['image'], rtol=0,
+                                 atol=1e-5)
+  if kind == 'affine':  # really augmented
+    plain = batches(True, 0, input_pipeline.Augment('none'))[0]['image']
+    assert np.abs(batches(True, 0)[0]['image'] - plain).max() > 0.5

@@ -34,6 +34,7 @@ from typing import Optional
 import flax.jax_utils
 import jax
 
+from vit_jax.data import affine
 from vit_jax.data import embedded_mnist
 from vit_jax.data import folder_split
 from vit_jax.data import image_folders
@@ -180,32 +181,16 @@ def _inception_crop(image, size, seed):
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def _affine_image(image, size, theta, scale, tx, ty):
-  """Rotation by `theta` (radians), zoom by `scale` about the centre, then
-  translation by (tx, ty) pixels; bilinear, zero fill; float32 out.
-
-  ImageProjectiveTransformV3 maps each output pixel back to the input:
-  input = A (output - c) + c - t, with A the inverse of "rotate, then zoom".
-  """
-  cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
-  cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
-  transform = tf.cast(tf.stack([
-      cos, sin, cx - cos * cx - sin * cy - tx,
-      -sin, cos, cy + sin * cx - cos * cy - ty, 0., 0.]), tf.float32)
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(image, tf.float32)[None], transforms=transform[None],
-      output_shape=tf.constant(size, tf.int32), fill_value=0.,
-      interpolation='BILINEAR', fill_mode='CONSTANT')
-  return out[0]
-
-
 def _random_affine(image, size, augment: Augment, seed):
-  """`_affine_image` with parameters drawn uniformly from `augment`'s ranges."""
-  image = tf.image.resize(image, size)
+  """`affine.warp` of one image, its parameters drawn from `seed`."""
   u = tf.random.stateless_uniform([4], seed, minval=-1., maxval=1.)
-  return _affine_image(image, size, u[0] * augment.rotate * math.pi / 180.,
-                       1. + u[1] * augment.zoom, u[2] * augment.shift_pad,
-                       u[3] * augment.shift_pad)
+  return affine.warp(tf.image.resize(image, size)[None], size,
+                     *_affine_draw(u[None], augment))[0]
+
+
+def _affine_draw(u, augment: Augment):
+  return affine.draw(u, rotate=augment.rotate, zoom=augment.zoom,
+                     shift_pad=augment.shift_pad)
 
 
 def _preprocess(image, size, augment: Augment, seed=None):
@@ -314,19 +299,16 @@ def get_datasets(config, *, start_step: int = 0,
     raise ValueError(f'Process {pi} of {pc} got no training examples.')
   ds = _numbered_train_stream(src, config.get('shuffle_buffer'), seed,
                               first=start_step * local_train)
-  ds = ds.map(_train_preprocess(src, size, augment, seed, pi, pc),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  if src.may_fail_decode:
-    # Last resort for files whose header was fine but pixels are damaged; the
-    # drop is deterministic but shifts later examples by one.
-    ds = ds.ignore_errors(log_warning=True)
-  ds_train = _batched(ds, local_train, devices, dev_train, options)
+  ds = _train_batches(ds, src, size, augment, seed, (pi, pc), local_train,
+                      batched=_batchable(src, augment))
+  ds_train = _to_devices(ds, devices, dev_train, options)
 
   # ---- eval: one pass, padded so every process runs the same number of full
   # batches (hosts must agree on the step count) and masks mark real examples.
   src = _source(config, test_split, pi, pc, train=False)
-  ds_test = _batched(_padded_eval_examples(src, size, augment, local_eval),
-                     local_eval, devices, dev_eval, options)
+  ds_test = _padded_eval_examples(src, size, augment, local_eval).batch(
+      local_eval, drop_remainder=True)
+  ds_test = _to_devices(ds_test, devices, dev_eval, options)
   return ds_train, ds_test
 
 
@@ -354,21 +336,53 @@ def _numbered_train_stream(src: sources.Source, shuffle_buffer, seed, first):
   return ds.enumerate(start=first_epoch * n).skip(first - first_epoch * n)
 
 
-def _train_preprocess(src: sources.Source, size, augment: Augment, seed,
-                      process_index, process_count):
-  """`(count, (image, label))` -> an augmented train example."""
+def _batchable(src: sources.Source, augment: Augment) -> bool:
+  """Whether a batch of `src` can be decoded and augmented at once."""
+  return (src.batch_decode and augment.kind in ('affine', 'none') and
+          not augment.flip)
+
+
+def _train_batches(ds, src: sources.Source, size, augment: Augment, seed,
+                   process, local_batch, *, batched: bool):
+  """`(count, (image, label))` -> batches of augmented train examples.
+
+  Each example's augmentation is seeded by `(seed, global example number)`:
+  unique across processes, so hosts never share augmentation randomness.
+  `batched` decodes and augments whole batches (one op per batch instead of
+  one per example; `_batchable` sources), with the same seeds.
+  """
   tf_seed = tf.constant(seed, tf.int64)
+  process_index, process_count = process
+  seeds = lambda count: tf.stack(
+      [tf.broadcast_to(tf_seed, tf.shape(count)),
+       count * process_count + process_index], axis=-1)
 
   def train_pp(count, example):
     image, label = example
-    # Global example number: unique across processes, so hosts never share
-    # augmentation randomness.
-    ex_seed = tf.stack([tf_seed, count * process_count + process_index])
-    return {'image': _preprocess(src.decode(image), size, augment, ex_seed),
+    return {'image': _preprocess(src.decode(image), size, augment,
+                                 seeds(count)),
             'label': tf.one_hot(label, src.num_classes),
             'mask': tf.constant(1.0)}
 
-  return train_pp
+  def batch_pp(counts, example):
+    images, labels = example
+    images = tf.image.resize(src.decode(images), size)
+    if augment.kind == 'affine':
+      u = affine.uniforms(seeds(counts))
+      images = affine.warp(images, size, *_affine_draw(u, augment))
+    return {'image': (images - 127.5) / 127.5,
+            'label': tf.one_hot(labels, src.num_classes),
+            'mask': tf.ones(tf.shape(labels), tf.float32)}
+
+  if batched:
+    return ds.batch(local_batch, drop_remainder=True).map(
+        batch_pp, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(train_pp, num_parallel_calls=tf.data.AUTOTUNE)
+  if src.may_fail_decode:
+    # Last resort for files whose header was fine but pixels are damaged; the
+    # drop is deterministic but shifts later examples by one.
+    ds = ds.ignore_errors(log_warning=True)
+  return ds.batch(local_batch, drop_remainder=True)
 
 
 def _padded_eval_examples(src: sources.Source, size, augment: Augment,
@@ -395,16 +409,14 @@ def _padded_eval_examples(src: sources.Source, size, augment: Augment,
   return ds.concatenate(pad).take(num_batches * local_batch)
 
 
-def _batched(ds, local_batch, devices, per_device, options):
-  """Full batches of `local_batch`, reshaped to `[devices, per_device, ...]`."""
+def _to_devices(ds, devices, per_device, options):
+  """Local batches reshaped to `[devices, per_device, ...]`, prefetched."""
 
   def to_devices(b):
     return {k: tf.reshape(v, [devices, per_device, *v.shape[1:]])
             for k, v in b.items()}
 
-  return (ds.batch(local_batch, drop_remainder=True)
-          .map(to_devices).prefetch(tf.data.AUTOTUNE)
-          .with_options(options))
+  return ds.map(to_devices).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def prefetch(dataset, n_prefetch: int):

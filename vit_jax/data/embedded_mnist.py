@@ -80,4 +80,5 @@ def make_source(split, process_index, process_count) -> sources.Source:
       shard_sizes=sources.strided_shard_sizes(len(split_indices(split)),
                                               process_count),
       process_index=process_index,
-      in_memory=True)
+      in_memory=True,
+      batch_decode=True)

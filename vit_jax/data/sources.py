@@ -26,6 +26,7 @@ class Source:
   process_index: int
   in_memory: bool  # small elements: the whole shard fits in a shuffle buffer
   may_fail_decode: bool = False  # files not validated pixel by pixel
+  batch_decode: bool = False  # decode takes a batch of same-shaped images too
 
   @property
   def num_examples(self):
