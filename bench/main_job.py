@@ -12,10 +12,10 @@ Each seed runs `python -m vit_jax.main --config=CONFIG --workdir=ROOT/seed<S>
 the final test accuracy, training and total wall time, images/s, the model's
 training FLOPs per second (3x the forward pass's matmul FLOPs) and their
 share of the float32 matmul peak measured at the start of the same run, and
-the share of training time spent waiting for input. `--baseline` runs the
-first seed once more with other overrides (default: the recipe before the
-micro-batches) and prints the training-time ratio. Arguments after `--` are
-passed to every run.
+the share of training time spent waiting for input. `--baseline CHECKOUT`
+runs the first seed once more with the main job of another checkout (an
+earlier version) and prints the training-time ratio. Arguments after `--`
+are passed to every run.
 """
 
 import argparse
@@ -37,19 +37,21 @@ TARGET_MEAN = 0.985
 TARGET_MIN = 0.982
 TARGET_TRAIN_S = 90.
 AIM_TRAIN_S = 60.
-# The main job before the micro-batches (docs/main_job.md).
-BASELINE = ('--config.accum_steps=1',)
 
 
-def run_seed(seed: int, config: str, workdir: str,
-             extra: Sequence[str]) -> Dict[str, float]:
-  """Runs the main job for `seed`; returns its accuracy, times and speed."""
+def run_seed(seed: int, config: str, workdir: str, extra: Sequence[str],
+             checkout: Optional[str] = None) -> Dict[str, float]:
+  """Runs the main job for `seed` (of the code in `checkout`, default this
+  one); returns its accuracy, times and speed."""
   shutil.rmtree(workdir, ignore_errors=True)
   cmd = [sys.executable, '-m', 'vit_jax.main', f'--config={config}',
          f'--workdir={workdir}', f'--config.seed={seed}', *extra]
+  env = None
+  if checkout:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
   t0 = time.time()
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, check=False)
+                        text=True, check=False, env=env, cwd=checkout)
   wall = time.time() - t0
   if proc.returncode:
     raise RuntimeError(f'seed {seed} failed ({proc.returncode}):\n'
@@ -124,7 +126,7 @@ def report(rows: List[Dict[str, float]], command: str, *,
     first = rows[0]
     ratio = baseline['train_s'] / first['train_s']
     half = met(worst_train <= baseline['train_s'] / 2)
-    lines += [f'baseline ({" ".join(baseline["overrides"])}), seed '
+    lines += [f'baseline (the main job of {baseline["checkout"]}), seed '
               f'{baseline["seed"]}: accuracy {baseline["accuracy"]:.4f}, '
               f'{baseline["train_s"]:.1f} s of training, '
               f'{baseline["images_per_s"]:,.0f} img/s; seed {first["seed"]} '
@@ -144,10 +146,10 @@ def parse_args(argv):
   p.add_argument('--workdir-root', default=None,
                  help='seed workdirs go to ROOT/seed<S> (default: a temporary '
                       'folder, removed at the end)')
-  p.add_argument('--baseline', nargs='?', const=' '.join(BASELINE),
-                 default=None,
-                 help='also run the first seed with these overrides (default '
-                      f'{" ".join(BASELINE)!r}) and print the time ratio')
+  p.add_argument('--baseline', default=None, metavar='CHECKOUT',
+                 help='also run the first seed of the main job of the code '
+                      'in CHECKOUT (e.g. a `git worktree` of an earlier '
+                      'version) and print the training-time ratio')
   p.add_argument('extra', nargs='*',
                  help='overrides for every run, after --')
   return p.parse_args(argv)
@@ -169,10 +171,10 @@ def main(argv=None) -> int:
       print(f'seed {seed}: accuracy {r["accuracy"]:.4f} after {r["steps"]} '
             f'steps, {r["train_s"]:.0f} s of training', flush=True)
     if args.baseline:
-      overrides = args.baseline.split()
-      baseline = run_seed(seeds[0], args.config, os.path.join(root, 'baseline'),
-                          [*args.extra, *overrides])
-      baseline['overrides'] = overrides
+      baseline = run_seed(seeds[0], 'configs/embedded.py',
+                          os.path.join(os.path.abspath(root), 'baseline'),
+                          args.extra, checkout=args.baseline)
+      baseline['checkout'] = args.baseline
       print(f'baseline: {baseline["train_s"]:.0f} s of training', flush=True)
   finally:
     if args.workdir_root is None:

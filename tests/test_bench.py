@@ -375,7 +375,7 @@ def test_main_job_report_speed_columns_and_baseline_ratio():
           dict(seed=1, accuracy=0.983, train_s=100., wall_s=110., steps=2000,
                images_per_s=5000., input_wait_s=0., train_flops_per_image=1e7)]
   baseline = dict(seed=0, accuracy=0.986, train_s=190., images_per_s=2500.,
-                  overrides=['--config.accum_steps=1'])
+                  checkout='/tmp/before')
   text = main_job.report(rows, 'cmd', peak=120., baseline=baseline)
   seed0 = next(l for l in text.splitlines() if l.startswith('   0  '))
   # 1e7 FLOPs x 6000 img/s = 60 GFLOP/s = 50% of 120; 4 of 80 s waiting.
