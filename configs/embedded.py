@@ -94,8 +94,8 @@ def get_digits_config():
 
 def get_config(arg=None):
   """Returns the main job: the digits setup with affine augmentation, a
-  global-average-pooling head, micro-batches and 1,600 steps;
-  `configs/embedded.py:digits` returns the digits setup alone."""
+  global-average-pooling head and 2,000 steps; `configs/embedded.py:digits`
+  returns the digits setup alone."""
   if arg == 'digits':
     return get_digits_config()
   if arg:
@@ -108,9 +108,7 @@ def get_config(arg=None):
   config.pp.rotate = 15.0
   config.pp.zoom = 0.15
   config.pp.shift_pad = 3
-  config.total_steps = 1_600  # 102 epochs of the 4,000 training digits
-  config.eval_every = 400
-  config.checkpoint_every = 400
+  config.total_steps = 2_000  # 128 epochs of the 4,000 training digits
   # The head reads the mean of the 16 patch tokens instead of a class token:
   # over seeds 0-4, mean test accuracy 0.9854 instead of 0.9842.
   config.model.classifier = 'gap'
