@@ -1,6 +1,9 @@
 """Gradient accumulation one dispatch per micro-batch equals the in-program
 loop (`utils.accumulate_gradient` inside one pmapped step) it replaced."""
 
+import os
+import shutil
+
 import flax.jax_utils
 import jax
 import ml_collections
@@ -8,13 +11,16 @@ import numpy as np
 import optax
 import pytest
 
+from configs import embedded
 from test_train import tiny_model_config
 from vit_jax import train
 from vit_jax import utils
 from vit_jax.params import trees
 from vit_jax.training import objectives
 from vit_jax.training import optim
+from vit_jax.training import run_report
 from vit_jax.training import runners
+from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 
 UNOPTIMIZED_XLA = True
@@ -105,3 +111,31 @@ def test_micro_batches_must_divide_the_per_device_batch():
   with pytest.raises(ValueError, match='per-device batch 8 .*accum_steps 3'):
     update_fn(params, opt_state, batch,
               flax.jax_utils.replicate(jax.random.PRNGKey(0)))
+
+
+def test_main_job_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
+  """The main job's recipe (batched affine augmentation, 4 micro-batches a
+  step, dropout on) resumed from its step-6 checkpoint ends where the
+  uninterrupted run ends."""
+  config = embedded.get_config()
+  config.model = tiny_model_config(dropout=0.1)
+  config.model.classifier = 'gap'
+  config.update(dict(model_name='tiny', batch=32, batch_eval=500,
+                     total_steps=12, warmup_steps=2,
+                     log_every=4, eval_every=100, checkpoint_every=6,
+                     prefetch=1))
+  assert config.accum_steps == 4 and config.pp.augment == 'affine'
+  reference = str(tmp_path / 'reference')
+  train.train_and_evaluate(config, reference)
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '12'))
+  os.remove(os.path.join(workdir, run_report.SUMMARY_FILE))
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['start_step'] == 6 and summary['step'] == 12
+  want, got = (trees.flatten_tree(
+      train_checkpoint.TrainCheckpoints(w).restore_params())
+               for w in (reference, workdir))
+  assert got.keys() == want.keys()
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)

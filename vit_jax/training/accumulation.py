@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vit_jax.training import trainable
@@ -39,8 +40,6 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
     loss_i, grads_i = jax.value_and_grad(
         lambda t: loss_fn(merge(t), take(batch['image']), take(batch['label']),
                           device_rng))(train_part)
-    if acc is None:
-      return loss_i, grads_i
     return jax.tree_util.tree_map(jnp.add, acc, (loss_i, grads_i))
 
   def apply(params, opt_state, acc, rng):
@@ -62,7 +61,12 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
       raise ValueError(
           f'The per-device batch {per_device} is not divisible by accum_steps '
           f'{accum_steps}; choose accum_steps dividing it.')
-    acc = None
+    # Zeros from the host start each sum (0 + x == x): every micro-batch
+    # runs the same compiled program.
+    train_part = trainable.partition(params, trainable_mask)[0]
+    acc = (np.zeros(np.shape(rng)[:1], np.float32),
+           jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
+                                  train_part))
     for index in range(accum_steps):
       acc = add_p(params, acc, batch, index, rng)
     return apply_p(params, opt_state, acc, rng)
