@@ -34,6 +34,7 @@ from vit_jax.data import dataset_report
 from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
 from vit_jax.training import masked_patch
+from vit_jax.training import memory_fit
 from vit_jax import inference_time
 from vit_jax import models
 from vit_jax.training import objectives
@@ -46,6 +47,7 @@ from vit_jax.training import run_report
 from vit_jax.training import runners
 from vit_jax.training import sharding
 from vit_jax.training import step_guards
+from vit_jax.training import stop_signals
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
@@ -248,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains `config`'s model, evaluating and checkpointing into `workdir`.
 
   Resumes from the newest checkpoint in `<workdir>/checkpoints` if there is
-  one. On SIGTERM it saves a checkpoint after the current step and returns.
+  one. On SIGTERM or Ctrl-C it saves a checkpoint after the current step
+  and returns (`summary['stopped_by']` names the signal).
 
   Args:
     config: experiment config (see configs/common.py for every field), or
@@ -341,6 +344,10 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
                config.get('parallelism') or 'pmap')
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
+  memory_fit.check_batch_fits(config, num_params)
+  if start_step < config.total_steps:
+    ckpts.check_room(state, min(config.total_steps, config.checkpoint_every * (
+        start_step // config.checkpoint_every + 1)))
   params, opt_state = runner.place(state['params'], state['opt_state'])
   return _Run(config, ckpts, start_step, ds_train, ds_test, model,
               lr_fn, mask, runner, params, opt_state, num_params,
@@ -348,8 +355,8 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
 
 
 def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
-  """Steps start_step + 1 .. total_steps (or until SIGTERM), logging,
-  checkpointing and evaluating on schedule; returns the loop's results."""
+  """Steps start_step + 1 .. total_steps (or until SIGTERM or Ctrl-C),
+  logging, checkpointing and evaluating on schedule; returns the results."""
   config, runner = run.config, run.runner
   fewshot_every, fewshot_eval = _fewshot(config, run.model)
   is_mpp = (config.get('objective') or 'classification') == 'mpp'
@@ -358,10 +365,11 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   compiles = progress.CompileCounter()
   losses = step_guards.LossWatch(run.ckpts, runner.scalar)
   res = dict(eval_history=[], fewshot_history=[], accuracy=None,
-             final_train_loss=None, step=run.start_step, interrupted=False)
+             final_train_loss=None, step=run.start_step, interrupted=False,
+             stopped_by=None)
   t_train = time.time()
   train_iter = runner.batches(run.ds_train)
-  with train_checkpoint.SigtermFlag() as sigterm:
+  with stop_signals.StopSignals(run.ckpts.directory) as stop:
     for step in range(run.start_step + 1, config.total_steps + 1):
       res['step'] = step
       batch = next(train_iter)
@@ -373,6 +381,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
         run.params, run.opt_state, loss = runner.step(
             run.params, run.opt_state, batch, key)
       losses.add(step, loss)
+      run.ckpts.check_save()  # a save that failed stops the run at once
       out.step_done()
       if step == run.start_step + 1:
         jax.block_until_ready(loss)
@@ -384,13 +393,14 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
         # optax counts updates from 0: step s used lr_fn(s - 1).
         out.log_train(step, res['final_train_loss'], float(lr_jit(step - 1)))
       with out.paused():
-        if step % config.checkpoint_every == 0 or is_last or sigterm.received:
+        if step % config.checkpoint_every == 0 or is_last or stop.received:
           losses.check()
+          stop.saving = step if stop.received or is_last else None
           run.ckpts.save(step, {'params': run.params,
                                 'opt_state': run.opt_state},
                          runner.saved_state)
-        if sigterm.received and not is_last:
-          res['interrupted'] = True
+        if stop.received and not is_last:
+          res['interrupted'], res['stopped_by'] = True, stop.name
           break
         if step % config.eval_every == 0 or is_last:
           res['accuracy'] = runners.evaluate(runner, run.evaluated(),
@@ -401,7 +411,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
           results = fewshot_eval(runner.eval_params(run.evaluated()))
           res['fewshot_history'].append([step, results])
           out.log_scalars(step, results)
-  run.ckpts.wait_until_finished()  # the last save on disk before reporting
+    run.ckpts.wait_until_finished()  # the last save on disk before reporting
   res['train_time_s'] = time.time() - t_train
   res['train_step_compilations'] = compiles.count
   return res
@@ -427,10 +437,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
       checkpoint_dir=run.ckpts.directory,
       config=json.loads(config.to_json_best_effort()))
   if res['interrupted']:
-    logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.',
-                    res['step'])
-    out.print(f'Interrupted after step {res["step"]}; checkpoint saved in '
-              f'{run.ckpts.directory}. Run the same command to resume.')
+    out.print(f'Interrupted by {res["stopped_by"]} after step {res["step"]}; '
+              f'checkpoint {res["step"]} saved in {run.ckpts.directory}.')
     return summary
   if summary['objective'] != 'mpp':  # all processes take part; 0 writes
     summary['confusion'] = runners.confusion_matrix(
