@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax.data import dataset_checks
 from vit_jax.data import dataset_report
 from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
@@ -320,6 +321,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   num_classes = input_pipeline.get_dataset_info(
       config.dataset, config.train_split,
       data_dir=config.get('tfds_data_dir'))['num_classes']
+  dataset_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   cleanup.push(functools.partial(_close_checkpoints, ckpts))
@@ -345,9 +347,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
   memory_fit.check_batch_fits(config, num_params)
-  if start_step < config.total_steps:
-    ckpts.check_room(state, min(config.total_steps, config.checkpoint_every * (
-        start_step // config.checkpoint_every + 1)))
+  ckpts.check_room(state, start_step, config)
   params, opt_state = runner.place(state['params'], state['opt_state'])
   return _Run(config, ckpts, start_step, ds_train, ds_test, model,
               lr_fn, mask, runner, params, opt_state, num_params,

@@ -245,12 +245,15 @@ class TrainCheckpoints:
     with self._disk_errors():
       self._manager.check_for_errors()
 
-  def check_room(self, state: Any, step: int) -> None:
-    """Before the first save of a run (as `step`): raises
-    `disk_space.DiskSpaceError` if the folder cannot take `state`."""
+  def check_room(self, state: Any, start_step: int, config: Any) -> None:
+    """Before a run's first save: raises `disk_space.DiskSpaceError` if the
+    folder cannot take `state`."""
     self.expected_bytes = sum(int(x.nbytes)
                               for x in jax.tree_util.tree_leaves(state))
-    if jax.process_index() == 0 and '://' not in self.directory:
+    every, total = config.checkpoint_every, config.total_steps
+    step = min(total, every * (start_step // every + 1))
+    if (jax.process_index() == 0 and '://' not in self.directory and
+        start_step < total):
       disk_space.check_room(self.directory, self.expected_bytes,
                             self.complete_steps(), step)
 
