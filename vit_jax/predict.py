@@ -60,8 +60,8 @@ most probable first:
 
 `--output FILE` writes the same lines to FILE too (its missing folders are
 created). Unreadable files are reported by name on stderr and skipped; the
-exit code is 1 if any file failed, 2 for a bad command line, checkpoint, workdir or
-config (the message on stderr starts with `error:`), else 0.
+exit code is 1 if any file failed, 2 for a bad command line, checkpoint,
+workdir or config (the message on stderr starts with `error:`), else 0.
 """
 
 import argparse
