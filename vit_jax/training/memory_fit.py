@@ -106,6 +106,8 @@ def check_batch_fits(config, num_params: int) -> None:
 def explain(error: BaseException, config) -> Optional[OutOfMemoryError]:
   """An OutOfMemoryError describing `error` if it is XLA running out of
   memory, else None."""
+  if isinstance(error, OutOfMemoryError):
+    return None
   text = f'{type(error).__name__}: {error}'
   if not _OOM.search(text) or 'Error writing' in text:
     return None
