@@ -293,18 +293,20 @@ def _report(error, log_path, distributed):
   sys.exit(code)
 
 
-def _interrupted_outside_the_loop(log_path):
-  """Ctrl-C before the first step or after the last: one line, exit 130."""
+def _interrupted_outside_the_loop(log_path, signum):
+  """Ctrl-C or SIGTERM before the first step or after the last: one
+  paragraph, exit 130 or 143."""
+  name = stop_signals.NAMES[signum]
   if log_path:
     with open(log_path, 'a') as f:
-      f.write('Interrupted by Ctrl-C:\n' + traceback.format_exc())
+      f.write(f'Interrupted by {name}:\n' + traceback.format_exc())
   steps = supervisor.complete_steps(_WORKDIR.value)
   newest = (f'the newest checkpoint on disk is step {steps[-1]}' if steps
             else 'no checkpoint is on disk yet')
-  print(f'\nInterrupted by Ctrl-C outside a train step; {newest}. To resume, '
-        f'run the same command:\n  {supervisor.resume_command(_ARGV)}',
+  print(f'\nInterrupted by {name} outside a train step; {newest}. To '
+        f'resume, run the same command:\n  {supervisor.resume_command(_ARGV)}',
         file=sys.stderr, flush=True)
-  supervisor.exit_now(stop_signals.exit_code('Ctrl-C'))
+  supervisor.exit_now(stop_signals.EXIT_CODES[signum])
 
 
 def _train(distributed):
@@ -353,6 +355,7 @@ def main(argv):
     raise app.UsageError(
         '--config is required, e.g. --config=configs/embedded.py')
   log_path = distributed = None
+  stop_signals.raise_when_stopped()
   try:
     distributed = _distributed_args()
     workdir = validation.check_workdir(_WORKDIR.value)
@@ -373,8 +376,8 @@ def main(argv):
       if distributed:
         supervisor.watch_parent()
       code = _train(distributed)
-  except KeyboardInterrupt:
-    _interrupted_outside_the_loop(log_path)
+  except stop_signals.Stopped as e:
+    _interrupted_outside_the_loop(log_path, e.signum)
   except Exception as e:  # pylint: disable=broad-except
     _report(e, log_path, distributed)
   sys.exit(code)

@@ -29,6 +29,28 @@ def exit_code(name: str) -> int:
   return {NAMES[s]: code for s, code in EXIT_CODES.items()}[name]
 
 
+class Stopped(BaseException):
+  """A stop signal outside the train loop (`raise_when_stopped`); a
+  BaseException, like KeyboardInterrupt, so that no `except Exception`
+  takes it for an error."""
+
+  def __init__(self, signum: int):
+    super().__init__(NAMES[signum])
+    self.signum = signum
+
+
+def raise_when_stopped() -> None:
+  """Until a StopSignals block takes over: Ctrl-C and SIGTERM raise
+  `Stopped` (before the first step, after the last)."""
+
+  def handle(signum, frame):
+    del frame
+    raise Stopped(signum)
+  if threading.current_thread() is threading.main_thread():
+    for sig in EXIT_CODES:
+      signal.signal(sig, handle)
+
+
 class StopSignals:
   """Turns SIGINT and SIGTERM into a request to stop after the step.
 

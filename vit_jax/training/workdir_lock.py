@@ -1,6 +1,6 @@
 """One run per workdir: a lock file that names the run holding it.
 
-`with hold(workdir, command):` creates `<workdir>/run.lock`, holds an
+`with hold(workdir, command):` creates `<workdir>/.run.lock`, holds an
 exclusive `flock` on it and writes the host, PID, start time and command of
 this run; the file is removed on exit. A second run on the same workdir
 finds the lock held and stops with `WorkdirInUseError`, which names the
@@ -19,11 +19,9 @@ import sys
 import time
 from typing import Iterator, Optional
 
-from absl import logging
-
 from vit_jax.run_config import errors
 
-LOCK_FILE = 'run.lock'
+LOCK_FILE = '.run.lock'
 
 
 class WorkdirInUseError(errors.ConfigError):
@@ -78,7 +76,7 @@ def _open_locked(path: str, workdir: str) -> int:
 
 @contextlib.contextmanager
 def hold(workdir: str, command: str) -> Iterator[str]:
-  """Holds `<workdir>/run.lock` for the block; yields its path.
+  """Holds `<workdir>/.run.lock` for the block; yields its path.
 
   Raises:
     WorkdirInUseError: a live run holds it.
@@ -91,7 +89,6 @@ def hold(workdir: str, command: str) -> Iterator[str]:
       message = (f'Taking over the lock of a run that is gone: '
                  f'{describe(previous)} ended without releasing {path} '
                  '(kill -9, a crash or a reboot).')
-      logging.info('%s', message)
       print(message, file=sys.stderr, flush=True)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
