@@ -3,14 +3,21 @@
 CASES is the table (docs/troubleshooting.md holds it, with the rows of
 tests/test_user_errors.py): each row runs the real command line
 (`python -m vit_jax.main`, a tiny model on a 2-class image folder) in a
-subprocess and pins the exit status, a console without a traceback of at
-most 15 lines, and the words that name the cause. The rows run three at a
-time in one module fixture. The full disk is a real one: a 300 kB tmpfs the
-test mounts over the workdir (root only; the rows that need a mount are
-skipped without it), and after the space is back (remounted larger) the
-resumed run ends with the parameters of an uninterrupted run. Out of memory
-runs under `RLIMIT_AS`: once refused by the estimate before the first step,
-once a real allocation failure in the step.
+subprocess and pins the exit status, a console without a traceback, at most
+15 lines (30 for a run that finishes and prints its closing lines), and the
+words that name the cause.
+
+Every start costs seconds of imports, so one workdir serves most rows, one
+run after the other with the same command (CHAIN): the disk fills up while
+it saves (a 300 kB tmpfs the test mounts over the workdir, remounted larger
+afterwards; root only, the chain is skipped without it), the resumed run is
+found in use by a second run and stopped by SIGTERM, the next by Ctrl-C, the
+next by Ctrl-C twice while it saves; the last start takes over a lock left
+by a run that is gone and finishes with the parameters of an uninterrupted
+run. Its image folder lacks a test class and has fewer images than one
+batch, so each start also prints the two data warnings. Out of memory runs
+under `RLIMIT_AS`: once refused by the estimate before the first step, once
+a real allocation failure in the step.
 """
 
 import collections
@@ -40,10 +47,12 @@ TINY = ['--config.model.hidden_size=16',
         '--config.model.transformer.num_layers=1',
         '--config.model.transformer.num_heads=2', '--config.batch=16',
         '--config.batch_eval=64', '--config.warmup_steps=1',
-        '--config.log_every=10', '--config.eval_every=1000',
-        '--config.prefetch=0', '--config.pp.augment=none']
-LONG = ['--config.total_steps=100000', '--config.checkpoint_every=20']
-SHORT = ['--config.total_steps=40', '--config.checkpoint_every=10']
+        '--config.eval_every=1000', '--config.prefetch=0',
+        '--config.pp.augment=none']
+# A save every 10 steps, a progress line every 20; 100 steps leave the
+# signals a margin of 60 steps after the checkpoint they wait for.
+CHAIN = TINY + ['--config.total_steps=100', '--config.checkpoint_every=10',
+                '--config.log_every=20']
 # RLIMIT_AS of the out-of-memory rows: a bit over what the interpreter with
 # JAX and TensorFlow maps (about 3 GB).
 MEMORY_LIMIT = 6 << 30
@@ -71,7 +80,7 @@ CASES = [
     Case('stale_lock', 'a workdir whose run is gone (kill -9, reboot) '
          'without releasing its lock', ['Taking over the lock of a run that '
                                         'is gone'],
-         'nothing: the run takes the lock over and goes on', 0, 25),
+         'nothing: the run takes the lock over and goes on', 0, 30),
     Case('disk_full', 'a disk that fills up while a checkpoint is saved '
          '(also a quota)', ['the disk is full', 'one checkpoint of this run '
                             'takes about', 'The newest intact checkpoint is '
@@ -91,18 +100,17 @@ CASES = [
           'images per device', '--config.accum_steps'],
          'lower `--config.batch`, raise `--config.accum_steps`, a smaller '
          'model or bfloat16', 1),
-    Case('empty_class', 'an image-folder class without training images',
-         ["Class folder(s) ['b'] of image folder", "have no images in the "
-          "'train' split"], 'add images to it, or remove the folder', 1),
-    Case('test_only_class', 'a test split with a class the train split '
-         'lacks', ["Class folder(s) ['c'] of image folder"],
-         'add training images of it, or remove it from the test split', 1),
+    Case('class_without_training_images', 'an image-folder class without '
+         'training images: an empty folder, or a class only the test split '
+         'has', ["Class folder(s) ['b', 'c'] of image folder",
+                 "have no images in the 'train' split"],
+         'add training images of them, or remove their folders', 1),
     Case('untested_class_small_split', 'a train class the test split lacks; '
          'a train split smaller than one batch',
          ["Warning: Class(es) ['b']", "no images in the 'test' split",
           'fewer than one batch'],
          'warnings: training goes on; add test images, lower `--config.batch`',
-         0, 25),
+         0, 30),
 ]
 ROWS = {c.name: c for c in CASES}
 
@@ -160,44 +168,36 @@ def _wait_for(predicate, process, timeout=240):
     time.sleep(0.001)
 
 
-def _steps(workdir):
+def _folders(workdir):
   folder = train_checkpoint.checkpoint_dir(workdir)
-  return [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])]
+  return os.listdir(folder) if os.path.isdir(folder) else []
 
 
-def _signal_after_checkpoint(workdir, args, signals):
-  """Starts a run, sends `signals[0]` once a checkpoint is on disk and the
-  rest as soon as a save is being written."""
+def _complete(workdir):
+  return sorted(int(n) for n in _folders(workdir) if n.isdigit())
+
+
+def _unfinished(workdir):
+  return [n for n in _folders(workdir) if 'tmp' in n]
+
+
+def _stop(workdir, args, signals, while_running=None):
+  """Starts the chain's command (resuming), calls `while_running` once its
+  lock is taken, sends `signals[0]` once it saved a step newer than the one
+  it resumed from and the rest as soon as a save is being written."""
+  known = max(_complete(workdir))
   process = _start(workdir, args)
-  _wait_for(lambda: any(n.isdigit() for n in _steps(workdir)), process)
+  extra = None
+  if while_running:
+    lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
+    _wait_for(lambda: os.path.exists(lock) and os.path.getsize(lock), process)
+    extra = while_running()
+  _wait_for(lambda: max(_complete(workdir)) > known, process)
   process.send_signal(signals[0])
   for sig in signals[1:]:
-    _wait_for(lambda: any('tmp' in n for n in _steps(workdir)), process)
+    _wait_for(lambda: _unfinished(workdir), process)
     process.send_signal(sig)
-  return _done(process)
-
-
-def _in_use(tmp, data):
-  workdir = os.path.join(tmp, 'w')
-  first = _start(workdir, data + LONG)
-  lock = os.path.join(workdir, workdir_lock.LOCK_FILE)
-  _wait_for(lambda: os.path.exists(lock) and os.path.getsize(lock), first)
-  second = _run(workdir, data + SHORT)
-  _wait_for(lambda: any(n.isdigit() for n in _steps(workdir)), first)
-  first.send_signal(signal.SIGTERM)
-  first_result = _done(first)
-  assert first_result.returncode == 143, first_result.stderr
-  assert f'PID {first.pid} on host' in second.stderr, second.stderr
-  assert not os.path.exists(lock)  # released on exit
-  return second
-
-
-def _stale_lock(tmp, data):
-  workdir = os.path.join(tmp, 'w')
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'w') as f:
-    json.dump(dict(host='h', pid=2 ** 22 + 7, started=0, command='x'), f)
-  return _run(workdir, data + ['--config.total_steps=2'])
+  return _done(process), extra
 
 
 def _mount(path, options):
@@ -213,44 +213,58 @@ def _params(workdir):
       train_checkpoint.TrainCheckpoints(workdir).restore_params())
 
 
-def _disk_full(tmp, data):
-  workdir = os.path.join(tmp, 'w')
+def _chain(tmp, root):
+  """The rows of one workdir, one start after the other (module docstring);
+  then export of the finished run into a folder that does not exist."""
+  args = [f'--config.dataset={root}', *CHAIN]
+  reference = _run(f'{tmp}/reference', args)  # compiles for all the others
+  workdir = f'{tmp}/w'
   _mount(workdir, 'size=300k')
-  result = _run(workdir, data + SHORT)
-  subprocess.run(['mount', '-o', 'remount,size=4m', workdir], check=True)
-  resumed = _run(workdir, data + SHORT)
-  reference = _run(os.path.join(tmp, 'reference'), data + SHORT)
-  with open(os.path.join(workdir, 'summary.json')) as f:  # before unmount
-    start_step = json.load(f)['start_step']
-  return result, dict(
-      resumed=resumed, reference=reference, start_step=start_step,
-      got=_params(workdir), want=_params(os.path.join(tmp, 'reference')),
-      unfinished=[n for n in os.listdir(
-          train_checkpoint.checkpoint_dir(workdir)) if 'tmp' in n])
+  rows = dict(disk_full=_run(workdir, args))
+  extra = dict(reference=reference, after_disk_full=_complete(workdir),
+               unfinished=_unfinished(workdir))
+  subprocess.run(['mount', '-o', 'remount,size=16m', workdir], check=True)
+  rows['sigterm'], rows['workdir_in_use'] = _stop(
+      workdir, args, [signal.SIGTERM], lambda: _run(workdir, args))
+  rows['ctrl_c'], _ = _stop(workdir, args, [signal.SIGINT])
+  rows['ctrl_c_twice'], _ = _stop(workdir, args, [signal.SIGINT] * 2)
+  extra['intact'] = _complete(workdir)
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'w') as f:
+    json.dump(dict(host='h', pid=2 ** 22 + 7, started=0, command='x'), f)
+  rows['stale_lock'] = rows['untested_class_small_split'] = _run(workdir,
+                                                                 args)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    extra['start_step'] = json.load(f)['start_step']
+  extra['got'], extra['want'] = _params(workdir), _params(f'{tmp}/reference')
+  extra['export'] = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.interop.export', f'--workdir={workdir}',
+       f'--output={tmp}/new/dir/model.npz'], cwd=REPO, env=_env(),
+      capture_output=True, text=True, timeout=300)
+  return {name: (result, extra) for name, result in rows.items()}
 
 
-def _read_only(tmp, data):
-  workdir = os.path.join(tmp, 'w')
-  _mount(os.path.join(workdir, 'checkpoints'), 'ro,size=1m')
-  return _run(workdir, data + SHORT)
-
-
-def _finished_and_tools(tmp, root):
-  """The warnings row; its finished workdir then serves export and
-  predict --output into folders that do not exist yet."""
-  workdir = os.path.join(tmp, 'w')
-  result = _run(workdir, [f'--config.dataset={root}', *TINY,
-                          '--config.batch=64', '--config.total_steps=2'])
-  tools = {}
-  for name, command in (
-      ('export', ['vit_jax.interop.export', f'--workdir={workdir}',
-                  f'--output={tmp}/new/dir/model.npz']),
-      ('predict', ['vit_jax.predict', f'--workdir={workdir}',
-                   f'{root}/train/a/0.png', f'--output={tmp}/new/p/out.txt'])):
-    tools[name] = subprocess.run([sys.executable, '-m', *command], cwd=REPO,
-                                 env=_env(), capture_output=True, text=True,
-                                 timeout=300)
-  return result, tools
+def _errors(tmp, two):
+  """The rows that stop before the first step or in it."""
+  classes = _image_folder(f'{tmp}/classes', {'train': {'a': 4, 'b': 0},
+                                             'test': {'a': 2, 'c': 2}})
+  rows = {
+      'class_without_training_images': _run(
+          f'{tmp}/classes_w', [f'--config.dataset={classes}', *TINY]),
+      'oom_estimate': _run(f'{tmp}/oom_estimate', [
+          f'--config.dataset={two}', *WIDE, '--config.batch=20000',
+          '--config.total_steps=2'], MEMORY_LIMIT),
+      'oom_step': _run(f'{tmp}/oom_step', [
+          f'--config.dataset={two}', *WIDE, '--config.batch=4000',
+          '--config.total_steps=2'], MEMORY_LIMIT),
+  }
+  rows = {name: (result, None) for name, result in rows.items()}
+  try:
+    _mount(f'{tmp}/read_only/checkpoints', 'ro,size=1m')
+    rows['read_only'] = (_run(f'{tmp}/read_only',
+                              [f'--config.dataset={two}', *CHAIN]), None)
+  except pytest.skip.Exception as e:
+    rows['read_only'] = e
+  return rows
 
 
 def _unmount_all(root):
@@ -262,46 +276,36 @@ def _unmount_all(root):
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
-  """name -> (CompletedProcess, extra) of every row, three at a time."""
+  """name -> (CompletedProcess, extra) of every row, or the reason it was
+  skipped; the chain and the other rows side by side."""
   root = tmp_path_factory.mktemp('rows')
+  # No test image of class b; 12 training images, fewer than a batch of 16.
+  chain_data = _image_folder(str(root / 'chain_data'), {
+      'train': {'a': 6, 'b': 6}, 'test': {'a': 4}})
   two = _image_folder(str(root / 'two'), {'train': {'a': 24, 'b': 24},
                                           'test': {'a': 8, 'b': 8}})
-  data = [f'--config.dataset={two}', *TINY]
-  jobs = {
-      'ctrl_c': lambda t: _signal_after_checkpoint(
-          f'{t}/w', data + LONG, [signal.SIGINT]),
-      'ctrl_c_twice': lambda t: _signal_after_checkpoint(
-          f'{t}/w', data + LONG, [signal.SIGINT, signal.SIGINT]),
-      'sigterm': lambda t: _signal_after_checkpoint(
-          f'{t}/w', data + LONG, [signal.SIGTERM]),
-      'workdir_in_use': lambda t: _in_use(t, data),
-      'stale_lock': lambda t: _stale_lock(t, data),
-      'disk_full': lambda t: _disk_full(t, data),
-      'read_only': lambda t: _read_only(t, data),
-      'oom_estimate': lambda t: _run(f'{t}/w', data[:1] + WIDE + [
-          '--config.batch=20000', '--config.total_steps=2'], MEMORY_LIMIT),
-      'oom_step': lambda t: _run(f'{t}/w', data[:1] + WIDE + [
-          '--config.batch=4000', '--config.total_steps=2'], MEMORY_LIMIT),
-      'empty_class': lambda t: _run(f'{t}/w', [f'--config.dataset={_image_folder(f"{t}/d", {"train": {"a": 4, "b": 0}, "test": {"a": 2, "b": 2}})}', *TINY]),  # noqa: E501
-      'test_only_class': lambda t: _run(f'{t}/w', [f'--config.dataset={_image_folder(f"{t}/d", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "c": 2}})}', *TINY]),  # noqa: E501
-      'untested_class_small_split': lambda t: _finished_and_tools(
-          t, _image_folder(f'{t}/d', {'train': {'a': 20, 'b': 20},
-                                      'test': {'a': 4}})),
-  }
 
-  def run(name):
-    folder = root / name
-    folder.mkdir()
+  def run(job, *args):
     try:
-      out = jobs[name](str(folder))
+      return job(*args)
     except pytest.skip.Exception as e:
       return e
-    return out if isinstance(out, tuple) else (out, None)
 
   try:
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-      futures = {name: pool.submit(run, name) for name in jobs}
-      return {name: f.result() for name, f in futures.items()}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      chain = pool.submit(run, _chain, str(root / 'chain'), chain_data)
+      errors = pool.submit(run, _errors, str(root / 'errors'), two)
+      out = {}
+      for future, names in ((chain, ('disk_full', 'sigterm',
+                                      'workdir_in_use', 'ctrl_c',
+                                      'ctrl_c_twice', 'stale_lock',
+                                      'untested_class_small_split')),
+                            (errors, ('class_without_training_images',
+                                      'read_only', 'oom_estimate',
+                                      'oom_step'))):
+        got = future.result()
+        out.update(got if isinstance(got, dict) else dict.fromkeys(names, got))
+      return out
   finally:
     _unmount_all(root)
 
@@ -333,35 +337,38 @@ def test_troubleshooting_page_holds_the_table():
       '`python tests/test_interruptions.py`.')
 
 
-def test_full_disk_resume_equals_uninterrupted(results):
+def test_interrupted_runs_end_like_an_uninterrupted_one(results):
+  """A full disk, SIGTERM, Ctrl-C and Ctrl-C twice, each resumed by the same
+  command: the last start ends with the parameters of a run never
+  interrupted, bit for bit."""
   result, extra = _got(results, 'disk_full')
   assert 'Checkpoint step 20 cannot be written' in result.stderr
-  resumed, reference = extra['resumed'], extra['reference']
-  assert resumed.returncode == 0 and reference.returncode == 0, (
-      resumed.stderr + reference.stderr)
-  assert extra['start_step'] == 10 and not extra['unfinished']
+  assert extra['after_disk_full'] == [10] and not extra['unfinished']
+  assert extra['reference'].returncode == 0, extra['reference'].stderr
+  assert extra['start_step'] == extra['intact'][-1]
   got, want = extra['got'], extra['want']
   assert got.keys() == want.keys()
   for key, value in want.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
-def test_second_ctrl_c_keeps_the_intact_step(results):
-  result, _ = _got(results, 'ctrl_c_twice')
-  steps = [int(n) for n in _steps(result.args[3].split('=', 1)[1])
-           if n.isdigit()]
-  assert steps and f'step {max(steps)} on disk is intact' in result.stderr
+def test_signals_stop_after_a_saved_step(results):
+  """SIGTERM and Ctrl-C save the step they stop after; a second Ctrl-C
+  names the step left intact, the newest complete one."""
+  for name in ('sigterm', 'ctrl_c'):
+    result, _ = _got(results, name)
+    step = int(result.stdout.split('after step ')[1].split(';')[0])
+    assert f'checkpoint {step} saved' in result.stdout
+  result, extra = _got(results, 'ctrl_c_twice')
+  assert f'step {extra["intact"][-1]} on disk is intact' in result.stderr
 
 
-def test_export_and_predict_create_missing_folders(results):
-  _, tools = _got(results, 'untested_class_small_split')
-  for name, tool in tools.items():
-    assert tool.returncode == 0, (name, tool.stderr)
-  root = os.path.dirname(tools['export'].args[-1].split('=', 1)[1])
-  assert os.path.isfile(os.path.join(root, 'model.npz'))
-  with open(os.path.join(os.path.dirname(root), 'p', 'out.txt')) as f:
-    text = f.read()
-  assert text == tools['predict'].stdout
+def test_export_creates_missing_folders(results):
+  _, extra = _got(results, 'stale_lock')
+  export = extra['export']
+  assert export.returncode == 0, export.stderr
+  output = export.args[-1].split('=', 1)[1]
+  assert os.path.isfile(output) and 'tmp' not in export.stdout + export.stderr
 
 
 if __name__ == '__main__':
