@@ -368,7 +368,7 @@ def test_export_creates_missing_folders(results):
   export = extra['export']
   assert export.returncode == 0, export.stderr
   output = export.args[-1].split('=', 1)[1]
-  assert os.path.isfile(output) and 'tmp' not in export.stdout + export.stderr
+  assert os.path.isfile(output) and '.tmp' not in export.stdout + export.stderr
 
 
 if __name__ == '__main__':
