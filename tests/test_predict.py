@@ -214,9 +214,11 @@ def test_cli(tmp_path, model_and_params):
   proc = subprocess.run(
       [sys.executable, '-m', 'vit_jax.predict', '--model', 'testing',
        '--checkpoint', str(workdir / 'model.npz'), '--topk', '2',
-       '--batch-size', '2', *files],
+       '--batch-size', '2', f'--output={tmp_path}/new/dir/out.txt', *files],
       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert proc.returncode == 1, proc.stderr
+  # --output: the same lines, its missing folders created.
+  assert (tmp_path / 'new' / 'dir' / 'out.txt').read_text() == proc.stdout
   assert 'corrupt.jpg' in proc.stderr
   assert '1 of 4 image(s) could not be read' in proc.stderr
   top_names, top_probs = _expected_top(2, names)

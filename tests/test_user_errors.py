@@ -217,14 +217,21 @@ def test_traceback_in_log_file_and_verbose(results, tmp_path):
   assert _ABSL_LINE.search(verbose.stderr), verbose.stderr
 
 
-def troubleshooting_table() -> str:
-  """The table of docs/troubleshooting.md, from CASES."""
+def markdown_table(cases) -> str:
+  """A table of docs/troubleshooting.md, from rows with did, words, fix and
+  code (also tests/test_interruptions.py's)."""
   lines = ['| what you did | the error names | what to do | exit |',
            '|---|---|---|---|']
-  for case in CASES + [LOST_PROCESS, SAME_PROCESS_ID, OTHER_NUM_PROCESSES]:
+  for case in cases:
     names = ' ... '.join(w.replace('|', '\\|') for w in case.words)
     lines.append(f'| {case.did} | {names} | {case.fix} | {case.code} |')
   return '\n'.join(lines) + '\n'
+
+
+def troubleshooting_table() -> str:
+  """The table of docs/troubleshooting.md, from CASES."""
+  return markdown_table(
+      CASES + [LOST_PROCESS, SAME_PROCESS_ID, OTHER_NUM_PROCESSES])
 
 
 def test_troubleshooting_page_holds_the_table():
@@ -272,6 +279,15 @@ def test_lost_process_names_it_and_the_command_resumes(tmp_path):
   with open(tmp_path / 'out.txt', 'w') as log:
     procs = [_start(args, i, log) for i in range(2)]
     _wait_for_checkpoint(os.path.join(workdir, 'checkpoints'), 5, procs)
+    # One lock for the run, held by process 0; another run is refused.
+    with open(os.path.join(workdir, '.run.lock')) as f:
+      assert json.load(f)['pid'] == procs[0].pid
+    other = subprocess.run(
+        [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *TINY],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and (
+        f'is in use by another run: PID {procs[0].pid}' in other.stderr), (
+            other.stderr)
     procs[1].send_signal(signal.SIGKILL)
     t_kill = time.time()
     _, err = procs[0].communicate(timeout=heartbeat + 30)

@@ -24,6 +24,7 @@ reached, the others stop with one paragraph naming it, the newest complete
 checkpoint and the command to resume.
 """
 
+import contextlib
 import faulthandler
 import logging as std_logging
 import os
@@ -45,7 +46,10 @@ if _REPO_ROOT not in sys.path:
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
+from vit_jax.training import disk_space  # pylint: disable=g-import-not-at-top
+from vit_jax.training import stop_signals  # pylint: disable=g-import-not-at-top
 from vit_jax.training import supervisor  # pylint: disable=g-import-not-at-top
+from vit_jax.training import workdir_lock  # pylint: disable=g-import-not-at-top
 from vit_jax.run_config import validation  # pylint: disable=g-import-not-at-top
 
 from vit_jax.run_config import errors
@@ -172,10 +176,12 @@ def _user_errors():
   """Exceptions that carry a message meant for the user: no traceback."""
   # Imported here: JAX must not initialise before jax.distributed.initialize.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import memory_fit  # pylint: disable=g-import-not-at-top
   from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
   return (ValueError, FileNotFoundError, NotADirectoryError,
           FloatingPointError, checkpoint.CheckpointError,
-          train_checkpoint.NonFiniteStateError)
+          train_checkpoint.NonFiniteStateError, disk_space.DiskSpaceError,
+          memory_fit.OutOfMemoryError)
 
 
 class _QuietLibraries:
@@ -201,6 +207,13 @@ class _OwnRecordsOnly:
             any(p in record.pathname for p in self._OWN))
 
 
+def _to_log(error):
+  """The traceback of a background thread's error into the log file (fd 2),
+  or nowhere if the log cannot be written (a full disk)."""
+  with contextlib.suppress(OSError, ValueError):
+    traceback.print_exception(error, file=sys.__stderr__)
+
+
 def _console_and_log_file(log_path):
   """Log lines to `log_path`; the console keeps prints, warnings, errors.
 
@@ -218,11 +231,13 @@ def _console_and_log_file(log_path):
     faulthandler.enable(file=os.fdopen(console_fd, 'w', closefd=False))
   if console_fd is not None:
     sys.stderr = os.fdopen(int(console_fd), 'w', buffering=1)
-  if supervisor.is_worker():
-    # A peer's death also fails background threads (checkpoint barriers,
-    # metric writers); their tracebacks belong in the log, not the console.
-    threading.excepthook = lambda args: traceback.print_exception(
-        args.exc_value, file=sys.__stderr__)
+  if supervisor.is_worker() or not _VERBOSE.value:
+    # Background threads that fail (a checkpoint write on a full disk, a
+    # peer's death at a barrier): their tracebacks belong in the log.
+    threading.excepthook = lambda args: _to_log(args.exc_value)
+    sys.unraisablehook = lambda unraisable: _to_log(unraisable.exc_value)
+  # A log file that cannot be written (a full disk) is no reason to stop.
+  std_logging.raiseExceptions = False
   console = logging.get_absl_handler()
   console.python_handler.stream = sys.stderr
   console.addFilter(_QuietLibraries())
@@ -235,6 +250,14 @@ def _console_and_log_file(log_path):
     to_file.setFormatter(logging.PythonFormatter())
     to_file.addFilter(_QuietLibraries())
     std_logging.getLogger().addHandler(to_file)
+
+
+def _explained(error):
+  """`error`, or what it means in the config's terms (out of memory)."""
+  if 'jax' not in sys.modules or _CONFIG.value is None:
+    return error
+  from vit_jax.training import memory_fit  # pylint: disable=g-import-not-at-top
+  return memory_fit.explain(error, _CONFIG.value) or error
 
 
 def _report(error, log_path, distributed):
@@ -253,6 +276,7 @@ def _report(error, log_path, distributed):
         num_processes=distributed['num_processes'],
         workdir=_WORKDIR.value, argv=_ARGV), file=sys.stderr)
     supervisor.exit_now(supervisor.LOST_PEER_EXIT)
+  error = _explained(error)
   if isinstance(error, errors.ConfigError):
     code, text = 2, str(error)
   elif isinstance(error, _user_errors()):
@@ -260,11 +284,29 @@ def _report(error, log_path, distributed):
   else:
     code, text = 1, (f'{type(error).__name__}: {error}\nThis looks like a bug '
                      'in vit_jax; please report it with the log file.')
+  if isinstance(error, disk_space.DiskSpaceError):
+    text += f'\n  {supervisor.resume_command(_ARGV)}'
   print(f'\nError: {text}\n{_TRACEBACK_HINT}{where}', file=sys.stderr,
         flush=True)
   if distributed and supervisor.is_worker():
     supervisor.exit_now(code)
   sys.exit(code)
+
+
+def _interrupted_outside_the_loop(log_path, signum):
+  """Ctrl-C or SIGTERM before the first step or after the last: one
+  paragraph, exit 130 or 143."""
+  name = stop_signals.NAMES[signum]
+  if log_path:
+    with open(log_path, 'a') as f:
+      f.write(f'Interrupted by {name}:\n' + traceback.format_exc())
+  steps = supervisor.complete_steps(_WORKDIR.value)
+  newest = (f'the newest checkpoint on disk is step {steps[-1]}' if steps
+            else 'no checkpoint is on disk yet')
+  print(f'\nInterrupted by {name} outside a train step; {newest}. To '
+        f'resume, run the same command:\n  {supervisor.resume_command(_ARGV)}',
+        file=sys.stderr, flush=True)
+  supervisor.exit_now(stop_signals.EXIT_CODES[signum])
 
 
 def _train(distributed):
@@ -295,7 +337,12 @@ def _train(distributed):
   logging.info('JAX: %d process(es), %d local / %d global devices (%s).',
                jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(config, _WORKDIR.value)
+  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  if summary.get('stopped_by'):
+    print(f'To resume, run the same command:\n  '
+          f'{supervisor.resume_command(_ARGV)}', flush=True)
+    return stop_signals.exit_code(summary['stopped_by'])
+  return 0
 
 
 def main(argv):
@@ -308,23 +355,32 @@ def main(argv):
     raise app.UsageError(
         '--config is required, e.g. --config=configs/embedded.py')
   log_path = distributed = None
+  stop_signals.raise_when_stopped()
   try:
     distributed = _distributed_args()
     workdir = validation.check_workdir(_WORKDIR.value)
-    if not filesystem.has_scheme(workdir):
-      log_path = os.path.join(workdir, LOG_FILE)
-    if distributed and not supervisor.is_worker():
-      sys.exit(supervisor.run_worker(
-          _ARGV, log_path=log_path or os.devnull,
-          process_id=distributed['process_id'],
-          num_processes=distributed['num_processes'],
-          coordinator=distributed['coordinator_address'], workdir=workdir))
-    _console_and_log_file(log_path)
-    if distributed:
-      supervisor.watch_parent()
-    _train(distributed)
+    with contextlib.ExitStack() as lock:
+      if not filesystem.has_scheme(workdir):
+        if not supervisor.is_worker() and not (distributed or {}).get(
+            'process_id'):  # one lock per run: process 0's
+          lock.enter_context(workdir_lock.hold(
+              workdir, supervisor.resume_command(_ARGV)))
+        log_path = os.path.join(workdir, LOG_FILE)
+      if distributed and not supervisor.is_worker():
+        sys.exit(supervisor.run_worker(
+            _ARGV, log_path=log_path or os.devnull,
+            process_id=distributed['process_id'],
+            num_processes=distributed['num_processes'],
+            coordinator=distributed['coordinator_address'], workdir=workdir))
+      _console_and_log_file(log_path)
+      if distributed:
+        supervisor.watch_parent()
+      code = _train(distributed)
+  except stop_signals.Stopped as e:
+    _interrupted_outside_the_loop(log_path, e.signum)
   except Exception as e:  # pylint: disable=broad-except
     _report(e, log_path, distributed)
+  sys.exit(code)
 
 
 if __name__ == '__main__':

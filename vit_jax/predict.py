@@ -58,9 +58,10 @@ most probable first:
     0.9981  7
     0.0012  1
 
-Unreadable files are reported by name on stderr and skipped; the exit code is
-1 if any file failed, 2 for a bad command line, checkpoint, workdir or
-config (the message on stderr starts with `error:`), else 0.
+`--output FILE` writes the same lines to FILE too (its missing folders are
+created). Unreadable files are reported by name on stderr and skipped; the
+exit code is 1 if any file failed, 2 for a bad command line, checkpoint,
+workdir or config (the message on stderr starts with `error:`), else 0.
 """
 
 import argparse
@@ -80,6 +81,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
 from vit_jax.data import tf_import  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import label_names  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import trained_model  # pylint: disable=g-import-not-at-top
@@ -305,6 +307,9 @@ def _parse_args(argv):
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--num-classes', type=int, default=None,
                       help='checked against the checkpoint head')
+  parser.add_argument('--output', default=None,
+                      help='also write the predictions to this file '
+                           '(missing folders are created)')
   parser.add_argument('--data-dir', default=None,
                       help='TFDS data dir for --labels DATASET')
   return parser.parse_args(argv)
@@ -370,12 +375,19 @@ def main(argv=None) -> int:
     elif not str(w.message).startswith(ZERO_HEAD_MESSAGE):  # printed above
       print(f'warning: {w.message}', file=sys.stderr)
   failed = [p for p, r in zip(args.images, results) if r is None]
+  lines = []
   for path, result in zip(args.images, results):
-    if result is None:
-      continue
-    print(path)
-    for name, prob in result:
-      print(f'  {prob:.4f}  {name}')
+    if result is not None:
+      lines += [path] + [f'  {prob:.4f}  {name}' for name, prob in result]
+  if lines:
+    print('\n'.join(lines))
+  if args.output:
+    try:
+      filesystem.write_text_atomically(args.output, '\n'.join(lines) + '\n')
+    except OSError as e:
+      print(f'error: cannot write --output={args.output}: {e.strerror}.',
+            file=sys.stderr)
+      return 2
   if failed:
     print(f'{len(failed)} of {len(args.images)} image(s) could not be read: '
           f'{", ".join(failed)}', file=sys.stderr)

@@ -31,10 +31,12 @@ import optax
 
 from vit_jax import checkpoint
 from vit_jax.training import accumulation
+from vit_jax.data import dataset_checks
 from vit_jax.data import dataset_report
 from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
 from vit_jax.training import masked_patch
+from vit_jax.training import memory_fit
 from vit_jax import inference_time
 from vit_jax import models
 from vit_jax.training import objectives
@@ -47,6 +49,7 @@ from vit_jax.training import run_report
 from vit_jax.training import runners
 from vit_jax.training import sharding
 from vit_jax.training import step_guards
+from vit_jax.training import stop_signals
 from vit_jax.training import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
@@ -59,24 +62,15 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
                    trainable_mask: Any = None) -> Callable[..., Any]:
   """Returns the update step of data-parallel training (pmapped).
 
-  Args:
-    apply_fn: the model's `apply`.
-    accum_steps: micro-batches per device batch, each its own dispatch
-      (`accumulation.make_update_fn`).
-    tx: the optimizer.
-    loss: a key of objectives.LOSSES.
-    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss` (`objectives.make_loss_fn`).
-    trainable_mask: tree of bools (`trainable.trainable_mask`); only the
-      True leaves get gradients and updates, and `opt_state` must be
-      `tx.init` of those leaves alone. None: everything trains.
-
-  Returns:
-    `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
-    new_rng)`, every argument and result with a leading axis of local
-    devices; `batch = {'image': [devices, b, H, W, C], 'label': [devices, b,
-    classes]}`. The loss is the mean over the global batch. params and
-    opt_state are donated: do not use the arrays passed in afterwards.
+  `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
+  new_rng)`, each with a leading axis of local devices; `batch` holds
+  'image' [devices, b, H, W, C] and 'label' [devices, b, classes]; the loss
+  is the global batch's mean; params and opt_state are donated. `loss_fn`
+  `(params, images, labels, rng) -> loss` replaces apply_fn and `loss` (a
+  key of objectives.LOSSES); with `trainable_mask` (`trainable`) only its
+  True leaves train and `opt_state` covers them alone. `accum_steps` > 1
+  splits each device's batch into micro-batches, one call each
+  (`accumulation.make_update_fn`).
   """
   loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
   if accum_steps and accum_steps > 1:
@@ -252,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains `config`'s model, evaluating and checkpointing into `workdir`.
 
   Resumes from the newest checkpoint in `<workdir>/checkpoints` if there is
-  one. On SIGTERM it saves a checkpoint after the current step and returns.
+  one. On SIGTERM or Ctrl-C it saves a checkpoint after the current step
+  and returns (`summary['stopped_by']` names the signal).
 
   Args:
     config: experiment config (see configs/common.py for every field), or
@@ -321,6 +316,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   num_classes = input_pipeline.get_dataset_info(
       config.dataset, config.train_split,
       data_dir=config.get('tfds_data_dir'))['num_classes']
+  dataset_checks.check(config)
   os.makedirs(workdir, exist_ok=True)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   cleanup.push(functools.partial(_close_checkpoints, ckpts))
@@ -345,6 +341,8 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
                config.get('parallelism') or 'pmap')
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
+  memory_fit.check_batch_fits(config, num_params)
+  ckpts.check_room(state, start_step, config)
   params, opt_state = runner.place(state['params'], state['opt_state'])
   return _Run(config, ckpts, start_step, ds_train, ds_test, model,
               lr_fn, mask, runner, params, opt_state, num_params,
@@ -352,8 +350,8 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
 
 
 def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
-  """Steps start_step + 1 .. total_steps (or until SIGTERM), logging,
-  checkpointing and evaluating on schedule; returns the loop's results."""
+  """Steps start_step + 1 .. total_steps (or until SIGTERM or Ctrl-C),
+  logging, checkpointing and evaluating on schedule; returns the results."""
   config, runner = run.config, run.runner
   fewshot_every, fewshot_eval = _fewshot(config, run.model)
   is_mpp = (config.get('objective') or 'classification') == 'mpp'
@@ -363,10 +361,10 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   losses = step_guards.LossWatch(run.ckpts, runner.scalar)
   res = dict(eval_history=[], fewshot_history=[], accuracy=None,
              final_train_loss=None, step=run.start_step, interrupted=False,
-             input_wait_s=0.)
+             input_wait_s=0., stopped_by=None)
   t_train = time.time()
   train_iter = runner.batches(run.ds_train)
-  with train_checkpoint.SigtermFlag() as sigterm:
+  with stop_signals.StopSignals(run.ckpts.directory) as stop:
     for step in range(run.start_step + 1, config.total_steps + 1):
       res['step'] = step
       t_wait = time.time()
@@ -380,6 +378,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
         run.params, run.opt_state, loss = runner.step(
             run.params, run.opt_state, batch, key)
       losses.add(step, loss)
+      run.ckpts.check_save()  # a save that failed stops the run at once
       out.step_done()
       if step == run.start_step + 1:
         jax.block_until_ready(loss)
@@ -391,13 +390,14 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
         # optax counts updates from 0: step s used lr_fn(s - 1).
         out.log_train(step, res['final_train_loss'], float(lr_jit(step - 1)))
       with out.paused():
-        if step % config.checkpoint_every == 0 or is_last or sigterm.received:
+        if step % config.checkpoint_every == 0 or is_last or stop.received:
           losses.check()
+          stop.saving = step if stop.received or is_last else None
           run.ckpts.save(step, {'params': run.params,
                                 'opt_state': run.opt_state},
                          runner.saved_state)
-        if sigterm.received and not is_last:
-          res['interrupted'] = True
+        if stop.received and not is_last:
+          res['interrupted'], res['stopped_by'] = True, stop.name
           break
         if step % config.eval_every == 0 or is_last:
           res['accuracy'] = runners.evaluate(runner, run.evaluated(),
@@ -408,7 +408,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
           results = fewshot_eval(runner.eval_params(run.evaluated()))
           res['fewshot_history'].append([step, results])
           out.log_scalars(step, results)
-  run.ckpts.wait_until_finished()  # the last save on disk before reporting
+    run.ckpts.wait_until_finished()  # the last save on disk before reporting
   res['train_time_s'] = time.time() - t_train
   res['train_step_compilations'] = compiles.count
   return res
@@ -434,10 +434,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
       checkpoint_dir=run.ckpts.directory,
       config=json.loads(config.to_json_best_effort()))
   if res['interrupted']:
-    logging.warning('Stopped by SIGTERM after step %d; checkpoint saved.',
-                    res['step'])
-    out.print(f'Interrupted after step {res["step"]}; checkpoint saved in '
-              f'{run.ckpts.directory}. Run the same command to resume.')
+    out.print(f'Interrupted by {res["stopped_by"]} after step {res["step"]}; '
+              f'checkpoint {res["step"]} saved in {run.ckpts.directory}.')
     return summary
   if summary['objective'] != 'mpp':  # all processes take part; 0 writes
     summary['confusion'] = runners.confusion_matrix(

@@ -78,8 +78,12 @@ def replace(source, destination) -> None:
 
 def write_text_atomically(path, text: str) -> None:
   """Writes `text` to `path` through `<path>.tmp` and a rename: a reader
-  sees the old file or the new one, never part of either."""
+  sees the old file or the new one, never part of either. Missing parent
+  folders are created."""
   tmp = f'{os.fspath(path)}.tmp'
+  parent = os.path.dirname(os.fspath(path))
+  if parent and not has_scheme(parent):
+    os.makedirs(parent, exist_ok=True)
   with open_file(tmp, 'w') as f:
     f.write(text)
   replace(tmp, path)

@@ -327,11 +327,14 @@ def write_npz_atomically(
       raise
     return
   directory = os.path.dirname(os.path.abspath(path))
-  try:
+  try:  # missing parent folders are created
+    os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(
         dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   except OSError as e:
-    raise CheckpointError(f'Cannot write {path!r}: {e}') from e
+    raise CheckpointError(
+        f'Cannot write {path!r}: {e.strerror} (in {e.filename or directory}).'
+    ) from e
   try:
     with os.fdopen(fd, 'wb') as f:
       _write_entries(f, arrays)
@@ -342,7 +345,9 @@ def write_npz_atomically(
     os.umask(umask)
     os.chmod(tmp_path, 0o666 & ~umask)
     os.replace(tmp_path, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp_path)
+    if isinstance(e, OSError):  # named by the file asked for, not the tmp
+      raise CheckpointError(f'Cannot write {path!r}: {e.strerror}.') from e
     raise

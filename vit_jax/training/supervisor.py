@@ -29,7 +29,8 @@ CONSOLE_FD_ENV = 'VIT_JAX_CONSOLE_FD'
 # Exit status of a process that stopped because another one was lost.
 LOST_PEER_EXIT = 3
 # Exit statuses a worker sets after printing its own message.
-_REPORTED_EXITS = (0, 1, 2, LOST_PEER_EXIT)
+# (130 and 143: stopped by Ctrl-C or SIGTERM, see stop_signals.py.)
+_REPORTED_EXITS = (0, 1, 2, LOST_PEER_EXIT, 130, 143)
 # What the runtime writes when a peer is gone or never came.
 _PEER_ERROR = re.compile(
     r'gloo|heartbeat|coordination ?service|connection (reset|closed|refused)'
@@ -147,10 +148,11 @@ def run_worker(argv: Sequence[str], *, log_path: str, process_id: int,
   with open(log_path, 'ab') as log:
     worker = subprocess.Popen(
         [sys.executable, '-m', 'vit_jax.main', *argv[1:]], env=env,
-        stderr=log, pass_fds=(console,))
+        stderr=log, pass_fds=(console,), process_group=0)
   os.close(console)
   # SIGTERM (preemption) and Ctrl-C go to the worker, which saves a
-  # checkpoint after its current step.
+  # checkpoint after its current step. It has a process group of its own, so
+  # a Ctrl-C in the terminal reaches it once, from here.
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda s, _: worker.send_signal(s))
   code = worker.wait()

@@ -23,19 +23,17 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import sys
-import threading
 from typing import (Any, Callable, Dict, Iterator, NamedTuple, Optional,
                     Sequence, Tuple)
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vit_jax.training import disk_space
 from vit_jax.training import weight_ema
 
 # The folder under the workdir that holds the numbered steps.
@@ -191,6 +189,9 @@ class TrainCheckpoints:
             max_to_keep=max_to_keep, enable_async_checkpointing=True),
         item_handlers=ocp.StandardCheckpointHandler())
     self._reader = None  # For `iter_params`, made on first use.
+    self._writing = None  # the step of the newest save started
+    self._failed = False
+    self.expected_bytes = 0  # the size of one step (`check_room`)
 
   def latest_step(self) -> Optional[int]:
     """The newest step saved (or being written), or None if there is none."""
@@ -229,11 +230,58 @@ class TrainCheckpoints:
       return
     if to_write is not None:
       state = to_write(state)
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    with self._disk_errors():
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._writing = step
 
   def wait_until_finished(self) -> None:
     """Returns when the step being written, if any, is on disk."""
-    self._manager.wait_until_finished()
+    with self._disk_errors():
+      self._manager.wait_until_finished()
+
+  def check_save(self) -> None:
+    """Raises at once if the save being written has failed (orbax writes in
+    the background; the train loop calls this after every step)."""
+    with self._disk_errors():
+      self._manager.check_for_errors()
+
+  def check_room(self, state: Any, start_step: int, config: Any) -> None:
+    """Before a run's first save: raises `disk_space.DiskSpaceError` if the
+    folder cannot take `state`."""
+    self.expected_bytes = sum(int(x.nbytes)
+                              for x in jax.tree_util.tree_leaves(state))
+    every, total = config.checkpoint_every, config.total_steps
+    step = min(total, every * (start_step // every + 1))
+    if (jax.process_index() == 0 and '://' not in self.directory and
+        start_step < total):
+      disk_space.check_room(self.directory, self.expected_bytes,
+                            self.complete_steps(), step)
+
+  def complete_steps(self) -> list:
+    """The steps whose folders are completely written, oldest first."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  @contextlib.contextmanager
+  def _disk_errors(self):
+    """A save that failed on the disk (full, quota, read-only) becomes
+    `disk_space.DiskSpaceError`; its unfinished folder is removed."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      code = disk_space.disk_errno(e)
+      if code is None or self._failed:
+        raise
+      self._failed = True
+      if jax.process_index() == 0:
+        _remove_unfinished_saves(self.directory)
+      steps = [s for s in self.complete_steps() if s != self._writing]
+      need = max(self.expected_bytes, disk_space.tree_bytes(os.path.join(
+          self.directory, str(steps[-1]))) if steps else 0)
+      raise disk_space.DiskSpaceError(code, disk_space.message(
+          self.directory, step=self._writing, need=need, steps=steps,
+          code=code)) from e
 
   def restore(self, step: int, template: Any) -> Any:
     """Reads `step` into the structure, dtypes and layout of `template`.
@@ -348,36 +396,12 @@ class TrainCheckpoints:
           partial_restore=True))
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:  # a failed save was reported already
+        raise
     if self._reader is not None:
       self._reader.close()
 
-
-class SigtermFlag:
-  """`with SigtermFlag() as f:` f.received turns True on SIGTERM (preemption).
-
-  The training loop checks it after every step, saves a checkpoint and
-  stops; the same command then resumes. In a multi-process run every process
-  must receive the signal (as cluster schedulers send it), since saving is a
-  collective operation.
-  """
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-
-  def __enter__(self):
-    # Signal handlers can only be installed from the main thread.
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint after the current step.')
-    self.received = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
