@@ -103,10 +103,16 @@ def lost_peer_message(*, what: str, process_id: int, num_processes: int,
           f'own --process_id); for this one:\n  {resume_command(argv)}')
 
 
+# Callables exit_now runs first: it skips `finally` blocks and atexit.
+BEFORE_EXIT_NOW = []
+
+
 def exit_now(code: int) -> None:
   """Ends this worker at once, skipping the distributed runtime's shutdown
   barrier, which would wait for every peer (a lost one never comes) and
   then abort."""
+  for release in list(BEFORE_EXIT_NOW):
+    release()
   sys.stdout.flush()
   sys.stderr.flush()
   logging.shutdown()

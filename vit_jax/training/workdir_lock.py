@@ -12,6 +12,7 @@ one lock, in process 0 (`vit_jax.main`).
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import time
 from typing import Iterator, Optional
 
 from vit_jax.run_config import errors
+from vit_jax.training import supervisor
 
 LOCK_FILE = '.run.lock'
 
@@ -83,6 +85,8 @@ def hold(workdir: str, command: str) -> Iterator[str]:
   """
   path = os.path.join(workdir, LOCK_FILE)
   fd = _open_locked(path, workdir)
+  release = functools.partial(_release, path, fd)
+  supervisor.BEFORE_EXIT_NOW.append(release)
   try:
     previous = _read(fd)
     if previous:
@@ -98,6 +102,11 @@ def hold(workdir: str, command: str) -> Iterator[str]:
     os.fsync(fd)
     yield path
   finally:
-    with contextlib.suppress(OSError):
-      os.remove(path)
-    os.close(fd)
+    supervisor.BEFORE_EXIT_NOW.remove(release)
+    release()
+
+
+def _release(path: str, fd: int) -> None:
+  with contextlib.suppress(OSError):
+    os.remove(path)
+  os.close(fd)
