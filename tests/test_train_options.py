@@ -221,7 +221,9 @@ def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
     assert out[name]['export'] == [[], len(out['pmap']['params'])], (
         out[name]['export'])
   for fsdp in (out['fsdp'], out['mesh2x4']):
-    assert pmap['compilations'] == fsdp['compilations'] == 1
+    # pmap accumulates one call per micro-batch: the zeros of the sums, a
+    # micro-batch and the update compile once each; the FSDP step is one.
+    assert (pmap['compilations'], fsdp['compilations']) == (3, 1)
     assert fsdp['accuracy'] == pmap['accuracy']
     np.testing.assert_allclose(fsdp['loss'], pmap['loss'], rtol=1e-5)
     assert fsdp['params'].keys() == pmap['params'].keys()

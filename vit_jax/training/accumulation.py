@@ -51,6 +51,12 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
     loss = jax.lax.pmean(loss, axis_name=axis_name)
     return params, opt_state, loss, jax.random.split(rng)[1]
 
+  def zeros(params):
+    train_part = trainable.partition(params, trainable_mask)[0]
+    return jax.tree_util.tree_map(jnp.zeros_like,
+                                  (jnp.zeros((), jnp.float32), train_part))
+
+  zeros_p = jax.pmap(zeros, axis_name=axis_name)
   add_p = jax.pmap(add_slice, axis_name=axis_name, in_axes=(0, 0, 0, None, 0),
                    donate_argnums=(1,))
   apply_p = jax.pmap(apply, axis_name=axis_name, donate_argnums=(0, 1))
@@ -61,14 +67,11 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
       raise ValueError(
           f'The per-device batch {per_device} is not divisible by accum_steps '
           f'{accum_steps}; choose accum_steps dividing it.')
-    # Zeros from the host start each sum (0 + x == x): every micro-batch
-    # runs the same compiled program.
-    train_part = trainable.partition(params, trainable_mask)[0]
-    acc = (np.zeros(np.shape(rng)[:1], np.float32),
-           jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                  train_part))
+    # Each sum starts from zeros laid out like the sums themselves
+    # (0 + x == x), so every micro-batch runs one compiled program.
+    acc = zeros_p(params)
     for index in range(accum_steps):
-      acc = add_p(params, acc, batch, index, rng)
+      acc = add_p(params, acc, batch, np.int32(index), rng)
     return apply_p(params, opt_state, acc, rng)
 
   return update_fn
