@@ -56,7 +56,9 @@ CHAIN = TINY + ['--config.total_steps=100', '--config.checkpoint_every=10',
 # RLIMIT_AS of the out-of-memory rows: a bit over what the interpreter with
 # JAX and TensorFlow maps (about 3 GB).
 MEMORY_LIMIT = 6 << 30
-WIDE = ['--config.model.transformer.mlp_dim=1024', '--config.warmup_steps=1']
+# The whole batch in one piece (the main job splits it in 4 micro-batches).
+WIDE = ['--config.model.transformer.mlp_dim=1024', '--config.warmup_steps=1',
+        '--config.accum_steps=1']
 
 # max_lines: a run that finishes prints its closing lines (about 20).
 Case = collections.namedtuple('Case', 'name did words fix code max_lines',
@@ -229,6 +231,9 @@ def _chain(tmp, root):
   rows['ctrl_c'], _ = _stop(workdir, args, [signal.SIGINT])
   rows['ctrl_c_twice'], _ = _stop(workdir, args, [signal.SIGINT] * 2)
   extra['intact'] = _complete(workdir)
+  # The quick exit of a second Ctrl-C released the lock too.
+  extra['lock_left'] = os.path.exists(
+      os.path.join(workdir, workdir_lock.LOCK_FILE))
   with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'w') as f:
     json.dump(dict(host='h', pid=2 ** 22 + 7, started=0, command='x'), f)
   rows['stale_lock'] = rows['untested_class_small_split'] = _run(workdir,
@@ -361,6 +366,7 @@ def test_signals_stop_after_a_saved_step(results):
     assert f'checkpoint {step} saved' in result.stdout
   result, extra = _got(results, 'ctrl_c_twice')
   assert f'step {extra["intact"][-1]} on disk is intact' in result.stderr
+  assert not extra['lock_left']
 
 
 def test_export_creates_missing_folders(results):

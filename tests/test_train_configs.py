@@ -98,7 +98,8 @@ def test_embedded_configs():
   assert main.model.classifier == 'gap' and digits.model.classifier == 'token'
   assert main.model.attention_impl == 'heads_major'
   changed = {k for k, v in main.items() if digits.get(k) != v}
-  assert changed == {'pp', 'model', 'total_steps'}
+  assert changed == {'pp', 'model', 'total_steps', 'accum_steps'}
+  assert main.accum_steps == 4 and digits.accum_steps == 1
   assert embedded.get_config('digits').to_dict() == digits.to_dict()
   pre = embedded_pretrain.get_config()
   assert pre.model.representation_size == 64 and pre.model.posemb == 'learn'
