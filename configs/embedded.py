@@ -10,12 +10,14 @@ stratified split of 4,000 train / 1,000 test images, 28x28, random rotations
 patches (a 4x4 grid), hidden 64, 4 layers, 4 heads, MLP 128, fixed 2-D sin-cos
 position embeddings, global average pooling of the patch tokens into the
 head (no class token; 144k parameters). AdamW (lr 4e-3, weight decay 0.5),
-batch 256, 100 warmup steps and cosine decay over 2,000 steps (128 epochs).
+batch 256 summed over 4 micro-batches of 64, 100 warmup steps and cosine
+decay over 2,000 steps (128 epochs).
 
-Expected result (python -m bench.main_job, seeds 0-4, 2-core AMD EPYC Zen 4,
-jax 0.10.2): test accuracy 0.987 / 0.986 / 0.986 / 0.985 / 0.983, mean 0.9854,
-192-203 s of training per seed; docs/main_job.md has the table and how the
-recipe was found. Leaves checkpoints/, summary.json (with the test confusion
+Expected result (python -m bench.main_job --baseline B, seeds 0-4, 2-core AMD
+EPYC Zen 3, jax 0.10.2): test accuracy 0.987 / 0.979 / 0.985 / 0.983 / 0.982,
+mean 0.9832, 224-294 s of training per seed, 1.56x faster than the version
+before micro-batches; docs/main_job.md has the table and how the recipe was
+found. Leaves checkpoints/, summary.json (with the test confusion
 matrix), curves.png, confusion.png, metrics.jsonl, TensorBoard events,
 log.txt and the dataset report (class_names.json, split.json,
 split_counts.png) in the workdir.
