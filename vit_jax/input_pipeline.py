@@ -215,6 +215,11 @@ def _preprocess(image, size, augment: Augment, seed=None):
     image = tf.image.stateless_random_crop(image, [*size, 3], seed=seed)
   if seed is not None and augment.flip:
     image = torch_transforms.random_flip(image, seed)
+  return _normalize(image)
+
+
+def _normalize(image):
+  """uint8-range pixels -> float32 in [-1, 1]."""
   return (tf.cast(image, tf.float32) - 127.5) / 127.5
 
 
@@ -370,7 +375,7 @@ def _train_batches(ds, src: sources.Source, size, augment: Augment, seed,
     if augment.kind == 'affine':
       u = affine.uniforms(seeds(counts))
       images = affine.warp(images, size, *_affine_draw(u, augment))
-    return {'image': (images - 127.5) / 127.5,
+    return {'image': _normalize(images),
             'label': tf.one_hot(labels, src.num_classes),
             'mask': tf.ones(tf.shape(labels), tf.float32)}
 
