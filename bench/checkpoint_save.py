@@ -39,7 +39,7 @@ def _setup(args):
   from configs import embedded  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   config = embedded.get_digits_config()
   config.model = embedded.get_model_config()
   config.model.hidden_size = args.hidden
@@ -64,7 +64,7 @@ def _run(args, runner, state, batch, folder, mode):
   """Seconds per step over `args.steps` steps; `mode`: 'none' (no saves),
   'sync' or 'async'. The last save's wait is included."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(folder)
   key = jax.random.PRNGKey(0)
   params, opt_state = state
@@ -85,7 +85,7 @@ def _run(args, runner, state, batch, folder, mode):
 
 def _one_save(runner, state, folder):
   """Seconds of one save, written to the disk."""
-  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(folder)
   start = time.perf_counter()
   ckpts.save(1, {'params': state[0], 'opt_state': state[1]},

@@ -117,7 +117,7 @@ def abstract_step(config, num_classes):
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import device_mesh  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import device_mesh  # pylint: disable=g-import-not-at-top
   from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
   model = train.create_model(config, num_classes)
   tx, _ = optim.make_optimizer(config)

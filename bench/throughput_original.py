@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bench import throughput_metrics
-from vit_jax.params import layouts
+from vit_jax.checkpoints import layouts
 
 def load_original(path: str):
   """`vit_jax.models_vit` of a clone of google-research/vision_transformer.

@@ -24,7 +24,7 @@ import optax
 from bench import ceiling
 from bench import throughput_metrics
 from bench import throughput_original
-from vit_jax.params import layouts
+from vit_jax.checkpoints import layouts
 from vit_jax import models
 from vit_jax.training import trainable
 
@@ -224,7 +224,7 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
   # vit_jax.train imports TensorFlow (input pipeline): only this section
   # pays for it.
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import runners  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import runners  # pylint: disable=g-import-not-at-top
   model = build(name, dtype_name, args, remat_policy=args.remat_policy,
                 scan=args.scan)
   images, labels = batch_arrays(args.batch, args.image_size, args.num_classes)

@@ -70,7 +70,7 @@ def _set_model_fields(config):
   config.model = None  # ConfigDict of VisionTransformer fields.
 
   # 'classification' (supervised; the paper), or 'mpp': masked patch
-  # prediction pre-training (Sec. 4.6; vit_jax/training/masked_patch.py), fields below.
+  # prediction pre-training (Sec. 4.6; vit_jax/models_mpp.py), fields below.
   config.objective = 'classification'
   config.mpp = ml_collections.ConfigDict()
   config.mpp.mask_ratio = 0.5  # Patch embeddings chosen for prediction.
@@ -110,13 +110,13 @@ def _set_optimizer_fields(config):
   config.trainable = placeholder(str)
   # 'pmap' (the original: the train state replicated on every device) or
   # 'fsdp' (jit over the data x fsdp mesh below, parameters and optimizer
-  # state sharded; vit_jax/training/sharding.py): for models too big for one
+  # state sharded; vit_jax/parallel/sharding.py): for models too big for one
   # device.
   config.parallelism = 'pmap'
   # 'fsdp' only: leaves with fewer elements stay replicated (2**16 float32 =
   # 256 KiB; every weight matrix of ViT-B and larger is above it).
   config.fsdp_min_shard_size = 2**16
-  # 'fsdp' only: the 2-D device mesh (vit_jax/training/device_mesh.py). The
+  # 'fsdp' only: the 2-D device mesh (vit_jax/parallel/device_mesh.py). The
   # batch is split over all data x fsdp devices, parameters and optimizer
   # state along fsdp only (each of the data rows holds a sharded copy);
   # data x fsdp must be the device count of all processes, -1 takes the

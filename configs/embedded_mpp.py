@@ -1,10 +1,10 @@
 """Self-supervised pre-training by masked patch prediction, offline (Sec. 4.6).
 
-The paper's masked patch prediction (vit_jax/training/masked_patch.py) in miniature
+The paper's masked patch prediction (vit_jax/models_mpp.py) in miniature
 on the embedded digits, then fine-tuning like any pre-trained model:
 
   python -m vit_jax.main --config=configs/embedded_mpp.py --workdir=/tmp/mnist_mpp
-  python -m vit_jax.interop.export --workdir=/tmp/mnist_mpp --output=/tmp/ViT-mnist_7_mpp.npz
+  python -m vit_jax.checkpoints.export --workdir=/tmp/mnist_mpp --output=/tmp/ViT-mnist_7_mpp.npz
   python -m vit_jax.main --config=configs/embedded_finetune.py:/tmp/ViT-mnist_7_mpp.npz \\
       --workdir=/tmp/mnist_mpp_ft
 

@@ -5,7 +5,7 @@ resolution with a new head; Sec. 3.2 and 4.1) in miniature on the embedded
 MNIST digits, so it runs anywhere without network:
 
   python -m vit_jax.main --config=configs/embedded_pretrain.py --workdir=/tmp/mnist_pre
-  python -m vit_jax.interop.export --workdir=/tmp/mnist_pre --output=/tmp/ViT-mnist_7.npz
+  python -m vit_jax.checkpoints.export --workdir=/tmp/mnist_pre --output=/tmp/ViT-mnist_7.npz
   python -m vit_jax.main --config=configs/embedded_finetune.py:/tmp/ViT-mnist_7.npz \\
       --workdir=/tmp/mnist_ft
 

@@ -9,7 +9,7 @@ ImageNet-21k is not in TFDS: point --config.dataset at an image folder
 (`<dir>/train/<synset>/*.JPEG`, `<dir>/test/<synset>/*.JPEG`) or at a TFDS
 builder you registered and prepared. Then export the result and fine-tune it:
 
-  python -m vit_jax.interop.export --workdir=/tmp/b16_i21k --output=/tmp/ViT-B_16.npz
+  python -m vit_jax.checkpoints.export --workdir=/tmp/b16_i21k --output=/tmp/ViT-B_16.npz
   python -m vit_jax.main --config=configs/finetune.py:b16,cifar10 \\
       --workdir=/tmp/b16_cifar10 --config.pretrained_path=/tmp/ViT-B_16.npz
 

@@ -15,12 +15,12 @@ from configs import embedded
 from test_train import tiny_model_config
 from vit_jax import train
 from vit_jax import utils
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 from vit_jax.training import objectives
 from vit_jax.training import optim
-from vit_jax.training import run_report
-from vit_jax.training import runners
-from vit_jax.training import train_checkpoint
+from vit_jax.reporting import run_report
+from vit_jax.parallel import runners
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 
 UNOPTIMIZED_XLA = True

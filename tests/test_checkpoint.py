@@ -23,10 +23,10 @@ import tensorflow as tf
 from vit_jax import checkpoint
 from vit_jax.data import filesystem
 from vit_jax.interop import checkpoint_cli
-from vit_jax.params import layouts
+from vit_jax.checkpoints import layouts
 from vit_jax import models
-from vit_jax.params import npz
-from vit_jax.params import trees
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import trees
 
 import official
 

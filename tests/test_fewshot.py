@@ -15,7 +15,7 @@ from vit_jax.evaluation import fewshot
 from vit_jax.evaluation import fewshot_data
 from vit_jax.evaluation import fewshot_probe
 from vit_jax import models
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

@@ -29,13 +29,13 @@ import tensorflow_datasets as tfds
 from test_train import set_fields  # (also puts the repository root on path)
 from configs import flowers
 from vit_jax import checkpoint
-from vit_jax.data import dataset_report
+from vit_jax.reporting import dataset_report
 from vit_jax.data import folder_split
 from vit_jax import models
 from vit_jax import train
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 from vit_jax.run_config import validation
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running

@@ -19,7 +19,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax.data import dataset_report
+from vit_jax.reporting import dataset_report
 from vit_jax.data import folder_split
 from vit_jax.data import image_folders
 from vit_jax import input_pipeline

@@ -25,7 +25,7 @@ pytest.importorskip('safetensors')
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from vit_jax.interop import convert_hf
 from vit_jax.interop import export_hf
-from vit_jax.params import layouts
+from vit_jax.checkpoints import layouts
 from vit_jax import models
 
 ATOL = 1e-4

@@ -19,8 +19,8 @@ from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.interop import checkpoint_cli
 from vit_jax.interop import export_timm
-from vit_jax.params import timm_layout
-from vit_jax.params import trees
+from vit_jax.checkpoints import timm_layout
+from vit_jax.checkpoints import trees
 
 timm = import_timm()
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order

@@ -23,7 +23,7 @@ torch = pytest.importorskip('torch')
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from vit_jax.interop import convert_torchvision
 from vit_jax import models
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 nn = torch.nn
 ATOL = 1e-4

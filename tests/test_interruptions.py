@@ -35,9 +35,9 @@ from PIL import Image
 import pytest
 
 from test_user_errors import markdown_table
-from vit_jax.params import trees
-from vit_jax.training import train_checkpoint
-from vit_jax.training import workdir_lock
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints import train_checkpoint
+from vit_jax.guards import workdir_lock
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -242,7 +242,8 @@ def _chain(tmp, root):
     extra['start_step'] = json.load(f)['start_step']
   extra['got'], extra['want'] = _params(workdir), _params(f'{tmp}/reference')
   extra['export'] = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.interop.export', f'--workdir={workdir}',
+      [sys.executable, '-m', 'vit_jax.checkpoints.export',
+       f'--workdir={workdir}',
        f'--output={tmp}/new/dir/model.npz'], cwd=REPO, env=_env(),
       capture_output=True, text=True, timeout=300)
   return {name: (result, extra) for name, result in rows.items()}

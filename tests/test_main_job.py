@@ -120,7 +120,7 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
     paths.append(str(tmp_path / f'digit{i}_{labels[i]}.png'))
     PIL.Image.fromarray(images[i, :, :, 0]).save(paths[-1])
   npz = str(tmp_path / 'model.npz')
-  subprocess.run([sys.executable, '-m', 'vit_jax.interop.export',
+  subprocess.run([sys.executable, '-m', 'vit_jax.checkpoints.export',
                   f'--workdir={workdir}', f'--output={npz}'], cwd=REPO,
                  env=_env(), check=True, capture_output=True)
   outputs = []

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax.params import trees
-from vit_jax.training import masked_patch
+from vit_jax.checkpoints import trees
+from vit_jax import models_mpp
 from vit_jax import models
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
@@ -19,12 +19,12 @@ IMAGE = 32
 
 
 def _model():
-  return masked_patch.get_model('testing')
+  return models_mpp.get_model('testing')
 
 
 @pytest.fixture(scope='module')
 def initial_params():
-  return masked_patch.init(_model(), jax.random.key(0), IMAGE)
+  return models_mpp.init(_model(), jax.random.key(0), IMAGE)
 
 
 def _copy(params):
@@ -41,7 +41,7 @@ def test_corruption_proportions():
   b, n, d = 64, 196, 8
   tokens = jax.random.normal(jax.random.key(0), (b, n, d))
   mask_token = jnp.full((d,), 100.0)
-  out, chosen = masked_patch.corrupt(jax.random.key(1), tokens, mask_token)
+  out, chosen = models_mpp.corrupt(jax.random.key(1), tokens, mask_token)
   out, chosen, tokens = map(np.asarray, (out, chosen, tokens))
 
   # Exactly half of the patches of every image are chosen.
@@ -67,7 +67,7 @@ def test_corruption_proportions():
 
 def test_corruption_rejects_bad_probabilities():
   with pytest.raises(ValueError, match='mask_prob'):
-    masked_patch.corrupt(jax.random.key(0), jnp.zeros((1, 4, 2)),
+    models_mpp.corrupt(jax.random.key(0), jnp.zeros((1, 4, 2)),
                          jnp.zeros(2), mask_prob=0.95, random_prob=0.1)
 
 
@@ -81,11 +81,11 @@ def test_corruption_rejects_bad_probabilities():
     ((31, 32, 63), 0 * 64 + 1 * 8 + 1),    # bin edges
 ])
 def test_mean_color_targets_constant_images(rgb, expected):
-  targets = masked_patch.mean_color_targets(_solid(rgb), 16)
+  targets = models_mpp.mean_color_targets(_solid(rgb), 16)
   np.testing.assert_array_equal(targets, np.full((1, 4), expected))
   as_uint8 = np.full((1, IMAGE, IMAGE, 3), rgb, np.uint8)
   np.testing.assert_array_equal(
-      masked_patch.mean_color_targets(as_uint8, (16, 16)), targets)
+      models_mpp.mean_color_targets(as_uint8, (16, 16)), targets)
 
 
 def test_mean_color_targets_per_patch():
@@ -95,9 +95,9 @@ def test_mean_color_targets_per_patch():
   image[:, 16:, 16:24] = 0         # bottom-right patch: half blue, half black
   # Row-major grid: (0,0) red, (0,1) blue, (1,0) red, (1,1) mean blue 127.5.
   np.testing.assert_array_equal(
-      masked_patch.mean_color_targets(image, 16), [[448, 7, 448, 3]])
+      models_mpp.mean_color_targets(image, 16), [[448, 7, 448, 3]])
   with pytest.raises(ValueError, match='multiple of the patch size'):
-    masked_patch.mean_color_targets(image[:, :30], 16)
+    models_mpp.mean_color_targets(image[:, :30], 16)
 
 
 def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
@@ -112,9 +112,9 @@ def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
     assert key in mpp_flat, key
     assert mpp_flat[key].shape == value.shape, key
   extra = {k.split('/')[0] for k in set(mpp_flat) - set(vit_flat)}
-  assert extra == set(masked_patch.MPP_PARAMS)
+  assert extra == set(models_mpp.MPP_PARAMS)
   assert params['mpp_head']['kernel'].shape == (10, 512)
-  assert set(masked_patch.to_vit_params(params)) == set(vit_params)
+  assert set(models_mpp.to_vit_params(params)) == set(vit_params)
   # Fine-tuning: load_pretrained takes the MPP tree as is, at a new
   # resolution (64: a 4x4 grid instead of 2x2) with a fresh 7-way head.
   finetune = models.get_model('testing', num_classes=7)
@@ -137,7 +137,7 @@ def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
     ('R+ViT-Ti_16', {}, 64),  # hybrid: ResNet root, 32 pixels per token
 ])
 def test_parameter_tree_matches_other_vits(name, kw, size):
-  mpp = masked_patch.get_model(name, **kw)
+  mpp = models_mpp.get_model(name, **kw)
   vit = models.get_model(name, num_classes=None, **kw)
   images = jnp.zeros((1, size, size, 3))
   shapes = lambda m: trees.flatten_tree(jax.eval_shape(
@@ -146,7 +146,7 @@ def test_parameter_tree_matches_other_vits(name, kw, size):
   mpp_shapes, vit_shapes = shapes(mpp), shapes(vit)
   assert {k: v.shape for k, v in vit_shapes.items()} == {
       k: v.shape for k, v in mpp_shapes.items()
-      if k.split('/')[0] not in masked_patch.MPP_PARAMS}
+      if k.split('/')[0] not in models_mpp.MPP_PARAMS}
   assert mpp.stride == vit.stride
 
 
@@ -162,7 +162,7 @@ def test_uncorrupted_forward_is_the_vit_on_patch_tokens(initial_params):
       {'params': p}, x, train=False, corrupt_patches=False))(params, images)
   vit = models.get_model('testing', num_classes=512,
                          classifier='token_unpooled')
-  vit_params = {**masked_patch.to_vit_params(params),
+  vit_params = {**models_mpp.to_vit_params(params),
                 'head': params['mpp_head']}
   expected = jax.jit(lambda p, x: vit.apply({'params': p}, x, train=False))(
       vit_params, images)[:, 1:]
@@ -174,7 +174,7 @@ def test_fully_masked_input_ignores_the_image(initial_params):
   # Corruption replaces patch embeddings, before the position embedding: with
   # every patch masked the output cannot depend on the pixels, but still
   # differs between positions.
-  model = masked_patch.get_model('testing', mask_ratio=1.0, mask_prob=1.0,
+  model = models_mpp.get_model('testing', mask_ratio=1.0, mask_prob=1.0,
                                  random_prob=0.0)
   params = _copy(initial_params)
   params['mpp_head']['kernel'] = jax.random.normal(jax.random.key(3),
@@ -196,7 +196,7 @@ def test_one_gradient_step_reduces_the_loss(initial_params):
                             jax.random.uniform(jax.random.key(6),
                                                (4, IMAGE, IMAGE, 3),
                                                minval=-1, maxval=1)])
-  loss_fn = functools.partial(masked_patch.loss_fn, model=model, train=False,
+  loss_fn = functools.partial(models_mpp.loss_fn, model=model, train=False,
                               with_accuracy=True)
   step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   rng = jax.random.key(7)
@@ -211,10 +211,10 @@ def test_one_gradient_step_reduces_the_loss(initial_params):
 
 def test_loss_counts_only_chosen_patches(initial_params):
   # With mask_ratio 0 nothing is chosen: the loss is 0 whatever the head says.
-  model = masked_patch.get_model('testing', mask_ratio=0.0)
+  model = models_mpp.get_model('testing', mask_ratio=0.0)
   params = _copy(initial_params)
   params['mpp_head']['bias'] = jnp.arange(512.0)
-  loss = jax.jit(masked_patch.make_loss_fn(model))(
+  loss = jax.jit(models_mpp.make_loss_fn(model))(
       params, _solid((10, 20, 30), batch=2), jax.random.key(0))
   assert float(loss) == 0.0
 
@@ -229,8 +229,8 @@ def test_token_only_last_block_does_not_prune_patch_prediction():
             transformer=ml_collections.ConfigDict(dict(
                 num_layers=2, num_heads=2, mlp_dim=32, dropout_rate=0.,
                 attention_dropout_rate=0.)))
-  plain = masked_patch.MaskedPatchPredictor(**kw)
-  switched = masked_patch.MaskedPatchPredictor(token_only_last_block=True,
+  plain = models_mpp.MaskedPatchPredictor(**kw)
+  switched = models_mpp.MaskedPatchPredictor(token_only_last_block=True,
                                                 **kw)
   params = plain.init(jax.random.key(0), images, train=False,
                       corrupt_patches=False)['params']

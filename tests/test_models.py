@@ -8,7 +8,7 @@ import pytest
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import models_vit
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 import official
 

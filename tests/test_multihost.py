@@ -29,8 +29,8 @@ import tensorstore as ts
 
 from test_train import REPO
 from vit_jax import checkpoint
-from vit_jax.params import trees
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints import train_checkpoint
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -44,9 +44,10 @@ import json, os, shutil, sys
 import flax.jax_utils, jax, numpy as np
 from test_train import tiny_config
 from vit_jax import input_pipeline, train
-from vit_jax.params import trees
-from vit_jax.training import optim, runners, sharding, step_guards
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import trees
+from vit_jax.parallel import runners, sharding
+from vit_jax.training import optim, step_guards
+from vit_jax.checkpoints import train_checkpoint
 
 STEPS = %d
 MIN_SHARD_SIZE = 256
@@ -181,7 +182,7 @@ if pid == 0:
 multihost_utils.sync_global_devices('removed step 4')
 resumed = train.train_and_evaluate(fsdp_config, fsdp_dir)
 # Both processes export (each read is collective); process 0 writes.
-from vit_jax.interop import export
+from vit_jax.checkpoints import export
 exported_step = export.export(fsdp_dir, os.path.join(workdir, 'fsdp.npz'))
 allow_gathering()
 params = train_checkpoint.TrainCheckpoints(fsdp_dir).restore_params()

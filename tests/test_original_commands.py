@@ -21,11 +21,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
-from vit_jax.interop import export
+from vit_jax.checkpoints import export
 from vit_jax import input_pipeline
 from vit_jax import test_utils
 from vit_jax import train
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.configs import common
 from vit_jax.configs import models
 

@@ -18,7 +18,7 @@ from vit_jax import models
 from vit_jax import predict
 from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

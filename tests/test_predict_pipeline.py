@@ -2,11 +2,11 @@
 
 The acceptance test of `python -m vit_jax.predict --workdir`: train the
 embedded-MNIST ViT of configs/embedded.py:digits briefly (150 steps, batch 128),
-export it to `.npz` with `vit_jax.interop.export`, write the 1,000 held-out test
-digits as PNG files in per-class folders, classify them all with the command
-line (`--topk 1`) and count: the CLI gets right exactly the images the
-training's own evaluation got right, so its accuracy equals the
-`accuracy` of summary.json (exactly, not to a tolerance).
+export it to `.npz` with `vit_jax.checkpoints.export`, write the 1,000
+held-out test digits as PNG files in per-class folders, classify them all with
+the command line (`--topk 1`) and count: the CLI gets right exactly the images
+the training's own evaluation got right, so its accuracy equals the `accuracy`
+of summary.json (exactly, not to a tolerance).
 """
 
 import json
@@ -29,7 +29,7 @@ from configs import embedded
 from vit_jax.data import embedded_mnist
 from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
-from vit_jax.interop import export
+from vit_jax.checkpoints import export
 from vit_jax import input_pipeline
 from vit_jax import predict
 from vit_jax import train
@@ -193,7 +193,7 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   rc, out = main('--workdir', str(other))
   assert rc == 2
   assert 'does not hold a model of the run in' in out.err
-  assert 'python -m vit_jax.interop.export' in out.err
+  assert 'python -m vit_jax.checkpoints.export' in out.err
   rc, out = main('--config', str(tmp_path / 'nope.py'))
   assert rc == 2 and 'no such file' in out.err
   # The workdir form works in process too, with the run's class names.

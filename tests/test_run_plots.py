@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vit_jax.training import run_plots
+from vit_jax.reporting import run_plots
 
 
 def visible_labels(ax, fig):

@@ -21,9 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from vit_jax.training import device_mesh  # pylint: disable=wrong-import-position
-from vit_jax.training import sharded_step  # pylint: disable=wrong-import-position
-from vit_jax.training import sharding  # pylint: disable=wrong-import-position
+from vit_jax.parallel import device_mesh  # pylint: disable=wrong-import-position
+from vit_jax.parallel import sharded_step  # pylint: disable=wrong-import-position
+from vit_jax.parallel import sharding  # pylint: disable=wrong-import-position
 
 # Leaves of the tiny model with at least this many elements are sharded:
 # every kernel and the position embedding; biases, LayerNorm, cls stay whole.
@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from vit_jax import models, train
-from vit_jax.training import device_mesh, objectives, optim, progress
-from vit_jax.training import sharded_step, sharding
+from vit_jax.parallel import device_mesh, sharded_step, sharding
+from vit_jax.reporting import progress
+from vit_jax.training import objectives, optim
 
 assert jax.device_count() == 8, jax.devices()
 MIN_SIZE = %(min_size)d

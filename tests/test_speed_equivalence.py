@@ -18,11 +18,11 @@ import pytest
 
 import official
 from vit_jax import checkpoint
-from vit_jax.params import layouts
+from vit_jax.checkpoints import layouts
 from vit_jax import models
 from vit_jax import models_vit
 from vit_jax.layers import attention
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

@@ -30,13 +30,13 @@ from configs import embedded
 from vit_jax import checkpoint  # pylint: disable=wrong-import-position
 from vit_jax.training import optim  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
-from vit_jax.training import train_checkpoint  # pylint: disable=wrong-import-position
+from vit_jax.checkpoints import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
-from vit_jax.params import trees  # pylint: disable=wrong-import-position
+from vit_jax.checkpoints import trees  # pylint: disable=wrong-import-position
 from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
 from vit_jax.training import objectives  # pylint: disable=wrong-import-position
-from vit_jax.training import run_report  # pylint: disable=wrong-import-position
-from vit_jax.training import runners  # pylint: disable=wrong-import-position
+from vit_jax.reporting import run_report  # pylint: disable=wrong-import-position
+from vit_jax.parallel import runners  # pylint: disable=wrong-import-position
 from vit_jax.training import step_guards  # pylint: disable=wrong-import-position
 
 

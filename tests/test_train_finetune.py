@@ -12,9 +12,9 @@ import numpy as np
 
 from configs import embedded_finetune
 from configs import embedded_pretrain
-from vit_jax.interop import export
+from vit_jax.checkpoints import export
 from vit_jax import train
-from vit_jax.params import npz
+from vit_jax.checkpoints import npz
 
 PRETRAIN_STEPS = 200
 FINETUNE_STEPS = 40

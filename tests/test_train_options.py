@@ -22,16 +22,16 @@ import pytest
 import test_checkpoint
 from test_train import read_summary, run_python, tiny_config, tiny_model_config
 from vit_jax import checkpoint
-from vit_jax.interop import export
+from vit_jax.checkpoints import export
 from vit_jax.evaluation import fewshot
-from vit_jax.params import layouts
-from vit_jax.params import npz
-from vit_jax.params import trees
-from vit_jax.training import masked_patch
+from vit_jax.checkpoints import layouts
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import trees
+from vit_jax import models_mpp
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax import train
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 
@@ -184,7 +184,7 @@ import numpy as np
 from test_train import tiny_config
 from test_train_options import export_differences
 from vit_jax import train
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 out = {}
 # fsdp_min_shard_size: the tiny model's weight matrices are split too.
 fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}
@@ -356,12 +356,12 @@ def test_mpp_pretraining_lowers_the_loss_and_fine_tunes(tmp_path):
                        weight_decay=0.0, warmup_steps=3, eval_every=30,
                        checkpoint_every=30, log_every=10)
   model = train.create_model(config, 10)
-  assert isinstance(model, masked_patch.MaskedPatchPredictor)
+  assert isinstance(model, models_mpp.MaskedPatchPredictor)
   start = train.init_params(model, config)
   assert {'mask_token', 'mpp_head'} <= set(start)
   # At initialisation the zero mpp_head predicts uniformly: loss ln 512.
   images = np.random.RandomState(0).uniform(-1, 1, (4, 28, 28, 3))
-  loss0 = masked_patch.loss_fn(start, images.astype(np.float32),
+  loss0 = models_mpp.loss_fn(start, images.astype(np.float32),
                                jax.random.PRNGKey(0), model=model)
   np.testing.assert_allclose(loss0, math.log(512), rtol=1e-6)
 

@@ -20,9 +20,9 @@ from test_train import REPO
 from test_train import read_summary
 from test_train import tiny_config
 from vit_jax import train
-from vit_jax.params import trees
-from vit_jax.training import run_report
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import trees
+from vit_jax.reporting import run_report
+from vit_jax.checkpoints import train_checkpoint
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

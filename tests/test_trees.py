@@ -1,11 +1,12 @@
-"""vit_jax.params.trees: nesting and flattening '/'-keyed parameter trees."""
+"""vit_jax.checkpoints.trees: nesting and flattening "/"-keyed parameter
+trees."""
 
 import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax.params import layouts
-from vit_jax.params import trees
+from vit_jax.checkpoints import layouts
+from vit_jax.checkpoints import trees
 
 
 def test_recover_and_flatten_are_inverse():

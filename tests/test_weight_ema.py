@@ -10,9 +10,9 @@ import pytest
 from test_train import tiny_config
 from vit_jax import input_pipeline
 from vit_jax import train
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 from vit_jax.training import objectives
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import weight_ema
 
 

@@ -11,8 +11,8 @@ the released names by default, so that the original's loader and timm's
 `_load_weights` read our files.
 
 `load` also reads old optimizer checkpoints and big_vision's layout (the
-list is in `vit_jax.params.npz`), and timm ViT state dicts (`.pth`,
-`.safetensors`; `vit_jax.params.timm_layout`).
+list is in `vit_jax.checkpoints.npz`), and timm ViT state dicts (`.pth`,
+`.safetensors`; `vit_jax.checkpoints.timm_layout`).
 
 The original's API (SPEC section 8) lives here: `load`, `recover_tree`,
 `inspect_params` (a checkpoint's tree against a model's), `load_pretrained`
@@ -34,14 +34,14 @@ from absl import logging
 import numpy as np
 
 from vit_jax.data import filesystem
-from vit_jax.params import layouts
-from vit_jax.params import npz
-from vit_jax.params import posembed
-from vit_jax.params import timm_layout
-from vit_jax.params import torch_layouts
-from vit_jax.params import tree_diff
-from vit_jax.params import trees
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints import layouts
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import posembed
+from vit_jax.checkpoints import timm_layout
+from vit_jax.checkpoints import torch_layouts
+from vit_jax.checkpoints import tree_diff
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints.trees import CheckpointError
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
@@ -49,7 +49,7 @@ Grid = Tuple[int, int]
 
 def recover_tree(keys, values) -> Params:
   """The nested dict of '/'-joined `keys` and their `values` (the original's
-  helper; `vit_jax.params.trees.flatten_tree` is its inverse)."""
+  helper; `vit_jax.checkpoints.trees.flatten_tree` is its inverse)."""
   return trees.recover_tree(keys, values)
 
 

@@ -22,7 +22,7 @@ Image folders come in two layouts (`vit_jax.data.folder_split.detect_layout`):
 `config.val_fraction` and `config.split_seed` (see `vit_jax.data.folder_split` for
 the exact, machine-independent recipe). Both are listed, validated, decoded
 and sharded by the same code (`vit_jax.data.image_folders`).
-`vit_jax.data.dataset_report` records the class indices (`class_names.json`)
+`vit_jax.reporting.dataset_report` records the class indices (`class_names.json`)
 and the split (`split.json`, a bar chart).
 """
 

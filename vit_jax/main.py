@@ -19,7 +19,7 @@ Several hosts: start one process per host with the same command plus
 the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID). Each process feeds its own share of the global batch;
 process 0 writes the logs and summary.json. Each process runs its training in
-a worker child (vit_jax/training/supervisor.py): when a process dies or cannot be
+a worker child (vit_jax/parallel/supervisor.py): when a process dies or cannot be
 reached, the others stop with one paragraph naming it, the newest complete
 checkpoint and the command to resume.
 """
@@ -46,10 +46,10 @@ if _REPO_ROOT not in sys.path:
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
-from vit_jax.training import disk_space  # pylint: disable=g-import-not-at-top
-from vit_jax.training import stop_signals  # pylint: disable=g-import-not-at-top
-from vit_jax.training import supervisor  # pylint: disable=g-import-not-at-top
-from vit_jax.training import workdir_lock  # pylint: disable=g-import-not-at-top
+from vit_jax.guards import disk_space  # pylint: disable=g-import-not-at-top
+from vit_jax.guards import stop_signals  # pylint: disable=g-import-not-at-top
+from vit_jax.parallel import supervisor  # pylint: disable=g-import-not-at-top
+from vit_jax.guards import workdir_lock  # pylint: disable=g-import-not-at-top
 from vit_jax.run_config import validation  # pylint: disable=g-import-not-at-top
 
 from vit_jax.run_config import errors
@@ -176,8 +176,8 @@ def _user_errors():
   """Exceptions that carry a message meant for the user: no traceback."""
   # Imported here: JAX must not initialise before jax.distributed.initialize.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import memory_fit  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.guards import memory_fit  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   return (ValueError, FileNotFoundError, NotADirectoryError,
           FloatingPointError, checkpoint.CheckpointError,
           train_checkpoint.NonFiniteStateError, disk_space.DiskSpaceError,
@@ -256,7 +256,7 @@ def _explained(error):
   """`error`, or what it means in the config's terms (out of memory)."""
   if 'jax' not in sys.modules or _CONFIG.value is None:
     return error
-  from vit_jax.training import memory_fit  # pylint: disable=g-import-not-at-top
+  from vit_jax.guards import memory_fit  # pylint: disable=g-import-not-at-top
   return memory_fit.explain(error, _CONFIG.value) or error
 
 

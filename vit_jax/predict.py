@@ -10,7 +10,7 @@ such as configs/embedded.py's), from its workdir or its config file:
 
   python -m vit_jax.main --workdir=/tmp/vit_mnist
   python -m vit_jax.predict --workdir=/tmp/vit_mnist digit.png [--topk 1]
-  python -m vit_jax.interop.export --workdir=/tmp/vit_mnist \
+  python -m vit_jax.checkpoints.export --workdir=/tmp/vit_mnist \
       --output=/tmp/mnist.npz
   python -m vit_jax.predict --config configs/embedded.py \
       --checkpoint /tmp/mnist.npz digit.png
@@ -22,10 +22,11 @@ and the class names from `W/class_names.json` (when training wrote it), else
 from the config's dataset. `--config FILE.py[:ARG]` reads the same fields
 from the training config file (as `python -m vit_jax.main --config` does).
 The parameters come from `--checkpoint`, an `.npz` file (e.g. what
-`vit_jax.interop.export` writes); with `--workdir` and no `--checkpoint`, from
-the newest train-state checkpoint in `W/checkpoints`. In Python:
-`load_model`, `load_model_from_workdir` and `load_model_from_config_file` of
-`vit_jax.evaluation.trained_model`, then `classify`.
+`vit_jax.checkpoints.export` writes); with `--workdir` and no
+`--checkpoint`, from the newest train-state checkpoint in `W/checkpoints`. In
+Python: `load_model`, `load_model_from_workdir` and
+`load_model_from_config_file` of `vit_jax.evaluation.trained_model`, then
+`classify`.
 
 Images are preprocessed exactly as the input pipeline's evaluation
 (`vit_jax.input_pipeline`, and the original vit_jax): decoded to uint8 RGB with
@@ -295,7 +296,7 @@ def _parse_args(argv):
                          'config.pp.crop and dataset)')
   parser.add_argument('--checkpoint', default=None,
                       help='.npz checkpoint (python -m '
-                      'vit_jax.interop.export writes '
+                      'vit_jax.checkpoints.export writes '
                            'one from a workdir); with --workdir it defaults '
                            'to the newest train-state checkpoint there')
   parser.add_argument('--topk', type=int, default=5)

@@ -32,25 +32,25 @@ import optax
 from vit_jax import checkpoint
 from vit_jax.training import accumulation
 from vit_jax.data import dataset_checks
-from vit_jax.data import dataset_report
+from vit_jax.reporting import dataset_report
 from vit_jax.evaluation import fewshot
 from vit_jax import input_pipeline
-from vit_jax.training import masked_patch
-from vit_jax.training import memory_fit
+from vit_jax import models_mpp
+from vit_jax.guards import memory_fit
 from vit_jax import inference_time
 from vit_jax import models
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.run_config import original_configs
-from vit_jax.training import progress
-from vit_jax.training import resume
-from vit_jax.training import run_plots
-from vit_jax.training import run_report
-from vit_jax.training import runners
-from vit_jax.training import sharding
+from vit_jax.reporting import progress
+from vit_jax.checkpoints import resume
+from vit_jax.reporting import run_plots
+from vit_jax.reporting import run_report
+from vit_jax.parallel import runners
+from vit_jax.parallel import sharding
 from vit_jax.training import step_guards
-from vit_jax.training import stop_signals
-from vit_jax.training import train_checkpoint
+from vit_jax.guards import stop_signals
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 from vit_jax.run_config import validation
@@ -106,7 +106,7 @@ def create_model(config: ml_collections.ConfigDict,
   """The model of `config.model` (a zoo ConfigDict copy or a custom one):
   a VisionTransformer, or an MlpMixer for a Mixer's fields.
 
-  With `config.objective='mpp'` a `masked_patch.MaskedPatchPredictor` with
+  With `config.objective='mpp'` a `models_mpp.MaskedPatchPredictor` with
   the same encoder (its fields from `config.mpp`); `num_classes` is unused.
   """
   if config.get('model') is None:
@@ -115,7 +115,7 @@ def create_model(config: ml_collections.ConfigDict,
   objective = config.get('objective') or 'classification'
   if objective == 'mpp':
     fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
-    return masked_patch.MaskedPatchPredictor(
+    return models_mpp.MaskedPatchPredictor(
         num_classes=None, **fields, **(config.get('mpp') or {}))
   return models.model_class(config.model)(num_classes=num_classes,
                                           **config.model)

@@ -28,8 +28,8 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.evaluation import label_names
-from vit_jax.params import npz
-from vit_jax.params import trees
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import trees
 
 Params = Any
 # The checkout holding vit_jax/ and configs/ (config files are found there).
@@ -122,7 +122,7 @@ def load_model_from_config(model_config, checkpoint_path: str, *,
     model_config: `config.model` (ConfigDict or dict), see
       `model_from_config`.
     checkpoint_path: an `.npz` checkpoint, e.g. what
-      `vit_jax.interop.export` wrote;
+      `vit_jax.checkpoints.export` wrote;
       with `params`, only named in messages.
     num_classes: if given, must equal the checkpoint's head size.
     params: parameters already read (e.g. from a train-state checkpoint);
@@ -146,7 +146,7 @@ def workdir_params(workdir: str) -> Tuple[Params, str]:
 
   Scanned encoder blocks come back per layer, as an exported `.npz` has them.
   """
-  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   try:
     step = ckpts.latest_step()
@@ -158,7 +158,7 @@ def workdir_params(workdir: str) -> Tuple[Params, str]:
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of a finished training run, from `<workdir>/summary.json`."""
-  from vit_jax.training import run_report  # pylint: disable=g-import-not-at-top
+  from vit_jax.reporting import run_report  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise ValueError(f'Workdir {workdir!r} does not exist (or is not a '
                      'folder).')
@@ -247,7 +247,7 @@ def _load_trained(config, checkpoint_path: str, source: str,
   check_params_fit(
       model, params, image_size,
       fix=f'{checkpoint_path} does not hold a model of {source}: pass the '
-      'checkpoint that run exported (python -m vit_jax.interop.export '
+      'checkpoint that run exported (python -m vit_jax.checkpoints.export '
       '--workdir=W '
       '--output=FILE.npz).')
   if class_names_file and os.path.isfile(class_names_file):
@@ -268,7 +268,7 @@ def load_model_from_workdir(workdir: str,
       (`config.model`) and the image size (`config.pp.crop`), its
       `class_names.json` (if any, else the config's dataset) the class names.
     checkpoint_path: the `.npz` exported from the run, e.g. by
-      `python -m vit_jax.interop.export --workdir=W --output=FILE.npz`;
+      `python -m vit_jax.checkpoints.export --workdir=W --output=FILE.npz`;
       None: the
       newest train-state checkpoint in `W/checkpoints`.
     num_classes: if given, must equal the checkpoint's head size.

@@ -18,11 +18,11 @@ import numpy as np
 from vit_jax.checkpoint import (  # pylint: disable=g-multiple-import
     Params, interpolate_posembed, load, save)
 from vit_jax.configs import models as models_config
-from vit_jax.params.npz import ENCODER_BLOCK, NAME_SCHEMES, read_npz
-from vit_jax.params import timm_layout
-from vit_jax.params import torch_layouts
-from vit_jax.params.posembed import image_grid
-from vit_jax.params.trees import CheckpointError, flatten_tree, shape_of
+from vit_jax.checkpoints.npz import ENCODER_BLOCK, NAME_SCHEMES, read_npz
+from vit_jax.checkpoints import timm_layout
+from vit_jax.checkpoints import torch_layouts
+from vit_jax.checkpoints.posembed import image_grid
+from vit_jax.checkpoints.trees import CheckpointError, flatten_tree, shape_of
 
 
 # ----------------------------------------------------------------------------

@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.params import converter_output
-from vit_jax.params import torch_layouts
+from vit_jax.checkpoints import converter_output
+from vit_jax.checkpoints import torch_layouts
 
 Params = Dict[str, Any]
 

@@ -22,9 +22,9 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax.interop import hf_format
-from vit_jax.params import npz
-from vit_jax.params import torch_layouts
-from vit_jax.params import trees
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import torch_layouts
+from vit_jax.checkpoints import trees
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]

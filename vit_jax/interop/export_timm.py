@@ -17,8 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.params import timm_layout
-from vit_jax.params import torch_layouts
+from vit_jax.checkpoints import timm_layout
+from vit_jax.checkpoints import torch_layouts
 
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 

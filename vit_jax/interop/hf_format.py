@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.params import torch_layouts
+from vit_jax.checkpoints import torch_layouts
 
 PathLike = Union[str, os.PathLike]
 

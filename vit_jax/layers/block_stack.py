@@ -4,7 +4,7 @@ with or without rematerialisation in the backward pass.
 `apply_blocks` is called inside `models_vit.Encoder.__call__`; the blocks it
 builds become the Encoder's submodules, named as in the released checkpoints
 (`encoderblock_{i}`), or `encoderblock` with a leading layer axis under
-`scan=True` (`vit_jax.params.layouts` converts between the two).
+`scan=True` (`vit_jax.checkpoints.layouts` converts between the two).
 """
 
 from typing import Any, Callable, Mapping, Optional

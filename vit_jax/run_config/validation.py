@@ -26,7 +26,7 @@ from vit_jax.run_config.errors import ConfigError
 # Compute dtypes a model or optimizer state may be given by name.
 DTYPES = ('float32', 'bfloat16', 'float16')
 # config.parallelism: the original's pmap (`vit_jax.train`) or the FSDP-style
-# sharded step of `vit_jax.training.sharding` on the data x fsdp mesh of
+# sharded step of `vit_jax.parallel.sharding` on the data x fsdp mesh of
 # config.mesh.
 PARALLELISMS = ('pmap', 'fsdp')
 # What users of other trainers type, and this config's name for it.
@@ -199,7 +199,7 @@ def _check_mesh(config, device_count: int, process_count: int) -> None:
   """config.mesh must cover the devices of all processes exactly once."""
   if config.get('parallelism') != 'fsdp':
     return
-  from vit_jax.training import device_mesh  # pylint: disable=g-import-not-at-top
+  from vit_jax.parallel import device_mesh  # pylint: disable=g-import-not-at-top
   mesh = config.get('mesh') or {}
   data, fsdp = mesh.get('data', 1), mesh.get('fsdp', -1)
   devices = device_count * process_count

@@ -3,9 +3,9 @@
 `config.objective` picks the objective: supervised classification (the
 paper's pre-training and fine-tuning; `config.loss` of `LOSSES`, optional
 label smoothing) or masked patch prediction (Sec. 4.6, self-supervised;
-`vit_jax.training.masked_patch`). `make_loss_fn` builds the step's loss and
+`vit_jax.models_mpp`). `make_loss_fn` builds the step's loss and
 `make_counts_fn` the evaluation's (correct, count) of one device's batch;
-`vit_jax.train` (pmap) and `vit_jax.training.sharding` (FSDP) wrap both.
+`vit_jax.train` (pmap) and `vit_jax.parallel.sharding` (FSDP) wrap both.
 """
 
 from typing import Any, Callable
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vit_jax.training import masked_patch
+from vit_jax import models_mpp
 
 # config.objective: supervised classification (the paper's pre-training and
 # fine-tuning) or masked patch prediction (Sec. 4.6, self-supervised).
@@ -53,7 +53,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
   """`loss_fn(params, images, labels, rng) -> mean loss` of config.objective.
 
   'classification': `config.loss` (LOSSES) of the logits, dropout keyed by
-  `rng`. 'mpp' (`model` a `masked_patch.MaskedPatchPredictor`): the
+  `rng`. 'mpp' (`model` a `models_mpp.MaskedPatchPredictor`): the
   mean-colour loss over the corrupted patches; `labels` carry example
   indices (see `mpp_labels`), and the first one is folded into `rng` so that
   every micro-batch of an accumulated step draws its own corruption.
@@ -62,7 +62,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
   if objective == 'mpp':
     def mpp_loss(params, images, labels, rng):
       rng = jax.random.fold_in(rng, labels.reshape(-1)[0].astype(jnp.uint32))
-      return masked_patch.loss_fn(params, images, rng, model=model)
+      return models_mpp.loss_fn(params, images, rng, model=model)
     return mpp_loss
   return classification_loss_fn(model.apply,
                                 config.get('loss') or 'softmax_xent',
@@ -142,7 +142,7 @@ def mpp_counts(model) -> Callable[..., Any]:
     logits, chosen = model.apply({'params': params}, batch['image'],
                                  train=False,
                                  rngs={'mpp': jax.random.PRNGKey(0)})
-    targets = masked_patch.mean_color_targets(batch['image'], model.stride,
+    targets = models_mpp.mean_color_targets(batch['image'], model.stride,
                                               model.color_bits)
     weight = chosen * batch['mask'][:, None]
     correct = (jnp.argmax(logits, -1) == targets) * weight

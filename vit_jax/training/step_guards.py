@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -1,7 +1,7 @@
 """PyTorch weights -> and <- this project's flax layouts.
 
 What the Hugging Face (`convert_hf`, `export_hf`), torchvision
-(`convert_torchvision`) and timm (`vit_jax.params.timm_layout`) converters
+(`convert_torchvision`) and timm (`vit_jax.checkpoints.timm_layout`) converters
 share: reading one `.safetensors` or torch file (never executing code) as
 float32 numpy arrays, telling such files from `.npz`, and the per-layer
 layout maps.
@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints.trees import CheckpointError
 
 Params = Dict[str, Any]
 

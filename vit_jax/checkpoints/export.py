@@ -1,6 +1,6 @@
 """Exports a trained model to the released `.npz` format.
 
-  python -m vit_jax.interop.export --workdir=<training workdir> \
+  python -m vit_jax.checkpoints.export --workdir=<training workdir> \
       --output=model.npz
 
 Reads the parameters of the newest train-state checkpoint (orbax, in
@@ -11,9 +11,9 @@ timm. A fine-tuning config then names the file with
 `--config.pretrained_path=model.npz`.
 
 The parameters stream from the checkpoint into the file one at a time
-(`TrainCheckpoints.iter_params`, `vit_jax.params.leafwise`): only one of them
-is in memory at once, and the optimizer state is never read, whatever the
-run's layout (FSDP shards included). In a multi-process run every process
+(`TrainCheckpoints.iter_params`, `vit_jax.checkpoints.leafwise`): only one
+of them is in memory at once, and the optimizer state is never read, whatever
+the run's layout (FSDP shards included). In a multi-process run every process
 reads along and process 0 writes the file. orbax's INFO lines (several per
 parameter read) are shown with `--verbosity=0`.
 """
@@ -28,9 +28,9 @@ from absl import logging
 import jax
 
 from vit_jax import checkpoint
-from vit_jax.params import leafwise
-from vit_jax.params import npz
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import leafwise
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import train_checkpoint
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')

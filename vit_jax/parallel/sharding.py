@@ -54,8 +54,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from vit_jax.training import device_mesh
-from vit_jax.training import sharded_step
+from vit_jax.parallel import device_mesh
+from vit_jax.parallel import sharded_step
 from vit_jax.training import trainable
 
 # Leaves with fewer elements stay replicated: biases, LayerNorm and scalars

@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Optional
 
-from vit_jax.training import supervisor
+from vit_jax.parallel import supervisor
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NAMES = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}

@@ -15,7 +15,7 @@ from typing import Any, Optional, Tuple
 
 from absl import logging
 
-from vit_jax.training import train_checkpoint
+from vit_jax.checkpoints import train_checkpoint
 
 
 def restore_newest(ckpts: train_checkpoint.TrainCheckpoints,

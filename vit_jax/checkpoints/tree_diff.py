@@ -9,7 +9,7 @@ top-level module).
 import collections
 from typing import List
 
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 
 def _format_list(entries: List[str], limit: int = 30) -> str:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import optax
 
 from vit_jax import utils
-from vit_jax.training import device_mesh
+from vit_jax.parallel import device_mesh
 from vit_jax.training import objectives
 from vit_jax.training import trainable
 

@@ -1,7 +1,7 @@
 """Pictures of a finished training run, written into its workdir.
 
 - `curves.png`: the training loss (log scale) and the test accuracy over
-  steps, from the run's `metrics.jsonl` (`vit_jax.training.progress`).
+  steps, from the run's `metrics.jsonl` (`vit_jax.reporting.progress`).
 - `confusion.png`: the test split's confusion matrix (true class down,
   predicted class across) with the class names, counts in the cells and the
   accuracy (its trace over its total) in the title.
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from vit_jax.training import progress
+from vit_jax.reporting import progress
 
 CURVES_FILE = 'curves.png'
 CONFUSION_FILE = 'confusion.png'

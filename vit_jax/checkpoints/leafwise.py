@@ -17,9 +17,9 @@ from typing import Tuple
 
 import numpy as np
 
-from vit_jax.params import npz
-from vit_jax.params import trees
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints.trees import CheckpointError
 
 # {leaf key: [(file key, its stand-in), ...]}: what `plan` returns.
 Layout = Dict[str, List[Tuple[str, '_StandIn']]]

@@ -4,7 +4,7 @@ These hold everything a run needs to continue bit for bit: parameters and
 optimizer state, keyed by the number of updates done. Data order and dropout
 randomness are functions of (seed, step), so nothing else is stored. The
 exchange format for trained models is the released `.npz` (`checkpoint.save`);
-`vit_jax.interop.export` turns the latest train state into one, reading its
+`vit_jax.checkpoints.export` turns the latest train state into one, reading its
 parameters (or their average) one leaf at a time (`iter_params`) and nothing
 else of the optimizer state.
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vit_jax.training import disk_space
+from vit_jax.guards import disk_space
 from vit_jax.training import weight_ema
 
 # The folder under the workdir that holds the numbered steps.

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import jax
 
-from vit_jax.training import disk_space
+from vit_jax.guards import disk_space
 
 _OOM = re.compile(r'RESOURCE_EXHAUSTED|[Oo]ut of memory')
 _BYTES = re.compile(r'allocat\w* (\d+) bytes|(\d+) bytes')

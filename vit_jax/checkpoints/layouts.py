@@ -6,9 +6,9 @@ per encoder block, `Transformer/encoderblock_{i}/...`. A model built with
 `Transformer/encoderblock/...` whose leaves carry a leading layer axis:
 leaf `[i]` is block i's. These functions move between the two, on nested
 dicts (flax params), on flat dicts keyed by '/'-joined paths
-(`vit_jax.params.npz.read_npz`), and on any pytree holding such dicts (an optax
-state: its momentum is a params-shaped dict). They only stack and slice
-arrays: numpy in, numpy out; jax in, jax out.
+(`vit_jax.checkpoints.npz.read_npz`), and on any pytree holding such dicts
+(an optax state: its momentum is a params-shaped dict). They only stack and
+slice arrays: numpy in, numpy out; jax in, jax out.
 """
 
 import re
@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping
 import jax
 import numpy as np
 
-from vit_jax.params import trees
+from vit_jax.checkpoints import trees
 
 Params = Any
 
@@ -104,7 +104,7 @@ def _layers_to_scan(tree, num_layers, path):
             f'{path}encoderblock_{i} has parameters {sorted(block)} but '
             f'encoderblock_0 has {sorted(blocks[0])}; blocks can only be '
             'stacked when they hold the same names (convert pre-linen names '
-            'first: vit_jax.params.npz.convert_pre_linen).')
+            'first: vit_jax.checkpoints.npz.convert_pre_linen).')
       for name, leaf in block.items():
         if np.shape(leaf) != np.shape(blocks[0][name]):
           raise ValueError(

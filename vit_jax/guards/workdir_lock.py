@@ -21,7 +21,7 @@ import time
 from typing import Iterator, Optional
 
 from vit_jax.run_config import errors
-from vit_jax.training import supervisor
+from vit_jax.parallel import supervisor
 
 LOCK_FILE = '.run.lock'
 

@@ -2,7 +2,7 @@
 
 `PmapRunner` holds a full copy of the train state on every local device and
 runs the pmapped step of `vit_jax.train.make_update_fn`;
-`vit_jax.training.sharding.FsdpRunner` has the same methods for the sharded
+`vit_jax.parallel.sharding.FsdpRunner` has the same methods for the sharded
 step. `evaluate` and `confusion_matrix` take either runner.
 """
 
@@ -51,7 +51,7 @@ class PmapRunner:
   devices of all processes).
 
   `update_fn` is `vit_jax.train.make_update_fn`'s pmapped step.
-  `vit_jax.training.sharding.FsdpRunner` has the same methods for the
+  `vit_jax.parallel.sharding.FsdpRunner` has the same methods for the
   sharded step; `vit_jax.train.train_and_evaluate` only talks to this
   interface.
   """

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints.trees import CheckpointError
 
 Grid = Tuple[int, int]
 

@@ -56,7 +56,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 def complete_steps(workdir: str) -> List[int]:
   """Steps of the checkpoints on disk that were completely written."""
-  from vit_jax.training import train_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   directory = train_checkpoint.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []

@@ -24,11 +24,11 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from vit_jax.params import converter_output
-from vit_jax.params import npz
-from vit_jax.params import torch_layouts
-from vit_jax.params import trees
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints import converter_output
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import torch_layouts
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints.trees import CheckpointError
 
 Params = Dict[str, Any]
 LAYERNORM_EPSILON = 1e-6

@@ -11,9 +11,9 @@ from typing import Any, Dict
 
 from vit_jax import input_pipeline
 from vit_jax.data import filesystem
-from vit_jax.training import progress
-from vit_jax.training import run_plots
-from vit_jax.training import train_checkpoint
+from vit_jax.reporting import progress
+from vit_jax.reporting import run_plots
+from vit_jax.checkpoints import train_checkpoint
 
 SUMMARY_FILE = 'summary.json'
 
@@ -56,7 +56,7 @@ def next_commands(config, workdir: str, summary: Dict[str, Any]) -> str:
     lines.append(f'  classify an image:  python -m vit_jax.predict '
                  f'--workdir={workdir} IMAGE.png')
   lines.append(f'  TensorBoard:        tensorboard --logdir={workdir}')
-  lines.append(f'  export weights:     python -m vit_jax.interop.export '
+  lines.append(f'  export weights:     python -m vit_jax.checkpoints.export '
                f'--workdir={workdir} --output=model.npz')
   if config.dataset == input_pipeline.EMBEDDED_MNIST:
     lines.append('  fine-tune at 42x42: the commands in '

@@ -11,7 +11,7 @@ Layouts `canonicalize` (and so `checkpoint.load`) recognises:
     `params/` root (a train state's parameters).
   * big_vision's ViT: `pos_embedding` (1, N, D) at the top level, and, when
     its model was scanned, `Transformer/encoderblock/...` with a leading layer
-    axis (split into `encoderblock_{i}`; see `vit_jax.params.layouts`).
+    axis (split into `encoderblock_{i}`; see `vit_jax.checkpoints.layouts`).
     big_vision adds the position embedding BEFORE it prepends the class
     token, so its table has no class-token row; this model prepends first and
     then adds (SPEC section 1). The same function in our order is a ZERO
@@ -30,9 +30,9 @@ from typing import Any, Dict, Iterable, Mapping, Tuple, Union
 import numpy as np
 
 from vit_jax.data import filesystem
-from vit_jax.params import layouts
-from vit_jax.params import trees
-from vit_jax.params.trees import CheckpointError
+from vit_jax.checkpoints import layouts
+from vit_jax.checkpoints import trees
+from vit_jax.checkpoints.trees import CheckpointError
 
 Params = Dict[str, Any]
 
