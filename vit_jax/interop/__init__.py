@@ -1,3 +1,1 @@
-"""Side tools: weights to and from Hugging Face and torchvision, workdir
-export, the checkpoint command line.
-"""
+"""Weights to and from HF, torchvision and timm; the checkpoint CLI."""

@@ -30,21 +30,12 @@ from vit_jax.checkpoints.trees import CheckpointError, flatten_tree, shape_of
 
 
 def describe(params: Params) -> Dict[str, Any]:
-  """Derives the model hyper-parameters from a (canonical) parameter tree.
-
-  Args:
-    params: a tree as `load` returns it.
+  """The model hyper-parameters of a canonical ViT parameter tree.
 
   Returns:
-    A dict with hidden_size, patch_size, num_layers, num_heads, mlp_dim,
-    resnet (None or {num_layers, width, width_factor}), pixels_per_token,
-    has_class_token, classifier (a guess: 'token' with a class token, else
-    'gap'; the unpooled variants have the same parameters), grid (rows,
-    cols) or None when not square, num_tokens, representation_size,
-    num_classes, num_params and zoo_names (matching MODEL_CONFIGS).
-
-    An MLP-Mixer (a `stem` instead of an `embedding`) is described by
-    `describe_mixer` instead.
+    A dict: sizes, resnet, classifier (a guess), grid (None when not square),
+    num_tokens, representation_size, num_classes, num_params and zoo_names
+    (matching MODEL_CONFIGS). Mixers: see `describe_mixer`.
 
   Raises:
     CheckpointError: no `embedding/kernel` of rank 4 (not a ViT).
@@ -111,9 +102,7 @@ def describe(params: Params) -> Dict[str, Any]:
 
 
 def describe_mixer(params: Params) -> Dict[str, Any]:
-  """`describe` of an MLP-Mixer tree: model 'Mixer', hidden_dim, patch_size,
-  num_blocks, tokens_mlp_dim, channels_mlp_dim, num_tokens, num_classes,
-  num_params and zoo_names."""
+  """`describe` of an MLP-Mixer tree."""
   kernel = params['stem'].get('kernel')
   if kernel is None or np.ndim(kernel) != 4:
     raise CheckpointError('No stem/kernel of rank 4: not a Mixer checkpoint.')

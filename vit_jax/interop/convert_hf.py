@@ -1,47 +1,13 @@
-"""Hugging Face `transformers` ViT checkpoints <-> this project's ViT.
+"""Hugging Face `transformers` ViT checkpoints -> this project's ViT.
 
 `load_hf(path)` reads a `ViTModel` or `ViTForImageClassification` directory
-(`config.json` + `model.safetensors` or `pytorch_model.bin`, also sharded)
-into our parameter tree and a `VisionTransformer` config;
-`save_hf(params, model_config, path)` writes one that
-`transformers.ViTForImageClassification.from_pretrained(path)` (or `ViTModel`
-for a model without head) loads with no missing or unexpected weights.
-Neither direction imports `transformers`; reading `.bin` files needs `torch`.
+into our parameter tree and a `VisionTransformer` config; the writer is
+`export_hf.save_hf`. No `transformers` import; `.bin` files need `torch`.
 
-The two models are the same network (Google converted its released `.npz`
-files into the `google/vit-*` checkpoints), up to these differences, each
-handled here (docs/interop.md has the full table):
-
-  * Layouts. HF `nn.Linear` weights are (out, in), ours (in, out); HF q/k/v
-    weights are (heads*head_dim, D), our kernels (D, heads, head_dim); HF's
-    attention output weight is (D, heads*head_dim), ours (heads, head_dim, D);
-    the patch convolution is OIHW there, HWIO here. Position embeddings
-    (1, 1+N, D) with the class row first and the class token (1, 1, D) are
-    the same arrays.
-  * Numerics. HF LayerNorms use `config.layer_norm_eps` (1e-12 by default,
-    ours 1e-6) and `hidden_act='gelu'` is the exact (erf) GELU, ours the tanh
-    approximation. The returned config sets `layernorm_epsilon` and
-    `approximate_gelu` so that our model computes what HF's does; exports
-    write our numerics into `config.json` (`gelu_pytorch_tanh`, eps 1e-6).
-  * Heads. `ViTForImageClassification` puts its `classifier` on token 0 after
-    the final LayerNorm, with no pooler in between: our `classifier='token'`,
-    `representation_size=None`. `ViTModel`'s pooler (Dense + tanh on token 0)
-    is our `pre_logits`; it has no head (`num_classes=None`).
-  * Inputs. HF models take NCHW `pixel_values`; ours NHWC. The `google/vit-*`
-    image processors normalise with mean 0.5 and std 0.5, which is exactly
-    our [-1, 1] scaling `(x - 127.5) / 127.5`. A checkpoint whose
-    `preprocessor_config.json` says otherwise (e.g. ImageNet mean/std) gets
-    its normalisation folded into the patch embedding (`fold_input_
-    normalization`), so the loaded model takes [-1, 1] images like every
-    model of this project.
-
-The writer, `save_hf`, lives in `export_hf`; the files and names both
-directions share (reading `config.json`, the weights and the image processor
-config; `BLOCK_MODULES`) in `hf_format`; the layout helpers shared with
-`convert_torchvision` (`dense_from_linear`, `attention_from_linear` and their
-inverses, `conv_from_torch`, `fold_input_normalization`,
-`read_weights_file`) in `torch_layouts`; the assembly of the returned tree and
-config, which both converters share, in `converter_output`.
+Both are the same network up to weight layouts, HF's numerics (LayerNorm
+eps 1e-12, exact GELU: kept in the returned config), NCHW inputs and the
+processor's normalisation, folded into the patch embedding when it is not
+[-1, 1]. docs/interop.md has the full table.
 """
 
 import os
@@ -85,20 +51,14 @@ def load_hf(path: PathLike, *,
   Args:
     path: directory with `config.json` and `model.safetensors` (or
       `pytorch_model.bin`, or shards), e.g. from `save_pretrained`.
-    fold_normalization: when the directory's `preprocessor_config.json`
-      normalises pixels other than to [-1, 1] (mean/std not 0.5), fold that
-      map into the patch embedding so the model takes [-1, 1] images like
-      every model here. False keeps the weights as they are: feed the
-      processor's normalisation then (NHWC).
+    fold_normalization: fold a `preprocessor_config.json` normalisation other
+      than [-1, 1] into the patch embedding. False keeps the weights as they
+      are: feed the processor's normalisation then (NHWC).
 
   Returns:
-    (params, model_config): the nested parameter dict (numpy float32, linen
-    names) and a ConfigDict of `VisionTransformer` fields, so that
-    `models.VisionTransformer(**model_config).apply({'params': params},
-    images_NHWC, train=False)` gives HF's `logits` (classification) or
-    `pooler_output` (ViTModel with pooler), or the final `last_hidden_state`
-    token 0 (ViTModel without pooler). The numerics fields
-    (`layernorm_epsilon`, `approximate_gelu`) are HF's.
+    (params, model_config): numpy float32 parameters under linen names and the
+    `VisionTransformer` fields (with HF's numerics) whose output is HF's
+    `logits`, `pooler_output` or token 0 of `last_hidden_state`.
 
   Raises:
     CheckpointError: missing or unreadable files, an unsupported model,
@@ -129,8 +89,7 @@ def load_hf(path: PathLike, *,
 
 
 def load_hf_labels(path: PathLike) -> Optional[Dict[int, str]]:
-  """`id2label` of an HF classification directory ({class index: name});
-  None for a ViTModel (whose config carries HF's default two labels)."""
+  """`id2label` of an HF classification directory; None for a ViTModel."""
   config = hf_format.read_hf_config(path)
   id2label = config.get('id2label')
   if not id2label or 'ViTModel' in (config.get('architectures') or ()):

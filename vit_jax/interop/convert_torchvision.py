@@ -1,27 +1,13 @@
 """torchvision `VisionTransformer` state dicts (`vit_b_16`, ...) -> our ViT.
 
-torchvision's ViT is the paper's network with its own names:
-`conv_proj` (the patch embedding, OIHW), `class_token`,
-`encoder.pos_embedding` (1, 1+N, D, class row first),
-`encoder.layers.encoder_layer_{i}.{ln_1, self_attention, ln_2, mlp}`,
-`encoder.ln` (our `encoder_norm`) and `heads.{pre_logits, head}`. Attention
-is a `torch.nn.MultiheadAttention`, whose `in_proj_weight` (3D, D) stacks the
-q, k and v `Linear` weights. Numerics: LayerNorm eps 1e-6 (ours) and the
-exact erf GELU (`nn.GELU()`; ours is the tanh approximation), so the returned
-config sets `approximate_gelu=False`.
+torchvision's ViT is the paper's network under other names, with the exact
+erf GELU (the returned config sets `approximate_gelu=False`) and ImageNet
+mean/std inputs. `load_torchvision` folds that normalisation into the patch
+embedding by default, so the model takes [-1, 1] images like every model
+here; with `fold_normalization=False` feed `imagenet_normalize(images)`.
 
-Input normalisation differs from this project's: torchvision's weights
-expect ImageNet mean/std normalisation, `(x / 255 - IMAGENET_MEAN) /
-IMAGENET_STD`, not [-1, 1]. By default `load_torchvision` folds that map into
-the patch embedding (exact: `torch_layouts.fold_input_normalization`), so
-the loaded model takes [-1, 1] images like every model here and plugs into
-the input pipeline, training and evaluation unchanged. With
-`fold_normalization=False` the weights are kept as they are and the caller
-feeds `imagenet_normalize(images)`.
-
-The number of heads is not in the state dict (in_proj has the same shape for
-any head count): it defaults by width to torchvision's models (`vit_b_*` 12,
-`vit_l_*` and `vit_h_14` 16) and DeiT-style Ti/S, and can be overridden.
+The state dict does not give the number of heads: it defaults by width
+(`DEFAULT_NUM_HEADS`) and can be overridden.
 """
 
 import os
@@ -53,15 +39,9 @@ _LEGACY_MLP = (('.mlp.linear_1.', '.mlp.0.'), ('.mlp.linear_2.', '.mlp.3.'))
 
 
 def imagenet_normalize(images_NHWC):
-  """Our [-1, 1] images -> the ImageNet mean/std inputs torchvision expects.
+  """[-1, 1] NHWC images -> torchvision's ImageNet mean/std inputs.
 
   Only for parameters loaded with `fold_normalization=False`.
-
-  Args:
-    images_NHWC: images in [-1, 1], channels last.
-
-  Returns:
-    `((x + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD`, same shape.
   """
   mean = np.asarray(IMAGENET_MEAN, np.float32)
   std = np.asarray(IMAGENET_STD, np.float32)
@@ -80,16 +60,8 @@ def read_state_dict(
 ) -> Dict[str, np.ndarray]:
   """A torchvision ViT state dict (or file of one) as float32 numpy arrays.
 
-  Accepts a mapping of tensors/arrays, a `torch.save` file (`.pth`, `.pt`,
-  ...) or a `.safetensors` file. A training checkpoint of torchvision's
-  reference scripts (`{'model': state_dict, 'optimizer': ...}`) and the
-  `module.` prefix of DistributedDataParallel are unwrapped.
-
-  Args:
-    state_dict_or_path: the state dict or its file.
-
-  Returns:
-    {name: array}.
+  Accepts a mapping, a `torch.save` file or a `.safetensors` file; unwraps
+  `{'model': state_dict, ...}` training checkpoints and DDP's `module.` prefix.
   """
   return torch_layouts.read_state_dict(
       state_dict_or_path, marker='conv_proj.weight', renames=_LEGACY_MLP)
@@ -102,24 +74,18 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
                     ) -> Tuple[Params, ml_collections.ConfigDict]:
   """Converts a torchvision `VisionTransformer` state dict.
 
-  Sizes (width, depth, MLP width, patch, image grid, classes, the
-  `heads.pre_logits` representation layer) come from the shapes.
+  Sizes come from the shapes.
 
   Args:
     state_dict_or_path: `model.state_dict()` of `torchvision.models.vit_b_16`
       and friends, or a file of one (see `read_state_dict`).
     num_heads: attention heads; default by width (DEFAULT_NUM_HEADS).
-    fold_normalization: fold torchvision's ImageNet mean/std input
-      normalisation into the patch embedding, so the model takes [-1, 1]
-      images (this project's convention). False: feed
-      `imagenet_normalize(images)` instead (see PREPROCESSING).
+    fold_normalization: fold torchvision's input normalisation into the patch
+      embedding so the model takes [-1, 1] images.
 
   Returns:
-    (params, model_config): numpy float32 parameters under our names and a
-    ConfigDict of `VisionTransformer` fields (`approximate_gelu=False`,
-    `layernorm_epsilon=1e-6`), so that
-    `models.VisionTransformer(**model_config).apply({'params': params},
-    images_NHWC, train=False)` gives torchvision's logits.
+    (params, model_config): numpy float32 parameters under our names and the
+    `VisionTransformer` fields whose output is torchvision's logits.
 
   Raises:
     CheckpointError: missing or unexpected weights, inconsistent shapes, a

@@ -1,13 +1,7 @@
 """This project's ViT -> a Hugging Face `transformers` ViT directory.
 
-`save_hf(params, model_config, path)` writes `config.json`,
-`model.safetensors` and `preprocessor_config.json` that
-`transformers.ViTForImageClassification.from_pretrained(path)` (or `ViTModel`
-for a model without head) loads with no missing or unexpected weights, and
-whose outputs are ours (`tests/test_interop_hf.py`). The inverse of
-`convert_hf.load_hf`, whose module docstring lists the differences between
-the two models; the file names and the per-block module names both share are
-in `hf_format`.
+The inverse of `convert_hf.load_hf`; docs/interop.md lists the differences
+between the two models.
 """
 
 import json
@@ -44,30 +38,24 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
             image_size: Optional[Union[int, Sequence[int]]] = None) -> None:
   """Writes a Hugging Face model directory of our parameters.
 
-  Writes `config.json`, `model.safetensors` and `preprocessor_config.json`
-  (a ViTImageProcessor normalising to [-1, 1], our input convention). A model
-  with a head becomes a `ViTForImageClassification`; one without
-  (`num_classes` 0/None) a `ViTModel`, whose pooler is our `pre_logits`
-  (without `representation_size` it has no pooler: load it with
-  `ViTModel.from_pretrained(path, add_pooling_layer=False)`). The config
-  records our numerics (`layernorm_epsilon`, default 1e-6; GELU tanh
-  approximation `gelu_pytorch_tanh` unless `approximate_gelu=False`), so HF
-  computes our outputs.
+  Writes `config.json` (with our numerics), `model.safetensors` and a
+  `preprocessor_config.json` normalising to [-1, 1]. A model with a head
+  becomes a `ViTForImageClassification`, one without a `ViTModel` (whose
+  pooler is our `pre_logits`; without one, load it with
+  `add_pooling_layer=False`).
 
   Args:
-    params: the model's parameters (numpy or jax; linen or released names;
-      per-layer or scanned blocks).
-    model_config: the `VisionTransformer` fields (ConfigDict or dict, as
-      `models.MODEL_CONFIGS[...]` plus `num_classes`), or the module.
+    params: the parameters (numpy or jax; any naming or block layout).
+    model_config: the `VisionTransformer` fields (ConfigDict or dict) or the
+      module.
     path: the directory to write (created if needed; files replaced).
     id2label: class names, {index: name} or a list; default `LABEL_{i}`.
-    image_size: the training resolution (int or (h, w)); default: from the
-      position embedding, which must then be a square grid.
+    image_size: int or (h, w); default: from the (square) position embedding.
 
   Raises:
     ValueError: a model HF's ViT cannot express (classifier other than
-      'token', a ResNet stem, a non-learned position embedding, a
-      `pre_logits` layer in front of a head), or bad `id2label`/`image_size`.
+      'token', a ResNet stem, a non-learned position embedding, `pre_logits`
+      before a head), or bad `id2label`/`image_size`.
   """
   num_classes, representation_size = _exportable(model_config)
   tree, layers = _float_tree(params, num_classes, representation_size)

@@ -2,11 +2,9 @@
 
   python -m vit_jax.interop.export_timm IN OUT.safetensors|OUT.pth
 
-IN is an `.npz` checkpoint (or a timm file) or a training workdir (its
-newest train-state checkpoint). The output loads into timm with
-`strict=True` through the `timm.create_model` call this prints (and
-`save_timm` returns): `.safetensors` by default, a `torch.save` file for
-`.pth`/`.pt`. The file is written atomically; nothing is written on error.
+IN: an `.npz` or timm file, or a training workdir (its newest checkpoint).
+The output loads with `strict=True` into the `timm.create_model` call this
+prints; it is written atomically.
 """
 
 import os
@@ -28,7 +26,7 @@ def save_timm(params: Mapping[str, Any], path: str, *,
   """Writes `params` as a timm state dict; returns the timm model to create.
 
   Raises:
-    CheckpointError: a model timm cannot build (`timm_layout.to_timm`).
+    CheckpointError: a model timm cannot build.
   """
   path = os.fspath(path)
   state, timm_model = timm_layout.to_timm(params, num_heads=num_heads)

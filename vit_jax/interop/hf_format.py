@@ -1,18 +1,8 @@
 """The files and names of a Hugging Face `transformers` ViT directory.
 
-What the reader (`convert_hf.load_hf`) and the writer (`export_hf.save_hf`)
-agree on: the file names (`config.json`, `model.safetensors` or
-`pytorch_model.bin`, `preprocessor_config.json`), the supported model type and
-architectures, and how each encoder block's HF modules map to ours
-(`BLOCK_MODULES`). Reading a directory:
-
-  config = hf_format.read_hf_config(path)  # checked to be a supported ViT
-  weights = hf_format.canonical_names(hf_format.read_hf_weights(path))
-  normalization = hf_format.input_normalization(path, num_channels)
-
-Every reader raises `checkpoint.CheckpointError` with what to do about a
-missing or unreadable file. Nothing here imports `transformers`; reading
-`.bin` files needs `torch`.
+What `convert_hf` and `export_hf` share: file names, the supported
+architectures and the per-block module names (`BLOCK_MODULES`). Readers
+raise `checkpoint.CheckpointError`; `.bin` files need `torch`.
 """
 
 import json
@@ -74,13 +64,7 @@ def _read_json(path: str, what: str) -> Dict[str, Any]:
 
 
 def read_hf_config(path: PathLike) -> Dict[str, Any]:
-  """`config.json` of an HF ViT directory, checked to be a supported ViT.
-
-  Args:
-    path: the model directory.
-
-  Returns:
-    The config as a dict.
+  """`config.json` of an HF ViT directory, as a dict.
 
   Raises:
     CheckpointError: not a directory, no `config.json`, another model type
@@ -122,16 +106,9 @@ def read_hf_config(path: PathLike) -> Dict[str, Any]:
 
 
 def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
-  """All weights of an HF model directory, as float32 numpy arrays.
+  """{name: float32 array} of `model.safetensors` or `pytorch_model.bin`.
 
-  Reads `model.safetensors`, else `pytorch_model.bin`, or their sharded forms
-  (`*.index.json`).
-
-  Args:
-    path: the model directory.
-
-  Returns:
-    {HF parameter name: array}, names as in the file.
+  Sharded forms (`*.index.json`) are read too.
   """
   path = os.fspath(path)
   for name in (SAFETENSORS_NAME, TORCH_BIN_NAME):
@@ -179,9 +156,10 @@ def as_pair(x) -> Tuple[int, int]:
 
 def input_normalization(path: str, num_channels: int
                        ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-  """(scale, offset) taking our [-1, 1] pixels to the model's inputs; None
-  when the preprocessor (or its absence: ViTImageProcessor's defaults) gives
-  exactly [-1, 1]."""
+  """(scale, offset) from [-1, 1] pixels to the model's inputs, or None.
+
+  None when the preprocessor (or its defaults) gives exactly [-1, 1].
+  """
   pp_path = os.path.join(path, PREPROCESSOR_NAME)
   if not os.path.exists(pp_path):
     return None
