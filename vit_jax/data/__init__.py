@@ -1,3 +1,1 @@
-"""Data below the input pipeline: local and gs:// paths, image-folder splits,
-the run's dataset report.
-"""
+"""Data sources below the input pipeline: paths, image folders, TFDS."""

@@ -1,9 +1,7 @@
-"""Random affine augmentation of image batches: rotation and zoom about the
-centre, then translation; bilinear, zero fill (`pp.augment='affine'`).
+"""Random affine augmentation: rotation and zoom about the centre, then shift.
 
-One example's parameters come from `tf.random.stateless_uniform([4], seed)`
-in [-1, 1], scaled by the config's ranges; `uniforms` draws a batch of them,
-row i equal to that call with seed i.
+Bilinear with zero fill (`pp.augment='affine'`); example i draws its four
+uniforms in [-1, 1] from `tf.random.stateless_uniform([4], seed_i)`.
 """
 
 import math
@@ -27,12 +25,9 @@ def draw(u, *, rotate: float, zoom: float, shift_pad: float):
 
 
 def warp(images, size, theta, scale, tx, ty):
-  """images [B, H, W, C] -> float32 [B, *size, C], each rotated by theta,
-  zoomed by scale about the centre, then moved by (tx, ty) pixels.
-
-  ImageProjectiveTransformV3 maps each output pixel back to the input:
-  input = A (output - c) + c - t, with A the inverse of "rotate, then zoom".
-  """
+  """images [B, H, W, C] -> float32 [B, *size, C], rotated, zoomed, shifted."""
+  # The op maps output pixels back to the input: A (out - c) + c - t, with A
+  # the inverse of "rotate, then zoom".
   cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
   cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
   zero = tf.zeros_like(cos)

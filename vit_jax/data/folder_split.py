@@ -1,35 +1,19 @@
 """A seeded, stratified train/val split of a single-tree image folder.
 
-PyTorch tutorials (e.g. the TensorFlow flower photos) ship one folder per class,
-`<dir>/<class>/*.jpg`, and split it at random. This module decides which layout
-a folder has and, for the single tree, which files are validation:
+A folder with a `train` or `test` subfolder has the train/test layout
+(`<dir>/<split>/<class>/*`) and is read as it is. Otherwise it is a single
+tree `<dir>/<class>/*`, split here into 'train' and 'val' ('test' is an
+alias of 'val'). Per class:
 
-  * `<dir>/train` or `<dir>/test` exists: the train/test layout
-    (`<dir>/<split>/<class>/*`), read as it is, nothing is split.
-  * otherwise: a single tree `<dir>/<class>/*`, split here into the splits
-    `'train'` and `'val'` (`'test'` is accepted as another name for `'val'`,
-    so configs written for the train/test layout run unchanged).
-
-The split, per class (the recipe is a contract: anyone can re-derive it):
-
-  1. the class's readable files, as paths relative to the class folder with
-     '/' separators (NFC-normalised), sorted by code point;
-  2. a seed: the first 4 bytes, big-endian, of
+  1. its files, relative to the class folder with '/' separators, NFC,
+     sorted by code point;
+  2. seed = the first 4 bytes, big-endian, of
      `sha256(f'{split_seed}/{class_name}'.encode('utf-8'))`;
-  3. `order = numpy.random.RandomState(seed).permutation(n)` (the legacy
-     generator, whose stream numpy keeps stable across versions);
-  4. the files at `order[:k]` are validation, the rest train, with
-     `k = round(val_fraction * n)` (Python's `round`), raised to 1 and capped
-     at `n - 1` when `n >= 2` (every class is validated and trained on); a
-     class with a single file puts it in train.
+  3. `order = numpy.random.RandomState(seed).permutation(n)`;
+  4. `order[:k]` is validation, with `k = round(val_fraction * n)` clipped
+     to [1, n - 1] when n >= 2; a single file goes to train.
 
-So the split depends only on the file names, `val_fraction` and `split_seed`:
-not on the training seed, the machine, the folder's location, the listing
-order of the filesystem or Python's (randomised) `hash()`. Adding files to
-one class changes that class's split only.
-
-This module is pure Python + numpy (no TensorFlow): the input pipeline lists
-and validates the files, then calls `split_class_files`.
+The split depends only on file names, `val_fraction` and `split_seed`.
 """
 
 import hashlib
@@ -59,12 +43,7 @@ LAYOUTS_HELP = ('either one folder per class, <dir>/<class>/*.jpg (split into '
 
 
 def detect_layout(root: str) -> str:
-  """Returns `TRAIN_TEST` or `SINGLE_TREE` for an existing folder `root`.
-
-  A `train` or `test` subfolder means the train/test layout: a single tree
-  with a class called "train" or "test" is far less likely than a split
-  layout missing one of its halves, whose error should name that half.
-  """
+  """`TRAIN_TEST` or `SINGLE_TREE` for an existing folder `root`."""
   if not filesystem.isdir(root):
     raise ValueError(f'Image folder {root!r} does not exist; expected '
                      f'{LAYOUTS_HELP}.')
@@ -124,18 +103,14 @@ def sort_key(relpath: str) -> str:
 def split_class_files(class_name: str, files: Sequence[str],
                       class_dir: str = '', *, val_fraction: float,
                       split_seed: int) -> Tuple[List[str], List[str]]:
-  """Splits one class's files into (train, val), each sorted.
+  """Splits one class's files into (train, val), each in sorted order.
 
   Args:
     class_name: the class folder's name (part of the seed).
     files: the class's files, in any order (absolute or relative paths).
-    class_dir: the class folder; the sort uses paths relative to it, so the
-      split does not depend on where the dataset lives.
+    class_dir: the class folder; paths are sorted relative to it.
     val_fraction: fraction of the class held out, in (0, 1).
     split_seed: the split's seed (independent of the training seed).
-
-  Returns:
-    (train files, val files), each in the sorted order of step 1.
   """
   val_fraction, split_seed = check_params(val_fraction, split_seed)
   keyed = sorted((sort_key(os.path.relpath(f, class_dir) if class_dir else f),
@@ -156,17 +131,7 @@ def split_files(files_by_class: Dict[str, Sequence[str]], *,
                 val_fraction: float = DEFAULT_VAL_FRACTION,
                 split_seed: int = DEFAULT_SPLIT_SEED,
                 root: str = '') -> Dict[str, Tuple[List[str], List[str]]]:
-  """Stratified split of a whole tree: `{class: (train files, val files)}`.
-
-  Args:
-    files_by_class: each class's files.
-    val_fraction: fraction of each class held out, in (0, 1).
-    split_seed: the split's seed.
-    root: the tree's folder; class folders are `<root>/<class>`.
-
-  Returns:
-    For every class, its (train, val) files as `split_class_files` gives them.
-  """
+  """`{class: (train files, val files)}` of a tree `<root>/<class>`."""
   return {name: split_class_files(
       name, files, os.path.join(root, name) if root else '',
       val_fraction=val_fraction, split_seed=split_seed)

@@ -1,20 +1,8 @@
 """Image folders as datasets: listing, validating and splitting them.
 
-`config.dataset` may name a folder of images in one of two layouts
-(`vit_jax.data.folder_split.detect_layout`): `<dir>/train/<class>/*` +
-`<dir>/test/<class>/*`, or a single tree `<dir>/<class>/*` that is split per
-class into 'train' and 'val' by `config.val_fraction` and `config.split_seed`
-(see `vit_jax.data.folder_split` for the exact, machine-independent recipe).
-Both are listed, validated and sharded by the same code:
-
-  paths, labels, class_names, num_skipped = image_folders.list_folder(
-      root, 'train')
-
-Unreadable files are dropped when the folder is listed, so the train order,
-the split and every example count are fixed before the pipeline starts.
-Listings are cached per process. `make_source` gives
-`vit_jax.input_pipeline` one process's shard of a split
-(`vit_jax.data.sources.Source`).
+Either layout of `folder_split`; unreadable files are dropped at listing
+time, so orders, splits and counts are fixed before the pipeline starts.
+Listings are cached per process.
 """
 
 import concurrent.futures
@@ -65,18 +53,13 @@ def _class_dirs(split_dir):
 def _list_images(tree_dir, classes):
   """Readable images under `<tree_dir>/<class>/` (recursively), per class.
 
-  Bad files are dropped here, at listing time, so the train order, the split
-  of a single tree and every example count are fixed before the pipeline
-  starts.
-
   Args:
     tree_dir: the folder holding one subfolder per class.
-    classes: class folder names; label = position in this list (a class
-      without a folder in `tree_dir` simply has no images).
+    classes: class folder names; label = position in this list.
 
   Returns:
-    (kept, skipped): `[(path, label)]` of readable images in class order
-    (within a class: sorted os.walk order), and the skipped paths.
+    (kept, skipped): `[(path, label)]` in class order (sorted os.walk order
+    within a class), and the skipped paths.
   """
   candidates = []
   for label, name in enumerate(classes):
@@ -97,11 +80,7 @@ def _list_images(tree_dir, classes):
 
 @functools.lru_cache(maxsize=None)
 def _list_split_folder(root, split):
-  """Lists (paths, labels, class_names, num_skipped) of `<root>/<split>`.
-
-  The train/test layout. Results are cached per process: a folder edited
-  during a run is not re-read.
-  """
+  """(paths, labels, class_names, num_skipped) of `<root>/<split>`; cached."""
   layout = f'expected the layout {_FOLDER_LAYOUT}'
   split_dir = filesystem.join(root, split)
   if not filesystem.isdir(split_dir):
@@ -190,11 +169,9 @@ def split_tree(root, val_fraction, split_seed):
 
 def list_folder(root, split, val_fraction=folder_split.DEFAULT_VAL_FRACTION,
                 split_seed=folder_split.DEFAULT_SPLIT_SEED):
-  """Lists (paths, labels, class_names, num_skipped) of a folder's split.
+  """(paths, labels, class_names, num_skipped) of a folder's split.
 
-  Either layout (`folder_split.detect_layout`). For a single tree the split
-  is 'train' or 'val' ('test'), drawn by `folder_split`, and `num_skipped`
-  counts the unreadable files of the whole tree.
+  For a single tree, `num_skipped` counts the whole tree's unreadable files.
   """
   root = os.path.expanduser(root)
   if folder_split.detect_layout(root) == folder_split.TRAIN_TEST:

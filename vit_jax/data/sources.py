@@ -1,11 +1,7 @@
-"""The shape every dataset source of `vit_jax.input_pipeline` is reduced to.
+"""`Source`: what every dataset of `vit_jax.input_pipeline` is reduced to.
 
-A `Source` is one split of one dataset, restricted to one process's shard: a
-finite `tf.data` of *undecoded* examples `(image, label)` plus a `decode`
-function that turns one undecoded image into a uint8 `[H, W, 3]` tensor. The
-sources (`vit_jax.data.embedded_mnist`, `vit_jax.data.image_folders`,
-`vit_jax.data.tfds_source`) each build one with their `make_source`; the
-input pipeline shuffles, decodes, augments and batches any of them alike.
+One split's process shard: a finite `tf.data` of undecoded `(image, label)`
+examples plus a `decode` to uint8 `[H, W, 3]`.
 """
 
 import dataclasses

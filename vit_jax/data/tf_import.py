@@ -1,12 +1,8 @@
 """TensorFlow for the input pipeline, imported without Keras.
 
-vit_jax uses TensorFlow for tf.data, image decoding and tf.io.gfile only.
-`import tensorflow` also imports Keras 3 eagerly (and with it scikit-learn
-and matplotlib.pyplot), which is half of its start-up time: about 3 of 7
-CPU seconds per process. `import_tensorflow()` imports TensorFlow with that
-eager import skipped; `tf.keras` still loads Keras when something uses it.
-Every module of vit_jax that needs TensorFlow gets it from here, so the
-first import in a process is this one.
+`import tensorflow` imports Keras 3 eagerly, about half its start-up time;
+vit_jax only needs tf.data, decoding and tf.io.gfile, so every module takes
+TensorFlow from here (`tf.keras` still loads Keras on use).
 """
 
 import sys
@@ -14,8 +10,7 @@ import types
 
 
 def import_tensorflow() -> types.ModuleType:
-  """Returns the `tensorflow` module, importing it without Keras if it is
-  not imported yet."""
+  """`tensorflow`, imported without Keras if not imported yet."""
   if 'tensorflow' in sys.modules:
     return sys.modules['tensorflow']
   # A None entry makes `import keras` fail and find_spec('keras') return

@@ -1,15 +1,7 @@
 """TFDS datasets as sources: a prepared builder, sharded per process.
 
-Nothing is downloaded unless `config.tfds_download` is set: an unprepared
-dataset is an error that says how to prepare it, and an unknown name one
-that lists a few close TFDS names.
-
-  builder = tfds_source.prepared_builder('cifar10', data_dir)
-  source = tfds_source.make_source(builder, 'train', process_index,
-                                   process_count, train=True, seed=0)
-
-`make_source` gives `vit_jax.input_pipeline` one process's shard of a split
-(`vit_jax.data.sources.Source`), its images still encoded.
+Nothing is downloaded unless `config.tfds_download` is set; an unprepared
+dataset or an unknown name is an error that says what to do.
 """
 
 import tensorflow_datasets as tfds
@@ -44,8 +36,7 @@ def prepared_builder(name, data_dir=None, manual_dir=None, download=False):
 
 
 def _unknown_name(name) -> errors.ConfigError:
-  """The error for a dataset TFDS does not know: a few close names, never
-  the whole catalogue (which TFDS's own message lists)."""
+  """The error for an unknown dataset, with a few close names."""
   base = name.split(':')[0].split('/')[0]
   close = errors.closest(
       base, tfds.list_builders(with_community_datasets=False))

@@ -1,24 +1,11 @@
 """The PyTorch tutorials' preprocessing, as options of `config.pp`.
 
-The original's protocol (the default) trains on `inception_crop` and
-evaluates on a plain resize to the crop size. The torchvision recipe of the
-tutorials, `RandomResizedCrop(224)` + `RandomHorizontalFlip()` for training
-and `Resize(256)` + `CenterCrop(224)` for evaluation, is available as:
-
-  pp.augment='random_resized_crop'  torchvision's box: area 8-100%, aspect
-                                    3/4-4/3 (log-uniform), 10 tries, then
-                                    the centre crop (`inception_crop`: area
-                                    5-100%, TF's sampler, always flips)
-  pp.flip=True                      random horizontal flip (p=0.5) after the
-                                    training augmentation
-  pp.eval_resize=256                evaluation: short side to 256 (the long
-                                    side int(256 * long / short)), centre
-                                    crop to pp.crop (offsets rounded as
-                                    torchvision's CenterCrop)
+  pp.augment='random_resized_crop'  torchvision's `RandomResizedCrop`
+  pp.flip=True                      random horizontal flip (p=0.5)
+  pp.eval_resize=256                `Resize(256)` + `CenterCrop(pp.crop)`
 
 Boxes and offsets follow torchvision's integer arithmetic; the draws are
-TF's stateless ones, seeded per example, so runs stay reproducible.
-Resizing is bilinear with antialiasing (torchvision's default).
+TF's stateless ones, seeded per example; resizing is bilinear, antialiased.
 """
 
 import math
@@ -67,8 +54,7 @@ def random_resized_crop(image, size, seed):
 
 
 def random_flip(image, seed):
-  """Mirrors `image` left-right with probability 1/2 (a stream of its own:
-  the seed is folded with 1)."""
+  """Mirrors `image` left-right with probability 1/2."""
   seed = tf.random.experimental.stateless_fold_in(seed, 1)
   return tf.image.stateless_random_flip_left_right(image, seed)
 
