@@ -1,3 +1,1 @@
-"""Model building blocks: the attention functions and bf16 matmuls with f32
-accumulation.
-"""
+"""Model building blocks: attention, block stacks, bf16 matmuls, checks."""

@@ -1,18 +1,10 @@
-"""Attention implementations for flax's MultiHeadDotProductAttention.
+"""`attention_fn`s for flax's `nn.MultiHeadDotProductAttention`.
 
-`models_vit.Encoder1DBlock(attention_impl=...)` hands one of these to its
-`nn.MultiHeadDotProductAttention` as `attention_fn`; 'reference' is flax's
-own `nn.dot_product_attention` (the original's graph). Both compute the
-reference's function (tested to 1e-5 in float32 in
-`tests/test_speed_equivalence.py`); they differ in how:
-
-  * `fused_attention` ('xla', 'cudnn'): `jax.nn.dot_product_attention`, the
-    fused cuDNN flash-attention kernel on NVIDIA GPUs, XLA's elsewhere.
-  * `heads_major_attention` ('heads_major'): the reference einsums as
-    batched matmuls over leading (batch, head) axes.
-
-Both fall back to the reference when the caller collects the attention
-probabilities (`intermediates` mutable), which a fused kernel never forms.
+Both compute flax's `nn.dot_product_attention` ('reference'):
+`fused_attention` ('xla', 'cudnn') through `jax.nn.dot_product_attention`,
+`heads_major_attention` ('heads_major') as batched matmuls over leading
+(batch, head) axes. Both fall back to the reference when the attention
+probabilities are collected (`intermediates` mutable).
 """
 
 import functools
@@ -34,22 +26,14 @@ def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
                     force_fp32_for_softmax=False, **unused_kwargs):
   """Attention through `jax.nn.dot_product_attention`, for flax MHA.
 
-  A drop-in `attention_fn` of `nn.MultiHeadDotProductAttention`: inputs
-  [batch, len, heads, head_dim], same output, scale 1/sqrt(head_dim).
-
   Args:
     query: [B, T, N, H].
     key: [B, S, N, H].
     value: [B, S, N, H].
     implementation: 'xla' or 'cudnn' (see `jax.nn.dot_product_attention`).
     dropout_rate: attention dropout; must be 0 unless `deterministic`.
-    deterministic: no dropout.
-    dtype: computation dtype.
-    module: the attention module, passed by flax when the weights are to be
-      sown. If its `intermediates` collection is mutable the caller wants the
-      attention probabilities, which a fused kernel never forms: we then
-      compute attention the reference way (same numbers) so that they exist.
-    force_fp32_for_softmax: for the reference fallback.
+    module: passed by flax; with `intermediates` mutable the reference path
+      runs so that the probabilities exist.
     **unused_kwargs: other MHA arguments (mask, dropout_rng, ...).
 
   Returns:
@@ -88,21 +72,11 @@ def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
                           module=None, force_fp32_for_softmax=False,
                           qk_attn_weights_einsum=None,
                           attn_weights_value_einsum=None):
-  """flax's reference attention computed heads-major, for flax MHA.
+  """flax's reference attention with q, k, v transposed to [B, N, T, 1, H].
 
-  A drop-in `attention_fn` of `nn.MultiHeadDotProductAttention`: the same
-  operations as `nn.dot_product_attention` (query / sqrt(head_dim), the two
-  einsums, softmax, dropout), with q, k, v transposed from [B, T, N, H] to
-  [B, N, T, 1, H] first, so that both attention einsums are batched matmuls
-  over the leading (batch, head) axes, and the result transposed back. The
-  numbers are those of the reference path (equal in float32 to 1e-6, tested;
-  the dropout mask is the same); only the layout differs. On XLA:CPU the
-  reference einsums, whose batch axes are not leading, run far from the
-  matmul peak in float32 (measured by `bench/throughput.py`).
-
-  When the caller collects attention weights (`intermediates` mutable, as
-  `models.attention_weights` does) the reference path runs instead, so the
-  sown weights keep their [B, N, T, T] shape.
+  Same operations and dropout mask as `nn.dot_product_attention`, but both
+  einsums become batched matmuls over leading axes, which XLA:CPU runs much
+  faster in float32. Collecting `intermediates` runs the reference path.
   """
   kw = dict(dropout_rng=dropout_rng, dropout_rate=dropout_rate,
             broadcast_dropout=broadcast_dropout, deterministic=deterministic,
@@ -122,15 +96,10 @@ def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
 
 
 def attention_kwargs(attention_impl: str, dtype: Any) -> Dict[str, Any]:
-  """`nn.MultiHeadDotProductAttention` kwargs of the speed switches.
+  """`nn.MultiHeadDotProductAttention` kwargs of `attention_impl` and `dtype`.
 
-  Args:
-    attention_impl: one of IMPLS.
-    dtype: the block's compute dtype; below float32 the projections and both
-      einsums accumulate in float32 (`mixed_precision`).
-
-  Returns:
-    The kwargs; empty for the original's graph ('reference', float32).
+  Below float32 the projections and einsums accumulate in float32
+  (`mixed_precision`); empty for 'reference' in float32 (the original's graph).
   """
   if attention_impl not in IMPLS:
     raise ValueError(f'Unknown attention_impl {attention_impl!r}; use one of '

@@ -1,10 +1,8 @@
-"""How the encoder runs its blocks: one after another or as one `nn.scan`,
-with or without rematerialisation in the backward pass.
+"""How the encoder runs its blocks: in turn or as one `nn.scan`, with or
+without rematerialisation.
 
-`apply_blocks` is called inside `models_vit.Encoder.__call__`; the blocks it
-builds become the Encoder's submodules, named as in the released checkpoints
-(`encoderblock_{i}`), or `encoderblock` with a leading layer axis under
-`scan=True` (`vit_jax.checkpoints.layouts` converts between the two).
+Blocks are named as in the released checkpoints (`encoderblock_{i}`), or
+`encoderblock` with a leading layer axis under `scan=True`.
 """
 
 from typing import Any, Callable, Mapping, Optional
@@ -26,19 +24,14 @@ REMAT_POLICIES = {
 def apply_blocks(make_block: Callable[..., nn.Module], x_BxLxD, *,
                  num_layers: int, train: bool, scan: bool, remat_policy: str,
                  last_block_kwargs: Optional[Mapping[str, Any]] = None):
-  """Runs `num_layers` blocks on the tokens.
+  """Runs `num_layers` blocks on the tokens; returns the last block's output.
 
   Args:
     make_block: `make_block(name=..., **kwargs)` builds one block, called as
       `block(x, deterministic=...)`.
-    x_BxLxD: the tokens.
-    train: enables dropout.
     scan: one `nn.scan` body instead of `num_layers` modules.
     remat_policy: a key of REMAT_POLICIES.
     last_block_kwargs: extra fields of the last block (unscanned only).
-
-  Returns:
-    The last block's output.
   """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f'Unknown remat_policy {remat_policy!r}; use one of '

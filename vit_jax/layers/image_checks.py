@@ -1,9 +1,7 @@
 """Checks of a model's input images, with the sizes and the fix in the error.
 
-The original `vit_jax` silently cropped images whose size is not a multiple
-of the patch size and crashed deep inside XLA on a wrong channel count or
-token count. `check_images` (called by `VisionTransformer.__call__`) raises a
-ValueError that names the problem and what to do instead.
+Where the original cropped silently or failed inside XLA (size not a
+multiple of the patch, channel or token count), `check_images` raises.
 """
 
 import math
@@ -14,19 +12,14 @@ def check_images(inputs, *, patch_size: Tuple[int, int],
                  stride: Tuple[int, int], hybrid: bool,
                  params: Optional[Mapping[str, Any]],
                  num_prefix_tokens: int, has_encoder: bool) -> None:
-  """Raises ValueError when `inputs` cannot go through the model.
+  """Raises ValueError when `inputs` [B, H, W, C] cannot go through the model.
 
   Args:
-    inputs: the images, [batch, height, width, channels].
-    patch_size: (ph, pw) of the patch embedding.
-    stride: pixels per token along (height, width): the ResNet stem's stride
-      times the patch size.
+    stride: pixels per token along (height, width) (ResNet stem included).
     hybrid: whether a ResNet stem comes before the patch embedding.
-    params: the model's parameters, or None while initialising (then only
-      the rank and size are checked).
+    params: the parameters, or None while initialising (rank and size only).
     num_prefix_tokens: tokens in front of the grid (1 with a class token).
-    has_encoder: whether the model has a transformer (and so a position
-      embedding to match).
+    has_encoder: whether there is a position embedding to match.
   """
   if inputs.ndim != 4:
     raise ValueError(

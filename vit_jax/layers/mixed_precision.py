@@ -1,24 +1,11 @@
 """Matmuls of bfloat16 operands with float32 accumulation, forward and backward.
 
-`VisionTransformer(dtype=jnp.bfloat16)` hands these to the flax layers of
-its encoder blocks (`dot_general=`, the attention einsums), so that every
-block matmul takes bfloat16 operands and accumulates and returns float32:
-what GPU tensor cores do, and what AVX512-BF16 CPUs do at about twice the
-float32 rate (measured matmul peaks: docs/speed.md).
-
-Two things JAX does not do by itself, hence this module:
-  * the backward pass. JAX's transpose of such a dot meets a float32
-    cotangent and the bfloat16 operand and upcasts both, so the gradient
-    dots (2/3 of a training step) would run in float32. `_mixed_dot` rounds
-    the cotangent to bfloat16 and keeps the gradient dots bf16-in,
-    f32-accumulate as well.
-  * XLA:CPU (jax 0.10) runs bf16 x bf16 -> f32 dots only in its
-    YNNPACK/XNNPACK kernels, which take plain row-major [batch, m, k] x
-    [batch, k, n] matmuls. Other layouts go to the Eigen fallback, which has
-    no such kernel and fails at run time ("Unsupported element type for
-    DotThunk::Execute: BF16 x BF16 = F32"). Gradient dots contract non-minor
-    axes (batch and tokens for a kernel's gradient), so on CPU they are
-    rewritten as such plain matmuls (`_batched_matmul`).
+Used by `VisionTransformer(dtype=jnp.bfloat16)` for its encoder blocks. JAX
+alone would upcast the gradient dots to float32, so `_mixed_dot` rounds the
+cotangent to bfloat16. XLA:CPU runs bf16 x bf16 -> f32 dots only as plain
+[b, m, k] x [b, k, n] matmuls (other layouts fail with "Unsupported element
+type for DotThunk::Execute"), so on CPU gradient dots are rewritten as such
+(`_batched_matmul`).
 """
 
 import functools
@@ -58,10 +45,8 @@ def _einsum_specs(lhs_ndim, rhs_ndim, dimension_numbers):
 def _batched_matmul(lhs, rhs, lhs_spec, rhs_spec, out_spec):
   """einsum `lhs_spec,rhs_spec->out_spec` as one [b, m, k] x [b, k, n] dot.
 
-  Float32 accumulation and output. The operands are transposed and
-  flattened into the plain layout XLA:CPU's bf16 kernels take (see the
-  module docstring), behind an optimization barrier so that XLA does not
-  fold the transposes back into the dot.
+  Float32 accumulation; an optimization barrier keeps XLA from folding the
+  transposes back into the dot.
   """
   batch = [c for c in lhs_spec if c in rhs_spec and c in out_spec]
   contract = [c for c in lhs_spec if c in rhs_spec and c not in out_spec]
@@ -115,18 +100,10 @@ _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
                                  preferred_element_type=None):
-  """Drop-in `lax.dot_general`: float32 accumulation and output.
+  """Drop-in `lax.dot_general` with float32 accumulation and output.
 
-  Args:
-    lhs: low-precision operand (flax has cast it to the layer's dtype).
-    rhs: same dtype as `lhs`.
-    dimension_numbers: as `lax.dot_general`.
-    precision: as `lax.dot_general`; when set, or when the operands' dtypes
-      differ, the plain `lax.dot_general` (and JAX's own gradient) is used.
-    preferred_element_type: ignored, always float32.
-
-  Returns:
-    The float32 product.
+  `precision` set or operands of different dtypes: the plain `lax.dot_general`
+  (and JAX's gradient). `preferred_element_type` is ignored.
   """
   del preferred_element_type
   if precision is not None or lhs.dtype != rhs.dtype:
@@ -139,11 +116,10 @@ def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 
 class F32AccumulatingEinsum:
-  """The attention einsums of flax MHA (`*_einsum_cls`) for a compute dtype.
+  """flax MHA's attention einsums (`*_einsum_cls`) for a compute dtype.
 
-  Operands are cast to `dtype` first: flax's float32 softmax hands over
-  float32 probabilities, which would otherwise promote the second einsum to
-  float32.
+  Operands are cast to `dtype` so that float32 softmax probabilities do not
+  promote the second einsum to float32.
   """
 
   def __init__(self, dtype: Dtype):
@@ -158,8 +134,7 @@ class F32AccumulatingEinsum:
 def matmul_kwargs(dtype: Dtype) -> dict:
   """`nn.Dense`/`nn.DenseGeneral` kwargs for a compute dtype.
 
-  Empty for float32: flax's own `lax.dot_general`, so that the float32 graph
-  is the original's, bit for bit.
+  Empty for float32, which keeps the original's graph bit for bit.
   """
   if is_float32(dtype):
     return {}

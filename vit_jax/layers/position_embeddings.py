@@ -1,10 +1,7 @@
-"""Position embeddings beyond the original's learned 1-D table.
+"""Position embeddings besides the learned 1-D table (paper, Appendix D.4).
 
-The paper's ablation (Appendix D.4) compares learned 1-D (`AddPositionEmbs`
-in `vit_jax.models_vit`, the default), learned 2-D and no position embedding;
-fixed 2-D sin-cos tables are added here too. `Encoder(posemb=...)` picks one:
-'learn_2d' is `AddPositionEmbs2D`, 'sincos2d' is `AddSinCosPositionEmbs`.
-Both take the patch grid and the number of tokens in front of it.
+`Encoder(posemb=...)`: 'learn_2d' is `AddPositionEmbs2D`, 'sincos2d'
+`AddSinCosPositionEmbs`.
 """
 
 from typing import Any, Callable, Tuple
@@ -20,9 +17,8 @@ Initializer = Callable[..., Any]
 class AddPositionEmbs2D(nn.Module):
   """Learned 2-D position embedding of the paper's ablation (Appendix D.4).
 
-  Two tables of D/2 each, one indexed by the patch row and one by the column;
-  a token's embedding is their concatenation. The class token, when present,
-  has a learned row of its own.
+  A token gets the concatenation of a row and a column table (D/2 each); the
+  class token has a learned row of its own.
 
   Attributes:
     grid: (rows, cols) of the patch grid.
@@ -76,8 +72,7 @@ def posemb_sincos_2d(gh: int, gw: int, dim: int, temperature: float = 10_000.):
 
 
 class AddSinCosPositionEmbs(nn.Module):
-  """Adds the fixed 2-D sin-cos embedding (no parameters); the tokens in
-  front of the grid (class token) get zeros."""
+  """Adds the fixed 2-D sin-cos embedding; prefix tokens get zeros."""
   grid: Tuple[int, int]
   num_prefix_tokens: int
 
@@ -95,8 +90,7 @@ class AddSinCosPositionEmbs(nn.Module):
 def grid_embedding(posemb: str, *, grid: Tuple[int, int],
                    num_prefix_tokens: int, posemb_init: Initializer,
                    name: str) -> nn.Module:
-  """The module of `posemb` 'learn_2d' or 'sincos2d' (which has no
-  parameters, so `posemb_init` is unused)."""
+  """The module of `posemb` 'learn_2d' or 'sincos2d'."""
   if posemb == 'learn_2d':
     return AddPositionEmbs2D(grid=grid, num_prefix_tokens=num_prefix_tokens,
                              posemb_init=posemb_init, name=name)
