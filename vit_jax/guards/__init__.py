@@ -1,2 +1,1 @@
-"""What guards a run: stop signals, the workdir lock, disk space and
-memory checks."""
+"""What guards a run: stop signals, workdir lock, disk and memory checks."""

@@ -1,10 +1,8 @@
 """A checkpoint that does not fit on its disk: one paragraph, at the save.
 
-`check_room` runs before the first save, where a checkpoint's size is known
-from the train state's shapes; `explain` turns a save that failed on the
-disk (full, over quota, read-only, not writable) into `DiskSpaceError`,
-whose message names the folder, its free space, the size of one
-checkpoint, the newest intact step and the command to resume.
+`check_room` runs before the first save; `explain` turns a save that failed
+on the disk into `DiskSpaceError`, naming the folder, free space, checkpoint
+size, newest intact step and the command to resume.
 """
 
 import errno
@@ -86,8 +84,7 @@ def message(directory: str, *, step: int, need: int, steps: Sequence[int],
 
 def check_room(directory: str, need: int, steps: Sequence[int],
                step: int) -> None:
-  """Raises DiskSpaceError if `directory` cannot take a `need`-byte
-  checkpoint as `step` (before the first save of a run)."""
+  """Raises DiskSpaceError if `directory` cannot take `need` bytes as `step`."""
   os.makedirs(directory, exist_ok=True)
   code = None
   if not os.access(directory, os.W_OK):

@@ -1,13 +1,8 @@
-"""Out of memory: say so before any step where a batch cannot fit, and
-explain an allocation that failed in terms of the config.
+"""Out of memory: named before a step that cannot fit, and explained after.
 
-`check_batch_fits` compares a lower bound of one train step's memory per
-device (parameters, gradients and one optimizer slot in float32, plus the
-activations the backward pass keeps: per token and layer at least the MLP's
-hidden units and four vectors of the hidden size) with the device's memory;
-`explain` turns XLA's RESOURCE_EXHAUSTED into `OutOfMemoryError`, naming the
-batch per device, the bytes XLA tried to take, the device's memory and the
-remedies.
+`check_batch_fits` compares a lower bound of a step's memory per device
+with the device's; `explain` turns XLA's RESOURCE_EXHAUSTED into
+`OutOfMemoryError` with the batch, sizes and remedies.
 """
 
 import os
@@ -58,7 +53,11 @@ def batch_per_device(config) -> Tuple[int, int]:
 
 
 def step_bytes_lower_bound(config, num_params: int) -> int:
-  """A lower bound of one train step's memory on one device."""
+  """A lower bound of one train step's memory on one device.
+
+  Parameters, gradients and one optimizer slot in float32, plus per token and
+  layer the MLP's hidden units and four vectors of the hidden size.
+  """
   total = 4 * num_params * 3
   model = config.model
   transformer = model.get('transformer')
@@ -104,8 +103,7 @@ def check_batch_fits(config, num_params: int) -> None:
 
 
 def explain(error: BaseException, config) -> Optional[OutOfMemoryError]:
-  """An OutOfMemoryError describing `error` if it is XLA running out of
-  memory, else None."""
+  """An OutOfMemoryError for `error` if XLA ran out of memory, else None."""
   if isinstance(error, OutOfMemoryError):
     return None
   text = f'{type(error).__name__}: {error}'

@@ -1,15 +1,9 @@
 """Ctrl-C (SIGINT) and SIGTERM stop a run after its current step.
 
-`with StopSignals(ckpt_dir) as stop:` the train loop checks `stop.received`
-after every step, saves a checkpoint and stops; `python -m vit_jax.main`
-then exits with `exit_code` (130 for Ctrl-C, 143 for SIGTERM: 128 + the
-signal, as shells report it), so a job scheduler can tell a preempted run
-from a finished one. A second Ctrl-C stops the process at once, also while a
-checkpoint is being written: orbax writes each step into a temporary folder
-renamed when complete, so the steps on disk stay intact and the next start
-removes the unfinished one. In a multi-process run every process must
-receive the signal (as cluster schedulers send it), since saving is a
-collective operation.
+The train loop checks `stop.received` after every step, saves and stops;
+the process exits with 128 + the signal. A second Ctrl-C exits at once
+(orbax's temporary step folders keep saved steps intact). Every process of
+a multi-process run must get the signal, since saving is collective.
 """
 
 import os
@@ -30,9 +24,9 @@ def exit_code(name: str) -> int:
 
 
 class Stopped(BaseException):
-  """A stop signal outside the train loop (`raise_when_stopped`); a
-  BaseException, like KeyboardInterrupt, so that no `except Exception`
-  takes it for an error."""
+  """A stop signal outside the train loop; not an `Exception`, so no handler
+  takes it for an error.
+  """
 
   def __init__(self, signum: int):
     super().__init__(NAMES[signum])
@@ -40,8 +34,7 @@ class Stopped(BaseException):
 
 
 def raise_when_stopped() -> None:
-  """Until a StopSignals block takes over: Ctrl-C and SIGTERM raise
-  `Stopped` (before the first step, after the last)."""
+  """Makes Ctrl-C and SIGTERM raise `Stopped` until a StopSignals block."""
 
   def handle(signum, frame):
     del frame

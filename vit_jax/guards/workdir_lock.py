@@ -1,13 +1,8 @@
 """One run per workdir: a lock file that names the run holding it.
 
-`with hold(workdir, command):` creates `<workdir>/.run.lock`, holds an
-exclusive `flock` on it and writes the host, PID, start time and command of
-this run; the file is removed on exit. A second run on the same workdir
-finds the lock held and stops with `WorkdirInUseError`, which names the
-first. The kernel drops a `flock` when its process ends, however it ends,
-so a lock file left by a run that is gone (kill -9, a crash, a reboot) is
-not held: the next run takes it over and says so. A multi-process run takes
-one lock, in process 0 (`vit_jax.main`).
+`hold` keeps an exclusive `flock` on `<workdir>/.run.lock`, which records
+host, PID, start time and command. The kernel drops the lock when its
+process ends, so a file left by a dead run is taken over.
 """
 
 import contextlib

@@ -1,2 +1,1 @@
-"""What a run shows: progress lines, the data table, the end-of-run
-pictures and closing lines."""
+"""What a run shows: progress, the data table, plots and closing lines."""

@@ -1,10 +1,4 @@
-"""The dataset report of a run: what the class indices mean, how data was split.
-
-`vit_jax.train` calls `write_dataset_report` once per run (process 0) before
-training; it writes `class_names.json` (what `vit_jax.predict` reads next to
-a checkpoint), `split.json` and a bar chart of images per class into the
-workdir, and prints the per-class counts as a table.
-"""
+"""The dataset report of a run: what class indices mean, how data was split."""
 
 import hashlib
 import json
@@ -114,34 +108,17 @@ def _write_json(path, data):
 def write_dataset_report(config, workdir: str) -> dict:
   """Writes what the class indices mean and how the data was split.
 
-  Meant to be called once per run, by process 0, before training. Writes to
-  `workdir`:
-    * `class_names.json`: a JSON list of the class names in index order (what
-      `vit_jax.predict` reads next to a checkpoint);
-    * `split.json`: the returned report (below), e.g. to check that two
-      machines drew the same split: `val_files_sha256` is the sha256 of the
-      val files as `<class>/<path in the class folder>` lines, in class
-      order and sorted within a class, joined by newlines;
-    * `split_counts.png`: a bar chart of train and val images per class (only
-      when per-class counts are known and there are at most 100 classes);
-  and logs the per-class counts as a table.
-
-  Per-class counts are exact for image folders (after unreadable files are
-  dropped) and the embedded digits; for TFDS only the split sizes are given
-  (`per_class` is None), since counting labels would read the whole split.
-
-  Args:
-    config: the experiment config (fields as for `get_datasets`).
-    workdir: output folder (created if missing).
+  Called once per run, by process 0, before training. Writes
+  `class_names.json` (read by `vit_jax.predict`), `split.json` (the returned
+  report) and `split_counts.png` (per-class bars, at most 100 classes) into
+  `workdir`, and logs the per-class counts. TFDS gets split sizes only.
 
   Returns:
-    Dict with `dataset`, `kind` ('embedded', 'tfds', 'folder train_test',
-    'folder single_tree'), `splits` ({'train': train split name, 'val': eval
-    split name}), `val_fraction` and `split_seed` (single tree, else None),
-    `num_classes`, `class_names`, `num_examples` ({'train': n, 'val': n}),
-    `per_class` ({name: {'train': n, 'val': n}} or None), `num_skipped`,
-    `dropped_classes`, `val_files_sha256` (single tree, else None), `table`
-    (the logged text) and `files` (the paths written).
+    The report: `dataset`, `kind`, `splits`, `val_fraction`, `split_seed`,
+    `num_classes`, `class_names`, `num_examples`, `per_class` (None for
+    TFDS), `num_skipped`, `dropped_classes`, `val_files_sha256` (of the
+    sorted `<class>/<path>` lines of a single tree's val files, else None),
+    `table` and `files`.
   """
   dataset = config.get('dataset', input_pipeline.EMBEDDED_MNIST)
   data_dir = config.get('tfds_data_dir')
@@ -172,15 +149,8 @@ def write_dataset_report(config, workdir: str) -> dict:
 def _describe_source(report, infos, val_fraction, split_seed):
   """Sets the report's `kind` and the fields of an image folder's split.
 
-  Args:
-    report: the report being built (`dataset` set); updated in place.
-    infos: {'train': info, 'val': info} of `get_dataset_info`.
-    val_fraction: the config's (None: the default).
-    split_seed: the config's (None: the default).
-
   Returns:
-    (val_fraction, split_seed): the checked values for a single tree, else
-    the arguments unchanged.
+    (val_fraction, split_seed), checked for a single tree, else as given.
   """
   dataset = report['dataset']
   if dataset == input_pipeline.EMBEDDED_MNIST:

@@ -1,14 +1,8 @@
 """What a user sees while training: a progress bar or lines, metrics, compiles.
 
-Process 0 shows training progress in one of two forms:
-- on a terminal, one tqdm bar (step, loss, test accuracy, images/s, ETA),
-  updated every step, with the loss refreshed every `log_every` steps;
-- otherwise (a log file, a pipe, CI), one plain line every `log_every` steps
-  (step, loss, learning rate, images/s, ETA) and one per evaluation.
-The same numbers go to the absl log (`[step] name=value, ...`), to
-TensorBoard event files (`tf.summary`, process 0) and, one JSON object per
-line, to `<workdir>/metrics.jsonl`, which `run_plots` reads for
-`curves.png`; a resumed run appends to it.
+Process 0 shows a tqdm bar on a terminal, else a plain line every
+`log_every` steps and one per evaluation. The numbers also go to the absl
+log, TensorBoard and `<workdir>/metrics.jsonl` (appended on resume).
 """
 
 import json
@@ -38,11 +32,9 @@ def format_duration(seconds: float) -> str:
 
 def read_metrics(workdir: str, last_step: Optional[int] = None
                  ) -> List[Dict[str, Any]]:
-  """The records of `metrics.jsonl`, one per (step, kind), latest kept.
+  """The records of `metrics.jsonl`, latest kept per (step, keys).
 
-  A resumed run rewrites the steps after its checkpoint; for each step and
-  set of keys the latest record wins. `last_step` drops later records (of an
-  earlier, longer attempt).
+  `last_step` drops later records (of an earlier, longer attempt).
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
@@ -62,9 +54,8 @@ def read_metrics(workdir: str, last_step: Optional[int] = None
 class Progress:
   """Step timing, the progress display and the metric writers.
 
-  Speed is measured from the end of the first step (which includes
-  compilation) and excludes time spent in `paused()` blocks (evaluation,
-  checkpoints), so images/s and the ETA describe training alone.
+  Speed counts from the end of the first step (compilation) and leaves out
+  `paused()` blocks, so images/s and the ETA describe training alone.
 
   Attributes:
     images_per_s: the latest measured training speed, or None.
@@ -196,11 +187,7 @@ class _Pause:
 
 
 class CompileCounter:
-  """Counts XLA compilations that happen inside `with counter:` blocks.
-
-  The original's step compiled twice (its first inputs were sharded unlike
-  the step's outputs); summary.json reports the count so tests can pin it.
-  """
+  """Counts XLA compilations inside `with counter:` blocks."""
 
   _EVENT = '/jax/core/compile/backend_compile_duration'
   _active = []  # the counters whose block the program is in

@@ -1,13 +1,7 @@
-"""Pictures of a finished training run, written into its workdir.
+"""Pictures of a finished run in its workdir: `curves.png`, `confusion.png`.
 
-- `curves.png`: the training loss (log scale) and the test accuracy over
-  steps, from the run's `metrics.jsonl` (`vit_jax.reporting.progress`).
-- `confusion.png`: the test split's confusion matrix (true class down,
-  predicted class across) with the class names, counts in the cells and the
-  accuracy (its trace over its total) in the title.
-
-Both use matplotlib's Agg canvas without pyplot, so they work without a
-display and leave notebook figures alone.
+matplotlib's Agg canvas without pyplot: no display needed, notebook figures
+left alone.
 """
 
 import os
@@ -38,13 +32,12 @@ def _series(records: Sequence[Dict[str, Any]], key: str):
 
 def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
                  title: str = '') -> None:
-  """Training loss and test accuracy against the step, side by side.
+  """Training loss (log scale) and test accuracy against the step, to `path`.
 
   Args:
-    records: `progress.read_metrics(workdir)`: dicts with 'step' and some of
-      'train_loss', 'accuracy_test' (one marker per evaluation).
+    records: `progress.read_metrics(workdir)`.
     path: the PNG to write.
-    title: shown above both panels (e.g. the model and dataset).
+    title: shown above both panels.
   """
   curves_figure(records, title=title).savefig(path, dpi=100)
 
@@ -85,14 +78,12 @@ def curves_figure(records: Sequence[Dict[str, Any]], *, title: str = ''):
 def write_confusion(matrix: np.ndarray, path: str, *,
                     class_names: Optional[List[str]] = None,
                     title: str = '') -> None:
-  """The confusion matrix as a heat map with counts.
+  """The confusion matrix (rows true, columns predicted) as a heat map PNG.
 
   Args:
-    matrix: [classes, classes] counts, rows the true class, columns the
-      predicted one.
+    matrix: [classes, classes] counts.
     path: the PNG to write.
-    class_names: tick labels (default: the class indices). Classes beyond
-      40 are drawn without per-cell counts or names.
+    class_names: tick labels (default: indices); none beyond 40 classes.
     title: prefix of the title, which ends with the accuracy.
   """
   matrix = np.asarray(matrix)

@@ -1,8 +1,5 @@
-"""The closing lines of a finished run: what the workdir holds, what to run
-next, and summary.json written so that a reader never sees half of it.
-
-`vit_jax.train` prints `workdir_contents` and `next_commands` after the final
-accuracy; both only read the workdir and the config.
+"""The closing lines of a finished run (workdir contents, next commands) and
+atomic summary.json writes.
 """
 
 import json
