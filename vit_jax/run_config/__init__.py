@@ -1,3 +1,1 @@
-"""The run config: every check before data is read, and the original vit_jax
-config shape translated.
-"""
+"""The run config: checks before data is read; the original's shape."""

@@ -1,9 +1,6 @@
-"""The error every config check raises, and the close names it suggests.
+"""`ConfigError`, which every config check raises, and close-name suggestions.
 
-`ConfigError` is a config value, command-line key or path that cannot work;
-`python -m vit_jax.main` reports it as one paragraph and exits 2. The input
-pipeline raises it too (an unknown dataset name), which is why it lives below
-both `validation` and `vit_jax.input_pipeline`.
+`python -m vit_jax.main` reports it as one paragraph and exits 2.
 """
 
 import difflib

@@ -1,20 +1,10 @@
 """The original `vit_jax`'s config shape, translated to this project's.
 
-`train.train_and_evaluate` takes either shape and calls `to_project_config`
-first; nothing else in the trainer knows about the original's shape. A config
-is in this project's shape when it has `train_split` (every config built on
-configs/common.py has); otherwise it is read as the original's
-(vit_jax/configs/common.py): its fields are copied onto this project's base
-config, by the same name or by the names below, and the pre-trained
-checkpoint is resolved as the original did it:
-
-  * `model_or_filename` (AugReg): a file stem, or a model whose best
-    ImageNet-21k pre-training by final upstream validation accuracy is
-    picked from `{pretrained_dir}/index.csv`;
-  * otherwise `{pretrained_dir}/{model.model_name}.npz`.
-
-A missing file fails with its path and the public bucket of the released
-ones; a field of neither shape fails with its name.
+A config without `train_split` is the original's: `to_project_config`
+copies its fields onto this project's base config and resolves the
+checkpoint as the original did (`model_or_filename`: an AugReg file stem or
+the best ImageNet-21k pre-training in `index.csv`; else
+`{pretrained_dir}/{model.model_name}.npz`).
 """
 
 from typing import Any, Iterator, Tuple
@@ -50,11 +40,7 @@ RELEASED = {
 
 
 def trainer(config: ml_collections.ConfigDict) -> str:
-  """What `train_and_evaluate` runs: `config.trainer`, else 'train'.
-
-  The original's configs/inference_time.py names its trainer in a field
-  `train` instead, which is read too.
-  """
+  """`config.trainer`, else the original's `config.train`, else 'train'."""
   name = config.get('trainer') or (
       'inference_time' if config.get('train') == 'inference_time' else 'train')
   if name not in TRAINERS:
@@ -154,8 +140,7 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 
 
 def best_augreg_filename(directory: str, model: str) -> str:
-  """The ImageNet-21k pre-training of AugReg `model` with the best
-  `final_val` in `{directory}/index.csv` (the stem of its `.npz`)."""
+  """The `.npz` stem of AugReg `model`'s best ImageNet-21k `final_val`."""
   index = checkpoint.get_augreg_df(directory=directory)
   stems = index.filename.str.split('-').str[0]
   rows = index[(stems == model) & (index.ds == 'i21k')]

@@ -1,14 +1,8 @@
 """Checks of a run's inputs, before any data is read or a model is built.
 
-One place for the mistakes a user can make on the command line of
-`python -m vit_jax.main`: config keys that do not exist
-(`check_override_keys`), values the config cannot hold (`check_config`, which
-runs before TensorFlow loads), and data options and paths that cannot work
-(`check_workdir`, `check_data_and_paths`). Each failure is a `ConfigError`:
-one paragraph naming the field or path, what is wrong and what to do.
-`vit_jax.main` prints it without a traceback and exits with status 2;
-`vit_jax.train.train_and_evaluate` runs the config checks itself, so Python
-callers get them too. docs/troubleshooting.md lists the errors.
+Unknown keys, impossible values and unusable data options or paths each
+raise one `ConfigError` paragraph: the field, what is wrong, what to do
+(docs/troubleshooting.md).
 """
 
 import os
@@ -240,8 +234,7 @@ def _check_model(config) -> None:
 
 
 def _check_model_name(config) -> None:
-  """`model_name` only labels the run and names `<pretrained_dir>/<name>.npz`;
-  a name that is not the model's would silently train another model."""
+  """A `model_name` that is not the model's would load another checkpoint."""
   from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
   name, own = config.get('model_name'), config.model.get('model_name')
   if not name or not own or name == own:
@@ -260,8 +253,8 @@ def _check_model_name(config) -> None:
 
 def check_config(config: ml_collections.ConfigDict, *, device_count: int,
                  process_count: int = 1) -> None:
-  """Raises ConfigError for the first model, optimizer, batch or step value
-  of `config` that cannot work. Does not import TensorFlow.
+  """Raises ConfigError for a model, optimizer, batch or step value that cannot
+  work. Does not import TensorFlow.
 
   Args:
     config: a training config (configs/common.py lists every field).
@@ -277,8 +270,9 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int,
 
 
 def check_data_and_paths(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for a trainer option, augmentation or pre-trained
-  checkpoint of `config` that cannot work (`check_config`'s rest)."""
+  """Raises ConfigError for an unusable trainer option, augmentation or
+  pre-trained checkpoint.
+  """
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   _check_choices(config, _run_choices())
   try:
@@ -329,10 +323,7 @@ def check_remote(path: str, what: str) -> None:
 
 
 def check_workdir(workdir: str) -> str:
-  """Creates `workdir` if missing; raises ConfigError if it cannot be used.
-
-  Returns its absolute path.
-  """
+  """`workdir`'s absolute path, created if missing; ConfigError if unusable."""
   if filesystem.has_scheme(workdir):
     check_remote(workdir, '--workdir')
     return workdir

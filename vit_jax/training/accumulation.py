@@ -1,14 +1,9 @@
 """Gradient accumulation with one dispatch per micro-batch.
 
-`utils.accumulate_gradient` loops over the micro-batches inside one program
-(`lax.fori_loop`). On XLA:CPU that loop's body runs slower than the same
-computation dispatched on its own, and a small micro-batch whose activations
-stay in the CPU's cache runs faster per image than the whole batch (the
-numbers are in docs/main_job.md). Here each micro-batch's loss and gradient
-is its own pmapped call that adds into a running sum, and one last call
-averages, reduces over devices and applies the optimizer. The sums are taken
-in the loop's order (micro-batch 0, then 1, ...), so the result is the
-loop's to float rounding (tested in tests/test_accumulation.py).
+Unlike `utils.accumulate_gradient`'s `lax.fori_loop`, each micro-batch is
+its own pmapped call adding into a running sum, which runs faster on XLA:CPU
+(docs/main_job.md); the sums follow the loop's order, so the result is the
+loop's up to float rounding.
 """
 
 from typing import Any, Callable
@@ -24,11 +19,10 @@ from vit_jax.training import trainable
 def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
                    tx: optax.GradientTransformation, trainable_mask: Any,
                    axis_name: str) -> Callable[..., Any]:
-  """`train.make_update_fn`'s step for `accum_steps` > 1, one call per slice.
+  """`train.make_update_fn`'s pmapped step for `accum_steps` > 1.
 
   Returns `update_fn(params, opt_state, batch, rng) -> (params, opt_state,
-  loss, new_rng)` with the arguments and results of the pmapped step of
-  `train.make_update_fn`; params and opt_state are donated.
+  loss, new_rng)`; params and opt_state are donated.
   """
 
   def add_slice(params, acc, batch, index, rng):

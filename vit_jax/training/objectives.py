@@ -1,11 +1,7 @@
 """What a train step optimises and what an evaluation counts.
 
-`config.objective` picks the objective: supervised classification (the
-paper's pre-training and fine-tuning; `config.loss` of `LOSSES`, optional
-label smoothing) or masked patch prediction (Sec. 4.6, self-supervised;
-`vit_jax.models_mpp`). `make_loss_fn` builds the step's loss and
-`make_counts_fn` the evaluation's (correct, count) of one device's batch;
-`vit_jax.train` (pmap) and `vit_jax.parallel.sharding` (FSDP) wrap both.
+`config.objective`: supervised classification, or masked patch prediction
+(paper, Section 4.6; `vit_jax.models_mpp`).
 """
 
 from typing import Any, Callable
@@ -31,11 +27,7 @@ def softmax_xent(*, logits, labels):
 
 
 def sigmoid_xent(*, logits, labels):
-  """Per-class sigmoid cross-entropy summed over classes, mean over examples.
-
-  For multi-label data such as ImageNet-21k, where an image may carry several
-  labels.
-  """
+  """Per-class sigmoid cross-entropy (multi-label), mean over examples."""
   log_p = jax.nn.log_sigmoid(logits)
   log_not_p = jax.nn.log_sigmoid(-logits)
   return -jnp.mean(jnp.sum(labels * log_p + (1. - labels) * log_not_p,
@@ -52,11 +44,8 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
                  ) -> Callable[..., jax.Array]:
   """`loss_fn(params, images, labels, rng) -> mean loss` of config.objective.
 
-  'classification': `config.loss` (LOSSES) of the logits, dropout keyed by
-  `rng`. 'mpp' (`model` a `models_mpp.MaskedPatchPredictor`): the
-  mean-colour loss over the corrupted patches; `labels` carry example
-  indices (see `mpp_labels`), and the first one is folded into `rng` so that
-  every micro-batch of an accumulated step draws its own corruption.
+  For 'mpp', `labels` carry example indices (`mpp_labels`); the first is
+  folded into `rng` so every micro-batch draws its own corruption.
   """
   objective = config.get('objective') or 'classification'
   if objective == 'mpp':
@@ -73,9 +62,7 @@ def classification_loss_fn(apply_fn: Callable[..., Any],
                            loss: str = 'softmax_xent',
                            label_smoothing: float = 0.
                            ) -> Callable[..., jax.Array]:
-  """`loss_fn(params, images, labels, rng)`: LOSSES[loss] of the logits of
-  `apply_fn` in training mode, dropout keyed by `rng`; the targets are
-  `(1 - label_smoothing) * labels + label_smoothing / classes`."""
+  """`loss_fn(params, images, labels, rng)`: label-smoothed `LOSSES[loss]`."""
   if loss not in LOSSES:
     raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
   loss_of = LOSSES[loss]
@@ -100,9 +87,7 @@ def mpp_labels(batch_shape) -> np.ndarray:
 def top1_counts(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """`counts(params, batch) -> (correct, count)` of top-1 classification.
 
-  An example is correct when its top-1 class is one of its labels (top-1
-  accuracy for one-hot labels); `batch['mask']` keeps the padding examples
-  of the last batch out.
+  Correct: the top-1 class is one of the labels; `batch['mask']` drops padding.
   """
 
   def counts(params, batch):
@@ -117,9 +102,7 @@ def top1_confusion(apply_fn: Callable[..., Any],
                    num_classes: int) -> Callable[..., Any]:
   """`confusion(params, batch) -> [classes, classes]` counts of one batch.
 
-  Rows are the true class (the label's argmax), columns the top-1 class;
-  padding examples (`batch['mask']` 0) are left out. For one-hot labels its
-  trace over its sum is `top1_counts`'s accuracy.
+  Rows: the true class (label argmax); columns: the top-1 class; padding out.
   """
 
   def confusion(params, batch):
@@ -134,8 +117,8 @@ def top1_confusion(apply_fn: Callable[..., Any],
 def mpp_counts(model) -> Callable[..., Any]:
   """`counts(params, batch) -> (correct, count)` of masked patch prediction.
 
-  Counts the corrupted patches whose 3-bit mean colour is predicted right.
-  The corruption uses a fixed key, so every evaluation sees the same masks.
+  Counts corrupted patches whose 3-bit mean colour is right; the masks use a
+  fixed key, so every evaluation sees the same ones.
   """
 
   def counts(params, batch):

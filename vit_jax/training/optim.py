@@ -1,9 +1,8 @@
-"""Optimizers of the paper's recipes (SPEC section 6), built from a config.
+"""Optimizers of the paper's recipes, built from a config.
 
-Fine-tuning (Appendix B.1.1): SGD with momentum 0.9, the momentum buffer in
-bfloat16 as in the original, global-norm clipping before momentum, no weight
-decay. Pre-training (Table 3): Adam (0.9, 0.999) with decoupled weight decay.
-All of them follow `utils.create_learning_rate_schedule`.
+Fine-tuning (Appendix B.1.1): SGD with momentum 0.9 (bfloat16 buffer as in
+the original), global-norm clipping, no weight decay. Pre-training (Table 3):
+Adam (0.9, 0.999) with decoupled weight decay.
 """
 
 from typing import Any, Callable, Tuple
@@ -29,20 +28,12 @@ LrFn = Callable[[Any], jax.Array]
 
 def make_optimizer(config: ml_collections.ConfigDict
                   ) -> Tuple[optax.GradientTransformation, LrFn]:
-  """Builds the optimizer and learning-rate schedule of `config`.
+  """(tx, lr_fn): the optax optimizer and learning-rate schedule of `config`.
 
-  Fields read: optimizer ('sgd_momentum', 'adam' or 'adamw'), total_steps,
-  base_lr, decay_type, warmup_steps, linear_end, grad_norm_clip (0 or None for
-  no clipping), momentum, optim_dtype (SGD momentum buffer / Adam first
-  moment), adam_b1, adam_b2, weight_decay (adamw; optax multiplies it by the
-  learning rate, the paper's "decoupled" kind), ema_decay (0 or None: no
-  average of the weights; `weight_ema.with_weight_ema`).
-
-  Args:
-    config: the experiment config.
-
-  Returns:
-    (tx, lr_fn): the optax transformation and `step -> learning rate`.
+  Reads optimizer ('sgd_momentum', 'adam', 'adamw'), the schedule fields,
+  grad_norm_clip (0/None: none), momentum, optim_dtype, adam_b1, adam_b2,
+  weight_decay (adamw; scaled by the learning rate) and ema_decay (0/None: no
+  weight average).
   """
   name = config.get('optimizer', 'sgd_momentum')
   if name not in OPTIMIZERS:

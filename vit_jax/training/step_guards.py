@@ -1,10 +1,4 @@
-"""What the train loop keeps per step: dropout keys and a NaN/inf guard.
-
-`StepKeys(seed)(step)` is the step's dropout key, a pure function of (seed,
-step), so a resumed run uses the same keys as an uninterrupted one.
-`LossWatch` holds the losses not yet read and raises `NonFiniteLossError`
-at the first NaN/inf, before any later checkpoint is written.
-"""
+"""What the train loop keeps per step: dropout keys and a NaN/inf guard."""
 
 from typing import Any, Callable
 
@@ -21,9 +15,8 @@ class NonFiniteLossError(FloatingPointError):
 class StepKeys:
   """Dropout keys `fold_in(PRNGKey(seed), step)` as host arrays.
 
-  Computed for chunks of steps by one compiled function, so that the loop
-  hands the step numpy data (no per-step device work or compilation) and a
-  resumed run gets the same key for the same step.
+  Computed in chunks by one compiled function; a resumed run gets the same key
+  for the same step.
   """
 
   CHUNK = 1024
@@ -43,11 +36,10 @@ class StepKeys:
 
 
 class LossWatch:
-  """Losses not yet looked at; stops the run at the first NaN/inf.
+  """Losses not yet read; raises `NonFiniteLossError` at the first NaN/inf.
 
-  Reading a loss waits for its step, so losses are only read when logging
-  or checkpointing; a checkpoint is written only after every earlier loss
-  was found finite.
+  Losses are read (waiting for their step) only when logging or saving, and a
+  checkpoint is written only after every earlier loss was finite.
   """
 
   def __init__(self, ckpts: train_checkpoint.TrainCheckpoints,

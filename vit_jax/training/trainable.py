@@ -1,21 +1,7 @@
-"""Training part of a model: which parameters get gradients and an optimizer.
+"""Which parameters train: a mask, and the split into trainable and frozen.
 
-The workflow of frozen-backbone fine-tuning (train the head of an ImageNet-21k
-ViT on a folder of flower photos) needs three things this module gives the
-training step:
-
-  * `trainable_mask(params, spec)`: a tree of bools naming the trainable
-    parameters. `spec` is None or 'all' (everything, the paper's
-    fine-tuning), a preset ('head'; 'head+pre_logits'), or a regular
-    expression matched (`re.search`) against each parameter's path joined
-    with '/', e.g. 'Transformer/encoder_norm|head'.
-  * `split(params, mask)` -> (trainable, frozen): two nested dicts that hold
-    disjoint subsets of the leaves. The step differentiates the loss with
-    respect to `trainable` only (XLA does not compute the backbone's weight
-    gradients at all) and the optimizer state is built for `trainable` only,
-    so Adam keeps no moments for frozen weights.
-  * `merge(trainable, frozen)`: the full tree again. Frozen leaves pass
-    through untouched, so they stay bit-for-bit what was loaded.
+Only the trainable half is differentiated and gets optimizer state; frozen
+leaves stay bit-for-bit what was loaded.
 """
 
 import re
@@ -53,16 +39,12 @@ def trainable_mask(params: Params, spec: Optional[str]) -> Params:
   """A tree of bools with `params`' structure: True where the leaf trains.
 
   Args:
-    params: the parameter tree (nested dicts; array or ShapeDtypeStruct
-      leaves).
-    spec: None/'all', a key of PRESETS, or a regular expression.
-
-  Returns:
-    The mask.
+    params: nested dicts of arrays or ShapeDtypeStructs.
+    spec: None/'all', a key of PRESETS, or a regular expression searched in
+      each leaf's '/'-joined path.
 
   Raises:
-    ValueError: the expression is invalid or selects no parameter (the
-      message lists the top-level names to choose from).
+    ValueError: the expression is invalid or selects no parameter.
   """
   regex = pattern(spec)
   flat = _flat(params)
@@ -85,10 +67,7 @@ def trainable_mask(params: Params, spec: Optional[str]) -> Params:
 
 
 def split(params: Params, mask: Params) -> Tuple[Params, Params]:
-  """(trainable, frozen): the leaves of `params` where `mask` is True / False.
-
-  Both are nested dicts with the paths of `params`; either may be empty.
-  """
+  """(trainable, frozen): the leaves where `mask` is True / False."""
   flat, flat_mask = _flat(params), _flat(mask)
   if flat.keys() != flat_mask.keys():
     raise ValueError('The trainable mask does not have the structure of the '
@@ -122,10 +101,7 @@ def describe(params: Params, mask: Params) -> str:
 
 
 def partition(params, mask):
-  """(trainable part, frozen part, merge function) of `params`.
-
-  `mask` None: everything trains and nothing is split (the paper's setup).
-  """
+  """(trainable part, frozen part, merge function); `mask` None: no split."""
   if mask is None:
     return params, {}, lambda t: t
   train_part, frozen = split(params, mask)

@@ -1,18 +1,8 @@
 """An exponential moving average (EMA) of the trained weights.
 
-`with_weight_ema(tx, decay)` wraps an optax optimizer so that its state also
-holds the average of the parameters after every update, each update weighted
-`decay` times the next one. The average is bias-corrected: after update t it
-is
-
-    sum_{s<=t} decay^(t-s) params_s / sum_{s<=t} decay^(t-s),
-
-so it starts at the first update's parameters, not at zero or at the
-initialisation. `config.ema_decay` turns it on (`optim.make_optimizer`); the
-train loop then evaluates the average, and `averaged_params` /
-`checkpoint_params` give it to predict and export. Because it lives in the
-optimizer state, train-state checkpoints and every parallelism carry it with
-no code of their own.
+Bias-corrected: after update t it is sum_s decay^(t-s) params_s over
+sum_s decay^(t-s), starting at the first update's parameters. It lives in
+the optimizer state, so checkpoints and every parallelism carry it.
 """
 
 from typing import Any, Mapping, NamedTuple
@@ -34,15 +24,10 @@ class WeightEmaState(NamedTuple):
 
 def with_weight_ema(tx: optax.GradientTransformation,
                     decay: float) -> optax.GradientTransformation:
-  """`tx` whose state also averages the parameters it produces.
+  """`tx` whose state also averages the parameters; its updates are unchanged.
 
-  Args:
-    tx: the optimizer; its updates are returned unchanged.
-    decay: weight of the average against each new update, in (0, 1); the
-      average spans about 1 / (1 - decay) updates.
-
-  Returns:
-    An optax transformation whose `update` needs `params`.
+  `decay` is in (0, 1); the average spans about 1 / (1 - decay) updates. The
+  result's `update` needs `params`.
   """
   if not 0.0 < decay < 1.0:
     raise ValueError(f'config.ema_decay must be in (0, 1), not {decay}; e.g. '
@@ -72,16 +57,9 @@ def with_weight_ema(tx: optax.GradientTransformation,
 
 
 def averaged_params(params: Any, opt_state: Any, mask: Any = None) -> Any:
-  """The parameters to evaluate: the average where `opt_state` holds one.
+  """`params` with the trained leaves (`mask`) replaced by their average.
 
-  Args:
-    params: the full parameter tree (host or device arrays).
-    opt_state: the optimizer state of the trained leaves.
-    mask: the trainable mask (`trainable.trainable_mask`), or None.
-
-  Returns:
-    `params` with the trained leaves replaced by their average, or `params`
-    itself when the optimizer keeps no average.
+  `params` itself when `opt_state` keeps no average.
   """
   if not isinstance(opt_state, WeightEmaState):
     return params
@@ -92,9 +70,7 @@ def averaged_params(params: Any, opt_state: Any, mask: Any = None) -> Any:
 def checkpoint_params(state: Mapping[str, Any]) -> Any:
   """The parameters of a train state restored without a template.
 
-  orbax restores `WeightEmaState` as a dict of its fields; when the state
-  holds an average, its leaves replace those of `state['params']` (frozen
-  leaves, which are not averaged, stay).
+  Averaged leaves replace those of `state['params']` where the state has them.
   """
   opt_state = state.get('opt_state')
   if not (isinstance(opt_state, Mapping) and 'ema_params' in opt_state):
