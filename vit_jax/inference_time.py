@@ -1,12 +1,10 @@
 """Inference speed of a zoo model: the original's `inference_time` trainer.
 
-`python -m vit_jax.main --config=vit_jax/configs/inference_time.py
---workdir=W --config.batch=B --config.num_classes=K --config.image_size=S`
-(or any config with `trainer='inference_time'`) compiles the model's
-inference on every local device (pmap), runs `initial_steps` untimed calls,
-times `steps` calls, logs images/s per device and writes them to TensorBoard
-events in the workdir: `imgs_sec_core_{min,max,mean,std}` at step 0, with the
-config as hyper-parameters.
+  python -m vit_jax.main --config=vit_jax/configs/inference_time.py
+      --workdir=W --config.batch=B --config.image_size=S
+
+Logs images/s per device and writes `imgs_sec_core_{min,max,mean,std}` to
+TensorBoard events in the workdir.
 """
 
 import functools
@@ -37,13 +35,8 @@ def inference_time(config: ml_collections.ConfigDict,
                    workdir: str) -> Dict[str, float]:
   """Times inference of `config.model_name`; writes images/s to `workdir`.
 
-  Args:
-    config: `model_name`, `batch` (global over the local devices),
-      `num_classes`, `image_size`, `initial_steps`, `steps`.
-    workdir: where the TensorBoard events go.
-
-  Returns:
-    The scalars written: imgs_sec_core_{min,max,mean,std}.
+  `config.batch` is global over the local devices; `initial_steps` untimed
+  calls come before `steps` timed ones. Returns the scalars written.
   """
   _check(config)
   model = models.get_model(config.model_name, num_classes=config.num_classes)

@@ -1,9 +1,7 @@
 """Model front door: the module classes, the zoo lookup and probes.
 
-`from vit_jax import models; models.VisionTransformer(...)`,
-`models.MlpMixer(...)` and `models.get_model('ViT-B_16', num_classes=10)` work
-as in the original; `get_model` builds an `MlpMixer` for the `Mixer-*` zoo
-entries.
+`models.VisionTransformer`, `models.MlpMixer` and `models.get_model(name)`
+work as in the original.
 """
 
 import difflib
@@ -47,16 +45,9 @@ def canonical_name(name: str) -> str:
 
 
 def get_model(name: str, **kw):
-  """Builds the zoo model `name`; `kw` sets or overrides module fields.
+  """Builds the zoo model `name` ('ViT-B_16', 'ViT-B/16', 'Mixer-B_16', ...).
 
-  Args:
-    name: a key of MODEL_CONFIGS, e.g. 'ViT-B_16' (also 'ViT-B/16'), or
-      'Mixer-B_16'.
-    **kw: module fields, e.g. `num_classes=10`; for a ViT also
-      `representation_size=None`, `dtype=jnp.bfloat16`, `posemb='sincos2d'`.
-
-  Returns:
-    The flax module (`VisionTransformer` or `MlpMixer`).
+  `kw` sets or overrides module fields, e.g. `num_classes=10`.
   """
   return from_config(MODEL_CONFIGS[canonical_name(name)], **kw)
 
@@ -67,18 +58,15 @@ def model_class(config: Any):
 
 
 def from_config(config: Any, model_cls=None, **kw):
-  """Builds a model from a zoo-style ConfigDict (or dict) and `kw`.
+  """Builds a model from a zoo-style ConfigDict (or dict) and `kw` overrides.
 
   Args:
     config: module fields, as the zoo's ConfigDicts hold them.
     model_cls: the module class; None picks it by the fields (`model_class`).
-      Also a model built on VisionTransformer's fields (e.g.
-      `masked_patch.MaskedPatchPredictor`).
     **kw: fields to set or override.
 
   Returns:
-    The module; `num_classes` defaults to None (no head) when neither
-    `config` nor `kw` gives it.
+    The module; `num_classes` is None (no head) unless given.
   """
   fields = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
   fields.update(kw)
@@ -95,13 +83,8 @@ def attention_weights(model: VisionTransformer, params: Any,
                       images: jax.Array) -> List[jax.Array]:
   """Attention probabilities of every encoder block, in order of depth.
 
-  Args:
-    model: the module.
-    params: its parameters (the 'params' collection).
-    images: [batch, height, width, channels].
-
   Returns:
-    A list of `num_layers` arrays [batch, heads, tokens, tokens] (query, key).
+    `num_layers` arrays [batch, heads, query tokens, key tokens].
   """
   _, state = model.apply({'params': params}, images, train=False,
                          mutable=['intermediates'])

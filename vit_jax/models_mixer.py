@@ -1,13 +1,7 @@
-"""MLP-Mixer (Tolstikhin et al., "MLP-Mixer: An all-MLP Architecture for
-Vision", NeurIPS 2021), as the original `vit_jax` has it.
+"""MLP-Mixer (Tolstikhin et al., 2021), as the original `vit_jax` has it.
 
-Module and parameter names are the original's (`stem`, `MixerBlock_{i}/
-{LayerNorm_0, token_mixing, LayerNorm_1, channel_mixing}/Dense_{0,1}`,
-`pre_head_layer_norm`, `head`), so its released `.npz` files (gs://
-mixer_models/) load with `checkpoint.load` and are written back unchanged by
-`checkpoint.save`. Numerics are the original's: flax LayerNorm defaults
-(eps 1e-6), tanh-approximated GELU, global average pooling before a head whose
-kernel starts at zero.
+Module names and numerics are the original's, so the released `.npz` files
+(gs://mixer_models/) load with `checkpoint.load` and save back unchanged.
 """
 
 from typing import Any, Optional
@@ -17,11 +11,7 @@ import jax.numpy as jnp
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> Dense back to the input width.
-
-  Attributes:
-    mlp_dim: hidden width of the MLP.
-  """
+  """Dense(mlp_dim) -> GELU -> Dense back to the input width."""
   mlp_dim: int
 
   @nn.compact
@@ -31,12 +21,7 @@ class MlpBlock(nn.Module):
 
 
 class MixerBlock(nn.Module):
-  """Token mixing (an MLP across patches) then channel mixing, pre-LayerNorm.
-
-  Attributes:
-    tokens_mlp_dim: hidden width of the token-mixing MLP.
-    channels_mlp_dim: hidden width of the channel-mixing MLP.
-  """
+  """Token mixing (an MLP across patches) then channel mixing, pre-LayerNorm."""
   tokens_mlp_dim: int
   channels_mlp_dim: int
 
@@ -51,17 +36,13 @@ class MixerBlock(nn.Module):
 
 
 class MlpMixer(nn.Module):
-  """The Mixer classifier.
-
-  Called like `VisionTransformer`: `model.apply({'params': p}, images,
-  train=False)` with NHWC images in [-1, 1] (the model has no dropout, so
-  `train` changes nothing).
+  """The Mixer classifier, called like `VisionTransformer` (no dropout).
 
   Attributes:
     patches: ConfigDict with `size` = (ph, pw); the stem's kernel and stride.
     num_classes: size of the head; 0/None for no head (pooled features out).
     num_blocks: number of MixerBlocks.
-    hidden_dim: channels per patch C.
+    hidden_dim: channels per patch.
     tokens_mlp_dim: hidden width of every token-mixing MLP.
     channels_mlp_dim: hidden width of every channel-mixing MLP.
     model_name: zoo name, informational.

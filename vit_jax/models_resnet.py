@@ -1,9 +1,7 @@
-"""The ResNet stem of the hybrid models (paper Sec. 3.1 "Hybrid Architecture").
+"""The ResNet stem of the hybrid models (paper, Section 3.1).
 
-A ResNet-v2-style network of the BiT kind: weight-standardised convolutions
-(`StdConv`), GroupNorm instead of BatchNorm, and post-activation bottleneck
-units. Parameter names (`conv_root`, `gn_root`, `block{s}/unit{u}/conv1`, ...)
-are those of Google's released hybrid checkpoints (SPEC section 2).
+BiT-style ResNet-v2: weight-standardised convolutions and GroupNorm, with the
+parameter names of Google's released hybrid checkpoints.
 """
 
 from typing import Any, Sequence, Tuple
@@ -22,10 +20,7 @@ def weight_standardize(w, axis, eps):
 
 
 class StdConv(nn.Conv):
-  """Convolution whose kernel is standardised at every use (BiT, Kolesnikov+ 2020).
-
-  The stored parameter stays the raw kernel, so checkpoints hold raw weights.
-  """
+  """Convolution with its kernel standardised at each use (BiT)."""
 
   def param(self, name, *args, **kwargs):
     param = super().param(name, *args, **kwargs)
@@ -35,13 +30,7 @@ class StdConv(nn.Conv):
 
 
 class ResidualUnit(nn.Module):
-  """Bottleneck unit: 1x1 (features) -> 3x3 (features, stride) -> 1x1 (4 features).
-
-  Attributes:
-    features: width of the bottleneck; the unit outputs `4 * features` channels.
-    strides: stride of the 3x3 convolution (and of the projection).
-    dtype: computation dtype.
-  """
+  """Bottleneck: 1x1 -> 3x3 (strided) -> 1x1, `4 * features` channels out."""
   features: int
   strides: Tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
@@ -90,10 +79,9 @@ class ResNetStage(nn.Module):
 
 def resnet_stem(x, *, width_factor: float, num_layers: Sequence[int],
                 dtype: Dtype):
-  """Applies the hybrid ResNet stem; must be called inside a compact module.
+  """Applies the hybrid ResNet stem inside the caller's compact module.
 
-  The submodules are created in the caller's scope, so their parameters get
-  the released checkpoints' top-level names.
+  Its submodules get the released checkpoints' top-level names.
   """
   width = int(64 * width_factor)
   x = StdConv(features=width, kernel_size=(7, 7), strides=(2, 2),
@@ -109,5 +97,5 @@ def resnet_stem(x, *, width_factor: float, num_layers: Sequence[int],
 
 
 def stem_stride(num_layers: Sequence[int]) -> int:
-  """Total downsampling of the stem: 4 for the root, 2 per stage after the first."""
+  """Total downsampling of the stem: 4 for the root, 2 per later stage."""
   return 4 * 2**max(len(num_layers) - 1, 0)

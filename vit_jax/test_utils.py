@@ -11,14 +11,10 @@ from vit_jax import models
 
 
 def create_checkpoint(model_config, path, *, image_size=16):
-  """Writes a freshly initialised `model_config` model to `path` (`.npz`).
+  """Writes a freshly initialised zoo ViT or Mixer `model_config` to `path`.
 
-  Args:
-    model_config: a zoo ConfigDict (`vit_jax.configs.models`), ViT or Mixer.
-    path: the file; its directory is created.
-    image_size: the side of the images the model is initialised for (a
-      Mixer's token-mixing MLPs, unlike a ViT's position embedding, cannot
-      be resampled, so give it the fine-tuning resolution).
+  `image_size`: the Mixer's must be the fine-tuning resolution (its
+  token-mixing MLPs cannot be resampled).
   """
   model = models.from_config(model_config, num_classes=1)
   params = model.init(jax.random.PRNGKey(0),

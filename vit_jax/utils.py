@@ -1,8 +1,5 @@
-"""The original's training helpers: learning-rate schedule, accumulation, and
-its log file (`add_gfile_logger`).
-
-They keep the original's signatures (SPEC section 8) so code written for
-google-research/vision_transformer runs unchanged.
+"""The original's training helpers: learning-rate schedule, gradient
+accumulation and log file, with the original's signatures.
 """
 
 import logging as python_logging
@@ -20,20 +17,12 @@ DECAY_TYPES = ('cosine', 'linear')
 def create_learning_rate_schedule(
     total_steps: int, base: float, decay_type: str, warmup_steps: int,
     linear_end: float = 1e-5) -> Callable[[Any], jax.Array]:
-  """Linear warmup, then cosine or linear decay (SPEC section 6).
+  """Linear warmup, then cosine or linear decay to `linear_end`.
 
-  `progress = clip((step - warmup) / (total - warmup), 0, 1)`; cosine gives
-  `base * 0.5 * (1 + cos(pi * progress))`, linear
-  `linear_end + (base - linear_end) * (1 - progress)`; both are multiplied by
-  `min(1, step / warmup)`. optax counts updates from 0, so the first update
-  uses learning rate 0 when `warmup_steps > 0`, as in the original.
-
-  Args:
-    total_steps: number of updates of the run.
-    base: peak learning rate.
-    decay_type: 'cosine' or 'linear'.
-    warmup_steps: steps of linear warmup (0 for none).
-    linear_end: final learning rate of the linear decay.
+  With `progress = clip((step - warmup) / (total - warmup), 0, 1)`: cosine
+  `base * 0.5 * (1 + cos(pi * progress))`, linear `linear_end + (base -
+  linear_end) * (1 - progress)`, both times `min(1, step / warmup)`; so the
+  first update (step 0) has learning rate 0, as in the original.
 
   Returns:
     `step -> learning rate` (a float32 scalar), usable as an optax schedule.
@@ -73,20 +62,12 @@ def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
                         accum_steps: int) -> Tuple[jax.Array, Any]:
   """Mean loss and gradient over `accum_steps` equal slices of the batch.
 
-  Trades time for memory: only one slice's activations live at a time. With
-  equal slices the averages equal the full batch's loss and gradient (SPEC
-  section 6).
+  Only one slice's activations live at a time; with equal slices the means
+  equal the full batch's.
 
   Args:
-    loss_and_grad_fn: `(params, images, labels) -> (loss, grads)`, e.g.
-      `jax.value_and_grad(loss_fn)`.
-    params: the parameters.
-    images: [batch, H, W, C].
-    labels: [batch, classes].
+    loss_and_grad_fn: `(params, images, labels) -> (loss, grads)`.
     accum_steps: number of slices; 0 or 1 computes the batch at once.
-
-  Returns:
-    (loss, grads) averaged over the slices.
   """
   if not accum_steps or accum_steps <= 1:
     return loss_and_grad_fn(params, images, labels)
@@ -111,8 +92,7 @@ def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
 
 def add_gfile_logger(workdir: str, *, basename: str = 'train',
                      level: int = python_logging.INFO) -> None:
-  """Appends the Python log to `{workdir}/{basename}.log` (any path of
-  `vit_jax.data.filesystem`, e.g. gs://...), line by line."""
+  """Appends the Python log to `{workdir}/{basename}.log` (local or gs://)."""
   filesystem.makedirs(workdir)
   stream = filesystem.open_file(
       filesystem.join(workdir, f'{basename}.log'), 'a')
