@@ -1,7 +1,9 @@
 """The host a benchmark ran on, in one line (CPU name, family, vector units).
 
-CPUs sold under one name differ: an AMD EPYC of family 25 (Zen 3/4) runs
-512-bit vector FMAs at half the rate of family 26 (Zen 5), and Intel Xeons
+CPUs sold under one name differ: an AMD EPYC of family 25 has no AVX-512
+(Zen 3) or runs each 512-bit instruction as two 256-bit halves (Zen 4), where
+family 26 (Zen 5) has 512-bit units
+(http://numberworld.org/blogs/2024_8_7_zen5_avx512_teardown); Intel Xeons
 with AMX multiply bfloat16 matrices several times faster than float32. Every
 benchmark prints this line beside its numbers.
 """

@@ -4,9 +4,9 @@ Command (all sections; about 20 minutes on a 2-core CPU):
 
   python -m bench.throughput
 
-The issue's comparison, with the original timed in the same run (a clone of
-https://github.com/google-research/vision_transformer, not shipped here) and
-timm (torch and timm installed):
+The comparison that judges the targets, with the original timed in the same
+run (a clone of https://github.com/google-research/vision_transformer, not
+shipped here) and timm (torch and timm installed):
 
   python -m bench.throughput --token-only-last-block \
       --original ../vision_transformer --timm
@@ -34,8 +34,9 @@ Sections (`--what`, comma-separated):
            (LayerNorm, GELU, softmax, casts, the optimizer) took no time:
            an estimate of the most that work on anything but the matmuls
            can give (the products read operands of their own, so a call
-           whose data stays in cache can edge past it). `--ceiling-shapes N` also times each distinct matmul
-           alone and lists the N that take the most time, with their rate.
+           whose data stays in cache can edge past it). `--ceiling-shapes
+           N` also times each distinct matmul alone and lists the N that
+           take the most time, with their rate.
            Skipped, with the reason, where the products' operands and
            outputs would take over half the device's memory (e.g. ViT-B/16
            training at a GPU batch of 128: lower --batch).
@@ -63,14 +64,15 @@ a training step is 3x the forward pass); XLA's own count
 (`cost_analysis()['flops']`, which also counts elementwise work) is printed
 beside it.
 
-The tables at the end compare against the original implementation and the
-issue's targets (multiples of the original's float32 images/s). With
-`--original DIR` the original's model runs in this process on the same
-parameters (its logits are checked against ours first), its calls
-interleaved with ours: the only comparison that holds across machines.
-Without it the reference speeds of the project's shared/MACHINE.md stand in
-(marked *), measured on another CPU of the same name, so compare numbers of
-one run. `--timm` adds timm's inference (torch and timm installed).
+The tables at the end compare against the original implementation and this
+project's targets (docs/speed.md: multiples of the original's float32
+images/s). With `--original DIR` (a clone of
+https://github.com/google-research/vision_transformer) the original's model
+runs in this process on the same parameters (its logits are checked against
+ours first), its calls interleaved with ours. Only what the same run measured
+is compared: without `--original` the tables say that the original was not
+measured and give no ratio against it or verdict on a target. `--timm` adds
+timm's inference (torch and timm installed).
 
 What it prints: the command, jax and jaxlib versions, the device and CPU
 line (`bench.machine`), XLA_FLAGS and the batch; then per section its
@@ -252,13 +254,8 @@ def run_peak(args):
     peak[d] = throughput_metrics.matmul_gflops(args.matmul_size, d,
                                                args.repeats)
     label = 'float32' if d == 'float32' else 'bf16 in, f32 accumulate'
-    ref = (throughput_report.MACHINE_MATMUL_GFLOPS[d]
-           if jax.default_backend() == 'cpu' else None)
-    rows.append([label, f'{peak[d]:.0f}', throughput_report.fmt(ref, '.0f'),
-                 throughput_report.fmt(None if ref is None else peak[d] / ref,
-                                       '.2f')])
-  throughput_report.print_table(['matmul', 'GFLOP/s', 'MACHINE.md', 'ratio'],
-                                rows)
+    rows.append([label, f'{peak[d]:.0f}'])
+  throughput_report.print_table(['matmul', 'GFLOP/s'], rows)
   return peak
 
 

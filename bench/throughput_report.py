@@ -1,9 +1,11 @@
 """The tables `bench.throughput` prints, and what it judges its numbers by.
 
-The reference speeds of the project's shared/MACHINE.md (the original
-vit_jax, timm and XLA's matmul peak on the reference CPU) stand in where a
-run measures no original or timm itself; the issue's targets are multiples
-of the original's float32 images/s. Each `*_table` function prints one of
+Every comparison is with what the same run measured: the original vit_jax
+(`--original`), timm (`--timm`) and XLA's matmul peak (`--what peak`). Where
+a run did not measure one of them, its columns say so and give no ratio;
+speeds measured on another machine are never compared with. The targets are
+this project's speed goals (docs/speed.md), multiples of the original's
+float32 images/s on the same machine. Each `*_table` function prints one of
 the tables of a run's end from the rows `bench.throughput_steps` measured:
 
   throughput_report.print_table(['model', 'img/s'], [['ViT-S_16', '7.8']])
@@ -16,29 +18,11 @@ import jax
 
 from bench import throughput_metrics
 
-# the project's shared/MACHINE.md, "Reference speeds on this machine type":
-# Google's original vit_jax, jit, batch 8, 224x224, 1000 classes, median of
-# 9, float32, images/s on a 2-core AMD EPYC (Zen 5).
-ORIGINAL_IMAGES_PER_S = {
-    ('infer', 'ViT-Ti_16'): 100.8,
-    ('infer', 'ViT-S_16'): 35.6,
-    ('infer', 'ViT-B_16'): 9.1,
-    ('train', 'ViT-Ti_16'): 23.2,
-    ('train', 'ViT-S_16'): 7.8,
-}
-# Same source: timm (PyTorch 2.13, CPU) inference, float32 / bf16 autocast.
-TIMM_IMAGES_PER_S = {
-    ('infer', 'ViT-S_16', 'float32'): 18.3,
-    ('infer', 'ViT-S_16', 'bfloat16'): 52.5,
-    ('infer', 'ViT-B_16', 'float32'): 4.9,
-    ('infer', 'ViT-B_16', 'bfloat16'): 14.4,
-}
-# Same source: XLA on a 2048^3 matmul, GFLOP/s.
-MACHINE_MATMUL_GFLOPS = {'float32': 407., 'bfloat16': 892.}
-# The issue's targets, as multiples of the original's float32 images/s on the
-# same machine (batch 8, 224x224): at least the original for ViT-B/16
-# inference in float32, 2x it in bfloat16 (and above timm's bf16 autocast),
-# 1.3x (float32) and 2x (bfloat16) the original's ViT-S/16 training step.
+# This project's targets (docs/speed.md), as multiples of the original's
+# float32 images/s measured in the same run (batch 8, 224x224, 1000
+# classes, CPU): at least the original for ViT-B/16 inference in float32,
+# 2x it in bfloat16 (and above timm's bf16 autocast), 1.3x (float32) and 2x
+# (bfloat16) the original's ViT-S/16 training step.
 TARGET_X_ORIGINAL = {
     ('infer', 'ViT-B_16', 'float32'): 1.0,
     ('infer', 'ViT-B_16', 'bfloat16'): 2.0,
@@ -46,7 +30,7 @@ TARGET_X_ORIGINAL = {
     ('train', 'ViT-S_16', 'bfloat16'): 2.0,
 }
 TARGET_ABOVE_TIMM = {('infer', 'ViT-B_16', 'bfloat16')}
-# Compile-only targets of the issue.
+# Compile-only targets (docs/speed.md).
 TARGET_REMAT_BATCH_RATIO = 2.0  # remat full vs none, same memory budget.
 TARGET_SCAN_COMPILE_RATIO = 1 / 3  # ViT-L/16 train step, scan vs loop.
 
@@ -124,7 +108,7 @@ def ceiling_table(ceilings, originals, peak, ceiling_shapes):
   rows = []
   for (what, name, d), r in ceilings.items():
     top = r['ceiling_images_per_s']
-    orig, here = original_images_per_s(originals, what, name)
+    orig = original_images_per_s(originals, what, name)
     target = TARGET_X_ORIGINAL.get((what, name, d))
     gflop = r['matmul_flops'] / 1e9
     rows.append([
@@ -132,8 +116,7 @@ def ceiling_table(ceilings, originals, peak, ceiling_shapes):
         f'{100 * r["images_per_s"] / top:.0f}', f'{gflop:.2f}',
         f'{gflop * top:.0f}',
         fmt(div(100 * gflop * top, peak.get(d)), '.0f'),
-        fmt(div(top, orig), '.2f') + ('' if here or orig is None
-                                      else '*'),
+        fmt(div(top, orig), '.2f'),
         '-' if target is None else f'>= {target:g}'])
   print_table(['step', 'model', 'dtype', 'img/s', 'matmuls alone img/s',
                '% of ceiling', 'matmul GFLOP/img', 'matmul GFLOP/s',
@@ -144,8 +127,9 @@ def ceiling_table(ceilings, originals, peak, ceiling_shapes):
         'it where its data stays in cache). '
         'matmul GFLOP/img: counted from the jaxpr. % of peak: against the '
         'n^3 matmul above. ceiling x original: the matmuls alone over the '
-        'original\'s full call (* = MACHINE.md\'s number): a target above '
-        'it is out of reach on this machine with these matmuls.')
+        'original\'s full call, measured in this run (- without '
+        '--original): a target above it is out of reach on this machine '
+        'with these matmuls.')
   for (what, name, d), r in ceilings.items():
     if r.get('matmul_shapes'):
       print_matmul_shapes(f'{what} {name} {d}', r['matmul_shapes'],
@@ -180,13 +164,14 @@ def frozen_table(frozen):
 
 
 def targets_table(results, originals, timm, args):
-  """Our images/s against the original's, timm's and the issue's targets.
+  """Our images/s against the original's and timm's, and the targets.
 
   Args:
     results: {(step, model, dtype): row} of ours.
     originals: {(step, model): row} of the original measured in this run.
     timm: {(model, dtype): images/s} of timm measured in this run.
-    args: the command line (comparable only at MACHINE.md's sizes).
+    args: the command line (the targets hold on CPU at batch 8, 224x224,
+      1000 classes).
   """
   comparable = (jax.default_backend() == 'cpu' and args.batch == 8 and
                 args.image_size == 224 and args.num_classes == 1000)
@@ -195,34 +180,31 @@ def targets_table(results, originals, timm, args):
   rows = []
   for (what, name, d), r in results.items():
     ips = r['images_per_s']
-    orig, here = original_images_per_s(originals, what, name)
+    orig = original_images_per_s(originals, what, name)
     timm_ips = timm.get((name, d)) if what == 'infer' else None
-    timm_ref = (timm_ips if timm_ips is not None else
-                TIMM_IMAGES_PER_S.get((what, name, d)))
     target = TARGET_X_ORIGINAL.get((what, name, d))
     x_orig = div(ips, orig)
     met = '-'
     if target is not None and x_orig is not None:
-      met = x_orig >= target
-      if (what, name, d) in TARGET_ABOVE_TIMM and timm_ref is not None:
-        met = met and ips > timm_ref
-      met = 'yes' if met else 'NO'
-    star = lambda v, measured: fmt(v) + ('' if measured or v is None
-                                         else '*')
+      met = 'yes' if x_orig >= target else 'NO'
+      if (what, name, d) in TARGET_ABOVE_TIMM and met == 'yes':
+        met = ('- (no timm)' if timm_ips is None else
+               'yes' if ips > timm_ips else 'NO')
     rows.append([
-        what, name, d, f'{ips:.1f}', star(orig, here),
-        fmt(x_orig, '.2f'),
+        what, name, d, f'{ips:.1f}', fmt(orig), fmt(x_orig, '.2f'),
         '-' if target is None else f'>= {target:g}' + (
             ' & > timm' if (what, name, d) in TARGET_ABOVE_TIMM else ''),
-        met, star(timm_ref, timm_ips is not None),
-        fmt(div(ips, timm_ref), '.2f')])
+        met, fmt(timm_ips), fmt(div(ips, timm_ips), '.2f')])
   print_table(['step', 'model', 'dtype', 'img/s', 'original f32 img/s',
                'x original', 'target', 'met', 'timm img/s', 'x timm'], rows)
   print('original: the original vit_jax in float32, measured in this run '
-        '(--original) on the same parameters; * = not measured here, the '
-        'number of the project\'s shared/MACHINE.md instead (another CPU of '
-        'the same name can be half as fast: compare the matmul peaks above). '
-        'timm: measured here with --timm (inference), else MACHINE.md (*).')
+        '(--original) on the same parameters. timm: measured in this run '
+        'with --timm (inference). Nothing measured elsewhere is compared '
+        'with: speeds differ between CPUs of the same name.')
+  if not originals:
+    print('The original was not measured in this run (--original DIR, a '
+          'clone of https://github.com/google-research/vision_transformer): '
+          'no ratio against it, no target judged.')
 
 
 def print_matmul_shapes(title, timings, top, peak_gflops):
@@ -245,11 +227,9 @@ def print_matmul_shapes(title, timings, top, peak_gflops):
 
 
 def original_images_per_s(originals, what, name):
-  """(images/s, measured in this run?): `originals`, else MACHINE.md."""
+  """The original's images/s measured in this run, or None."""
   here = originals.get((what, name))
-  if here:
-    return here['images_per_s'], True
-  return ORIGINAL_IMAGES_PER_S.get((what, name)), False
+  return here['images_per_s'] if here else None
 
 
 def gib(n):

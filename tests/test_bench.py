@@ -165,6 +165,30 @@ def test_targets_are_judged_against_the_original_of_the_run(capsys,
   ], table
 
 
+def test_without_the_original_no_ratio_is_printed(capsys, monkeypatch):
+  """Only what the run measured is compared: no original, no ratio."""
+  row = lambda ips: dict(images_per_s=ips, compile_s=1., peak_bytes=2**20,
+                         flops=1e9, xla_flops=1e9)
+  monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
+      'float32': row(6.6), 'bfloat16': row(9.0)})
+  monkeypatch.setattr(throughput_metrics, 'matmul_gflops', lambda *_: 100.)
+  throughput.main(['--models', 'ViT-S_16', '--what', 'peak,train',
+                   '--repeats', '1'])
+  out = capsys.readouterr().out
+  peak = out[out.index('## Matmul peak'):].split('\n\n')[0]
+  header = [c.strip() for c in peak.splitlines()[1].strip('|').split('|')]
+  assert header == ['matmul', 'GFLOP/s'], peak
+  table = out[out.index('## Against the original'):].split('\n\n')[0]
+  cells = [[c.strip() for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:] if line.startswith('|')]
+  # step, model, dtype, img/s, original, x original, target, met.
+  assert [c[:8] for c in cells] == [
+      ['train', 'ViT-S_16', 'float32', '6.6', '-', '-', '>= 1.3', '-'],
+      ['train', 'ViT-S_16', 'bfloat16', '9.0', '-', '-', '>= 2', '-'],
+  ], table
+  assert 'The original was not measured in this run' in out
+
+
 def test_timm_without_timm_says_how_to_get_it(monkeypatch):
   monkeypatch.setitem(sys.modules, 'timm', None)  # `import timm` fails.
   args = throughput.parse_args(ARGV + ['--timm'])

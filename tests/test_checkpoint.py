@@ -3,7 +3,8 @@
 Ground truth: the official fixtures (tests/data/official, written by the
 original implementation and in the names of Google's released files),
 scipy.ndimage.zoom (what the original resamples with), jax.image.resize and
-PIL (bicubic), and SPEC facts (ViT-Ti/16 has 5,717,416 parameters).
+PIL (bicubic), and parameter counts that follow from a model's shapes
+(ViT-Ti/16 with a 1000-class head: 5,717,416).
 """
 
 import io
@@ -776,7 +777,11 @@ def test_cli_inspect_names_the_zoo_model(tmp_path):
   result = run_cli('inspect', path)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert 'parameters: 5,717,416' in lines  # SPEC section 3.
+  # Width 192, MLP 768, 12 blocks, 197 tokens of 16x16x3 patches (the
+  # original's vit_jax/configs/models.py): 147,648 patch embedding + 192
+  # class token + 37,824 position embedding + 12 x 444,864 blocks + 384
+  # final LayerNorm + 193,000 head.
+  assert 'parameters: 5,717,416' in lines
   assert 'zoo_name: ViT-Ti_16' in lines
   assert 'grid: 14x14 (224x224 images)' in lines
   assert 'num_heads: 3' in lines and 'num_classes: 1000' in lines
@@ -824,8 +829,9 @@ def test_cli_resize(tmp_path, method):
 
 
 def test_original_api_names_are_defined_in_checkpoint():
-  # SPEC section 8: code written for the original calls these on
-  # `vit_jax.checkpoint`, where they are defined.
+  # Code written for the original calls these on `vit_jax.checkpoint`
+  # (https://github.com/google-research/vision_transformer, its
+  # vit_jax/checkpoint.py), where they are defined.
   for name in ('load', 'load_pretrained', 'inspect_params', 'recover_tree',
                'interpolate_posembed', 'get_augreg_df', 'copy'):
     assert getattr(checkpoint, name).__module__ == 'vit_jax.checkpoint', name

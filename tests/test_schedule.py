@@ -1,4 +1,9 @@
-"""The learning-rate schedule equals SPEC section 6's formula, step by step."""
+"""The learning-rate schedule equals the original's formula, step by step.
+
+The original (https://github.com/google-research/vision_transformer,
+`vit_jax/utils.py`, `create_learning_rate_schedule`): linear warmup, then
+cosine decay to 0 or linear decay to 1e-5 (the paper, Appendix B.1).
+"""
 
 import math
 
@@ -15,8 +20,8 @@ from vit_jax import utils
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 
-def spec_lr(step, *, total, base, decay_type, warmup, end=1e-5):
-  """SPEC section 6, written out in plain Python."""
+def original_lr(step, *, total, base, decay_type, warmup, end=1e-5):
+  """The original's schedule, written out in plain Python."""
   progress = min(max((step - warmup) / (total - warmup), 0.), 1.)
   if decay_type == 'cosine':
     lr = base * 0.5 * (1 + math.cos(math.pi * progress))
@@ -29,13 +34,14 @@ def spec_lr(step, *, total, base, decay_type, warmup, end=1e-5):
 
 @pytest.mark.parametrize('decay_type', ['cosine', 'linear'])
 @pytest.mark.parametrize('warmup', [0, 7, 50])
-def test_schedule_equals_spec_formula(decay_type, warmup):
+def test_schedule_equals_original_formula(decay_type, warmup):
   total, base = 100, 0.03
   lr_fn = utils.create_learning_rate_schedule(total, base, decay_type, warmup)
   steps = np.arange(0, total + 1)
   got = np.asarray(jax.vmap(lr_fn)(steps))
-  want = np.array([spec_lr(s, total=total, base=base, decay_type=decay_type,
-                           warmup=warmup) for s in steps], np.float32)
+  want = np.array([original_lr(s, total=total, base=base,
+                               decay_type=decay_type, warmup=warmup)
+                   for s in steps], np.float32)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)  # float32
   assert got.dtype == np.float32
 
