@@ -1,29 +1,18 @@
 """Input pipelines: TFDS datasets, image folders and an embedded offline MNIST.
 
-Every source is reduced to the same shape before the shared pipeline runs: a
-finite `tf.data` of *undecoded* examples `(image, label)` holding only this
-process's shard, plus a `decode` function that turns one undecoded image into a
-uint8 `[H, W, 3]` tensor (`vit_jax.data.sources.Source`). Decoding happens after
-shuffling (as in the original vit_jax), so shuffle buffers hold compressed
-bytes or file paths, not pixels. The sources: `vit_jax.data.embedded_mnist`,
-`vit_jax.data.image_folders` and `vit_jax.data.tfds_source`.
+Every source (`vit_jax.data.sources.Source`) gives this process's shard of
+undecoded `(image, label)` examples and a `decode` function; decoding happens
+after shuffling, as in the original vit_jax, so shuffle buffers hold bytes or
+paths, not pixels.
 
-Determinism and resumption: the train stream is a concatenation of epochs, epoch
-`e` being the local shard shuffled with a seed derived from `(config.seed, e)`.
-Each element is numbered with its position in that infinite stream, and
-`get_datasets(config, start_step=s)` starts at epoch `s * local_batch // n` and
-skips the rest before any decoding. Augmentations use only stateless random
-ops seeded from `(config.seed, global example number)`, so the batch of step
-`s` is a pure function of `(config.seed, s, process index)`.
+The train stream is a concatenation of epochs, each shuffled with a seed
+from `(config.seed, epoch)`, and augmentation is seeded by `(config.seed,
+global example number)`: the batch of step `s` is a function of the seed,
+`s` and the process index, so `start_step` resumes exactly.
 
-Image folders come in two layouts (`vit_jax.data.folder_split.detect_layout`):
-`<dir>/train/<class>/*` + `<dir>/test/<class>/*`, or a single tree
-`<dir>/<class>/*` that is split per class into 'train' and 'val' by
-`config.val_fraction` and `config.split_seed` (see `vit_jax.data.folder_split` for
-the exact, machine-independent recipe). Both are listed, validated, decoded
-and sharded by the same code (`vit_jax.data.image_folders`).
-`vit_jax.reporting.dataset_report` records the class indices (`class_names.json`)
-and the split (`split.json`, a bar chart).
+Image folders are `<dir>/{train,test}/<class>/*` or a single `<dir>/<class>/*`
+tree split per class by `config.val_fraction` and `config.split_seed`
+(`vit_jax.data.folder_split`).
 """
 
 import dataclasses
@@ -66,20 +55,14 @@ def get_dataset_info(dataset: str, split: str, *, data_dir=None,
                      split_seed: int = folder_split.DEFAULT_SPLIT_SEED) -> dict:
   """Describes one split of a dataset without building a pipeline.
 
-  Args:
-    dataset: `'embedded_mnist'`, a TFDS name or an image folder path (either
-      layout, see `vit_jax.data.folder_split`).
-    split: split name, e.g. `'train'`, `'test'` or (TFDS) `'train[:98%]'`;
-      a single-tree folder has `'train'` and `'val'` (alias `'test'`).
-    data_dir: TFDS data directory (ignored for the other sources).
-    val_fraction: held-out fraction of each class of a single-tree folder.
-    split_seed: seed of that split (independent of the training seed).
+  `dataset` is 'embedded_mnist', a TFDS name or an image folder; a
+  single-tree folder has splits 'train' and 'val' (alias 'test'), split by
+  `val_fraction` and `split_seed`.
 
   Returns:
-    Dict with `num_examples`, `num_classes`, `int2str` (class names; also
-    callable as `int2str(i)` like the original) and, for folders,
-    `num_skipped` (unreadable files left out; of the whole tree for a single
-    tree) and `layout` (`'train_test'` or `'single_tree'`).
+    Dict with `num_examples`, `num_classes`, `int2str` (class names, also
+    callable) and, for folders, `num_skipped` (unreadable files) and
+    `layout` ('train_test' or 'single_tree').
   """
   if dataset == EMBEDDED_MNIST:
     return dict(num_examples=len(embedded_mnist.split_indices(split)),
@@ -124,16 +107,14 @@ class Augment:
 
   Attributes:
     kind: 'inception_crop' (the paper's: random crop + flip), 'shift'
-      (random translation with zero padding), 'affine' (random rotation,
-      zoom and translation about the centre, zero fill; digits),
-      'random_resized_crop' (torchvision's) or 'none'.
+      (translation, zero padding), 'affine' (rotation, zoom and translation;
+      digits), 'random_resized_crop' (torchvision's) or 'none'.
     shift_pad: max translation of 'shift' and 'affine', pixels.
-    rotate: max rotation of 'affine', degrees (uniform in +-rotate).
-    zoom: max relative zoom of 'affine' (scale uniform in 1 +- zoom).
+    rotate: max rotation of 'affine', degrees.
+    zoom: max relative zoom of 'affine'.
     flip: random horizontal flip after the augmentation.
-    eval_resize: evaluation resizes the short side to this and takes the
-      centre crop; None: a plain resize (the original's). The tutorials'
-      options: `vit_jax.data.torch_transforms`.
+    eval_resize: evaluation resizes the short side to this and centre-crops;
+      None: a plain resize (the original's).
   """
   kind: str = 'inception_crop'
   shift_pad: float = 2
@@ -261,28 +242,15 @@ def get_datasets(config, *, start_step: int = 0,
                  process_count: Optional[int] = None):
   """Builds the train and eval pipelines of `config` for this process.
 
-  Config fields read (optional ones with their defaults): `dataset`
-  ('embedded_mnist'), `train_split` ('train'), `test_split` ('test'), `batch`
-  (512), `batch_eval` (= batch), `shuffle_buffer` (50_000; TFDS only, the
-  in-memory sources shuffle fully), `seed` (0), `pp.crop` (224),
-  `pp.augment`, `pp.shift_pad`, `pp.rotate`, `pp.zoom` (see `Augment`),
-  `tfds_data_dir` (None), `tfds_manual_dir` (None), `tfds_download` (False),
-  and for a single-tree image folder `val_fraction` (0.2) and `split_seed`
-  (0; independent of `seed`), with the splits 'train' and 'val' ('test' is
-  an alias of 'val', so the default `test_split` works). Old configs with
-  the splits in `pp.train` / `pp.test` work too.
-
-  Args:
-    config: an ml_collections.ConfigDict.
-    start_step: first train step the stream should yield (for resuming).
-    process_index: defaults to `jax.process_index()` (overridable for tests).
-    process_count: defaults to `jax.process_count()`.
+  Reads `dataset`, `train_split`, `test_split`, `batch`, `batch_eval`,
+  `shuffle_buffer` (TFDS only), `seed`, `pp.*` (crop and `Augment`), the
+  `tfds_*` fields and, for single-tree folders, `val_fraction` and
+  `split_seed`. `start_step` is the first train step to yield (resuming).
 
   Returns:
-    (ds_train, ds_test): batches `{'image': [devices, b, H, W, 3] float32 in
-    [-1, 1], 'label': [devices, b, classes] one-hot float32, 'mask': [devices,
-    b] float32}`. ds_train repeats forever; ds_test is one pass whose padding
-    examples have mask 0.
+    (ds_train, ds_test) of batches `{'image': [devices, b, H, W, 3] float32
+    in [-1, 1], 'label': [devices, b, classes] one-hot, 'mask': [devices,
+    b]}`; ds_train repeats forever, ds_test is one pass padded with mask 0.
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -351,10 +319,8 @@ def _train_batches(ds, src: sources.Source, size, augment: Augment, seed,
                    process, local_batch, *, batched: bool):
   """`(count, (image, label))` -> batches of augmented train examples.
 
-  Each example's augmentation is seeded by `(seed, global example number)`:
-  unique across processes, so hosts never share augmentation randomness.
-  `batched` decodes and augments whole batches (one op per batch instead of
-  one per example; `_batchable` sources), with the same seeds.
+  Augmentation is seeded by `(seed, global example number)`, unique across
+  processes; `batched` decodes and augments whole batches, same seeds.
   """
   tf_seed = tf.constant(seed, tf.int64)
   process_index, process_count = process
@@ -425,15 +391,9 @@ def _to_devices(ds, devices, per_device, options):
 
 
 def prefetch(dataset, n_prefetch: int):
-  """Iterates numpy batches, moved to the local devices if `n_prefetch` > 0.
-
-  Args:
-    dataset: a dataset from `get_datasets` (leading axis = local devices).
-    n_prefetch: batches to keep in flight on the devices; 0 gives plain numpy.
-
-  Returns:
-    An iterator of batches (jax arrays sharded over the leading axis, or numpy).
-  """
+  """Iterates a `get_datasets` dataset's batches as numpy or, with
+  `n_prefetch` > 0, as jax arrays on the local devices, that many in
+  flight."""
   it = dataset.as_numpy_iterator()
   if n_prefetch:
     it = flax.jax_utils.prefetch_to_device(it, n_prefetch)

@@ -1,33 +1,16 @@
 """Masked patch prediction, the paper's self-supervised pre-training.
 
-Paper Sec. 4.6 and Appendix B.1.2 (SPEC section 7), after BERT's masked
-language modelling: 50% of the patch embeddings are chosen for prediction; of
-those, 80% are replaced by a learnable [mask] embedding, 10% by a random other
-patch embedding and 10% are kept. The model predicts, from each chosen patch's
-output token, the patch's 3-bit mean colour: the mean R, G, B in [0, 255],
-each quantised to 3 bits, i.e. one of 512 classes. The loss is softmax
-cross-entropy over the chosen patches only.
+Paper Sec. 4.6 and Appendix B.1.2, after BERT: 50% of the patch embeddings
+are chosen; of those, 80% become a learnable [mask] embedding, 10% a random
+other patch embedding, 10% stay. The model predicts each chosen patch's mean
+colour, 3 bits per channel (512 classes), with softmax cross-entropy.
 
-`MaskedPatchPredictor` is a `VisionTransformer` whose forward pass inserts
-the corruption; it builds the ViT's own submodules under the ViT's names
-(`embedding`, `cls`, `Transformer/...`, and for hybrids the ResNet stem), plus
-`mask_token` and `mpp_head`. The tree fine-tunes like any other pre-trained
-ViT: `checkpoint.load_pretrained` into a `VisionTransformer` of the same zoo
-name ignores the two extras (`to_vit_params` drops them, for files meant for
-exchange). As in the paper there is no `pre_logits` layer, so fine-tune with
-`representation_size=None`.
-
-Choices where the paper is silent, stated:
-  * Exactly round(0.5 * N) patches are chosen per image (a uniformly random
-    subset), so every image contributes the same number of targets; the
-    80/10/10 split is drawn independently per chosen patch.
-  * "A random other patch embedding" is drawn uniformly from all patch
-    embeddings of the batch except the patch itself, before corruption.
-  * The corruption acts on the patch embeddings (after `embedding`, before
-    the class token and the position embedding), so a replaced patch keeps
-    its own position.
-  * `mask_token` is initialised normal(0.02), like BERT's embeddings.
-  * Colour bins: floor(mean / 32), clipped to 0..7; class = 64 r + 8 g + b.
+`MaskedPatchPredictor` builds the ViT's parameters under the ViT's names plus
+`mask_token` and `mpp_head`, so it fine-tunes like any ViT (no `pre_logits`:
+fine-tune with `representation_size=None`). Where the paper is silent: exactly
+round(0.5 * N) patches per image; random replacements come from the batch's
+clean patch embeddings; corruption acts before the class token and position
+embedding; `mask_token` starts normal(0.02); bin = floor(mean / 32).
 """
 
 import functools
@@ -54,15 +37,9 @@ def num_color_classes(bits: int = 3) -> int:
 def mean_color_targets(images: Array, patch_size, bits: int = 3) -> Array:
   """The mean-colour class of each patch, [B, gh*gw] int32 (row-major grid).
 
-  Args:
-    images: [B, H, W, 3]: float in [-1, 1] (the model's input, mapped back to
-      [0, 255] by (x + 1) * 127.5), or integer pixels in [0, 255].
-    patch_size: (ph, pw) in pixels (for a hybrid: `model.stride`), or an int.
-    bits: bits per channel (3 -> 512 classes).
-
-  Returns:
-    64 r + 8 g + b for 3 bits (r, g, b = floor(mean / 32) in 0..7); in
-    general r * 2^(2 bits) + g * 2^bits + b.
+  `images` are floats in [-1, 1] or integer pixels in [0, 255]; `patch_size`
+  is (ph, pw) or an int (a hybrid's: `model.stride`). The class is
+  r * 2^(2 bits) + g * 2^bits + b, each channel's bin floor(mean / 2^(8-bits)).
   """
   ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(
       patch_size)
@@ -89,20 +66,12 @@ def mean_color_targets(images: Array, patch_size, bits: int = 3) -> Array:
 def corrupt(rng: jax.Array, tokens_BxNxD: Array, mask_token: Array, *,
             mask_ratio: float = 0.5, mask_prob: float = 0.8,
             random_prob: float = 0.1) -> Tuple[Array, Array]:
-  """BERT-style corruption of patch embeddings.
+  """BERT-style corruption of patch embeddings [B, N, D].
 
-  Args:
-    rng: PRNG key.
-    tokens_BxNxD: patch embeddings.
-    mask_token: the learnable [mask] embedding, [D].
-    mask_ratio: fraction of patches chosen per image (round(ratio * N)).
-    mask_prob: of the chosen, the probability of the [mask] embedding.
-    random_prob: of the chosen, the probability of a random other patch
-      embedding of the batch (the rest are kept unchanged).
-
-  Returns:
-    (corrupted tokens [B, N, D], chosen [B, N] bool): the loss is computed
-    where `chosen`.
+  round(mask_ratio * N) patches per image are chosen; each becomes
+  `mask_token` with `mask_prob`, a random other patch embedding of the batch
+  with `random_prob`, else stays. Returns (corrupted tokens, chosen [B, N]
+  bool).
   """
   b, n, d = tokens_BxNxD.shape
   if not 0 <= mask_ratio <= 1 or mask_prob < 0 or random_prob < 0 or (
@@ -136,16 +105,10 @@ def corrupt(rng: jax.Array, tokens_BxNxD: Array, mask_token: Array, *,
 class MaskedPatchPredictor(models_vit.VisionTransformer):
   """A ViT with BERT-style corruption and a mean-colour head on every patch.
 
-  A `VisionTransformer` subclass, so every field that shapes the encoder
-  (patches, transformer, hidden_size, resnet, classifier, posemb, dtype and
-  the speed switches) means the same and builds the same parameters; the
-  pooling, `pre_logits` and `head` are not used (`num_classes`,
-  `representation_size` and `head_bias_init` are ignored; `get_model` sets
-  `num_classes=None`, which a direct construction must pass too).
-
-  Attributes (beyond VisionTransformer's):
-    mask_ratio, mask_prob, random_prob: see `corrupt`.
-    color_bits: bits per channel of the target (3 -> 512 classes).
+  Encoder fields mean what they mean in `VisionTransformer`; pooling,
+  `pre_logits` and `head` are unused (pass `num_classes=None`).
+  `mask_ratio`, `mask_prob` and `random_prob` are `corrupt`'s; `color_bits`
+  gives the target's bits per channel.
   """
   mask_ratio: float = 0.5
   mask_prob: float = 0.8
@@ -154,17 +117,10 @@ class MaskedPatchPredictor(models_vit.VisionTransformer):
 
   @nn.compact
   def __call__(self, inputs, *, train: bool, corrupt_patches: bool = True):
-    """Predicts mean-colour logits for every patch.
+    """Mean-colour logits [B, N, classes] and chosen [B, N] for each patch.
 
-    Args:
-      inputs: images [B, H, W, 3] in [-1, 1].
-      train: enables dropout (rng 'dropout').
-      corrupt_patches: apply the corruption (rng 'mpp'); False feeds the
-        clean patches (for probing).
-
-    Returns:
-      (logits [B, N, classes] float32, chosen [B, N] bool; all True when not
-      corrupting). N = patches (a hybrid's tokens), row-major.
+    `corrupt_patches=False` feeds clean patches (all chosen), for probing.
+    Rngs: 'dropout' when `train`, 'mpp' when corrupting.
     """
     if self.transformer is None:
       raise ValueError('Masked patch prediction needs a transformer.')
@@ -217,16 +173,8 @@ def loss_fn(params: Params, images: Array, rng: jax.Array, *,
             with_accuracy: bool = False):
   """Softmax cross-entropy of the mean colour, over the chosen patches only.
 
-  Args:
-    params: the MPP model's parameters.
-    images: [B, H, W, 3] in [-1, 1].
-    rng: PRNG key; split into the corruption's and dropout's.
-    model: the MaskedPatchPredictor.
-    train: dropout on.
-    with_accuracy: also return the accuracy on the chosen patches.
-
-  Returns:
-    The mean loss over chosen patches of the batch (and the accuracy).
+  Returns the batch's mean loss, and with `with_accuracy` also the accuracy
+  on the chosen patches; `rng` is split for corruption and dropout.
   """
   rng_mpp, rng_dropout = jax.random.split(rng)
   logits_BxNxC, chosen_BxN = model.apply(

@@ -1,68 +1,23 @@
 """Inference: classify image files with a ViT checkpoint and print the top-k.
 
-Command line, for a zoo model (e.g. a released checkpoint):
-
   python -m vit_jax.predict --model ViT-B_16 --checkpoint ViT-B_16.npz \
       cat.jpg dog.png [--topk 5] [--image-size 384] [--labels imagenet2012]
-
-and for a model trained by this project's pipeline (a custom architecture
-such as configs/embedded.py's), from its workdir or its config file:
-
-  python -m vit_jax.main --workdir=/tmp/vit_mnist
-  python -m vit_jax.predict --workdir=/tmp/vit_mnist digit.png [--topk 1]
-  python -m vit_jax.checkpoints.export --workdir=/tmp/vit_mnist \
-      --output=/tmp/mnist.npz
+  python -m vit_jax.predict --workdir=/tmp/vit_mnist digit.png
   python -m vit_jax.predict --config configs/embedded.py \
       --checkpoint /tmp/mnist.npz digit.png
 
-Exactly one of `--model`, `--workdir` and `--config` names the architecture.
-`--workdir W` reads `W/summary.json` (written when a training run finishes):
-the model fields from its `config.model`, the image size from `config.pp.crop`
-and the class names from `W/class_names.json` (when training wrote it), else
-from the config's dataset. `--config FILE.py[:ARG]` reads the same fields
-from the training config file (as `python -m vit_jax.main --config` does).
-The parameters come from `--checkpoint`, an `.npz` file (e.g. what
-`vit_jax.checkpoints.export` writes); with `--workdir` and no
-`--checkpoint`, from the newest train-state checkpoint in `W/checkpoints`. In
-Python: `load_model`, `load_model_from_workdir` and
-`load_model_from_config_file` of `vit_jax.evaluation.trained_model`, then
-`classify`.
+One of `--model` (a zoo name), `--workdir` (a finished training run) or
+`--config` (its config file) names the architecture; `--checkpoint` is an
+`.npz` (`vit_jax.checkpoints.export`), by default a workdir's newest train
+state. Images get the evaluation preprocessing of `vit_jax.input_pipeline`.
+`--labels` takes `imagenet2012`, a `.json` or `.txt` file, or a dataset name
+(default: the run's names, else `class_names.json` next to the checkpoint,
+else ImageNet's for 1000 classes, else indices).
 
-Images are preprocessed exactly as the input pipeline's evaluation
-(`vit_jax.input_pipeline`, and the original vit_jax): decoded to uint8 RGB with
-`tf.io.decode_image(channels=3)` (grayscale is repeated, alpha dropped), a
-plain bilinear `tf.image.resize` to the image size (no centre crop, no
-aspect-preserving resize), then `(x - 127.5) / 127.5`; an image that already
-has the model's size gives bit for bit the pipeline's input (e.g. the 28x28
-embedded digits, saved as grayscale PNGs). Files TensorFlow cannot decode
-(e.g. WebP, TIFF) are read with PIL instead.
-
-The model's `num_classes` and `representation_size` are read from the
-checkpoint (`head/kernel`, `pre_logits/kernel`); with `--model`, the default
-image size from its position embedding (grid x patch size; models with
-fixed sin-cos position embeddings need `--image-size`, or `--workdir`).
-Class names come from `--labels`: `imagenet2012` (TFDS's list: WordNet ids
-such as `n01440764`; no human-readable list ships offline), a JSON file (a
-list, or `{index: name}`, e.g. the `class_names.json` a training run writes
-into its workdir), a text file with one name per line, or a dataset name
-(`embedded_mnist`, a TFDS name, an image folder). Without `--labels`: those of
-the workdir or config (above), else `class_names.json` next to the checkpoint
-if there is one, else the ImageNet list for a 1000-way head, else the class
-indices.
-
-Output (stdout), for each readable image in the order given: the path as
-given on the command line, on a line of its own, then `--topk` lines of two
-spaces, the probability with four decimals, two spaces and the class name,
-most probable first:
-
-  digits/7/0042.png
-    0.9981  7
-    0.0012  1
-
-`--output FILE` writes the same lines to FILE too (its missing folders are
-created). Unreadable files are reported by name on stderr and skipped; the
-exit code is 1 if any file failed, 2 for a bad command line, checkpoint,
-workdir or config (the message on stderr starts with `error:`), else 0.
+For each readable image the path is printed, then `--topk` lines
+`  <probability>  <class>` (also to `--output FILE`). Unreadable files are
+reported on stderr and skipped. Exit code: 1 if any file failed, 2 for a bad
+command line, checkpoint, workdir or config, else 0.
 """
 
 import argparse
@@ -107,16 +62,8 @@ class ImageError(ValueError):
 def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
   """Decodes an image file to uint8 RGB [H, W, 3], as the input pipeline does.
 
-  Args:
-    path: the file.
-
-  Returns:
-    The pixels. Grayscale is repeated to RGB, alpha is dropped (what
-    `tf.io.decode_image(channels=3)` does), animations give their first frame.
-
-  Raises:
-    ImageError: naming the file, if it is missing or neither TensorFlow nor
-      PIL can decode it.
+  Grayscale is repeated, alpha dropped, animations give their first frame;
+  PIL reads what TensorFlow cannot. Raises ImageError naming the file.
   """
   tf = tf_import.import_tensorflow()
   path = os.fspath(path)
@@ -163,15 +110,8 @@ def _as_uint8_rgb(image, name: str = 'image') -> np.ndarray:
 
 
 def preprocess(image_uint8: np.ndarray, image_size) -> np.ndarray:
-  """The evaluation preprocessing: plain bilinear resize, then [-1, 1].
-
-  Args:
-    image_uint8: [H, W, 3] uint8.
-    image_size: output side length (or (height, width)).
-
-  Returns:
-    float32 [image_size, image_size, 3] in [-1, 1].
-  """
+  """The evaluation preprocessing: plain bilinear resize to `image_size`
+  (side or (height, width)), then float32 in [-1, 1]."""
   tf = tf_import.import_tensorflow()
   size = trained_model.as_hw(image_size)
   # The same ops as input_pipeline's eval path (and the original's), in the
@@ -208,19 +148,15 @@ def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
   Args:
     model: a VisionTransformer with a head.
     params: its parameters.
-    images_or_paths: file paths, uint8 arrays [H, W(, C)] of any size, or
-      PIL images; grayscale and RGBA become RGB.
-    image_size: input side length or (height, width); default from the
-      position embedding.
-    labels: see `load_labels` (None: indices, or ImageNet for 1000 classes).
-    topk: how many classes per image (at most the number of classes).
+    images_or_paths: file paths, uint8 arrays [H, W(, C)] or PIL images.
+    image_size: side or (height, width); default from the position embedding.
+    labels: see `label_names.load_labels`.
+    topk: classes per image.
     batch_size: images per forward pass.
-    on_error: 'skip' (warn naming the file, give None in its place) or
-      'raise'.
+    on_error: 'skip' (warn, give None for that input) or 'raise'.
 
   Returns:
-    One entry per input: a list of `(label, probability)`, most probable
-    first, or None for an input that could not be read.
+    Per input, `[(label, probability), ...]` most probable first, or None.
   """
   if on_error not in ('skip', 'raise'):
     raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")

@@ -3,19 +3,10 @@
   python -m vit_jax.checkpoints.export --workdir=<training workdir> \
       --output=model.npz
 
-Reads the parameters of the newest train-state checkpoint (orbax, in
-`<workdir>/checkpoints`; `--step` picks another) and writes the file
-`checkpoint.save` would write of them: released (pre-linen) names, loadable
-by this project's `checkpoint.load_pretrained`, the original vit_jax and
-timm. A fine-tuning config then names the file with
-`--config.pretrained_path=model.npz`.
-
-The parameters stream from the checkpoint into the file one at a time
-(`TrainCheckpoints.iter_params`, `vit_jax.checkpoints.leafwise`): only one
-of them is in memory at once, and the optimizer state is never read, whatever
-the run's layout (FSDP shards included). In a multi-process run every process
-reads along and process 0 writes the file. orbax's INFO lines (several per
-parameter read) are shown with `--verbosity=0`.
+Writes the newest (or `--step`) train-state checkpoint's parameters under
+released names, loadable by `checkpoint.load_pretrained`, the original
+vit_jax and timm. Parameters stream one at a time; the optimizer state is
+never read. `--verbosity=0` shows orbax's INFO lines.
 """
 
 import collections
@@ -41,11 +32,7 @@ _NAMES = flags.DEFINE_enum('names', 'released', npz.NAME_SCHEMES,
 
 def export(workdir: str, output: str, *, step=None,
            names: str = 'released') -> int:
-  """Writes the parameters of `workdir`'s checkpoint `step` to `output`.
-
-  Returns:
-    The step that was exported.
-  """
+  """Writes `workdir`'s checkpoint `step` to `output`; returns the step."""
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   try:
     step = ckpts.latest_step() if step is None else step

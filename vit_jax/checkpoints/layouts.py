@@ -1,14 +1,9 @@
 """Per-layer <-> scanned layout of the encoder blocks' parameters.
 
-Checkpoints (the released `.npz` files and this project's) hold one subtree
-per encoder block, `Transformer/encoderblock_{i}/...`. A model built with
-`scan=True` (`models_vit.Encoder.scan`) holds one subtree
-`Transformer/encoderblock/...` whose leaves carry a leading layer axis:
-leaf `[i]` is block i's. These functions move between the two, on nested
-dicts (flax params), on flat dicts keyed by '/'-joined paths
-(`vit_jax.checkpoints.npz.read_npz`), and on any pytree holding such dicts
-(an optax state: its momentum is a params-shaped dict). They only stack and
-slice arrays: numpy in, numpy out; jax in, jax out.
+Checkpoints hold `Transformer/encoderblock_{i}/...` per block; a model with
+`scan=True` holds `Transformer/encoderblock/...` with a leading layer axis.
+These functions convert nested dicts, flat '/'-keyed dicts and pytrees of
+them (optax states); numpy stays numpy, jax stays jax.
 """
 
 import re
@@ -61,20 +56,11 @@ def is_scanned(params: Params) -> bool:
 
 
 def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
-  """Stacks `encoderblock_0..num_layers-1` into `encoderblock` (leading axis).
+  """Stacks `encoderblock_0..num_layers-1` into `encoderblock`.
 
-  Args:
-    params: per-layer tree (nested or flat '/'-keyed dict, or a pytree of
-      such, e.g. an optax state).
-    num_layers: the model's depth; the tree must have exactly these blocks.
-
-  Returns:
-    The same tree (nested or flat, as given) with the blocks stacked. Trees
-    without `encoderblock_{i}` (a ResNet-only model) come back unchanged.
-
-  Raises:
-    ValueError: blocks missing or extra, blocks with different parameter
-      names or shapes, or a tree that is already scanned.
+  Returns the tree in the form given (nested or flat); one without
+  `encoderblock_{i}` comes back unchanged. Raises ValueError when blocks are
+  missing or extra, differ in names or shapes, or are already scanned.
   """
   if not isinstance(params, Mapping):
     return _on_mappings(lambda t: layers_to_scan(t, num_layers), params)
@@ -123,16 +109,8 @@ def _layers_to_scan(tree, num_layers, path):
 def scan_to_layers(params: Params) -> Dict[str, Any]:
   """Splits `encoderblock` (leading layer axis) into `encoderblock_{i}`.
 
-  Args:
-    params: scanned tree (nested or flat '/'-keyed dict, or a pytree of
-      such).
-
-  Returns:
-    The per-layer tree (nested or flat, as given), as checkpoints store it.
-    Trees without `encoderblock` come back unchanged.
-
-  Raises:
-    ValueError: leaves of `encoderblock` disagree on the number of layers.
+  Returns the tree in the form given; one without `encoderblock` comes back
+  unchanged. Raises ValueError when leaves disagree on the layer count.
   """
   if not isinstance(params, Mapping):
     return _on_mappings(scan_to_layers, params)

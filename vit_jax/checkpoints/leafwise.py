@@ -1,13 +1,9 @@
 """Converting parameters to a file's layout one array at a time.
 
-`npz.file_tree` converts a whole tree of arrays: names, per-layer encoder
-blocks out of scanned ones, GroupNorm shapes. A tree too large to hold at
-once (the parameters of a big model's train state) is converted leaf by
-leaf instead: `plan` runs that same conversion on stand-ins, which carry a
-shape and record what the conversion does to them (a layer's slice of a
-scanned block, a reshape), and `convert` then applies each leaf's record to
-the array when it arrives. The arrays come out equal to `file_tree`'s, in
-the order of the leaves (all of a scanned leaf's layers together).
+For trees too large to hold at once: `plan` runs `npz.file_tree` on
+stand-ins that record what it does to each leaf (a layer slice, a reshape),
+and `convert` replays that on each array as it arrives. The result equals
+`file_tree`'s.
 """
 
 import math
@@ -26,11 +22,10 @@ Layout = Dict[str, List[Tuple[str, '_StandIn']]]
 
 
 class _StandIn:
-  """A leaf's shape, and the indexing and reshapes applied to it so far.
+  """A leaf's shape and the indexing and reshapes applied to it so far.
 
-  It has what the conversion uses of an array (`shape`, `ndim`, `x[i]`,
-  `x.reshape(...)`) and nothing else, so a conversion step that would need
-  the values fails here rather than being replayed wrongly.
+  It supports only `shape`, `ndim`, `x[i]` and `reshape`, so a conversion
+  that needs values fails instead of being replayed wrongly.
   """
 
   def __init__(self, key: str, shape: Sequence[int], steps: tuple = ()):
@@ -69,18 +64,10 @@ class _StandIn:
 def plan(shapes: Mapping[str, Any], names: str) -> Layout:
   """Where each leaf of a parameter tree goes in a file of `names`.
 
-  Args:
-    shapes: {'/'-joined key: anything with a `.shape`, or a shape tuple} of
-      every parameter, in any layout `npz.canonicalize` knows.
-    names: the file's naming scheme (`npz.NAME_SCHEMES`).
-
-  Returns:
-    {key: [(file key, stand-in), ...]}, the keys in the order of `shapes`;
-    a scanned leaf has one entry per layer.
-
-  Raises:
-    CheckpointError: no parameters, or keys that do not form a tree.
-    ValueError: unknown `names`.
+  `shapes` maps '/'-joined keys to shapes (or anything with `.shape`).
+  Returns {key: [(file key, stand-in), ...]} in `shapes`' order, one entry
+  per layer for a scanned leaf. Raises CheckpointError for an empty or
+  malformed tree, ValueError for unknown `names`.
   """
   if not shapes:
     raise CheckpointError('No parameters to save (empty tree).')
@@ -94,9 +81,8 @@ def plan(shapes: Mapping[str, Any], names: str) -> Layout:
 
 def convert(leaves: Iterable[Tuple[str, Any]],
             layout: Layout) -> Iterator[Tuple[str, np.ndarray]]:
-  """Yields the (file key, array) pairs of each (key, array) of `leaves` as
-  it arrives, converted as `layout` (`plan`) says, as numpy arrays
-  (`npz.as_numpy`). Holds no leaf past its pairs."""
+  """Yields the (file key, numpy array) pairs of each leaf as it arrives,
+  converted as `layout` says; holds no leaf past its pairs."""
   for key, leaf in leaves:
     leaf = npz.as_numpy(leaf, key)
     for file_key, stand_in in layout[key]:

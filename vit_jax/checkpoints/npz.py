@@ -1,22 +1,12 @@
 """The `.npz` checkpoint format below `vit_jax.checkpoint`: naming schemes
 and layouts in, released names out, atomic writes.
 
-`vit_jax.checkpoint.load` and `save` are the entry points.
-
-Layouts `canonicalize` (and so `checkpoint.load`) recognises:
-  * linen and released (pre-linen) names; GroupNorm scale/bias stored as
-    (1, 1, 1, C) (released hybrids) are squeezed to (C,).
-  * old flax optimizer checkpoints: every parameter under `opt/target/`
-    (the optimizer state beside it is ignored); a tree under a single
-    `params/` root (a train state's parameters).
-  * big_vision's ViT: `pos_embedding` (1, N, D) at the top level, and, when
-    its model was scanned, `Transformer/encoderblock/...` with a leading layer
-    axis (split into `encoderblock_{i}`; see `vit_jax.checkpoints.layouts`).
-    big_vision adds the position embedding BEFORE it prepends the class
-    token, so its table has no class-token row; this model prepends first and
-    then adds (SPEC section 1). The same function in our order is a ZERO
-    position embedding row for the class token, which `load` inserts when the
-    file has a `cls` parameter.
+`canonicalize` (and so `checkpoint.load`) reads linen and released names,
+released hybrids' (1, 1, 1, C) GroupNorm parameters, old flax optimizer
+checkpoints (`opt/target/`), a lone `params/` root, and big_vision's ViT
+(top-level `pos_embedding`, scanned blocks). big_vision adds the position
+embedding before prepending the class token; this model prepends first
+(paper Eq. 1), so a zero row for the class token is inserted.
 """
 
 import collections
@@ -42,7 +32,7 @@ _GROUPNORM = re.compile(r'^gn(\d+|_root|_proj)$')
 
 # Inside an encoder block, linen names -> the names of the released files.
 # Pre-linen flax numbered a parent's submodules with one counter in creation
-# order: LayerNorm, attention, LayerNorm, MLP (SPEC section 4).
+# order: LayerNorm, attention, LayerNorm, MLP.
 _RELEASED_BLOCK_NAMES = {
     'LayerNorm_0': 'LayerNorm_0',
     'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
@@ -56,15 +46,8 @@ NAME_SCHEMES = ('released', 'linen')
 def convert_pre_linen(params: Params) -> Params:
   """Renumbers pre-linen module names (one counter per parent) per class.
 
-  Inside every dict, names `Class_i` are grouped by `Class` and renumbered
-  0, 1, ... in the order of their old index. Linen-named trees pass through
-  unchanged, since their numbers already count per class from 0.
-
-  Args:
-    params: nested dict.
-
-  Returns:
-    The same tree under linen names.
+  Inside every dict, `Class_i` names are renumbered 0, 1, ... per `Class` in
+  the order of their old index; linen-named trees pass through unchanged.
   """
   if not isinstance(params, dict):
     return params
@@ -84,17 +67,7 @@ def convert_pre_linen(params: Params) -> Params:
 
 
 def convert_to_released(params: Params) -> Params:
-  """Linen names -> the released (pre-linen) names inside every encoder block.
-
-  The inverse of `convert_pre_linen` for this model family: only encoder
-  blocks have submodules of different classes under one parent.
-
-  Args:
-    params: nested dict under linen names.
-
-  Returns:
-    The tree under released names.
-  """
+  """Linen names -> the released (pre-linen) names inside encoder blocks."""
   def walk(tree, in_block):
     out = {}
     for name, value in tree.items():
@@ -205,14 +178,9 @@ def _convert_big_vision(tree: Params) -> Params:
 
 
 def canonicalize(params: Mapping[str, Any]) -> Params:
-  """Any layout `load` knows (see the module docstring) -> linen-named tree.
+  """Any layout `load` knows -> a new linen-named tree of the same leaves.
 
-  Args:
-    params: nested dict of arrays (flax FrozenDicts are fine).
-
-  Returns:
-    A new nested dict of the same leaves (numpy stays numpy) under linen
-    names, per-layer blocks, squeezed GroupNorm parameters.
+  Encoder blocks come out per layer, GroupNorm parameters squeezed.
   """
   tree = trees.to_dict(params)
   tree = _strip_wrappers(tree)
@@ -223,18 +191,10 @@ def canonicalize(params: Mapping[str, Any]) -> Params:
 
 
 def file_tree(params: Mapping[str, Any], names: str) -> Params:
-  """`canonicalize`d, then under the names and shapes a file of `names` holds.
+  """`canonicalize`d, then as a file of `names` holds it.
 
-  Args:
-    params: nested dict of arrays in any layout `canonicalize` knows.
-    names: 'released' (pre-linen names, GroupNorm scale/bias as
-      (1, 1, 1, C)) or 'linen' (this model's own).
-
-  Returns:
-    The tree to write, with per-layer encoder blocks.
-
-  Raises:
-    ValueError: unknown `names`.
+  `names` is 'released' (pre-linen names, GroupNorm as (1, 1, 1, C)) or
+  'linen'; anything else raises ValueError.
   """
   if names not in NAME_SCHEMES:
     raise ValueError(f'Unknown names={names!r}; use one of {NAME_SCHEMES}.')
@@ -267,9 +227,8 @@ def as_numpy(x, path: str) -> np.ndarray:
 
 
 class _AppendOnly:
-  """A file zipfile can only append to. Remote files (gfile) may fail to
-  seek or tell with errors zipfile does not expect; without those methods
-  it counts the bytes itself and streams."""
+  """A file zipfile can only append to, for remote files (gfile) whose seek
+  and tell fail in ways zipfile does not expect."""
 
   def __init__(self, f):
     self._f = f
@@ -283,8 +242,8 @@ class _AppendOnly:
 
 
 def _write_entries(f, arrays: Iterable[Tuple[str, Any]]) -> None:
-  """Writes ('name', array) pairs into `f` as the zip entries 'name.npy' of
-  `np.savez` (uncompressed, zip64), each as soon as it arrives."""
+  """Writes ('name', array) pairs into `f` as `np.savez`'s 'name.npy'
+  entries (uncompressed, zip64), each as soon as it arrives."""
   names = set()
   with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED,
                        allowZip64=True) as archive:
@@ -303,15 +262,10 @@ def write_npz_atomically(
                              Iterable[Tuple[str, np.ndarray]]]) -> None:
   """Writes an `.npz` that `np.load` reads, or nothing if a step fails.
 
-  Args:
-    path: the destination (a local path or a URI such as gs://...). Locally
-      the file is written to a temporary name in the same directory and then
-      renamed over `path`.
-    arrays: {'name': array} or an iterable of ('name', array) pairs, e.g. a
-      generator that produces each array when it is needed. The file
-      receives each array as it comes, so only one need exist at a time. A
-      remote file is written as a stream (`path.tmp`, then renamed), which
-      zipfile supports by writing each entry's sizes after its data.
+  `arrays` is a mapping or an iterable of ('name', array) pairs (e.g. a
+  generator: only one array need exist at a time). Local files go to a
+  temporary name and are renamed over `path`; remote ones stream to
+  `path.tmp` first.
   """
   if isinstance(arrays, Mapping):
     arrays = arrays.items()

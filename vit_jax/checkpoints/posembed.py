@@ -1,13 +1,9 @@
-"""Resampling position embeddings to a new token grid (SPEC section 5).
+"""Resampling position embeddings to a new token grid.
 
-The paper fine-tunes at a higher resolution than it pre-trains, keeping the
-patch size: the sequence gets longer, and "we perform 2D interpolation of the
-pre-trained position embeddings, according to their location in the
-original image" (Sec. 3.2). `resample_grid` resamples a (H, W, D) grid with
-the original's `scipy.ndimage.zoom(order=1)` numbers or bicubically; the
-original's `interpolate_posembed` (in `vit_jax.checkpoint`, which
-`load_pretrained` uses when fine-tuning) builds on it, and
-`python -m vit_jax.interop.checkpoint_cli resize` applies it to a file.
+Fine-tuning at a higher resolution keeps the patch size, so "we perform 2D
+interpolation of the pre-trained position embeddings, according to their
+location in the original image" (paper Sec. 3.2). `resample_grid` does it
+as the original (`scipy.ndimage.zoom(order=1)`) or bicubically.
 """
 
 import math
@@ -26,11 +22,8 @@ _METHOD_ALIASES = {'bilinear': 'bilinear_aligned'}
 
 
 def _bilinear_aligned_weights(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] linear interpolation, output i at input i*(n_in-1)/(n_out-1).
-
-  The corner-aligned sampling of `scipy.ndimage.zoom(order=1)`, which the
-  original uses (SPEC section 5).
-  """
+  """[n_out, n_in] corner-aligned linear weights, as
+  `scipy.ndimage.zoom(order=1)`."""
   weights = np.zeros((n_out, n_in))
   if n_in == 1 or n_out == 1:
     weights[:, 0] = 1.
@@ -53,13 +46,10 @@ def _keys_cubic(x: np.ndarray) -> np.ndarray:
 
 
 def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] bicubic weights, half-pixel centres, antialiased shrinking.
+  """[n_out, n_in] bicubic weights, as `jax.image.resize(method='cubic')`.
 
-  Output pixel i's centre lies at input coordinate (i + 0.5) * n_in / n_out
-  - 0.5. When shrinking, the kernel is stretched by n_in / n_out (a low-pass
-  filter). Taps outside the input are dropped and each row renormalised to
-  sum to 1. This is the definition of `jax.image.resize(method='cubic')`
-  (also PIL's BICUBIC), which the tests compare with.
+  Half-pixel centres; when shrinking, the kernel is stretched (antialiased);
+  taps outside the input are dropped and rows renormalised.
   """
   scale = n_in / n_out
   support = max(scale, 1.)
@@ -70,16 +60,10 @@ def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
 
 def resample_grid(grid_HxWxD: np.ndarray, new_hw: Grid,
                   method: str = 'bilinear_aligned') -> np.ndarray:
-  """Resamples a grid of embeddings [H, W, D] to [new_h, new_w, D].
+  """Resamples embeddings [H, W, D] to [new_h, new_w, D] in float64.
 
-  Args:
-    grid_HxWxD: the embeddings on their grid.
-    new_hw: (new_h, new_w).
-    method: 'bilinear_aligned' (the original's, = scipy.ndimage.zoom with
-      order=1, corners aligned) or 'bicubic' (see `_bicubic_weights`).
-
-  Returns:
-    The resampled grid, in the input's dtype (computed in float64).
+  `method` is 'bilinear_aligned' (the original's) or 'bicubic'. Returns
+  the input's dtype.
   """
   method = _METHOD_ALIASES.get(method, method)
   if method not in RESAMPLE_METHODS:

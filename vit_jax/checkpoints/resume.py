@@ -1,14 +1,8 @@
 """Which checkpoint a run resumes from, and into which layout.
 
-`restore_newest(ckpts, template)` reads the newest readable step into the
-layout of `template`, the runner's restore template
-(`runners.PmapRunner.restore_template`: numpy arrays;
-`sharding.FsdpRunner.restore_template`: shapes with the runner's shardings,
-each process reading only its shards). A step saved on another number of
-devices or processes, or under the other parallelism, reads the same way.
-A step whose files cannot be read is moved aside
-(`train_checkpoint.TrainCheckpoints.move_aside`) and the step before it is
-tried.
+Steps read into the runner's restore template, whatever device count,
+process count or parallelism saved them; an unreadable step is moved aside
+and the one before it is tried.
 """
 
 from typing import Any, Optional, Tuple
@@ -22,13 +16,7 @@ def restore_newest(ckpts: train_checkpoint.TrainCheckpoints,
                    template: Any) -> Tuple[Optional[Any], int]:
   """(state, step) of the newest readable step, else (None, 0).
 
-  Args:
-    ckpts: the run's checkpoints.
-    template: the train state's restore template.
-
-  Raises:
-    ValueError: the newest readable step was saved for another model or
-      optimizer.
+  Raises ValueError if that step was saved for another model or optimizer.
   """
   for step in reversed(ckpts.all_steps()):
     restored = restore_step(ckpts, step, template)
@@ -39,11 +27,9 @@ def restore_newest(ckpts: train_checkpoint.TrainCheckpoints,
 
 def restore_step(ckpts: train_checkpoint.TrainCheckpoints, step: int,
                  template: Any) -> Optional[Any]:
-  """`step` read into `template`'s structure and layout, or None if its
-  files cannot be read (it is then moved aside, see `_set_aside`).
+  """`step` read into `template`, or None if unreadable (then moved aside).
 
-  Raises:
-    ValueError: the step was saved for another model or optimizer.
+  Raises ValueError if the step was saved for another model or optimizer.
   """
   try:
     saved = ckpts.saved_shapes(step)

@@ -1,21 +1,11 @@
 """timm `VisionTransformer` state dicts <-> this project's ViT.
 
-timm's ViT is the paper's network under its own names: `patch_embed.proj`
-(OIHW), `cls_token`, `pos_embed` (1, [1+]N, D, class row first),
-`blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}` (`qkv`
-stacks the q, k and v rows), `norm` (our `encoder_norm`), `head`; older timm
-(and its `jx_vit_*_in21k` files) also `pre_logits.fc` (Linear, then tanh: our
-`pre_logits`). Numerics: LayerNorm eps 1e-6 and the exact GELU, so the
-returned config sets `approximate_gelu=False`. Inputs are [-1, 1] (mean and
-std 0.5) for the Google-trained weights, as here. Also read: GAP models
-without class token (`global_pool='avg'`, `fc_norm=False`: our
-`classifier='gap'`), attention without q/k/v bias (zeros) and layer scale
-(`ls1`, `ls2`, folded into `attn.proj` and `mlp.fc2`; exact up to rounding).
-
-The state dict does not hold the number of heads; it comes from the timm
-model recognised from the shapes (`TIMM_MODELS`), else from the width.
-`to_timm` writes the inverse and names the `timm.create_model` call that
-loads it with `strict=True`.
+timm's ViT is the paper's network under its own names (`patch_embed.proj`,
+`cls_token`, `pos_embed`, `blocks.{i}.*` with a stacked `attn.qkv`, `norm`,
+`head`, older `pre_logits.fc`), with LayerNorm eps 1e-6 and the exact GELU.
+Also read: GAP models, attention without q/k/v bias, and layer scale (folded
+into `attn.proj` and `mlp.fc2`). Head counts come from the model recognised
+by its shapes (`TIMM_MODELS`), else from the width.
 """
 
 import re
@@ -109,13 +99,9 @@ def read(state_or_path) -> Tuple[Params, ml_collections.ConfigDict,
                                  TimmModel]:
   """A timm ViT state dict (mapping, `.pth` or `.safetensors`) -> ours.
 
-  Returns:
-    (params, model_config, timm_model): numpy float32 parameters under our
-    names; the `VisionTransformer` fields that give timm's outputs; the
-    timm model the shapes are recognised as.
-
-  Raises:
-    CheckpointError: not a timm ViT, or a variant this model cannot run.
+  Returns (params, model_config, timm_model): float32 numpy parameters
+  under our names, the `VisionTransformer` fields, and the recognised timm
+  model. Raises CheckpointError for non-ViTs and unsupported variants.
   """
   w = torch_layouts.read_state_dict(state_or_path, marker='pos_embed')
   if not is_timm_state_dict(w):
@@ -242,12 +228,11 @@ def _layernorm(w, name: str) -> Params:
 
 def to_timm(params: Params, *, num_heads: Optional[int] = None
             ) -> Tuple[Dict[str, np.ndarray], TimmModel]:
-  """Our per-layer, linen-named ViT parameters -> (timm state dict of
-  float32 arrays, the `timm.create_model` call that loads it strictly).
+  """Our per-layer ViT parameters -> (timm state dict, the
+  `timm.create_model` call that loads it strictly).
 
-  Raises:
-    CheckpointError: a model current timm cannot build: a representation
-      layer (`pre_logits`), a ResNet stem, no learned position embedding.
+  Raises CheckpointError for what timm cannot build (`pre_logits`, a ResNet
+  stem, no learned position embedding).
   """
   if trees.flatten_tree(params.get('pre_logits', {})):
     raise CheckpointError(

@@ -1,15 +1,10 @@
 """PyTorch weights -> and <- this project's flax layouts.
 
-What the Hugging Face (`convert_hf`, `export_hf`), torchvision
-(`convert_torchvision`) and timm (`vit_jax.checkpoints.timm_layout`) converters
-share: reading one `.safetensors` or torch file (never executing code) as
-float32 numpy arrays, telling such files from `.npz`, and the per-layer
-layout maps.
-`nn.Linear` weights are (out, in), flax Dense kernels (in, out); attention
-projections are (heads*head_dim, D) there, (D, heads, head_dim) and
-(heads, head_dim, D) here; convolutions are OIHW there, HWIO here. Input
-normalisation other than this project's [-1, 1] scaling can be folded into
-the patch embedding (`fold_input_normalization`).
+Shared by the Hugging Face, torchvision and timm converters: reading a
+`.safetensors` or torch file (never executing code) as float32 numpy, and the
+per-layer maps. `nn.Linear` weights are (out, in), flax kernels (in, out);
+attention projections are (heads*head_dim, D) there, (D, heads, head_dim)
+and (heads, head_dim, D) here; convolutions are OIHW there, HWIO here.
 """
 
 import os
@@ -31,8 +26,8 @@ def to_numpy(x) -> np.ndarray:
 
 
 def dense_from_linear(weight_OxI, bias_O=None) -> Params:
-  """`nn.Linear` weight (out, in) -> flax Dense {'kernel': (in, out), 'bias'};
-  a missing bias becomes zeros."""
+  """`nn.Linear` weight (out, in) -> flax Dense {'kernel', 'bias'} (zeros
+  without a bias)."""
   weight_OxI = to_numpy(weight_OxI)
   out = weight_OxI.shape[0]
   bias = np.zeros(out, np.float32) if bias_O is None else to_numpy(bias_O)
@@ -43,15 +38,9 @@ def attention_from_linear(weight, bias, num_heads: int, *,
                           is_out: bool = False) -> Params:
   """One `nn.Linear` of attention -> a flax DenseGeneral of MHA.
 
-  Args:
-    weight: q/k/v: (heads*head_dim, D); out: (D, heads*head_dim).
-    bias: q/k/v: (heads*head_dim,) or None (no bias: zeros); out: (D,).
-    num_heads: number of heads.
-    is_out: the output projection.
-
-  Returns:
-    q/k/v: kernel (D, heads, head_dim), bias (heads, head_dim);
-    out: kernel (heads, head_dim, D), bias (D,).
+  q/k/v (`is_out=False`) give kernel (D, heads, head_dim) and bias (heads,
+  head_dim); the output projection gives (heads, head_dim, D) and (D,). A
+  None bias becomes zeros.
   """
   dense = dense_from_linear(weight, bias)
   kernel = dense['kernel']
@@ -82,18 +71,9 @@ def fold_input_normalization(embedding: Mapping[str, Any], scale_C,
                              offset_C) -> Params:
   """Folds a per-channel affine input map into the patch-embedding conv.
 
-  A model trained on inputs `x' = scale * x + offset` (per channel) computes
-  on `x` what the returned parameters compute, exactly: the patch conv has
-  VALID padding, so every kernel tap sees a pixel and
+  A model trained on `scale * x + offset` computes on `x` what the returned
+  {'kernel', 'bias'} compute, exactly: the patch conv has VALID padding, so
   `conv(x', W) + b = conv(x, W * scale) + (b + sum_hwc W * offset)`.
-
-  Args:
-    embedding: {'kernel': (ph, pw, C, D), 'bias': (D,)}.
-    scale_C: (C,) multiplier.
-    offset_C: (C,) offset.
-
-  Returns:
-    The folded {'kernel', 'bias'}.
   """
   kernel = np.asarray(embedding['kernel'], np.float64)
   scale = np.asarray(scale_C, np.float64)
@@ -156,8 +136,7 @@ def import_torch(what: str):
 
 
 def is_torch_file(path) -> bool:
-  """Whether a local `path` is a `.safetensors` file or a `torch.save` zip
-  archive (whatever its extension), rather than an `.npz`."""
+  """Whether a local `path` is `.safetensors` or a `torch.save` zip."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     return False
@@ -175,12 +154,10 @@ def read_state_dict(
     state_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
     marker: str, renames: Sequence[Tuple[str, str]] = ()
 ) -> Dict[str, np.ndarray]:
-  """A state dict (or its `.safetensors` / `torch.save` file) as float32
-  numpy arrays.
+  """A state dict (or its `.safetensors` / torch file) as float32 numpy.
 
-  A training checkpoint (`{'model' | 'state_dict' | 'model_ema' |
-  'state_dict_ema': state_dict, ...}`) is unwrapped unless it holds `marker`
-  itself; DistributedDataParallel's `module.` prefix is dropped and the
+  A training checkpoint (`{'model' | 'state_dict' | ...: state_dict}`) is
+  unwrapped unless it holds `marker`; a `module.` prefix is dropped and the
   `(old, new)` substrings of `renames` are replaced in every name.
   """
   state = state_or_path

@@ -1,22 +1,10 @@
 """Train-state checkpoints for resuming a run (orbax).
 
-These hold everything a run needs to continue bit for bit: parameters and
-optimizer state, keyed by the number of updates done. Data order and dropout
-randomness are functions of (seed, step), so nothing else is stored. The
-exchange format for trained models is the released `.npz` (`checkpoint.save`);
-`vit_jax.checkpoints.export` turns the latest train state into one, reading its
-parameters (or their average) one leaf at a time (`iter_params`) and nothing
-else of the optimizer state.
-
-Saves are asynchronous: `save` returns once the state is copied off the
-devices, and the files are written while training goes on. A sharded state
-(global `jax.Array`s of `sharding.FsdpRunner`) is written shard by shard, each
-process writing the shards it holds, and read back into whatever layout the
-restore template names (another device count, process count, or pmap's
-replicated numpy arrays). orbax writes each step into a temporary folder and
-renames it when complete, so a run killed mid-save (kill -9, preemption)
-leaves the previous checkpoint intact; `save` also refuses a state with
-NaN/inf values, checked on the devices.
+A step holds parameters and optimizer state; data order and dropout are
+functions of (seed, step), so that is all a run needs to continue bit for
+bit. Saves are asynchronous and atomic (orbax renames a temporary folder when
+complete); sharded states are written shard by shard and read back into any
+layout. `vit_jax.checkpoints.export` turns a step into a released-style `.npz`.
 """
 
 import contextlib
@@ -54,17 +42,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 @jax.jit
 def _finite_flags(leaves: list) -> jax.Array:
-  """One bool per leaf: no NaN/inf in it. A single reduction on the devices
-  that hold the leaves, whatever their sharding."""
+  """One bool per leaf: no NaN/inf in it (one reduction on the devices)."""
   return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def first_non_finite(tree: Any) -> Optional[str]:
   """Path of the first floating leaf holding NaN or inf, else None.
 
-  The leaves may be numpy arrays or `jax.Array`s of any sharding, also
-  spread over several processes (all of which must call this together); the
-  check runs where they are and only one bool per leaf comes back.
+  Leaves may be numpy or sharded `jax.Array`s (then every process must call
+  this); the check runs where they are.
   """
   floating = [(path, leaf) for path, leaf
               in jax.tree_util.tree_leaves_with_path(tree)
@@ -79,15 +65,13 @@ def first_non_finite(tree: Any) -> Optional[str]:
 
 
 def _host_template(shapes: Any) -> Any:
-  """Restore-template leaves that make orbax return numpy arrays, whatever
-  layout the step was saved from: zero-strided arrays, so no memory."""
+  """Zero-strided numpy leaves: orbax then restores numpy arrays."""
   return jax.tree_util.tree_map(
       lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
 
 
 def _path_keys(path) -> Tuple[str, ...]:
-  """('params', 'head', 'kernel') for a key path, whatever its containers:
-  the same for a NamedTuple field and the dict orbax saves it as."""
+  """('params', 'head', 'kernel') for a key path, whatever its containers."""
   return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                for k in path)
 
@@ -134,9 +118,8 @@ def tree_mismatch(got: Any, want: Any) -> Optional[str]:
 def _remove_unfinished_saves(directory: str) -> None:
   """Deletes the temporary folders of saves that a kill interrupted.
 
-  orbax ignores them when listing steps; this only reclaims the space. Done
-  here, synchronously, rather than by orbax's `cleanup_tmp_directories`,
-  whose background thread can outlive a run that stops at once on bad input.
+  Done synchronously: orbax's own cleanup thread can outlive a run that
+  stops at once.
   """
   if not os.path.isdir(directory):
     return
@@ -153,13 +136,10 @@ def _drop_closed_loop_errors(previous_hook, unraisable) -> None:
 
 @contextlib.contextmanager
 def _quiet_aborted_reads():
-  """Drops the "Event loop is closed" errors of an aborted read.
+  """Drops the "Event loop is closed" errors of an aborted orbax read.
 
-  When one file of a step cannot be read, orbax gives up on the step while
-  the reads of the other files are still in flight; they complete later on
-  an event loop orbax has closed and print one traceback each. The caller
-  reports the unreadable step itself, so those are dropped, from the start of
-  a read that fails for the rest of the process.
+  When one file of a step cannot be read, the other reads complete later on a
+  closed loop and print tracebacks; the caller reports the step itself.
   """
   previous = sys.unraisablehook
   sys.unraisablehook = functools.partial(_drop_closed_loop_errors, previous)
@@ -170,13 +150,8 @@ def _quiet_aborted_reads():
 class TrainCheckpoints:
   """Numbered train states in `<workdir>/checkpoints/<step>`.
 
-  All processes of a multi-process run must call `save` and `restore`
-  together; orbax writes the files once. A step being written counts as
-  saved (`latest_step`, `all_steps`): it completes unless the process dies,
-  and `close` waits for it.
-
-  Attributes:
-    directory: the checkpoint folder.
+  All processes must call `save` and `restore` together. A step being written
+  counts as saved; `close` waits for it.
   """
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 2):
@@ -205,22 +180,14 @@ class TrainCheckpoints:
            to_write: Optional[Callable[[Any], Any]] = None) -> None:
     """Starts writing `state` as `step` and returns before it is on disk.
 
-    Waits for the previous save first, and copies `state` off the devices
-    before returning, so the caller may overwrite or donate its arrays.
+  Waits for the previous save and copies `state` off the devices first.
+  `state` holds numpy arrays (the same on every process) or global
+  `jax.Array`s (each process writes its shards). `to_write`, if given, maps
+  the checked state to what is written.
 
-    Args:
-      step: updates done.
-      state: e.g. {'params': ..., 'opt_state': ...}: numpy arrays (the same
-        on every process; process 0 writes them) or global `jax.Array`s
-        (each process writes the shards it holds, never the whole state).
-        Checked for NaN/inf where it is (`first_non_finite`).
-      to_write: what is written instead of `state` itself, computed from
-        it after the check (pmap: one replica as numpy arrays).
-
-    Raises:
-      NonFiniteStateError: `state` holds NaN/inf; nothing is written and the
-        previous checkpoints stay as they are.
-    """
+  Raises:
+    NonFiniteStateError: `state` holds NaN/inf; nothing is written.
+  """
     bad = first_non_finite(state)
     if bad is not None:
       raise NonFiniteStateError(
@@ -240,14 +207,12 @@ class TrainCheckpoints:
       self._manager.wait_until_finished()
 
   def check_save(self) -> None:
-    """Raises at once if the save being written has failed (orbax writes in
-    the background; the train loop calls this after every step)."""
+    """Raises at once if the background save has failed."""
     with self._disk_errors():
       self._manager.check_for_errors()
 
   def check_room(self, state: Any, start_step: int, config: Any) -> None:
-    """Before a run's first save: raises `disk_space.DiskSpaceError` if the
-    folder cannot take `state`."""
+    """Raises `disk_space.DiskSpaceError` if the folder cannot take `state`."""
     self.expected_bytes = sum(int(x.nbytes)
                               for x in jax.tree_util.tree_leaves(state))
     every, total = config.checkpoint_every, config.total_steps
@@ -265,8 +230,8 @@ class TrainCheckpoints:
 
   @contextlib.contextmanager
   def _disk_errors(self):
-    """A save that failed on the disk (full, quota, read-only) becomes
-    `disk_space.DiskSpaceError`; its unfinished folder is removed."""
+    """Turns a failed save (disk full, quota, read-only) into
+    `disk_space.DiskSpaceError`, removing its unfinished folder."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
@@ -286,15 +251,8 @@ class TrainCheckpoints:
   def restore(self, step: int, template: Any) -> Any:
     """Reads `step` into the structure, dtypes and layout of `template`.
 
-    Args:
-      step: a saved step.
-      template: numpy leaves read as numpy arrays (every process reads the
-        whole state); `jax.ShapeDtypeStruct` leaves with a `sharding` read as
-        `jax.Array`s of that sharding, each process reading only its shards,
-        whatever layout the step was saved from.
-
-    Returns:
-      The state, with `template`'s structure.
+    Numpy leaves are read whole; `jax.ShapeDtypeStruct` leaves with a
+    `sharding` come back as `jax.Array`s, each process reading its shards.
     """
     self._manager.wait_until_finished()
     with _quiet_aborted_reads():
@@ -302,8 +260,7 @@ class TrainCheckpoints:
           step, args=ocp.args.StandardRestore(template))
 
   def saved_shapes(self, step: int) -> Any:
-    """The tree of `jax.ShapeDtypeStruct`s saved as `step`, read from its
-    metadata alone (no array data)."""
+    """`jax.ShapeDtypeStruct`s of `step`, from its metadata alone."""
     self._manager.wait_until_finished()
     with _quiet_aborted_reads():
       tree = self._manager.item_metadata(step)
@@ -311,12 +268,8 @@ class TrainCheckpoints:
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
 
   def move_aside(self, step: int) -> str:
-    """Moves `step` out of the checkpoint folder, into
-    `<workdir>/checkpoints_unreadable/`, and returns where it went.
-
-    For a step that cannot be read: the run goes on from the step before,
-    and the files stay for inspection (nothing is deleted).
-    """
+    """Moves an unreadable `step` to `<workdir>/checkpoints_unreadable/`;
+    returns where it went."""
     root = os.path.join(os.path.dirname(self.directory), UNREADABLE_SUBDIR)
     dest = os.path.join(root, str(step))
     n = 1
@@ -340,16 +293,15 @@ class TrainCheckpoints:
     return step
 
   def restore_params(self, step: Optional[int] = None) -> Any:
-    """The parameters of `step` (default: the latest) as numpy arrays: their
-    average where the run kept one (`weight_ema.checkpoint_params`)."""
+    """The parameters of `step` (default: latest) as numpy; their average
+    where the run kept one (`weight_ema.checkpoint_params`)."""
     step = self._step_or_latest(step)
     state = self.restore(step, _host_template(self.saved_shapes(step)))
     return jax.tree_util.tree_map(np.asarray,
                                   weight_ema.checkpoint_params(state))
 
   def _saved_params(self, step: int) -> Dict[str, _SavedLeaf]:
-    """{'head/kernel': _SavedLeaf, ...}: where each of `restore_params`'s
-    leaves lies in the saved state, from its metadata alone."""
+    """{'head/kernel': _SavedLeaf}: where `restore_params`'s leaves lie."""
     saved = jax.tree_util.tree_map_with_path(
         lambda path, s: _SavedLeaf(_path_keys(path), s),
         self.saved_shapes(step))
@@ -358,21 +310,16 @@ class TrainCheckpoints:
 
   def param_shapes(self, step: Optional[int] = None
                    ) -> Dict[str, jax.ShapeDtypeStruct]:
-    """{'head/kernel': shape, ...} of `restore_params(step)`, in the order
-    `iter_params` yields them, read from the metadata alone."""
+    """{'head/kernel': shape} of `restore_params(step)`, from metadata."""
     return {name: leaf.shape for name, leaf
             in self._saved_params(self._step_or_latest(step)).items()}
 
   def iter_params(self, step: Optional[int] = None
                   ) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yields ('head/kernel', array) for each of `restore_params(step)`'s
-    leaves, read from the files one at a time.
+    """Yields ('head/kernel', numpy array) of `restore_params(step)`.
 
-    Each read restores that one leaf (orbax's partial restore), whole and as
-    a numpy array, whatever layout it was saved from; the optimizer state is
-    never read, apart from the average of the weights that replaces the
-    parameters where the run kept one. All processes of a multi-process run
-    must iterate together (each read is collective); each reads every leaf.
+    One leaf is read at a time (orbax partial restore); the optimizer state
+    is not read. All processes must iterate together.
     """
     step = self._step_or_latest(step)
     directory = os.path.join(self.directory, str(step),

@@ -1,15 +1,8 @@
 """Frozen representations of images: a model's pre_logits output, batched.
 
-The representation is the model applied with `num_classes=0`, i.e. the output
-of `pre_logits` -- tanh(Dense) when the model has a representation layer, the
-pooled encoder output (class token or GAP) otherwise. Unpooled classifiers are
-pooled here: `token_unpooled` takes the class token, `unpooled` averages the
-tokens. Few-shot linear evaluation (`vit_jax.evaluation.fewshot`) fits its
-probes on these features.
-
-Use `extract_features(model, params, images_or_batches)` for the features of
-a set of images, or `make_feature_fn(model)` for a function to call again with
-new params (compiled once per model object).
+The model with `num_classes=0` (tanh(Dense) with a representation layer,
+else the pooled encoder output); unpooled classifiers are pooled here
+(`token_unpooled`: class token, `unpooled`: mean of the tokens).
 """
 
 from typing import Any, Iterator
@@ -56,12 +49,8 @@ def _jitted_features(model):
 def make_feature_fn(model, batch_size: int = DEFAULT_BATCH_SIZE):
   """A function (params, images [N, H, W, 3]) -> float32 features [N, D].
 
-  Jitted for one batch shape (compiled once per model object); the last batch
-  is padded.
-
-  Args:
-    model: a VisionTransformer (its head, if any, is not used).
-    batch_size: images per forward pass.
+  Jitted once per model object for one batch shape (the last batch is
+  padded); the head, if any, is not used.
   """
   apply = _jitted_features(model)
 
@@ -104,19 +93,11 @@ def _batches_of(images_or_dataset) -> Iterator[np.ndarray]:
 
 def extract_features(model, params: Params, images_or_dataset, *,
                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-  """Frozen representations (pre_logits output) of images.
+  """Frozen representations (pre_logits output) of images: float32 [N, D].
 
-  Args:
-    model: a VisionTransformer.
-    params: its parameters (a `head` is ignored).
-    images_or_dataset: float32 images [N, H, W, 3] in [-1, 1], or an iterable
-      of batches: arrays, `(images, labels)` tuples, or input-pipeline dicts
-      `{'image': [devices, b, H, W, 3], 'mask': [devices, b]}` (padding
-      examples, mask 0, are dropped).
-    batch_size: images per forward pass.
-
-  Returns:
-    float32 [N, D], in input order.
+  `images_or_dataset` is an array [N, H, W, 3] in [-1, 1], or an iterable of
+  arrays, `(images, labels)` tuples or input-pipeline dicts (padding with
+  mask 0 is dropped). The order is kept; a `head` in `params` is ignored.
   """
   feature_fn = make_feature_fn(model, batch_size)
   return np.concatenate([feature_fn(params, b)

@@ -1,27 +1,13 @@
 """Few-shot linear evaluation, the paper's cheap probe of a representation.
 
-Paper Sec. 4.1 / Appendix B.3 (SPEC section 7): freeze the model, take the
-representation of `k` training images per class, fit a regularised
-least-squares regression from the representation to {-1, 1}^K targets in
-closed form, and report accuracy on the test split; k = 1, 5, 10, 25, averaged
-over several random draws of the k images (seeds).
-
-The pieces, each with its choices stated in its docstring:
-  * `vit_jax.evaluation.features`: the representation (the `pre_logits`
-    output, unpooled classifiers pooled) and batched extraction;
-  * `vit_jax.evaluation.fewshot_probe`: the closed-form ridge regression on
-    standardised features with a bias feature (l2 = 2^10 by default, or
-    chosen per draw from a sweep), and the k-shot draws per seed;
-  * `vit_jax.evaluation.fewshot_data`: the images of a split, in split order,
-    the training pool optionally capped per class.
-
-This module puts them together: `evaluate(model, params, dataset)` for a
-model, `make_fewshot_evaluator(config)` for periodic evaluation during
-training, and the command line:
+Paper Sec. 4.1 and Appendix B.3: freeze the model, fit a closed-form
+regularised least-squares regression from the representation of `k` training
+images per class to {-1, 1}^K targets, and report test accuracy, averaged
+over random draws. `features` extracts the representation, `fewshot_probe`
+fits the probes, `fewshot_data` reads the images. Command line:
 
   python -m vit_jax.evaluation.fewshot --model ViT-B_16 \
-      --checkpoint ViT-B_16.npz --dataset embedded_mnist \
-      --shots 1,5,10 --seeds 3
+      --checkpoint ViT-B_16.npz --dataset embedded_mnist --shots 1,5,10
 """
 
 import argparse
@@ -73,24 +59,17 @@ def evaluate(model, params: Params,
   Args:
     model: a VisionTransformer.
     params: its parameters (unreplicated).
-    dataset_name_or_arrays: a dataset name for `vit_jax.input_pipeline`
-      ('embedded_mnist', a TFDS name, an image folder), or arrays: a tuple
-      `(train_images, train_labels, test_images, test_labels)` or a dict with
-      those keys; images float32 [N, H, W, 3] in [-1, 1] at the model's size.
+    dataset_name_or_arrays: a dataset name for `vit_jax.input_pipeline`, or
+      `(train_images, train_labels, test_images, test_labels)` (a tuple or a
+      dict with those keys), images float32 [N, H, W, 3] in [-1, 1].
     shots: k values.
-    seeds: draws per k (accuracies are averaged over them).
-    l2_reg: ridge strength; see `vit_jax.evaluation.fewshot_probe`.
-    l2_regs: optional sweep to choose l2 per draw (see
-      `fewshot_probe.fewshot_accuracies`).
+    seeds: draws per k.
+    l2_reg: ridge strength; `l2_regs`, if given, a sweep to choose it per
+      draw (`fewshot_probe.fewshot_accuracies`).
     image_size: for dataset names; default from the position embedding.
-    train_split: split the shots are drawn from.
-    test_split: split accuracy is measured on.
     max_per_class: cap of the training pool per class (default: all).
-    max_test_examples: cap of the test split (default: all): the first
-      examples in split order, at most ceil(cap / classes) per class.
-    batch_size: images per forward pass.
-    data_dir: TFDS data directory.
-    return_per_seed: return {k: [acc per seed]} instead of means.
+    max_test_examples: cap of the test split, balanced over classes.
+    return_per_seed: return {k: [accuracy per seed]} instead of means.
 
   Returns:
     {k: mean accuracy over seeds}.
@@ -129,11 +108,7 @@ class _Features(NamedTuple):
 def _dataset_features(model, params, feature_fn, dataset, *, shots, l2_regs,
                       image_size, train_split, test_split, max_per_class,
                       max_test_examples, batch_size, data_dir) -> _Features:
-  """`_Features` of a dataset read through `fewshot_data` (args: `evaluate`).
-
-  Checks that every class has enough training images before the (longer)
-  test pass.
-  """
+  """`_Features` of a dataset read through `fewshot_data` (args: `evaluate`)."""
   info = fewshot_data.dataset_info(dataset, train_split, data_dir)
   num_classes, class_names = info['num_classes'], info.get('int2str')
   image_size = image_size or _default_image_size(model, params)
@@ -269,28 +244,15 @@ def make_fewshot_evaluator(config, *, model=None
                            ) -> Callable[[Params], Dict[str, float]]:
   """A periodic few-shot evaluation for a training loop.
 
-  Fields read (all under `config.fewshot` unless noted; defaults in brackets):
-    dataset [config.dataset, else 'embedded_mnist'], train_split ['train'],
-    test_split ['test'], shots [(1, 5, 10, 25)], seeds [(0, 1, 2)],
-    l2_reg [2**10], image_size [config.pp.crop, else 224],
-    max_per_class [None = all], max_test_examples [None = all],
-    batch_size [config.batch_eval, else 256], and `config.tfds_data_dir`.
-    `every_steps` is for the training loop (this function ignores it).
-
-  Images are read once, at the first call, and kept in memory (N x H x W x 3
-  float32: cap them with max_per_class / max_test_examples for big datasets);
-  each call extracts features and fits the probes. Every process computes the
-  same numbers on the full data.
-
-  Args:
-    config: the training ConfigDict.
-    model: the VisionTransformer being trained (its head is ignored). Default:
-      built from `config.model` (a dict of VisionTransformer fields, as the
-      original's configs) or `config.model_name`.
+  Reads `config.fewshot` (dataset, splits, shots, seeds, l2_reg, image_size,
+  max_per_class, max_test_examples, batch_size; unset fields default to the
+  run's dataset, crop and eval batch, or this package's defaults). Images
+  are loaded at the first call and kept in memory. `model` defaults to one
+  built from `config.model` or `config.model_name`.
 
   Returns:
     `evaluator(params) -> {'fewshot/{k}shot': mean accuracy}`; params may be
-    pmap-replicated (device 0's copy is used).
+    pmap-replicated.
   """
   s = _evaluator_settings(config)
   if model is None:

@@ -1,15 +1,7 @@
 """Images for few-shot evaluation: one split, in split order, optionally capped.
 
-Reads through `vit_jax.input_pipeline` with the evaluation preprocessing
-(plain resize, [-1, 1]); every process reads the whole split, so few-shot
-results do not depend on the number of hosts. The training pool of
-`vit_jax.evaluation.fewshot` is by default the whole train split;
-`max_per_class` caps it, taking the first images of each class in split
-order.
-
-Use `load_split(dataset, split, image_size=...)` for the images and labels in
-memory, `iter_split` to stream them batch by batch, and `capped` to keep the
-first images per class or in total of such a stream.
+Every process reads the whole split with the evaluation preprocessing, so
+results do not depend on the number of hosts.
 """
 
 import math
@@ -43,12 +35,8 @@ def iter_split(dataset: str, split: str, *, image_size: int,
                ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """One pass over a split with the evaluation preprocessing, in split order.
 
-  Reads through `vit_jax.input_pipeline` (plain resize, [-1, 1]); every
-  process reads the whole split (few-shot results must not depend on the
-  number of hosts).
-
   Yields:
-    (images float32 [n, H, W, 3], labels int64 [n]).
+    (images float32 [n, H, W, 3] in [-1, 1], labels int64 [n]).
   """
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   devices = jax.local_device_count()
@@ -69,7 +57,7 @@ def capped(batches, *, num_classes, max_per_class=None, max_examples=None):
   """Keeps the first `max_per_class` per class / `max_examples` in total.
 
   A total cap also caps each class at ceil(max_examples / num_classes), so a
-  split stored sorted by class (as embedded_mnist) still gives every class.
+  split sorted by class still gives every class.
   """
   if max_examples is not None:
     balanced = -(-max_examples // num_classes)
@@ -98,11 +86,8 @@ def load_split(dataset: str, split: str, *, image_size: int,
                max_examples: Optional[int] = None,
                batch_size: int = features.DEFAULT_BATCH_SIZE,
                data_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Images and labels of a split in memory (first ones, if capped).
-
-  Returns:
-    (images float32 [N, H, W, 3] in [-1, 1], labels int64 [N]).
-  """
+  """(images [N, H, W, 3], labels [N]) of a split in memory, capped as
+  `capped` says."""
   info = dataset_info(dataset, split, data_dir)
   parts = list(capped(
       iter_split(dataset, split, image_size=image_size,

@@ -1,30 +1,12 @@
 """The linear few-shot solver: k-shot accuracies from precomputed features.
 
-Paper Sec. 4.1 / Appendix B.3 (SPEC section 7): fit a regularised
-least-squares regression from frozen features to {-1, 1}^K targets in closed
-form on `k` training images per class and report test accuracy, averaged over
-several random draws of the k images (seeds).
-
-Choices, stated:
-  * The regression (as big_vision's few-shot evaluator): features are
-    standardised with the mean and std of the k-shot training features, a
-    constant bias feature `BIAS_FEATURE` = 100 is appended (so the bias is
-    all but unregularised), targets are 2 * one_hot - 1, and
-    W = (X^T X + l2 I)^-1 X^T Y, computed through an eigendecomposition of
-    X^T X (or of X X^T when there are fewer examples than features, using
-    X^T (X X^T + l2 I)^-1 Y, which is the same W). Default l2 = 2^10
-    (big_vision's default); `l2_regs=(...)` instead picks l2 per draw by
-    accuracy on held-out training images of the same pool (disjoint from the
-    k shots).
-  * Shots are drawn per seed from the pool of training features given. The k
-    images of a seed are the first k of one permutation, so a seed's 1-shot
-    set is inside its 5-shot set.
-
-Use `fewshot_accuracies(train_x, train_y, test_x, test_y, shots=..., seeds=...)`
-for {k: [accuracy per seed]}, `linear_probe` for one probe on given training
-features, `fit_ridge` for the bare closed form. Features come from
-`vit_jax.evaluation.features`; `vit_jax.evaluation.fewshot` runs the whole
-evaluation of a model.
+Paper Sec. 4.1 and Appendix B.3; the regression follows big_vision's
+few-shot evaluator: features standardised on the k-shot training set, a
+constant bias feature `BIAS_FEATURE` appended (so the bias is all but
+unregularised), targets 2 * one_hot - 1, W = (X^T X + l2 I)^-1 X^T Y in
+closed form; l2 = 2^10, or picked per draw from `l2_regs` on held-out pool
+images. A seed's k images are the first k of one permutation per class, so
+its 1-shot set is inside its 5-shot set.
 """
 
 from typing import Dict, Optional, Sequence
@@ -42,11 +24,10 @@ BIAS_FEATURE = 100.0
 
 
 class _RidgeSolver:
-  """Closed-form ridge regression for many l2 values from one decomposition.
+  """Closed-form ridge regression for many l2 values from one eigh.
 
-  With X [N, D] and Y [N, C]: if N >= D, X^T X = Q diag(e) Q^T and
-  W = Q diag(1/(e + l2)) Q^T X^T Y; else X X^T = Q diag(e) Q^T and
-  W = X^T Q diag(1/(e + l2)) Q^T Y (the push-through identity, same W).
+  Decomposes X^T X, or X X^T when N < D (the push-through identity gives
+  the same W).
   """
 
   def __init__(self, x_NxD: np.ndarray, y_NxC: np.ndarray):
@@ -110,16 +91,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray,
                  num_classes: Optional[int] = None) -> float:
   """Test accuracy of the closed-form regularised least-squares probe.
 
-  Args:
-    train_x: features [N, D].
-    train_y: integer labels [N] (or one-hot [N, K]).
-    test_x: features [M, D].
-    test_y: labels [M] (or one-hot).
-    l2_reg: ridge strength (> 0), on standardised features.
-    num_classes: K; default 1 + the largest label seen.
-
-  Returns:
-    Accuracy in [0, 1].
+  Labels are integers [N] or one-hot [N, K]; `l2_reg` > 0 acts on
+  standardised features; `num_classes` defaults to 1 + the largest label.
   """
   train_y, test_y = int_labels(train_y), int_labels(test_y)
   if num_classes is None:
@@ -166,24 +139,12 @@ def fewshot_accuracies(train_x, train_y, test_x, test_y, *,
                        val_per_class: int = 5,
                        num_classes: Optional[int] = None,
                        class_names=None) -> Dict[int, list]:
-  """Per-seed k-shot accuracies from precomputed features.
+  """Per-seed k-shot accuracies from precomputed features: {k: [accuracy]}.
 
-  Args:
-    train_x: pool of training features [N, D].
-    train_y: their labels [N].
-    test_x: test features [M, D].
-    test_y: test labels [M].
-    shots: the k values.
-    seeds: one draw of k images per class for each seed.
-    l2_reg: fixed ridge strength (when `l2_regs` is None).
-    l2_regs: if given, the l2 of each draw is the one of these with the best
-      accuracy on `val_per_class` further pool images per class.
-    val_per_class: held-out pool images per class for choosing l2.
-    num_classes: K (default from the labels).
-    class_names: for error messages.
-
-  Returns:
-    {k: [accuracy of each seed]}.
+  Each seed draws k training examples per class from the pool
+  (`train_x`, `train_y`). With `l2_regs`, each draw takes the l2 of best
+  accuracy on `val_per_class` further pool examples per class; otherwise
+  `l2_reg`. `class_names` are for error messages.
   """
   train_y, test_y = int_labels(train_y), int_labels(test_y)
   if num_classes is None:

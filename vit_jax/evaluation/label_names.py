@@ -26,18 +26,12 @@ def _tfds_label_names(name: str) -> Optional[List[str]]:
 def load_labels(spec: Union[None, str, Sequence[str]], num_classes: int, *,
                 checkpoint_dir: Optional[str] = None,
                 data_dir: Optional[str] = None) -> List[str]:
-  """Resolves class names for a `num_classes`-way head.
+  """`num_classes` class names for a head; raises ValueError otherwise.
 
-  Args:
-    spec: None, a list of names, 'imagenet2012', a `.json` file (a list, or
-      `{index: name}`), a `.txt` file (one name per line) or a dataset name
-      understood by `vit_jax.input_pipeline`.
-    num_classes: the head size; the names must cover it.
-    checkpoint_dir: where to look for `class_names.json` when `spec` is None.
-    data_dir: TFDS data directory for dataset names.
-
-  Returns:
-    `num_classes` names.
+  `spec` is None (then `checkpoint_dir`'s `class_names.json`, ImageNet's
+  names for 1000 classes, else the indices), a list of names,
+  'imagenet2012', a `.json` file (a list or `{index: name}`), a `.txt` file
+  (one per line) or a dataset name.
   """
   if spec is None:
     candidate = os.path.join(checkpoint_dir or '', CLASS_NAMES_FILE)

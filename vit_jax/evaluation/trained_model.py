@@ -1,14 +1,9 @@
 """A trained model loaded for inference: a zoo model or a training run.
 
-`load_model(name, npz)` builds the zoo model that fits a checkpoint (head
-and representation sizes read from it). `load_model_from_workdir(W, npz)`
-rebuilds the model of a finished training run from `W/summary.json` (its
-`config.model`, image size `config.pp.crop`) with the parameters of an
-exported `.npz`, and finds its class names (`W/class_names.json`, else the
-config's dataset); `load_model_from_config_file(config.py, npz)` does the
-same from the training config file. Both return a `TrainedModel` for
-`vit_jax.predict.classify`; `python -m vit_jax.predict --model`, `--workdir
-W` and `--config FILE` are the command line.
+`load_model` builds the zoo model that fits a checkpoint;
+`load_model_from_workdir` and `load_model_from_config_file` rebuild a
+training run's model, image size and class names. They back
+`python -m vit_jax.predict --model / --workdir / --config`.
 """
 
 import dataclasses
@@ -38,18 +33,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 class TrainedModel(NamedTuple):
-  """A model of a training run with its checkpoint, ready for `classify`.
-
-  Attributes:
-    model: the VisionTransformer of the run's `config.model`, with the head
-      of the checkpoint.
-    params: the checkpoint's parameters.
-    image_size: (height, width) the run trained and evaluated at
-      (`config.pp.crop`).
-    class_names: names in class-index order (the workdir's
-      `class_names.json`, else the config's dataset), or None if unknown.
-    config: the run's config.
-  """
+  """A training run's model, parameters, image size (height, width), class
+  names (or None) and config, ready for `predict.classify`."""
   model: Any
   params: Params
   image_size: Tuple[int, int]
@@ -79,16 +64,10 @@ def model_from_config(model_config, *, num_classes: Optional[int],
                       representation_size: Optional[int] = None):
   """The VisionTransformer of a training config's `config.model`.
 
-  Args:
-    model_config: `config.model` of a training config: a ConfigDict, or the
-      dict that `summary.json` holds (tuples as lists, dtypes as text).
-    num_classes: head size (from the checkpoint).
-    representation_size: `pre_logits` size (from the checkpoint), or None.
-
-  Returns:
-    The module, with `scan=False` and no rematerialisation (see
-    `_INFERENCE_OVERRIDES`); the fused 'cudnn' attention becomes 'xla' off
-    GPUs.
+  `model_config` is a ConfigDict or the dict in `summary.json`; head sizes
+  come from the checkpoint. Built for inference (`_INFERENCE_OVERRIDES`);
+  'cudnn' attention becomes 'xla' off GPUs. Raises ValueError for unknown
+  fields.
   """
   if model_config is None:
     raise ValueError('The config has no config.model (the VisionTransformer '
@@ -116,21 +95,10 @@ def load_model_from_config(model_config, checkpoint_path: str, *,
                            num_classes: Optional[int] = None,
                            params: Optional[Params] = None
                            ) -> Tuple[Any, Params]:
-  """Loads a checkpoint into the model of a training config.
+  """Loads a checkpoint into the model of a training config; (model, params).
 
-  Args:
-    model_config: `config.model` (ConfigDict or dict), see
-      `model_from_config`.
-    checkpoint_path: an `.npz` checkpoint, e.g. what
-      `vit_jax.checkpoints.export` wrote;
-      with `params`, only named in messages.
-    num_classes: if given, must equal the checkpoint's head size.
-    params: parameters already read (e.g. from a train-state checkpoint);
-      `checkpoint_path` is then not read.
-
-  Returns:
-    (model, params); `num_classes` and `representation_size` come from the
-    checkpoint, as in `load_model`.
+  `params`, if given, are used instead of reading `checkpoint_path` (then only
+  named in messages). `num_classes`, if given, must match the head.
   """
   if params is None:
     params = checkpoint.load(checkpoint_path)
@@ -182,15 +150,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of a config file, as `vit_jax.main --config` does.
-
-  Args:
-    spec: `FILE.py` or `FILE.py:ARG` (ARG is passed to `get_config`), e.g.
-      `configs/embedded.py` or `configs/finetune.py:b16,cifar10`.
-
-  Returns:
-    The config.
-  """
+  """Runs `get_config()` of `FILE.py` or `FILE.py:ARG`, as `vit_jax.main`
+  does."""
   path, _, arg = spec.partition(':')
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(path):
@@ -232,8 +193,7 @@ def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
 def _load_trained(config, checkpoint_path: str, source: str,
                   class_names_file: Optional[str],
                   num_classes: Optional[int], params=None) -> TrainedModel:
-  """The model of `config` with `checkpoint_path`'s parameters (or
-  `params`, read from `checkpoint_path` elsewhere)."""
+  """A `TrainedModel` of `config` with the checkpoint's parameters."""
   if config.get('model') is None:
     raise ValueError(f'{source} has no config.model (the VisionTransformer '
                      'fields), so it cannot describe a trained model.')
@@ -261,26 +221,14 @@ def load_model_from_workdir(workdir: str,
                             checkpoint_path: Optional[str] = None, *,
                             num_classes: Optional[int] = None
                             ) -> TrainedModel:
-  """A model trained by `vit_jax.train` in `workdir`, with a checkpoint.
+  """A model trained by `vit_jax.train` in `workdir`, as a `TrainedModel`.
 
-  Args:
-    workdir: the training workdir; its `summary.json` gives the model
-      (`config.model`) and the image size (`config.pp.crop`), its
-      `class_names.json` (if any, else the config's dataset) the class names.
-    checkpoint_path: the `.npz` exported from the run, e.g. by
-      `python -m vit_jax.checkpoints.export --workdir=W --output=FILE.npz`;
-      None: the
-      newest train-state checkpoint in `W/checkpoints`.
-    num_classes: if given, must equal the checkpoint's head size.
-
-  Returns:
-    A `TrainedModel`; `classify(m.model, m.params, images,
-    image_size=m.image_size, labels=m.class_names)` classifies as the run's
-    evaluation did.
+  The model and image size come from `summary.json`, class names from
+  `class_names.json` or the config's dataset. `checkpoint_path` is an
+  exported `.npz`; None takes the newest train-state checkpoint.
 
   Raises:
-    ValueError: no such workdir, no summary.json (run not finished), a config
-      without a model, or a checkpoint that does not fit it.
+    ValueError: no workdir or summary.json, or a checkpoint that does not fit.
     checkpoint.CheckpointError: an unreadable checkpoint.
   """
   config = read_run_config(workdir)
@@ -295,16 +243,10 @@ def load_model_from_workdir(workdir: str,
 def load_model_from_config_file(config_file: str, checkpoint_path: str, *,
                                 num_classes: Optional[int] = None
                                 ) -> TrainedModel:
-  """As `load_model_from_workdir`, with the run's config file instead.
+  """As `load_model_from_workdir`, from the run's `FILE.py[:ARG]` instead.
 
-  Args:
-    config_file: `FILE.py[:ARG]`, see `load_config_file`.
-    checkpoint_path: the `.npz` of a model trained with that config.
-    num_classes: if given, must equal the checkpoint's head size.
-
-  Returns:
-    A `TrainedModel`; class names from `class_names.json` next to the
-    checkpoint, else the config's dataset, else None.
+  Class names come from `class_names.json` next to the checkpoint, else the
+  config's dataset.
   """
   config = load_config_file(config_file)
   return _load_trained(
@@ -325,16 +267,8 @@ def as_hw(image_size) -> Tuple[int, int]:
 
 
 def image_size_from_params(model, params: Params) -> Optional[int]:
-  """The image size a learned 1-D position embedding was trained for.
-
-  Args:
-    model: the VisionTransformer (for its stride and class token).
-    params: its parameters.
-
-  Returns:
-    grid side x pixels per token, or None when the table is missing or its
-    grid is not square.
-  """
+  """The image size a learned position embedding was trained for, or None
+  when there is none or its grid is not square."""
   pe = (params.get('Transformer', {}).get('posembed_input', {})
         .get('pos_embedding'))
   if pe is None:
@@ -356,13 +290,9 @@ def head_is_zero(params: Params) -> bool:
 
 def check_params_fit(model, params: Params, image_size,
                      fix: Optional[str] = None):
-  """Raises a ValueError listing parameters whose shapes do not fit `model`.
+  """Raises ValueError listing parameters whose shapes do not fit `model`.
 
-  Args:
-    model: the module.
-    params: parameters from a checkpoint.
-    image_size: the input size the model is run at (side or (height, width)).
-    fix: the advice ending the message (default: pass the right --model).
+  `fix` ends the message (default: advice to pass the right --model).
   """
   height, width = as_hw(image_size)
   shapes = jax.eval_shape(
@@ -389,17 +319,11 @@ def check_params_fit(model, params: Params, image_size,
 
 def load_model(model_name: str, checkpoint_path: str, *,
                num_classes: Optional[int] = None, **kw) -> Tuple[Any, Params]:
-  """Loads a checkpoint and builds the zoo model that fits it.
+  """Loads an `.npz` checkpoint and builds the zoo model that fits it.
 
-  Args:
-    model_name: zoo name, e.g. 'ViT-B_16'.
-    checkpoint_path: an `.npz` checkpoint (released or written by training).
-    num_classes: if given, must equal the checkpoint's head size.
-    **kw: further `VisionTransformer` fields.
-
-  Returns:
-    (model, params); `num_classes` and `representation_size` come from the
-    checkpoint's `head` and `pre_logits` shapes.
+  Head and `pre_logits` sizes come from the checkpoint (`num_classes`, if
+  given, must match); `**kw` are further `VisionTransformer` fields. Returns
+  (model, params).
   """
   params = checkpoint.load(checkpoint_path)
   head_classes, representation_size = head_sizes(params, checkpoint_path,

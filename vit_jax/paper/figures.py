@@ -1,21 +1,7 @@
 """The paper's inspection figures (Sec. 4.5, Fig. 6 and 7, Appendix D.7-D.8).
 
-Each function returns the numbers behind a figure and, given `path`, writes it
-as a PNG (matplotlib's Agg canvas, without pyplot, so notebooks keep their
-backend):
-
-  * `embedding_filters_pca(params)`: principal components of the patch
-    embedding filters (Fig. 7 left).
-  * `position_embedding_similarity(params)`: cosine similarity of each
-    position embedding to all others, laid out on the patch grid (Fig. 7
-    centre).
-  * `mean_attention_distance(model, params, images)`: per layer and head, the
-    attention-weighted mean distance in pixels between a query patch and the
-    patches it attends to (Fig. 7 right, Appendix D.7).
-  * `attention_rollout(model, params, images)`: attention rollout (Abnar &
-    Zuidema 2020) from the output token to the input patches, upsampled to the
-    image (Fig. 6, Appendix D.8).
-
+Each function returns the numbers behind a figure and, given `path`, writes a
+PNG (matplotlib's Agg canvas, not pyplot, so notebooks keep their backend).
 Images are float32 [B, H, W, 3] in [-1, 1], as the model takes them.
 """
 
@@ -70,18 +56,11 @@ def embedding_filters_pca(params: Params, n: int = 28,
                           path: Optional[str] = None) -> np.ndarray:
   """Principal components of the linear patch-embedding filters (Fig. 7 left).
 
-  The D filters of `embedding/kernel` [ph, pw, 3, D] are taken as D points in
-  R^(ph*pw*3), centred, and their top `n` principal directions are returned
-  as RGB filters. The sign of a component is arbitrary; it is fixed so that
-  its largest-magnitude entry is positive.
-
-  Args:
-    params: model parameters with `embedding/kernel`.
-    n: number of components (the paper shows 28).
-    path: if set, a PNG of the components (each min-max scaled to [0, 1]).
+  The D filters of `embedding/kernel` are centred points in R^(ph*pw*3);
+  each component's sign makes its largest-magnitude entry positive.
 
   Returns:
-    float32 [n, ph, pw, 3], orthonormal as vectors, by decreasing variance.
+    float32 [n, ph, pw, 3], orthonormal, by decreasing variance.
   """
   kernel = np.asarray(params['embedding']['kernel'], np.float64)
   ph, pw, c, d = kernel.shape
@@ -144,12 +123,8 @@ def position_embedding_similarity(params: Params,
                                   path: Optional[str] = None) -> np.ndarray:
   """Cosine similarity of each patch's position embedding to all others.
 
-  Args:
-    params: model parameters. The class token's row (present when params
-      have `cls`) is left out.
-    grid: (rows, cols) of the patch grid; default: square.
-    path: if set, a PNG laid out as Fig. 7 (centre): tile (i, j) shows the
-      similarity of patch (i, j) to every patch.
+  The class token's row is left out; `grid` defaults to square. The PNG is
+  laid out as Fig. 7 (centre).
 
   Returns:
     float32 [gh, gw, gh, gw]; `out[i, j, k, l]` = cos(pe[i, j], pe[k, l]).
@@ -234,21 +209,11 @@ def patch_distances(grid: Tuple[int, int],
 def attention_distance(attn_BxHxLxL: np.ndarray, grid: Tuple[int, int],
                        pixels_per_patch: Tuple[int, int],
                        num_prefix_tokens: int = 1) -> np.ndarray:
-  """Mean attention distance per head of one layer's attention weights.
+  """Mean attention distance per head of one layer, float64 [heads].
 
-  Only patch tokens count: the class-token row and column are dropped and each
-  query's weights over the patch keys are renormalised to sum to one, so the
-  result is a mean distance in pixels. It is averaged over query patches and
-  images.
-
-  Args:
-    attn_BxHxLxL: attention probabilities (query, key).
-    grid: (rows, cols) of patches.
-    pixels_per_patch: (height, width) of a patch in input pixels.
-    num_prefix_tokens: tokens before the grid (1 with a class token).
-
-  Returns:
-    float64 [heads].
+  Prefix tokens are dropped and each query's weights over the patches
+  renormalised, so it is a distance in pixels, averaged over query patches
+  and images.
   """
   p = num_prefix_tokens
   attn = np.asarray(attn_BxHxLxL, np.float64)[:, :, p:, p:]
@@ -266,16 +231,8 @@ def mean_attention_distance(model, params: Params, images: np.ndarray,
                             batch_size: int = 32) -> np.ndarray:
   """Mean attention distance per layer and head (Fig. 7 right, D.7).
 
-  Args:
-    model: a VisionTransformer.
-    params: its parameters.
-    images: [B, H, W, 3] in [-1, 1].
-    path: if set, a PNG of the distances versus network depth.
-    batch_size: images per forward pass.
-
-  Returns:
-    float32 [layers, heads], in pixels of the input image (a token of a
-    hybrid covers `model.stride` pixels).
+  Returns float32 [layers, heads] in input pixels (a hybrid's token covers
+  `model.stride` pixels); the PNG plots it against depth.
   """
   grid, prefix = _grid_and_prefix(model, images)
   total, count = None, 0
@@ -308,15 +265,9 @@ def mean_attention_distance(model, params: Params, images: np.ndarray,
 def rollout(attentions: Sequence[np.ndarray]) -> np.ndarray:
   """Attention rollout through the layers (Abnar & Zuidema, 2020).
 
-  Per layer: average over heads, add the identity for the residual
-  connection, renormalise rows to sum to one; then multiply through the
-  layers, so row i is how much output token i draws on each input token.
-
-  Args:
-    attentions: per layer [B, heads, L, L] (query, key), from input to output.
-
-  Returns:
-    float64 [B, L, L]; every row sums to one.
+  Per layer: mean over heads, plus the identity for the residual, rows
+  renormalised; then the product over layers. Takes per-layer [B, heads, L,
+  L] from input to output; returns float64 [B, L, L], rows summing to one.
   """
   joint = None
   for attn in attentions:
@@ -331,11 +282,8 @@ def rollout(attentions: Sequence[np.ndarray]) -> np.ndarray:
 
 def rollout_to_grid(joint_BxLxL: np.ndarray, grid: Tuple[int, int],
                     num_prefix_tokens: int) -> np.ndarray:
-  """The output token's rollout over the patches, [B, gh, gw].
-
-  With a class token it is the class token's row; without (GAP) the mean of
-  all rows, as the pooled output is the mean of the tokens.
-  """
+  """The output token's rollout over the patches, [B, gh, gw]: the class
+  token's row, or without one (GAP) the mean of all rows."""
   p = num_prefix_tokens
   rows = joint_BxLxL[:, 0] if p else joint_BxLxL.mean(axis=1)
   return rows[:, p:].reshape(-1, *grid)
@@ -346,18 +294,9 @@ def attention_rollout(model, params: Params, images: np.ndarray,
                       batch_size: int = 32) -> np.ndarray:
   """Attention rollout maps on the input (Fig. 6, Appendix D.8).
 
-  Args:
-    model: a VisionTransformer.
-    params: its parameters.
-    images: [B, H, W, 3] in [-1, 1].
-    path: if set, a PNG with each image (first 8) and the image multiplied by
-      its map.
-    batch_size: images per forward pass.
-
-  Returns:
-    float32 [B, H, W] in [0, 1]: the rollout over patches (see `rollout`,
-    `rollout_to_grid`) bilinearly upsampled to the image, divided by its
-    maximum.
+  Returns float32 [B, H, W] in [0, 1]: the rollout over patches, bilinearly
+  upsampled and divided by its maximum. The PNG shows the first 8 images
+  and each image times its map.
   """
   grid, prefix = _grid_and_prefix(model, images)
   grids: List[np.ndarray] = []

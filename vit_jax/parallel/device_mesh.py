@@ -1,23 +1,10 @@
 """The device meshes of sharded training and the names of their axes.
 
-Two meshes, both over every device of every process:
-
-  * `make_mesh()`: 1-D, one axis `DATA_AXIS` along which `sharding` splits
-    both the batch and the parameters;
-  * `make_data_fsdp_mesh(data, fsdp)`: 2-D, axes (`DATA_AXIS`, `FSDP_AXIS`)
-    of sizes `data` x `fsdp` (big_vision's and MaxText's hybrid sharding).
-    The batch is split over both axes (row blocks over all data x fsdp
-    devices), parameters and optimizer state along `FSDP_AXIS` only, so they
-    are replicated along `DATA_AXIS`. A 1 x n mesh is the 1-D mesh's FSDP; an
-    n x 1 mesh is plain data parallelism with the state replicated, the
-    math of pmap.
-
-`sharding` and `sharded_step` ask this module which axes the batch and the
-parameters use (`batch_axes`, `fsdp_axis`), so the same code serves both:
-
-  mesh = device_mesh.make_data_fsdp_mesh(data=2, fsdp=-1)  # 2 x 4 on 8
-  device_mesh.batch_axes(mesh, None)  # ('data', 'fsdp')
-  device_mesh.fsdp_axis(mesh, None)  # 'fsdp'
+`make_mesh()` is 1-D: one axis `DATA_AXIS` splitting both batch and
+parameters. `make_data_fsdp_mesh(data, fsdp)` is 2-D (hybrid sharding, as in
+big_vision and MaxText): the batch is split over both axes, the train state
+along `FSDP_AXIS` only. `batch_axes` and `fsdp_axis` tell `sharding` and
+`sharded_step` which axes to use, so the same code serves both meshes.
 """
 
 import math
@@ -39,17 +26,8 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
               axis_name: str = DATA_AXIS) -> Mesh:
   """A 1-D mesh over `devices` (default: every device of every process).
 
-  `sharding.shard_batch` gives each device of the mesh one row block of the
-  global batch; with the default (`jax.devices()`, which on one host is
-  `jax.local_devices()`) row `d` of an input-pipeline batch
-  `[local_devices, b, ...]` lands on the same device as under pmap.
-
-  Args:
-    devices: the devices, in mesh order.
-    axis_name: the name of the data axis.
-
-  Returns:
-    A `Mesh` with one axis `axis_name` of size `len(devices)`.
+  With the default, row `d` of an input-pipeline batch lands on the same
+  device as under pmap.
   """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
@@ -60,17 +38,8 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None,
 def mesh_shape(data: int, fsdp: int, device_count: int) -> Tuple[int, int]:
   """The (data, fsdp) sizes of a 2-D mesh over `device_count` devices.
 
-  Args:
-    data: size of the data axis, or -1 for the devices `fsdp` leaves.
-    fsdp: size of the fsdp axis, or -1 for the devices `data` leaves.
-    device_count: all devices of all processes.
-
-  Returns:
-    (data, fsdp), positive, with data * fsdp == device_count.
-
-  Raises:
-    ValueError: a size below -1 or 0, both -1, a size that does not divide
-      the device count, or a product other than the device count.
+  Either size may be -1 for the devices the other leaves. Raises ValueError
+  unless the sizes are valid and their product is `device_count`.
   """
   sizes = {'data': data, 'fsdp': fsdp}
   for name, size in sizes.items():
@@ -98,23 +67,11 @@ def mesh_shape(data: int, fsdp: int, device_count: int) -> Tuple[int, int]:
 
 def device_grid(data: int, fsdp: int,
                 devices: Sequence[jax.Device]) -> np.ndarray:
-  """The [data, fsdp] array of `devices` for `make_data_fsdp_mesh`.
+  """The [data, fsdp] object array of `devices` for `make_data_fsdp_mesh`.
 
-  Flattened row by row it keeps each process's devices together, which
-  `sharding.shard_batch` needs (a process feeds one contiguous block of
-  rows): with several processes the devices in (process, id) order, so a
-  process holds whole data rows when `fsdp` divides its device count and a
-  data row spans whole processes when its devices divide `fsdp`. One
-  process: `mesh_utils.create_device_mesh` (topology-aware on TPU; on CPU
-  and GPU the devices in id order).
-
-  Args:
-    data: size of the data axis.
-    fsdp: size of the fsdp axis.
-    devices: data * fsdp devices.
-
-  Returns:
-    An object array of shape [data, fsdp].
+  Flattened row by row it keeps each process's devices together, as
+  `sharding.shard_batch` needs: (process, id) order across processes,
+  `mesh_utils.create_device_mesh` (topology-aware on TPU) within one.
   """
   devices = list(devices)
   if len({d.process_index for d in devices}) == 1:
@@ -128,23 +85,9 @@ def make_data_fsdp_mesh(data: int = 1, fsdp: int = -1,
                         ) -> Mesh:
   """A 2-D mesh with axes (`DATA_AXIS`, `FSDP_AXIS`) of sizes data x fsdp.
 
-  The defaults, 1 x all devices, shard the train state over every device
-  like the 1-D `make_mesh`; `data=-1, fsdp=1` is data parallelism with the
-  state replicated. On one process with the default devices, row block `d`
-  of the global batch lands on `jax.devices()[d]` (on CPU and GPU), as under
-  pmap and the 1-D mesh.
-
-  Args:
-    data: size of the data axis; -1: the devices `fsdp` leaves.
-    fsdp: size of the fsdp axis; -1: the devices `data` leaves.
-    devices: the devices (default: every device of every process); their
-      order in the mesh is `device_grid`'s.
-
-  Returns:
-    The `Mesh`.
-
-  Raises:
-    ValueError: sizes that do not fit the devices (`mesh_shape`).
+  1 x all devices (the default) shards the state like `make_mesh`;
+  `data=-1, fsdp=1` is data parallelism. -1 takes the devices the other size
+  leaves; raises ValueError for sizes that do not fit (`mesh_shape`).
   """
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
@@ -173,8 +116,7 @@ def data_axis(mesh: Mesh, axis_name: Optional[str]) -> str:
 
 
 def fsdp_axis(mesh: Mesh, axis_name: Optional[str]) -> str:
-  """The axis parameters are split along: `axis_name`, else `FSDP_AXIS` if
-  the mesh has it, else the mesh's only axis."""
+  """`axis_name`, else `FSDP_AXIS` if the mesh has it, else its only axis."""
   if axis_name is None and FSDP_AXIS in mesh.axis_names:
     return FSDP_AXIS
   return data_axis(mesh, axis_name)
@@ -182,8 +124,7 @@ def fsdp_axis(mesh: Mesh, axis_name: Optional[str]) -> str:
 
 def batch_axes(mesh: Mesh,
                axis_name: Optional[str]) -> Union[str, Tuple[str, ...]]:
-  """The batch's entry of a `PartitionSpec`: `axis_name`, else every axis of
-  the mesh (the name of a 1-D mesh's only axis, a tuple of a 2-D mesh's)."""
+  """`axis_name`, else every axis of the mesh (a name or a tuple)."""
   if axis_name is not None:
     return _check_axis(mesh, axis_name)
   names = tuple(mesh.axis_names)

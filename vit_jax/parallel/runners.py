@@ -22,8 +22,7 @@ AXIS = 'batch'
 def first_replica(x_repl) -> np.ndarray:
   """The first local replica of a pmapped array, as numpy.
 
-  Copies one device's shard; unlike `x[0]` on the jax array this compiles
-  nothing (each distinct shape would otherwise compile a slice).
+  Unlike `x[0]`, this compiles no slice per shape.
   """
   return np.asarray(x_repl.addressable_shards[0].data)[0]
 
@@ -46,14 +45,10 @@ def make_eval_fn(apply_fn: Callable[..., Any], *,
 
 
 class PmapRunner:
-  """The original's data parallelism: a full copy of the train state on
-  every local device and a `jax.pmap`ped step (gradients `pmean`ed over all
-  devices of all processes).
+  """The original's data parallelism: replicated state and a pmapped step.
 
-  `update_fn` is `vit_jax.train.make_update_fn`'s pmapped step.
-  `vit_jax.parallel.sharding.FsdpRunner` has the same methods for the
-  sharded step; `vit_jax.train.train_and_evaluate` only talks to this
-  interface.
+  `update_fn` is `train.make_update_fn`'s step. `sharding.FsdpRunner` has
+  the same methods; `train.train_and_evaluate` only uses this interface.
   """
 
   def __init__(self, *, update_fn, counts_fn, n_prefetch: int,
@@ -66,9 +61,8 @@ class PmapRunner:
     self._n_prefetch = n_prefetch
 
   def place(self, params, opt_state):
-    """Host state -> device state. Replicated with the pmap's own axis name,
-    so that the first step sees the same input sharding as every later one:
-    the step compiles once."""
+    """Replicates host state, named with the pmap axis so the step compiles
+    once."""
     return flax.jax_utils.replicate((params, opt_state), axis_name=AXIS)
 
   def batches(self, dataset):
@@ -86,13 +80,11 @@ class PmapRunner:
     return jax.tree_util.tree_map(first_replica, tree)
 
   def saved_state(self, tree):
-    """What a checkpoint holds of the replicated `tree`: one replica, as
-    numpy arrays (the layout every runner restores from)."""
+    """One replica of `tree` as numpy, the layout every runner restores."""
     return self.to_host(tree)
 
   def restore_template(self, state):
-    """The restore template of a host `state`: itself (numpy arrays, read
-    whole by every process and replicated by `place`)."""
+    """`state` itself: read whole by each process, replicated by `place`."""
     return state
 
   def eval_params(self, params):
@@ -103,8 +95,7 @@ class PmapRunner:
     return self.scalar(correct), self.scalar(count)
 
   def confusion(self, params, batch) -> np.ndarray:
-    """The batch's confusion matrix over all devices
-    (`objectives.top1_confusion`)."""
+    """The batch's confusion matrix summed over all devices."""
     return first_replica(self._confusion(params, batch))
 
 

@@ -1,18 +1,9 @@
 """The jitted train and eval steps of sharded (FSDP-style) training.
 
-`make_sharded_update_fn` is `train.make_update_fn` without pmap: one
-`jax.jit` over a device mesh (`device_mesh.make_mesh` or
-`make_data_fsdp_mesh`) that takes the parameters and optimizer state placed
-as `sharding.fsdp_shardings` says and the global batch split over the
-mesh's batch axes (`sharding.shard_batch`), and
-gives them back placed the same way; `make_sharded_eval_fn` counts top-1 hits
-on such a batch. `sharding` describes the scheme and its `FsdpRunner` drives
-both steps in the train loop:
-
-  update_fn = sharded_step.make_sharded_update_fn(
-      apply_fn=model.apply, tx=tx, mesh=mesh, param_shardings=param_shardings,
-      opt_shardings=opt_shardings, accum_steps=config.accum_steps)
-  params, opt_state, loss, rng = update_fn(params, opt_state, batch, rng)
+`make_sharded_update_fn` is `train.make_update_fn` without pmap: one `jax.jit`
+over a `device_mesh` mesh, taking state placed by `sharding.fsdp_shardings`
+and a global batch from `sharding.shard_batch`. `make_sharded_eval_fn` counts
+top-1 hits on such a batch. `sharding.FsdpRunner` drives both.
 """
 
 from typing import Any, Callable, Optional, Tuple, Union
@@ -46,52 +37,29 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
                           ) -> Callable[..., Any]:
   """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
 
-  Same loss (`objectives.LOSSES`), same mean over the global batch, same
-  accumulation as `train.make_update_fn`: each device's examples are cut
-  into `accum_steps` equal slices, and micro-batch `i` is slice `i` of every
-  device, so the same examples meet in a micro-batch as under pmap, and no
-  example moves between devices.
-
-  Dropout differs: pmap gives each device the key `fold_in(rng, device)`
-  for its own examples; here one key `rng` draws the masks of the whole
-  global batch. With `jax_threefry_partitionable` (on by default since JAX
-  0.5) each device draws only its own part, without communication, and the
-  masks do not depend on the number of devices or the mesh: a run is the
-  same on 1 or 8 devices. As under pmap, every micro-batch of one step uses
-  the same key.
-
-  The batch is split over every axis of the mesh (`device_mesh.batch_axes`;
-  "device" above means one device of the mesh), the parameters as
-  `param_shardings` say: on a data x fsdp mesh this is hybrid sharding, and
-  the same step serves the 1-D mesh, 1 x n (FSDP) and n x 1 (data
-  parallelism with replicated state).
+  Loss, global-batch mean and accumulation match `train.make_update_fn`:
+  micro-batch `i` is slice `i` of every device's examples, as under pmap.
+  Dropout differs: one key draws the masks of the whole global batch (with
+  `jax_threefry_partitionable`, independent of the device count), where pmap
+  folds in the device index.
 
   Args:
     apply_fn: the model's `apply`.
     tx: the optimizer.
-    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
-    param_shardings: pytree of shardings of the parameters
-      (`sharding.fsdp_shardings`).
-    opt_shardings: pytree of shardings of `tx.init(params)`.
+    mesh: the mesh (`device_mesh`).
+    param_shardings: shardings of the parameters (`sharding.fsdp_shardings`).
+    opt_shardings: shardings of `tx.init(params)`.
     accum_steps: micro-batches per device batch (0 or 1: none).
     loss: a key of `objectives.LOSSES`.
-    axis_name: the axis the batch is split along (default: every axis of
-      the mesh).
+    axis_name: the batch axis (default: every axis of the mesh).
     loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss` (`objectives.make_loss_fn`).
-    trainable_mask: as in `train.make_update_fn`: only the True leaves train
-      and `opt_state` (and `opt_shardings`) cover those alone.
+      loss`.
+    trainable_mask: as in `train.make_update_fn`.
 
   Returns:
     `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
-    new_rng)`, with `batch = {'image': [global_batch, H, W, C], 'label':
-    [global_batch, classes]}` (`sharding.shard_batch`) and one key `rng` (not
-    one per device). The loss is the mean over the global batch; `new_rng` is
-    `split(rng)[1]` as in `make_update_fn`. Parameters and optimizer state
-    must come in with the shardings given here (`sharding.shard_params`; jit
-    refuses jax.Arrays placed otherwise) and come back with them, so the step
-    compiles once. They are donated: do not use the arrays passed in
-    afterwards. Numpy batches and keys are placed on the fly.
+    new_rng)` on a global batch and one key. State must come in with the
+    given shardings and is donated; the loss is the global-batch mean.
   """
   loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
   axis = device_mesh.batch_axes(mesh, axis_name)
@@ -149,11 +117,9 @@ def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree,
   num_shards = device_mesh.axis_size(mesh, axis)
   batch_sharding = NamedSharding(mesh, P(axis))
 
-  # [D * A * s] -> [A, D, s]: row block d (device d's examples) is cut
-  # into A slices, as pmap's per-device accumulation does. Reshape and
-  # transpose keep the device axis split, so no data moves. The array
-  # handed to `utils.accumulate_gradient` has A "examples" (one slice of
-  # every device each); it feeds them one at a time to `micro_step`.
+  # [D * A * s] -> [A, D, s]: each device's examples cut into A slices, as
+  # pmap's per-device accumulation does; the device axis stays split, so no
+  # data moves.
   def by_slice(x):
     x = x.reshape((num_shards, accum_steps, -1) + x.shape[1:])
     return jax.lax.with_sharding_constraint(
@@ -177,11 +143,8 @@ def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
                         ) -> Callable[..., Any]:
   """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
 
-  As `runners.make_eval_fn`, on a global batch (`sharding.shard_batch`): both
-  counts are over the global batch; `counts_fn` (default
-  `objectives.top1_counts`) computes them, `batch['mask']` keeping padding
-  examples out. The batch is split over `axis_name` (default: every axis of
-  the mesh).
+  As `runners.make_eval_fn`, counted over a global batch (`counts_fn`,
+  default `objectives.top1_counts`, honours `batch['mask']`).
   """
   axis = device_mesh.batch_axes(mesh, axis_name)
   replicated = NamedSharding(mesh, P())

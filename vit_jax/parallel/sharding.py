@@ -1,49 +1,15 @@
 """Sharded (FSDP-style) training under jit, for models bigger than a device.
 
-`train.make_update_fn` is the original's data parallelism: `jax.pmap` with a
-full copy of the parameters and optimizer state on every device. This module
-is the alternative of big_vision: one `jax.jit` over a `jax.sharding.Mesh`
-(`device_mesh`), either 1-D (one axis `data`) or 2-D (`data` x `fsdp`),
-where
+The alternative to `train.make_update_fn`'s `jax.pmap`, after big_vision: one
+`jax.jit` over a `device_mesh` mesh (1-D `data`, or 2-D `data` x `fsdp`).
+The global batch is split over every device; each large parameter (and its
+optimizer state) is split along its largest divisible dimension over the
+parameter axis and replicated over the others; XLA's SPMD partitioner inserts
+the all-gathers and reduce-scatters. The update has the semantics of
+`train.make_update_fn` (dropout aside, see `sharded_step`).
 
-  * the batch is one global array `[global_batch, H, W, C]` split over every
-    device of the mesh, so every device computes the examples it holds;
-  * every parameter (and the optimizer state that has its shape) is split
-    along its largest dimension that the parameter axis divides (`fsdp` on
-    the 2-D mesh, `data` on the 1-D one), and replicated when it is small or
-    no dimension divides ("fully sharded data parallelism"): a device holds
-    1/n of the train state, n the size of that axis. On the 2-D mesh each
-    of the `data` rows holds such a sharded copy (hybrid sharding): n x 1 is
-    plain data parallelism with replicated state, 1 x n the 1-D mesh's FSDP;
-  * nothing is reduced by hand: XLA's SPMD partitioner all-gathers a
-    parameter where the forward or backward pass needs it whole, and reduces
-    the gradient of the global-mean loss onto the parameter's shards
-    (reduce-scatter; XLA:CPU emits all-reduce and keeps its slice).
-
-The update has the semantics of `train.make_update_fn` (same loss functions,
-global-norm clipping over the whole gradient, same gradient accumulation), so
-on a deterministic model both give the same parameters up to float rounding;
-tests/test_sharding.py pins that on 8 devices. Dropout differs, see
-`sharded_step.make_sharded_update_fn`.
-
-The modules: `device_mesh` (the meshes and their axes), this one (where
-parameters, optimizer state and batches are placed, and `FsdpRunner`, the
-train loop's interface) and `sharded_step` (the jitted update and eval
-steps).
-
-Usage:
-
-  mesh = device_mesh.make_data_fsdp_mesh(data=2, fsdp=-1)  # or make_mesh()
-  param_shardings = sharding.fsdp_shardings(params, mesh)
-  opt_shardings = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
-  params = sharding.shard_params(params, param_shardings)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  update_fn = sharded_step.make_sharded_update_fn(
-      apply_fn=model.apply, tx=tx, mesh=mesh, param_shardings=param_shardings,
-      opt_shardings=opt_shardings, accum_steps=config.accum_steps)
-  for batch in ds_train:  # input_pipeline layout [devices, b, ...]
-    params, opt_state, loss, _ = update_fn(
-        params, opt_state, sharding.shard_batch(batch, mesh), step_key)
+This module places parameters, optimizer state and batches, and holds
+`FsdpRunner`, the train loop's interface; `sharded_step` has the jitted steps.
 """
 
 from typing import Any, Mapping, Optional, Sequence
@@ -72,21 +38,11 @@ PyTree = Any
 def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
                         axis_name: str = device_mesh.DATA_AXIS,
                         min_size: int = MIN_SHARD_SIZE) -> P:
-  """Where a leaf of `shape` is split over `num_shards` devices (FSDP rule).
+  """Where a leaf of `shape` is split over `num_shards` devices.
 
-  The largest dimension that `num_shards` divides is split (the earlier one
-  of equal sizes); the leaf is replicated when it has fewer than `min_size`
-  elements or no dimension divides.
-
-  Args:
-    shape: the leaf's shape.
-    num_shards: size of that axis.
-    axis_name: the axis the parameters are split along.
-    min_size: leaves with fewer elements are replicated.
-
-  Returns:
-    `PartitionSpec()` (replicated) or one naming `axis_name` at the split
-    dimension.
+  The largest dimension that `num_shards` divides is split along `axis_name`
+  (the earlier of equal sizes); the leaf is replicated (`P()`) when it has
+  fewer than `min_size` elements or no dimension divides.
   """
   shape = tuple(int(n) for n in shape)
   if num_shards == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
@@ -101,24 +57,11 @@ def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
 def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
                    axis_name: Optional[str] = None,
                    min_size: int = MIN_SHARD_SIZE) -> PyTree:
-  """`NamedSharding`s that split each leaf as `fsdp_partition_spec` says.
+  """A pytree of `NamedSharding`s, one per leaf by `fsdp_partition_spec`.
 
-  The rule depends only on the shape, so an optimizer state's buffers
-  (momentum, Adam moments, whatever their dtype) are split exactly like
-  their parameters: pass `jax.eval_shape(tx.init, params)` for them. Leaves
-  are split along one axis (`device_mesh.fsdp_axis`) and replicated along
-  the others: on a data x fsdp mesh every data row holds a full copy.
-
-  Args:
-    params_or_shapes: a pytree of arrays or of anything with `.shape`
-      (`jax.ShapeDtypeStruct`).
-    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
-    axis_name: the axis to split along (default: `fsdp` on a data x fsdp
-      mesh, else the mesh's only axis).
-    min_size: leaves with fewer elements are replicated.
-
-  Returns:
-    A pytree of `NamedSharding` with the structure of `params_or_shapes`.
+  The rule depends only on shapes, so optimizer state (pass
+  `jax.eval_shape(tx.init, params)`) is split like its parameters. `axis_name`
+  defaults to `device_mesh.fsdp_axis(mesh)`; other axes are replicated.
   """
   axis = device_mesh.fsdp_axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
@@ -129,19 +72,10 @@ def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
 
 
 def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
-  """Places a pytree (parameters or optimizer state) as `shardings` say.
+  """Places a pytree of arrays as `shardings` say; returns global arrays.
 
-  Host (numpy) leaves are cut on the host and each device receives only its
-  shard, so a model bigger than one device can be loaded; every process must
-  hold the same values (they do: `train.init_params` is seeded). jax.Array
-  leaves are resharded with `jax.device_put`.
-
-  Args:
-    params: pytree of numpy or jax arrays.
-    shardings: matching pytree of `jax.sharding.Sharding` (`fsdp_shardings`).
-
-  Returns:
-    The pytree of global `jax.Array`s.
+  Host leaves are cut on the host, so each device receives only its shard
+  (every process must hold the same values); jax.Array leaves are resharded.
   """
 
   def put(x, sharding):
@@ -159,25 +93,12 @@ def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
 def shard_batch(batch: PyTree, mesh: Mesh, *,
                 axis_name: Optional[str] = None,
                 pmap_layout: Optional[bool] = None) -> PyTree:
-  """An input-pipeline batch as global arrays split along the batch axes.
+  """This process's share of a batch as global `[global_batch, ...]` arrays.
 
-  Each process passes its own share of the global batch, either in the
-  layout of `input_pipeline.get_datasets` (`[local_devices, b, ...]`, the
-  two leading axes are merged) or already flat (`[local_batch, ...]`). The
-  result holds the processes' shares one after another: `[global_batch,
-  ...]`, the `d`-th device of this process in mesh order (row by row on a
-  2-D mesh) holding row block `d` of its share.
-
-  Args:
-    batch: pytree of host arrays, e.g. {'image', 'label', 'mask'}.
-    mesh: the mesh (`device_mesh.make_mesh` or `make_data_fsdp_mesh`).
-    axis_name: the axis to split along (default: every axis of the mesh,
-      `device_mesh.batch_axes`).
-    pmap_layout: whether leaves carry the leading device axis; None infers
-      it from `batch['image']` (rank 5: yes, rank 4: no).
-
-  Returns:
-    The pytree of `jax.Array`s of shape `[global_batch, ...]`.
+  Leaves are `[local_devices, b, ...]` (`pmap_layout`; None infers it from
+  the rank of `batch['image']`) or flat `[local_batch, ...]`; they are split
+  over `axis_name` (default: every mesh axis). Raises ValueError when the
+  layout cannot be told or the batch does not divide over the devices.
   """
   axes = device_mesh.batch_axes(mesh, axis_name)
   if pmap_layout is None:
@@ -217,21 +138,12 @@ def _host_scalar(x) -> float:
 
 
 class FsdpRunner:
-  """`runners.PmapRunner`'s interface for the sharded step
-  (`config.parallelism='fsdp'`): a data x fsdp mesh over every device of
-  every process (`device_mesh.make_data_fsdp_mesh`; `config.mesh`), the
-  parameters and optimizer state split FSDP-style along `fsdp` and
-  replicated along `data`, global batches split over both.
+  """`runners.PmapRunner`'s interface for `config.parallelism='fsdp'`.
 
-  Checkpoints are written shard by shard from the devices (each process
-  writes what it holds; nothing is gathered) and hold the same arrays as
-  under pmap, so a run resumes under either, on any number of devices.
-
-  `min_shard_size` (`config.fsdp_min_shard_size`): leaves with fewer
-  elements stay replicated, see `fsdp_partition_spec`. `mesh_sizes`
-  (`config.mesh`): {'data': ..., 'fsdp': ...}, the sizes of
-  `device_mesh.make_data_fsdp_mesh`; a missing size or None is its default
-  (1 x every device: all of it FSDP).
+  State is split along `fsdp` and replicated along `data` of a
+  `device_mesh.make_data_fsdp_mesh` mesh; `mesh_sizes` ({'data', 'fsdp'})
+  gives its sizes (default 1 x all devices). Checkpoints hold the same arrays
+  as under pmap, written shard by shard, so runs resume under either.
   """
 
   def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
@@ -290,9 +202,7 @@ class FsdpRunner:
     return tree
 
   def restore_template(self, state):
-    """The restore template of a host `state` ({'params', 'opt_state'}):
-    shapes and dtypes with this runner's shardings, so that each process
-    reads only its shards."""
+    """Shapes of `state` with this runner's shardings, to restore shards."""
     shardings = {'params': self.param_shardings,
                  'opt_state': self.opt_shardings}
     return jax.tree_util.tree_map(

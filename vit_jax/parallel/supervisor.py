@@ -1,16 +1,11 @@
 """Multi-process runs: one paragraph when a process dies or cannot be reached.
 
-When a peer of a multi-process run dies, JAX's distributed runtime ends the
-survivors natively (an abort with a C++ stack dump, after a heartbeat or
-initialization timeout), which no Python code in that process can catch. So
-`vit_jax.main` runs each process of a multi-process run as a worker: a child
-process with the same command line, whose native stderr goes to the log file
-and whose Python stderr is the console. The supervisor waits for it; when it
-dies of a signal or an abort, the supervisor prints one paragraph: which
-process was lost, the newest complete checkpoint on disk, and the command to
-resume. A worker that sees a collective fail (a peer's connection reset) says
-the same itself and exits at once (`exit_now`), without waiting for the
-runtime's shutdown barrier.
+When a peer dies, JAX's distributed runtime aborts the survivors natively,
+beyond Python's reach. So `vit_jax.main` runs each process as a worker child
+(native stderr to the log file) and this supervisor, when the worker dies of
+a signal or abort, prints which process was lost, the newest complete
+checkpoint and the command to resume. A worker that sees a collective fail
+says so itself and exits at once (`exit_now`).
 """
 
 import logging
@@ -81,13 +76,8 @@ def lost_peer_message(*, what: str, process_id: int, num_processes: int,
                       log_text: str = '') -> str:
   """The paragraph a surviving process prints.
 
-  Args:
-    what: how this process learned of it (a short clause).
-    process_id: this process.
-    num_processes: processes of the run.
-    workdir: the run's workdir.
-    argv: this process's command line.
-    log_text: the runtime's messages, searched for the lost process's id.
+  `what` says how this process learned of it (a short clause); `log_text`,
+  the runtime's messages, is searched for the lost process's id.
   """
   lost = _lost_process(log_text, process_id, num_processes)
   who = (f'Process {lost} of the {num_processes}-process run was lost'
@@ -108,9 +98,8 @@ BEFORE_EXIT_NOW = []
 
 
 def exit_now(code: int) -> None:
-  """Ends this worker at once, skipping the distributed runtime's shutdown
-  barrier, which would wait for every peer (a lost one never comes) and
-  then abort."""
+  """Ends this worker at once, skipping the runtime's shutdown barrier
+  (which would wait for the lost peer, then abort)."""
   for release in list(BEFORE_EXIT_NOW):
     release()
   sys.stdout.flush()
@@ -120,8 +109,7 @@ def exit_now(code: int) -> None:
 
 
 def watch_parent() -> None:
-  """Kills this worker when its supervisor dies (e.g. of kill -9), so that
-  the peers see a lost process instead of one that never answers."""
+  """Kills this worker when its supervisor dies, so peers see it lost."""
   parent = os.getppid()
 
   def watch():
