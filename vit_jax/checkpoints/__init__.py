@@ -1,3 +1,2 @@
-"""Parameter trees below `vit_jax.checkpoint`: nesting, the `.npz` naming
-schemes, scanned layouts, position-embedding grids.
-"""
+"""Checkpoints: parameter trees, the `.npz` naming schemes and layouts, other
+libraries' layouts, the train state on disk, resume and export."""

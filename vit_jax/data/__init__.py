@@ -1,1 +1,2 @@
-"""Data sources below the input pipeline: paths, image folders, TFDS."""
+"""Data sources below the input pipeline: paths, image folders, TFDS, the
+embedded digits, dataset checks."""

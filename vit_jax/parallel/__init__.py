@@ -1,2 +1,2 @@
-"""Data parallelism: runners, device meshes, the sharded step and the
-multi-process supervisor."""
+"""Parallel training: the pmap and FSDP runners, device meshes, the sharded
+step and the multi-process supervisor."""
