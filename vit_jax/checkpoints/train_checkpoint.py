@@ -180,14 +180,16 @@ class TrainCheckpoints:
            to_write: Optional[Callable[[Any], Any]] = None) -> None:
     """Starts writing `state` as `step` and returns before it is on disk.
 
-  Waits for the previous save and copies `state` off the devices first.
-  `state` holds numpy arrays (the same on every process) or global
-  `jax.Array`s (each process writes its shards). `to_write`, if given, maps
-  the checked state to what is written.
+    Waits for the previous save and copies `state` off the devices first.
+    `state` holds numpy arrays (the same on every process) or global
+    `jax.Array`s (each process writes its shards). `to_write`, if given, maps
+    the checked state to what is written.
 
-  Raises:
-    NonFiniteStateError: `state` holds NaN/inf; nothing is written.
-  """
+    Raises:
+      NonFiniteStateError: `state` holds NaN/inf; nothing is written.
+      disk_space.DiskSpaceError: one process, and the disk cannot take one
+        more checkpoint; nothing is written.
+    """
     bad = first_non_finite(state)
     if bad is not None:
       raise NonFiniteStateError(
@@ -195,6 +197,7 @@ class TrainCheckpoints:
           f'good checkpoint (step {self.latest_step()}) is kept.')
     if step in self._manager.all_steps():
       return
+    self._check_room_before_save(step)
     if to_write is not None:
       state = to_write(state)
     with self._disk_errors():
@@ -221,6 +224,17 @@ class TrainCheckpoints:
         start_step < total):
       disk_space.check_room(self.directory, self.expected_bytes,
                             self.complete_steps(), step)
+
+  def _check_room_before_save(self, step: int) -> None:
+    """Stops a one-process run at `step` if the disk cannot take one more
+    checkpoint (the size of the newest one on disk, or `expected_bytes`)."""
+    if jax.process_count() > 1 or '://' in self.directory:
+      return  # all processes must agree; the failed write is reported
+    steps = self.complete_steps()
+    newest = os.path.join(self.directory, str(steps[-1])) if steps else None
+    need = max(self.expected_bytes,
+               disk_space.tree_bytes(newest) if newest else 0)
+    disk_space.check_room(self.directory, need, steps, step)
 
   def complete_steps(self) -> list:
     """The steps whose folders are completely written, oldest first."""
