@@ -14,14 +14,11 @@ from vit_jax import checkpoint
 from vit_jax.interop import checkpoint_cli
 from vit_jax import models
 
+import zoo_sizes
+
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
-# The original's counts at 1000 classes, 224x224.
-PARAM_COUNTS = {
-    'Mixer-B_16': 59_880_472,
-    'Mixer-B_32': 60_293_428,
-    'Mixer-L_16': 208_196_168,
-}
+MIXERS = sorted(n for n in models.MODEL_CONFIGS if n.startswith('Mixer'))
 
 
 def tiny_mixer_config():
@@ -49,13 +46,23 @@ def randomized(params, seed=2):
       lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
 
 
-@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_the_zoo_has_the_three_mixers():
+  assert MIXERS == ['Mixer-B_16', 'Mixer-B_32', 'Mixer-L_16']
+
+
+@pytest.mark.parametrize('name', MIXERS)
 def test_zoo_parameter_count(name):
-  model = models.get_model(name, num_classes=1000)
-  assert isinstance(model, models.MlpMixer)
-  shapes = jax.eval_shape(lambda: init(model, 224))
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == (
-      PARAM_COUNTS[name])
+  """Counts at 1000 classes, 224x224, pinned in tests/zoo_sizes.py."""
+  assert isinstance(models.get_model(name), models.MlpMixer)
+  assert name in zoo_sizes.PARAM_COUNTS, name
+  shapes = zoo_sizes.param_shapes(name)
+  assert zoo_sizes.count(shapes) == zoo_sizes.PARAM_COUNTS[name]
+  config = models.MODEL_CONFIGS[name]
+  blocks = [k for k in shapes if k.startswith('MixerBlock_')]
+  assert len(blocks) == config.num_blocks
+  assert shapes['stem']['kernel'].shape == (
+      *config.patches.size, 3, config.hidden_dim)
+  assert shapes['head']['kernel'].shape == (config.hidden_dim, 1000)
 
 
 def test_released_names_round_trip(tmp_path):

@@ -9,60 +9,51 @@ from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import models_vit
 from vit_jax.checkpoints import trees
+from vit_jax.configs import models as models_config
 
 import official
+import zoo_sizes
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
-# SPEC section 3: exact parameter counts at 1000 classes, 224x224.
-PARAM_COUNTS = {
-    'ViT-Ti_16': 5_717_416,
-    'ViT-S_16': 22_050_664,
-    'ViT-S_32': 22_878_952,
-    'ViT-B_8': 86_576_872,
-    'ViT-B_16': 86_567_656,
-    'ViT-B_32': 88_224_232,
-    'ViT-L_16': 304_326_632,
-    'ViT-L_32': 306_535_400,
-    'ViT-H_14': 632_045_800,
-    # Zhai et al. (2022) give 1011M without the head.
-    'ViT-g_14': 1_012_611_432,
-    'ViT-B_16-gap-norep': 86_566_120,
-    'R+ViT-Ti_16': 6_337_704,
-    'R26+ViT-S_32': 36_431_912,
-    'R26+ViT-B_32': 101_383_976,
-    'R50+ViT-B_16': 98_659_112,
-    'R50+ViT-L_32': 328_994_856,
-}
+count = zoo_sizes.count
+VITS = sorted(n for n in models.MODEL_CONFIGS if not n.startswith('Mixer'))
 
 
-def param_shapes(model, image_shape=(1, 224, 224, 3)):
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape),
-                         train=False))
-  return variables['params']
-
-
-def count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+@pytest.mark.parametrize('name', VITS)  # Mixers: tests/test_mixer.py
 def test_zoo_parameter_count(name):
-  params = param_shapes(models.get_model(name, num_classes=1000))
-  assert count(params) == PARAM_COUNTS[name]
+  assert name in zoo_sizes.PARAM_COUNTS, (
+      f'{name} is registered without a pinned parameter count: add it to '
+      'PARAM_COUNTS in tests/zoo_sizes.py.')
+  assert count(zoo_sizes.param_shapes(name)) == zoo_sizes.PARAM_COUNTS[name]
 
 
-def test_every_zoo_model_builds():
-  for name in models.MODEL_CONFIGS:
-    if name.startswith(('testing', 'Mixer')):  # Mixers: tests/test_mixer.py
-      continue
-    if name == 'ViT-g_14':  # 40 blocks, a second to trace: built above.
-      continue
-    params = param_shapes(models.get_model(name, num_classes=1000))
-    has_cls = 'cls' in params
-    assert has_cls == (not name.endswith('gap-norep')), name
-    assert 'pre_logits' not in params, name  # Zoo configs are for fine-tuning.
+def test_every_registered_model_has_a_pinned_count():
+  unpinned = set(models.MODEL_CONFIGS) - set(zoo_sizes.PARAM_COUNTS)
+  assert not unpinned, f'registered without a pinned count: {unpinned}'
+
+
+def test_every_pinned_model_is_registered():
+  unknown = set(zoo_sizes.PARAM_COUNTS) - set(models.MODEL_CONFIGS)
+  assert not unknown, f'pinned but not registered: {unknown}'
+
+
+def test_augreg_names_are_registered_models():
+  """configs/augreg.py's names are zoo configs, so their sizes are pinned."""
+  registered = [id(c) for c in models.MODEL_CONFIGS.values()]
+  for name, config in models_config.AUGREG_CONFIGS.items():
+    assert id(config) in registered, name
+
+
+@pytest.mark.parametrize('name', VITS)
+def test_zoo_model_heads(name):
+  params = zoo_sizes.param_shapes(name)
+  config = models.MODEL_CONFIGS[name]
+  has_cls = config.classifier in ('token', 'token_unpooled')
+  assert ('cls' in params) == has_cls, name
+  assert has_cls == (not name.endswith(('gap-norep', 'unpooled'))), name
+  assert 'pre_logits' not in params, name  # Zoo configs are for fine-tuning.
+  assert params['head']['kernel'].shape == (config.hidden_size, 1000)
 
 
 def test_zoo_dropout_rates_follow_the_original():

@@ -1,8 +1,11 @@
-"""The experiment configs hold the paper's recipes (SPEC section 6)."""
+"""The experiment configs hold the paper's recipes (Appendix B.1, Table 3)."""
 
 import glob
+import importlib
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -15,6 +18,7 @@ from configs import finetune
 from configs import imagenet1k
 from configs import imagenet21k
 from vit_jax import models
+from vit_jax import train
 
 
 def test_base_config_is_locked():
@@ -49,7 +53,7 @@ def test_finetune_presets(dataset, steps, train_split, test_split):
 
 
 def test_finetune_model_arguments():
-  assert finetune.get_config('b16,cifar10').base_lr == 0.01  # SPEC: B/16 C10
+  assert finetune.get_config('b16,cifar10').base_lr == 0.01  # B/16 on CIFAR-10
   assert finetune.get_config('ViT-B_16,cifar100').base_lr == 0.03
   hybrid = finetune.get_config('r50_b16,cifar10')
   assert hybrid.model.resnet.num_layers == (3, 4, 9)
@@ -121,10 +125,77 @@ def test_every_config_states_its_command_and_result():
     assert 'PLACEHOLDER' not in text, name
 
 
-def test_every_config_builds_its_model():
-  for config in (finetune.get_config('b16,cifar10'),
-                 imagenet21k.get_config('s16'), embedded.get_config(),
-                 embedded_pretrain.get_config()):
-    assert isinstance(config.model, ml_collections.ConfigDict)
-    model = models.VisionTransformer(num_classes=10, **config.model)
-    assert model.hidden_size == config.model.hidden_size
+# Each config of configs/ with its argument, and the classes of its dataset
+# (the head's width; the dataset's info gives it to training).
+BUILT_CONFIGS = [
+    ('finetune', 'b16,cifar10', 10),
+    ('imagenet21k', 's16', 21_843),
+    ('imagenet1k', 'ti16', 1000),
+    ('flowers', None, 5),  # tf_flowers
+    ('embedded', None, 10),
+    ('embedded', 'digits', 10),
+    ('embedded_pretrain', None, 10),
+    ('embedded_finetune', None, 10),
+    ('embedded_mpp', None, 10),  # no class head: 3-bit mean colours
+]
+
+
+def test_every_config_is_built_below():
+  names = {os.path.basename(p)[:-len('.py')]
+           for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))}
+  assert names - {'__init__', 'common'} == {c for c, _, _ in BUILT_CONFIGS}
+
+
+def _param_shapes(config, num_classes):
+  """The parameters' shapes of the model training builds, at pp.crop."""
+  model = train.create_model(config, num_classes)
+  images = jnp.zeros((1, config.pp.crop, config.pp.crop, 3))
+  return jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, train=False))['params']
+
+
+def _blocks(encoder, num_layers):
+  """Block i's parameters, from separate blocks or one scanned stack."""
+  if 'encoderblock' in encoder:  # scan=True: a leading axis of layers
+    stacked = encoder['encoderblock']
+    assert {x.shape[0] for x in jax.tree.leaves(stacked)} == {num_layers}
+    return [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                         stacked)] * num_layers
+  names = [f'encoderblock_{i}' for i in range(num_layers)]
+  assert {k for k in encoder if k.startswith('encoderblock')} == set(names)
+  return [encoder[n] for n in names]
+
+
+@pytest.mark.parametrize('module,arg,num_classes', BUILT_CONFIGS)
+def test_every_config_builds_its_model(module, arg, num_classes):
+  """Traces init (no computation) and checks the shapes the config states."""
+  get_config = importlib.import_module(f'configs.{module}').get_config
+  config = get_config() if arg is None else get_config(arg)
+  assert isinstance(config.model, ml_collections.ConfigDict)
+  params = _param_shapes(config, num_classes)
+  m = config.model
+  hidden, heads = m.hidden_size, m.transformer.num_heads
+  patch = tuple(m.patches.size)
+  assert 'resnet' not in m  # else the embedding's input is the ResNet's
+  assert params['embedding']['kernel'].shape == (*patch, 3, hidden)
+  for block in _blocks(params['Transformer'], m.transformer.num_layers):
+    assert block['MlpBlock_0']['Dense_0']['kernel'].shape == (
+        hidden, m.transformer.mlp_dim)
+    assert block['MultiHeadDotProductAttention_0']['query'][
+        'kernel'].shape == (hidden, heads, hidden // heads)
+  has_cls = m.classifier in ('token', 'token_unpooled')
+  assert ('cls' in params) == has_cls
+  if m.get('posemb', 'learn') == 'learn':
+    grid = (config.pp.crop // patch[0]) * (config.pp.crop // patch[1])
+    assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
+        1, grid + has_cls, hidden)
+  else:
+    assert 'posembed_input' not in params['Transformer']
+  if config.get('objective') == 'mpp':
+    colours = 2**(3 * config.mpp.color_bits)
+    assert params['mpp_head']['kernel'].shape == (hidden, colours)
+    assert 'head' not in params
+    return
+  width = m.representation_size or hidden
+  assert ('pre_logits' in params) == bool(m.representation_size)
+  assert params['head']['kernel'].shape == (width, num_classes)
