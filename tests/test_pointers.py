@@ -213,7 +213,7 @@ def test_the_patterns_find_pointers():
   not_ours = ('/tmp/x.py, W/summary.json, '
               'vit_jax.configs.models.get_<m>_config, [u](https://x.org/a.md), '
               'https://github.com/google/x/blob/main/vit_jax/a.py')
-  stale = ('vit_jax/pretrained.py, ../shared/x.md, vit_jax/params/, '
+  stale = ('vit_jax/pretrained.py, ../outside/x.md, vit_jax/params/, '
            'vit_jax.params.npz, '
            'vit_jax.models.nothing, README "Installation", [g](gone.md), '
            'docs/speed.md#nowhere')
@@ -221,7 +221,7 @@ def test_the_patterns_find_pointers():
   found = [(line, p, why) for line, p, why in _pointers(
       ROOT / 'docs' / 'x.md', [(1, text)])]
   assert found == [(3, 'vit_jax/pretrained.py', 'no such file'),
-                   (3, '../shared/x.md', 'no such file'),  # not in the repo
+                   (3, '../outside/x.md', 'no such file'),  # not in the repo
                    (3, 'vit_jax/params/', 'no such folder'),
                    (3, 'vit_jax.params.npz', 'no such module or name'),
                    (3, 'vit_jax.models.nothing', 'no such module or name'),
