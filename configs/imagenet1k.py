@@ -17,7 +17,7 @@ pre-trained on ImageNet only and fine-tuned at 384 reaches 77.91% top-1 on
 ImageNet; on ImageNet alone ViTs trail ResNets of similar cost (Fig. 3).
 """
 
-from configs import common
+from vit_jax.configs import schema
 from configs import finetune
 
 NUM_TRAIN_IMAGES = 1_281_167
@@ -25,7 +25,7 @@ NUM_TRAIN_IMAGES = 1_281_167
 
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-1k pre-training config of `model`."""
-  config = common.pretrain_config(finetune.model_name(model))
+  config = schema.pretrain_config(finetune.model_name(model))
   config.dataset = 'imagenet2012'
   config.test_split = 'validation'
   config.total_steps = 300 * NUM_TRAIN_IMAGES // config.batch

@@ -26,7 +26,7 @@ PAPER'S numbers for the model this produces, fine-tuned at 384 (Table 5):
 ViT-B/16 83.97% on ImageNet, 98.95% on CIFAR-10, 91.67% on CIFAR-100.
 """
 
-from configs import common
+from vit_jax.configs import schema
 from configs import finetune
 
 NUM_TRAIN_IMAGES = 14_197_122  # The full ImageNet-21k (fall 2011) release.
@@ -36,7 +36,7 @@ NUM_CLASSES = 21_843
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-21k pre-training config of `model`."""
   name = finetune.model_name(model)
-  config = common.pretrain_config(name)
+  config = schema.pretrain_config(name)
   with config.model.unlocked():
     config.model.head_bias_init = -10.
   config.dataset = 'imagenet21k'
