@@ -1,4 +1,4 @@
-"""Fine-tuning a pre-trained ViT (paper Appendix B.1.1, Table 4; SPEC section 6).
+"""Fine-tuning a pre-trained ViT (paper Appendix B.1.1, Table 4).
 
 Command (`<model>,<dataset>`; the model by short name `b16` or zoo name
 `ViT-B_16`):

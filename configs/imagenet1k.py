@@ -1,4 +1,4 @@
-"""Pre-training on ImageNet-1k only (paper Table 3; SPEC section 6).
+"""Pre-training on ImageNet-1k only (paper Table 3).
 
 Command (model by short name, default b16; ImageNet prepared in TFDS):
 

@@ -1,4 +1,4 @@
-"""Pre-training on ImageNet-21k (paper Table 3; SPEC section 6).
+"""Pre-training on ImageNet-21k (paper Table 3).
 
 Command (model by short name, default b16):
 
@@ -16,8 +16,8 @@ builder you registered and prepared. Then export the result and fine-tune it:
 The recipe (Table 3): Adam beta1 0.9, beta2 0.999, batch 4096, learning rate
 1e-3 with 10k warmup steps and linear decay to 1e-5, weight decay 0.03
 (decoupled, applied with the learning rate), dropout 0.1, 90 epochs (30 for
-ViT-L/H as the SPEC gives it), resolution 224, gradient clip 1.0, a tanh
-representation layer (`pre_logits`) of the hidden size, and the head bias
+ViT-L/H; Table 3 gives ViT-L 30 or 90), resolution 224, gradient clip 1.0, a
+tanh representation layer (`pre_logits`) of the hidden size, and the head bias
 initialised to -10 with a per-class sigmoid loss, so that the 21,843
 sigmoid outputs start near 0.
 
