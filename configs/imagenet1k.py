@@ -17,8 +17,10 @@ pre-trained on ImageNet only and fine-tuned at 384 reaches 77.91% top-1 on
 ImageNet; on ImageNet alone ViTs trail ResNets of similar cost (Fig. 3).
 """
 
+from vit_jax.configs import experiments
 from vit_jax.configs import schema
-from configs import finetune
+
+finetune = experiments.sibling(__file__, 'finetune')
 
 NUM_TRAIN_IMAGES = 1_281_167
 

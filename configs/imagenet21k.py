@@ -26,8 +26,10 @@ PAPER'S numbers for the model this produces, fine-tuned at 384 (Table 5):
 ViT-B/16 83.97% on ImageNet, 98.95% on CIFAR-10, 91.67% on CIFAR-100.
 """
 
+from vit_jax.configs import experiments
 from vit_jax.configs import schema
-from configs import finetune
+
+finetune = experiments.sibling(__file__, 'finetune')
 
 NUM_TRAIN_IMAGES = 14_197_122  # The full ImageNet-21k (fall 2011) release.
 NUM_CLASSES = 21_843
