@@ -8,8 +8,8 @@ default is None are typed placeholders, so the command line can set them
 (`--config.pretrained_path=model.npz`). Other config
 files change fields; they never add any.
 
-Not a runnable experiment by itself (no model); see embedded.py, finetune.py,
-imagenet21k.py, imagenet1k.py.
+Not a runnable experiment by itself (no model); the experiment configs of
+`configs/` (embedded.py, finetune.py, imagenet21k.py, ...) start from it.
 """
 
 import ml_collections
