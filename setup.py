@@ -29,11 +29,12 @@ setuptools.setup(
     name='vit_jax',
     version='0.1.0',
     description='Vision Transformer (ViT) in JAX/Flax: models, checkpoints, training.',
-    # `configs` (the experiment configs, with the main job's default) is
-    # installed beside vit_jax, so that `python -m vit_jax.main` finds its
-    # default config and `configs.common` outside a checkout too.
-    packages=setuptools.find_packages(
-        include=['vit_jax', 'vit_jax.*', 'configs']),
+    # The wheel holds vit_jax alone. The experiment configs of configs/ go
+    # into it as vit_jax/experiment_configs/, where `python -m vit_jax.main
+    # --config=<name>` finds them (vit_jax/configs/experiments.py).
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']) + [
+        'vit_jax.experiment_configs'],
+    package_dir={'vit_jax.experiment_configs': 'configs'},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={

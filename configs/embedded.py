@@ -29,7 +29,7 @@ embedded_finetune.py, embedded_mpp.py and the notebooks build on.
 
 import ml_collections
 
-from configs import common
+from vit_jax.configs import schema
 
 
 def get_model_config():
@@ -50,8 +50,8 @@ def get_model_config():
   # faster than the paper's learned 1-D ones in our sweep.
   model.posemb = 'sincos2d'
   # Compute dtype, attention implementation, scan, remat and
-  # token_only_last_block: common.SPEED_FIELDS, settable from the command line.
-  for field, value in common.SPEED_FIELDS.items():
+  # token_only_last_block: schema.SPEED_FIELDS, settable from the command line.
+  for field, value in schema.SPEED_FIELDS.items():
     model[field] = value
   return model
 
@@ -63,7 +63,7 @@ def get_digits_config():
   pixels, 1,500 steps; configs/embedded_pretrain.py, embedded_finetune.py
   and embedded_mpp.py change it and state their own results.
   """
-  config = common.get_config()
+  config = schema.get_config()
   config.dataset = 'embedded_mnist'
   config.pp.crop = 28
   config.pp.augment = 'shift'

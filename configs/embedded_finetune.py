@@ -20,7 +20,9 @@ work. From the masked-patch-prediction checkpoint of configs/embedded_mpp.py
 it reaches 0.483: at this scale that pre-training does not help.
 """
 
-from configs import embedded
+from vit_jax.configs import experiments
+
+embedded = experiments.sibling(__file__, 'embedded')
 
 
 def get_config(pretrained_path: str = ''):

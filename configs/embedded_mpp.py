@@ -28,7 +28,9 @@ digits the 3-bit mean colour of a 7x7 patch is mostly "black" and has only
 on ImageNet for ViT-B/16, +2% over scratch) needs natural images at scale.
 """
 
-from configs import embedded
+from vit_jax.configs import experiments
+
+embedded = experiments.sibling(__file__, 'embedded')
 
 
 def get_config():

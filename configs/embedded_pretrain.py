@@ -24,7 +24,9 @@ steps (few-shot linear probes on its pre-logits at step 1,000, with
 fine-tuning run from scratch (--config.pretrained_dir=) reaches 0.507.
 """
 
-from configs import embedded
+from vit_jax.configs import experiments
+
+embedded = experiments.sibling(__file__, 'embedded')
 
 
 def get_config():

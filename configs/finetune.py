@@ -1,4 +1,4 @@
-"""Fine-tuning a pre-trained ViT (paper Appendix B.1.1, Table 4; SPEC section 6).
+"""Fine-tuning a pre-trained ViT (paper Appendix B.1.1, Table 4).
 
 Command (`<model>,<dataset>`; the model by short name `b16` or zoo name
 `ViT-B_16`):
@@ -28,9 +28,9 @@ original code's published runs: B/16 CIFAR-10 99.02, CIFAR-100 92.06,
 ImageNet 84.53; L/16 ImageNet 85.05.
 """
 
-from configs import common
 from vit_jax import models
 from vit_jax.configs import common as original_common
+from vit_jax.configs import schema
 from vit_jax.configs import vit
 
 # Short model names accepted as the first argument: those of the original's
@@ -65,9 +65,9 @@ def get_config(model_dataset: str = 'b16,cifar10'):
     raise ValueError(f'Unknown dataset {dataset!r} for configs/finetune.py; '
                      f'use one of {sorted(DATASETS)}.')
   name = model_name(model_arg)
-  config = common.get_config()
+  config = schema.get_config()
   config.model_name = name
-  config.model = common.zoo_model(name)
+  config.model = schema.zoo_model(name)
   config.pretrained_dir = '.'  # The original's default: ./<model_name>.npz.
 
   config.dataset = dataset

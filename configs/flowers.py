@@ -83,7 +83,7 @@ GPU, hours on a CPU. The host's CPU cores decode and resize the JPEGs.
 import math
 import os
 
-from configs import common
+from vit_jax.configs import schema
 
 MODEL = 'ViT-B_16'
 TFDS_NAME = 'tf_flowers'
@@ -117,7 +117,7 @@ def get_config(data: str = TFDS_NAME):
   tf_flowers)."""
   if data == TUTORIAL or data.startswith(TUTORIAL + ':'):
     return _tutorial(get_config(data[len(TUTORIAL) + 1:] or TFDS_NAME))
-  config = common.get_config()
+  config = schema.get_config()
   if data == TFDS_NAME:
     config.dataset = TFDS_NAME
     config.train_split, config.test_split = TFDS_SPLITS
@@ -141,7 +141,7 @@ def get_config(data: str = TFDS_NAME):
 
   config.model_name = MODEL
   # The ImageNet-21k checkpoints have pre_logits (768, tanh): kept, frozen.
-  config.model = common.zoo_model(MODEL, representation_size=True)
+  config.model = schema.zoo_model(MODEL, representation_size=True)
   config.pretrained_dir = '.'  # ./ViT-B_16.npz, as configs/finetune.py
   config.trainable = 'head'
 
@@ -169,7 +169,7 @@ def get_config(data: str = TFDS_NAME):
 
 def _tutorial(config):
   """The tutorials' recipe on `config`'s data (module docstring)."""
-  config.model = common.zoo_model(MODEL, representation_size=None)
+  config.model = schema.zoo_model(MODEL, representation_size=None)
   with config.model.unlocked():
     config.model.approximate_gelu = False  # timm's nn.GELU: the exact one
   config.pretrained_dir = None

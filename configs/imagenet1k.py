@@ -1,4 +1,4 @@
-"""Pre-training on ImageNet-1k only (paper Table 3; SPEC section 6).
+"""Pre-training on ImageNet-1k only (paper Table 3).
 
 Command (model by short name, default b16; ImageNet prepared in TFDS):
 
@@ -17,15 +17,17 @@ pre-trained on ImageNet only and fine-tuned at 384 reaches 77.91% top-1 on
 ImageNet; on ImageNet alone ViTs trail ResNets of similar cost (Fig. 3).
 """
 
-from configs import common
-from configs import finetune
+from vit_jax.configs import experiments
+from vit_jax.configs import schema
+
+finetune = experiments.sibling(__file__, 'finetune')
 
 NUM_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-1k pre-training config of `model`."""
-  config = common.pretrain_config(finetune.model_name(model))
+  config = schema.pretrain_config(finetune.model_name(model))
   config.dataset = 'imagenet2012'
   config.test_split = 'validation'
   config.total_steps = 300 * NUM_TRAIN_IMAGES // config.batch

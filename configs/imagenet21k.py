@@ -1,4 +1,4 @@
-"""Pre-training on ImageNet-21k (paper Table 3; SPEC section 6).
+"""Pre-training on ImageNet-21k (paper Table 3).
 
 Command (model by short name, default b16):
 
@@ -16,8 +16,8 @@ builder you registered and prepared. Then export the result and fine-tune it:
 The recipe (Table 3): Adam beta1 0.9, beta2 0.999, batch 4096, learning rate
 1e-3 with 10k warmup steps and linear decay to 1e-5, weight decay 0.03
 (decoupled, applied with the learning rate), dropout 0.1, 90 epochs (30 for
-ViT-L/H as the SPEC gives it), resolution 224, gradient clip 1.0, a tanh
-representation layer (`pre_logits`) of the hidden size, and the head bias
+ViT-L/H; Table 3 gives ViT-L 30 or 90), resolution 224, gradient clip 1.0, a
+tanh representation layer (`pre_logits`) of the hidden size, and the head bias
 initialised to -10 with a per-class sigmoid loss, so that the 21,843
 sigmoid outputs start near 0.
 
@@ -26,8 +26,10 @@ PAPER'S numbers for the model this produces, fine-tuned at 384 (Table 5):
 ViT-B/16 83.97% on ImageNet, 98.95% on CIFAR-10, 91.67% on CIFAR-100.
 """
 
-from configs import common
-from configs import finetune
+from vit_jax.configs import experiments
+from vit_jax.configs import schema
+
+finetune = experiments.sibling(__file__, 'finetune')
 
 NUM_TRAIN_IMAGES = 14_197_122  # The full ImageNet-21k (fall 2011) release.
 NUM_CLASSES = 21_843
@@ -36,7 +38,7 @@ NUM_CLASSES = 21_843
 def get_config(model: str = 'b16'):
   """Returns the ImageNet-21k pre-training config of `model`."""
   name = finetune.model_name(model)
-  config = common.pretrain_config(name)
+  config = schema.pretrain_config(name)
   with config.model.unlocked():
     config.model.head_bias_init = -10.
   config.dataset = 'imagenet21k'

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from test_train import REPO
-from configs import common
+from vit_jax.configs import schema
 from configs import embedded
 from configs import embedded_finetune
 from configs import embedded_pretrain
@@ -22,7 +22,7 @@ from vit_jax import train
 
 
 def test_base_config_is_locked():
-  config = common.get_config()
+  config = schema.get_config()
   with pytest.raises(AttributeError):
     config.base_lrr = 0.1  # a typo fails instead of being ignored
   config.base_lr = 0.1
@@ -48,7 +48,7 @@ def test_finetune_presets(dataset, steps, train_split, test_split):
   assert config.model_name == 'ViT-L_16'
   # The zoo's fields, plus the speed switches at their defaults.
   assert config.model.to_dict() == (
-      models.MODEL_CONFIGS['ViT-L_16'].to_dict() | common.SPEED_FIELDS)
+      models.MODEL_CONFIGS['ViT-L_16'].to_dict() | schema.SPEED_FIELDS)
   assert config.pretrained_dir == '.'  # ./ViT-L_16.npz, as the original
 
 

@@ -1,8 +1,12 @@
-"""Command line: `python -m vit_jax.main --config=<file.py>[:arg] --workdir=W`.
+"""Command line: `python -m vit_jax.main --config=<config>[:arg] --workdir=W`.
 
-Fields of the config are overridden with `--config.<field>=<value>`, e.g.
-`--config.total_steps=100 --config.base_lr=0.01`. Without `--config` the
-offline main job runs (configs/embedded.py).
+`--config` is a config file (`configs/finetune.py:b16,cifar10`) or the name
+of one of the experiment configs of `configs/` (`finetune:b16,cifar10`), which
+the installed package ships (vit_jax/configs/experiments.py); an existing
+file wins. Fields of the config are overridden with
+`--config.<field>=<value>`, e.g. `--config.total_steps=100
+--config.base_lr=0.01`. Without `--config` the offline main job runs
+(`embedded`, configs/embedded.py).
 
 Console and log file: the console shows what the run prints (the data
 table, progress lines, results) and warnings. Every log line (INFO and up:
@@ -36,23 +40,16 @@ import traceback
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
-# Config files import `configs.common`; make the repository root importable
-# whatever the working directory.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
-from vit_jax.guards import disk_space  # pylint: disable=g-import-not-at-top
-from vit_jax.guards import stop_signals  # pylint: disable=g-import-not-at-top
-from vit_jax.parallel import supervisor  # pylint: disable=g-import-not-at-top
-from vit_jax.guards import workdir_lock  # pylint: disable=g-import-not-at-top
-from vit_jax.run_config import validation  # pylint: disable=g-import-not-at-top
-
+from vit_jax.configs import experiments
+from vit_jax.data import filesystem
+from vit_jax.guards import disk_space
+from vit_jax.guards import stop_signals
+from vit_jax.guards import workdir_lock
+from vit_jax.parallel import supervisor
 from vit_jax.run_config import errors
+from vit_jax.run_config import validation
 
 # In the workdir: the absl log (INFO and up) and the C++ libraries' stderr.
 LOG_FILE = 'log.txt'
@@ -61,45 +58,37 @@ _ARGV = list(sys.argv)
 _TRACEBACK_HINT = '(--traceback shows where it happened.)'
 
 
-def _default_config():
-  """configs/embedded.py of the `configs` package: beside vit_jax in a
-  checkout, in site-packages when installed from a wheel."""
-  try:
-    import configs  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)),
-                      'embedded.py')
-
-
-DEFAULT_CONFIG = _default_config()
+# The main job's config, the default of --config.
+DEFAULT_CONFIG = (experiments.path_of('embedded')
+                  if 'embedded' in experiments.names() else None)
 
 
 def _config_argument(argv):
-  """The value of --config in `argv`, else None."""
+  """(index, value) of --config's value in `argv`, else (None, None)."""
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
+      return i, arg.split('=', 1)[1]
     if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      return i + 1, argv[i + 1]
+  return None, None
 
 
-def _exit_on_bad_config_file_or_keys(argv, default):
-  """Checks the config file and the `--config.<key>` overrides before
-  ml_collections applies them (it would raise a bare KeyError traceback)."""
+def _checked_argv(argv, default):
+  """`argv` with the file of `--config` made explicit (a name resolved to
+  its experiment config); exits with one paragraph (status 2) if the config
+  is no file and no name, fails to load, or lacks a `--config.<key>`
+  (ml_collections would raise a bare KeyError traceback)."""
   keys = [re.sub(r'^--?(no)?config\.', '', a.split('=', 1)[0]) for a in argv
           if re.match(r'^--?(no)?config\.', a)]
-  spec = _config_argument(argv) or default
+  index, given = _config_argument(argv)
+  spec = given or default
   if not spec:
-    return
-  path = spec.split(':', 1)[0]
+    return argv
   try:
-    if not os.path.exists(path):
-      raise errors.ConfigError(
-          f'Config file {path} does not exist. The configs are the .py files '
-          'of configs/ (and vit_jax/configs/ for the original vit_jax\'s), '
-          'e.g. --config=configs/embedded.py.')
+    try:
+      spec = experiments.resolve(spec)
+    except FileNotFoundError as e:
+      raise errors.ConfigError(str(e)) from e
     # The parser behind --config, here without the overrides.
     try:
       config = config_flags.config_flags.ConfigFileFlagParser('config').parse(
@@ -109,21 +98,27 @@ def _exit_on_bad_config_file_or_keys(argv, default):
       raise errors.ConfigError(
           f'Config file {spec} failed to load: '
           f'{str(e).strip().splitlines()[-1]}') from e
-    validation.check_override_keys(config, keys, path)
+    validation.check_override_keys(config, keys, spec.split(':', 1)[0])
   except errors.ConfigError as e:
     if '--traceback' in argv:
       raise
     print(f'Error: {e}\n{_TRACEBACK_HINT}', file=sys.stderr)
     sys.exit(2)
+  if index is None:
+    return argv
+  argv = list(argv)
+  argv[index] = f'--config={spec}' if argv[index].startswith(
+      '--config=') else spec
+  return argv
 
 
 if __name__ == '__main__':
-  _exit_on_bad_config_file_or_keys(_ARGV, DEFAULT_CONFIG)
+  sys.argv[:] = _checked_argv(_ARGV, DEFAULT_CONFIG)
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
-    DEFAULT_CONFIG if DEFAULT_CONFIG and os.path.exists(DEFAULT_CONFIG)
-    else None,
-    'Experiment config file, e.g. configs/finetune.py:b16,cifar10.',
+    DEFAULT_CONFIG,
+    'Experiment config: a file FILE.py[:ARG] or the name of an experiment '
+    'config of configs/ (NAME[:ARG]), e.g. finetune:b16,cifar10.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder: checkpoints, TensorBoard logs, '
@@ -353,7 +348,7 @@ def main(argv):
                          'summary.json go).')
   if _CONFIG.value is None:
     raise app.UsageError(
-        '--config is required, e.g. --config=configs/embedded.py')
+        '--config is required, e.g. --config=embedded')
   log_path = distributed = None
   stop_signals.raise_when_stopped()
   try:

@@ -37,6 +37,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from vit_jax.configs import experiments  # pylint: disable=g-import-not-at-top
 from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
 from vit_jax.data import tf_import  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import label_names  # pylint: disable=g-import-not-at-top
@@ -227,7 +228,7 @@ def _parse_args(argv):
   arch.add_argument('--workdir',
                     help='a training workdir: model, image size and class '
                          'names from its summary.json and class_names.json')
-  arch.add_argument('--config', metavar='FILE.py[:ARG]',
+  arch.add_argument('--config', metavar='FILE.py|NAME[:ARG]',
                     help='the training config file (its config.model, '
                          'config.pp.crop and dataset)')
   parser.add_argument('--checkpoint', default=None,
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
             args.workdir, args.checkpoint, num_classes=args.num_classes)
       else:
         trained = trained_model.load_model_from_config_file(
-            args.config, args.checkpoint, num_classes=args.num_classes)
+            experiments.resolve(args.config), args.checkpoint,
+            num_classes=args.num_classes)
       model, params = trained.model, trained.params
       image_size = args.image_size or trained.image_size
       trained_names = trained.class_names

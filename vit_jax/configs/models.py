@@ -7,8 +7,9 @@ holds the fields of its module (`VisionTransformer`, or `MlpMixer` for the
 `models.get_model(name, num_classes=...)` builds the module. The getters
 `get_<short name>_config` are the original's, so
 `vit_jax/configs/vit.py:b16,cifar10` finds `get_b16_config`. Parameter counts
-(1000 classes, 224x224) are pinned by tests/test_models.py against SPEC
-section 3, and by tests/test_mixer.py against the original's.
+(1000 classes, 224x224) are pinned by tests/test_models.py (exact counts;
+the paper's Table 1 rounds them to 86M, 307M, 632M), and by
+tests/test_mixer.py against the original's.
 """
 
 import ml_collections

@@ -91,8 +91,8 @@ def to_project_config(
   """
   if 'train_split' in config:
     return config
-  from configs import common  # pylint: disable=g-import-not-at-top
-  project = common.get_config()
+  from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
+  project = schema.get_config()
   for name in _REQUIRED:
     if _get(config, name) in (None, ''):
       theirs = RENAMED.get(name, name)

@@ -2,14 +2,14 @@
 
 Holds every field `vit_jax.train.train_and_evaluate` and
 `vit_jax.input_pipeline.get_datasets` read, with the original's fine-tuning
-defaults (SPEC section 6). The config is locked: a misspelled
+defaults (paper Appendix B.1.1). The config is locked: a misspelled
 `--config.<field>=...` override fails instead of being ignored. Fields whose
 default is None are typed placeholders, so the command line can set them
 (`--config.pretrained_path=model.npz`). Other config
 files change fields; they never add any.
 
-Not a runnable experiment by itself (no model); see embedded.py, finetune.py,
-imagenet21k.py, imagenet1k.py.
+Not a runnable experiment by itself (no model); the experiment configs of
+`configs/` (embedded.py, finetune.py, imagenet21k.py, ...) start from it.
 """
 
 import ml_collections
@@ -31,8 +31,10 @@ def _set_data_fields(config):
   # 'embedded_mnist' (offline, 5,000 digits), a TFDS name, or an image folder
   # laid out as <dir>/train/<class>/* and <dir>/test/<class>/*.
   config.dataset = 'embedded_mnist'
-  config.tfds_data_dir = placeholder(str)  # TFDS data directory (None: TFDS's default).
-  config.tfds_manual_dir = placeholder(str)  # Hand-downloaded files (e.g. ImageNet).
+  # TFDS data directory (None: TFDS's default).
+  config.tfds_data_dir = placeholder(str)
+  # Hand-downloaded files (e.g. ImageNet).
+  config.tfds_manual_dir = placeholder(str)
   config.tfds_download = False  # Never download unless asked to.
   config.train_split = 'train'  # e.g. 'train[:98%]' for a held-out sweep.
   config.test_split = 'test'  # Evaluated every eval_every steps.
@@ -66,7 +68,8 @@ def _set_data_fields(config):
 def _set_model_fields(config):
   """Model, training objective and pre-trained checkpoint fields."""
   # ---- Model (vit_jax/models_vit.py).
-  config.model_name = placeholder(str)  # Zoo name; also <pretrained_dir>/<name>.npz.
+  # Zoo name; also <pretrained_dir>/<name>.npz.
+  config.model_name = placeholder(str)
   config.model = None  # ConfigDict of VisionTransformer fields.
 
   # 'classification' (supervised; the paper), or 'mpp': masked patch
@@ -79,8 +82,10 @@ def _set_model_fields(config):
   config.mpp.color_bits = 3  # Target: 3-bit mean colour (512 classes).
 
   # ---- Pre-trained checkpoint (fine-tuning; vit_jax/pretrained.py).
-  config.pretrained_dir = placeholder(str)  # Folder of released .npz files, or None.
-  config.pretrained_path = placeholder(str)  # A specific .npz; wins over pretrained_dir.
+  # Folder of released .npz files, or None.
+  config.pretrained_dir = placeholder(str)
+  # A specific .npz; wins over pretrained_dir.
+  config.pretrained_path = placeholder(str)
 
 
 def _set_optimizer_fields(config):
@@ -134,9 +139,9 @@ def _set_run_fields(config):
   config.eval_every = 100  # Test accuracy, in steps (and at the end).
   config.checkpoint_every = 1_000  # Train-state checkpoint (and at the end).
   # Few-shot linear evaluation of the pre-logits features during training
-  # (the paper's metric; vit_jax/evaluation/fewshot.py). every_steps 0: off. None
-  # fields take the defaults of fewshot.make_fewshot_evaluator (the training
-  # dataset, its 'train'/'test' splits, image size pp.crop).
+  # (the paper's metric; vit_jax/evaluation/fewshot.py). every_steps 0: off.
+  # None fields take the defaults of fewshot.make_fewshot_evaluator (the
+  # training dataset, its 'train'/'test' splits, image size pp.crop).
   config.fewshot = ml_collections.ConfigDict()
   config.fewshot.every_steps = 0
   config.fewshot.dataset = placeholder(str)
@@ -146,7 +151,8 @@ def _set_run_fields(config):
   config.fewshot.seeds = (0, 1, 2)
   config.fewshot.l2_reg = 2.0**10
   config.fewshot.image_size = placeholder(int)
-  config.fewshot.max_per_class = placeholder(int)  # Cap the images kept in memory.
+  # Caps the images kept in memory.
+  config.fewshot.max_per_class = placeholder(int)
   config.fewshot.max_test_examples = placeholder(int)
   config.fewshot.batch_size = placeholder(int)  # None: batch_eval.
 
