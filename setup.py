@@ -2,7 +2,7 @@
 import setuptools
 
 # Versions bounded to the combination measured to install and work together
-# (see README "Installation"); the lower bounds are the APIs this code uses.
+# (README, first command); the lower bounds are the APIs this code uses.
 INSTALL_REQUIRES = [
     # jax 0.11 and 0.12 need Python >= 3.12; the model, checkpoint and train
     # tests pass there with jax 0.11.2 and 0.12.1 (flax 0.12.12).

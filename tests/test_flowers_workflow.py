@@ -307,5 +307,5 @@ def test_preset_tfds_and_folder_fields(tmp_path):
 def test_preset_is_locked():
   config = flowers.get_config('tf_flowers')
   with pytest.raises(AttributeError):
-    config.epochs = 10  # not a field of configs/common.py
+    config.epochs = 10  # not a field of vit_jax/configs/schema.py
   assert isinstance(config.model, ml_collections.ConfigDict)

@@ -50,7 +50,9 @@ SECTION = re.compile(
     r'(?:section\s+)?["\u201c]([^"\u201d]{1,80})["\u201d]')
 # A first folder in capitals is a placeholder (`W/summary.json`, W the
 # workdir).
-PLACEHOLDER = re.compile(r'[A-Z_]+/')
+PLACEHOLDER = re.compile(r'[A-Z_]+/|(?:[\w.-]+/)*[A-Z_]+\.\w+$')
+# In a built wheel only: setup.py ships configs/ as this package folder.
+WHEEL_ONLY = {'vit_jax/experiment_configs/': 'configs/'}
 # Named on purpose as missing: the error a mistyped config file gives.
 MISSING_ON_PURPOSE = ('configs/no_such.py',)
 ANCHOR = re.compile(_START + r'((?:[\w.-]+/)*[\w.-]+\.md)#([\w-]+)')
@@ -153,6 +155,13 @@ def _module_exists(dotted):
   return False
 
 
+def _in_checkout(pointer):
+  for wheel, checkout in WHEEL_ONLY.items():
+    if pointer.startswith(wheel):
+      return checkout + pointer[len(wheel):]
+  return pointer
+
+
 def _pointers(path, chunks):
   """(line, pointer, what is wrong) of every pointer in `chunks` that fails."""
   for first_line, text in chunks:
@@ -162,10 +171,10 @@ def _pointers(path, chunks):
       if (PLACEHOLDER.match(match.group(1))
           or match.group(1) in MISSING_ON_PURPOSE):
         continue
-      if _find(match.group(1), path) is None:
+      if _find(_in_checkout(match.group(1)), path) is None:
         yield line_of(match), match.group(1), 'no such file'
     for match in FOLDER.finditer(text):
-      if not (ROOT / match.group(1)).is_dir():
+      if not (ROOT / _in_checkout(match.group(1))).is_dir():
         yield line_of(match), match.group(1), 'no such folder'
     for match in MODULE.finditer(text):
       if match.group(1).rsplit('.', 1)[1] in EXTENSIONS:
@@ -181,7 +190,7 @@ def _pointers(path, chunks):
       elif _plain(title) not in _headings(target):
         yield line_of(match), f'{name} "{title}"', 'no such heading'
     for match in LINK.finditer(text):
-      if _find(match.group(1), path) is None:
+      if _find(_in_checkout(match.group(1)), path) is None:
         yield line_of(match), match.group(1), 'no such file'
     for match in ANCHOR.finditer(text):
       target = _find(match.group(1), path)

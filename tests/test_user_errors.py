@@ -44,7 +44,7 @@ CASES = [
          ['--config.learning_rate=0.1'], 2,
          ['--config.learning_rate', 'Did you mean: base_lr'],
          'use a suggested key; every field is in the config file and '
-         'configs/common.py'),
+         'vit_jax/configs/schema.py'),
     Case('unknown_nested_key', 'a misspelled key in a nested block',
          ['--config.model.transformer.num_head=3'], 2,
          ["config.model.transformer has no field 'num_head'",

@@ -81,7 +81,7 @@ def _set_model_fields(config):
   config.mpp.random_prob = 0.1  # by another patch; the rest are kept.
   config.mpp.color_bits = 3  # Target: 3-bit mean colour (512 classes).
 
-  # ---- Pre-trained checkpoint (fine-tuning; vit_jax/pretrained.py).
+  # ---- Pre-trained checkpoint (fine-tuning; vit_jax/checkpoint.py).
   # Folder of released .npz files, or None.
   config.pretrained_dir = placeholder(str)
   # A specific .npz; wins over pretrained_dir.

@@ -10,8 +10,8 @@ testing, ...), `<dataset>` a key of `common.DATASET_PRESETS` (cifar10,
 cifar100, imagenet2012). The checkpoint is
 `{pretrained_dir}/{model_name}.npz`, e.g. the released `ViT-B_16.npz` of
 gs://vit_models/imagenet21k (a gs:// directory is read directly). Expected
-results: see the README's "Reproducing the paper" (the same recipe as this
-project's configs/finetune.py).
+results: docs/paper.md "Reproducing the paper at scale" (the same recipe as
+this project's configs/finetune.py).
 """
 
 from vit_jax.configs import common

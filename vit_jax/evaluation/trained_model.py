@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import sys
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 import jax
@@ -27,9 +26,6 @@ from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import trees
 
 Params = Any
-# The checkout holding vit_jax/ and configs/ (config files are found there).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 
 
 class TrainedModel(NamedTuple):
@@ -156,11 +152,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(path):
     raise ValueError(f'Config file {spec!r}: no such file ({path}).')
-  # Config files import `configs.common`: the repository root (and the
-  # parent of the file's folder, for a copy of configs/) must be importable.
-  for root in (os.path.dirname(os.path.dirname(path)), REPO_ROOT):
-    if root not in sys.path:
-      sys.path.insert(0, root)
   name = '_vit_predict_config_' + re.sub(r'\W', '_', path)
   try:
     module_spec = importlib.util.spec_from_file_location(name, path)

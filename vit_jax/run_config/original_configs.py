@@ -107,7 +107,7 @@ def to_project_config(
     if not _has(project, target):
       raise errors.ConfigError(
           f'config.{name} is a field of neither this project\'s configs '
-          '(configs/common.py) nor the original vit_jax\'s '
+          '(vit_jax/configs/schema.py) nor the original vit_jax\'s '
           '(vit_jax/configs/common.py).')
     if name.endswith('_every') and not value:  # the original's 0: never
       value = config.total_steps

@@ -85,8 +85,9 @@ def check_override_keys(config, keys: Iterable[str], config_file: str):
             f'The top-level keys are: {", ".join(sorted(config.keys()))}.')
     raise ConfigError(
         f'Unknown config key --config.{key}: {where}. {hint} Every field '
-        f'is listed, with a comment, in {config_file} and configs/common.py; '
-        'a config never gains fields from the command line.')
+        f'is listed, with a comment, in {config_file} and '
+        'vit_jax/configs/schema.py; a config never gains fields from the '
+        'command line.')
 
 
 # ---------------------------------------------------------------- values
@@ -257,7 +258,7 @@ def check_config(config: ml_collections.ConfigDict, *, device_count: int,
   work. Does not import TensorFlow.
 
   Args:
-    config: a training config (configs/common.py lists every field).
+    config: a training config (vit_jax/configs/schema.py lists every field).
     device_count: local devices of this process.
     process_count: processes of the run.
   """
