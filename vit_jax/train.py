@@ -18,7 +18,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from absl import logging
 import flax
@@ -30,7 +30,6 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
-from vit_jax.training import accumulation
 from vit_jax.data import dataset_checks
 from vit_jax.reporting import dataset_report
 from vit_jax.evaluation import fewshot
@@ -41,6 +40,7 @@ from vit_jax import inference_time
 from vit_jax import models
 from vit_jax.training import objectives
 from vit_jax.training import optim
+from vit_jax.training import pmap_step
 from vit_jax.run_config import original_configs
 from vit_jax.reporting import progress
 from vit_jax.checkpoints import resume
@@ -57,45 +57,21 @@ from vit_jax.run_config import validation
 
 def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
                    tx: optax.GradientTransformation,
-                   loss: str = 'softmax_xent',
-                   loss_fn: Optional[Callable[..., Any]] = None,
                    trainable_mask: Any = None) -> Callable[..., Any]:
-  """Returns the update step of data-parallel training (pmapped).
+  """Returns the pmapped update step of softmax cross-entropy training.
 
   `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
   new_rng)`, each with a leading axis of local devices; `batch` holds
   'image' [devices, b, H, W, C] and 'label' [devices, b, classes]; the loss
-  is the global batch's mean; params and opt_state are donated. `loss_fn`
-  `(params, images, labels, rng) -> loss` replaces apply_fn and `loss` (a
-  key of objectives.LOSSES); with `trainable_mask` (`trainable`) only its
-  True leaves train and `opt_state` covers them alone. `accum_steps` > 1
-  splits each device's batch into micro-batches, one call each
-  (`accumulation.make_update_fn`).
+  is the global batch's mean; params and opt_state are donated. With
+  `trainable_mask` (`trainable`) only its True leaves train and `opt_state`
+  covers them alone. `accum_steps` > 1 splits each device's batch into
+  micro-batches.
   """
-  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
-  if accum_steps and accum_steps > 1:
-    return accumulation.make_update_fn(
-        loss_fn=loss_fn, accum_steps=accum_steps, tx=tx,
-        trainable_mask=trainable_mask, axis_name=runners.AXIS)
-
-  def update_fn(params, opt_state, batch, rng):
-    _, new_rng = jax.random.split(rng)
-    # Device index across all processes: every device drops out differently.
-    device_rng = jax.random.fold_in(rng, jax.lax.axis_index(runners.AXIS))
-    train_part, _, merge = trainable.partition(params, trainable_mask)
-
-    def loss_wrt(train_part, images, labels):
-      return loss_fn(merge(train_part), images, labels, device_rng)
-
-    l, g = jax.value_and_grad(loss_wrt)(train_part, batch['image'],
-                                        batch['label'])
-    g = jax.lax.pmean(g, axis_name=runners.AXIS)
-    updates, opt_state = tx.update(g, opt_state, train_part)
-    params = merge(optax.apply_updates(train_part, updates))
-    l = jax.lax.pmean(l, axis_name=runners.AXIS)
-    return params, opt_state, l, new_rng
-
-  return jax.pmap(update_fn, axis_name=runners.AXIS, donate_argnums=(0, 1))
+  return pmap_step.make_update_fn(
+      loss_fn=objectives.classification_loss_fn(apply_fn),
+      accum_steps=accum_steps, tx=tx, trainable_mask=trainable_mask,
+      axis_name=runners.AXIS)
 
 
 # ------------------------------------------------------------------ model
@@ -112,8 +88,7 @@ def create_model(config: ml_collections.ConfigDict,
   if config.get('model') is None:
     raise ValueError('config.model is not set; copy one from '
                      'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
-  objective = config.get('objective') or 'classification'
-  if objective == 'mpp':
+  if config.objective == 'mpp':
     fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
     return models_mpp.MaskedPatchPredictor(
         num_classes=None, **fields, **(config.get('mpp') or {}))
@@ -187,7 +162,7 @@ def _init_or_restore(config, model, tx, ckpts):
 
 def make_runner(config, model, tx, mask, params):
   """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
-  is_mpp = (config.get('objective') or 'classification') == 'mpp'
+  is_mpp = config.objective == 'mpp'
   loss_fn = objectives.make_loss_fn(model, config)
   kwargs = dict(counts_fn=objectives.make_counts_fn(model, config),
                 confusion_fn=None if is_mpp else objectives.top1_confusion(
@@ -199,13 +174,14 @@ def make_runner(config, model, tx, mask, params):
         trainable_mask=mask, min_shard_size=config.get(
             'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE),
         mesh_sizes=config.get('mesh'), **kwargs)
-  update_fn = make_update_fn(apply_fn=None, accum_steps=accum_steps, tx=tx,
-                             loss_fn=loss_fn, trainable_mask=mask)
+  update_fn = pmap_step.make_update_fn(
+      loss_fn=loss_fn, accum_steps=accum_steps, tx=tx, trainable_mask=mask,
+      axis_name=runners.AXIS)
   return runners.PmapRunner(update_fn=update_fn, n_prefetch=config.prefetch,
                             **kwargs)
 
 
-def _fewshot(config, model):
+def _fewshot(config):
   """(every_steps, evaluator) of config.fewshot; every_steps 0 is off."""
   every = int((config.get('fewshot') or {}).get('every_steps') or 0)
   if not every:
@@ -353,8 +329,8 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   """Steps start_step + 1 .. total_steps (or until SIGTERM or Ctrl-C),
   logging, checkpointing and evaluating on schedule; returns the results."""
   config, runner = run.config, run.runner
-  fewshot_every, fewshot_eval = _fewshot(config, run.model)
-  is_mpp = (config.get('objective') or 'classification') == 'mpp'
+  fewshot_every, fewshot_eval = _fewshot(config)
+  is_mpp = config.objective == 'mpp'
   step_keys = step_guards.StepKeys(config.seed)
   lr_jit = jax.jit(run.lr_fn)
   compiles = progress.CompileCounter()
@@ -426,7 +402,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   if run.start_step >= total_steps:  # finished before: report, do not train
     res['accuracy'] = runners.evaluate(run.runner, run.evaluated(), run.ds_test)
   summary = dict(
-      res, objective=config.get('objective') or 'classification',
+      res, objective=config.objective,
       num_trainable_params=int(run.num_trainable), total_steps=total_steps,
       start_step=run.start_step, total_time_s=time.time() - t_start,
       images_per_s=out.images_per_s, num_params=int(run.num_params),
