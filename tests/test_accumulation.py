@@ -18,6 +18,7 @@ from vit_jax import utils
 from vit_jax.checkpoints import trees
 from vit_jax.training import objectives
 from vit_jax.training import optim
+from vit_jax.training import pmap_step
 from vit_jax.reporting import run_report
 from vit_jax.parallel import runners
 from vit_jax.checkpoints import train_checkpoint
@@ -66,7 +67,8 @@ def test_dispatched_accumulation_equals_the_in_program_loop():
   config = ml_collections.ConfigDict(dict(
       model=tiny_model_config(dropout=0.1), optimizer='adamw', base_lr=1e-2,
       weight_decay=0.1, total_steps=3, warmup_steps=1, decay_type='cosine',
-      grad_norm_clip=1.0, optim_dtype=None, loss='softmax_xent'))
+      grad_norm_clip=1.0, optim_dtype=None, loss='softmax_xent',
+      objective='classification'))
   model = train.create_model(config, num_classes=10)
   params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3)),
                       train=False)['params']
@@ -76,8 +78,9 @@ def test_dispatched_accumulation_equals_the_in_program_loop():
   loss_fn = objectives.make_loss_fn(model, config)
   opt_state = tx.init(trainable.partition(params, mask)[0])
 
-  dispatched = train.make_update_fn(apply_fn=None, loss_fn=loss_fn,
-                                    accum_steps=4, tx=tx, trainable_mask=mask)
+  dispatched = pmap_step.make_update_fn(
+      loss_fn=loss_fn, accum_steps=4, tx=tx, trainable_mask=mask,
+      axis_name=runners.AXIS)
   got_losses, got = three_updates(dispatched, params, opt_state)
   want_losses, want = three_updates(
       loop_update_fn(loss_fn, 4, tx, mask), params, opt_state)
@@ -102,8 +105,8 @@ def params_flat(params):
 
 def test_micro_batches_must_divide_the_per_device_batch():
   tx = optax.sgd(0.1)
-  update_fn = train.make_update_fn(
-      apply_fn=None, accum_steps=3, tx=tx,
+  update_fn = pmap_step.make_update_fn(
+      accum_steps=3, tx=tx, trainable_mask=None, axis_name=runners.AXIS,
       loss_fn=lambda p, x, y, r: (p['w'] * x).sum())
   params, opt_state = flax.jax_utils.replicate(({'w': np.ones(())},
                                                 tx.init({'w': np.ones(())})))

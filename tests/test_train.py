@@ -199,7 +199,8 @@ np.savez(sys.argv[1], losses=np.array(losses),
 def three_steps(*, devices, accum_steps):
   """Three pmapped SGD-momentum updates of 16-example global batches."""
   model = train.create_model(ml_collections.ConfigDict(
-      {'model': tiny_model_config()}), num_classes=10)
+      {'model': tiny_model_config(), 'objective': 'classification'}),
+      num_classes=10)
   rng = np.random.RandomState(0)
   images = rng.uniform(-1, 1, (3, 16, 28, 28, 3)).astype(np.float32)
   labels = np.eye(10, dtype=np.float32)[rng.randint(0, 10, (3, 16))]
@@ -254,7 +255,8 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
 
 def test_accumulating_4_micro_batches_equals_full_batch():
   model = train.create_model(ml_collections.ConfigDict(
-      {'model': tiny_model_config()}), num_classes=10)
+      {'model': tiny_model_config(), 'objective': 'classification'}),
+      num_classes=10)
   rng = np.random.RandomState(1)
   images = jnp.asarray(rng.uniform(-1, 1, (16, 28, 28, 3)), jnp.float32)
   labels = jnp.asarray(np.eye(10)[rng.randint(0, 10, 16)], jnp.float32)
@@ -383,7 +385,8 @@ def test_checkpoint_refuses_nan_state_and_drops_unfinished_saves(tmp_path):
 def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
   other = tiny_model_config()
   other.hidden_size = 24  # a different width than the model being trained
-  model = train.create_model(ml_collections.ConfigDict({'model': other}), 10)
+  model = train.create_model(ml_collections.ConfigDict(
+      {'model': other, 'objective': 'classification'}), 10)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros([1, 28, 28, 3]),
                       train=False)['params']
   path = str(tmp_path / 'other.npz')

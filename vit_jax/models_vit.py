@@ -1,32 +1,16 @@
 """The Vision Transformer (Dosovitskiy et al., ICLR 2021), as Flax linen modules.
 
-Module and parameter names are those of Google's original `vit_jax`
-(`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/query/kernel`,
-...), so its checkpoints map one to one (SPEC sections 1 and 4). Numerics
-follow the original: pre-LayerNorm blocks with eps 1e-6, tanh-approximated
-GELU, attention scaled by 1/sqrt(head_dim).
-
-Beyond the original (defaults give the original's graph, bit for bit):
-  * `posemb`: the position embeddings of the paper's ablation (Appendix D.4):
-    learned 1-D (default), learned 2-D, none; plus fixed 2-D sin-cos
-    (`vit_jax.layers.position_embeddings`).
-  * Attention weights are sown into the `intermediates` collection, returned
-    when the caller makes it mutable (`models.attention_weights`).
-  * Bad input (rank, channels, sizes that are not multiples of the patch, a
-    token count the position embedding does not have) raises a ValueError
-    that names the sizes and the fix (`vit_jax.layers.image_checks`); the
-    original silently cropped.
-  * Speed switches, tested against the reference graph in
-    `tests/test_speed_equivalence.py` and measured in docs/speed.md:
-    `dtype=jnp.bfloat16` (bfloat16 matmul operands, float32 accumulation,
-    `layers.mixed_precision`; the first and last layers stay `EDGE_DTYPE`),
-    `attention_impl` (`layers.attention.IMPLS`), `token_only_last_block`
-    (the last block computes the class token only), `scan` (one `nn.scan`
-    body; parameters under `Transformer/encoderblock/...` with a layer axis,
-    converted by `params.layouts`) and `remat_policy`
-    (`layers.block_stack.REMAT_POLICIES`).
+Module and parameter names are those of Google's original `vit_jax`, so its
+checkpoints map one to one; numerics follow it too (pre-LayerNorm, eps 1e-6,
+tanh GELU). The defaults give the original's graph; beyond it: the position
+embeddings of the paper's ablation (Appendix D.4) and fixed sin-cos,
+attention weights sown into `intermediates`, input checks that name the fix
+(`layers.image_checks`), and speed switches (`dtype`, `attention_impl`,
+`token_only_last_block`, `scan`, `remat_policy`) tested against the
+reference graph in tests/test_speed_equivalence.py (docs/speed.md).
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional, Tuple, Type
 
@@ -46,9 +30,11 @@ Initializer = Callable[..., Array]
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'none')
+# Fields of the model that it hands down to its encoder.
+_ENCODER_OPTIONS = ('posemb', 'attention_impl', 'scan', 'remat_policy',
+                   'layernorm_epsilon', 'approximate_gelu')
 # Compute dtype of the first and last layers (patch embedding, encoder_norm
-# output, pre_logits, head) whatever the model's `dtype`: keeping them in
-# float32 under bfloat16 measured +0.36 points on the embedded job (5 seeds).
+# output, pre_logits, head) whatever the model's `dtype` (docs/speed.md).
 EDGE_DTYPE = jnp.float32
 
 
@@ -61,20 +47,12 @@ class IdentityLayer(nn.Module):
 
 
 class AddPositionEmbs(nn.Module):
-  """Adds a learned 1-D position embedding (one row per token) to the inputs.
-
-  Attributes:
-    posemb_init: initializer of the (1, num_tokens, hidden) table.
-    param_dtype: dtype of the table.
-  """
+  """Adds a learned (1, tokens, hidden) position embedding to the tokens."""
   posemb_init: Initializer
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, inputs):
-    if inputs.ndim != 3:
-      raise ValueError(
-          f'AddPositionEmbs expects tokens [batch, len, emb]; got {inputs.shape}')
     pos_emb_shape = (1, inputs.shape[1], inputs.shape[2])
     pe = self.param('pos_embedding', self.posemb_init, pos_emb_shape,
                     self.param_dtype)
@@ -82,7 +60,7 @@ class AddPositionEmbs(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense(mlp_dim) -> GELU -> Dropout -> Dense(out) -> Dropout."""
+  """Dense(mlp_dim) -> GELU -> Dropout -> Dense(out_dim) -> Dropout."""
 
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -101,8 +79,8 @@ class MlpBlock(nn.Module):
         kernel_init=self.kernel_init, bias_init=self.bias_init,
         **mixed_precision.matmul_kwargs(self.dtype))
     x = dense(features=self.mlp_dim)(inputs)
-    # tanh approximation, as the original (SPEC section 1); exact (erf) GELU
-    # for weights trained elsewhere (Hugging Face, torchvision).
+    # tanh approximation as the original; exact (erf) for Hugging Face and
+    # torchvision weights.
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     output = dense(features=actual_out_dim)(x)
@@ -115,19 +93,9 @@ class Encoder1DBlock(nn.Module):
   """Transformer encoder block, pre-LayerNorm (paper Eq. 2-3).
 
   Attributes:
-    mlp_dim: dimension of the MLP's hidden layer.
-    num_heads: number of attention heads.
-    dtype: computation dtype.
-    dropout_rate: dropout after attention and in the MLP.
-    attention_dropout_rate: dropout on the attention weights.
-    attention_impl: one of attention.IMPLS, see the module docstring.
-    layernorm_epsilon: LayerNorm epsilon (1e-6; Hugging Face uses 1e-12).
-    approximate_gelu: tanh-approximated GELU (the original) or exact.
-    output_tokens: None (every token) or n: the block computes its output for
-      the first n tokens only; they still attend to every token (keys and
-      values of all). Every row of a block depends only on its own query, so
-      those n rows are the full block's (see `VisionTransformer.
-      token_only_last_block`); the output is [batch, n, emb].
+    attention_impl: one of `attention.IMPLS`.
+    output_tokens: None, or n: only the first n tokens' outputs are computed
+      (they still attend to every token), giving [batch, n, emb].
   """
 
   mlp_dim: int
@@ -142,10 +110,6 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, *, deterministic):
-    if inputs.ndim != 3:
-      raise ValueError(
-          f'Encoder1DBlock expects [batch, len, emb]; got {inputs.shape}')
-
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
     queries, residual = x, inputs
     if self.output_tokens is not None:
@@ -178,24 +142,13 @@ class Encoder(nn.Module):
   """Position embedding, `num_layers` encoder blocks and the final LayerNorm.
 
   Attributes:
-    num_layers: number of encoder blocks.
-    mlp_dim: dimension of the MLP's hidden layer.
-    num_heads: number of attention heads.
-    dropout_rate: dropout rate.
-    attention_dropout_rate: dropout rate of the attention weights.
     add_position_embedding: the original's switch; False is `posemb='none'`.
-    posemb: 'learn' (1-D, the paper's default), 'learn_2d', 'sincos2d' or
-      'none'.
-    dtype: computation dtype.
-    attention_impl: one of attention.IMPLS, see the module docstring.
-    scan: run the blocks as one `nn.scan` (parameters `encoderblock/...` with
-      a leading layer axis instead of `encoderblock_{i}/...`).
-    remat_policy: a key of block_stack.REMAT_POLICIES.
-    layernorm_epsilon: LayerNorm epsilon of the blocks and `encoder_norm`.
-    approximate_gelu: tanh-approximated GELU in the MLPs (the original).
-    last_block_output_tokens: None, or n: the last block (and `encoder_norm`)
-      computes the first n tokens only (`Encoder1DBlock.output_tokens`), and
-      the encoder returns [batch, n, emb]. Needs `scan=False`.
+    posemb: one of POSEMB_TYPES ('learn' is the paper's 1-D).
+    scan: the blocks as one `nn.scan`, parameters `encoderblock/...` with a
+      leading layer axis.
+    remat_policy: a key of `block_stack.REMAT_POLICIES`.
+    last_block_output_tokens: `Encoder1DBlock.output_tokens` of the last
+      block (needs `scan=False`).
   """
 
   num_layers: int
@@ -215,19 +168,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train, grid=None, num_prefix_tokens=0):
-    """Encodes tokens [batch, len, hidden].
-
-    Args:
-      x: tokens.
-      train: enables dropout.
-      grid: (rows, cols) of the patch grid; needed by the 2-D embeddings.
-      num_prefix_tokens: tokens in front of the grid (class token).
-
-    Returns:
-      The encoded tokens after `encoder_norm`.
-    """
-    if x.ndim != 3:
-      raise ValueError(f'Encoder expects [batch, len, emb]; got {x.shape}')
+    """Encodes tokens [batch, len, hidden]; `grid` (rows, cols) is needed by
+    the 2-D embeddings, `num_prefix_tokens` precede it (class token)."""
     x = self._add_position_embedding(x, train, grid, num_prefix_tokens)
     block = functools.partial(
         Encoder1DBlock,
@@ -238,8 +180,7 @@ class Encoder(nn.Module):
         dtype=self.dtype,
         layernorm_epsilon=self.layernorm_epsilon,
         approximate_gelu=self.approximate_gelu,
-        **({} if self.attention_impl == 'reference' else
-           {'attention_impl': self.attention_impl}))
+        attention_impl=self.attention_impl)
     last = self.last_block_output_tokens
     x = block_stack.apply_blocks(
         block, x, num_layers=self.num_layers, train=train, scan=self.scan,
@@ -271,12 +212,8 @@ class Encoder(nn.Module):
 
 
 def embed_patches(model: 'VisionTransformer', inputs):
-  """The hybrid stem (if any) and the patch embedding: [B, gh, gw, hidden].
-
-  Called inside a compact `__call__` of `VisionTransformer` or a model built on
-  its tree (e.g. `masked_patch.MaskedPatchPredictor`): the submodules get the
-  released checkpoints' top-level names (`conv_root`, `block1`, `embedding`).
-  """
+  """The hybrid stem (if any) and the patch embedding: [B, gh, gw, hidden],
+  as submodules of `model`'s compact `__call__`."""
   x = inputs
   if model.resnet is not None:
     x = models_resnet.resnet_stem(
@@ -294,43 +231,20 @@ def embed_patches(model: 'VisionTransformer', inputs):
 class VisionTransformer(nn.Module):
   """Vision Transformer, optionally with a ResNet stem (hybrid).
 
-  Called as `model.apply({'params': params}, images, train=False)`; `images`
-  are NHWC in [-1, 1]. With `train=True` dropout needs `rngs={'dropout': key}`.
+  `model.apply({'params': params}, images, train=False)`, images NHWC in
+  [-1, 1]; `train=True` needs `rngs={'dropout': key}`. Logits are float32.
 
   Attributes:
     num_classes: size of the head; 0/None for no head (features out).
-    patches: ConfigDict with `size` = (ph, pw).
-    transformer: ConfigDict of `Encoder` fields (num_layers, mlp_dim,
-      num_heads, dropout_rate, attention_dropout_rate); None for a model
-      without transformer (ResNet features only).
-    hidden_size: token width D.
-    resnet: ConfigDict with `num_layers` (per stage) and `width_factor` for
-      hybrids; None for a pure ViT.
-    representation_size: size of the tanh `pre_logits` layer (pre-training);
-      None for none.
-    classifier: 'token', 'gap', 'unpooled' or 'token_unpooled'.
-    head_bias_init: initial head bias (-10 for ImageNet-21k pre-training).
-    encoder: the encoder module class.
-    model_name: zoo name, informational.
-    posemb: position embedding, see `Encoder.posemb`.
-    dtype: computation dtype; parameters are float32 whatever it is, and so
-      are the logits.
-    attention_impl: 'reference', 'xla' or 'cudnn'; see the module docstring.
-    scan: `nn.scan` over the encoder blocks; see `Encoder.scan`.
-    remat_policy: rematerialisation of the encoder blocks, a key of
-      block_stack.REMAT_POLICIES.
-    layernorm_epsilon: LayerNorm epsilon (the original's 1e-6; 1e-12 for
-      Hugging Face weights).
-    approximate_gelu: tanh-approximated GELU (the original) or exact (erf,
-      Hugging Face and torchvision weights).
-    token_only_last_block: with classifier='token', the last encoder block
-      computes the class token's row only (its query, attention output, MLP;
-      keys and values of every token), since nothing else of it reaches the
-      head: about 10/12 of one block's work saved, same logits (to float
-      rounding; tested). Not with `scan=True`, and skipped when attention
-      weights are collected (`intermediates` mutable) so that the last
-      block's weights keep all rows. With dropout the last block draws masks
-      of another shape, i.e. other random numbers.
+    transformer: `Encoder` fields; None for ResNet features only.
+    resnet: `num_layers` (per stage) and `width_factor` of a hybrid's stem.
+    representation_size: width of the tanh `pre_logits` layer, or None.
+    classifier: one of CLASSIFIERS.
+    dtype: computation dtype; parameters stay float32.
+    token_only_last_block: with classifier='token', the last block computes
+      the class token's row only (same logits to float rounding); not with
+      `scan`, skipped while `intermediates` is mutable; under dropout its
+      masks differ.
   """
 
   num_classes: Optional[int]
@@ -371,7 +285,7 @@ class VisionTransformer(nn.Module):
 
   @property
   def stride(self) -> Tuple[int, int]:
-    """Pixels per token along (height, width): stem stride times patch size."""
+    """Pixels per token along (height, width)."""
     s = 1
     if self.resnet is not None:
       s = models_resnet.stem_stride(self.resnet.num_layers)
@@ -383,8 +297,7 @@ class VisionTransformer(nn.Module):
     return self.classifier in ('token', 'token_unpooled')
 
   def _check_inputs(self, inputs):
-    """Fails early, with sizes and the fix, where the original cropped or
-    crashed (`image_checks.check_images`)."""
+    """`image_checks.check_images`: the model's one check of its input."""
     params = (None if self.is_initializing() or 'params' not in self.variables
               else self.variables['params'])
     image_checks.check_images(
@@ -436,13 +349,10 @@ class VisionTransformer(nn.Module):
     return x.astype(jnp.float32)
 
   def _encoder_extra_kwargs(self):
-    """Fields the model passes down unless the transformer config sets them:
-    the dtype, and the others only when not at their default, so that a
-    custom `encoder` class without these fields keeps working."""
-    defaults = {'posemb': 'learn', 'attention_impl': 'reference',
-                'scan': False, 'remat_policy': 'none',
-                'layernorm_epsilon': 1e-6, 'approximate_gelu': True}
-    extra = {k: getattr(self, k) for k, default in defaults.items()
-             if getattr(self, k) != default}
+    """The dtype, and the `_ENCODER_OPTIONS` not at `Encoder`'s default (so a
+    custom `encoder` without them works), unless `transformer` sets them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Encoder)}
+    extra = {k: getattr(self, k) for k in _ENCODER_OPTIONS
+             if getattr(self, k) != defaults[k]}
     extra['dtype'] = self.dtype
     return {k: v for k, v in extra.items() if k not in self.transformer}

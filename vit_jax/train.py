@@ -1,15 +1,10 @@
 """Data-parallel training and evaluation (paper Sec. 4 / Appendix B).
 
-The data path reads top to bottom: config -> input pipeline -> model ->
-train step -> checkpoint -> evaluation. One command runs it
-(`python -m vit_jax.main --config=... --workdir=...`) on one CPU, all devices
-of a host, or several hosts: the step is `jax.pmap`ped over the local devices
-and gradients are averaged over every device of every process.
-
-A run is a pure function of its config: the batch of step `s` comes from
-`input_pipeline.get_datasets(config, start_step=s - 1)` and its dropout key
-is `fold_in(PRNGKey(seed), s)`, so a run resumed from a checkpoint ends with
-the same parameters as one that was never interrupted.
+Config -> input pipeline -> model -> train step -> checkpoint -> evaluation,
+on one CPU, the devices of a host, or several hosts
+(`python -m vit_jax.main`). A run is a pure function of its config: step
+`s`'s batch and dropout key depend only on `s`, so a resumed run ends with
+the parameters of an uninterrupted one.
 """
 
 import contextlib
@@ -18,7 +13,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from absl import logging
 import flax
@@ -30,7 +25,6 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
-from vit_jax.training import accumulation
 from vit_jax.data import dataset_checks
 from vit_jax.reporting import dataset_report
 from vit_jax.evaluation import fewshot
@@ -41,11 +35,11 @@ from vit_jax import inference_time
 from vit_jax import models
 from vit_jax.training import objectives
 from vit_jax.training import optim
+from vit_jax.training import pmap_step
 from vit_jax.run_config import original_configs
 from vit_jax.reporting import progress
 from vit_jax.checkpoints import resume
-from vit_jax.reporting import run_plots
-from vit_jax.reporting import run_report
+from vit_jax.reporting import run_end
 from vit_jax.parallel import runners
 from vit_jax.parallel import sharding
 from vit_jax.training import step_guards
@@ -57,45 +51,18 @@ from vit_jax.run_config import validation
 
 def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
                    tx: optax.GradientTransformation,
-                   loss: str = 'softmax_xent',
-                   loss_fn: Optional[Callable[..., Any]] = None,
                    trainable_mask: Any = None) -> Callable[..., Any]:
-  """Returns the update step of data-parallel training (pmapped).
+  """The pmapped softmax cross-entropy step `update_fn(params, opt_state,
+  batch, rng) -> (params, opt_state, loss, new_rng)`.
 
-  `update_fn(params, opt_state, batch, rng) -> (params, opt_state, loss,
-  new_rng)`, each with a leading axis of local devices; `batch` holds
-  'image' [devices, b, H, W, C] and 'label' [devices, b, classes]; the loss
-  is the global batch's mean; params and opt_state are donated. `loss_fn`
-  `(params, images, labels, rng) -> loss` replaces apply_fn and `loss` (a
-  key of objectives.LOSSES); with `trainable_mask` (`trainable`) only its
-  True leaves train and `opt_state` covers them alone. `accum_steps` > 1
-  splits each device's batch into micro-batches, one call each
-  (`accumulation.make_update_fn`).
+  Each has a leading axis of local devices; `batch` holds 'image' and
+  one-hot 'label'; params and opt_state are donated. With `trainable_mask`
+  only its True leaves train and `opt_state` covers them alone.
   """
-  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
-  if accum_steps and accum_steps > 1:
-    return accumulation.make_update_fn(
-        loss_fn=loss_fn, accum_steps=accum_steps, tx=tx,
-        trainable_mask=trainable_mask, axis_name=runners.AXIS)
-
-  def update_fn(params, opt_state, batch, rng):
-    _, new_rng = jax.random.split(rng)
-    # Device index across all processes: every device drops out differently.
-    device_rng = jax.random.fold_in(rng, jax.lax.axis_index(runners.AXIS))
-    train_part, _, merge = trainable.partition(params, trainable_mask)
-
-    def loss_wrt(train_part, images, labels):
-      return loss_fn(merge(train_part), images, labels, device_rng)
-
-    l, g = jax.value_and_grad(loss_wrt)(train_part, batch['image'],
-                                        batch['label'])
-    g = jax.lax.pmean(g, axis_name=runners.AXIS)
-    updates, opt_state = tx.update(g, opt_state, train_part)
-    params = merge(optax.apply_updates(train_part, updates))
-    l = jax.lax.pmean(l, axis_name=runners.AXIS)
-    return params, opt_state, l, new_rng
-
-  return jax.pmap(update_fn, axis_name=runners.AXIS, donate_argnums=(0, 1))
+  return pmap_step.make_update_fn(
+      loss_fn=objectives.classification_loss_fn(apply_fn),
+      accum_steps=accum_steps, tx=tx, trainable_mask=trainable_mask,
+      axis_name=runners.AXIS)
 
 
 # ------------------------------------------------------------------ model
@@ -103,17 +70,12 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
 
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> models.VisionTransformer:
-  """The model of `config.model` (a zoo ConfigDict copy or a custom one):
-  a VisionTransformer, or an MlpMixer for a Mixer's fields.
-
-  With `config.objective='mpp'` a `models_mpp.MaskedPatchPredictor` with
-  the same encoder (its fields from `config.mpp`); `num_classes` is unused.
-  """
+  """The model of `config.model` (ViT or Mixer); with objective 'mpp' a
+  `models_mpp.MaskedPatchPredictor` (fields from `config.mpp`, no head)."""
   if config.get('model') is None:
     raise ValueError('config.model is not set; copy one from '
                      'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
-  objective = config.get('objective') or 'classification'
-  if objective == 'mpp':
+  if config.objective == 'mpp':
     fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
     return models_mpp.MaskedPatchPredictor(
         num_classes=None, **fields, **(config.get('mpp') or {}))
@@ -123,11 +85,8 @@ def create_model(config: ml_collections.ConfigDict,
 
 def init_params(model, config: ml_collections.ConfigDict, *,
                 load_pretrained: bool = True) -> Dict[str, Any]:
-  """Fresh parameters (seeded by config.seed), optionally the pre-trained ones.
-
-  Every process computes the same values from the same seed, so replicas
-  start equal without communication.
-  """
+  """Parameters seeded by config.seed (equal on every process), adapted
+  from the pre-trained checkpoint if `load_pretrained` and it names one."""
   height, width = input_pipeline.get_image_size(config)
   seed = config.seed
 
@@ -153,8 +112,7 @@ def init_params(model, config: ml_collections.ConfigDict, *,
 
 def _fresh_state(config, model, tx, *, load_pretrained: bool):
   """(train state {'params', 'opt_state'} as numpy, trainable mask) of a
-  fresh run; the optimizer state covers the trainable parameters only
-  (`config.trainable`)."""
+  fresh run."""
   params = init_params(model, config, load_pretrained=load_pretrained)
   mask = None
   if trainable.pattern(config.get('trainable')) is not None:
@@ -165,14 +123,8 @@ def _fresh_state(config, model, tx, *, load_pretrained: bool):
 
 
 def _init_or_restore(config, model, tx, ckpts):
-  """(train state {'params', 'opt_state'}, trainable mask, step, runner).
-
-  A fresh run starts from `init_params` (pre-trained weights if the config
-  names them) at step 0, as numpy arrays; a resumed one from its newest
-  readable checkpoint (`resume.restore_newest`), which must fit the model,
-  in the layout of the runner (`make_runner`): numpy under pmap, sharded
-  `jax.Array`s under FSDP, whatever layout it was saved from.
-  """
+  """(train state, trainable mask, step, runner): a fresh state at step 0,
+  or the newest readable checkpoint in the runner's layout."""
   steps = ckpts.all_steps()
   state, mask = _fresh_state(config, model, tx, load_pretrained=not steps)
   runner = make_runner(config, model, tx, mask, state['params'])
@@ -187,55 +139,30 @@ def _init_or_restore(config, model, tx, ckpts):
 
 def make_runner(config, model, tx, mask, params):
   """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
-  is_mpp = (config.get('objective') or 'classification') == 'mpp'
+  is_mpp = config.objective == 'mpp'
   loss_fn = objectives.make_loss_fn(model, config)
   kwargs = dict(counts_fn=objectives.make_counts_fn(model, config),
                 confusion_fn=None if is_mpp else objectives.top1_confusion(
                     model.apply, model.num_classes))
-  accum_steps = config.get('accum_steps', 1)
-  if (config.get('parallelism') or 'pmap') == 'fsdp':
+  accum_steps = config.accum_steps
+  if config.parallelism == 'fsdp':
     return sharding.FsdpRunner(
         params=params, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
-        trainable_mask=mask, min_shard_size=config.get(
-            'fsdp_min_shard_size', sharding.MIN_SHARD_SIZE),
-        mesh_sizes=config.get('mesh'), **kwargs)
-  update_fn = make_update_fn(apply_fn=None, accum_steps=accum_steps, tx=tx,
-                             loss_fn=loss_fn, trainable_mask=mask)
+        trainable_mask=mask, min_shard_size=config.fsdp_min_shard_size,
+        mesh_sizes=config.mesh, **kwargs)
+  update_fn = pmap_step.make_update_fn(
+      loss_fn=loss_fn, accum_steps=accum_steps, tx=tx, trainable_mask=mask,
+      axis_name=runners.AXIS)
   return runners.PmapRunner(update_fn=update_fn, n_prefetch=config.prefetch,
                             **kwargs)
 
 
-def _fewshot(config, model):
+def _fewshot(config):
   """(every_steps, evaluator) of config.fewshot; every_steps 0 is off."""
   every = int((config.get('fewshot') or {}).get('every_steps') or 0)
   if not every:
     return 0, None
   return every, fewshot.make_fewshot_evaluator(config)
-
-
-def _finish_run(config, workdir: str, summary: Dict[str, Any]) -> None:
-  """Process 0 at the end of a finished run: pictures, summary.json, and the
-  closing lines (result, what the workdir holds, what to run next)."""
-  class_names = None
-  names_path = os.path.join(workdir, dataset_report.CLASS_NAMES_FILE)
-  if os.path.exists(names_path):
-    with open(names_path) as f:
-      class_names = json.load(f)
-  title = f'{config.get("model_name") or "model"} on {config.dataset}'
-  summary['plots'] = run_plots.write_run_plots(
-      workdir, last_step=summary['step'], confusion=summary.get('confusion'),
-      class_names=class_names, title=title)
-  run_report.write_json_atomically(
-      os.path.join(workdir, run_report.SUMMARY_FILE), summary)
-  what = (f'test accuracy {summary["accuracy"]:.4f}'
-          if summary['objective'] == 'classification' else
-          f'test {summary["objective"]} accuracy {summary["accuracy"]:.4f}')
-  print(f'Final {what} after {summary["step"]} steps '
-        f'({progress.format_duration(summary["train_time_s"])} of training, '
-        f'{progress.format_duration(summary["total_time_s"])} in all).',
-        flush=True)
-  print(run_report.workdir_contents(workdir), flush=True)
-  print(run_report.next_commands(config, workdir, summary), flush=True)
 
 
 # ------------------------------------------------------------------- main
@@ -245,25 +172,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """Trains `config`'s model, evaluating and checkpointing into `workdir`.
 
-  Resumes from the newest checkpoint in `<workdir>/checkpoints` if there is
-  one. On SIGTERM or Ctrl-C it saves a checkpoint after the current step
-  and returns (`summary['stopped_by']` names the signal).
+  Resumes from `workdir`'s newest checkpoint; on SIGTERM or Ctrl-C saves one
+  after the current step and returns (`summary['stopped_by']`).
 
   Args:
-    config: experiment config (see configs/common.py for every field), or
-      one in the original vit_jax's shape (vit_jax/configs/common.py),
-      translated by `original_configs.to_project_config`. With
-      `trainer='inference_time'` it times inference instead
-      (`vit_jax.inference_time`) and returns its numbers.
-    workdir: output folder: checkpoints/, TensorBoard events, summary.json.
+    config: configs/common.py's fields, or the original vit_jax's
+      (`original_configs.to_project_config`); `trainer='inference_time'`
+      times inference instead.
 
   Returns:
-    The summary (also written to `<workdir>/summary.json` by process 0 when
-    the run finished): accuracy, steps, times, images/s, config.
+    The summary: accuracy, steps, times, images/s, config (also
+    `<workdir>/summary.json` once the run finished).
 
   Raises:
-    step_guards.NonFiniteLossError: the loss became NaN/inf; the last good
-      checkpoint is kept and nothing later is saved.
+    step_guards.NonFiniteLossError: the loss became NaN/inf; later steps are
+      not saved.
   """
   if original_configs.trainer(config) == 'inference_time':
     return inference_time.inference_time(config, workdir)
@@ -295,18 +218,17 @@ class _Run:
 
 
 def _close_checkpoints(ckpts, exc_type, exc, tb) -> None:
-  """Closes `ckpts` after the step being written, unless an error ends a
-  multi-process run: a lost peer would hold that write at orbax's commit
-  barrier until the runtime's heartbeat timeout. The process then exits
-  without it, and the next start removes the unfinished step."""
+  """Closes `ckpts`, unless an error ends a multi-process run: a lost peer
+  would hold the pending write at orbax's commit barrier; the next start
+  removes the unfinished step."""
   del exc, tb
   if exc_type is None or jax.process_count() == 1:
     ckpts.close()
 
 
 def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
-  """Checks the config, opens the checkpoints, builds data, model, optimizer
-  and runner, and places the fresh or restored train state."""
+  """Checks the config; builds checkpoints, data, model, optimizer, runner
+  and the fresh or restored train state on the devices."""
   device_count = jax.local_device_count()
   validation.check_config(config, device_count=device_count,
                           process_count=jax.process_count())
@@ -337,8 +259,7 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   logging.info('Model %s: %s parameters (%s trainable), %d classes, %d local '
                'devices, %d processes, %s.', config.get('model_name'),
                f'{num_params:,}', f'{num_trainable:,}', num_classes,
-               device_count, jax.process_count(),
-               config.get('parallelism') or 'pmap')
+               device_count, jax.process_count(), config.parallelism)
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
   memory_fit.check_batch_fits(config, num_params)
@@ -350,11 +271,11 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
 
 
 def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
-  """Steps start_step + 1 .. total_steps (or until SIGTERM or Ctrl-C),
+  """Trains steps start_step + 1 .. total_steps (or until a stop signal),
   logging, checkpointing and evaluating on schedule; returns the results."""
   config, runner = run.config, run.runner
-  fewshot_every, fewshot_eval = _fewshot(config, run.model)
-  is_mpp = (config.get('objective') or 'classification') == 'mpp'
+  fewshot_every, fewshot_eval = _fewshot(config)
+  is_mpp = config.objective == 'mpp'
   step_keys = step_guards.StepKeys(config.seed)
   lr_jit = jax.jit(run.lr_fn)
   compiles = progress.CompileCounter()
@@ -426,7 +347,7 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   if run.start_step >= total_steps:  # finished before: report, do not train
     res['accuracy'] = runners.evaluate(run.runner, run.evaluated(), run.ds_test)
   summary = dict(
-      res, objective=config.get('objective') or 'classification',
+      res, objective=config.objective,
       num_trainable_params=int(run.num_trainable), total_steps=total_steps,
       start_step=run.start_step, total_time_s=time.time() - t_start,
       images_per_s=out.images_per_s, num_params=int(run.num_params),
@@ -442,5 +363,5 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
         run.runner, run.evaluated(), run.ds_test).tolist()
   out.close()
   if out.is_chief:  # summary.json marks a finished run
-    _finish_run(config, workdir, summary)
+    run_end.finish_run(config, workdir, summary)
   return summary
