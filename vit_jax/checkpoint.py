@@ -30,9 +30,6 @@ from vit_jax.checkpoints.trees import CheckpointError
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
 
-# Stem stride times patch size of a model config.
-pixels_per_token = fit.pixels_per_token
-
 
 def recover_tree(keys, values) -> Params:
   """The nested dict of '/'-joined `keys` and their `values`."""

@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   after the current step and returns (`summary['stopped_by']`).
 
   Args:
-    config: configs/common.py's fields, or the original vit_jax's
+    config: vit_jax/configs/schema.py's fields, or the original vit_jax's
       (`original_configs.to_project_config`); `trainer='inference_time'`
       times inference instead.
 
