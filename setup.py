@@ -32,8 +32,8 @@ setuptools.setup(
     # The wheel holds vit_jax alone. The experiment configs of configs/ go
     # into it as vit_jax/experiment_configs/, where `python -m vit_jax.main
     # --config=<name>` finds them (vit_jax/configs/experiments.py).
-    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']) + [
-        'vit_jax.experiment_configs'],
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']) +
+    ['vit_jax.experiment_configs'],
     package_dir={'vit_jax.experiment_configs': 'configs'},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
@@ -42,13 +42,16 @@ setuptools.setup(
         # tests/test_notebooks.py; import-linter (lint-imports, and grimp
         # for tests/test_import_layers.py) and ruff are .ci/run's checks.
         # timm and its torchvision (torch 2.13.0's): the timm parity tests only.
-        'test': ['pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10',
-                 'nbformat>=5.10', 'ipykernel>=6.29', 'import-linter>=2.1',
-                 'ruff>=0.5', 'timm>=1.0,<2', 'torchvision==0.28.0'],
+        'test': [
+            'pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10', 'nbformat>=5.10',
+            'ipykernel>=6.29', 'import-linter>=2.1', 'ruff>=0.5',
+            'timm>=1.0,<2', 'torchvision==0.28.0'
+        ],
         # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
         # this project's machines, where other versions pull CUDA packages.
-        'interop': ['torch==2.13.0', 'transformers>=4.40,<6',
-                    'safetensors>=0.4'],
+        'interop': [
+            'torch==2.13.0', 'transformers>=4.40,<6', 'safetensors>=0.4'
+        ],
     },
 )

@@ -22,8 +22,9 @@ def count(path: pathlib.Path):
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
                          ast.AsyncFunctionDef)) and node.body:
       first = node.body[0]
-      if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-          and isinstance(first.value.value, str)):
+      if (isinstance(first, ast.Expr) and
+          isinstance(first.value, ast.Constant) and
+          isinstance(first.value.value, str)):
         doc.update(range(first.lineno, first.end_lineno + 1))
   nonblank = {i + 1 for i, line in enumerate(lines) if line.strip()}
   return len(doc & nonblank), len(nonblank)
@@ -31,8 +32,10 @@ def count(path: pathlib.Path):
 
 def main() -> int:
   root = pathlib.Path(__file__).resolve().parent.parent
-  per_file = {p.relative_to(root).as_posix(): count(p)
-              for p in sorted((root / 'vit_jax').rglob('*.py'))}
+  per_file = {
+      p.relative_to(root).as_posix(): count(p)
+      for p in sorted((root / 'vit_jax').rglob('*.py'))
+  }
   doc = sum(d for d, _ in per_file.values())
   total = sum(t for _, t in per_file.values())
   if '--by-file' in sys.argv:

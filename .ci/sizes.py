@@ -19,8 +19,7 @@ MODULE_LIMIT = 450
 ROOTS = ('vit_jax', 'bench', 'configs')
 
 # 'path' (a module) or 'path:qualified.name' (a function) -> lines today.
-KNOWN = {
-}
+KNOWN = {}
 
 
 def sizes(root: pathlib.Path):
@@ -42,16 +41,16 @@ def _long_functions(rel, tree):
 
   def visit(node, prefix):
     for child in ast.iter_child_nodes(node):
-      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                            ast.ClassDef)):
+      if isinstance(child,
+                    (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         name = f'{prefix}{child.name}'
         if not isinstance(child, ast.ClassDef):
-          first = min([child.lineno] +
-                      [d.lineno for d in child.decorator_list])
+          first = min([child.lineno] + [d.lineno for d in child.decorator_list])
           lines = child.end_lineno - first + 1
           if lines > FUNCTION_LIMIT:
             found[f'{rel}:{name}'] = lines
         visit(child, f'{name}.')
+
   visit(tree, '')
   return found
 

@@ -122,8 +122,8 @@ def matmul_ops(fn: Callable[..., Any], *args) -> List[MatmulOp]:
 def bytes_needed(ops: Sequence[MatmulOp]) -> int:
   """Memory `dots_only(ops)` holds: every op's operands and output."""
   size = lambda aval: math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-  return sum(sum(size(a) for a in op.in_avals) + size(op.out_aval)
-             for op in ops)
+  return sum(
+      sum(size(a) for a in op.in_avals) + size(op.out_aval) for op in ops)
 
 
 def memory_budget_bytes(device=None) -> int:
@@ -148,13 +148,17 @@ def dots_only(ops: Sequence[MatmulOp], seed: int = 0) -> Callable[[], Any]:
   if not ops:
     raise ValueError('dots_only: no matmuls to time.')
   rng = np.random.default_rng(seed)
-  operands = [[jax.numpy.asarray(rng.standard_normal(a.shape), a.dtype)
-               for a in op.in_avals] for op in ops]
+  operands = [[
+      jax.numpy.asarray(rng.standard_normal(a.shape), a.dtype)
+      for a in op.in_avals
+  ]
+              for op in ops]
 
   @jax.jit
   def run(operands):
-    return [op.primitive.bind(*xs, **op.params)
-            for op, xs in zip(ops, operands)]
+    return [
+        op.primitive.bind(*xs, **op.params) for op, xs in zip(ops, operands)
+    ]
 
   return lambda: run(operands)
 
@@ -183,8 +187,8 @@ class ShapeTiming:
     return text
 
 
-def by_shape(ops: Sequence[MatmulOp], time_fn: Callable[[Callable[[], Any]],
-                                                          float],
+def by_shape(ops: Sequence[MatmulOp],
+             time_fn: Callable[[Callable[[], Any]], float],
              seed: int = 0) -> List[ShapeTiming]:
   """Each distinct op (kind, shapes, dtypes, parameters) timed on its own.
 
@@ -205,6 +209,8 @@ def by_shape(ops: Sequence[MatmulOp], time_fn: Callable[[Callable[[], Any]],
       groups[key][1] += 1
     else:
       groups[key] = [op, 1]
-  timings = [ShapeTiming(op, count, time_fn(dots_only([op], seed)))
-             for op, count in groups.values()]
+  timings = [
+      ShapeTiming(op, count, time_fn(dots_only([op], seed)))
+      for op, count in groups.values()
+  ]
   return sorted(timings, key=lambda t: -t.count * t.seconds)

@@ -21,25 +21,31 @@ import time
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--devices', type=int, default=4,
-                 help='forced CPU devices (XLA_FLAGS), unless already set')
+  p.add_argument(
+      '--devices',
+      type=int,
+      default=4,
+      help='forced CPU devices (XLA_FLAGS), unless already set')
   p.add_argument('--hidden', type=int, default=256)
   p.add_argument('--layers', type=int, default=8)
   p.add_argument('--batch', type=int, default=16, help='global batch')
   p.add_argument('--steps', type=int, default=40)
   p.add_argument('--every', type=int, default=5, help='save every N steps')
-  p.add_argument('--workdir', default=None,
-                 help='where to write (default: a temporary folder)')
+  p.add_argument(
+      '--workdir',
+      default=None,
+      help='where to write (default: a temporary folder)')
   return p.parse_args(argv)
 
 
 def _setup(args):
   """(runner, params, opt_state, batch) of the FSDP step."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from configs import embedded  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
   config = embedded.get_digits_config()
   config.model = embedded.get_model_config()
   config.model.hidden_size = args.hidden
@@ -53,10 +59,13 @@ def _setup(args):
   runner = train.make_runner(config, model, tx, None, params)
   params, opt_state = runner.place(params, tx.init(params))
   rng = np.random.RandomState(0)
-  batch = sharding.shard_batch({
-      'image': rng.uniform(-1, 1, (args.batch, 28, 28, 3)).astype(np.float32),
-      'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, args.batch)],
-  }, runner.mesh)
+  batch = sharding.shard_batch(
+      {
+          'image':
+              rng.uniform(-1, 1, (args.batch, 28, 28, 3)).astype(np.float32),
+          'label':
+              np.eye(10, dtype=np.float32)[rng.randint(0, 10, args.batch)],
+      }, runner.mesh)
   return runner, params, opt_state, batch
 
 
@@ -64,6 +73,7 @@ def _run(args, runner, state, batch, folder, mode):
   """Seconds per step over `args.steps` steps; `mode`: 'none' (no saves),
   'sync' or 'async'. The last save's wait is included."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(folder)
   key = jax.random.PRNGKey(0)
@@ -72,8 +82,10 @@ def _run(args, runner, state, batch, folder, mode):
   for step in range(1, args.steps + 1):
     params, opt_state, _ = runner.step(params, opt_state, batch, key)
     if mode != 'none' and step % args.every == 0:
-      ckpts.save(step, {'params': params, 'opt_state': opt_state},
-                 runner.saved_state)
+      ckpts.save(step, {
+          'params': params,
+          'opt_state': opt_state
+      }, runner.saved_state)
       if mode == 'sync':
         ckpts.wait_until_finished()
   jax.block_until_ready(params)
@@ -88,8 +100,7 @@ def _one_save(runner, state, folder):
   from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = train_checkpoint.TrainCheckpoints(folder)
   start = time.perf_counter()
-  ckpts.save(1, {'params': state[0], 'opt_state': state[1]},
-             runner.saved_state)
+  ckpts.save(1, {'params': state[0], 'opt_state': state[1]}, runner.saved_state)
   ckpts.wait_until_finished()
   seconds = time.perf_counter() - start
   ckpts.close()
@@ -104,15 +115,15 @@ def main(argv=None):
   machine.print_header('bench.checkpoint_save', argv)
   root = args.workdir or tempfile.mkdtemp(prefix='bench_ckpt_')
   runner, params, opt_state, batch = _setup(args)
-  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(
-      (params, opt_state)))
+  state_bytes = sum(
+      x.nbytes for x in jax.tree_util.tree_leaves((params, opt_state)))
   warm = args.steps, args.every
   args.steps, args.every = 2, 1  # compile the step, warm the save path
   _, state = _run(args, runner, (params, opt_state), batch,
                   os.path.join(root, 'warm'), 'async')
   args.steps, args.every = warm
-  one_step, state = _run(args, runner, state, batch,
-                         os.path.join(root, 'none'), 'none')
+  one_step, state = _run(args, runner, state, batch, os.path.join(root, 'none'),
+                         'none')
   save_s = _one_save(runner, state, os.path.join(root, 'one'))
   print(f'train state {state_bytes / 2**20:.1f} MiB; one step '
         f'{one_step * 1e3:.0f} ms, one save {save_s * 1e3:.0f} ms; a save '

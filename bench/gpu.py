@@ -32,8 +32,8 @@ import time
 import types
 
 if __package__ in (None, ''):  # `python bench/gpu.py`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
+  sys.path.insert(0,
+                  os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 
@@ -44,38 +44,63 @@ from bench import throughput_steps as steps
 from vit_jax import models
 
 GiB = metrics.GiB
-FULL = dict(models='ViT-B_16,ViT-L_16', image_size=224, num_classes=1000,
-            start_batch=32, max_batch=1024, repeats=10, matmul_size=16384)
-TINY = dict(models='testing', image_size=32, num_classes=10, start_batch=2,
-            max_batch=2, repeats=2, matmul_size=256)
+FULL = dict(
+    models='ViT-B_16,ViT-L_16',
+    image_size=224,
+    num_classes=1000,
+    start_batch=32,
+    max_batch=1024,
+    repeats=10,
+    matmul_size=16384)
+TINY = dict(
+    models='testing',
+    image_size=32,
+    num_classes=10,
+    start_batch=2,
+    max_batch=2,
+    repeats=2,
+    matmul_size=256)
 MFU_FLOPS = {'train': 3, 'infer': 1}  # x the forward pass's matmul FLOPs.
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(
-      prog='python -m bench.gpu', description=__doc__.split('\n\n')[0],
+      prog='python -m bench.gpu',
+      description=__doc__.split('\n\n')[0],
       epilog=__doc__[__doc__.index('In this order'):],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--tiny', action='store_true',
-                 help=f'tiny sizes for a CPU: {TINY}')
+  p.add_argument(
+      '--tiny', action='store_true', help=f'tiny sizes for a CPU: {TINY}')
   p.add_argument('--models', help=f'zoo names (default {FULL["models"]})')
   p.add_argument('--dtypes', default='bfloat16,float32')
-  p.add_argument('--attention', default='xla,cudnn',
-                 help='attention_impl values timed beside the reference')
-  for name, help_ in (('image_size', 'image side'),
-                      ('num_classes', 'classes of the head'),
+  p.add_argument(
+      '--attention',
+      default='xla,cudnn',
+      help='attention_impl values timed beside the reference')
+  for name, help_ in (('image_size', 'image side'), ('num_classes',
+                                                     'classes of the head'),
                       ('start_batch', 'first batch of the search'),
                       ('max_batch', 'largest batch tried'),
                       ('repeats', 'timed calls per number (the median)'),
                       ('matmul_size', 'n of the n^3 peak matmul')):
-    p.add_argument('--' + name.replace('_', '-'), type=int,
-                   help=f'{help_} (default {FULL[name]}; --tiny {TINY[name]})')
-  p.add_argument('--fill', type=float, default=0.9,
-                 help='share of the device memory a batch may take')
-  p.add_argument('--memory-gib', type=float,
-                 help='device memory to fill (default: memory_stats)')
-  p.add_argument('--budget-s', type=float, default=390.,
-                 help='no part starts after this many seconds')
+    p.add_argument(
+        '--' + name.replace('_', '-'),
+        type=int,
+        help=f'{help_} (default {FULL[name]}; --tiny {TINY[name]})')
+  p.add_argument(
+      '--fill',
+      type=float,
+      default=0.9,
+      help='share of the device memory a batch may take')
+  p.add_argument(
+      '--memory-gib',
+      type=float,
+      help='device memory to fill (default: memory_stats)')
+  p.add_argument(
+      '--budget-s',
+      type=float,
+      default=390.,
+      help='no part starts after this many seconds')
   args = p.parse_args(argv)
   for name, value in (TINY if args.tiny else FULL).items():
     if getattr(args, name) is None:
@@ -113,16 +138,19 @@ def is_out_of_memory(err: Exception) -> bool:
 
 def _settings(args, **kw):
   """What `throughput_steps` reads of a command line, with `kw` set."""
-  fields = dict(image_size=args.image_size, num_classes=args.num_classes,
-                attention_impl='reference', token_only_last_block=False)
+  fields = dict(
+      image_size=args.image_size,
+      num_classes=args.num_classes,
+      attention_impl='reference',
+      token_only_last_block=False)
   return types.SimpleNamespace(**{**fields, **kw})
 
 
 def _compile(name, dtype, args, batch, impl='reference'):
   """(compiled training step, compile seconds, peak bytes) at `batch`."""
   model = steps.build(name, dtype, _settings(args, attention_impl=impl))
-  compiled, seconds = steps.compile_train_step(
-      model, batch, args.image_size, args.num_classes)
+  compiled, seconds = steps.compile_train_step(model, batch, args.image_size,
+                                               args.num_classes)
   return compiled, seconds, metrics.peak_bytes(compiled)
 
 
@@ -148,10 +176,10 @@ def search_batch(name, dtype, args, limit, left):
       report.log(f'    batch {batch:5d}: out of memory while compiling')
       break
     fit = limit is None or tried[2] <= limit
-    report.log(f'    batch {batch:5d}: peak {_size(tried[2])}'
-               + ('' if limit is None else f' of {_size(limit)}')
-               + f', compiled in {tried[1]:.1f} s'
-               + ('' if fit else ': does not fit'))
+    report.log(f'    batch {batch:5d}: peak {_size(tried[2])}' +
+               ('' if limit is None else f' of {_size(limit)}') +
+               f', compiled in {tried[1]:.1f} s' +
+               ('' if fit else ': does not fit'))
     if fit:
       fits.append((batch,) + tried)
     else:
@@ -199,22 +227,21 @@ def init_params(name, model, args):
   do not depend on the compute dtype or the attention implementation)."""
   if name not in _PARAMS:
     images, _ = steps.batch_arrays(1, args.image_size, args.num_classes)
-    _PARAMS[name] = jax.jit(lambda x: model.init(
-        jax.random.key(0), x, train=False)['params'])(images)
+    _PARAMS[name] = jax.jit(
+        lambda x: model.init(jax.random.key(0), x, train=False)['params'])(
+            images)
   return _PARAMS[name]
 
 
 def _train_call(compiled, params, batch, args):
   """A call of `compiled` (the training step) on a copy of `params`."""
-  images, labels = steps.batch_arrays(batch, args.image_size,
-                                      args.num_classes)
+  images, labels = steps.batch_arrays(batch, args.image_size, args.num_classes)
   params = jax.tree_util.tree_map(jax.numpy.copy, params)  # It is donated.
   state = [params, steps.make_optimizer().init(params)]
   rng = jax.random.key(1)
 
   def step():
-    state[0], state[1], loss = compiled(state[0], state[1], images, labels,
-                                        rng)
+    state[0], state[1], loss = compiled(state[0], state[1], images, labels, rng)
     return loss
 
   return step
@@ -233,20 +260,26 @@ def time_train(name, dtype, args, fits, impl='reference'):
         raise
       report.log(f'    batch {batch}: out of memory when run; one smaller')
       continue
-    return dict(name=name, batch=batch, train=batch / seconds,
-                train_compile_s=compile_s, train_peak=peak, model=model)
+    return dict(
+        name=name,
+        batch=batch,
+        train=batch / seconds,
+        train_compile_s=compile_s,
+        train_peak=peak,
+        model=model)
   return None
 
 
 def time_infer(row, args):
   """Adds inference images/s, compile time and peak memory to `row`."""
   model, batch = row['model'], row['batch']
-  call, infer = steps.prepare_infer(
-      model, init_params(row['name'], model, args),
-      _settings(args, batch=batch))
-  row.update(infer=batch / metrics.median_seconds(call, args.repeats),
-             infer_compile_s=infer['compile_s'],
-             infer_peak=infer['peak_bytes'])
+  call, infer = steps.prepare_infer(model, init_params(row['name'], model,
+                                                       args),
+                                    _settings(args, batch=batch))
+  row.update(
+      infer=batch / metrics.median_seconds(call, args.repeats),
+      infer_compile_s=infer['compile_s'],
+      infer_peak=infer['peak_bytes'])
 
 
 def mfu(row, what, peak, args):
@@ -307,7 +340,9 @@ def plan(args):
   """The parts after the peak, most wanted first: (kind, model, dtype)."""
   parts = [('model', m, d) for d in args.dtypes for m in args.models]
   if 'bfloat16' in args.dtypes:
-    parts += [('attention', m, a) for m in args.models for a in args.attention
+    parts += [('attention', m, a)
+              for m in args.models
+              for a in args.attention
               if a != 'reference']
   return parts
 
@@ -361,20 +396,22 @@ def main(argv=None):
   _, device_peak = memory_stats()
   print(f'Matmul peak of this run ({args.matmul_size}^3): float32 '
         f'{_rate(peak["float32"])}, bf16 in / f32 accumulate '
-        f'{_rate(peak["bfloat16"])}. Device memory: '
-        + ('-' if limit is None else f'{_size(limit)} usable')
-        + ('' if device_peak is None else
-           f', {_size(device_peak)} peak in use over the run')
-        + f'. {time.perf_counter() - start:.0f} s of the '
+        f'{_rate(peak["bfloat16"])}. Device memory: ' +
+        ('-' if limit is None else f'{_size(limit)} usable') +
+        ('' if device_peak is
+         None else f', {_size(device_peak)} peak in use over the run') +
+        f'. {time.perf_counter() - start:.0f} s of the '
         f'{args.budget_s:.0f} s budget.')
 
 
 def _header(argv):
-  lines = ['command: python -m bench.gpu ' + ' '.join(argv),
-           f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, backend '
-           f'{jax.default_backend()}, default_matmul_precision '
-           f'{jax.config.jax_default_matmul_precision}',
-           'device: ' + throughput.describe_machine()]
+  lines = [
+      'command: python -m bench.gpu ' + ' '.join(argv),
+      f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, backend '
+      f'{jax.default_backend()}, default_matmul_precision '
+      f'{jax.config.jax_default_matmul_precision}',
+      'device: ' + throughput.describe_machine()
+  ]
   report.log('\n'.join(lines))
   return lines
 
@@ -392,13 +429,17 @@ def print_table(rows, peak, args):
     percent = lambda what: _percent(mfu(row, what, peak[dtype], args))
     cells.append([
         name, dtype, impl, row['batch'], f'{row["train"]:.1f}',
-        percent('train'), report.fmt(row.get('infer')), percent('infer'),
+        percent('train'),
+        report.fmt(row.get('infer')),
+        percent('infer'),
         both('train_compile_s', 'infer_compile_s', '.1f'),
-        f'{_size(row["train_peak"])} / {_size(row.get("infer_peak"))}'])
-  report.print_table(
-      ['model', 'dtype', 'attention', 'batch', 'train img/s', 'train MFU',
-       'infer img/s', 'infer MFU', 'compile s (train / infer)',
-       'peak memory (train / infer)'], cells)
+        f'{_size(row["train_peak"])} / {_size(row.get("infer_peak"))}'
+    ])
+  report.print_table([
+      'model', 'dtype', 'attention', 'batch', 'train img/s', 'train MFU',
+      'infer img/s', 'infer MFU', 'compile s (train / infer)',
+      'peak memory (train / infer)'
+  ], cells)
   print('\n'.join(notes))
 
 
@@ -409,8 +450,8 @@ def _size(n):
 
 
 def _rate(gflops):
-  return (f'{gflops / 1e3:.1f} TFLOP/s' if gflops >= 1e3 else
-          f'{gflops:.1f} GFLOP/s')
+  return (f'{gflops / 1e3:.1f} TFLOP/s'
+          if gflops >= 1e3 else f'{gflops:.1f} GFLOP/s')
 
 
 def _percent(x):

@@ -18,8 +18,10 @@ def cpu_description() -> str:
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:  # The first processor's entry.
-      info = dict(l.split(':', 1) for l in f.read().split('\n\n')[0]
-                  .splitlines() if ':' in l)
+      info = dict(
+          l.split(':', 1)
+          for l in f.read().split('\n\n')[0].splitlines()
+          if ':' in l)
   except OSError:
     info = {}
   info = {k.strip(): v.strip() for k, v in info.items()}
@@ -48,6 +50,7 @@ def print_header(module: str, argv=None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else argv
   print(f'command: python -m {module} ' + ' '.join(argv))
-  print(f'machine: {cpu_description()}; {jax.device_count()} '
-        f'{jax.devices()[0].platform} devices; jax {jax.__version__}',
-        flush=True)
+  print(
+      f'machine: {cpu_description()}; {jax.device_count()} '
+      f'{jax.devices()[0].platform} devices; jax {jax.__version__}',
+      flush=True)

@@ -27,6 +27,7 @@ def step_times(accum_steps, rounds: int):
   import flax.jax_utils
   import jax
   import numpy as np
+
   from configs import embedded
   from vit_jax import train
   from vit_jax.training import optim
@@ -37,15 +38,23 @@ def step_times(accum_steps, rounds: int):
     config.accum_steps = a
     model = train.create_model(config, 10)
     tx, _ = optim.make_optimizer(config)
-    state, mask = train._fresh_state(config, model, tx,  # pylint: disable=protected-access
-                                     load_pretrained=False)
+    state, mask = train._fresh_state(
+        config,
+        model,
+        tx,  # pylint: disable=protected-access
+        load_pretrained=False)
     runner = train.make_runner(config, model, tx, mask, state['params'])
     rng = np.random.RandomState(0)
-    batch = next(flax.jax_utils.prefetch_to_device(iter([{
-        'image': rng.uniform(-1, 1, (1, 256, 28, 28, 3)).astype('f4'),
-        'label': np.eye(10, dtype='f4')[rng.randint(0, 10, (1, 256))]}]), 1))
-    steps[a] = [runner, list(runner.place(state['params'],
-                                          state['opt_state'])), batch]
+    batch = next(
+        flax.jax_utils.prefetch_to_device(
+            iter([{
+                'image': rng.uniform(-1, 1, (1, 256, 28, 28, 3)).astype('f4'),
+                'label': np.eye(10, dtype='f4')[rng.randint(0, 10, (1, 256))]
+            }]), 1))
+    steps[a] = [
+        runner,
+        list(runner.place(state['params'], state['opt_state'])), batch
+    ]
   key = jax.random.PRNGKey(0)
   best = {a: (float('inf'), float('inf')) for a in accum_steps}
   for _ in range(rounds):
@@ -69,7 +78,12 @@ def pipeline_cpu(kind: str, batched: bool, batches: int = 60) -> float:
   augment = input_pipeline.Augment(kind, shift_pad=3, rotate=15, zoom=0.15)
   ds = input_pipeline._numbered_train_stream(src, None, 0, first=0)  # pylint: disable=protected-access
   ds = input_pipeline._train_batches(  # pylint: disable=protected-access
-      ds, src, (28, 28), augment, 0, (0, 1), 256, batched=batched)
+      ds,
+      src, (28, 28),
+      augment,
+      0, (0, 1),
+      256,
+      batched=batched)
   it = ds.as_numpy_iterator()
   next(it)
   c = time.process_time()

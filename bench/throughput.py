@@ -94,7 +94,8 @@ import statistics
 import sys
 
 if __package__ in (None, ''):  # `python bench/throughput.py`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0,
+                  os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 
@@ -105,8 +106,7 @@ from bench import throughput_report
 from bench import throughput_steps
 from vit_jax import models
 
-SECTIONS = ('peak', 'infer', 'train', 'ceiling', 'frozen', 'compile',
-            'remat')
+SECTIONS = ('peak', 'infer', 'train', 'ceiling', 'frozen', 'compile', 'remat')
 
 
 def describe_machine() -> str:
@@ -122,58 +122,93 @@ def models_vit_impls():
 
 
 def parse_args(argv):
-  sections = __doc__[__doc__.index('Sections ('):
-                     __doc__.index('Every timed number')]
+  sections = __doc__[__doc__.index('Sections ('):__doc__
+                     .index('Every timed number')]
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
-      epilog=__doc__[__doc__.index('Command ('):__doc__.index('Sections (')]
-      + sections,
+      epilog=__doc__[__doc__.index('Command ('):__doc__.index('Sections (')] +
+      sections,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', default='ViT-Ti_16,ViT-S_16,ViT-B_16',
-                 help='comma-separated zoo names for infer/train/frozen')
-  p.add_argument('--dtypes', default='float32,bfloat16',
-                 help='compute dtypes (parameters are always float32)')
-  p.add_argument('--batch', type=int, default=None,
-                 help='images per call (default 8 on CPU, 128 on GPU)')
-  p.add_argument('--repeats', type=int, default=9,
-                 help='timed calls per number; the median is reported')
-  p.add_argument('--what', default=','.join(SECTIONS),
-                 help=f'comma-separated sections of {SECTIONS} (see below); '
-                 '\'frozen\' alone: train (all) vs train (head only)')
+  p.add_argument(
+      '--models',
+      default='ViT-Ti_16,ViT-S_16,ViT-B_16',
+      help='comma-separated zoo names for infer/train/frozen')
+  p.add_argument(
+      '--dtypes',
+      default='float32,bfloat16',
+      help='compute dtypes (parameters are always float32)')
+  p.add_argument(
+      '--batch',
+      type=int,
+      default=None,
+      help='images per call (default 8 on CPU, 128 on GPU)')
+  p.add_argument(
+      '--repeats',
+      type=int,
+      default=9,
+      help='timed calls per number; the median is reported')
+  p.add_argument(
+      '--what',
+      default=','.join(SECTIONS),
+      help=f'comma-separated sections of {SECTIONS} (see below); '
+      '\'frozen\' alone: train (all) vs train (head only)')
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--num-classes', type=int, default=1000)
-  p.add_argument('--attention-impl', default='reference',
-                 choices=models_vit_impls())
-  p.add_argument('--token-only-last-block', action='store_true',
-                 help='VisionTransformer.token_only_last_block=True: the last '
-                 'block computes the class token only (same logits)')
-  p.add_argument('--original', default=None, metavar='DIR',
-                 help='a clone of google-research/vision_transformer: its '
-                 'float32 model is timed too (infer, train), interleaved with '
-                 'ours on the same parameters, and the targets are judged '
-                 'against it')
-  p.add_argument('--ceiling-shapes', type=int, default=0, metavar='N',
-                 help='with the ceiling: also time each distinct matmul '
-                 'alone and print the N taking the most time per step '
-                 '(shape, count, GFLOP/s)')
-  p.add_argument('--timm', action='store_true',
-                 help='also time timm inference (needs torch and timm)')
-  p.add_argument('--scan', action='store_true',
-                 help='infer/train/frozen with scan=True')
-  p.add_argument('--remat-policy', default='none',
-                 help='remat policy of the train and frozen sections')
-  p.add_argument('--matmul-size', type=int, default=None,
-                 help='n of the n^3 peak matmul (default 2048 CPU, 8192 GPU)')
-  p.add_argument('--budget-gib', type=float, default=4.0,
-                 help='memory budget of the remat section')
+  p.add_argument(
+      '--attention-impl', default='reference', choices=models_vit_impls())
+  p.add_argument(
+      '--token-only-last-block',
+      action='store_true',
+      help='VisionTransformer.token_only_last_block=True: the last '
+      'block computes the class token only (same logits)')
+  p.add_argument(
+      '--original',
+      default=None,
+      metavar='DIR',
+      help='a clone of google-research/vision_transformer: its '
+      'float32 model is timed too (infer, train), interleaved with '
+      'ours on the same parameters, and the targets are judged '
+      'against it')
+  p.add_argument(
+      '--ceiling-shapes',
+      type=int,
+      default=0,
+      metavar='N',
+      help='with the ceiling: also time each distinct matmul '
+      'alone and print the N taking the most time per step '
+      '(shape, count, GFLOP/s)')
+  p.add_argument(
+      '--timm',
+      action='store_true',
+      help='also time timm inference (needs torch and timm)')
+  p.add_argument(
+      '--scan', action='store_true', help='infer/train/frozen with scan=True')
+  p.add_argument(
+      '--remat-policy',
+      default='none',
+      help='remat policy of the train and frozen sections')
+  p.add_argument(
+      '--matmul-size',
+      type=int,
+      default=None,
+      help='n of the n^3 peak matmul (default 2048 CPU, 8192 GPU)')
+  p.add_argument(
+      '--budget-gib',
+      type=float,
+      default=4.0,
+      help='memory budget of the remat section')
   p.add_argument('--remat-model', default='ViT-B_16')
-  p.add_argument('--remat-configs',
-                 default='loop:none,loop:full,scan:none,scan:full',
-                 help='BLOCKS:POLICY pairs of the remat section; BLOCKS is '
-                 'loop or scan')
+  p.add_argument(
+      '--remat-configs',
+      default='loop:none,loop:full,scan:none,scan:full',
+      help='BLOCKS:POLICY pairs of the remat section; BLOCKS is '
+      'loop or scan')
   p.add_argument('--compile-model', default='ViT-L_16')
-  p.add_argument('--compile-repeats', type=int, default=3,
-                 help='compiles per variant in the compile section')
+  p.add_argument(
+      '--compile-repeats',
+      type=int,
+      default=3,
+      help='compiles per variant in the compile section')
   args = p.parse_args(argv)
   args.models = [models.canonical_name(m) for m in args.models.split(',') if m]
   args.dtypes = [d for d in args.dtypes.split(',') if d]
@@ -207,8 +242,7 @@ def main(argv=None):
   frozen = run_frozen(args, results) if 'frozen' in args.what else {}
   if results:
     throughput_report.throughput_table(results, originals, peak, frozen)
-  ceilings = {k: r for k, r in results.items()
-              if r.get('ceiling_images_per_s')}
+  ceilings = {k: r for k, r in results.items() if r.get('ceiling_images_per_s')}
   if ceilings:
     throughput_report.ceiling_table(ceilings, originals, peak,
                                     args.ceiling_shapes)
@@ -224,8 +258,8 @@ def main(argv=None):
 
 def _print_header(argv, args):
   """Prints the command, versions, machine and sizes; loads `--original`."""
-  program = (['-m', __spec__.name] if globals().get('__spec__') else
-             sys.argv[:1])
+  program = (['-m', __spec__.name]
+             if globals().get('__spec__') else sys.argv[:1])
   print('command:', ' '.join(['python'] + program + argv))
   print(f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, '
         f'backend {jax.default_backend()}')
@@ -275,9 +309,9 @@ def run_steps(args, original):
     if what not in args.what:
       continue
     throughput_report.log(
-        f'\n## {"Inference" if what == "infer" else "Training step"}'
-        + (' (ours and the original, calls interleaved)' if original else
-           ' (dtypes interleaved)'))
+        f'\n## {"Inference" if what == "infer" else "Training step"}' +
+        (' (ours and the original, calls interleaved)'
+         if original else ' (dtypes interleaved)'))
     for name in args.models:
       rows = throughput_steps.measure(what, name, args, original)
       for key, r in rows.items():
@@ -312,10 +346,9 @@ def run_frozen(args, results):
   'train (head only)'.
   """
   frozen = {}
-  throughput_report.log(
-      '\n## Frozen backbone: the training loop\'s step '
-      '(train.make_update_fn, one device), all parameters vs '
-      'trainable=\'head\', calls interleaved')
+  throughput_report.log('\n## Frozen backbone: the training loop\'s step '
+                        '(train.make_update_fn, one device), all parameters vs '
+                        'trainable=\'head\', calls interleaved')
   for name in args.models:
     for d in args.dtypes:
       frozen[name, d] = throughput_steps.measure_frozen(name, d, args)
@@ -341,19 +374,21 @@ def run_compile(args):
   for _ in range(args.compile_repeats):
     for scan in (False, True):
       # A new module and step function each time: nothing is cached.
-      model = models.get_model(args.compile_model,
-                               num_classes=args.num_classes, scan=scan)
-      _, seconds = throughput_steps.compile_train_step(
-          model, args.batch, args.image_size, args.num_classes)
+      model = models.get_model(
+          args.compile_model, num_classes=args.num_classes, scan=scan)
+      _, seconds = throughput_steps.compile_train_step(model, args.batch,
+                                                       args.image_size,
+                                                       args.num_classes)
       secs[scan].append(seconds)
       throughput_report.log(f'  scan={scan}: {seconds:.1f} s')
   loop_s, scan_s = (statistics.median(secs[k]) for k in (False, True))
   ratio = scan_s / loop_s
   target = throughput_report.TARGET_SCAN_COMPILE_RATIO
   throughput_report.print_table(
-      ['scan=False s', 'scan=True s', 'ratio', 'target', 'met'],
-      [[f'{loop_s:.1f}', f'{scan_s:.1f}', f'{ratio:.2f}', f'<= {target:.2f}',
-        'yes' if ratio <= target else 'NO']])
+      ['scan=False s', 'scan=True s', 'ratio', 'target', 'met'], [[
+          f'{loop_s:.1f}', f'{scan_s:.1f}', f'{ratio:.2f}', f'<= {target:.2f}',
+          'yes' if ratio <= target else 'NO'
+      ]])
 
 
 def run_remat(args):
@@ -368,10 +403,16 @@ def run_remat(args):
   for config in args.remat_configs.split(','):
     layout, policy = config.split(':')
     throughput_report.log(f'  {layout} remat_policy={policy}:')
-    model = models.get_model(args.remat_model, num_classes=args.num_classes,
-                             remat_policy=policy, scan=layout == 'scan')
+    model = models.get_model(
+        args.remat_model,
+        num_classes=args.num_classes,
+        remat_policy=policy,
+        scan=layout == 'scan')
     found[layout, policy] = throughput_steps.largest_batch_within(
-        model, budget, args.image_size, args.num_classes,
+        model,
+        budget,
+        args.image_size,
+        args.num_classes,
         log=throughput_report.log)
   base = found.get(('loop', 'none'), found.get(('scan', 'none'), {}))
   base = base.get('batch')
@@ -379,13 +420,16 @@ def run_remat(args):
   rows = []
   for (layout, policy), r in found.items():
     ratio = throughput_report.div(r['batch'], base)
-    rows.append([layout, policy, r['batch'], f'{r["peak_bytes"] / gib:.2f}',
-                 r['probes'], throughput_report.fmt(ratio, '.2f'),
-                 '-' if policy != 'full' or ratio is None else
-                 ('yes' if ratio >= target else 'NO')])
-  throughput_report.print_table(
-      ['blocks', 'remat_policy', 'max batch', 'peak GiB', 'compiles',
-       'x default', f'>= {target:g}x'], rows)
+    rows.append([
+        layout, policy, r['batch'], f'{r["peak_bytes"] / gib:.2f}', r['probes'],
+        throughput_report.fmt(ratio, '.2f'),
+        '-' if policy != 'full' or ratio is None else
+        ('yes' if ratio >= target else 'NO')
+    ])
+  throughput_report.print_table([
+      'blocks', 'remat_policy', 'max batch', 'peak GiB', 'compiles',
+      'x default', f'>= {target:g}x'
+  ], rows)
   print('x default: against the default model (loop, no remat). On XLA:CPU '
         'remat saves memory only under scan: without it the scheduler runs '
         'the recomputation early and keeps its outputs as long as the '

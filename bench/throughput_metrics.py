@@ -89,8 +89,8 @@ def matmul_gflops(n: int, dtype_name: str, repeats: int) -> float:
   b = jnp.asarray(rng.standard_normal((n, n), np.float32))
   if dtype_name == 'bfloat16':
     a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  matmul = jax.jit(functools.partial(jnp.matmul,
-                                     preferred_element_type=jnp.float32))
+  matmul = jax.jit(
+      functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   return 2 * n**3 / median_seconds(lambda: matmul(a, b), repeats) / 1e9
 
 
@@ -106,16 +106,17 @@ def vit_forward_flops(model, image_size: int) -> Optional[float]:
   n = (image_size // ph) * (image_size // pw)
   tokens = n + int(model.has_class_token)
   flops = 2 * n * ph * pw * 3 * d  # Patch embedding.
-  per_layer = (2 * tokens * d * 3 * d     # q, k, v projections.
-               + 2 * tokens * tokens * d  # q k^T.
-               + 2 * tokens * tokens * d  # softmax(.) v.
-               + 2 * tokens * d * d       # Output projection.
-               + 2 * 2 * tokens * d * t.mlp_dim)  # MLP.
+  per_layer = (
+      2 * tokens * d * 3 * d  # q, k, v projections.
+      + 2 * tokens * tokens * d  # q k^T.
+      + 2 * tokens * tokens * d  # softmax(.) v.
+      + 2 * tokens * d * d  # Output projection.
+      + 2 * 2 * tokens * d * t.mlp_dim)  # MLP.
   flops += t.num_layers * per_layer
   if model.token_only_last_block and model.classifier == 'token':
     # The last block: keys and values of every token, the rest for one.
-    flops -= per_layer - (2 * tokens * d * 2 * d + 2 * d * d + 4 * tokens * d
-                          + 2 * d * d + 2 * 2 * d * t.mlp_dim)
+    flops -= per_layer - (2 * tokens * d * 2 * d + 2 * d * d + 4 * tokens * d +
+                          2 * d * d + 2 * 2 * d * t.mlp_dim)
   if model.representation_size:
     flops += 2 * d * model.representation_size
   return float(flops + head_flops(model, image_size))
@@ -131,4 +132,3 @@ def head_flops(model, image_size: int) -> float:
   heads = tokens if model.classifier in ('unpooled', 'token_unpooled') else 1
   width = model.representation_size or model.hidden_size
   return float(2 * heads * width * model.num_classes)
-

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from bench import throughput_metrics
 from vit_jax.checkpoints import layouts
 
+
 def load_original(path: str):
   """`vit_jax.models_vit` of a clone of google-research/vision_transformer.
 
@@ -58,12 +59,17 @@ def original_model(module, ours):
   """The original's `VisionTransformer` with the fields of our model `ours`."""
   t = ours.transformer
   return module.VisionTransformer(
-      num_classes=ours.num_classes, patches=ours.patches,
-      hidden_size=ours.hidden_size, classifier=ours.classifier,
+      num_classes=ours.num_classes,
+      patches=ours.patches,
+      hidden_size=ours.hidden_size,
+      classifier=ours.classifier,
       representation_size=ours.representation_size,
-      transformer=dict(num_layers=t.num_layers, mlp_dim=t.mlp_dim,
-                       num_heads=t.num_heads, dropout_rate=t.dropout_rate,
-                       attention_dropout_rate=t.attention_dropout_rate))
+      transformer=dict(
+          num_layers=t.num_layers,
+          mlp_dim=t.mlp_dim,
+          num_heads=t.num_heads,
+          dropout_rate=t.dropout_rate,
+          attention_dropout_rate=t.attention_dropout_rate))
 
 
 def check_same_function(original, ours, params, images, scan=False):
@@ -72,22 +78,24 @@ def check_same_function(original, ours, params, images, scan=False):
   abstract = jax.eval_shape(
       lambda x: original.init(jax.random.key(0), x, train=False)['params'],
       images)
-  if (jax.tree_util.tree_structure(abstract) !=
-      jax.tree_util.tree_structure(per_layer)):
+  if (jax.tree_util.tree_structure(abstract)
+      != jax.tree_util.tree_structure(per_layer)):
     raise SystemExit('--original: its parameter tree differs from ours; is '
                      'it google-research/vision_transformer?')
-  apply = lambda m, p: jax.jit(lambda p, x: m.apply({'params': p}, x,
-                                                    train=False))(p, images)
-  diff = float(jnp.max(jnp.abs(apply(original, per_layer) -
-                               apply(ours, params))))
+  apply = lambda m, p: jax.jit(lambda p, x: m.apply(
+      {'params': p}, x, train=False))(p, images)
+  diff = float(
+      jnp.max(jnp.abs(apply(original, per_layer) - apply(ours, params))))
   if diff > 1e-4:
     raise SystemExit(f'--original: logits differ from ours by {diff:.2g}.')
   return diff
 
 
-TIMM_NAMES = {'ViT-Ti_16': 'vit_tiny_patch16_224',
-              'ViT-S_16': 'vit_small_patch16_224',
-              'ViT-B_16': 'vit_base_patch16_224'}
+TIMM_NAMES = {
+    'ViT-Ti_16': 'vit_tiny_patch16_224',
+    'ViT-S_16': 'vit_small_patch16_224',
+    'ViT-B_16': 'vit_base_patch16_224'
+}
 
 
 def timm_inference(name: str, args) -> Dict[str, float]:
@@ -97,26 +105,28 @@ def timm_inference(name: str, args) -> Dict[str, float]:
   `torch.inference_mode()`, median of `args.repeats` after two warm-ups.
   """
   try:
-    import torch  # pylint: disable=g-import-not-at-top
     import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise SystemExit(f'--timm needs PyTorch and timm ({e}); install them '
                      '(pip install torch timm) or leave out --timm.') from e
   if name not in TIMM_NAMES:
     return {}
   torch.set_num_threads(os.cpu_count())
-  model = timm.create_model(TIMM_NAMES[name], pretrained=False,
-                            num_classes=args.num_classes,
-                            img_size=args.image_size).eval()
+  model = timm.create_model(
+      TIMM_NAMES[name],
+      pretrained=False,
+      num_classes=args.num_classes,
+      img_size=args.image_size).eval()
   x = torch.randn(args.batch, 3, args.image_size, args.image_size)
   out = {}
   for d in args.dtypes:
+
     def call(d=d):
       with torch.inference_mode(), torch.autocast(
           'cpu', dtype=torch.bfloat16, enabled=d == 'bfloat16'):
         return model(x)
-    call()  # a second warm-up call beside median_seconds' own
-    out[d] = args.batch / throughput_metrics.median_seconds(call,
-                                                            args.repeats)
-  return out
 
+    call()  # a second warm-up call beside median_seconds' own
+    out[d] = args.batch / throughput_metrics.median_seconds(call, args.repeats)
+  return out

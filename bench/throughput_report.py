@@ -68,23 +68,27 @@ def throughput_table(results, originals, peak, frozen):
   """
   log('\n## Throughput (images/s), model FLOPs utilisation, compile, memory')
   rows = []
-  rows_of = list(results.items()) + [
-      ((what, name, 'original f32'), r)
-      for (what, name), r in originals.items()]
+  rows_of = list(results.items()) + [((what, name, 'original f32'), r)
+                                     for (what, name), r in originals.items()]
   for (what, name, d), r in rows_of:
     gflop = None if r['flops'] is None else r['flops'] / 1e9
     if d == 'original f32':
-      mfu = (None if gflop is None or 'float32' not in peak else
-             gflop * r['images_per_s'] / peak['float32'])
+      mfu = (None if gflop is None or 'float32' not in peak else gflop *
+             r['images_per_s'] / peak['float32'])
     else:
-      mfu = (None if gflop is None or d not in peak else
-             gflop * r['images_per_s'] / peak[d])
-    rows.append([what, name, d, f'{r["images_per_s"]:.1f}',
-                 fmt(gflop, '.2f'), fmt(div(r['xla_flops'], 1e9), '.2f'),
-                 fmt(None if mfu is None else 100 * mfu, '.0f'),
-                 f'{r["compile_s"]:.1f}', fmt(gib(r['peak_bytes']), '.2f')])
-  print_table(['step', 'model', 'dtype', 'img/s', 'GFLOP/img',
-               'XLA GFLOP/img', 'MFU %', 'compile s', 'peak GiB'], rows)
+      mfu = (None if gflop is None or d not in peak else gflop *
+             r['images_per_s'] / peak[d])
+    rows.append([
+        what, name, d, f'{r["images_per_s"]:.1f}',
+        fmt(gflop, '.2f'),
+        fmt(div(r['xla_flops'], 1e9), '.2f'),
+        fmt(None if mfu is None else 100 * mfu, '.0f'), f'{r["compile_s"]:.1f}',
+        fmt(gib(r['peak_bytes']), '.2f')
+    ])
+  print_table([
+      'step', 'model', 'dtype', 'img/s', 'GFLOP/img', 'XLA GFLOP/img', 'MFU %',
+      'compile s', 'peak GiB'
+  ], rows)
   print('GFLOP/img: analytic matmul FLOPs (train = 3x forward; head only = '
         'forward + the head\'s weight gradient); MFU uses it and the '
         'measured peak of the same dtype.')
@@ -116,11 +120,13 @@ def ceiling_table(ceilings, originals, peak, ceiling_shapes):
         f'{100 * r["images_per_s"] / top:.0f}', f'{gflop:.2f}',
         f'{gflop * top:.0f}',
         fmt(div(100 * gflop * top, peak.get(d)), '.0f'),
-        fmt(div(top, orig), '.2f'),
-        '-' if target is None else f'>= {target:g}'])
-  print_table(['step', 'model', 'dtype', 'img/s', 'matmuls alone img/s',
-               '% of ceiling', 'matmul GFLOP/img', 'matmul GFLOP/s',
-               '% of peak', 'ceiling x original', 'target'], rows)
+        fmt(div(top, orig), '.2f'), '-' if target is None else f'>= {target:g}'
+    ])
+  print_table([
+      'step', 'model', 'dtype', 'img/s', 'matmuls alone img/s', '% of ceiling',
+      'matmul GFLOP/img', 'matmul GFLOP/s', '% of peak', 'ceiling x original',
+      'target'
+  ], rows)
   print('matmuls alone: every dot_general and convolution of the jitted '
         'function (forward and backward), nothing else: an estimate of the '
         'most the full call can reach with these matmuls (it can edge past '
@@ -153,11 +159,13 @@ def frozen_table(frozen):
         f'{full["compile_s"]:.1f}', f'{head["compile_s"]:.1f}',
         fmt(gib(full['peak_bytes']), '.2f'),
         fmt(gib(head['peak_bytes']), '.2f'),
-        fmt(div(head['peak_bytes'], full['peak_bytes']), '.2f')])
-  print_table(['model', 'dtype', 'head params', 'train (all) img/s',
-               'train (head only) img/s', 'x (head/all)',
-               'compile all s', 'compile head s', 'peak all GiB',
-               'peak head GiB', 'peak head/all'], rows)
+        fmt(div(head['peak_bytes'], full['peak_bytes']), '.2f')
+    ])
+  print_table([
+      'model', 'dtype', 'head params', 'train (all) img/s',
+      'train (head only) img/s', 'x (head/all)', 'compile all s',
+      'compile head s', 'peak all GiB', 'peak head GiB', 'peak head/all'
+  ], rows)
   print('x (head/all): images/s of the head-only step over the full step, '
         'same batch and dtype, interleaved calls (on a loaded machine only '
         'this ratio is indicative).')
@@ -173,10 +181,11 @@ def targets_table(results, originals, timm, args):
     args: the command line (the targets hold on CPU at batch 8, 224x224,
       1000 classes).
   """
-  comparable = (jax.default_backend() == 'cpu' and args.batch == 8 and
-                args.image_size == 224 and args.num_classes == 1000)
-  log('\n## Against the original and the targets' + (
-      '' if comparable else ' -- NOT comparable: other backend or sizes'))
+  comparable = (
+      jax.default_backend() == 'cpu' and args.batch == 8 and
+      args.image_size == 224 and args.num_classes == 1000)
+  log('\n## Against the original and the targets' +
+      ('' if comparable else ' -- NOT comparable: other backend or sizes'))
   rows = []
   for (what, name, d), r in results.items():
     ips = r['images_per_s']
@@ -188,15 +197,20 @@ def targets_table(results, originals, timm, args):
     if target is not None and x_orig is not None:
       met = 'yes' if x_orig >= target else 'NO'
       if (what, name, d) in TARGET_ABOVE_TIMM and met == 'yes':
-        met = ('- (no timm)' if timm_ips is None else
-               'yes' if ips > timm_ips else 'NO')
+        met = ('- (no timm)'
+               if timm_ips is None else 'yes' if ips > timm_ips else 'NO')
     rows.append([
-        what, name, d, f'{ips:.1f}', fmt(orig), fmt(x_orig, '.2f'),
-        '-' if target is None else f'>= {target:g}' + (
-            ' & > timm' if (what, name, d) in TARGET_ABOVE_TIMM else ''),
-        met, fmt(timm_ips), fmt(div(ips, timm_ips), '.2f')])
-  print_table(['step', 'model', 'dtype', 'img/s', 'original f32 img/s',
-               'x original', 'target', 'met', 'timm img/s', 'x timm'], rows)
+        what, name, d, f'{ips:.1f}',
+        fmt(orig),
+        fmt(x_orig, '.2f'), '-' if target is None else f'>= {target:g}' +
+        (' & > timm' if (what, name, d) in TARGET_ABOVE_TIMM else ''), met,
+        fmt(timm_ips),
+        fmt(div(ips, timm_ips), '.2f')
+    ])
+  print_table([
+      'step', 'model', 'dtype', 'img/s', 'original f32 img/s', 'x original',
+      'target', 'met', 'timm img/s', 'x timm'
+  ], rows)
   print('original: the original vit_jax in float32, measured in this run '
         '(--original) on the same parameters. timm: measured in this run '
         'with --timm (inference). Nothing measured elsewhere is compared '
@@ -216,14 +230,16 @@ def print_matmul_shapes(title, timings, top, peak_gflops):
         f'{len(timings)} shapes, {100 * shown_s / total:.0f}% of their time)')
   print('(Each op timed alone, a few ms: such timings move by up to 2x between '
         'runs on a shared machine; the ceiling above, all in one call, less.)')
-  print_table(
-      ['ms/step', '% of matmul time', 'count', 'ms each', 'GFLOP/s',
-       '% of peak', 'op'],
-      [[f'{1e3 * t.count * t.seconds:.1f}',
-        f'{100 * t.count * t.seconds / total:.0f}', t.count,
-        f'{1e3 * t.seconds:.2f}', f'{t.gflops_per_s:.0f}',
-        fmt(div(100 * t.gflops_per_s, peak_gflops), '.0f'), t.describe()]
-       for t in shown])
+  print_table([
+      'ms/step', '% of matmul time', 'count', 'ms each', 'GFLOP/s', '% of peak',
+      'op'
+  ], [[
+      f'{1e3 * t.count * t.seconds:.1f}',
+      f'{100 * t.count * t.seconds / total:.0f}', t.count,
+      f'{1e3 * t.seconds:.2f}', f'{t.gflops_per_s:.0f}',
+      fmt(div(100 * t.gflops_per_s, peak_gflops), '.0f'),
+      t.describe()
+  ] for t in shown])
 
 
 def original_images_per_s(originals, what, name):

@@ -24,8 +24,8 @@ import optax
 from bench import ceiling
 from bench import throughput_metrics
 from bench import throughput_original
-from vit_jax.checkpoints import layouts
 from vit_jax import models
+from vit_jax.checkpoints import layouts
 from vit_jax.training import trainable
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -36,34 +36,36 @@ FROZEN_LABELS = {'all': 'train (all)', 'head': 'train (head only)'}
 
 
 def build(name: str, dtype_name: str, args, **kw):
-  return models.get_model(name, num_classes=args.num_classes,
-                          dtype=DTYPES[dtype_name],
-                          attention_impl=args.attention_impl,
-                          token_only_last_block=args.token_only_last_block,
-                          **kw)
+  return models.get_model(
+      name,
+      num_classes=args.num_classes,
+      dtype=DTYPES[dtype_name],
+      attention_impl=args.attention_impl,
+      token_only_last_block=args.token_only_last_block,
+      **kw)
 
 
 def abstract_params(model, batch: int, image_size: int):
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
-                                jnp.float32)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   return jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False)['params'],
-      images)
+      lambda x: model.init(jax.random.key(0), x, train=False)['params'], images)
 
 
 def make_optimizer():
   """The original's fine-tuning update: clip 1.0, SGD momentum 0.9 (bf16)."""
   return optax.chain(
       optax.clip_by_global_norm(1.0),
-      optax.sgd(learning_rate=0.01, momentum=0.9,
-                accumulator_dtype=jnp.bfloat16))
+      optax.sgd(
+          learning_rate=0.01, momentum=0.9, accumulator_dtype=jnp.bfloat16))
 
 
 def make_train_step(model, tx):
   """(params, opt_state, images, labels, rng) -> (params, opt_state, loss)."""
 
   def loss_fn(params, images, labels, rng):
-    logits = model.apply({'params': params}, images, train=True,
+    logits = model.apply({'params': params},
+                         images,
+                         train=True,
                          rngs={'dropout': rng})
     return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), axis=-1))
 
@@ -78,8 +80,8 @@ def make_train_step(model, tx):
 def batch_arrays(batch: int, image_size: int, num_classes: int):
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, image_size, image_size, 3))
-  labels = np.eye(num_classes, dtype=np.float32)[
-      rng.integers(0, num_classes, batch)]
+  labels = np.eye(
+      num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]
   return jnp.asarray(images, jnp.float32), jnp.asarray(labels)
 
 
@@ -89,7 +91,8 @@ def prepare_infer(model, params, args) -> Tuple[Callable[[], Any], Dict]:
   infer = lambda p, x: model.apply({'params': p}, x, train=False)
   compiled, compile_s = throughput_metrics.compile_timed(infer, params, images)
   return (lambda: compiled(params, images)), dict(
-      compile_s=compile_s, peak_bytes=throughput_metrics.peak_bytes(compiled),
+      compile_s=compile_s,
+      peak_bytes=throughput_metrics.peak_bytes(compiled),
       flops=throughput_metrics.vit_forward_flops(model, args.image_size),
       xla_flops=throughput_metrics.per_image(
           throughput_metrics.xla_flops(compiled), args.batch),
@@ -109,17 +112,17 @@ def prepare_train(model, params, args) -> Tuple[Callable[[], Any], Dict]:
       train_step, *state, images, labels, rng, donate_argnums=(0, 1))
 
   def step():
-    state[0], state[1], loss = compiled(state[0], state[1], images, labels,
-                                        rng)
+    state[0], state[1], loss = compiled(state[0], state[1], images, labels, rng)
     return loss
 
   fwd = throughput_metrics.vit_forward_flops(model, args.image_size)
-  return step, dict(compile_s=compile_s,
-                    peak_bytes=throughput_metrics.peak_bytes(compiled),
-                    flops=None if fwd is None else 3 * fwd,
-                    xla_flops=throughput_metrics.per_image(
-                        throughput_metrics.xla_flops(compiled), args.batch),
-                    traced=traced)
+  return step, dict(
+      compile_s=compile_s,
+      peak_bytes=throughput_metrics.peak_bytes(compiled),
+      flops=None if fwd is None else 3 * fwd,
+      xla_flops=throughput_metrics.per_image(
+          throughput_metrics.xla_flops(compiled), args.batch),
+      traced=traced)
 
 
 def _abstract(tree):
@@ -131,7 +134,9 @@ def _abstract(tree):
 PREPARE = {'infer': prepare_infer, 'train': prepare_train}
 
 
-def measure(what: str, name: str, args,
+def measure(what: str,
+            name: str,
+            args,
             original=None) -> Dict[str, Dict[str, Any]]:
   """Images/s of `what` ('infer' or 'train') for each of `args.dtypes`.
 
@@ -150,21 +155,22 @@ def measure(what: str, name: str, args,
     the ceiling, our rows also have ceiling_images_per_s (the matmuls alone)
     and matmul_flops (theirs, per image, counted from the jaxpr).
   """
-  kw = {} if what == 'infer' else dict(remat_policy=args.remat_policy,
-                                       scan=args.scan)
+  kw = {} if what == 'infer' else dict(
+      remat_policy=args.remat_policy, scan=args.scan)
   ours = {d: build(name, d, args, **kw) for d in args.dtypes}
   images, _ = batch_arrays(args.batch, args.image_size, args.num_classes)
   first = next(iter(ours.values()))
-  params = jax.jit(lambda x: first.init(jax.random.key(0), x, train=False)[
-      'params'])(images[:1])  # Jitted: eager init dispatches op by op.
+  params = jax.jit(
+      lambda x: first.init(jax.random.key(0), x, train=False)['params'])(
+          images[:1])  # Jitted: eager init dispatches op by op.
   variants = dict(ours)
   scanned = kw.get('scan', False)
   if original is not None:
     reference = build(name, 'float32', args, **kw)
-    variants['original'] = throughput_original.original_model(original,
-                                                               reference)
-    throughput_original.check_same_function(variants['original'], reference,
-                                            params, images[:2], scan=scanned)
+    variants['original'] = throughput_original.original_model(
+        original, reference)
+    throughput_original.check_same_function(
+        variants['original'], reference, params, images[:2], scan=scanned)
   calls, rows = [], {}
   for key, model in variants.items():
     p = params
@@ -188,8 +194,8 @@ def measure(what: str, name: str, args,
         continue
       if args.ceiling_shapes:
         rows[key]['matmul_shapes'] = ceiling.by_shape(
-            ops, lambda call: throughput_metrics.median_seconds(
-                call, args.repeats))
+            ops,
+            lambda call: throughput_metrics.median_seconds(call, args.repeats))
       calls.append(ceiling.dots_only(ops))
       keys.append(('ceiling', key))
   if original is not None:  # The original computes every token to the end.
@@ -198,8 +204,8 @@ def measure(what: str, name: str, args,
     rows['original']['flops'] = (
         throughput_metrics.vit_forward_flops(full, args.image_size) *
         (1 if what == 'infer' else 3))
-  for key, seconds in zip(keys, throughput_metrics.median_seconds_interleaved(
-      calls, args.repeats)):
+  for key, seconds in zip(
+      keys, throughput_metrics.median_seconds_interleaved(calls, args.repeats)):
     if isinstance(key, tuple):
       rows[key[1]]['ceiling_images_per_s'] = args.batch / seconds
     else:
@@ -225,11 +231,12 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
   # pays for it.
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   from vit_jax.parallel import runners  # pylint: disable=g-import-not-at-top
-  model = build(name, dtype_name, args, remat_policy=args.remat_policy,
-                scan=args.scan)
+  model = build(
+      name, dtype_name, args, remat_policy=args.remat_policy, scan=args.scan)
   images, labels = batch_arrays(args.batch, args.image_size, args.num_classes)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False)[
-      'params'])(images[:1])  # Jitted: eager init dispatches op by op.
+  params = jax.jit(
+      lambda x: model.init(jax.random.key(0), x, train=False)['params'])(
+          images[:1])  # Jitted: eager init dispatches op by op.
   tx = make_optimizer()
   # One device: the leading axis of pmap; replicated with the step's axis
   # name as runners.PmapRunner.place does, so the first call does not
@@ -240,13 +247,15 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
   fwd = throughput_metrics.vit_forward_flops(model, args.image_size)
   rows, steps = {}, []
   for trained in FROZEN_STEPS:
-    mask = (None if trained == 'all' else
-            trainable.trainable_mask(params, trained))
-    update = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx,
-                                  trainable_mask=mask)
-    state = list(flax.jax_utils.replicate(
-        (params, tx.init(trainable.partition(params, mask)[0])),
-        devices=devices, axis_name=runners.AXIS))
+    mask = (None if trained == 'all' else trainable.trainable_mask(
+        params, trained))
+    update = train.make_update_fn(
+        apply_fn=model.apply, accum_steps=1, tx=tx, trainable_mask=mask)
+    state = list(
+        flax.jax_utils.replicate(
+            (params, tx.init(trainable.partition(params, mask)[0])),
+            devices=devices,
+            axis_name=runners.AXIS))
     t0 = time.perf_counter()
     compiled = update.lower(state[0], state[1], batch, rng).compile()
     compile_s = time.perf_counter() - t0
@@ -263,8 +272,10 @@ def measure_frozen(name, dtype_name, args) -> Dict[str, Dict[str, Any]]:
     else:  # Forward, and the head's weight gradient (as many FLOPs again).
       flops = fwd + throughput_metrics.head_flops(model, args.image_size)
     rows[trained] = dict(
-        compile_s=compile_s, peak_bytes=throughput_metrics.peak_bytes(compiled),
-        flops=flops, xla_flops=throughput_metrics.per_image(
+        compile_s=compile_s,
+        peak_bytes=throughput_metrics.peak_bytes(compiled),
+        flops=flops,
+        xla_flops=throughput_metrics.per_image(
             throughput_metrics.xla_flops(compiled), args.batch),
         trainable=trainable.count(trainable.partition(params, mask)[0]),
         params=trainable.count(params))
@@ -279,16 +290,23 @@ def compile_train_step(model, batch, image_size, num_classes):
   params = abstract_params(model, batch, image_size)
   tx = make_optimizer()
   opt_state = jax.eval_shape(tx.init, params)
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
-                                jnp.float32)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch, num_classes), jnp.float32)
   rng = jax.eval_shape(lambda: jax.random.key(1))
   return throughput_metrics.compile_timed(
-      make_train_step(model, tx), params, opt_state, images, labels, rng,
+      make_train_step(model, tx),
+      params,
+      opt_state,
+      images,
+      labels,
+      rng,
       donate_argnums=(0, 1))
 
 
-def largest_batch_within(model, budget_bytes, image_size, num_classes,
+def largest_batch_within(model,
+                         budget_bytes,
+                         image_size,
+                         num_classes,
                          log=None) -> Dict[str, Any]:
   """Largest training batch whose compiled peak memory is <= budget_bytes.
 
@@ -318,8 +336,10 @@ def largest_batch_within(model, budget_bytes, image_size, num_classes,
     if peak(guess) <= budget_bytes:
       lo = guess
       slope = (peaks[lo] - peaks[1]) / max(lo - 1, 1)
-      guess = min(max(2 * lo, int(lo + (budget_bytes - peaks[lo]) /
-                                  max(slope, 1) * 1.05) + 1), 16 * lo)
+      guess = min(
+          max(2 * lo,
+              int(lo + (budget_bytes - peaks[lo]) / max(slope, 1) * 1.05) + 1),
+          16 * lo)
     else:
       hi = guess
   while hi - lo > 1:
@@ -330,4 +350,3 @@ def largest_batch_within(model, budget_bytes, image_size, num_classes,
     else:
       hi = mid
   return dict(batch=lo, peak_bytes=peaks[lo], probes=len(peaks))
-

@@ -35,13 +35,16 @@ from vit_jax.configs import vit
 
 # Short model names accepted as the first argument: those of the original's
 # vit.py (`b16` for get_b16_config, ...).
-MODELS = {short: vit.model_config(short).model_name
-          for short in vit.model_names()}
+MODELS = {
+    short: vit.model_config(short).model_name for short in vit.model_names()
+}
 
 # dataset: (total_steps, train_split, test_split); the original's presets
 # (vit_jax/configs/common.py) and the paper's Pets and Flowers runs.
-DATASETS = {name: (preset.total_steps, preset.pp.train, preset.pp.test)
-            for name, preset in original_common.DATASET_PRESETS.items()}
+DATASETS = {
+    name: (preset.total_steps, preset.pp.train, preset.pp.test)
+    for name, preset in original_common.DATASET_PRESETS.items()
+}
 DATASETS.update({
     'oxford_iiit_pet': (500, 'train[:90%]', 'test'),
     'oxford_flowers102': (500, 'train[:90%]', 'test'),

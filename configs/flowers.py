@@ -130,9 +130,9 @@ def get_config(data: str = TFDS_NAME):
     config.split_seed = SPLIT_SEED
     # A missing folder fails at the start of training, with the layouts
     # it accepts; until then assume the flower photos' 80%.
-    train_images = (_folder_train_images(data)
-                    if os.path.isdir(os.path.expanduser(data))
-                    else TFDS_TRAIN_IMAGES)
+    train_images = (
+        _folder_train_images(data)
+        if os.path.isdir(os.path.expanduser(data)) else TFDS_TRAIN_IMAGES)
   else:
     raise ValueError(
         f'configs/flowers.py takes "tf_flowers" or an image folder '

@@ -39,14 +39,14 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
-LONGEST_FIRST = (
-    'test_interruptions.py', 'test_notebooks.py', 'test_multihost.py',
-    'test_user_errors.py',
-    'test_main_job.py', 'test_train_resume.py', 'test_train_finetune.py',
-    'test_train_options.py', 'test_train.py', 'test_speed_equivalence.py',
-    'test_models.py', 'test_sharding.py', 'test_predict_pipeline.py',
-    'test_original_commands.py', 'test_flowers_tutorial.py',
-    'test_bench.py')
+LONGEST_FIRST = ('test_interruptions.py', 'test_notebooks.py',
+                 'test_multihost.py', 'test_user_errors.py', 'test_main_job.py',
+                 'test_train_resume.py', 'test_train_finetune.py',
+                 'test_train_options.py', 'test_train.py',
+                 'test_speed_equivalence.py', 'test_models.py',
+                 'test_sharding.py', 'test_predict_pipeline.py',
+                 'test_original_commands.py', 'test_flowers_tutorial.py',
+                 'test_bench.py')
 
 
 def pytest_configure(config):
@@ -62,10 +62,12 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
   """Orders the tests' files by LONGEST_FIRST (a stable sort)."""
+
   def rank(item):
     name = os.path.basename(str(item.path))
-    return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST
-            else len(LONGEST_FIRST))
+    return (LONGEST_FIRST.index(name)
+            if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
   items.sort(key=rank)
 
 
@@ -88,7 +90,6 @@ def _xla_optimizations(request):
 
 _CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')
 
-
 if _CPU_LOG:
   import resource  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
@@ -96,10 +97,12 @@ if _CPU_LOG:
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_protocol(item, nextitem):
     del nextitem
+
     def cpu():
       s = resource.getrusage(resource.RUSAGE_SELF)
       c = resource.getrusage(resource.RUSAGE_CHILDREN)
       return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
+
     t0, (s0, c0) = time.time(), cpu()
     yield
     s1, c1 = cpu()

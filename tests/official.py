@@ -14,8 +14,8 @@ DATA = os.path.join(os.path.dirname(__file__), 'data', 'official')
 NAMES = ('testing', 'tiny_vit_token', 'tiny_hybrid_r2x2')
 # (name, released_names) of every parameter file: `testing` ships linen names only.
 PARAM_FILES = (('testing', False), ('tiny_vit_token', False),
-               ('tiny_vit_token', True), ('tiny_hybrid_r2x2', False),
-               ('tiny_hybrid_r2x2', True))
+               ('tiny_vit_token', True), ('tiny_hybrid_r2x2',
+                                          False), ('tiny_hybrid_r2x2', True))
 ATOL = 1e-5  # The original itself, with and without jit, differs by 1.3e-6.
 
 
@@ -25,16 +25,21 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     config = models.MODEL_CONFIGS['testing'].copy_and_resolve_references()
     config.unlock()
   else:
-    config = ml_collections.ConfigDict(dict(
-        model_name=name,
-        patches=ml_collections.ConfigDict({'size': (16, 16)}),
-        hidden_size=32,
-        transformer=ml_collections.ConfigDict(dict(
-            num_layers=2, num_heads=2, mlp_dim=64, dropout_rate=0.0,
-            attention_dropout_rate=0.0)),
-        classifier='token',
-        representation_size=16,
-    ))
+    config = ml_collections.ConfigDict(
+        dict(
+            model_name=name,
+            patches=ml_collections.ConfigDict({'size': (16, 16)}),
+            hidden_size=32,
+            transformer=ml_collections.ConfigDict(
+                dict(
+                    num_layers=2,
+                    num_heads=2,
+                    mlp_dim=64,
+                    dropout_rate=0.0,
+                    attention_dropout_rate=0.0)),
+            classifier='token',
+            representation_size=16,
+        ))
     if name == 'tiny_hybrid_r2x2':
       config.patches.size = (1, 1)
       config.representation_size = None
@@ -72,7 +77,9 @@ def pre_logits(name: str) -> np.ndarray:
 def apply_with_pre_logits(model_, params, images):
   """(logits, output of the module named pre_logits), as the fixtures store them."""
   logits_, state = model_.apply(
-      {'params': params}, images, train=False,
+      {'params': params},
+      images,
+      train=False,
       capture_intermediates=lambda m, _: m.name == 'pre_logits',
       mutable=['intermediates'])
   return logits_, state['intermediates']['pre_logits']['__call__'][0]

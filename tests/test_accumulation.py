@@ -15,13 +15,13 @@ from configs import embedded
 from test_train import tiny_model_config
 from vit_jax import train
 from vit_jax import utils
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
+from vit_jax.parallel import runners
+from vit_jax.reporting import run_report
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.training import pmap_step
-from vit_jax.reporting import run_report
-from vit_jax.parallel import runners
-from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 
 UNOPTIMIZED_XLA = True
@@ -34,8 +34,7 @@ def loop_update_fn(loss_fn, accum_steps, tx, mask):
     device_rng = jax.random.fold_in(rng, jax.lax.axis_index(runners.AXIS))
     train_part, _, merge = trainable.partition(params, mask)
     loss, grads = utils.accumulate_gradient(
-        jax.value_and_grad(
-            lambda t, x, y: loss_fn(merge(t), x, y, device_rng)),
+        jax.value_and_grad(lambda t, x, y: loss_fn(merge(t), x, y, device_rng)),
         train_part, batch['image'], batch['label'], accum_steps)
     grads = jax.lax.pmean(grads, axis_name=runners.AXIS)
     updates, opt_state = tx.update(grads, opt_state, train_part)
@@ -52,8 +51,10 @@ def three_updates(update_fn, params, opt_state):
   key = flax.jax_utils.replicate(jax.random.PRNGKey(3))
   params, opt_state = flax.jax_utils.replicate((params, opt_state))
   for _ in range(3):
-    batch = {'image': rng.uniform(-1, 1, (1, 16, 28, 28, 3)).astype('f4'),
-             'label': np.eye(10, dtype='f4')[rng.randint(0, 10, (1, 16))]}
+    batch = {
+        'image': rng.uniform(-1, 1, (1, 16, 28, 28, 3)).astype('f4'),
+        'label': np.eye(10, dtype='f4')[rng.randint(0, 10, (1, 16))]
+    }
     params, opt_state, loss, key = update_fn(params, opt_state, batch, key)
     losses.append(float(loss[0]))
   return losses, trees.flatten_tree(
@@ -64,14 +65,22 @@ def test_dispatched_accumulation_equals_the_in_program_loop():
   # Only the head and the last block train: the partition's both sides.
   trainable_spec = r'^(head|Transformer/encoderblock_0)/'
   # Dropout on: every micro-batch must see the loop's dropout key.
-  config = ml_collections.ConfigDict(dict(
-      model=tiny_model_config(dropout=0.1), optimizer='adamw', base_lr=1e-2,
-      weight_decay=0.1, total_steps=3, warmup_steps=1, decay_type='cosine',
-      grad_norm_clip=1.0, optim_dtype=None, loss='softmax_xent',
-      objective='classification'))
+  config = ml_collections.ConfigDict(
+      dict(
+          model=tiny_model_config(dropout=0.1),
+          optimizer='adamw',
+          base_lr=1e-2,
+          weight_decay=0.1,
+          total_steps=3,
+          warmup_steps=1,
+          decay_type='cosine',
+          grad_norm_clip=1.0,
+          optim_dtype=None,
+          loss='softmax_xent',
+          objective='classification'))
   model = train.create_model(config, num_classes=10)
-  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3)),
-                      train=False)['params']
+  params = model.init(
+      jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3)), train=False)['params']
   params['head']['kernel'] += 0.05  # every parameter gets a gradient
   mask = trainable.trainable_mask(params, trainable_spec)
   tx, _ = optim.make_optimizer(config)
@@ -79,7 +88,10 @@ def test_dispatched_accumulation_equals_the_in_program_loop():
   opt_state = tx.init(trainable.partition(params, mask)[0])
 
   dispatched = pmap_step.make_update_fn(
-      loss_fn=loss_fn, accum_steps=4, tx=tx, trainable_mask=mask,
+      loss_fn=loss_fn,
+      accum_steps=4,
+      tx=tx,
+      trainable_mask=mask,
       axis_name=runners.AXIS)
   got_losses, got = three_updates(dispatched, params, opt_state)
   want_losses, want = three_updates(
@@ -90,12 +102,13 @@ def test_dispatched_accumulation_equals_the_in_program_loop():
   # Adam divides by the gradients' scale: float rounding of a near-zero
   # gradient moves its parameter by ~1e-6; a wrong sum moves it by ~lr.
   for name, value in want.items():
-    np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-5,
-                               err_msg=name)
-  changed = [n for n in want if np.any(want[n] != np.asarray(params_flat(
-      params)[n]))]
-  assert changed and all(n.startswith(('head/', 'Transformer/encoderblock_0'))
-                         for n in changed)
+    np.testing.assert_allclose(
+        got[name], value, rtol=0, atol=1e-5, err_msg=name)
+  changed = [
+      n for n in want if np.any(want[n] != np.asarray(params_flat(params)[n]))
+  ]
+  assert changed and all(
+      n.startswith(('head/', 'Transformer/encoderblock_0')) for n in changed)
   assert any(n.startswith('head/') for n in changed)
 
 
@@ -106,10 +119,14 @@ def params_flat(params):
 def test_micro_batches_must_divide_the_per_device_batch():
   tx = optax.sgd(0.1)
   update_fn = pmap_step.make_update_fn(
-      accum_steps=3, tx=tx, trainable_mask=None, axis_name=runners.AXIS,
+      accum_steps=3,
+      tx=tx,
+      trainable_mask=None,
+      axis_name=runners.AXIS,
       loss_fn=lambda p, x, y, r: (p['w'] * x).sum())
-  params, opt_state = flax.jax_utils.replicate(({'w': np.ones(())},
-                                                tx.init({'w': np.ones(())})))
+  params, opt_state = flax.jax_utils.replicate(({
+      'w': np.ones(())
+  }, tx.init({'w': np.ones(())})))
   batch = {'image': np.ones((1, 8, 2), 'f4'), 'label': np.ones((1, 8), 'f4')}
   with pytest.raises(ValueError, match='per-device batch 8 .*accum_steps 3'):
     update_fn(params, opt_state, batch,
@@ -123,10 +140,17 @@ def test_main_job_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
   config = embedded.get_config()
   config.model = tiny_model_config(dropout=0.1)
   config.model.classifier = 'gap'
-  config.update(dict(model_name='tiny', batch=32, batch_eval=500,
-                     total_steps=12, warmup_steps=2,
-                     log_every=4, eval_every=100, checkpoint_every=6,
-                     prefetch=1))
+  config.update(
+      dict(
+          model_name='tiny',
+          batch=32,
+          batch_eval=500,
+          total_steps=12,
+          warmup_steps=2,
+          log_every=4,
+          eval_every=100,
+          checkpoint_every=6,
+          prefetch=1))
   assert config.accum_steps == 4 and config.pp.augment == 'affine'
   reference = str(tmp_path / 'reference')
   train.train_and_evaluate(config, reference)
@@ -136,9 +160,9 @@ def test_main_job_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
   os.remove(os.path.join(workdir, run_report.SUMMARY_FILE))
   summary = train.train_and_evaluate(config, workdir)
   assert summary['start_step'] == 6 and summary['step'] == 12
-  want, got = (trees.flatten_tree(
-      train_checkpoint.TrainCheckpoints(w).restore_params())
-               for w in (reference, workdir))
+  want, got = (
+      trees.flatten_tree(train_checkpoint.TrainCheckpoints(w).restore_params())
+      for w in (reference, workdir))
   assert got.keys() == want.keys()
   for name, value in want.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)

@@ -28,8 +28,10 @@ from vit_jax import models
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
-ARGV = ['--models', 'testing', '--dtypes', 'float32', '--batch', '2',
-        '--image-size', '32', '--num-classes', '10', '--repeats', '1']
+ARGV = [
+    '--models', 'testing', '--dtypes', 'float32', '--batch', '2',
+    '--image-size', '32', '--num-classes', '10', '--repeats', '1'
+]
 FIELDS = ('images_per_s', 'compile_s', 'peak_bytes', 'flops', 'xla_flops')
 
 
@@ -56,11 +58,17 @@ def test_frozen_rows():
 def test_main_runs_frozen_section_alone(capsys, monkeypatch):
   """The section's tables, with canned rows (the measuring is tested above)."""
   row = lambda ips, trained: dict(
-      images_per_s=ips, compile_s=1., peak_bytes=2**20, flops=1e6,
-      xla_flops=1e6, trainable=trained, params=1000)
-  monkeypatch.setattr(
-      throughput_steps, 'measure_frozen',
-      lambda *_: {'all': row(10., 1000), 'head': row(25., 110)})
+      images_per_s=ips,
+      compile_s=1.,
+      peak_bytes=2**20,
+      flops=1e6,
+      xla_flops=1e6,
+      trainable=trained,
+      params=1000)
+  monkeypatch.setattr(throughput_steps, 'measure_frozen', lambda *_: {
+      'all': row(10., 1000),
+      'head': row(25., 110)
+  })
   throughput.main(ARGV + ['--what', 'frozen', '--dtypes', 'float32,bfloat16'])
   out = capsys.readouterr().out
   for step in ('train (all)', 'train (head only)'):
@@ -91,8 +99,10 @@ def stand_in_clone(tmp_path_factory):
   not the original's code, which this repository does not ship.
   """
   root = tmp_path_factory.mktemp('clone')
-  shutil.copytree(os.path.dirname(models.__file__), root / 'vit_jax',
-                  ignore=shutil.ignore_patterns('__pycache__'))
+  shutil.copytree(
+      os.path.dirname(models.__file__),
+      root / 'vit_jax',
+      ignore=shutil.ignore_patterns('__pycache__'))
   return str(root)
 
 
@@ -109,8 +119,8 @@ def test_original_is_imported_beside_ours(stand_in_clone):
 @pytest.mark.parametrize('what,extra', [('infer', []), ('train', []),
                                         ('train', ['--scan'])])
 def test_original_is_timed_on_the_same_parameters(stand_in_clone, what, extra):
-  args = throughput.parse_args(ARGV + extra + ['--what', what, '--original',
-                                               stand_in_clone])
+  args = throughput.parse_args(ARGV + extra +
+                               ['--what', what, '--original', stand_in_clone])
   rows = throughput_steps.measure(
       what, 'testing', args, throughput_original.load_original(stand_in_clone))
   assert set(rows) == {'float32', 'original'}
@@ -138,26 +148,35 @@ def test_original_with_other_parameters_or_logits_is_refused(stand_in_clone):
   with pytest.raises(SystemExit, match='parameter tree differs'):
     throughput_original.check_same_function(  # No class token: no `cls`.
         throughput_original.original_model(module,
-                                           ours.clone(classifier='gap')),
-        ours, params, images)
+                                           ours.clone(classifier='gap')), ours,
+        params, images)
   with pytest.raises(SystemExit, match='logits differ'):
     throughput_original.check_same_function(  # Same tree, another function.
         ours.clone(layernorm_epsilon=0.5), ours, params, images)
 
 
-def test_targets_are_judged_against_the_original_of_the_run(capsys,
-                                                            monkeypatch):
+def test_targets_are_judged_against_the_original_of_the_run(
+    capsys, monkeypatch):
   """x original and 'met' from canned rows (the measuring is tested above)."""
-  row = lambda ips: dict(images_per_s=ips, compile_s=1., peak_bytes=2**20,
-                         flops=1e9, xla_flops=1e9)
-  monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
-      'float32': row(6.6), 'bfloat16': row(9.0), 'original': row(5.0)})
-  throughput.main(['--models', 'ViT-S_16', '--what', 'train', '--repeats',
-                   '1'])
+  row = lambda ips: dict(
+      images_per_s=ips,
+      compile_s=1.,
+      peak_bytes=2**20,
+      flops=1e9,
+      xla_flops=1e9)
+  monkeypatch.setattr(
+      throughput_steps, 'measure', lambda *_: {
+          'float32': row(6.6),
+          'bfloat16': row(9.0),
+          'original': row(5.0)
+      })
+  throughput.main(['--models', 'ViT-S_16', '--what', 'train', '--repeats', '1'])
   out = capsys.readouterr().out
   table = out[out.index('## Against the original'):].split('\n\n')[0]
-  cells = [[c.strip() for c in line.strip('|').split('|')]
-           for line in table.splitlines()[3:] if line.startswith('|')]
+  cells = [[c.strip()
+            for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:]
+           if line.startswith('|')]
   # step, model, dtype, img/s, original, x original, target, met.
   assert [c[:8] for c in cells] == [
       ['train', 'ViT-S_16', 'float32', '6.6', '5.0', '1.32', '>= 1.3', 'yes'],
@@ -167,20 +186,28 @@ def test_targets_are_judged_against_the_original_of_the_run(capsys,
 
 def test_without_the_original_no_ratio_is_printed(capsys, monkeypatch):
   """Only what the run measured is compared: no original, no ratio."""
-  row = lambda ips: dict(images_per_s=ips, compile_s=1., peak_bytes=2**20,
-                         flops=1e9, xla_flops=1e9)
+  row = lambda ips: dict(
+      images_per_s=ips,
+      compile_s=1.,
+      peak_bytes=2**20,
+      flops=1e9,
+      xla_flops=1e9)
   monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
-      'float32': row(6.6), 'bfloat16': row(9.0)})
+      'float32': row(6.6),
+      'bfloat16': row(9.0)
+  })
   monkeypatch.setattr(throughput_metrics, 'matmul_gflops', lambda *_: 100.)
-  throughput.main(['--models', 'ViT-S_16', '--what', 'peak,train',
-                   '--repeats', '1'])
+  throughput.main(
+      ['--models', 'ViT-S_16', '--what', 'peak,train', '--repeats', '1'])
   out = capsys.readouterr().out
   peak = out[out.index('## Matmul peak'):].split('\n\n')[0]
   header = [c.strip() for c in peak.splitlines()[1].strip('|').split('|')]
   assert header == ['matmul', 'GFLOP/s'], peak
   table = out[out.index('## Against the original'):].split('\n\n')[0]
-  cells = [[c.strip() for c in line.strip('|').split('|')]
-           for line in table.splitlines()[3:] if line.startswith('|')]
+  cells = [[c.strip()
+            for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:]
+           if line.startswith('|')]
   # step, model, dtype, img/s, original, x original, target, met.
   assert [c[:8] for c in cells] == [
       ['train', 'ViT-S_16', 'float32', '6.6', '-', '-', '>= 1.3', '-'],
@@ -230,21 +257,22 @@ def test_ceiling_counts_the_backward_and_each_scanned_layer():
   forward = 2 * throughput_metrics.vit_forward_flops(model, 32)
   assert sum(op.flops for op in ops) == 3 * forward - conv[0].flops
 
-  layers = dict(models.MODEL_CONFIGS['testing'].transformer.to_dict(),
-                num_layers=3)
-  deep = lambda scan: models.get_model('testing', num_classes=10, scan=scan,
-                                       transformer=layers)
+  layers = dict(
+      models.MODEL_CONFIGS['testing'].transformer.to_dict(), num_layers=3)
+  deep = lambda scan: models.get_model(
+      'testing', num_classes=10, scan=scan, transformer=layers)
   counted = {}
   for scan in (False, True):
     m = deep(scan)
     images = args[2]
     params = m.init(jax.random.key(0), images[:1], train=False)['params']
     counted[scan] = ceiling.matmul_ops(
-        lambda p, x, m=m: m.apply({'params': p}, x, train=False), params,
+        lambda p, x, m=m: m.apply({'params': p}, x, train=False),
+        params,
         images)
   assert len(counted[True]) == len(counted[False]) == 1 + 3 * 8 + 1
-  assert (sum(op.flops for op in counted[True]) ==
-          sum(op.flops for op in counted[False]))
+  assert (sum(op.flops for op in counted[True]) == sum(
+      op.flops for op in counted[False]))
 
 
 def test_dots_only_computes_every_product_at_its_shape():
@@ -252,16 +280,19 @@ def test_dots_only_computes_every_product_at_its_shape():
   ops = ceiling.matmul_ops(step, *args)
   outs = jax.block_until_ready(ceiling.dots_only(ops)())
   assert [o.shape for o in outs] == [op.out_shape for op in ops]
-  assert all(bool(jnp.all(jnp.isfinite(o))) and float(jnp.abs(o).max()) > 0
-             for o in outs)
+  assert all(
+      bool(jnp.all(jnp.isfinite(o))) and float(jnp.abs(o).max()) > 0
+      for o in outs)
   with pytest.raises(ValueError, match='no matmuls'):
     ceiling.dots_only([])
 
 
 def test_ceiling_refuses_data_dependent_loops():
+
   def loop(x):
-    return jax.lax.while_loop(lambda c: c[1] < 3,
-                              lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0]
+    return jax.lax.while_loop(lambda c: c[1] < 3, lambda c:
+                              (c[0] @ c[0], c[1] + 1), (x, 0))[0]
+
   with pytest.raises(NotImplementedError, match="'while'"):
     ceiling.matmul_ops(loop, jnp.ones((4, 4)))
 
@@ -288,18 +319,27 @@ def test_ceiling_needs_infer_or_train():
 def test_ceiling_table_against_the_original_of_the_run(capsys, monkeypatch):
   """% of ceiling and ceiling x original from canned rows."""
   row = lambda ips, top=None: dict(
-      images_per_s=ips, compile_s=1., peak_bytes=2**20, flops=1e9,
-      xla_flops=1e9, **({} if top is None else dict(
-          ceiling_images_per_s=top, matmul_flops=2e9)))
-  monkeypatch.setattr(throughput_steps, 'measure', lambda *_: {
-      'float32': row(5.0, top=6.0), 'bfloat16': row(7.5, top=12.5),
-      'original': row(5.0)})
-  throughput.main(['--models', 'ViT-S_16', '--what', 'train,ceiling',
-                   '--repeats', '1'])
+      images_per_s=ips,
+      compile_s=1.,
+      peak_bytes=2**20,
+      flops=1e9,
+      xla_flops=1e9,
+      **({}
+         if top is None else dict(ceiling_images_per_s=top, matmul_flops=2e9)))
+  monkeypatch.setattr(
+      throughput_steps, 'measure', lambda *_: {
+          'float32': row(5.0, top=6.0),
+          'bfloat16': row(7.5, top=12.5),
+          'original': row(5.0)
+      })
+  throughput.main(
+      ['--models', 'ViT-S_16', '--what', 'train,ceiling', '--repeats', '1'])
   out = capsys.readouterr().out
   table = out[out.index('## Matmul ceiling'):].split('\n\n')[0]
-  cells = [[c.strip() for c in line.strip('|').split('|')]
-           for line in table.splitlines()[3:] if line.startswith('|')]
+  cells = [[c.strip()
+            for c in line.strip('|').split('|')]
+           for line in table.splitlines()[3:]
+           if line.startswith('|')]
   # img/s, alone, % of ceiling, GFLOP/img, GFLOP/s, % of peak (no peak
   # section: '-'), ceiling x original, target.
   assert [c[3:] for c in cells] == [
@@ -367,17 +407,23 @@ def test_memory_scaling_splits_the_state_over_fsdp_only():
   """The 'testing' model on 2 devices: 2 x 1 holds all of the train state
   on each device, 1 x 2 half of every leaf the FSDP rule splits."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='true',
-             PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH',
-                                                              '')]))
-  out = subprocess.run([sys.executable, '-c', _MEMORY_ROWS], env=env,
-                       cwd=repo, capture_output=True, text=True, check=True)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+      PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
+  out = subprocess.run([sys.executable, '-c', _MEMORY_ROWS],
+                       env=env,
+                       cwd=repo,
+                       capture_output=True,
+                       text=True,
+                       check=True)
   found = json.loads(out.stdout.split('JSON', 1)[1])
   data, fsdp = found['rows']['2x1'], found['rows']['1x2']
   total = data['params_total']
   # float32 leaves: one of >= 64 elements with an even dimension is halved.
-  split = sum(4 * int(np.prod(s)) for s in found['shapes']
+  split = sum(4 * int(np.prod(s))
+              for s in found['shapes']
               if np.prod(s) >= 64 and any(n % 2 == 0 for n in s))
   assert 0 < split < total
   assert data['params'] == total
@@ -394,12 +440,32 @@ def test_memory_scaling_splits_the_state_over_fsdp_only():
 
 def test_main_job_report_speed_columns_and_baseline_ratio():
   from bench import main_job  # pylint: disable=g-import-not-at-top
-  rows = [dict(seed=0, accuracy=0.987, train_s=80., wall_s=90., steps=2000,
-               images_per_s=6000., input_wait_s=4., train_flops_per_image=1e7),
-          dict(seed=1, accuracy=0.983, train_s=100., wall_s=110., steps=2000,
-               images_per_s=5000., input_wait_s=0., train_flops_per_image=1e7)]
-  baseline = dict(seed=0, accuracy=0.986, train_s=190., images_per_s=2500.,
-                  checkout='/tmp/before')
+  rows = [
+      dict(
+          seed=0,
+          accuracy=0.987,
+          train_s=80.,
+          wall_s=90.,
+          steps=2000,
+          images_per_s=6000.,
+          input_wait_s=4.,
+          train_flops_per_image=1e7),
+      dict(
+          seed=1,
+          accuracy=0.983,
+          train_s=100.,
+          wall_s=110.,
+          steps=2000,
+          images_per_s=5000.,
+          input_wait_s=0.,
+          train_flops_per_image=1e7)
+  ]
+  baseline = dict(
+      seed=0,
+      accuracy=0.986,
+      train_s=190.,
+      images_per_s=2500.,
+      checkout='/tmp/before')
   text = main_job.report(rows, 'cmd', peak=120., baseline=baseline)
   seed0 = next(l for l in text.splitlines() if l.startswith('   0  '))
   # 1e7 FLOPs x 6000 img/s = 60 GFLOP/s = 50% of 120; 4 of 80 s waiting.

@@ -53,8 +53,10 @@ def gpu_image_modules():
       req = requirements.Requirement(line)
       if req.marker is None or req.marker.evaluate({'extra': ''}):
         todo.append(_canonical(req.name))
-  modules = {m for m, owners in importlib.metadata.packages_distributions()
-             .items() if any(_canonical(d) in dists for d in owners)}
+  modules = {
+      m for m, owners in importlib.metadata.packages_distributions().items()
+      if any(_canonical(d) in dists for d in owners)
+  }
   return (modules - set(NOT_NEEDED)) | {'vit_jax', 'bench', 'configs'}
 
 
@@ -81,11 +83,17 @@ runpy.run_module('bench.gpu', run_name='__main__', alter_sys=True)
 
 @pytest.fixture(scope='module')
 def tiny_run():
-  env = dict(os.environ, VIT_JAX_ALLOWED_IMPORTS=','.join(
-      sorted(gpu_image_modules())), PYTHONPATH=os.pathsep.join(
+  env = dict(
+      os.environ,
+      VIT_JAX_ALLOWED_IMPORTS=','.join(sorted(gpu_image_modules())),
+      PYTHONPATH=os.pathsep.join(
           [os.path.join(REPO, 'tests', 'gpu_image'), REPO]))
-  run = subprocess.run([sys.executable, '-c', IN_GPU_IMAGE], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
+  run = subprocess.run([sys.executable, '-c', IN_GPU_IMAGE],
+                       cwd=REPO,
+                       env=env,
+                       capture_output=True,
+                       text=True,
+                       timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
   return run
 
@@ -99,9 +107,11 @@ def test_tiny_run_prints_the_table(tiny_run):
   out = tiny_run.stdout
   table = out[out.index('\ncommand: python -m bench.gpu --tiny'):]
   assert 'device: cpu' in table
-  rows = {tuple(c.strip() for c in line.split('|')[1:4]):
-          [c.strip() for c in line.split('|')[4:-1]]
-          for line in table.splitlines() if line.startswith('| testing')}
+  rows = {
+      tuple(c.strip() for c in line.split('|')[1:4]): [
+          c.strip() for c in line.split('|')[4:-1]
+      ] for line in table.splitlines() if line.startswith('| testing')
+  }
   assert set(rows) == {('testing', 'bfloat16', 'reference'),
                        ('testing', 'float32', 'reference'),
                        ('testing', 'bfloat16', 'xla'),
@@ -112,42 +122,45 @@ def test_tiny_run_prints_the_table(tiny_run):
   assert rows['testing', 'bfloat16', 'cudnn'] == ['-'] * 7
   assert rows['testing', 'bfloat16', 'xla'][0] == '2'
   # MFU: images/s x the model's FLOPs over this run's matmul peak.
-  peak = {d: float(v) * (1e3 if unit == 'T' else 1) for d, v, unit in
-          re.findall(r'(float32|bf16 in / f32 accumulate) ([\d.]+) (G|T)FLOP/s',
-                     table)}
+  peak = {
+      d: float(v) * (1e3 if unit == 'T' else 1) for d, v, unit in re.findall(
+          r'(float32|bf16 in / f32 accumulate) ([\d.]+) (G|T)FLOP/s', table)
+  }
   fwd = throughput_metrics.vit_forward_flops(
       models.get_model('testing', num_classes=10), 32)
   for dtype, peak_name in (('float32', 'float32'),
                            ('bfloat16', 'bf16 in / f32 accumulate')):
-    batch, train, train_mfu, infer, infer_mfu = rows[
-        'testing', dtype, 'reference'][:5]
+    batch, train, train_mfu, infer, infer_mfu = rows['testing', dtype,
+                                                     'reference'][:5]
     assert batch == '2'
-    for ips, flops, printed in ((train, 3 * fwd, train_mfu),
-                                (infer, fwd, infer_mfu)):
+    for ips, flops, printed in ((train, 3 * fwd, train_mfu), (infer, fwd,
+                                                              infer_mfu)):
       expected = 100 * float(ips) * flops / (peak[peak_name] * 1e9)
-      assert abs(float(printed.rstrip('%')) - expected) <= 0.6, (
-          dtype, printed, expected)
+      assert abs(float(printed.rstrip('%')) - expected) <= 0.6, (dtype, printed,
+                                                                 expected)
 
 
 def _canned_search(monkeypatch, peak_of_batch, **kw):
   """search_batch with `peak_of_batch` for XLA's peak (nothing compiles)."""
-  monkeypatch.setattr(gpu, '_compile', lambda name, dtype, args, batch: (
-      f'compiled {batch}', 1.0, peak_of_batch(batch)))
+  monkeypatch.setattr(
+      gpu, '_compile', lambda name, dtype, args, batch:
+      (f'compiled {batch}', 1.0, peak_of_batch(batch)))
   args = gpu.parse_args(['--start-batch', '32', '--max-batch', '1024'])
-  return [f[0] for f in gpu.search_batch('ViT-B_16', 'bfloat16', args,
-                                         left=lambda: 100., **kw)]
+  return [
+      f[0] for f in gpu.search_batch(
+          'ViT-B_16', 'bfloat16', args, left=lambda: 100., **kw)
+  ]
 
 
 def test_search_jumps_to_the_largest_doubling_that_fits(monkeypatch, capsys):
   affine = lambda batch: 100 + 10 * batch
-  assert _canned_search(monkeypatch, affine, limit=affine(300)) == [
-      32, 64, 256]
+  assert _canned_search(monkeypatch, affine, limit=affine(300)) == [32, 64, 256]
   out = capsys.readouterr().out
   assert re.findall(r'batch +(\d+): peak', out) == ['32', '64', '256']
   assert 'batch   512: predicted peak' in out and 'does not fit' in out
   # No limit (a CPU): doubling up to --max-batch.
-  assert _canned_search(monkeypatch, affine, limit=None) == [
-      32, 64, 128, 256, 512, 1024]
+  assert _canned_search(
+      monkeypatch, affine, limit=None) == [32, 64, 128, 256, 512, 1024]
 
 
 def test_search_halves_when_the_prediction_was_wrong(monkeypatch, capsys):
@@ -160,10 +173,12 @@ def test_search_halves_when_the_prediction_was_wrong(monkeypatch, capsys):
 
 
 def test_a_batch_out_of_memory_when_run_falls_back(monkeypatch):
+
   def seconds(call, repeats):
     if call() == 8:
       raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating')
     return 0.5
+
   monkeypatch.setattr(gpu, '_train_call', lambda c, p, batch, a: lambda: batch)
   monkeypatch.setattr(gpu, 'init_params', lambda *_: 'params')
   monkeypatch.setattr(gpu.metrics, 'median_seconds', seconds)
@@ -177,7 +192,7 @@ def test_a_batch_out_of_memory_when_run_falls_back(monkeypatch):
 
 
 def test_unknown_dtype_or_attention_fails():
-  for argv in (['--dtypes', 'float16'], ['--attention', 'flash'],
-               ['--models', 'ViT-X_16']):
+  for argv in (['--dtypes', 'float16'], ['--attention',
+                                         'flash'], ['--models', 'ViT-X_16']):
     with pytest.raises(SystemExit):
       gpu.parse_args(argv)

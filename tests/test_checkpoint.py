@@ -21,37 +21,44 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
+import official
 from vit_jax import checkpoint
-from vit_jax.data import filesystem
-from vit_jax.interop import checkpoint_cli
-from vit_jax.checkpoints import layouts
 from vit_jax import models
+from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import trees
-
-import official
+from vit_jax.data import filesystem
+from vit_jax.interop import checkpoint_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # ----------------------------------------------------------------------------
 # Helpers.
 
 
-def tiny_config(classifier='token', representation_size=None, resnet=None,
-                patch=8, num_classes=3, **kw):
+def tiny_config(classifier='token',
+                representation_size=None,
+                resnet=None,
+                patch=8,
+                num_classes=3,
+                **kw):
   """A 2-layer, hidden-16 model config (zoo fields plus num_classes)."""
-  config = ml_collections.ConfigDict(dict(
-      model_name='tiny',
-      patches=ml_collections.ConfigDict({'size': (patch, patch)}),
-      hidden_size=16,
-      transformer=ml_collections.ConfigDict(dict(
-          num_layers=2, num_heads=2, mlp_dim=32, dropout_rate=0.,
-          attention_dropout_rate=0.)),
-      classifier=classifier,
-      representation_size=representation_size,
-      num_classes=num_classes,
-  ))
+  config = ml_collections.ConfigDict(
+      dict(
+          model_name='tiny',
+          patches=ml_collections.ConfigDict({'size': (patch, patch)}),
+          hidden_size=16,
+          transformer=ml_collections.ConfigDict(
+              dict(
+                  num_layers=2,
+                  num_heads=2,
+                  mlp_dim=32,
+                  dropout_rate=0.,
+                  attention_dropout_rate=0.)),
+          classifier=classifier,
+          representation_size=representation_size,
+          num_classes=num_classes,
+      ))
   if resnet is not None:
     config.resnet = ml_collections.ConfigDict(
         dict(num_layers=resnet, width_factor=0.5))
@@ -62,16 +69,16 @@ def tiny_config(classifier='token', representation_size=None, resnet=None,
 
 def param_shapes(model, image_hw):
   return jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)), train=False)
-                        )['params']
+      jax.random.PRNGKey(0), jnp.zeros(
+          (1, *image_hw, 3)), train=False))['params']
 
 
 def random_params(config, image_hw, seed=0):
   """Numpy params of the model's shapes, every leaf random (none all-zero)."""
   rng = np.random.default_rng(seed)
   shapes = param_shapes(models.from_config(config), image_hw)
-  return jax.tree.map(
-      lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                      shapes)
 
 
 def flat(tree):
@@ -116,9 +123,15 @@ def zoom_grid(tok, grid, old_hw, new_hw):
 
 def run_cli(*args):
   return subprocess.run(
-      [sys.executable, '-m', 'vit_jax.interop.checkpoint_cli', *args], cwd=ROOT,
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+      [sys.executable, '-m', 'vit_jax.interop.checkpoint_cli', *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={
+          **os.environ, 'PYTHONPATH': ROOT,
+          'JAX_PLATFORMS': 'cpu'
+      })
 
 
 def write_bytes(path, data):
@@ -162,8 +175,9 @@ def test_save_load_round_trip(tmp_path, names, classifier, rep, resnet, patch,
     assert block + 'MultiHeadDotProductAttention_1/query/kernel' in stored
     assert block + 'LayerNorm_2/scale' in stored
     assert block + 'MlpBlock_3/Dense_1/bias' in stored
-    assert not any('MultiHeadDotProductAttention_0' in k or 'LayerNorm_1' in k
-                   or 'MlpBlock_0' in k for k in stored.files)
+    assert not any('MultiHeadDotProductAttention_0' in k or
+                   'LayerNorm_1' in k or 'MlpBlock_0' in k
+                   for k in stored.files)
     if resnet is not None:
       assert stored['gn_root/scale'].shape == (1, 1, 1, 32)
 
@@ -177,9 +191,11 @@ def test_save_accepts_jax_arrays_frozendicts_and_bfloat16(tmp_path):
   path = str(tmp_path / 'x.npz')
   checkpoint.save(flax.core.freeze(on_device), path)
   loaded = checkpoint.load(path)
-  expected = dict(params, embedding=dict(
-      params['embedding'],
-      bias=np.asarray(on_device['embedding']['bias'], np.float32)))
+  expected = dict(
+      params,
+      embedding=dict(
+          params['embedding'],
+          bias=np.asarray(on_device['embedding']['bias'], np.float32)))
   assert_trees_equal(loaded, expected)
 
 
@@ -194,8 +210,9 @@ def test_save_writes_scanned_blocks_per_layer(tmp_path):
 
 @pytest.mark.parametrize('name', ['tiny_vit_token', 'tiny_hybrid_r2x2'])
 def test_released_and_linen_fixtures_load_identically(name):
-  assert_trees_equal(checkpoint.load(official.params_path(name, True)),
-                     checkpoint.load(official.params_path(name, False)))
+  assert_trees_equal(
+      checkpoint.load(official.params_path(name, True)),
+      checkpoint.load(official.params_path(name, False)))
 
 
 @pytest.mark.parametrize('name', ['tiny_vit_token', 'tiny_hybrid_r2x2'])
@@ -239,15 +256,16 @@ def test_remote_npz_is_streamed_one_array_at_a_time():
   standing in for gs://; its files cannot tell or seek): each array is in
   the file before the next is produced, and np.load reads the result."""
   path = 'ram://streamed/model.npz'
-  arrays = {f'layer_{i}/kernel': np.full((256, 256), i, np.float32)
-            for i in range(4)}
+  arrays = {
+      f'layer_{i}/kernel': np.full((256, 256), i, np.float32) for i in range(4)
+  }
   sizes = []
 
   def produce():
     for name, array in arrays.items():
       tmp = f'{path}.tmp'  # created at the first write
-      sizes.append(tf.io.gfile.stat(tmp).length if filesystem.exists(tmp)
-                   else 0)
+      sizes.append(
+          tf.io.gfile.stat(tmp).length if filesystem.exists(tmp) else 0)
       yield name, array
 
   npz.write_npz_atomically(path, produce())
@@ -256,8 +274,11 @@ def test_remote_npz_is_streamed_one_array_at_a_time():
   assert [size // (256 * 1024) for size in sizes] == [0, 1, 2, 3]
   with filesystem.open_file(path, 'rb') as f:
     loaded = np.load(io.BytesIO(f.read()))
-    assert {k: loaded[k].tolist() for k in loaded.files} == {
-        k: v.tolist() for k, v in arrays.items()}
+    assert {
+        k: loaded[k].tolist() for k in loaded.files
+    } == {
+        k: v.tolist() for k, v in arrays.items()
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -272,8 +293,9 @@ def test_load_strips_optimizer_and_train_state_prefixes(tmp_path, prefix):
     stored['opt/state/step'] = np.array(7)
     stored['opt/state/param_states/cls/momentum'] = np.zeros((1, 1, 32))
   path = savez(tmp_path / 'old.npz', stored)
-  assert_trees_equal(checkpoint.load(path),
-                     checkpoint.load(official.params_path('tiny_vit_token')))
+  assert_trees_equal(
+      checkpoint.load(path),
+      checkpoint.load(official.params_path('tiny_vit_token')))
 
 
 def big_vision_layout(params, with_cls):
@@ -317,11 +339,11 @@ def test_load_big_vision_layout_without_class_token(tmp_path):
 
 @pytest.mark.parametrize('has_class_token', [True, False])
 @pytest.mark.parametrize('old,new', [(2, 5), (4, 3), (4, 7), (14, 24)])
-def test_bilinear_resampling_is_the_originals_scipy_zoom(old, new,
-                                                         has_class_token):
+def test_bilinear_resampling_is_the_originals_scipy_zoom(
+    old, new, has_class_token):
   n = int(has_class_token)
-  posemb = np.random.default_rng(old).normal(
-      size=(1, n + old * old, 8)).astype(np.float32)
+  posemb = np.random.default_rng(old).normal(size=(1, n + old * old,
+                                                   8)).astype(np.float32)
   out = checkpoint.interpolate_posembed(posemb, n + new * new, has_class_token)
   assert out.shape == (1, n + new * new, 8) and out.dtype == np.float32
   np.testing.assert_allclose(
@@ -336,8 +358,8 @@ def test_bilinear_non_square_is_scipy_zoom_per_axis(old, new):
   grid = grid.astype(np.float32)
   out = checkpoint.interpolate_posembed(
       grid, 1 + new[0] * new[1], True, grid=new, old_grid=old)
-  np.testing.assert_allclose(out, zoom_grid(grid[:, :1], grid[0, 1:], old, new),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+      out, zoom_grid(grid[:, :1], grid[0, 1:], old, new), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('old,new', [((4, 4), (7, 7)), ((7, 7), (4, 4)),
@@ -345,10 +367,15 @@ def test_bilinear_non_square_is_scipy_zoom_per_axis(old, new):
 def test_bicubic_is_jax_image_resize_cubic_and_pil_bicubic(old, new):
   grid_HxWxD = np.random.default_rng(1).normal(size=(*old, 3))
   grid_HxWxD = grid_HxWxD.astype(np.float32)
-  posemb = np.concatenate([np.ones((1, 1, 3), np.float32),
-                           grid_HxWxD.reshape(1, -1, 3)], axis=1)
+  posemb = np.concatenate(
+      [np.ones((1, 1, 3), np.float32),
+       grid_HxWxD.reshape(1, -1, 3)], axis=1)
   out = checkpoint.interpolate_posembed(
-      posemb, 1 + new[0] * new[1], True, grid=new, old_grid=old,
+      posemb,
+      1 + new[0] * new[1],
+      True,
+      grid=new,
+      old_grid=old,
       method='bicubic')
   np.testing.assert_array_equal(out[:, 0], posemb[:, 0])
   out_HxWxD = out[0, 1:].reshape(*new, 3)
@@ -356,20 +383,20 @@ def test_bicubic_is_jax_image_resize_cubic_and_pil_bicubic(old, new):
   # jax computes its weights in float32 (ours and PIL's are float64).
   np.testing.assert_allclose(out_HxWxD, by_jax, rtol=0, atol=1e-5)
   for d in range(3):
-    by_pil = Image.fromarray(grid_HxWxD[..., d], mode='F').resize(
-        (new[1], new[0]), Image.BICUBIC)
-    np.testing.assert_allclose(out_HxWxD[..., d], np.asarray(by_pil), rtol=0,
-                               atol=1e-6)
+    by_pil = Image.fromarray(
+        grid_HxWxD[..., d], mode='F').resize((new[1], new[0]), Image.BICUBIC)
+    np.testing.assert_allclose(
+        out_HxWxD[..., d], np.asarray(by_pil), rtol=0, atol=1e-6)
 
 
 def test_interpolate_posembed_rejects_grids_that_do_not_fit():
   posemb = np.zeros((1, 1 + 15, 4), np.float32)  # 15 is no square.
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='15 grid tokens.*square'):
+  with pytest.raises(
+      checkpoint.CheckpointError, match='15 grid tokens.*square'):
     checkpoint.interpolate_posembed(posemb, 1 + 16, True)
   posemb = np.zeros((1, 1 + 16, 4), np.float32)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='24 grid tokens.*not a square'):
+  with pytest.raises(
+      checkpoint.CheckpointError, match='24 grid tokens.*not a square'):
     checkpoint.interpolate_posembed(posemb, 1 + 24, True)
   with pytest.raises(checkpoint.CheckpointError, match='3x7 has 21 tokens'):
     checkpoint.interpolate_posembed(posemb, 1 + 24, True, grid=(3, 7))
@@ -387,28 +414,33 @@ def test_load_pretrained_tiny_vit_token_to_96px_and_5_classes():
   config = official.model_config('tiny_vit_token')
   config.num_classes = 5
   model = models.from_config(config)
-  images = np.random.default_rng(0).uniform(-1, 1, (2, 96, 96, 3)).astype(
-      np.float32)
+  images = np.random.default_rng(0).uniform(-1, 1,
+                                            (2, 96, 96, 3)).astype(np.float32)
   # Shapes are all load_pretrained needs (model.init would cost 10 s here).
   init_params = param_shapes(model, (96, 96))
   params = checkpoint.load_pretrained(
       pretrained_path=official.params_path('tiny_vit_token', True),
-      init_params=init_params, model_config=config)
+      init_params=init_params,
+      model_config=config)
 
   # By hand, as the original does it: numpy, scipy and a zero head.
   raw = np.load(official.params_path('tiny_vit_token'))
   manual = {k: raw[k] for k in raw.files}
   posemb = manual['Transformer/posembed_input/pos_embedding']
-  manual['Transformer/posembed_input/pos_embedding'] = np.concatenate(
-      [posemb[:, :1], scipy.ndimage.zoom(
-          posemb[0, 1:].reshape(4, 4, 32), (6 / 4, 6 / 4, 1), order=1
-      ).reshape(1, 36, 32)], axis=1)
+  manual['Transformer/posembed_input/pos_embedding'] = np.concatenate([
+      posemb[:, :1],
+      scipy.ndimage.zoom(
+          posemb[0, 1:].reshape(4, 4, 32),
+          (6 / 4, 6 / 4, 1), order=1).reshape(1, 36, 32)
+  ],
+                                                                      axis=1)
   manual['head/kernel'] = np.zeros((16, 5), np.float32)
   manual['head/bias'] = np.zeros((5,), np.float32)
   manual = nest(manual)
 
-  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
-      1, 37, 32)
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1,
+                                                                            37,
+                                                                            32)
   assert not np.any(params['head']['kernel']) and not np.any(
       params['head']['bias'])
   assert params['head']['kernel'].shape == (16, 5)
@@ -442,16 +474,28 @@ def test_load_pretrained_every_classifier(tmp_path, classifier):
   posemb = pretrained['Transformer']['posembed_input']['pos_embedding']
   np.testing.assert_allclose(
       params['Transformer']['posembed_input']['pos_embedding'],
-      zoom_posemb(posemb, (5, 5), has_cls), rtol=0, atol=1e-6)
+      zoom_posemb(posemb, (5, 5), has_cls),
+      rtol=0,
+      atol=1e-6)
+
   def rest(tree):
-    return {k: v for k, v in flat(tree).items()
-            if not k.startswith(('head', 'pre_logits', 'Transformer/pos'))}
+    return {
+        k: v
+        for k, v in flat(tree).items()
+        if not k.startswith(('head', 'pre_logits', 'Transformer/pos'))
+    }
+
   assert_trees_equal(rest(params), rest(pretrained))
 
-  logits = jax.jit(lambda p: model.apply({'params': p}, jnp.ones(
-      (1, 40, 40, 3)), train=False))(params)
-  tokens = {'token': (), 'gap': (), 'unpooled': (25,),
-            'token_unpooled': (26,)}[classifier]
+  logits = jax.jit(lambda p: model.apply(
+      {'params': p}, jnp.ones((1, 40, 40, 3)), train=False))(
+          params)
+  tokens = {
+      'token': (),
+      'gap': (),
+      'unpooled': (25,),
+      'token_unpooled': (26,)
+  }[classifier]
   np.testing.assert_array_equal(
       logits, np.broadcast_to([1., 2., 3., 4.], (1, *tokens, 4)))
 
@@ -462,49 +506,61 @@ def test_load_pretrained_non_square_grid_and_bicubic(tmp_path):
   checkpoint.save(pretrained, path)
   posemb = pretrained['Transformer']['posembed_input']['pos_embedding']
   config = tiny_config()
-  init_params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (32, 48)))  # 4x6 grid.
+  init_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config),
+                                          (32, 48)))  # 4x6 grid.
 
   # 24 tokens is no square: the grid must be given.
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='pre.npz.*not a square.*image_size'):
-    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params,
-                               model_config=config)
+  with pytest.raises(
+      checkpoint.CheckpointError, match='pre.npz.*not a square.*image_size'):
+    checkpoint.load_pretrained(
+        pretrained_path=path, init_params=init_params, model_config=config)
   params = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params, model_config=config,
+      pretrained_path=path,
+      init_params=init_params,
+      model_config=config,
       image_size=(32, 48))
   expected = zoom_grid(posemb[:, :1], posemb[0, 1:], (4, 4), (4, 6))
   np.testing.assert_allclose(
-      params['Transformer']['posembed_input']['pos_embedding'], expected,
-      rtol=0, atol=1e-6)
+      params['Transformer']['posembed_input']['pos_embedding'],
+      expected,
+      rtol=0,
+      atol=1e-6)
   # The grid may also come from the model config.
   config_with_size = tiny_config(image_size=(32, 48))
   same = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params,
+      pretrained_path=path,
+      init_params=init_params,
       model_config=config_with_size)
   assert_trees_equal(same, params)
 
   bicubic = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params, model_config=config,
-      image_size=(32, 48), method='bicubic')
-  by_jax = jax.image.resize(posemb[0, 1:].reshape(4, 4, 16), (4, 6, 16),
-                            method='cubic')
+      pretrained_path=path,
+      init_params=init_params,
+      model_config=config,
+      image_size=(32, 48),
+      method='bicubic')
+  by_jax = jax.image.resize(
+      posemb[0, 1:].reshape(4, 4, 16), (4, 6, 16), method='cubic')
   np.testing.assert_allclose(
       bicubic['Transformer']['posembed_input']['pos_embedding'][0, 1:],
-      np.asarray(by_jax).reshape(24, 16), rtol=0, atol=1e-5)
+      np.asarray(by_jax).reshape(24, 16),
+      rtol=0,
+      atol=1e-5)
 
   # And back from the non-square checkpoint, which needs its own size.
-  init_square = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (40, 40)))
+  init_square = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config), (40, 40)))
   back = checkpoint.load_pretrained(
-      pretrained_path=params, init_params=init_square, model_config=config,
+      pretrained_path=params,
+      init_params=init_square,
+      model_config=config,
       pretrained_image_size=(32, 48))
   np.testing.assert_allclose(
       back['Transformer']['posembed_input']['pos_embedding'],
       zoom_grid(expected[:, :1], expected[0, 1:], (4, 6), (5, 5)),
-      rtol=0, atol=1e-6)
+      rtol=0,
+      atol=1e-6)
 
 
 def test_load_pretrained_hybrid_derives_stride_from_resnet():
@@ -514,13 +570,16 @@ def test_load_pretrained_hybrid_derives_stride_from_resnet():
   init_params = param_shapes(model, (96, 128))  # Shapes only are enough.
   params = checkpoint.load_pretrained(
       pretrained_path=official.params_path('tiny_hybrid_r2x2', True),
-      init_params=init_params, model_config=config, image_size=(96, 128))
+      init_params=init_params,
+      model_config=config,
+      image_size=(96, 128))
   raw = np.load(official.params_path('tiny_hybrid_r2x2'))
   posemb = raw['Transformer/posembed_input/pos_embedding']
   np.testing.assert_allclose(
       params['Transformer']['posembed_input']['pos_embedding'],
       zoom_grid(posemb[:, :1], posemb[0, 1:], (8, 8), (12, 16)),
-      rtol=0, atol=1e-6)
+      rtol=0,
+      atol=1e-6)
   np.testing.assert_array_equal(params['block2']['unit1']['gn1']['scale'],
                                 raw['block2/unit1/gn1/scale'])
   # The fresh head, as the model would initialise it.
@@ -530,19 +589,21 @@ def test_load_pretrained_hybrid_derives_stride_from_resnet():
 
 def test_load_pretrained_accepts_loaded_params_and_scanned_models():
   config = official.model_config('tiny_vit_token')
-  init_params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (64, 64)))
+  init_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config), (64, 64)))
   from_file = checkpoint.load_pretrained(
       pretrained_path=official.params_path('tiny_vit_token'),
-      init_params=init_params, model_config=config)
+      init_params=init_params,
+      model_config=config)
   from_dict = checkpoint.load_pretrained(
       pretrained_path=checkpoint.load(official.params_path('tiny_vit_token')),
-      init_params=init_params, model_config=config)
+      init_params=init_params,
+      model_config=config)
   assert_trees_equal(from_dict, from_file)
   scanned = checkpoint.load_pretrained(
       pretrained_path=official.params_path('tiny_vit_token'),
-      init_params=layouts.layers_to_scan(init_params, 2), model_config=config)
+      init_params=layouts.layers_to_scan(init_params, 2),
+      model_config=config)
   assert_trees_equal(scanned, layouts.layers_to_scan(from_file, 2))
 
 
@@ -551,8 +612,7 @@ def test_load_pretrained_accepts_loaded_params_and_scanned_models():
 
 
 def test_inspect_params_original_behaviour_and_listing():
-  expected = {'a': {'kernel': np.zeros((2, 3))}, 'b': np.zeros(4),
-              'empty': {}}
+  expected = {'a': {'kernel': np.zeros((2, 3))}, 'b': np.zeros(4), 'empty': {}}
   params = {'a': {'kernel': np.ones((2, 3))}, 'b': np.ones(4)}
   assert checkpoint.inspect_params(params=params, expected=expected) is params
   assert params['empty'] == {}  # Layers without weights are added back.
@@ -564,13 +624,18 @@ def test_inspect_params_original_behaviour_and_listing():
   assert 'In the model but not in the checkpoint (1):\n    b (4,)' in message
   assert 'In the checkpoint but not in the model (1):\n    c (7, 1)' in message
   assert 'a/kernel: checkpoint (2, 5), model (2, 3)' in message
-  assert checkpoint.inspect_params(params=params, expected=expected,
-                                   fail_if_extra=False,
-                                   fail_if_missing=False) is params
+  assert checkpoint.inspect_params(
+      params=params,
+      expected=expected,
+      fail_if_extra=False,
+      fail_if_missing=False) is params
   with pytest.raises(checkpoint.CheckpointError, match='Shapes differ'):
-    checkpoint.inspect_params(params=params, expected=expected,
-                              fail_if_extra=False, fail_if_missing=False,
-                              fail_if_shape_mismatch=True)
+    checkpoint.inspect_params(
+        params=params,
+        expected=expected,
+        fail_if_extra=False,
+        fail_if_missing=False,
+        fail_if_shape_mismatch=True)
 
 
 # ----------------------------------------------------------------------------
@@ -584,19 +649,19 @@ def bad_files(tmp_path):
   os.mkdir(tmp_path / 'a_directory')
   return {
       'missing': (str(tmp_path / 'missing.npz'), 'does not exist'),
-      'not_a_zip': (write_bytes(tmp_path / 'text.npz', b'hello\n' * 100),
-                    'not an .npz'),
-      'truncated': (write_bytes(tmp_path / 'cut.npz', good[:len(good) // 2]),
-                    'truncated'),
-      'npy': (write_bytes(tmp_path / 'single.npz', npy.getvalue()),
-              'not an .npz'),
+      'not_a_zip': (write_bytes(tmp_path / 'text.npz',
+                                b'hello\n' * 100), 'not an .npz'),
+      'truncated': (write_bytes(tmp_path / 'cut.npz',
+                                good[:len(good) // 2]), 'truncated'),
+      'npy': (write_bytes(tmp_path / 'single.npz',
+                          npy.getvalue()), 'not an .npz'),
       'directory': (str(tmp_path / 'a_directory'), 'directory'),
       'empty': (savez(tmp_path / 'empty.npz', {}), 'no arrays'),
   }
 
 
-@pytest.mark.parametrize('kind', ['missing', 'not_a_zip', 'truncated', 'npy',
-                                  'directory', 'empty'])
+@pytest.mark.parametrize(
+    'kind', ['missing', 'not_a_zip', 'truncated', 'npy', 'directory', 'empty'])
 def test_load_bad_files(tmp_path, kind):
   path, problem = bad_files(tmp_path)[kind]
   with pytest.raises(checkpoint.CheckpointError) as error:
@@ -611,8 +676,8 @@ def test_load_pretrained_checkpoint_of_another_model():
   init_params = param_shapes(models.from_config(config), (64, 64))
   path = official.params_path('tiny_vit_token', True)
   with pytest.raises(checkpoint.CheckpointError) as error:
-    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params,
-                               model_config=config)
+    checkpoint.load_pretrained(
+        pretrained_path=path, init_params=init_params, model_config=config)
   message = str(error.value)
   assert path in message
   assert 'embedding/kernel: checkpoint (16, 16, 3, 32), model (16, 16, 3, 10)' \
@@ -646,13 +711,13 @@ def test_load_pretrained_drops_pretraining_heads_but_not_layers(tmp_path):
 def test_load_pretrained_hybrid_checkpoint_into_a_vit():
   config = official.model_config('tiny_vit_token')
   config.representation_size = None
-  init_params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (64, 64)))
+  init_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config), (64, 64)))
   with pytest.raises(checkpoint.CheckpointError) as error:
     checkpoint.load_pretrained(
         pretrained_path=official.params_path('tiny_hybrid_r2x2'),
-        init_params=init_params, model_config=config)
+        init_params=init_params,
+        model_config=config)
   message = str(error.value)
   assert 'tiny_hybrid_r2x2_params.npz' in message
   assert 'In the checkpoint but not in the model' in message
@@ -665,14 +730,15 @@ def test_load_pretrained_hybrid_checkpoint_into_a_vit():
 def test_load_pretrained_class_token_mismatch():
   config = official.model_config('tiny_vit_token')
   config.classifier = 'gap'
-  init_params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (64, 64)))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='tiny_vit_token_params.npz.*no class token.*cls'):
+  init_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config), (64, 64)))
+  with pytest.raises(
+      checkpoint.CheckpointError,
+      match='tiny_vit_token_params.npz.*no class token.*cls'):
     checkpoint.load_pretrained(
         pretrained_path=official.params_path('tiny_vit_token'),
-        init_params=init_params, model_config=config)
+        init_params=init_params,
+        model_config=config)
 
 
 def test_load_pretrained_posemb_grid_that_cannot_match(tmp_path):
@@ -681,13 +747,13 @@ def test_load_pretrained_posemb_grid_that_cannot_match(tmp_path):
   stored[key] = stored[key][:, :16]  # cls + 15 grid tokens.
   path = savez(tmp_path / 'odd.npz', stored)
   config = official.model_config('tiny_vit_token')
-  init_params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype),
-      param_shapes(models.from_config(config), (96, 96)))
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='odd.npz.*15 grid tokens.*not a square'):
-    checkpoint.load_pretrained(pretrained_path=path, init_params=init_params,
-                               model_config=config)
+  init_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                             param_shapes(models.from_config(config), (96, 96)))
+  with pytest.raises(
+      checkpoint.CheckpointError,
+      match='odd.npz.*15 grid tokens.*not a square'):
+    checkpoint.load_pretrained(
+        pretrained_path=path, init_params=init_params, model_config=config)
 
 
 @pytest.mark.parametrize('kind', ['not_a_zip', 'truncated', 'missing'])
@@ -708,14 +774,16 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys, command, kind):
 @pytest.mark.parametrize('args,problem', [
     (['--image-size', '100', '96'], '100x96 is not a positive multiple of the '
      '16x16'),
-    (['--image-size', '96', '96', '--source-image-size', '48', '96'],
-     'grid 3x6 has 18 tokens'),
+    (['--image-size', '96', '96', '--source-image-size', '48', '96'
+     ], 'grid 3x6 has 18 tokens'),
 ])
 def test_cli_resize_sizes_that_do_not_fit_write_nothing(tmp_path, capsys, args,
                                                         problem):
   out = tmp_path / 'x.npz'
-  code = checkpoint_cli.main(['resize', official.params_path('tiny_vit_token'),
-                          str(out), *args])
+  code = checkpoint_cli.main(
+      ['resize',
+       official.params_path('tiny_vit_token'),
+       str(out), *args])
   assert code == 1
   err = capsys.readouterr().err
   assert problem in err and err.count('\n') == 1
@@ -790,11 +858,12 @@ def test_cli_inspect_names_the_zoo_model(tmp_path):
 def test_cli_convert_between_name_schemes(tmp_path):
   released = str(tmp_path / 'released.npz')
   linen = str(tmp_path / 'linen.npz')
-  assert checkpoint_cli.main(['convert', official.params_path('tiny_hybrid_r2x2'),
-                          released]) == 0
+  assert checkpoint_cli.main(
+      ['convert', official.params_path('tiny_hybrid_r2x2'), released]) == 0
   official_file = np.load(official.params_path('tiny_hybrid_r2x2', True))
   assert set(np.load(released).files) == set(official_file.files)
-  assert checkpoint_cli.main(['convert', released, linen, '--names', 'linen']) == 0
+  assert checkpoint_cli.main(['convert', released, linen, '--names',
+                              'linen']) == 0
   ours, original = np.load(linen), np.load(
       official.params_path('tiny_hybrid_r2x2'))
   assert set(ours.files) == set(original.files)
@@ -806,21 +875,30 @@ def test_cli_convert_between_name_schemes(tmp_path):
 @pytest.mark.parametrize('method', ['bilinear', 'bicubic'])
 def test_cli_resize(tmp_path, method):
   out = str(tmp_path / 'x.npz')
-  assert checkpoint_cli.main(['resize', official.params_path('tiny_vit_token'), out,
-                          '--image-size', '96', '64', '--method', method]) == 0
+  assert checkpoint_cli.main([
+      'resize',
+      official.params_path('tiny_vit_token'), out, '--image-size', '96', '64',
+      '--method', method
+  ]) == 0
   resized = checkpoint.load(out)
   original = checkpoint.load(official.params_path('tiny_vit_token'))
   posemb = original['Transformer']['posembed_input']['pos_embedding']
   if method == 'bilinear':
     expected = zoom_grid(posemb[:, :1], posemb[0, 1:], (4, 4), (6, 4))
   else:
-    expected = np.concatenate([posemb[:, :1], np.asarray(jax.image.resize(
-        posemb[0, 1:].reshape(4, 4, 32), (6, 4, 32), method='cubic')
-                                                        ).reshape(1, 24, 32)],
+    expected = np.concatenate([
+        posemb[:, :1],
+        np.asarray(
+            jax.image.resize(
+                posemb[0, 1:].reshape(4, 4, 32),
+                (6, 4, 32), method='cubic')).reshape(1, 24, 32)
+    ],
                               axis=1)
   np.testing.assert_allclose(
-      resized['Transformer']['posembed_input'].pop('pos_embedding'), expected,
-      rtol=0, atol=1e-5)
+      resized['Transformer']['posembed_input'].pop('pos_embedding'),
+      expected,
+      rtol=0,
+      atol=1e-5)
   original['Transformer']['posembed_input'].pop('pos_embedding')
   assert_trees_equal(resized, original)
   # The input had linen names, so the output keeps them.

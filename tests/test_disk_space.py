@@ -14,8 +14,14 @@ import pytest
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.guards import disk_space
 
-STATE = {'params': {'w': np.ones((64, 64), np.float32)},
-         'opt_state': {'m': np.zeros((64, 64), np.float32)}}
+STATE = {
+    'params': {
+        'w': np.ones((64, 64), np.float32)
+    },
+    'opt_state': {
+        'm': np.zeros((64, 64), np.float32)
+    }
+}
 
 
 def _folders(directory):
@@ -51,11 +57,10 @@ def test_save_refused_at_its_step_when_the_disk_cannot_take_it(
 def test_room_for_the_first_save_is_checked_before_training(
     tmp_path, monkeypatch):
   ckpts = train_checkpoint.TrainCheckpoints(str(tmp_path))
-  config = ml_collections.ConfigDict(dict(checkpoint_every=50,
-                                          total_steps=120))
+  config = ml_collections.ConfigDict(dict(checkpoint_every=50, total_steps=120))
   try:
-    need = sum(x.nbytes for x in (STATE['params']['w'],
-                                  STATE['opt_state']['m']))
+    need = sum(
+        x.nbytes for x in (STATE['params']['w'], STATE['opt_state']['m']))
     monkeypatch.setattr(disk_space, 'free_bytes', lambda path: need - 1)
     with pytest.raises(disk_space.DiskSpaceError) as error:
       ckpts.check_room(STATE, 0, config)

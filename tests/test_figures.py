@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax.paper import figures
 from vit_jax import models
+from vit_jax.paper import figures
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -20,18 +20,24 @@ IMAGE = 32
 def tiny():
   # 2 layers, 2 heads, 8x8 patches: a 4x4 grid with a class token.
   model = models.get_model(
-      'testing', hidden_size=16,
+      'testing',
+      hidden_size=16,
       patches=ml_collections.ConfigDict({'size': (8, 8)}),
-      transformer=ml_collections.ConfigDict(dict(
-          num_layers=2, mlp_dim=16, num_heads=2, dropout_rate=0.0,
-          attention_dropout_rate=0.0)))
+      transformer=ml_collections.ConfigDict(
+          dict(
+              num_layers=2,
+              mlp_dim=16,
+              num_heads=2,
+              dropout_rate=0.0,
+              attention_dropout_rate=0.0)))
   params = jax.jit(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)),
-      train=False)['params'])()
-  images = np.asarray(jax.random.uniform(
-      jax.random.key(1), (3, IMAGE, IMAGE, 3), minval=-1, maxval=1))
-  weights = jax.jit(lambda p, x: models.attention_weights(model, p, x))(
-      params, images)
+      jax.random.key(0), jnp.zeros(
+          (1, IMAGE, IMAGE, 3)), train=False)['params'])()
+  images = np.asarray(
+      jax.random.uniform(
+          jax.random.key(1), (3, IMAGE, IMAGE, 3), minval=-1, maxval=1))
+  weights = jax.jit(lambda p, x: models.attention_weights(model, p, x))(params,
+                                                                        images)
   return model, params, images, weights
 
 
@@ -42,8 +48,11 @@ def _is_png(path):
 def test_embedding_filters_pca(tmp_path):
   kernel = np.random.default_rng(0).normal(size=(4, 4, 3, 64))
   path = tmp_path / 'filters.png'
-  comps = figures.embedding_filters_pca({'embedding': {'kernel': kernel}},
-                                        n=28, path=path)
+  comps = figures.embedding_filters_pca({'embedding': {
+      'kernel': kernel
+  }},
+                                        n=28,
+                                        path=path)
   assert comps.shape == (28, 4, 4, 3)
   # Independently: eigenvectors of the covariance of the 64 filters.
   filters = kernel.reshape(48, 64).T
@@ -51,20 +60,27 @@ def test_embedding_filters_pca(tmp_path):
   eigvals, eigvecs = np.linalg.eigh(cov)
   top = eigvecs[:, np.argsort(-eigvals)[:28]].T
   flat = comps.reshape(28, 48).astype(np.float64)
-  np.testing.assert_allclose(np.abs(np.sum(flat * top, axis=1)), 1.0,
-                             atol=1e-4)
+  np.testing.assert_allclose(np.abs(np.sum(flat * top, axis=1)), 1.0, atol=1e-4)
   np.testing.assert_allclose(flat @ flat.T, np.eye(28), atol=1e-5)
   assert _is_png(path)
   with pytest.raises(ValueError, match='not RGB'):
     figures.embedding_filters_pca(
-        {'embedding': {'kernel': np.zeros((1, 1, 64, 8))}})
+        {'embedding': {
+            'kernel': np.zeros((1, 1, 64, 8))
+        }})
 
 
 def test_position_embedding_similarity(tmp_path):
   rng = np.random.default_rng(0)
   table = rng.normal(size=(1, 1 + 6, 5))  # class token + a 2x3 grid
-  params = {'cls': np.zeros((1, 1, 5)),
-            'Transformer': {'posembed_input': {'pos_embedding': table}}}
+  params = {
+      'cls': np.zeros((1, 1, 5)),
+      'Transformer': {
+          'posembed_input': {
+              'pos_embedding': table
+          }
+      }
+  }
   path = tmp_path / 'posemb.png'
   sim = figures.position_embedding_similarity(params, grid=(2, 3), path=path)
   assert sim.shape == (2, 3, 2, 3)
@@ -79,7 +95,11 @@ def test_position_embedding_similarity(tmp_path):
     figures.position_embedding_similarity(params)
   # Without a class token the table is all patches; a square grid is found.
   square = figures.position_embedding_similarity(
-      {'Transformer': {'posembed_input': {'pos_embedding': table[:, :4]}}})
+      {'Transformer': {
+          'posembed_input': {
+              'pos_embedding': table[:, :4]
+          }
+      }})
   assert square.shape == (2, 2, 2, 2)
 
 
@@ -88,8 +108,7 @@ def _mean_pairwise_distance(g, patch):
   total = 0.0
   cells = list(itertools.product(range(g), range(g)))
   for (r1, c1) in cells:
-    total += np.mean([np.hypot(r1 - r2, c1 - c2) * patch
-                      for (r2, c2) in cells])
+    total += np.mean([np.hypot(r1 - r2, c1 - c2) * patch for (r2, c2) in cells])
   return total / len(cells)
 
 
@@ -98,8 +117,8 @@ def test_attention_distance_of_constructed_patterns():
   n = g * g + 1  # with the class token
   uniform = np.full((2, heads, n, n), 1.0 / n)
   got = figures.attention_distance(uniform, (g, g), (patch, patch), 1)
-  np.testing.assert_allclose(got, [_mean_pairwise_distance(g, patch)] * heads,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      got, [_mean_pairwise_distance(g, patch)] * heads, rtol=1e-12)
   self_only = np.broadcast_to(np.eye(n), (2, heads, n, n))
   np.testing.assert_allclose(
       figures.attention_distance(self_only, (g, g), (patch, patch), 1), 0.0)
@@ -118,12 +137,12 @@ def test_attention_distance_of_constructed_patterns():
 def test_mean_attention_distance_of_a_model(tiny, tmp_path):
   model, params, images, weights = tiny
   path = tmp_path / 'distance.png'
-  dist = figures.mean_attention_distance(model, params, images, path=path,
-                                         batch_size=2)
+  dist = figures.mean_attention_distance(
+      model, params, images, path=path, batch_size=2)
   assert dist.shape == (2, 2)
   # Per layer and head, the mean distance under the model's own attention.
-  expected = np.stack([figures.attention_distance(w, (4, 4), (8, 8), 1)
-                       for w in weights])
+  expected = np.stack(
+      [figures.attention_distance(w, (4, 4), (8, 8), 1) for w in weights])
   np.testing.assert_allclose(dist, expected, rtol=1e-5)
   assert np.all((dist > 0) & (dist < np.hypot(3, 3) * 8))
   assert _is_png(path)
@@ -153,8 +172,7 @@ def test_attention_rollout_of_a_model(tiny, tmp_path):
   # The map is the class token's rollout over the 4x4 grid, upsampled.
   joint = figures.rollout(weights)
   grid = joint[:, 0, 1:].reshape(3, 4, 4)
-  upsampled = np.asarray(jax.image.resize(grid, (3, IMAGE, IMAGE),
-                                          'bilinear'))
+  upsampled = np.asarray(jax.image.resize(grid, (3, IMAGE, IMAGE), 'bilinear'))
   np.testing.assert_allclose(
       maps, upsampled / upsampled.max(axis=(1, 2), keepdims=True), atol=1e-5)
   assert _is_png(path)

@@ -26,16 +26,16 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from test_train import set_fields  # (also puts the repository root on path)
 from configs import flowers
+from test_train import set_fields  # (also puts the repository root on path)
 from vit_jax import checkpoint
-from vit_jax.reporting import dataset_report
-from vit_jax.data import folder_split
 from vit_jax import models
 from vit_jax import train
-from vit_jax.checkpoints import trees
-from vit_jax.run_config import validation
 from vit_jax.checkpoints import train_checkpoint
+from vit_jax.checkpoints import trees
+from vit_jax.data import folder_split
+from vit_jax.reporting import dataset_report
+from vit_jax.run_config import validation
 from vit_jax.training import trainable
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
@@ -73,8 +73,7 @@ def _write_flowers(root):
   for name, (n, rgb) in CLASSES.items():
     os.makedirs(os.path.join(root, name))
     for i in range(n):
-      pixels = np.array(rgb, np.float32) + rng.uniform(-40, 40,
-                                                       (SIZE, SIZE, 3))
+      pixels = np.array(rgb, np.float32) + rng.uniform(-40, 40, (SIZE, SIZE, 3))
       Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
           os.path.join(root, name, f'{i:03d}.png'))
 
@@ -85,10 +84,11 @@ def _tiny_model_config():
 
 def _write_pretrained(path):
   """A randomly initialised tiny ViT (seed 1, not the run's 0) as `.npz`."""
-  model = models.VisionTransformer(num_classes=PRETRAINED_CLASSES,
-                                   **_tiny_model_config())
-  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)),
-                      train=False)['params']
+  model = models.VisionTransformer(
+      num_classes=PRETRAINED_CLASSES, **_tiny_model_config())
+  params = model.init(
+      jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)),
+      train=False)['params']
   params = jax.tree_util.tree_map(np.asarray, params)
   params['head']['kernel'] = np.random.RandomState(1).normal(
       size=params['head']['kernel'].shape).astype(np.float32)
@@ -101,16 +101,21 @@ def _flat(tree):
 
 def _expected_split(root, split_seed):
   """{class: (train names, val names)} straight from folder_split."""
-  files = {name: [os.path.join(root, name, f)
-                  for f in os.listdir(os.path.join(root, name))]
-           for name in CLASSES}
-  return folder_split.split_files(files, val_fraction=0.2,
-                                  split_seed=split_seed, root=root)
+  files = {
+      name: [
+          os.path.join(root, name, f)
+          for f in os.listdir(os.path.join(root, name))
+      ] for name in CLASSES
+  }
+  return folder_split.split_files(
+      files, val_fraction=0.2, split_seed=split_seed, root=root)
 
 
 def _val_digest(parts):
-  lines = [f'{name}/{os.path.basename(p)}' for name in sorted(parts)
-           for p in parts[name][1]]
+  lines = [
+      f'{name}/{os.path.basename(p)}' for name in sorted(parts)
+      for p in parts[name][1]
+  ]
   return hashlib.sha256('\n'.join(lines).encode()).hexdigest()
 
 
@@ -118,20 +123,27 @@ def _val_digest(parts):
 def flower_run(tmp_path_factory):
   """The preset run once through the command line: (paths, stdout)."""
   base = tmp_path_factory.mktemp('flowers_workflow')
-  paths = {'data': str(base / 'flower_photos'),
-           'npz': str(base / 'ViT-tiny.npz'), 'workdir': str(base / 'work')}
+  paths = {
+      'data': str(base / 'flower_photos'),
+      'npz': str(base / 'ViT-tiny.npz'),
+      'workdir': str(base / 'work')
+  }
   _write_flowers(paths['data'])
   _write_pretrained(paths['npz'])
   overrides = [f'--config.model.{k}={v}' for k, v in TINY_MODEL.items()]
-  command = [sys.executable, '-m', 'vit_jax.main',
-             f'--config=configs/flowers.py:{paths["data"]}',
-             f'--workdir={paths["workdir"]}',
-             f'--config.pretrained_path={paths["npz"]}',
-             f'--config.pp.crop={SIZE}', *overrides]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  command = [
+      sys.executable, '-m', 'vit_jax.main',
+      f'--config=configs/flowers.py:{paths["data"]}',
+      f'--workdir={paths["workdir"]}',
+      f'--config.pretrained_path={paths["npz"]}', f'--config.pp.crop={SIZE}',
+      *overrides
+  ]
+  env = dict(
+      os.environ,
+      TF_CPP_MIN_LOG_LEVEL='2',
+      XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   return paths, result.stdout
 
@@ -142,13 +154,18 @@ def test_flower_workflow_prints_counts_and_accuracy(flower_run):
   parts = _expected_split(paths['data'], split_seed=0)
 
   # The dataset table: per class, exactly folder_split's 80/20.
-  rows = {m.group(2): (int(m.group(1)), int(m.group(3)), int(m.group(4)))
-          for m in re.finditer(r'^\s*(\d+)\s+(\S+)\s+(\d+)\s+(\d+)$', stdout,
-                               re.M)}
-  assert rows == {name: (i, len(parts[name][0]), len(parts[name][1]))
-                  for i, name in enumerate(sorted(CLASSES))}, stdout
+  rows = {
+      m.group(2): (int(m.group(1)), int(m.group(3)), int(m.group(4)))
+      for m in re.finditer(r'^\s*(\d+)\s+(\S+)\s+(\d+)\s+(\d+)$', stdout, re.M)
+  }
+  assert rows == {
+      name: (i, len(parts[name][0]), len(parts[name][1]))
+      for i, name in enumerate(sorted(CLASSES))
+  }, stdout
   # round(0.2 n) of each class: stratified, not 20% of the whole folder.
-  assert {n: rows[n][2] for n in rows} == dict(
+  assert {
+      n: rows[n][2] for n in rows
+  } == dict(
       daisy=4, dandelion=6, roses=5, sunflowers=5, tulips=6)
   n_train = sum(len(t) for t, _ in parts.values())
   n_val = sum(len(v) for _, v in parts.values())
@@ -157,13 +174,16 @@ def test_flower_workflow_prints_counts_and_accuracy(flower_run):
   assert 'val_fraction=0.2, split_seed=0' in stdout
 
   # Only the head trains: 16 x 5 + 5 of the tiny model's parameters.
-  assert re.search(r'^Training 85 of [\d,]+ parameters \(head/bias, '
-                   r'head/kernel\); the rest frozen\.$', stdout, re.M), stdout
+  assert re.search(
+      r'^Training 85 of [\d,]+ parameters \(head/bias, '
+      r'head/kernel\); the rest frozen\.$', stdout, re.M), stdout
 
   # 10 epochs of batch 64, validated after every epoch and at the end.
   steps, per_epoch = math.ceil(10 * n_train / 64), math.ceil(n_train / 64)
-  evals = [int(s) for s in re.findall(r'^step (\d+): test accuracy [\d.]+$',
-                                      stdout, re.M)]
+  evals = [
+      int(s)
+      for s in re.findall(r'^step (\d+): test accuracy [\d.]+$', stdout, re.M)
+  ]
   expected = list(range(per_epoch, steps + 1, per_epoch))
   if steps % per_epoch:
     expected.append(steps)
@@ -235,8 +255,9 @@ def test_tf_flowers_preset_runs_on_mocked_tfds(tmp_path, capsys):
   mock data (random images and labels: only the plumbing is checked)."""
   data_dir = str(tmp_path / 'tfds')
   builder = tfds.builder('tf_flowers', data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
-      name='train', shard_lengths=[40], num_bytes=0)]))
+  builder.info.set_splits(
+      tfds.core.SplitDict(
+          [tfds.core.SplitInfo(name='train', shard_lengths=[40], num_bytes=0)]))
   os.makedirs(builder.data_dir)
   builder.info.write_to_directory(builder.data_dir)
   config = flowers.get_config('tf_flowers')
@@ -246,31 +267,34 @@ def test_tf_flowers_preset_runs_on_mocked_tfds(tmp_path, capsys):
   config.total_steps, config.warmup_steps = 2, 1
   config.pretrained_path = str(tmp_path / 'ViT-tiny.npz')
   _write_pretrained(config.pretrained_path)
-  with tfds.testing.mock_data(num_examples=40, data_dir=data_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
+  with tfds.testing.mock_data(
+      num_examples=40,
+      data_dir=data_dir,
+      policy=tfds.testing.MockPolicy.USE_FILES):
     summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
   out = capsys.readouterr().out
   assert "train split 'train[:80%]', val split 'train[80%:]'" in out, out
   assert re.search(r'^\s+total\s+32\s+8$', out, re.M), out  # 80/20 of 40
   assert summary['step'] == 2 and summary['num_trainable_params'] == 85
   with open(tmp_path / 'work' / 'class_names.json') as f:
-    assert json.load(f) == ['dandelion', 'daisy', 'tulips', 'sunflowers',
-                            'roses']  # TFDS's label order
+    assert json.load(f) == [
+        'dandelion', 'daisy', 'tulips', 'sunflowers', 'roses'
+    ]  # TFDS's label order
 
 
 def test_preset_tfds_and_folder_fields(tmp_path):
   tfds_config = flowers.get_config('tf_flowers')
   assert tfds_config.dataset == 'tf_flowers'
-  assert (tfds_config.train_split, tfds_config.test_split) == (
-      'train[:80%]', 'train[80%:]')
+  assert (tfds_config.train_split, tfds_config.test_split) == ('train[:80%]',
+                                                               'train[80%:]')
   assert tfds_config.val_fraction is None
   # 10 epochs of the 2,936 photos of 'train[:80%]' at batch 64.
   assert tfds_config.total_steps == 459 and tfds_config.batch == 64
   assert tfds_config.eval_every == 46
   assert tfds_config.trainable == 'head'
   assert tfds_config.pp.crop == 224
-  assert validation.pretrained_path(tfds_config) == os.path.join('.',
-                                                            'ViT-B_16.npz')
+  assert validation.pretrained_path(tfds_config) == os.path.join(
+      '.', 'ViT-B_16.npz')
   assert tfds_config.model.hidden_size == 768
   assert tfds_config.model.representation_size == 768  # 21k's pre_logits
 
@@ -294,8 +318,8 @@ def test_preset_tfds_and_folder_fields(tmp_path):
   folder_config = flowers.get_config(str(folder))
   assert folder_config.dataset == str(folder)
   assert (folder_config.val_fraction, folder_config.split_seed) == (0.2, 0)
-  assert (folder_config.train_split, folder_config.test_split) == (
-      'train', 'test')
+  assert (folder_config.train_split, folder_config.test_split) == ('train',
+                                                                   'test')
   assert folder_config.total_steps == math.ceil(10 * 16 / 64)  # 8 + 8 train
   # A path that does not exist yet: the flower photos' steps; the run
   # itself fails later with the accepted layouts.

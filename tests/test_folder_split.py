@@ -19,10 +19,10 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax.reporting import dataset_report
+from vit_jax import input_pipeline
 from vit_jax.data import folder_split
 from vit_jax.data import image_folders
-from vit_jax import input_pipeline
+from vit_jax.reporting import dataset_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,9 @@ def test_split_is_stratified_disjoint_covering_and_seeded():
   parts = folder_split.split_files(files, val_fraction=0.2, split_seed=0)
   # round(0.2 n): 2, 1 (1.4), 5 (4.6); 'd': a lone file trains; 'e': 0.4
   # rounds to 0, raised to 1; 'f': 1.
-  assert {c: len(v) for c, (_, v) in parts.items()} == dict(
+  assert {
+      c: len(v) for c, (_, v) in parts.items()
+  } == dict(
       a=2, b=1, c=5, d=0, e=1, f=1)
   for c, (train, val) in parts.items():
     assert not set(train) & set(val)
@@ -56,12 +58,15 @@ def test_split_is_stratified_disjoint_covering_and_seeded():
   assert parts['d'] == (['d/img_000.jpg'], [])
   # Deterministic, whatever order the files come in.
   shuffled = {c: list(reversed(f)) for c, f in files.items()}
-  assert folder_split.split_files(shuffled, val_fraction=0.2,
-                                  split_seed=0) == parts
+  assert folder_split.split_files(
+      shuffled, val_fraction=0.2, split_seed=0) == parts
   other = folder_split.split_files(files, val_fraction=0.2, split_seed=1)
   assert other != parts
-  assert {c: len(v) for c, (_, v) in other.items()} == {
-      c: len(v) for c, (_, v) in parts.items()}  # same counts, other files
+  assert {
+      c: len(v) for c, (_, v) in other.items()
+  } == {
+      c: len(v) for c, (_, v) in parts.items()
+  }  # same counts, other files
   # Fraction 0.5 of 7 = 3.5 -> Python's round gives 4; 0.9 of 2 is capped at
   # n - 1 so the class still trains.
   assert folder_split.num_val(7, 0.5) == 4
@@ -84,14 +89,15 @@ def test_split_follows_the_documented_recipe():
 
 def test_split_independent_of_location_and_python_hash():
   # The same files under two different roots give the same split...
-  a = folder_split.split_files(
-      {'x': [f'/data/one/x/{f}' for f in _files(20)]}, split_seed=3,
-      root='/data/one')
+  a = folder_split.split_files({'x': [f'/data/one/x/{f}' for f in _files(20)]},
+                               split_seed=3,
+                               root='/data/one')
   b = folder_split.split_files(
-      {'x': [f'/mnt/other/place/x/{f}' for f in _files(20)]}, split_seed=3,
+      {'x': [f'/mnt/other/place/x/{f}' for f in _files(20)]},
+      split_seed=3,
       root='/mnt/other/place')
-  assert [os.path.basename(p) for p in a['x'][1]] == [
-      os.path.basename(p) for p in b['x'][1]]
+  assert [os.path.basename(p) for p in a['x'][1]
+         ] == [os.path.basename(p) for p in b['x'][1]]
   # ...and so do fresh interpreters with different str hash seeds.
   script = textwrap.dedent("""
       import json
@@ -102,8 +108,12 @@ def test_split_independent_of_location_and_python_hash():
   outs = []
   for hash_seed in ('1', '2'):
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-    out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, '-c', script],
+                         cwd=REPO,
+                         env=env,
+                         capture_output=True,
+                         text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     outs.append(json.loads(out.stdout))
   here = folder_split.split_files(
@@ -119,8 +129,8 @@ def test_bad_split_parameters():
     folder_split.check_params(0.2, 1.5)
   with pytest.raises(ValueError, match=r"'validate'.*'train', or 'val'"):
     folder_split.resolve_split('validate')
-  assert [folder_split.resolve_split(s) for s in ('train', 'val', 'test')] == [
-      'train', 'val', 'val']
+  assert [folder_split.resolve_split(s) for s in ('train', 'val', 'test')
+         ] == ['train', 'val', 'val']
 
 
 def test_detect_layout(tmp_path):
@@ -129,8 +139,7 @@ def test_detect_layout(tmp_path):
   (tmp_path / 'test_only' / 'test' / 'cats').mkdir(parents=True)
   assert folder_split.detect_layout(str(tmp_path / 'tree')) == 'single_tree'
   assert folder_split.detect_layout(str(tmp_path / 'split')) == 'train_test'
-  assert folder_split.detect_layout(
-      str(tmp_path / 'test_only')) == 'train_test'
+  assert folder_split.detect_layout(str(tmp_path / 'test_only')) == 'train_test'
   with pytest.raises(ValueError, match='does not exist'):
     folder_split.detect_layout(str(tmp_path / 'nope'))
 
@@ -155,8 +164,8 @@ def flowers(tmp_path_factory):
   for name in CHANNEL:
     (root / name).mkdir()
     for i in range(PER_CLASS):
-      _write_png(root / name / f'{i:02d}.png', _pixel(name, i),
-                 9 + i % 4, 11 + i % 3)
+      _write_png(root / name / f'{i:02d}.png', _pixel(name, i), 9 + i % 4,
+                 11 + i % 3)
   (root / 'roses' / 'broken.png').write_bytes(b'\x89PNG but not really')
   (root / 'LICENSE.txt').write_text('the flower photos licence')
   (root / '.ipynb_checkpoints').mkdir()  # hidden: not a class
@@ -164,10 +173,17 @@ def flowers(tmp_path_factory):
 
 
 def _config(root, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      dataset=root, train_split='train', test_split='val', val_fraction=0.2,
-      split_seed=0, batch=8, batch_eval=4, seed=0,
-      pp=dict(crop=8, augment='none')))
+  config = ml_collections.ConfigDict(
+      dict(
+          dataset=root,
+          train_split='train',
+          test_split='val',
+          val_fraction=0.2,
+          split_seed=0,
+          batch=8,
+          batch_eval=4,
+          seed=0,
+          pp=dict(crop=8, augment='none')))
   config.update(overrides)
   return config
 
@@ -178,8 +194,7 @@ def _identify(batches):
   found = []
   for b in batches:
     for image, label, mask in zip(b['image'].reshape(-1, 8, 8, 3),
-                                  b['label'].reshape(-1, 3),
-                                  b['mask'].ravel()):
+                                  b['label'].reshape(-1, 3), b['mask'].ravel()):
       if not mask:
         continue
       rgb = image.reshape(-1, 3).mean(0) * 127.5 + 127.5
@@ -189,25 +204,30 @@ def _identify(batches):
 
 
 def test_single_tree_info_and_split(flowers):
-  info = {s: input_pipeline.get_dataset_info(flowers, s)
-          for s in ('train', 'val', 'test')}
-  assert [info[s]['num_examples'] for s in ('train', 'val', 'test')] == [
-      24, 6, 6]
+  info = {
+      s: input_pipeline.get_dataset_info(flowers, s)
+      for s in ('train', 'val', 'test')
+  }
+  assert [info[s]['num_examples'] for s in ('train', 'val', 'test')
+         ] == [24, 6, 6]
   assert list(info['train']['int2str']) == ['daisy', 'roses', 'tulips']
   assert info['val']['num_skipped'] == 1  # broken.png
   assert info['val']['layout'] == 'single_tree'
 
   train, train_labels, _, _ = image_folders.list_folder(flowers, 'train')
   val, val_labels, _, _ = image_folders.list_folder(flowers, 'val')
-  readable = {os.path.join(flowers, n, f'{i:02d}.png')
-              for n in CHANNEL for i in range(PER_CLASS)}
+  readable = {
+      os.path.join(flowers, n, f'{i:02d}.png')
+      for n in CHANNEL
+      for i in range(PER_CLASS)
+  }
   assert not set(train) & set(val)
   assert set(train) | set(val) == readable
   np.testing.assert_array_equal(np.bincount(val_labels), [2, 2, 2])
   np.testing.assert_array_equal(np.bincount(train_labels), [8, 8, 8])
   for paths, labels in ((train, train_labels), (val, val_labels)):
-    assert [os.path.basename(os.path.dirname(p)) for p in paths] == [
-        ['daisy', 'roses', 'tulips'][k] for k in labels]
+    assert [os.path.basename(os.path.dirname(p)) for p in paths
+           ] == [['daisy', 'roses', 'tulips'][k] for k in labels]
   assert image_folders.list_folder(flowers, 'val')[0] == val  # same again
   assert image_folders.list_folder(flowers, 'test')[0] == val  # alias
   other = image_folders.list_folder(flowers, 'val', 0.2, 1)[0]
@@ -239,10 +259,11 @@ def test_single_tree_batches_match_class_names(flowers, tmp_path, caplog):
       assert names[label] == folder  # label index -> the image's folder
     seen[split] = {(folder, i) for folder, i, _ in found}
   expected = {
-      split: {(os.path.basename(os.path.dirname(p)),
-               int(os.path.basename(p)[:2]))
-              for p in image_folders.list_folder(flowers, split)[0]}
-      for split in ('train', 'val')}
+      split: {
+          (os.path.basename(os.path.dirname(p)), int(os.path.basename(p)[:2]))
+          for p in image_folders.list_folder(flowers, split)[0]
+      } for split in ('train', 'val')
+  }
   assert seen == expected
   assert len(seen['train']) == 24  # one epoch: each train image once
 
@@ -304,8 +325,16 @@ def test_report_of_other_dataset_kinds(tmp_path):
       ml_collections.ConfigDict(dict(dataset=str(root), test_split='test')),
       str(tmp_path / 'tt_work'))
   assert report['kind'] == 'folder train_test'
-  assert report['per_class'] == {'a': {'train': 3, 'val': 1},
-                                 'b': {'train': 6, 'val': 2}}
+  assert report['per_class'] == {
+      'a': {
+          'train': 3,
+          'val': 1
+      },
+      'b': {
+          'train': 6,
+          'val': 2
+      }
+  }
   with open(tmp_path / 'tt_work' / 'split.json') as f:
     assert json.load(f)['class_names'] == ['a', 'b']
 
@@ -317,13 +346,16 @@ class TinyFlowersForReport(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     features = tfds.features.FeaturesDict({
         'image': tfds.features.Image(shape=(None, None, 3)),
-        'label': tfds.features.ClassLabel(names=['iris', 'lily', 'rose'])})
+        'label': tfds.features.ClassLabel(names=['iris', 'lily', 'rose'])
+    })
     return tfds.core.DatasetInfo(builder=self, features=features)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {'train': self._generate_examples(12),
-            'test': self._generate_examples(5)}
+    return {
+        'train': self._generate_examples(12),
+        'test': self._generate_examples(5)
+    }
 
   def _generate_examples(self, n):
     for i in range(n):
@@ -332,9 +364,12 @@ class TinyFlowersForReport(tfds.core.GeneratorBasedBuilder):
 
 def test_report_of_tfds_has_sizes_without_per_class_counts(tmp_path):
   TinyFlowersForReport(data_dir=str(tmp_path)).download_and_prepare()
-  config = ml_collections.ConfigDict(dict(
-      dataset='tiny_flowers_for_report', tfds_data_dir=str(tmp_path),
-      train_split='train[:50%]', test_split='test'))
+  config = ml_collections.ConfigDict(
+      dict(
+          dataset='tiny_flowers_for_report',
+          tfds_data_dir=str(tmp_path),
+          train_split='train[:50%]',
+          test_split='test'))
   report = dataset_report.write_dataset_report(config, str(tmp_path / 'work'))
   assert report['kind'] == 'tfds' and report['per_class'] is None
   assert report['num_examples'] == {'train': 6, 'val': 5}
@@ -384,8 +419,16 @@ def test_empty_class_folder_is_dropped_with_warning(tmp_path, caplog):
       ml_collections.ConfigDict(dict(dataset=root, test_split='test')),
       str(tmp_path / 'work'))
   assert report['dropped_classes'] == ['bee']
-  assert report['per_class'] == {'ant': {'train': 3, 'val': 1},
-                                 'cow': {'train': 3, 'val': 1}}
+  assert report['per_class'] == {
+      'ant': {
+          'train': 3,
+          'val': 1
+      },
+      'cow': {
+          'train': 3,
+          'val': 1
+      }
+  }
 
 
 def test_folder_without_class_subfolders(tmp_path):
@@ -393,9 +436,11 @@ def test_folder_without_class_subfolders(tmp_path):
   loose.mkdir()
   for i in range(3):
     _write_png(loose / f'{i}.png', [0, 0, 0], 4, 4)
-  with pytest.raises(ValueError, match=r'no class subfolders \(3 image\(s\) '
-                     r'lie directly in it.*<dir>/<class>/\*\.jpg.*one '
-                     r'subfolder per class'):
+  with pytest.raises(
+      ValueError,
+      match=r'no class subfolders \(3 image\(s\) '
+      r'lie directly in it.*<dir>/<class>/\*\.jpg.*one '
+      r'subfolder per class'):
     input_pipeline.get_dataset_info(str(loose), 'train')
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='no class subfolders'):
@@ -408,5 +453,5 @@ def test_folder_without_class_subfolders(tmp_path):
   with pytest.raises(ValueError, match=r"'holdout'.*test_split"):
     input_pipeline.get_dataset_info(ok, 'holdout')
   with pytest.raises(ValueError, match='val_fraction=1.0'):
-    input_pipeline.get_datasets(_config(ok, val_fraction=1.0, batch=1,
-                                        batch_eval=1))
+    input_pipeline.get_datasets(
+        _config(ok, val_fraction=1.0, batch=1, batch_eval=1))

@@ -13,8 +13,9 @@ import grimp
 def test_no_import_circles():
   graph = grimp.build_graph('vit_jax')
   modules = set(graph.modules)
-  imports = {m: graph.find_modules_directly_imported_by(m) & modules
-             for m in modules}
+  imports = {
+      m: graph.find_modules_directly_imported_by(m) & modules for m in modules
+  }
   try:
     tuple(graphlib.TopologicalSorter(imports).static_order())
   except graphlib.CycleError as e:

@@ -16,18 +16,25 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import input_pipeline
 from vit_jax.data import affine as vit_affine
 from vit_jax.data import embedded_mnist
-from vit_jax import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      dataset='embedded_mnist', train_split='train', test_split='test',
-      batch=32, batch_eval=96, shuffle_buffer=1000, seed=0, prefetch=0,
-      pp=dict(crop=28, augment='shift')))
+  config = ml_collections.ConfigDict(
+      dict(
+          dataset='embedded_mnist',
+          train_split='train',
+          test_split='test',
+          batch=32,
+          batch_eval=96,
+          shuffle_buffer=1000,
+          seed=0,
+          prefetch=0,
+          pp=dict(crop=28, augment='shift')))
   for k, v in overrides.items():
     if k == 'pp':
       config.pp.update(v)
@@ -46,8 +53,8 @@ def _assert_batch(batch, lead, size, num_classes):
   assert batch['image'].min() >= -1 and batch['image'].max() <= 1
   assert batch['label'].shape == (*lead, num_classes)
   assert batch['mask'].shape == lead
-  np.testing.assert_array_equal(
-      batch['label'].sum(-1), batch['mask'])  # one-hot (padding: all zero)
+  np.testing.assert_array_equal(batch['label'].sum(-1),
+                                batch['mask'])  # one-hot (padding: all zero)
 
 
 # ------------------------------------------------------------------ embedded
@@ -64,8 +71,9 @@ def test_embedded_split_is_fixed_stratified_and_disjoint():
   test_idx = embedded_mnist.split_indices('test')
   assert not set(train_idx) & set(test_idx)
   assert not {x.tobytes() for x in train_x} & {x.tobytes() for x in test_x}
-  np.testing.assert_array_equal(embedded_mnist.split_indices('train'),
-                                train_idx)  # the same on every call
+  np.testing.assert_array_equal(
+      embedded_mnist.split_indices('train'),
+      train_idx)  # the same on every call
   # Pin the split itself: a change of seed or algorithm would move these.
   np.testing.assert_array_equal(test_idx[:5], [9, 25, 28, 31, 32])
 
@@ -96,27 +104,37 @@ def test_resume_equals_continuation_and_seed_matters():
   for a, b in zip(full[3:], resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  other = _take(input_pipeline.get_datasets(_config(
-      batch=16, seed=1, pp=dict(crop=20, augment='inception_crop')))[0], 1)
+  other = _take(
+      input_pipeline.get_datasets(
+          _config(batch=16, seed=1, pp=dict(crop=20,
+                                            augment='inception_crop')))[0], 1)
   assert not np.array_equal(other[0]['label'], full[0]['label'])
 
 
 def _image_set(batches):
   return {(im.tobytes(), int(lab.argmax()))
-          for b in batches for im, lab, m in zip(
-              b['image'].reshape(-1, 28, 28, 3),
-              b['label'].reshape(-1, 10), b['mask'].ravel()) if m}
+          for b in batches
+          for im, lab, m in zip(b['image'].reshape(-1, 28, 28, 3),
+                                b['label'].reshape(-1, 10), b['mask'].ravel())
+          if m}
 
 
 def test_process_shards_are_disjoint_and_cover_train():
   config = _config(batch=200, pp=dict(augment='none'))
-  shards = [_image_set(_take(input_pipeline.get_datasets(
-      config, process_index=i, process_count=2)[0], 20)) for i in range(2)]
+  shards = [
+      _image_set(
+          _take(
+              input_pipeline.get_datasets(
+                  config, process_index=i, process_count=2)[0], 20))
+      for i in range(2)
+  ]
   assert len(shards[0]) == len(shards[1]) == 2000  # one epoch, no repeats
   assert not shards[0] & shards[1]
   x, y = embedded_mnist.load_split('train')
-  full = {(((np.repeat(im, 3, -1).astype(np.float32) - 127.5) / 127.5)
-           .tobytes(), int(lab)) for im, lab in zip(x, y)}
+  full = {
+      (((np.repeat(im, 3, -1).astype(np.float32) - 127.5) / 127.5).tobytes(),
+       int(lab)) for im, lab in zip(x, y)
+  }
   assert shards[0] | shards[1] == full
 
 
@@ -124,8 +142,9 @@ def test_uneven_eval_shards_run_equal_steps():
   config = _config(batch=30, batch_eval=30)
   sums, steps = [], []
   for i in range(3):
-    batches = list(input_pipeline.get_datasets(
-        config, process_index=i, process_count=3)[1].as_numpy_iterator())
+    batches = list(
+        input_pipeline.get_datasets(config, process_index=i,
+                                    process_count=3)[1].as_numpy_iterator())
     steps.append(len(batches))
     sums.append(sum(b['mask'].sum() for b in batches))
   assert steps == [34] * 3  # ceil(334 / 10) everywhere
@@ -134,8 +153,8 @@ def test_uneven_eval_shards_run_equal_steps():
 
 def test_batch_not_divisible_by_processes():
   with pytest.raises(ValueError, match=r'batch=6.*4.*multiple of 4'):
-    input_pipeline.get_datasets(_config(batch=6), process_count=4,
-                                process_index=0)
+    input_pipeline.get_datasets(
+        _config(batch=6), process_count=4, process_index=0)
 
 
 def test_prefetch():
@@ -172,10 +191,17 @@ def test_eight_devices_layout_in_subprocess_without_keras():
       assert 'keras' in sys.modules
       print('SUBPROCESS OK')
   """)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='2')
+  out = subprocess.run([sys.executable, '-c', script],
+                       cwd=REPO,
+                       env=env,
+                       capture_output=True,
+                       text=True,
+                       timeout=120)
   assert 'SUBPROCESS OK' in out.stdout, out.stderr[-3000:]
 
 
@@ -199,8 +225,7 @@ def image_folder(tmp_path_factory):
         if i == 1:
           _save(d / f'{i}.png', rng.randint(0, 256, (h, w), np.uint8), 'PNG')
         elif i == 2:
-          _save(d / f'{i}.png', rng.randint(0, 256, (h, w, 4), np.uint8),
-                'PNG')
+          _save(d / f'{i}.png', rng.randint(0, 256, (h, w, 4), np.uint8), 'PNG')
         else:
           _save(d / f'{i}.jpg', rng.randint(0, 256, (h, w, 3), np.uint8),
                 'JPEG')
@@ -221,8 +246,11 @@ def test_folder_info_skips_corrupt_file(image_folder):
 
 
 def test_folder_batches_resume_across_epochs(image_folder):
-  config = _config(dataset=image_folder, batch=4, batch_eval=4,
-                   pp=dict(crop=16, augment='inception_crop'))
+  config = _config(
+      dataset=image_folder,
+      batch=4,
+      batch_eval=4,
+      pp=dict(crop=16, augment='inception_crop'))
   ds_train, ds_test = input_pipeline.get_datasets(config)
   full = _take(ds_train, 8)  # 32 examples: crosses the 18-example epoch
   for batch in full:
@@ -230,8 +258,8 @@ def test_folder_batches_resume_across_epochs(image_folder):
   labels = np.concatenate([b['label'].reshape(-1, 3) for b in full])
   np.testing.assert_array_equal(labels[:18].sum(0), [6, 6, 6])  # one epoch
   for start in (3, 5):
-    resumed = _take(input_pipeline.get_datasets(
-        config, start_step=start)[0], 8 - start)
+    resumed = _take(
+        input_pipeline.get_datasets(config, start_step=start)[0], 8 - start)
     for a, b in zip(full[start:], resumed):
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -264,22 +292,30 @@ def test_folder_layout_errors(tmp_path):
 def _write_cifar10_metadata(data_dir, train, test):
   """Writes dataset_info.json so mock_data knows the split sizes."""
   builder = tfds.builder('cifar10', data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name='train', shard_lengths=[train], num_bytes=0),
-      tfds.core.SplitInfo(name='test', shard_lengths=[test], num_bytes=0)]))
+  builder.info.set_splits(
+      tfds.core.SplitDict([
+          tfds.core.SplitInfo(name='train', shard_lengths=[train], num_bytes=0),
+          tfds.core.SplitInfo(name='test', shard_lengths=[test], num_bytes=0)
+      ]))
   os.makedirs(builder.data_dir, exist_ok=True)
   builder.info.write_to_directory(builder.data_dir)
 
 
 def test_tfds_mocked_cifar10(tmp_path):
   _write_cifar10_metadata(str(tmp_path), train=24, test=10)
-  config = _config(dataset='cifar10', tfds_data_dir=str(tmp_path),
-                   train_split='train[:50%]', batch=8, batch_eval=4,
-                   pp=dict(crop=24, augment='inception_crop'))
-  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    info = input_pipeline.get_dataset_info('cifar10', 'train',
-                                           data_dir=str(tmp_path))
+  config = _config(
+      dataset='cifar10',
+      tfds_data_dir=str(tmp_path),
+      train_split='train[:50%]',
+      batch=8,
+      batch_eval=4,
+      pp=dict(crop=24, augment='inception_crop'))
+  with tfds.testing.mock_data(
+      num_examples=24,
+      data_dir=str(tmp_path),
+      policy=tfds.testing.MockPolicy.USE_FILES):
+    info = input_pipeline.get_dataset_info(
+        'cifar10', 'train', data_dir=str(tmp_path))
     assert info['num_examples'] == 24 and info['num_classes'] == 10
     ds_train, ds_test = input_pipeline.get_datasets(config)
     full = _take(ds_train, 3)  # 12-example shard: crosses an epoch
@@ -299,19 +335,24 @@ class TinyImagesForPipeline(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     features = tfds.features.FeaturesDict({
         'image': tfds.features.Image(shape=(None, None, 3)),
-        'label': tfds.features.ClassLabel(names=['x', 'y', 'z'])})
+        'label': tfds.features.ClassLabel(names=['x', 'y', 'z'])
+    })
     return tfds.core.DatasetInfo(builder=self, features=features)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {'train': self._generate_examples(30, 0),
-            'test': self._generate_examples(7, 1)}
+    return {
+        'train': self._generate_examples(30, 0),
+        'test': self._generate_examples(7, 1)
+    }
 
   def _generate_examples(self, n, seed):
     rng = np.random.RandomState(seed)
     for i in range(n):
-      yield i, {'image': rng.randint(0, 256, (10 + i, 12, 3), np.uint8),
-                'label': i % 3}
+      yield i, {
+          'image': rng.randint(0, 256, (10 + i, 12, 3), np.uint8),
+          'label': i % 3
+      }
 
 
 def test_tfds_prepared_dataset_sharded_and_resumed(tmp_path):
@@ -319,9 +360,13 @@ def test_tfds_prepared_dataset_sharded_and_resumed(tmp_path):
   info = input_pipeline.get_dataset_info(
       'tiny_images_for_pipeline', 'train[:50%]', data_dir=str(tmp_path))
   assert info['num_examples'] == 15 and list(info['int2str']) == ['x', 'y', 'z']
-  config = _config(dataset='tiny_images_for_pipeline',
-                   tfds_data_dir=str(tmp_path), batch=4, batch_eval=4,
-                   shuffle_buffer=8, pp=dict(crop=8, augment='inception_crop'))
+  config = _config(
+      dataset='tiny_images_for_pipeline',
+      tfds_data_dir=str(tmp_path),
+      batch=4,
+      batch_eval=4,
+      shuffle_buffer=8,
+      pp=dict(crop=8, augment='inception_crop'))
   eval_counts = []
   for pi in range(2):
     ds_train, ds_test = input_pipeline.get_datasets(
@@ -329,8 +374,9 @@ def test_tfds_prepared_dataset_sharded_and_resumed(tmp_path):
     full = _take(ds_train, 12)  # 24 examples of a 15-example shard
     labels = np.concatenate([b['label'].reshape(-1, 3) for b in full])
     assert labels[:15].sum() == 15
-    resumed = _take(input_pipeline.get_datasets(
-        config, start_step=9, process_index=pi, process_count=2)[0], 3)
+    resumed = _take(
+        input_pipeline.get_datasets(
+            config, start_step=9, process_index=pi, process_count=2)[0], 3)
     for a, b in zip(full[9:], resumed):
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -341,29 +387,31 @@ def test_tfds_prepared_dataset_sharded_and_resumed(tmp_path):
 
 
 def test_tfds_not_prepared_raises_without_download(tmp_path, monkeypatch):
+
   def no_download(*args, **kwargs):
     raise AssertionError('must not download')
+
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
                       no_download)
-  with pytest.raises(FileNotFoundError,
-                     match=r"'cifar10' is not prepared.*tfds build cifar10"):
-    input_pipeline.get_dataset_info('cifar10', 'train',
-                                    data_dir=str(tmp_path))
+  with pytest.raises(
+      FileNotFoundError,
+      match=r"'cifar10' is not prepared.*tfds build cifar10"):
+    input_pipeline.get_dataset_info('cifar10', 'train', data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-    input_pipeline.get_datasets(_config(dataset='cifar10',
-                                        tfds_data_dir=str(tmp_path)))
+    input_pipeline.get_datasets(
+        _config(dataset='cifar10', tfds_data_dir=str(tmp_path)))
   with pytest.raises(FileNotFoundError, match='tfds_manual_dir'):
-    input_pipeline.get_datasets(_config(dataset='imagenet2012',
-                                        tfds_data_dir=str(tmp_path)))
+    input_pipeline.get_datasets(
+        _config(dataset='imagenet2012', tfds_data_dir=str(tmp_path)))
 
 
 def _bilinear(image, y, x):
   """image[y, x] at real coordinates, zero outside (numpy reference)."""
   out = 0.
-  for yy, wy in ((np.floor(y), 1 - (y - np.floor(y))),
-                 (np.floor(y) + 1, y - np.floor(y))):
-    for xx, wx in ((np.floor(x), 1 - (x - np.floor(x))),
-                   (np.floor(x) + 1, x - np.floor(x))):
+  for yy, wy in ((np.floor(y), 1 - (y - np.floor(y))), (np.floor(y) + 1,
+                                                        y - np.floor(y))):
+    for xx, wx in ((np.floor(x), 1 - (x - np.floor(x))), (np.floor(x) + 1,
+                                                          x - np.floor(x))):
       if 0 <= yy < image.shape[0] and 0 <= xx < image.shape[1]:
         out = out + wy * wx * image[int(yy), int(xx)]
   return out
@@ -383,10 +431,13 @@ def test_affine_augment_geometry():
   seed = tf.constant([0, 7], tf.int64)
   np.testing.assert_array_equal(
       input_pipeline._preprocess(image, (28, 28), still, seed), plain)
-  affine = lambda *a: vit_affine.warp(image[None], (28, 28), *(
-      tf.constant([v], tf.float32) for v in a))[0].numpy()
-  np.testing.assert_allclose(affine(np.pi / 2, 1., 0., 0.),
-                             np.rot90(pixels, k=-1, axes=(0, 1)), atol=1e-3)
+  affine = lambda *a: vit_affine.warp(
+      image[None],
+      (28, 28), *(tf.constant([v], tf.float32) for v in a))[0].numpy()
+  np.testing.assert_allclose(
+      affine(np.pi / 2, 1., 0., 0.),
+      np.rot90(pixels, k=-1, axes=(0, 1)),
+      atol=1e-3)
   shifted = affine(0., 1., 1., 0.)
   np.testing.assert_allclose(shifted[:, 1:], pixels[:, :-1], atol=1e-3)
   assert not shifted[:, 0].any()  # zero fill
@@ -395,8 +446,8 @@ def test_affine_augment_geometry():
     want = _bilinear(pixels, 13.5 + (y - 13.5) / 2, 13.5 + (x - 13.5) / 2)
     np.testing.assert_allclose(zoomed[y, x], want, atol=1e-2)
   busy = input_pipeline.Augment('affine', shift_pad=3, rotate=15, zoom=0.1)
-  draw = lambda s: input_pipeline._preprocess(
-      image, (28, 28), busy, tf.constant([0, s], tf.int64)).numpy()
+  draw = lambda s: input_pipeline._preprocess(image, (
+      28, 28), busy, tf.constant([0, s], tf.int64)).numpy()
   np.testing.assert_array_equal(draw(7), draw(7))
   assert np.abs(draw(7) - draw(8)).max() > 0.1
 
@@ -412,8 +463,9 @@ def test_batched_train_examples_equal_one_by_one(kind):
 
   def batches(batched, first, augment=augment):
     ds = input_pipeline._numbered_train_stream(src, None, 5, first=first)
-    return _take(input_pipeline._train_batches(
-        ds, src, (28, 28), augment, 5, (1, 2), 64, batched=batched), 3)
+    return _take(
+        input_pipeline._train_batches(
+            ds, src, (28, 28), augment, 5, (1, 2), 64, batched=batched), 3)
 
   for first in (0, 1984):  # 1984: the second batch spans two epochs
     one_by_one, batched = batches(False, first), batches(True, first)
@@ -421,8 +473,7 @@ def test_batched_train_examples_equal_one_by_one(kind):
       assert got['image'].shape == (64, 28, 28, 3)
       np.testing.assert_array_equal(got['label'], want['label'])
       np.testing.assert_array_equal(got['mask'], want['mask'])
-      np.testing.assert_allclose(got['image'], want['image'], rtol=0,
-                                 atol=1e-5)
+      np.testing.assert_allclose(got['image'], want['image'], rtol=0, atol=1e-5)
   if kind == 'affine':  # really augmented
     plain = batches(True, 0, input_pipeline.Augment('none'))[0]['image']
     assert np.abs(batches(True, 0)[0]['image'] - plain).max() > 0.5

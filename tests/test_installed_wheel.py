@@ -44,26 +44,38 @@ def wheel(tmp_path_factory):
   for name in SOURCES:
     path = os.path.join(REPO, name)
     if os.path.isdir(path):
-      shutil.copytree(path, src / name, ignore=shutil.ignore_patterns(
-          '__pycache__', '*.pyc'))
+      shutil.copytree(
+          path,
+          src / name,
+          ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
     else:
       shutil.copy(path, src / name)
   pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check']
-  subprocess.run([*pip, 'wheel', '--quiet', '--no-deps',
-                  *_offline_build_args(), '-w', str(root / 'dist'), str(src)],
-                 check=True, timeout=300)
+  subprocess.run([
+      *pip, 'wheel', '--quiet', '--no-deps', *_offline_build_args(), '-w',
+      str(root / 'dist'),
+      str(src)
+  ],
+                 check=True,
+                 timeout=300)
   [built] = glob.glob(str(root / 'dist' / 'vit_jax-*.whl'))
   site = root / 'site'
-  subprocess.run([*pip, 'install', '--quiet', '--no-deps', '--target',
-                  str(site), built], check=True, timeout=300)
+  subprocess.run(
+      [*pip, 'install', '--quiet', '--no-deps', '--target',
+       str(site), built],
+      check=True,
+      timeout=300)
   return built, str(site)
 
 
 def _python(site, cwd, *args):
   """`python *args` in `cwd` with only `site` on PYTHONPATH."""
-  return subprocess.run([sys.executable, *args], cwd=cwd,
+  return subprocess.run([sys.executable, *args],
+                        cwd=cwd,
                         env=dict(os.environ, PYTHONPATH=site),
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True,
+                        text=True,
+                        timeout=300)
 
 
 def test_top_level_is_vit_jax_alone(wheel):
@@ -72,16 +84,21 @@ def test_top_level_is_vit_jax_alone(wheel):
     entries = f.namelist()
   top = {e.split('/')[0] for e in entries}
   assert {t for t in top if not t.endswith('.dist-info')} == {'vit_jax'}
-  configs = sorted(os.path.basename(p) for p in
-                   glob.glob(os.path.join(REPO, 'configs', '*.py')))
-  shipped = sorted(os.path.basename(e) for e in entries
-                   if e.startswith('vit_jax/experiment_configs/'))
+  configs = sorted(
+      os.path.basename(p)
+      for p in glob.glob(os.path.join(REPO, 'configs', '*.py')))
+  shipped = sorted(
+      os.path.basename(e)
+      for e in entries
+      if e.startswith('vit_jax/experiment_configs/'))
   assert shipped == configs
 
 
 def test_configs_by_name_from_the_installed_package(wheel, tmp_path):
   _, site = wheel
-  result = _python(site, str(tmp_path), '-c', textwrap.dedent(f"""
+  result = _python(
+      site, str(tmp_path), '-c',
+      textwrap.dedent(f"""
       import os
       from ml_collections import config_flags
       import vit_jax

@@ -17,10 +17,10 @@ import pytest
 from timm_support import import_timm
 from vit_jax import checkpoint
 from vit_jax import models
-from vit_jax.interop import checkpoint_cli
-from vit_jax.interop import export_timm
 from vit_jax.checkpoints import timm_layout
 from vit_jax.checkpoints import trees
+from vit_jax.interop import checkpoint_cli
+from vit_jax.interop import export_timm
 
 timm = import_timm()
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -37,8 +37,8 @@ MODELS = {
     'layer_scale': ('vit_medium_patch16_gap_240',
                     dict(depth=1, img_size=SIZE, init_values=0.3)),
 }
-IMAGES = np.random.RandomState(0).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(
-    np.float32)
+IMAGES = np.random.RandomState(0).uniform(-1, 1,
+                                          (2, SIZE, SIZE, 3)).astype(np.float32)
 
 
 def _timm_logits(model, images=IMAGES):
@@ -80,10 +80,12 @@ def _ours(model_config, params, images=IMAGES):
 def timm_models():
   """{key: the perturbed timm model of MODELS[key]}, built on first use."""
   cache = {}
+
   def get(key):
     if key not in cache:
       cache[key] = _timm_model(*MODELS[key])
     return cache[key]
+
   return get
 
 
@@ -96,9 +98,13 @@ def test_timm_state_dict_in_and_out(key, timm_models, tmp_path):
   torch.save(model.state_dict(), path)
 
   params, model_config, timm_model = timm_layout.read(path)
-  assert timm_model == timm_layout.TimmModel(name, dict(
-      num_classes=5, **{k: v for k, v in kwargs.items()
-                        if k != 'init_values'}))
+  assert timm_model == timm_layout.TimmModel(
+      name,
+      dict(
+          num_classes=5,
+          **{
+              k: v for k, v in kwargs.items() if k != 'init_values'
+          }))
   loaded = checkpoint.load(path)  # the same tree, through the public API
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
   ours = _ours(model_config, loaded)
@@ -120,17 +126,18 @@ def test_pth_export_and_safetensors_input(timm_models, tmp_path):
   out = str(tmp_path / 'export.pth')
   exported = export_timm.save_timm(params, out)
   back = _timm_from(exported, torch.load(out, weights_only=True))
-  np.testing.assert_allclose(_timm_logits(back), _timm_logits(model),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      _timm_logits(back), _timm_logits(model), atol=1e-5, rtol=0)
 
 
 def _legacy_state_dict(model, representation=24, classes=7):
   """The layout of timm's `jx_vit_*_in21k` files: `pre_logits.fc`."""
-  state = {k: v for k, v in model.state_dict().items()
-           if not k.startswith('head.')}
+  state = {
+      k: v for k, v in model.state_dict().items() if not k.startswith('head.')
+  }
   rng = torch.Generator().manual_seed(3)
-  state['pre_logits.fc.weight'] = torch.randn(representation, 192,
-                                              generator=rng) * 0.1
+  state['pre_logits.fc.weight'] = torch.randn(
+      representation, 192, generator=rng) * 0.1
   state['pre_logits.fc.bias'] = torch.randn(representation, generator=rng)
   state['head.weight'] = torch.randn(classes, representation, generator=rng)
   state['head.bias'] = torch.randn(classes, generator=rng)
@@ -153,15 +160,18 @@ def test_pre_logits_layout_matches_tanh_of_fc_and_the_released_npz(
     pre_logits = torch.tanh(tokens @ fc[0].T + fc[1])
     logits = (pre_logits @ state['head.weight'].T + state['head.bias'])
   features_config = dict(model_config, num_classes=None)
-  np.testing.assert_allclose(_ours(features_config, params),
-                             pre_logits.numpy(), atol=1e-5, rtol=0)
-  np.testing.assert_allclose(_ours(model_config, params), logits.numpy(),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      _ours(features_config, params), pre_logits.numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      _ours(model_config, params), logits.numpy(), atol=1e-5, rtol=0)
   # The same weights as a released .npz give the same logits.
   npz = str(tmp_path / 'released.npz')
   checkpoint.save(params, npz)
-  np.testing.assert_allclose(_ours(model_config, checkpoint.load(npz)),
-                             logits.numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+      _ours(model_config, checkpoint.load(npz)),
+      logits.numpy(),
+      atol=1e-5,
+      rtol=0)
   with pytest.raises(checkpoint.CheckpointError, match='pre_logits'):
     export_timm.save_timm(params, str(tmp_path / 'x.safetensors'))
   assert not os.path.exists(tmp_path / 'x.safetensors')
@@ -181,30 +191,28 @@ def test_timm_models_table_matches_timm():
     block = model.blocks[0]
     state = model.state_dict()
     assert f'depth={depth}' in _source(depth_of_name), name
-    assert (model.embed_dim, block.attn.num_heads,
-            block.mlp.fc1.out_features, model.patch_embed.patch_size[0],
-            model.patch_embed.img_size[0], model.global_pool == 'avg',
-            'blocks.0.attn.qkv.bias' in state,
-            'blocks.0.ls1.gamma' in state) == (
-                width, heads, mlp, patch, image, gap, qkv_bias,
-                layer_scale), name
+    assert (model.embed_dim, block.attn.num_heads, block.mlp.fc1.out_features,
+            model.patch_embed.patch_size[0], model.patch_embed.img_size[0],
+            model.global_pool == 'avg', 'blocks.0.attn.qkv.bias' in state,
+            'blocks.0.ls1.gamma' in state) == (width, heads, mlp, patch, image,
+                                               gap, qkv_bias, layer_scale), name
 
 
 @pytest.mark.parametrize('name, kwargs, match', [
-    ('vit_base_r50_s16_224', dict(img_size=64, num_classes=2, depth=1),
-     'hybrid'),
-    ('vit_tiny_patch16_224', dict(global_pool='avg', depth=1, img_size=32),
-     'fc_norm'),
-    ('vit_tiny_patch16_224', dict(reg_tokens=2, depth=1, img_size=32),
-     'register'),
+    ('vit_base_r50_s16_224', dict(img_size=64, num_classes=2,
+                                  depth=1), 'hybrid'),
+    ('vit_tiny_patch16_224', dict(global_pool='avg', depth=1,
+                                  img_size=32), 'fc_norm'),
+    ('vit_tiny_patch16_224', dict(reg_tokens=2, depth=1,
+                                  img_size=32), 'register'),
 ])
 def test_other_timm_models_get_one_paragraph(name, kwargs, match, tmp_path):
   with torch.device('meta'):
     model = timm.create_model(name, **kwargs)
   path = str(tmp_path / 'other.safetensors')
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  safetensors_numpy.save_file({k: np.zeros((1,), np.float32)
-                               for k in model.state_dict()}, path)
+  safetensors_numpy.save_file(
+      {k: np.zeros((1,), np.float32) for k in model.state_dict()}, path)
   with pytest.raises(checkpoint.CheckpointError, match=match) as e:
     checkpoint.load(path)
   assert 'other.safetensors' in str(e.value)
@@ -227,15 +235,19 @@ def test_command_lines_inspect_and_export(timm_models, tmp_path, capsys):
   assert checkpoint_cli.main(['inspect', path]) == 0
   out = capsys.readouterr().out
   assert ("layout: timm state dict of timm.create_model("
-          "'vit_tiny_patch16_224', num_classes=5, depth=2, img_size=32)"
-          in out)
+          "'vit_tiny_patch16_224', num_classes=5, depth=2, img_size=32)" in out)
   assert 'zoo_name: none' in out and 'hidden_size: 192' in out
   npz = str(tmp_path / 'model.npz')
   checkpoint.save(checkpoint.load(path), npz)
-  result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.interop.export_timm', npz,
-       str(tmp_path / 'out.safetensors')], cwd=REPO, capture_output=True,
-      text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  result = subprocess.run([
+      sys.executable, '-m', 'vit_jax.interop.export_timm', npz,
+      str(tmp_path / 'out.safetensors')
+  ],
+                          cwd=REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 0, result.stderr
   assert ("model = timm.create_model('vit_tiny_patch16_224', num_classes=5, "
           "depth=2, img_size=32)") in result.stdout

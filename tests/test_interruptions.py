@@ -35,84 +35,99 @@ from PIL import Image
 import pytest
 
 from test_user_errors import markdown_table
-from vit_jax.checkpoints import trees
 from vit_jax.checkpoints import train_checkpoint
+from vit_jax.checkpoints import trees
 from vit_jax.guards import workdir_lock
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--config.model.hidden_size=16',
-        '--config.model.transformer.mlp_dim=16',
-        '--config.model.transformer.num_layers=1',
-        '--config.model.transformer.num_heads=2', '--config.batch=16',
-        '--config.batch_eval=64', '--config.warmup_steps=1',
-        '--config.eval_every=1000', '--config.prefetch=0',
-        '--config.pp.augment=none']
+TINY = [
+    '--config.model.hidden_size=16', '--config.model.transformer.mlp_dim=16',
+    '--config.model.transformer.num_layers=1',
+    '--config.model.transformer.num_heads=2', '--config.batch=16',
+    '--config.batch_eval=64', '--config.warmup_steps=1',
+    '--config.eval_every=1000', '--config.prefetch=0',
+    '--config.pp.augment=none'
+]
 # A save every 10 steps, a progress line every 20; 100 steps leave the
 # signals a margin of 60 steps after the checkpoint they wait for.
-CHAIN = TINY + ['--config.total_steps=100', '--config.checkpoint_every=10',
-                '--config.log_every=20']
+CHAIN = TINY + [
+    '--config.total_steps=100', '--config.checkpoint_every=10',
+    '--config.log_every=20'
+]
 # RLIMIT_AS of the out-of-memory rows: a bit over what the interpreter with
 # JAX and TensorFlow maps (about 3 GB).
 MEMORY_LIMIT = 6 << 30
 # The whole batch in one piece (the main job splits it in 4 micro-batches).
-WIDE = ['--config.model.transformer.mlp_dim=1024', '--config.warmup_steps=1',
-        '--config.accum_steps=1']
+WIDE = [
+    '--config.model.transformer.mlp_dim=1024', '--config.warmup_steps=1',
+    '--config.accum_steps=1'
+]
 
 # max_lines: a run that finishes prints its closing lines (about 20).
-Case = collections.namedtuple('Case', 'name did words fix code max_lines',
-                              defaults=(15,))
+Case = collections.namedtuple(
+    'Case', 'name did words fix code max_lines', defaults=(15,))
 CASES = [
-    Case('ctrl_c', 'Ctrl-C (SIGINT) during training',
-         ['Interrupted by Ctrl-C after step', 'To resume, run the same '
-          'command'], 'run the printed command: it resumes from that step',
-         130),
-    Case('ctrl_c_twice', 'Ctrl-C again while the checkpoint is being saved',
-         ['Ctrl-C again', 'on disk is intact'],
-         'run the same command: it resumes from the intact step (the '
-         'unfinished one is removed)', 130),
-    Case('sigterm', 'SIGTERM (preemption, `kill`) during training',
-         ['Interrupted by SIGTERM after step', 'To resume, run the same '
-          'command'], 'run the printed command: it resumes from that step',
-         143),
+    Case('ctrl_c', 'Ctrl-C (SIGINT) during training', [
+        'Interrupted by Ctrl-C after step', 'To resume, run the same '
+        'command'
+    ], 'run the printed command: it resumes from that step', 130),
+    Case(
+        'ctrl_c_twice', 'Ctrl-C again while the checkpoint is being saved',
+        ['Ctrl-C again', 'on disk is intact'],
+        'run the same command: it resumes from the intact step (the '
+        'unfinished one is removed)', 130),
+    Case('sigterm', 'SIGTERM (preemption, `kill`) during training', [
+        'Interrupted by SIGTERM after step', 'To resume, run the same '
+        'command'
+    ], 'run the printed command: it resumes from that step', 143),
     Case('workdir_in_use', 'a second run on a workdir a run is using',
          ['is in use by another run: PID', 'choose another --workdir'],
          'wait for the first run, stop it, or choose another `--workdir`', 2),
-    Case('stale_lock', 'a workdir whose run is gone (kill -9, reboot) '
-         'without releasing its lock', ['Taking over the lock of a run that '
-                                        'is gone'],
-         'nothing: the run takes the lock over and goes on', 0, 30),
-    Case('disk_full', 'a disk that fills up while a checkpoint is saved '
-         '(also a quota)', ['the disk is full', 'one checkpoint of this run '
-                            'takes about', 'The newest intact checkpoint is '
-                            'step 10'],
-         'free space, then run the printed command: it resumes from that '
-         'step', 1),
+    Case(
+        'stale_lock', 'a workdir whose run is gone (kill -9, reboot) '
+        'without releasing its lock',
+        ['Taking over the lock of a run that '
+         'is gone'], 'nothing: the run takes the lock over and goes on', 0, 30),
+    Case(
+        'disk_full', 'a disk that fills up while a checkpoint is saved '
+        '(also a quota)', [
+            'the disk is full', 'one checkpoint of this run '
+            'takes about', 'The newest intact checkpoint is '
+            'step 10'
+        ], 'free space, then run the printed command: it resumes from that '
+        'step', 1),
     Case('read_only', 'a checkpoint folder on a read-only file system',
          ['the file system is read-only', 'No checkpoint was saved'],
          'give the run a `--workdir` it can write', 1),
-    Case('oom_estimate', 'a batch that obviously cannot fit in memory',
-         ['Out of memory before the first step', 'images per device',
-          'needs at least', '--config.accum_steps'],
-         'lower `--config.batch`, raise `--config.accum_steps`, a smaller '
-         'model or bfloat16', 1),
-    Case('oom_step', 'a train step that runs out of memory',
-         ['Out of memory: the train step tried to allocate',
-          'images per device', '--config.accum_steps'],
-         'lower `--config.batch`, raise `--config.accum_steps`, a smaller '
-         'model or bfloat16', 1),
-    Case('class_without_training_images', 'an image-folder class without '
-         'training images: an empty folder, or a class only the test split '
-         'has', ["Class folder(s) ['b', 'c'] of image folder",
-                 "have no images in the 'train' split"],
-         'add training images of them, or remove their folders', 1),
-    Case('untested_class_small_split', 'a train class the test split lacks; '
-         'a train split smaller than one batch',
-         ["Warning: Class(es) ['b']", "no images in the 'test' split",
-          'fewer than one batch'],
-         'warnings: training goes on; add test images, lower `--config.batch`',
-         0, 30),
+    Case(
+        'oom_estimate', 'a batch that obviously cannot fit in memory', [
+            'Out of memory before the first step', 'images per device',
+            'needs at least', '--config.accum_steps'
+        ], 'lower `--config.batch`, raise `--config.accum_steps`, a smaller '
+        'model or bfloat16', 1),
+    Case(
+        'oom_step', 'a train step that runs out of memory', [
+            'Out of memory: the train step tried to allocate',
+            'images per device', '--config.accum_steps'
+        ], 'lower `--config.batch`, raise `--config.accum_steps`, a smaller '
+        'model or bfloat16', 1),
+    Case(
+        'class_without_training_images', 'an image-folder class without '
+        'training images: an empty folder, or a class only the test split '
+        'has', [
+            "Class folder(s) ['b', 'c'] of image folder",
+            "have no images in the 'train' split"
+        ], 'add training images of them, or remove their folders', 1),
+    Case(
+        'untested_class_small_split', 'a train class the test split lacks; '
+        'a train split smaller than one batch', [
+            "Warning: Class(es) ['b']", "no images in the 'test' split",
+            'fewer than one batch'
+        ],
+        'warnings: training goes on; add test images, lower `--config.batch`',
+        0, 30),
 ]
 ROWS = {c.name: c for c in CASES}
 
@@ -124,16 +139,15 @@ def _image_folder(root, splits):
       os.makedirs(os.path.join(root, split, name), exist_ok=True)
       rng = np.random.default_rng(index)
       for i in range(n):
-        pixels = (rng.integers(0, 60, (28, 28, 3)) + 150 * index).astype(
-            np.uint8)
-        Image.fromarray(pixels).save(os.path.join(root, split, name,
-                                                  f'{i}.png'))
+        pixels = (rng.integers(0, 60,
+                               (28, 28, 3)) + 150 * index).astype(np.uint8)
+        Image.fromarray(pixels).save(
+            os.path.join(root, split, name, f'{i}.png'))
   return root
 
 
 def _command(workdir, args):
-  return [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
-          *args]
+  return [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args]
 
 
 def _env():
@@ -145,21 +159,29 @@ def _env():
 def _run(workdir, args, limit=None):
   preexec = (lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
              if limit else None)
-  return subprocess.run(_command(workdir, args), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=300,
-                        preexec_fn=preexec)
+  return subprocess.run(
+      _command(workdir, args),
+      cwd=REPO,
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      preexec_fn=preexec)
 
 
 def _start(workdir, args):
-  return subprocess.Popen(_command(workdir, args), cwd=REPO, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(
+      _command(workdir, args),
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True)
 
 
 def _done(process):
   out, err = process.communicate(timeout=300)
-  return subprocess.CompletedProcess(process.args, process.returncode, out,
-                                     err)
+  return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def _wait_for(predicate, process, timeout=240):
@@ -204,8 +226,10 @@ def _stop(workdir, args, signals, while_running=None):
 
 def _mount(path, options):
   os.makedirs(path, exist_ok=True)
-  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs',
-                           path], capture_output=True, text=True)
+  result = subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
+      capture_output=True,
+      text=True)
   if result.returncode:
     pytest.skip(f'cannot mount a tmpfs: {result.stderr.strip()}')
 
@@ -223,11 +247,14 @@ def _chain(tmp, root):
   workdir = f'{tmp}/w'
   _mount(workdir, 'size=300k')
   rows = dict(disk_full=_run(workdir, args))
-  extra = dict(reference=reference, after_disk_full=_complete(workdir),
-               unfinished=_unfinished(workdir))
+  extra = dict(
+      reference=reference,
+      after_disk_full=_complete(workdir),
+      unfinished=_unfinished(workdir))
   subprocess.run(['mount', '-o', 'remount,size=16m', workdir], check=True)
-  rows['sigterm'], rows['workdir_in_use'] = _stop(
-      workdir, args, [signal.SIGTERM], lambda: _run(workdir, args))
+  rows['sigterm'], rows['workdir_in_use'] = _stop(workdir, args,
+                                                  [signal.SIGTERM],
+                                                  lambda: _run(workdir, args))
   rows['ctrl_c'], _ = _stop(workdir, args, [signal.SIGINT])
   rows['ctrl_c_twice'], _ = _stop(workdir, args, [signal.SIGINT] * 2)
   extra['intact'] = _complete(workdir)
@@ -235,33 +262,48 @@ def _chain(tmp, root):
   extra['lock_left'] = os.path.exists(
       os.path.join(workdir, workdir_lock.LOCK_FILE))
   with open(os.path.join(workdir, workdir_lock.LOCK_FILE), 'w') as f:
-    json.dump(dict(host='h', pid=2 ** 22 + 7, started=0, command='x'), f)
-  rows['stale_lock'] = rows['untested_class_small_split'] = _run(workdir,
-                                                                 args)
+    json.dump(dict(host='h', pid=2**22 + 7, started=0, command='x'), f)
+  rows['stale_lock'] = rows['untested_class_small_split'] = _run(workdir, args)
   with open(os.path.join(workdir, 'summary.json')) as f:
     extra['start_step'] = json.load(f)['start_step']
   extra['got'], extra['want'] = _params(workdir), _params(f'{tmp}/reference')
-  extra['export'] = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.checkpoints.export',
-       f'--workdir={workdir}',
-       f'--output={tmp}/new/dir/model.npz'], cwd=REPO, env=_env(),
-      capture_output=True, text=True, timeout=300)
+  extra['export'] = subprocess.run([
+      sys.executable, '-m', 'vit_jax.checkpoints.export',
+      f'--workdir={workdir}', f'--output={tmp}/new/dir/model.npz'
+  ],
+                                   cwd=REPO,
+                                   env=_env(),
+                                   capture_output=True,
+                                   text=True,
+                                   timeout=300)
   return {name: (result, extra) for name, result in rows.items()}
 
 
 def _errors(tmp, two):
   """The rows that stop before the first step or in it."""
-  classes = _image_folder(f'{tmp}/classes', {'train': {'a': 4, 'b': 0},
-                                             'test': {'a': 2, 'c': 2}})
+  classes = _image_folder(f'{tmp}/classes', {
+      'train': {
+          'a': 4,
+          'b': 0
+      },
+      'test': {
+          'a': 2,
+          'c': 2
+      }
+  })
   rows = {
-      'class_without_training_images': _run(
-          f'{tmp}/classes_w', [f'--config.dataset={classes}', *TINY]),
-      'oom_estimate': _run(f'{tmp}/oom_estimate', [
-          f'--config.dataset={two}', *WIDE, '--config.batch=20000',
-          '--config.total_steps=2'], MEMORY_LIMIT),
-      'oom_step': _run(f'{tmp}/oom_step', [
-          f'--config.dataset={two}', *WIDE, '--config.batch=4000',
-          '--config.total_steps=2'], MEMORY_LIMIT),
+      'class_without_training_images':
+          _run(f'{tmp}/classes_w', [f'--config.dataset={classes}', *TINY]),
+      'oom_estimate':
+          _run(f'{tmp}/oom_estimate', [
+              f'--config.dataset={two}', *WIDE, '--config.batch=20000',
+              '--config.total_steps=2'
+          ], MEMORY_LIMIT),
+      'oom_step':
+          _run(f'{tmp}/oom_step', [
+              f'--config.dataset={two}', *WIDE, '--config.batch=4000',
+              '--config.total_steps=2'
+          ], MEMORY_LIMIT),
   }
   rows = {name: (result, None) for name, result in rows.items()}
   try:
@@ -286,10 +328,27 @@ def results(tmp_path_factory):
   skipped; the chain and the other rows side by side."""
   root = tmp_path_factory.mktemp('rows')
   # No test image of class b; 12 training images, fewer than a batch of 16.
-  chain_data = _image_folder(str(root / 'chain_data'), {
-      'train': {'a': 6, 'b': 6}, 'test': {'a': 4}})
-  two = _image_folder(str(root / 'two'), {'train': {'a': 24, 'b': 24},
-                                          'test': {'a': 8, 'b': 8}})
+  chain_data = _image_folder(
+      str(root / 'chain_data'), {
+          'train': {
+              'a': 6,
+              'b': 6
+          },
+          'test': {
+              'a': 4
+          }
+      })
+  two = _image_folder(
+      str(root / 'two'), {
+          'train': {
+              'a': 24,
+              'b': 24
+          },
+          'test': {
+              'a': 8,
+              'b': 8
+          }
+      })
 
   def run(job, *args):
     try:
@@ -302,13 +361,12 @@ def results(tmp_path_factory):
       chain = pool.submit(run, _chain, str(root / 'chain'), chain_data)
       errors = pool.submit(run, _errors, str(root / 'errors'), two)
       out = {}
-      for future, names in ((chain, ('disk_full', 'sigterm',
-                                      'workdir_in_use', 'ctrl_c',
-                                      'ctrl_c_twice', 'stale_lock',
-                                      'untested_class_small_split')),
-                            (errors, ('class_without_training_images',
-                                      'read_only', 'oom_estimate',
-                                      'oom_step'))):
+      for future, names in ((chain, ('disk_full', 'sigterm', 'workdir_in_use',
+                                     'ctrl_c', 'ctrl_c_twice', 'stale_lock',
+                                     'untested_class_small_split')),
+                            (errors,
+                             ('class_without_training_images', 'read_only',
+                              'oom_estimate', 'oom_step'))):
         got = future.result()
         out.update(got if isinstance(got, dict) else dict.fromkeys(names, got))
       return out

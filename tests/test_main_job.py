@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = (
     'oneDNN custom operations',  # TensorFlow
     'absl::InitializeLog',  # TensorFlow's C++ logging before absl init
-    'libtpu', "Unable to initialize backend 'tpu'",  # the JAX TPU probe
+    'libtpu',
+    "Unable to initialize backend 'tpu'",  # the JAX TPU probe
     'fontManager',  # matplotlib's font cache
     'Traceback',
 )
@@ -48,8 +49,13 @@ def main_job(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('main_job') / 'vit_mnist')
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *SHORT],
-      cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      timeout=900,
+      check=False)
   assert result.returncode == 0, result.stdout[-4000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
@@ -64,9 +70,9 @@ def test_default_command_learns_the_digits(main_job):
   assert summary['accuracy'] >= 0.85, summary['eval_history']
   assert os.listdir(os.path.join(workdir, 'checkpoints')) != []
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
-  assert any(line.startswith(
-      f'Final test accuracy {summary["accuracy"]:.4f} after '
-      f'{summary["step"]} steps') for line in console)
+  assert any(
+      line.startswith(f'Final test accuracy {summary["accuracy"]:.4f} after '
+                      f'{summary["step"]} steps') for line in console)
 
 
 def test_console_shows_each_thing_once_and_no_noise(main_job):
@@ -74,8 +80,12 @@ def test_console_shows_each_thing_once_and_no_noise(main_job):
   _, console, summary = main_job
   config = summary['config']
   total, every = config['total_steps'], config['log_every']
-  steps = [int(m.group(1)) for line in console
-           for m in [re.match(r'^step +(\d+)/\d+ +loss ', line)] if m]
+  steps = [
+      int(m.group(1))
+      for line in console
+      for m in [re.match(r'^step +(\d+)/\d+ +loss ', line)]
+      if m
+  ]
   want = sorted(set(range(every, total + 1, every)) | {total})
   assert steps == want
   evals = [line for line in console if re.match(r'^step \d+: test accur', line)]
@@ -120,15 +130,25 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
     paths.append(str(tmp_path / f'digit{i}_{labels[i]}.png'))
     PIL.Image.fromarray(images[i, :, :, 0]).save(paths[-1])
   npz = str(tmp_path / 'model.npz')
-  subprocess.run([sys.executable, '-m', 'vit_jax.checkpoints.export',
-                  f'--workdir={workdir}', f'--output={npz}'], cwd=REPO,
-                 env=_env(), check=True, capture_output=True)
+  subprocess.run([
+      sys.executable, '-m', 'vit_jax.checkpoints.export',
+      f'--workdir={workdir}', f'--output={npz}'
+  ],
+                 cwd=REPO,
+                 env=_env(),
+                 check=True,
+                 capture_output=True)
   outputs = []
   for extra in ([], [f'--checkpoint={npz}']):
-    result = subprocess.run(
-        [sys.executable, '-m', 'vit_jax.predict', f'--workdir={workdir}',
-         '--topk=1', *extra, *paths], cwd=REPO, env=_env(),
-        capture_output=True, text=True, check=False)
+    result = subprocess.run([
+        sys.executable, '-m', 'vit_jax.predict', f'--workdir={workdir}',
+        '--topk=1', *extra, *paths
+    ],
+                            cwd=REPO,
+                            env=_env(),
+                            capture_output=True,
+                            text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ''  # no library start-up lines either
     outputs.append(result.stdout)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax.checkpoints import trees
-from vit_jax import models_mpp
 from vit_jax import models
+from vit_jax import models_mpp
+from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -67,19 +67,25 @@ def test_corruption_proportions():
 
 def test_corruption_rejects_bad_probabilities():
   with pytest.raises(ValueError, match='mask_prob'):
-    models_mpp.corrupt(jax.random.key(0), jnp.zeros((1, 4, 2)),
-                         jnp.zeros(2), mask_prob=0.95, random_prob=0.1)
+    models_mpp.corrupt(
+        jax.random.key(0),
+        jnp.zeros((1, 4, 2)),
+        jnp.zeros(2),
+        mask_prob=0.95,
+        random_prob=0.1)
 
 
-@pytest.mark.parametrize('rgb,expected', [
-    ((255, 0, 0), 7 * 64),          # red: r bin 7
-    ((0, 255, 0), 7 * 8),           # green
-    ((0, 0, 255), 7),               # blue
-    ((255, 255, 255), 511),
-    ((0, 0, 0), 0),
-    ((100, 50, 200), 3 * 64 + 1 * 8 + 6),  # 100//32=3, 50//32=1, 200//32=6
-    ((31, 32, 63), 0 * 64 + 1 * 8 + 1),    # bin edges
-])
+@pytest.mark.parametrize(
+    'rgb,expected',
+    [
+        ((255, 0, 0), 7 * 64),  # red: r bin 7
+        ((0, 255, 0), 7 * 8),  # green
+        ((0, 0, 255), 7),  # blue
+        ((255, 255, 255), 511),
+        ((0, 0, 0), 0),
+        ((100, 50, 200), 3 * 64 + 1 * 8 + 6),  # 100//32=3, 50//32=1, 200//32=6
+        ((31, 32, 63), 0 * 64 + 1 * 8 + 1),  # bin edges
+    ])
 def test_mean_color_targets_constant_images(rgb, expected):
   targets = models_mpp.mean_color_targets(_solid(rgb), 16)
   np.testing.assert_array_equal(targets, np.full((1, 4), expected))
@@ -90,9 +96,9 @@ def test_mean_color_targets_constant_images(rgb, expected):
 
 def test_mean_color_targets_per_patch():
   image = np.zeros((1, 32, 32, 3), np.uint8)
-  image[:, :, :16] = (255, 0, 0)   # left column of patches red
-  image[:, :, 16:] = (0, 0, 255)   # right column blue
-  image[:, 16:, 16:24] = 0         # bottom-right patch: half blue, half black
+  image[:, :, :16] = (255, 0, 0)  # left column of patches red
+  image[:, :, 16:] = (0, 0, 255)  # right column blue
+  image[:, 16:, 16:24] = 0  # bottom-right patch: half blue, half black
   # Row-major grid: (0,0) red, (0,1) blue, (1,0) red, (1,1) mean blue 127.5.
   np.testing.assert_array_equal(
       models_mpp.mean_color_targets(image, 16), [[448, 7, 448, 3]])
@@ -104,8 +110,8 @@ def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
   params = initial_params
   vit = models.get_model('testing', num_classes=None)
   vit_params = jax.eval_shape(lambda: vit.init(
-      jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)),
-      train=False))['params']
+      jax.random.key(0), jnp.zeros(
+          (1, IMAGE, IMAGE, 3)), train=False))['params']
   mpp_flat = trees.flatten_tree(params)
   vit_flat = trees.flatten_tree(vit_params)
   for key, value in vit_flat.items():
@@ -124,29 +130,44 @@ def test_parameter_tree_is_the_vit_tree_plus_mpp_params(initial_params):
   model_config['num_classes'] = 7
   adapted = checkpoint.load_pretrained(
       pretrained_path=jax.tree_util.tree_map(np.asarray, params),
-      init_params=init, model_config=ml_collections.ConfigDict(model_config))
-  assert adapted['Transformer']['posembed_input']['pos_embedding'].shape == (
-      1, 17, 10)
+      init_params=init,
+      model_config=ml_collections.ConfigDict(model_config))
+  assert adapted['Transformer']['posembed_input']['pos_embedding'].shape == (1,
+                                                                             17,
+                                                                             10)
   np.testing.assert_array_equal(adapted['embedding']['kernel'],
                                 params['embedding']['kernel'])
   assert 'mpp_head' not in adapted and 'mask_token' not in adapted
 
 
-@pytest.mark.parametrize('name,kw,size', [
-    ('testing', {'scan': True}, IMAGE),
-    ('R+ViT-Ti_16', {}, 64),  # hybrid: ResNet root, 32 pixels per token
-])
+@pytest.mark.parametrize(
+    'name,kw,size',
+    [
+        ('testing', {
+            'scan': True
+        }, IMAGE),
+        ('R+ViT-Ti_16', {}, 64),  # hybrid: ResNet root, 32 pixels per token
+    ])
 def test_parameter_tree_matches_other_vits(name, kw, size):
   mpp = models_mpp.get_model(name, **kw)
   vit = models.get_model(name, num_classes=None, **kw)
   images = jnp.zeros((1, size, size, 3))
-  shapes = lambda m: trees.flatten_tree(jax.eval_shape(
-      lambda: m.init({'params': jax.random.key(0), 'mpp': jax.random.key(1)},
-                     images, train=False))['params'])
+  shapes = lambda m: trees.flatten_tree(
+      jax.eval_shape(lambda: m.init(
+          {
+              'params': jax.random.key(0),
+              'mpp': jax.random.key(1)
+          },
+          images,
+          train=False))['params'])
   mpp_shapes, vit_shapes = shapes(mpp), shapes(vit)
-  assert {k: v.shape for k, v in vit_shapes.items()} == {
-      k: v.shape for k, v in mpp_shapes.items()
-      if k.split('/')[0] not in models_mpp.MPP_PARAMS}
+  assert {
+      k: v.shape for k, v in vit_shapes.items()
+  } == {
+      k: v.shape
+      for k, v in mpp_shapes.items()
+      if k.split('/')[0] not in models_mpp.MPP_PARAMS
+  }
   assert mpp.stride == vit.stride
 
 
@@ -154,16 +175,14 @@ def test_uncorrupted_forward_is_the_vit_on_patch_tokens(initial_params):
   # Also shows that `to_vit_params` gives a tree a VisionTransformer runs.
   model = _model()
   params = _copy(initial_params)
-  params['mpp_head']['kernel'] = jax.random.normal(jax.random.key(3),
-                                                   (10, 512))
-  images = jax.random.uniform(jax.random.key(4), (2, IMAGE, IMAGE, 3),
-                              minval=-1, maxval=1)
+  params['mpp_head']['kernel'] = jax.random.normal(jax.random.key(3), (10, 512))
+  images = jax.random.uniform(
+      jax.random.key(4), (2, IMAGE, IMAGE, 3), minval=-1, maxval=1)
   logits, chosen = jax.jit(lambda p, x: model.apply(
       {'params': p}, x, train=False, corrupt_patches=False))(params, images)
-  vit = models.get_model('testing', num_classes=512,
-                         classifier='token_unpooled')
-  vit_params = {**models_mpp.to_vit_params(params),
-                'head': params['mpp_head']}
+  vit = models.get_model(
+      'testing', num_classes=512, classifier='token_unpooled')
+  vit_params = {**models_mpp.to_vit_params(params), 'head': params['mpp_head']}
   expected = jax.jit(lambda p, x: vit.apply({'params': p}, x, train=False))(
       vit_params, images)[:, 1:]
   np.testing.assert_allclose(logits, expected, atol=1e-5)
@@ -174,11 +193,10 @@ def test_fully_masked_input_ignores_the_image(initial_params):
   # Corruption replaces patch embeddings, before the position embedding: with
   # every patch masked the output cannot depend on the pixels, but still
   # differs between positions.
-  model = models_mpp.get_model('testing', mask_ratio=1.0, mask_prob=1.0,
-                                 random_prob=0.0)
+  model = models_mpp.get_model(
+      'testing', mask_ratio=1.0, mask_prob=1.0, random_prob=0.0)
   params = _copy(initial_params)
-  params['mpp_head']['kernel'] = jax.random.normal(jax.random.key(3),
-                                                   (10, 512))
+  params['mpp_head']['kernel'] = jax.random.normal(jax.random.key(3), (10, 512))
   apply = jax.jit(lambda p, x: model.apply(
       {'params': p}, x, train=False, rngs={'mpp': jax.random.key(5)}))
   a, chosen = apply(params, _solid((255, 0, 0)))
@@ -191,13 +209,14 @@ def test_fully_masked_input_ignores_the_image(initial_params):
 def test_one_gradient_step_reduces_the_loss(initial_params):
   model = _model()
   params = initial_params
-  images = jnp.concatenate([_solid((255, 0, 0), batch=2),
-                            _solid((0, 0, 255), batch=2),
-                            jax.random.uniform(jax.random.key(6),
-                                               (4, IMAGE, IMAGE, 3),
-                                               minval=-1, maxval=1)])
-  loss_fn = functools.partial(models_mpp.loss_fn, model=model, train=False,
-                              with_accuracy=True)
+  images = jnp.concatenate([
+      _solid((255, 0, 0), batch=2),
+      _solid((0, 0, 255), batch=2),
+      jax.random.uniform(
+          jax.random.key(6), (4, IMAGE, IMAGE, 3), minval=-1, maxval=1)
+  ])
+  loss_fn = functools.partial(
+      models_mpp.loss_fn, model=model, train=False, with_accuracy=True)
   step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   rng = jax.random.key(7)
   (loss, _), grads = step(params, images, rng)
@@ -214,31 +233,37 @@ def test_loss_counts_only_chosen_patches(initial_params):
   model = models_mpp.get_model('testing', mask_ratio=0.0)
   params = _copy(initial_params)
   params['mpp_head']['bias'] = jnp.arange(512.0)
-  loss = jax.jit(models_mpp.make_loss_fn(model))(
-      params, _solid((10, 20, 30), batch=2), jax.random.key(0))
+  loss = jax.jit(models_mpp.make_loss_fn(model))(params,
+                                                 _solid((10, 20, 30), batch=2),
+                                                 jax.random.key(0))
   assert float(loss) == 0.0
 
 
 def test_token_only_last_block_does_not_prune_patch_prediction():
   """The predictor needs every patch's output: the switch must not apply."""
-  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)),
-                       jnp.float32)
-  kw = dict(num_classes=None,
-            patches=ml_collections.ConfigDict({'size': (4, 4)}),
-            hidden_size=16, classifier='token',
-            transformer=ml_collections.ConfigDict(dict(
-                num_layers=2, num_heads=2, mlp_dim=32, dropout_rate=0.,
-                attention_dropout_rate=0.)))
+  images = jnp.asarray(
+      np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  kw = dict(
+      num_classes=None,
+      patches=ml_collections.ConfigDict({'size': (4, 4)}),
+      hidden_size=16,
+      classifier='token',
+      transformer=ml_collections.ConfigDict(
+          dict(
+              num_layers=2,
+              num_heads=2,
+              mlp_dim=32,
+              dropout_rate=0.,
+              attention_dropout_rate=0.)))
   plain = models_mpp.MaskedPatchPredictor(**kw)
-  switched = models_mpp.MaskedPatchPredictor(token_only_last_block=True,
-                                                **kw)
-  params = plain.init(jax.random.key(0), images, train=False,
-                      corrupt_patches=False)['params']
+  switched = models_mpp.MaskedPatchPredictor(token_only_last_block=True, **kw)
+  params = plain.init(
+      jax.random.key(0), images, train=False, corrupt_patches=False)['params']
   rng = np.random.default_rng(1)
   params = jax.tree_util.tree_map(  # A prediction head that is not zero.
       lambda p: p + 0.1 * rng.standard_normal(p.shape), params)
-  predict = lambda m: m.apply({'params': params}, images, train=False,
-                              corrupt_patches=False)[0]
+  predict = lambda m: m.apply(
+      {'params': params}, images, train=False, corrupt_patches=False)[0]
   logits = predict(plain)
   assert logits.shape[:2] == (2, 16)  # Every patch of the 4x4 grid.
   np.testing.assert_array_equal(predict(switched), logits)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax.interop import checkpoint_cli
 from vit_jax import models
-
+from vit_jax.interop import checkpoint_cli
 import zoo_sizes
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
@@ -24,26 +23,33 @@ MIXERS = sorted(n for n in models.MODEL_CONFIGS if n.startswith('Mixer'))
 def tiny_mixer_config():
   """Two blocks on 28x28 images with 7x7 patches (16 tokens)."""
   return ml_collections.ConfigDict({
-      'model_name': 'Mixer-tiny_7', 'patches': {'size': (7, 7)},
-      'hidden_dim': 8, 'num_blocks': 2, 'tokens_mlp_dim': 6,
-      'channels_mlp_dim': 12})
+      'model_name': 'Mixer-tiny_7',
+      'patches': {
+          'size': (7, 7)
+      },
+      'hidden_dim': 8,
+      'num_blocks': 2,
+      'tokens_mlp_dim': 6,
+      'channels_mlp_dim': 12
+  })
 
 
 def init(model, size=28):
-  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                    train=False)['params']
+  return model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+      train=False)['params']
 
 
 def images(n=4, size=28):
-  return jax.random.uniform(jax.random.PRNGKey(1), (n, size, size, 3),
-                            minval=-1., maxval=1.)
+  return jax.random.uniform(
+      jax.random.PRNGKey(1), (n, size, size, 3), minval=-1., maxval=1.)
 
 
 def randomized(params, seed=2):
   """Every leaf random, so that no zero head hides a wrong load."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                      params)
 
 
 def test_the_zoo_has_the_three_mixers():
@@ -60,8 +66,8 @@ def test_zoo_parameter_count(name):
   config = models.MODEL_CONFIGS[name]
   blocks = [k for k in shapes if k.startswith('MixerBlock_')]
   assert len(blocks) == config.num_blocks
-  assert shapes['stem']['kernel'].shape == (
-      *config.patches.size, 3, config.hidden_dim)
+  assert shapes['stem']['kernel'].shape == (*config.patches.size, 3,
+                                            config.hidden_dim)
   assert shapes['head']['kernel'].shape == (config.hidden_dim, 1000)
 
 
@@ -73,11 +79,13 @@ def test_released_names_round_trip(tmp_path):
   with np.load(path) as data:
     keys = set(data.files)
   # The original's names (its models_mixer.py): one `.npz` key per leaf.
-  assert {'stem/kernel', 'stem/bias', 'pre_head_layer_norm/scale',
-          'head/kernel', 'MixerBlock_1/LayerNorm_0/scale',
-          'MixerBlock_1/token_mixing/Dense_0/kernel',
-          'MixerBlock_1/channel_mixing/Dense_1/bias',
-          'MixerBlock_0/LayerNorm_1/bias'} <= keys
+  assert {
+      'stem/kernel', 'stem/bias', 'pre_head_layer_norm/scale', 'head/kernel',
+      'MixerBlock_1/LayerNorm_0/scale',
+      'MixerBlock_1/token_mixing/Dense_0/kernel',
+      'MixerBlock_1/channel_mixing/Dense_1/bias',
+      'MixerBlock_0/LayerNorm_1/bias'
+  } <= keys
   assert len(keys) == len(jax.tree.leaves(params))
   loaded = checkpoint.load(path)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -107,7 +115,8 @@ def test_load_pretrained_gives_a_fresh_zero_head(tmp_path):
   checkpoint.save(pretrained_params, path)
   model = models.from_config(tiny_mixer_config(), num_classes=3)
   params = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init(model),
+      pretrained_path=path,
+      init_params=init(model),
       model_config=tiny_mixer_config())
   assert params['head']['kernel'].shape == (8, 3)
   assert not np.any(params['head']['kernel'])

@@ -5,13 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import official
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import models_vit
 from vit_jax.checkpoints import trees
 from vit_jax.configs import models as models_config
-
-import official
 import zoo_sizes
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
@@ -63,8 +62,7 @@ def test_zoo_dropout_rates_follow_the_original():
     assert dropout[name] == 0.1
   for name in ('ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-B_32', 'ViT-L_32'):
     assert dropout[name] == 0.0
-  assert all(c.transformer.attention_dropout_rate == 0.0
-             for c in vits.values())
+  assert all(c.transformer.attention_dropout_rate == 0.0 for c in vits.values())
 
 
 def test_zoo_configs_are_locked():
@@ -78,10 +76,10 @@ def test_parity_with_the_original(name, released_names):
   params = checkpoint.load(official.params_path(name, released_names))
   logits, pre_logits = official.apply_with_pre_logits(
       official.model(name), params, official.inputs())
-  np.testing.assert_allclose(logits, official.logits(name), rtol=0,
-                             atol=official.ATOL)
-  np.testing.assert_allclose(pre_logits, official.pre_logits(name), rtol=0,
-                             atol=official.ATOL)
+  np.testing.assert_allclose(
+      logits, official.logits(name), rtol=0, atol=official.ATOL)
+  np.testing.assert_allclose(
+      pre_logits, official.pre_logits(name), rtol=0, atol=official.ATOL)
 
 
 def test_parity_under_jit():
@@ -90,8 +88,8 @@ def test_parity_under_jit():
   params = checkpoint.load(official.params_path(name))
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
       params, official.inputs())
-  np.testing.assert_allclose(logits, official.logits(name), rtol=0,
-                             atol=official.ATOL)
+  np.testing.assert_allclose(
+      logits, official.logits(name), rtol=0, atol=official.ATOL)
 
 
 def test_intermediates_match_the_original():
@@ -99,9 +97,11 @@ def test_intermediates_match_the_original():
   name = 'tiny_vit_token'
   expected = np.load(official.path('tiny_vit_token_intermediates.npz'))
   params = checkpoint.load(official.params_path(name))
-  _, state = official.model(name).apply(
-      {'params': params}, official.inputs(), train=False,
-      capture_intermediates=True, mutable=['intermediates'])
+  _, state = official.model(name).apply({'params': params},
+                                        official.inputs(),
+                                        train=False,
+                                        capture_intermediates=True,
+                                        mutable=['intermediates'])
   flat = trees.flatten_tree(state['intermediates'])
   checked = 0
   for key in expected.files:
@@ -109,8 +109,8 @@ def test_intermediates_match_the_original():
     if ours is None:
       continue
     ours = ours[0]
-    np.testing.assert_allclose(ours, expected[key], rtol=0, atol=official.ATOL,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        ours, expected[key], rtol=0, atol=official.ATOL, err_msg=key)
     checked += 1
   assert checked >= 20
 
@@ -151,8 +151,11 @@ def test_gap_is_the_mean_of_the_unpooled_features():
   params = gap.init(jax.random.PRNGKey(0), x, train=False)['params']
   np.testing.assert_allclose(
       gap.apply({'params': params}, x, train=False),
-      unpooled.apply({'params': params}, x, train=False).mean(axis=1),
-      rtol=0, atol=1e-6)
+      unpooled.apply({
+          'params': params
+      }, x, train=False).mean(axis=1),
+      rtol=0,
+      atol=1e-6)
 
 
 def test_representation_layer_is_dense_tanh():
@@ -165,8 +168,8 @@ def test_representation_layer_is_dense_tanh():
   assert rep.shape == (2, 6)
   assert np.all(np.abs(rep) < 1)  # tanh
   no_rep = models.get_model('testing', num_classes=3)
-  assert 'pre_logits' not in no_rep.init(jax.random.PRNGKey(0), x,
-                                         train=False)['params']
+  assert 'pre_logits' not in no_rep.init(
+      jax.random.PRNGKey(0), x, train=False)['params']
 
 
 def test_dropout_only_in_training():
@@ -174,7 +177,9 @@ def test_dropout_only_in_training():
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
   params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
   apply = lambda train, seed: model.apply(  # pylint: disable=g-long-lambda
-      {'params': params}, x, train=train,
+      {'params': params},
+      x,
+      train=train,
       rngs={'dropout': jax.random.PRNGKey(seed)})
   np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
   np.testing.assert_array_equal(apply(True, 0), apply(True, 0))
@@ -190,8 +195,11 @@ def _init(model, x):
 
 
 def _posembed_output(model, params, x):
-  _, state = model.apply({'params': params}, x, train=False,
-                         capture_intermediates=True, mutable=['intermediates'])
+  _, state = model.apply({'params': params},
+                         x,
+                         train=False,
+                         capture_intermediates=True,
+                         mutable=['intermediates'])
   inter = state['intermediates']
   return (inter['Transformer']['posembed_input']['__call__'][0],
           inter['embedding']['__call__'][0])
@@ -211,16 +219,17 @@ def test_posemb_learn_2d_concatenates_row_and_column_tables():
     for j in range(2):
       np.testing.assert_allclose(
           added[i * 2 + j],
-          np.concatenate([pe['pos_embedding_row'][i],
-                          pe['pos_embedding_col'][j]]), atol=1e-6)
+          np.concatenate(
+              [pe['pos_embedding_row'][i], pe['pos_embedding_col'][j]]),
+          atol=1e-6)
   cls = params['cls'][0, 0]
-  np.testing.assert_allclose(out[0, 0] - cls, pe['pos_embedding_cls'][0],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      out[0, 0] - cls, pe['pos_embedding_cls'][0], atol=1e-6)
 
 
 def test_posemb_sincos2d_is_fixed_and_matches_the_formula():
-  model = models.get_model('testing', num_classes=3, hidden_size=8,
-                           posemb='sincos2d')
+  model = models.get_model(
+      'testing', num_classes=3, hidden_size=8, posemb='sincos2d')
   x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 48, 3))  # 2x3 grid
   params = _init(model, x)
   assert 'posembed_input' not in params['Transformer']
@@ -229,8 +238,12 @@ def test_posemb_sincos2d_is_fixed_and_matches_the_formula():
   omega = 1 / 10000**(np.arange(2) / 2)
   for row in range(2):
     for col in range(3):
-      expected = np.concatenate([np.sin(col * omega), np.cos(col * omega),
-                                 np.sin(row * omega), np.cos(row * omega)])
+      expected = np.concatenate([
+          np.sin(col * omega),
+          np.cos(col * omega),
+          np.sin(row * omega),
+          np.cos(row * omega)
+      ])
       np.testing.assert_allclose(added[row * 3 + col], expected, atol=1e-6)
   np.testing.assert_allclose(out[0, 0], params['cls'][0, 0], atol=1e-7)
 
@@ -244,12 +257,13 @@ def test_posemb_none_has_no_parameters_and_adds_nothing():
       _init(models.get_model('testing', num_classes=3), x)) - 5 * 10
   # Without position information the model is permutation-invariant over
   # patches: swapping two patches leaves the class-token output unchanged.
-  swapped = x.at[:, :16, :16].set(x[:, 16:, 16:]).at[:, 16:, 16:].set(
-      x[:, :16, :16])
+  swapped = x.at[:, :16, :16].set(x[:, 16:, 16:]).at[:, 16:,
+                                                     16:].set(x[:, :16, :16])
   params = jax.tree.map(lambda p: p + 0.05, params)
-  np.testing.assert_allclose(model.apply({'params': params}, x, train=False),
-                             model.apply({'params': params}, swapped,
-                                         train=False), atol=1e-5)
+  np.testing.assert_allclose(
+      model.apply({'params': params}, x, train=False),
+      model.apply({'params': params}, swapped, train=False),
+      atol=1e-5)
 
 
 def test_posemb_learn_default_is_the_original():
@@ -281,7 +295,8 @@ def test_explicit_float32_dtype_is_the_default():
   x = official.inputs()
   np.testing.assert_array_equal(
       official.model(name).apply({'params': params}, x, train=False),
-      official.model(name, dtype=jnp.float32).apply({'params': params}, x,
+      official.model(name, dtype=jnp.float32).apply({'params': params},
+                                                    x,
                                                     train=False))
 
 
@@ -311,8 +326,8 @@ def test_attention_weights_leave_outputs_and_params_unchanged():
   variables = model.init(jax.random.PRNGKey(0), x, train=False)
   assert set(variables) == {'params'}
   plain = model.apply(variables, x, train=False)
-  with_state, state = model.apply(variables, x, train=False,
-                                  mutable=['intermediates'])
+  with_state, state = model.apply(
+      variables, x, train=False, mutable=['intermediates'])
   np.testing.assert_array_equal(plain, with_state)
   assert 'intermediates' in state
 
@@ -323,50 +338,62 @@ def test_attention_weights_leave_outputs_and_params_unchanged():
 @pytest.fixture(scope='module')
 def testing_model_and_params():
   model = models.get_model('testing', num_classes=3)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                      train=False)['params']
+  params = model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
   return model, params
 
 
 def test_error_image_not_a_multiple_of_the_patch(testing_model_and_params):
   model, params = testing_model_and_params
-  with pytest.raises(ValueError, match=r'40x32 is not a multiple of the patch '
-                     r'size 16x16.*32x32 or 48x32'):
+  with pytest.raises(
+      ValueError,
+      match=r'40x32 is not a multiple of the patch '
+      r'size 16x16.*32x32 or 48x32'):
     model.apply({'params': params}, jnp.zeros((1, 40, 32, 3)), train=False)
 
 
 def test_error_hybrid_image_not_a_multiple_of_the_stride():
   model = models.get_model('R+ViT-Ti_16', num_classes=3)
-  with pytest.raises(ValueError, match=r'100x96 is not a multiple of 32x32 '
-                     r'\(ResNet stem stride'):
+  with pytest.raises(
+      ValueError,
+      match=r'100x96 is not a multiple of 32x32 '
+      r'\(ResNet stem stride'):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 96, 3)), train=False)
 
 
 def test_error_wrong_rank(testing_model_and_params):
   model, params = testing_model_and_params
-  with pytest.raises(ValueError, match=r'\[batch, height, width, channels\].*'
-                     r'\(32, 32, 3\).*x\[None\]'):
+  with pytest.raises(
+      ValueError,
+      match=r'\[batch, height, width, channels\].*'
+      r'\(32, 32, 3\).*x\[None\]'):
     model.apply({'params': params}, jnp.zeros((32, 32, 3)), train=False)
 
 
 def test_error_wrong_channels(testing_model_and_params):
   model, params = testing_model_and_params
-  with pytest.raises(ValueError, match=r'1 channels but the model expects 3.*'
-                     r'grayscale to RGB'):
+  with pytest.raises(
+      ValueError,
+      match=r'1 channels but the model expects 3.*'
+      r'grayscale to RGB'):
     model.apply({'params': params}, jnp.zeros((1, 32, 32, 1)), train=False)
 
 
 def test_error_token_count_does_not_match_posemb(testing_model_and_params):
   model, params = testing_model_and_params
-  with pytest.raises(ValueError, match=r'48x48 give a 3x3 grid of tokens = 10 '
-                     r'tokens.*has 5 rows \(a 2x2 grid, i.e. 32x32 images\).*'
-                     r'load_pretrained'):
+  with pytest.raises(
+      ValueError,
+      match=r'48x48 give a 3x3 grid of tokens = 10 '
+      r'tokens.*has 5 rows \(a 2x2 grid, i.e. 32x32 images\).*'
+      r'load_pretrained'):
     model.apply({'params': params}, jnp.zeros((1, 48, 48, 3)), train=False)
 
 
 def test_error_unknown_classifier():
-  with pytest.raises(ValueError, match=r"Unknown classifier 'cls'.*'token', "
-                     r"'gap', 'unpooled', 'token_unpooled'"):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown classifier 'cls'.*'token', "
+      r"'gap', 'unpooled', 'token_unpooled'"):
     models.get_model('testing', num_classes=3, classifier='cls')
 
 
@@ -376,8 +403,10 @@ def test_error_unknown_posemb():
 
 
 def test_error_unknown_model_name():
-  with pytest.raises(ValueError, match=r"Unknown model name 'ViT-B_61'.*"
-                     r"Did you mean ViT-B_16"):
+  with pytest.raises(
+      ValueError,
+      match=r"Unknown model name 'ViT-B_61'.*"
+      r"Did you mean ViT-B_16"):
     models.get_model('ViT-B_61')
 
 

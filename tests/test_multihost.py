@@ -29,8 +29,8 @@ import tensorstore as ts
 
 from test_train import REPO
 from vit_jax import checkpoint
-from vit_jax.checkpoints import trees
 from vit_jax.checkpoints import train_checkpoint
+from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -254,10 +254,19 @@ def _run_pair(script, devices, outs, workdir):
   """Starts `script` as 2 processes of `devices` devices each (argv: port,
   process index, its output file, `workdir`); returns the processes."""
   port = _free_port()
-  return [subprocess.Popen(
-      [sys.executable, '-c', textwrap.dedent(script), str(port), str(i),
-       outs[i], workdir], cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return [
+      subprocess.Popen([
+          sys.executable, '-c',
+          textwrap.dedent(script),
+          str(port),
+          str(i), outs[i], workdir
+      ],
+                       cwd=REPO,
+                       env=_env(devices),
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT,
+                       text=True) for i in range(2)
+  ]
 
 
 def _wait(processes):
@@ -288,15 +297,21 @@ def both(tmp_path_factory):
   _wait(_run_pair(_SAVER, 4, saver_outs, saved8))
   workdir = str(tmp_path / 'work')
   for copy in (os.path.join(workdir, 'from8'), str(tmp_path / 'ref8')):
-    shutil.copytree(os.path.join(saved8, 'checkpoints'),
-                    os.path.join(copy, 'checkpoints'))
+    shutil.copytree(
+        os.path.join(saved8, 'checkpoints'), os.path.join(copy, 'checkpoints'))
   outs = [str(tmp_path / f'p{i}.json') for i in range(2)]
   workers = _run_pair(_WORKER, 2, outs, workdir)
   ref_out = str(tmp_path / 'ref.json')
-  ref = subprocess.run(
-      [sys.executable, '-c', textwrap.dedent(_REFERENCE), ref_out,
-       str(tmp_path / 'ref8')], cwd=REPO, env=_env(4), capture_output=True,
-      text=True, timeout=600)
+  ref = subprocess.run([
+      sys.executable, '-c',
+      textwrap.dedent(_REFERENCE), ref_out,
+      str(tmp_path / 'ref8')
+  ],
+                       cwd=REPO,
+                       env=_env(4),
+                       capture_output=True,
+                       text=True,
+                       timeout=600)
   _wait(workers)
   assert ref.returncode == 0, ref.stderr[-4000:]
   with open(ref_out) as f:
@@ -346,8 +361,8 @@ def test_fsdp_two_processes_match_one_process_and_resume(both):
     assert r['first']['start_step'] == 0 and r['resumed']['start_step'] == 2
     assert r['first']['train_step_compilations'] == 1
     assert r['resumed']['train_step_compilations'] == 1
-    np.testing.assert_allclose(r['first']['final_train_loss'],
-                               want['losses'][-1], rtol=1e-5)
+    np.testing.assert_allclose(
+        r['first']['final_train_loss'], want['losses'][-1], rtol=1e-5)
     # The uninterrupted run, and the run resumed from step 2 on both
     # processes, end where the one-process run ends. The attention key
     # biases are left out: adding a bias to every key shifts each query's
@@ -361,8 +376,8 @@ def test_fsdp_two_processes_match_one_process_and_resume(both):
         if key.endswith('/key/bias'):
           assert np.max(np.abs([got[key], value])) < 1e-3, key
           continue
-        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
     assert r['resumed']['accuracy'] == r['first']['accuracy']
   assert results[0]['params'] == results[1]['params']
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
@@ -373,8 +388,10 @@ def _chunks_written(ocdbt_folder):
   """{array name: {zarr chunk index: stored bytes}} in one process's OCDBT
   store (the files' sizes vary from run to run with how OCDBT packs them;
   the chunks and their bytes do not)."""
-  store = ts.KvStore.open({'driver': 'ocdbt',
-                           'base': f'file://{ocdbt_folder}/'}).result()
+  store = ts.KvStore.open({
+      'driver': 'ocdbt',
+      'base': f'file://{ocdbt_folder}/'
+  }).result()
   chunks = {}
   for key in store.list().result():
     name, chunk = key.decode().rsplit('/', 1)
@@ -391,13 +408,13 @@ def test_fsdp_export_on_two_processes(both):
   assert [r['fsdp']['exported_step'] for r in results] == [STEPS, STEPS]
   with np.load(os.path.join(workdir, 'fsdp.npz')) as f:
     assert 'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel' in f.files
-  exported = trees.flatten_tree(checkpoint.load(
-      os.path.join(workdir, 'fsdp.npz')))
+  exported = trees.flatten_tree(
+      checkpoint.load(os.path.join(workdir, 'fsdp.npz')))
   want = results[0]['fsdp']['params']
   assert exported.keys() == want.keys()
   for key, value in exported.items():
-    np.testing.assert_array_equal(value, np.asarray(want[key], np.float32),
-                                  err_msg=key)
+    np.testing.assert_array_equal(
+        value, np.asarray(want[key], np.float32), err_msg=key)
   assert not [n for n in os.listdir(workdir) if n.startswith('fsdp.npz.')]
 
 
@@ -409,13 +426,17 @@ def test_fsdp_save_is_written_shard_by_shard_by_each_process(both):
   _, _, _, savers, saved8 = both
   assert [s['same'] for s in savers] == [True, True]
   step = os.path.join(train_checkpoint.checkpoint_dir(saved8), '1', 'default')
-  written = [_chunks_written(os.path.join(step, f'ocdbt.process_{i}'))
-             for i in range(2)]
+  written = [
+      _chunks_written(os.path.join(step, f'ocdbt.process_{i}'))
+      for i in range(2)
+  ]
   names = set(written[0]) | set(written[1])
   for name in names:
     assert not written[0].get(name, {}).keys() & written[1].get(name, {}), name
-  split = {n for n in names
-           if len(written[0].get(n, ())) + len(written[1].get(n, ())) == 8}
+  split = {
+      n for n in names
+      if len(written[0].get(n, ())) + len(written[1].get(n, ())) == 8
+  }
   assert 'params.Transformer.encoderblock_0.MlpBlock_0.Dense_0.kernel' in split
   assert 'opt_state.1.0.mu.Transformer.encoderblock_0.MlpBlock_0.Dense_0.' \
          'kernel' in split
@@ -435,11 +456,13 @@ def test_restore_onto_other_layouts(both):
   the saved parameters, in the runner's layout."""
   results, want, workdir, _, saved8 = both
   saved = train_checkpoint.TrainCheckpoints(saved8).restore_params()
-  from_pmap = train_checkpoint.TrainCheckpoints(
-      os.path.join(workdir, 'pmap')).restore_params()
-  flat = lambda p: {k: np.asarray(v).tolist()
-                    for k, v in trees.flatten_tree(p).items()}
-  cases = [(r['layouts'], name) for r in results
+  from_pmap = train_checkpoint.TrainCheckpoints(os.path.join(
+      workdir, 'pmap')).restore_params()
+  flat = lambda p: {
+      k: np.asarray(v).tolist() for k, v in trees.flatten_tree(p).items()
+  }
+  cases = [(r['layouts'], name)
+           for r in results
            for name in ('fsdp8_to_fsdp', 'fsdp8_to_pmap')]
   cases.append((want['layouts'], 'fsdp8_to_fsdp'))
   for layouts, name in cases:

@@ -51,19 +51,28 @@ def _execute(name, tmp_path, workdir):
     if cell.cell_type == 'code':
       cell.outputs, cell.execution_count = [], None
   nb.cells.append(nbformat.v4.new_code_cell(CHECK_KERNEL))
-  env = dict(os.environ, VIT_JAX_REPO=REPO,
-             VIT_JAX_NOTEBOOK_WORKDIR=str(workdir), TF_CPP_MIN_LOG_LEVEL='2')
+  env = dict(
+      os.environ,
+      VIT_JAX_REPO=REPO,
+      VIT_JAX_NOTEBOOK_WORKDIR=str(workdir),
+      TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)
   client = nbclient.NotebookClient(
-      nb, kernel_name='python3', timeout=CELL_TIMEOUT_S,
-      resources={'metadata': {'path': str(tmp_path)}})
+      nb,
+      kernel_name='python3',
+      timeout=CELL_TIMEOUT_S,
+      resources={'metadata': {
+          'path': str(tmp_path)
+      }})
   try:
     client.execute(env=env)  # raises CellExecutionError naming the cell
   finally:
     nbformat.write(nb, str(tmp_path / f'{name}.executed.ipynb'))
-  outputs = [o for cell in nb.cells if cell.cell_type == 'code'
-             for o in cell.outputs]
-  stdout = ''.join(o.text for o in outputs
+  outputs = [
+      o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
+  ]
+  stdout = ''.join(o.text
+                   for o in outputs
                    if o.output_type == 'stream' and o.name == 'stdout')
   assert f'KERNEL_PREFIX {sys.prefix}\n' in stdout, (
       'the kernel did not run in this environment', stdout[-500:])
@@ -77,9 +86,11 @@ def _number(pattern, text):
 
 
 def _png_outputs(outputs):
-  return [o for o in outputs
-          if o.output_type in ('display_data', 'execute_result')
-          and 'image/png' in o.data]
+  return [
+      o for o in outputs
+      if o.output_type in ('display_data',
+                           'execute_result') and 'image/png' in o.data
+  ]
 
 
 def _summary(workdir):
@@ -108,11 +119,11 @@ def test_quickstart(tmp_path, workdir):
                          'tiny_vit_token_params_prelinen_names.npz')
   with np.load(fixture) as f:
     expected_count = sum(f[k].size for k in f.files)
-  count, = _number(r'tiny_vit_token_params_prelinen_names.npz: ([0-9,]+) '
-                   'parameters', stdout)
+  count, = _number(
+      r'tiny_vit_token_params_prelinen_names.npz: ([0-9,]+) '
+      'parameters', stdout)
   assert count == expected_count
-  diff, = _number(r'max \|logits - original implementation\| = (\S+)',
-                  stdout)
+  diff, = _number(r'max \|logits - original implementation\| = (\S+)', stdout)
   assert diff < 1e-5
   # The top-3 grid and the training curves.
   assert len(_png_outputs(outputs)) >= 2
@@ -137,11 +148,11 @@ def test_paper_figures(tmp_path, workdir):
   layers = re.findall(r'layer \d: (.*) pixels \(per head\)', stdout)
   assert len(layers) == 4
   distances = np.array([[float(d) for d in line.split()] for line in layers])
-  assert distances.shape == (4, 4) and np.all((distances > 0) &
-                                              (distances < 30))
+  assert distances.shape == (4,
+                             4) and np.all((distances > 0) & (distances < 30))
 
-  table = re.findall(r'^\s*(\d+)\s+([0-9.]+) \+- [0-9.]+\s+([0-9.]+) \+- ',
-                     stdout, flags=re.M)
+  table = re.findall(
+      r'^\s*(\d+)\s+([0-9.]+) \+- [0-9.]+\s+([0-9.]+) \+- ', stdout, flags=re.M)
   assert [int(k) for k, _, _ in table] == [1, 5, 10, 25], stdout[-1500:]
   for k, trained, untrained in table:
     assert float(trained) > float(untrained) + 0.1, (k, trained, untrained)

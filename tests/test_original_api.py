@@ -18,16 +18,14 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+import test_train
 from vit_jax import checkpoint
-from vit_jax.data import filesystem
 from vit_jax import inference_time
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import models_mixer
 from vit_jax import models_resnet
 from vit_jax import models_vit
-from vit_jax.run_config import errors
-from vit_jax.run_config import original_configs
 from vit_jax import test_utils
 from vit_jax import train
 from vit_jax import utils
@@ -37,32 +35,44 @@ from vit_jax.configs import inference_time as inference_time_config
 from vit_jax.configs import mixer_base16_cifar10
 from vit_jax.configs import models as models_config
 from vit_jax.configs import vit
-
-import test_train
+from vit_jax.data import filesystem
+from vit_jax.run_config import errors
+from vit_jax.run_config import original_configs
 
 ORIGINAL_NAMES = {
-    checkpoint: ['load', 'load_pretrained', 'inspect_params', 'recover_tree',
-                 'interpolate_posembed', 'get_augreg_df', 'copy'],
-    models: ['AddPositionEmbs', 'MlpBlock', 'Encoder1DBlock', 'Encoder',
-             'MlpMixer', 'VisionTransformer', 'get_model'],
-    models_vit: ['IdentityLayer', 'AddPositionEmbs', 'MlpBlock',
-                 'Encoder1DBlock', 'Encoder', 'VisionTransformer'],
+    checkpoint: [
+        'load', 'load_pretrained', 'inspect_params', 'recover_tree',
+        'interpolate_posembed', 'get_augreg_df', 'copy'
+    ],
+    models: [
+        'AddPositionEmbs', 'MlpBlock', 'Encoder1DBlock', 'Encoder', 'MlpMixer',
+        'VisionTransformer', 'get_model'
+    ],
+    models_vit: [
+        'IdentityLayer', 'AddPositionEmbs', 'MlpBlock', 'Encoder1DBlock',
+        'Encoder', 'VisionTransformer'
+    ],
     models_mixer: ['MlpBlock', 'MixerBlock', 'MlpMixer'],
-    models_resnet: ['weight_standardize', 'StdConv', 'ResidualUnit',
-                    'ResNetStage'],
+    models_resnet: [
+        'weight_standardize', 'StdConv', 'ResidualUnit', 'ResNetStage'
+    ],
     train: ['make_update_fn', 'train_and_evaluate'],
-    utils: ['create_learning_rate_schedule', 'accumulate_gradient',
-            'add_gfile_logger'],
+    utils: [
+        'create_learning_rate_schedule', 'accumulate_gradient',
+        'add_gfile_logger'
+    ],
     input_pipeline: ['get_dataset_info', 'get_datasets', 'prefetch'],
     inference_time: ['inference_time'],
     test_utils: ['create_checkpoint'],
     common: ['get_config', 'with_dataset', 'DATASET_PRESETS', 'flatten'],
     models_config: ['MODEL_CONFIGS', 'AUGREG_CONFIGS'] + [
-        f'get_{name}_config' for name in (
-            'testing', 'testing_unpooled', 'ti16', 's16', 'b16', 'l16', 'h14',
-            's16_gap_norep', 'b16_gap_norep', 'b8', 's32', 'b32', 'l32',
-            's32_gap_norep', 'b32_gap_norep', 'r_ti16', 'r50_b16', 'r26_b32',
-            'r26_s32', 'r50_l32', 'mixer_b16', 'mixer_b32', 'mixer_l16')],
+        f'get_{name}_config'
+        for name in ('testing', 'testing_unpooled', 'ti16', 's16', 'b16', 'l16',
+                     'h14', 's16_gap_norep', 'b16_gap_norep', 'b8', 's32',
+                     'b32', 'l32', 's32_gap_norep', 'b32_gap_norep', 'r_ti16',
+                     'r50_b16', 'r26_b32', 'r26_s32', 'r50_l32', 'mixer_b16',
+                     'mixer_b32', 'mixer_l16')
+    ],
     vit: ['get_config'],
     augreg: ['get_config'],
     mixer_base16_cifar10: ['get_config'],
@@ -80,16 +90,19 @@ def test_checkpoint_functions_with_the_original_keywords(tmp_path):
   path = str(tmp_path / 'sub' / 'testing.npz')
   test_utils.create_checkpoint(models_config.get_testing_config(), path)
   model = models.get_model('testing', num_classes=3)
-  init_params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)),
-                           train=False)['params']
+  init_params = model.init(
+      jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)['params']
   params = checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init_params,
+      pretrained_path=path,
+      init_params=init_params,
       model_config=models_config.MODEL_CONFIGS['testing'])
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 5, 10)  # 1x1 grid of 16x16 images resampled to 2x2, class token
-  checkpoint.inspect_params(params=checkpoint.load(path),
-                            expected=init_params, fail_if_extra=False,
-                            fail_if_missing=False)
+  checkpoint.inspect_params(
+      params=checkpoint.load(path),
+      expected=init_params,
+      fail_if_extra=False,
+      fail_if_missing=False)
   posemb = checkpoint.interpolate_posembed(
       np.ones((1, 5, 10), np.float32), 10, True)
   assert posemb.shape == (1, 10, 10)
@@ -102,11 +115,14 @@ def test_checkpoint_functions_with_the_original_keywords(tmp_path):
 
 def test_training_helpers_with_the_original_keywords():
   lr_fn = utils.create_learning_rate_schedule(
-      total_steps=10, base=0.1, decay_type='linear', warmup_steps=2,
+      total_steps=10,
+      base=0.1,
+      decay_type='linear',
+      warmup_steps=2,
       linear_end=1e-5)
   assert float(lr_fn(1)) == pytest.approx(0.05)
-  loss_and_grad = jax.value_and_grad(
-      lambda p, x, y: jnp.mean((x.sum((1, 2, 3)) * p - y.sum(1)) ** 2))
+  loss_and_grad = jax.value_and_grad(lambda p, x, y: jnp.mean((x.sum(
+      (1, 2, 3)) * p - y.sum(1))**2))
   images, labels = jnp.ones((4, 2, 2, 1)), jnp.ones((4, 3))
   loss, _ = utils.accumulate_gradient(loss_and_grad, 1., images, labels, 2)
   assert float(loss) == pytest.approx(1.)
@@ -121,12 +137,15 @@ def test_training_helpers_with_the_original_keywords():
 def test_original_configs_have_its_fields_and_defaults():
   config = common.get_config()
   assert (config.pretrained_dir, config.progress_every, config.trainer,
-          config.optim_dtype, config.accum_steps, config.base_lr) == (
-              '.', 10, 'train', 'bfloat16', 8, 0.03)
+          config.optim_dtype, config.accum_steps,
+          config.base_lr) == ('.', 10, 'train', 'bfloat16', 8, 0.03)
   config = vit.get_config('b16,cifar10')
   assert config.base_lr == 0.01 and config.total_steps == 10_000
-  assert config.pp.to_dict() == {'train': 'train[:98%]', 'test': 'test',
-                                 'crop': 384}
+  assert config.pp.to_dict() == {
+      'train': 'train[:98%]',
+      'test': 'test',
+      'crop': 384
+  }
   assert config.model.model_name == 'ViT-B_16'
   assert dict(common.flatten(config))['config.pp.crop'] == 384
   config = augreg.get_config('R_Ti_16')
@@ -136,11 +155,12 @@ def test_original_configs_have_its_fields_and_defaults():
   config = mixer_base16_cifar10.get_config()
   assert config.model.model_name == 'Mixer-B_16' and config.pp.crop == 224
   config = inference_time_config.get_config()
-  assert (config.model_name, config.steps, config.initial_steps) == (
-      'ViT-B_32', 30, 10)
+  assert (config.model_name, config.steps, config.initial_steps) == ('ViT-B_32',
+                                                                     30, 10)
   assert set(models_config.AUGREG_CONFIGS) >= {
       'Ti_16', 'S_16', 'B_16', 'L_16', 'B_32', 'R_Ti_16', 'R26_S_32',
-      'R50_L_32', 'B_16-gap-norep'}
+      'R50_L_32', 'B_16-gap-norep'
+  }
   assert not {'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16'} & set(
       models_config.AUGREG_CONFIGS)
 
@@ -153,15 +173,18 @@ def test_translation_to_this_projects_shape(tmp_path):
   config = common.get_config()
   config.model = models_config.get_testing_config()
   config.dataset = 'cifar100'
-  config.pp = ml_collections.ConfigDict(
-      {'train': 'train[:98%]', 'test': 'test', 'crop': 224})
+  config.pp = ml_collections.ConfigDict({
+      'train': 'train[:98%]',
+      'test': 'test',
+      'crop': 224
+  })
   config.total_steps = 3
   config.pretrained_dir = str(tmp_path)
   config.progress_every = 7
   config.checkpoint_every = 0  # the original's "never": at the end only
   project = original_configs.to_project_config(config)
-  assert (project.train_split, project.test_split, project.pp.crop) == (
-      'train[:98%]', 'test', 224)
+  assert (project.train_split, project.test_split,
+          project.pp.crop) == ('train[:98%]', 'test', 224)
   assert project.log_every == 7 and project.checkpoint_every == 3
   assert project.pretrained_path == str(tmp_path / 'testing.npz')
   assert project.model.model_name == project.model_name == 'testing'
@@ -170,13 +193,16 @@ def test_translation_to_this_projects_shape(tmp_path):
 def test_a_field_of_neither_shape_is_named():
   config = vit.get_config('testing,cifar10')
   config.learning_rate = 0.1
-  with pytest.raises(ValueError, match=r'config\.learning_rate is a field of '
-                     'neither'):
+  with pytest.raises(
+      ValueError, match=r'config\.learning_rate is a field of '
+      'neither'):
     original_configs.to_project_config(config)
   config = vit.get_config('testing,cifar10')
   del config.pp['train']
-  with pytest.raises(ValueError, match=r'config\.pp\.train is not set.*'
-                     r'config\.train_split'):
+  with pytest.raises(
+      ValueError,
+      match=r'config\.pp\.train is not set.*'
+      r'config\.train_split'):
     original_configs.to_project_config(config)
 
 
@@ -189,16 +215,16 @@ def test_missing_pretrained_file_names_it_and_the_bucket(tmp_path):
   assert 'gs://vit_models/imagenet21k' in str(e.value)
   config = mixer_base16_cifar10.get_config()
   config.pretrained_dir = str(tmp_path)
-  with pytest.raises(errors.ConfigError,
-                     match='gs://mixer_models/imagenet21k'):
+  with pytest.raises(errors.ConfigError, match='gs://mixer_models/imagenet21k'):
     original_configs.to_project_config(config)
 
 
 def test_unknown_vit_pair_lists_the_accepted_ones():
   with pytest.raises(ValueError) as e:
     vit.get_config('b99,cifar10')
-  assert all(name in str(e.value) for name in ('b16', 'l16', 'r50_b16',
-                                               'cifar100', 'imagenet2012'))
+  assert all(
+      name in str(e.value)
+      for name in ('b16', 'l16', 'r50_b16', 'cifar100', 'imagenet2012'))
   with pytest.raises(ValueError, match='cifar10, cifar100, imagenet2012'):
     vit.get_config('b16,mnist')
 

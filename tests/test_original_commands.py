@@ -21,10 +21,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
-from vit_jax.checkpoints import export
 from vit_jax import input_pipeline
 from vit_jax import test_utils
 from vit_jax import train
+from vit_jax.checkpoints import export
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.configs import common
 from vit_jax.configs import models
@@ -35,19 +35,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'vit_jax', 'configs')
 
 # Two steps of batch 8 on 32x32 images; evaluated at the end.
-SMALL_RUN = ['--config.total_steps=2', '--config.warmup_steps=1',
-             '--config.batch=8', '--config.batch_eval=8',
-             '--config.accum_steps=1', '--config.pp.crop=32',
-             '--config.shuffle_buffer=16', '--config.prefetch=0']
+SMALL_RUN = [
+    '--config.total_steps=2', '--config.warmup_steps=1', '--config.batch=8',
+    '--config.batch_eval=8', '--config.accum_steps=1', '--config.pp.crop=32',
+    '--config.shuffle_buffer=16', '--config.prefetch=0'
+]
 AUGREG_STEM = 'R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0'
 
 
 def _write_metadata(data_dir, name, splits):
   """dataset_info.json, so that mock_data knows the split sizes."""
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
-      for split, n in splits.items()]))
+  builder.info.set_splits(
+      tfds.core.SplitDict([
+          tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+          for split, n in splits.items()
+      ]))
   os.makedirs(builder.data_dir, exist_ok=True)
   builder.info.write_to_directory(builder.data_dir)
 
@@ -59,13 +62,13 @@ def _write_augreg_index(directory):
       ('R_Ti_16-i21k-300ep-lr_0.001-aug_light0-wd_0.1-do_0.0-sd_0.0', 'i21k',
        0.40),
       (AUGREG_STEM, 'i21k', 0.45),
-      ('R_Ti_16-i1k-300ep-lr_0.001-aug_none-wd_0.1-do_0.1-sd_0.1', 'i1k',
-       0.70),
+      ('R_Ti_16-i1k-300ep-lr_0.001-aug_none-wd_0.1-do_0.1-sd_0.1', 'i1k', 0.70),
       ('S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0', 'i21k',
        0.50),
   ]
-  pd.DataFrame(rows, columns=['filename', 'ds', 'final_val']).to_csv(
-      os.path.join(directory, 'index.csv'), index=False)
+  pd.DataFrame(
+      rows, columns=['filename', 'ds', 'final_val']).to_csv(
+          os.path.join(directory, 'index.csv'), index=False)
 
 
 @pytest.fixture(scope='module')
@@ -79,14 +82,13 @@ def dirs(tmp_path_factory):
   test_utils.create_checkpoint(models.get_testing_config(),
                                str(pretrained / 'testing.npz'))
   mixer = models.get_mixer_b16_config().unlock()
-  mixer.update(hidden_dim=8, num_blocks=1, tokens_mlp_dim=4,
-               channels_mlp_dim=8)
-  test_utils.create_checkpoint(mixer, str(pretrained / 'Mixer-B_16.npz'),
-                               image_size=32)
+  mixer.update(hidden_dim=8, num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+  test_utils.create_checkpoint(
+      mixer, str(pretrained / 'Mixer-B_16.npz'), image_size=32)
   r_ti = models.AUGREG_CONFIGS['R_Ti_16'].copy_and_resolve_references()
   r_ti.transformer.num_layers = 1
-  test_utils.create_checkpoint(r_ti, str(pretrained / f'{AUGREG_STEM}.npz'),
-                               image_size=64)
+  test_utils.create_checkpoint(
+      r_ti, str(pretrained / f'{AUGREG_STEM}.npz'), image_size=64)
   _write_augreg_index(str(pretrained))
   return {'data': data_dir, 'pretrained': str(pretrained), 'root': root}
 
@@ -97,11 +99,12 @@ def _encoded_images(self, split, **unused_kwargs):
   mock of oxford_iiit_pet draws invalid bounding boxes.)"""
   n = self.info.splits[split].num_examples
   rng = np.random.default_rng(0)
-  images = [tf.io.encode_png(rng.integers(0, 256, (40, 48, 3), np.uint8))
-            for _ in range(n)]
+  images = [
+      tf.io.encode_png(rng.integers(0, 256, (40, 48, 3), np.uint8))
+      for _ in range(n)
+  ]
   labels = rng.integers(0, self.info.features['label'].num_classes, n)
-  return tf.data.Dataset.from_tensor_slices({'image': images,
-                                             'label': labels})
+  return tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
 
 
 def run_main(argv, data_dir):
@@ -114,14 +117,15 @@ def run_main(argv, data_dir):
   argv = ['vit_jax.main'] + argv
   flag_values = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
-      'config', None, flag_values=flag_values, lock_config=True,
-      sys_argv=argv)
-  workdir_flag = flags.DEFINE_string('workdir', None, '',
-                                     flag_values=flag_values)
+      'config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+  workdir_flag = flags.DEFINE_string(
+      'workdir', None, '', flag_values=flag_values)
   flag_values(argv)
-  with tfds.testing.mock_data(num_examples=50, data_dir=data_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES,
-                              as_dataset_fn=_encoded_images):
+  with tfds.testing.mock_data(
+      num_examples=50,
+      data_dir=data_dir,
+      policy=tfds.testing.MockPolicy.USE_FILES,
+      as_dataset_fn=_encoded_images):
     train.train_and_evaluate(config_flag.value, workdir_flag.value)
 
 
@@ -142,24 +146,23 @@ def assert_trained_and_evaluated(workdir, steps=2):
 
 def test_vit_finetuning_command(dirs):
   workdir = str(dirs['root'] / 'vit')
-  run_main([f'--workdir={workdir}',
-            f'--config={CONFIGS}/vit.py:testing,cifar10',
-            f'--config.pretrained_dir={dirs["pretrained"]}',
-            f'--config.tfds_data_dir={dirs["data"]}'] + SMALL_RUN,
-           dirs['data'])
+  run_main([
+      f'--workdir={workdir}', f'--config={CONFIGS}/vit.py:testing,cifar10',
+      f'--config.pretrained_dir={dirs["pretrained"]}',
+      f'--config.tfds_data_dir={dirs["data"]}'
+  ] + SMALL_RUN, dirs['data'])
   assert_trained_and_evaluated(workdir)
 
 
 def test_augreg_command_picks_the_best_i21k_checkpoint(dirs):
   workdir = str(dirs['root'] / 'augreg')
-  run_main([f'--workdir={workdir}',
-            f'--config={CONFIGS}/augreg.py:R_Ti_16',
-            '--config.dataset=oxford_iiit_pet',
-            "--config.pp.train=train[:90%]", '--config.base_lr=0.01',
-            f'--config.pretrained_dir={dirs["pretrained"]}',
-            f'--config.tfds_data_dir={dirs["data"]}',
-            '--config.model.transformer.num_layers=1'] + SMALL_RUN +
-           ['--config.pp.crop=64'], dirs['data'])
+  run_main([
+      f'--workdir={workdir}', f'--config={CONFIGS}/augreg.py:R_Ti_16',
+      '--config.dataset=oxford_iiit_pet', "--config.pp.train=train[:90%]",
+      '--config.base_lr=0.01', f'--config.pretrained_dir={dirs["pretrained"]}',
+      f'--config.tfds_data_dir={dirs["data"]}',
+      '--config.model.transformer.num_layers=1'
+  ] + SMALL_RUN + ['--config.pp.crop=64'], dirs['data'])
   assert_trained_and_evaluated(workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert f'{AUGREG_STEM}.npz' in f.read()
@@ -167,21 +170,20 @@ def test_augreg_command_picks_the_best_i21k_checkpoint(dirs):
 
 def test_mixer_command(dirs):
   workdir = str(dirs['root'] / 'mixer')
-  run_main([f'--workdir={workdir}',
-            f'--config={CONFIGS}/mixer_base16_cifar10.py',
-            f'--config.pretrained_dir={dirs["pretrained"]}',
-            f'--config.tfds_data_dir={dirs["data"]}',
-            '--config.model.hidden_dim=8', '--config.model.num_blocks=1',
-            '--config.model.tokens_mlp_dim=4',
-            '--config.model.channels_mlp_dim=8'] + SMALL_RUN +
-           ['--config.total_steps=3'], dirs['data'])
+  run_main([
+      f'--workdir={workdir}', f'--config={CONFIGS}/mixer_base16_cifar10.py',
+      f'--config.pretrained_dir={dirs["pretrained"]}',
+      f'--config.tfds_data_dir={dirs["data"]}', '--config.model.hidden_dim=8',
+      '--config.model.num_blocks=1', '--config.model.tokens_mlp_dim=4',
+      '--config.model.channels_mlp_dim=8'
+  ] + SMALL_RUN + ['--config.total_steps=3'], dirs['data'])
   assert_trained_and_evaluated(workdir, steps=3)
   # Fine-tuning as the original: a fresh zero head for the 10 classes, then
   # trained; the pre-trained body is fine-tuned too (from step 3 on: the
   # first update has learning rate 0, and the body's gradient is 0 while
   # the head is).
-  pretrained = checkpoint.load(os.path.join(dirs['pretrained'],
-                                            'Mixer-B_16.npz'))
+  pretrained = checkpoint.load(
+      os.path.join(dirs['pretrained'], 'Mixer-B_16.npz'))
   tuned_path = os.path.join(workdir, 'tuned.npz')
   export.export(workdir, tuned_path)
   tuned = checkpoint.load(tuned_path)
@@ -193,13 +195,16 @@ def test_mixer_command(dirs):
 
 def test_inference_time_command(dirs):
   workdir = str(dirs['root'] / 'inference_time')
-  run_main([f'--workdir={workdir}',
-            f'--config={CONFIGS}/inference_time.py',
-            '--config.model_name=testing', '--config.batch=8',
-            '--config.num_classes=10', '--config.image_size=32',
-            '--config.steps=2', '--config.initial_steps=1'], dirs['data'])
-  assert {'imgs_sec_core_min', 'imgs_sec_core_max', 'imgs_sec_core_mean',
-          'imgs_sec_core_std'} <= event_tags(workdir)
+  run_main([
+      f'--workdir={workdir}', f'--config={CONFIGS}/inference_time.py',
+      '--config.model_name=testing', '--config.batch=8',
+      '--config.num_classes=10', '--config.image_size=32', '--config.steps=2',
+      '--config.initial_steps=1'
+  ], dirs['data'])
+  assert {
+      'imgs_sec_core_min', 'imgs_sec_core_max', 'imgs_sec_core_mean',
+      'imgs_sec_core_std'
+  } <= event_tags(workdir)
 
 
 def test_get_datasets_takes_the_original_config(dirs):
@@ -208,9 +213,11 @@ def test_get_datasets_takes_the_original_config(dirs):
   config.batch = 8
   config.pp.crop = 32
   config.tfds_data_dir = dirs['data']
-  with tfds.testing.mock_data(num_examples=50, data_dir=dirs['data'],
-                              policy=tfds.testing.MockPolicy.USE_FILES,
-                              as_dataset_fn=_encoded_images):
+  with tfds.testing.mock_data(
+      num_examples=50,
+      data_dir=dirs['data'],
+      policy=tfds.testing.MockPolicy.USE_FILES,
+      as_dataset_fn=_encoded_images):
     ds_train, _ = input_pipeline.get_datasets(config)
     batch = next(iter(ds_train))
   devices = jax.local_device_count()

@@ -36,15 +36,14 @@ PACKAGES = ('vit_jax', 'configs', 'bench')
 # `https://github.com/.../vit_jax/models.py` and `$OUT/docs/x.md` are
 # someone else's files.
 _START = r'(?<![\w./:~$@{}-])'
-PATH = re.compile(
-    _START + r'((?:[\w.-]+/)+[\w.-]+\.(?:' + '|'.join(EXTENSIONS) +
-    r'))(?![\w/-])')
-FOLDER = re.compile(
-    _START + r'((?:' + '|'.join(re.escape(f) for f in TOP_FOLDERS) +
-    r')(?:/\w+)*/)(?![\w.-])')
+PATH = re.compile(_START + r'((?:[\w.-]+/)+[\w.-]+\.(?:' +
+                  '|'.join(EXTENSIONS) + r'))(?![\w/-])')
+FOLDER = re.compile(_START + r'((?:' +
+                    '|'.join(re.escape(f) for f in TOP_FOLDERS) +
+                    r')(?:/\w+)*/)(?![\w.-])')
 # Not a template such as `vit_jax.configs.models.get_<model>_config`.
-MODULE = re.compile(
-    r'(?<![\w./-])((?:' + '|'.join(PACKAGES) + r')(?:\.\w+)+)(?![\w<*{])')
+MODULE = re.compile(r'(?<![\w./-])((?:' + '|'.join(PACKAGES) +
+                    r')(?:\.\w+)+)(?![\w<*{])')
 SECTION = re.compile(
     r'(?<![\w/.-])((?:[\w.-]+/)*(?:README|[\w.-]+\.md))(?:\'s)?,?\s+'
     r'(?:section\s+)?["\u201c]([^"\u201d]{1,80})["\u201d]')
@@ -68,15 +67,16 @@ def _python_prose(path):
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
                          ast.AsyncFunctionDef)) and node.body:
       first = node.body[0]
-      if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-          and isinstance(first.value.value, str)):
+      if (isinstance(first, ast.Expr) and
+          isinstance(first.value, ast.Constant) and
+          isinstance(first.value.value, str)):
         chunks.append((first.lineno, first.value.value))
   comments = []
   for token in tokenize.generate_tokens(io.StringIO(source).readline):
     if token.type == tokenize.COMMENT:
       line, text = token.start[0], token.string.lstrip('#').strip()
-      if comments and comments[-1][0] + comments[-1][1].count('\n') == (
-          line - 1):
+      if comments and comments[-1][0] + comments[-1][1].count('\n') == (line -
+                                                                        1):
         comments[-1] = (comments[-1][0], comments[-1][1] + '\n' + text)
       else:
         comments.append((line, text))
@@ -126,8 +126,7 @@ def _module_names(path):
   """The top-level names a module defines or imports."""
   names = set()
   for node in ast.parse(path.read_text()).body:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                         ast.ClassDef)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
       names.add(node.name)
     elif isinstance(node, (ast.Assign, ast.AnnAssign)):
       targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -165,11 +164,13 @@ def _in_checkout(pointer):
 def _pointers(path, chunks):
   """(line, pointer, what is wrong) of every pointer in `chunks` that fails."""
   for first_line, text in chunks:
+
     def line_of(match):
       return first_line + text.count('\n', 0, match.start())  # pylint: disable=cell-var-from-loop
+
     for match in PATH.finditer(text):
-      if (PLACEHOLDER.match(match.group(1))
-          or match.group(1) in MISSING_ON_PURPOSE):
+      if (PLACEHOLDER.match(match.group(1)) or
+          match.group(1) in MISSING_ON_PURPOSE):
         continue
       if _find(_in_checkout(match.group(1)), path) is None:
         yield line_of(match), match.group(1), 'no such file'
@@ -204,13 +205,13 @@ SOURCES = list(_sources())
 
 
 @pytest.mark.parametrize(
-    'path,chunks', SOURCES,
-    ids=[os.path.relpath(p, ROOT) for p, _ in SOURCES])
+    'path,chunks', SOURCES, ids=[os.path.relpath(p, ROOT) for p, _ in SOURCES])
 def test_pointers_exist(path, chunks):
   rel = os.path.relpath(path, ROOT)
-  stale = list(dict.fromkeys(  # one line per pointer, in order
-      f'{rel}:{line}: {pointer} ({why})'
-      for line, pointer, why in _pointers(path, chunks)))
+  stale = list(
+      dict.fromkeys(  # one line per pointer, in order
+          f'{rel}:{line}: {pointer} ({why})'
+          for line, pointer, why in _pointers(path, chunks)))
   assert not stale, 'stale pointers:\n' + '\n'.join(stale)
 
 
@@ -227,13 +228,15 @@ def test_the_patterns_find_pointers():
            'vit_jax.models.nothing, README "Installation", [g](gone.md), '
            'docs/speed.md#nowhere')
   text = f'{existing}.\n{not_ours}.\n{stale}.'
-  found = [(line, p, why) for line, p, why in _pointers(
-      ROOT / 'docs' / 'x.md', [(1, text)])]
-  assert found == [(3, 'vit_jax/pretrained.py', 'no such file'),
-                   (3, '../outside/x.md', 'no such file'),  # not in the repo
-                   (3, 'vit_jax/params/', 'no such folder'),
-                   (3, 'vit_jax.params.npz', 'no such module or name'),
-                   (3, 'vit_jax.models.nothing', 'no such module or name'),
-                   (3, 'README "Installation"', 'no such heading'),
-                   (3, 'gone.md', 'no such file'),
-                   (3, 'docs/speed.md#nowhere', 'no such heading')]
+  found = [(line, p, why)
+           for line, p, why in _pointers(ROOT / 'docs' / 'x.md', [(1, text)])]
+  assert found == [
+      (3, 'vit_jax/pretrained.py', 'no such file'),
+      (3, '../outside/x.md', 'no such file'),  # not in the repo
+      (3, 'vit_jax/params/', 'no such folder'),
+      (3, 'vit_jax.params.npz', 'no such module or name'),
+      (3, 'vit_jax.models.nothing', 'no such module or name'),
+      (3, 'README "Installation"', 'no such heading'),
+      (3, 'gone.md', 'no such file'),
+      (3, 'docs/speed.md#nowhere', 'no such heading')
+  ]

@@ -26,13 +26,13 @@ if ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
-from vit_jax.data import embedded_mnist
-from vit_jax.evaluation import label_names
-from vit_jax.evaluation import trained_model
-from vit_jax.checkpoints import export
 from vit_jax import input_pipeline
 from vit_jax import predict
 from vit_jax import train
+from vit_jax.checkpoints import export
+from vit_jax.data import embedded_mnist
+from vit_jax.evaluation import label_names
+from vit_jax.evaluation import trained_model
 
 STEPS = 150
 PROB_LINE = re.compile(r'^  (\d\.\d{4})  (\S+)$')
@@ -76,8 +76,8 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope='module')
 def pipeline_images(run):
   """The test split as the training's evaluation fed it to the model."""
-  _, ds_test = input_pipeline.get_datasets(run['config'], process_index=0,
-                                           process_count=1)
+  _, ds_test = input_pipeline.get_datasets(
+      run['config'], process_index=0, process_count=1)
   images, masks = [], []
   for batch in ds_test.as_numpy_iterator():
     images.append(batch['image'].reshape(-1, *batch['image'].shape[-3:]))
@@ -93,10 +93,15 @@ def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
   with open(os.path.join(workdir, label_names.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == [str(i) for i in range(10)]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.predict', '--workdir', workdir,
-       '--checkpoint', run['npz'], '--topk', '1', *files],
-      capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+  proc = subprocess.run([
+      sys.executable, '-m', 'vit_jax.predict', '--workdir', workdir,
+      '--checkpoint', run['npz'], '--topk', '1', *files
+  ],
+                        capture_output=True,
+                        text=True,
+                        env=env,
+                        timeout=300,
+                        cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   # The documented format: the path, then one '  0.1234  name' line per k.
@@ -122,20 +127,19 @@ def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
   # Image by image, the CLI's classes are the argmax of the model on the
   # inputs the training's evaluation fed it.
   trained = trained_model.load_model_from_workdir(workdir, run['npz'])
-  logits = jax.jit(lambda p, x: trained.model.apply({'params': p}, x,
-                                                    train=False))(
-                                                        trained.params,
-                                                        pipeline_images)
+  logits = jax.jit(
+      lambda p, x: trained.model.apply({'params': p}, x, train=False))(
+          trained.params, pipeline_images)
   np.testing.assert_array_equal(
       np.array(predicted, int), np.argmax(np.asarray(logits), axis=-1))
   np.testing.assert_array_equal(np.array(truth, int), labels)
 
 
-def test_png_digits_give_the_pipeline_inputs_bit_for_bit(digits,
-                                                        pipeline_images):
+def test_png_digits_give_the_pipeline_inputs_bit_for_bit(
+    digits, pipeline_images):
   files, _, _ = digits
-  ours = np.stack([predict.preprocess(predict.load_image(f), (28, 28))
-                   for f in files])
+  ours = np.stack(
+      [predict.preprocess(predict.load_image(f), (28, 28)) for f in files])
   assert ours.dtype == pipeline_images.dtype == np.float32
   np.testing.assert_array_equal(ours, pipeline_images)
 
@@ -157,13 +161,20 @@ def test_python_api_workdir_and_config_file(run, digits):
       os.path.join(ROOT, 'configs', 'embedded.py') + ':digits', run['npz'])
   assert from_file.image_size == (28, 28)
   assert from_file.class_names == [str(i) for i in range(10)]  # its dataset
-  by_path = predict.classify(trained.model, trained.params, files[:16],
-                             image_size=trained.image_size,
-                             labels=trained.class_names, topk=3)
-  by_array = predict.classify(from_file.model, from_file.params,
-                              list(images[:16]),
-                              image_size=from_file.image_size,
-                              labels=from_file.class_names, topk=3)
+  by_path = predict.classify(
+      trained.model,
+      trained.params,
+      files[:16],
+      image_size=trained.image_size,
+      labels=trained.class_names,
+      topk=3)
+  by_array = predict.classify(
+      from_file.model,
+      from_file.params,
+      list(images[:16]),
+      image_size=from_file.image_size,
+      labels=from_file.class_names,
+      topk=3)
   assert by_path == by_array
 
 
@@ -200,11 +211,14 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   rc, out = main('--workdir', run['workdir'], '--topk', '10')
   assert rc == 0
   assert sorted(line.split()[1] for line in out.out.splitlines()[1:]) == [
-      str(i) for i in range(10)]
+      str(i) for i in range(10)
+  ]
   # Exactly one of --model, --workdir, --config.
   with pytest.raises(SystemExit):
-    predict.main(['--model', 'testing', '--workdir', run['workdir'],
-                  '--checkpoint', npz, str(image)])
+    predict.main([
+        '--model', 'testing', '--workdir', run['workdir'], '--checkpoint', npz,
+        str(image)
+    ])
   with pytest.raises(SystemExit):
     predict.main(['--checkpoint', npz, str(image)])
   capsys.readouterr()

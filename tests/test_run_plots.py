@@ -24,10 +24,14 @@ def visible_labels(ax, fig):
 def test_loss_axis_labels_do_not_overlap(first, last):
   steps = np.arange(100, 2001, 100)
   loss = np.geomspace(first, last, len(steps))
-  records = [{'step': int(s), 'train_loss': float(l)}
-             for s, l in zip(steps, loss)]
-  records += [{'step': s, 'accuracy_test': a}
-              for s, a in ((500, 0.9), (1000, 0.95), (1500, 0.97))]
+  records = [{
+      'step': int(s),
+      'train_loss': float(l)
+  } for s, l in zip(steps, loss)]
+  records += [{
+      'step': s,
+      'accuracy_test': a
+  } for s, a in ((500, 0.9), (1000, 0.95), (1500, 0.97))]
   fig = run_plots.curves_figure(records)
   fig.canvas.draw()
   ax_loss, ax_acc = fig.axes

@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax.training import optim
 from vit_jax import train
 from vit_jax import utils
+from vit_jax.training import optim
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -39,9 +39,11 @@ def test_schedule_equals_original_formula(decay_type, warmup):
   lr_fn = utils.create_learning_rate_schedule(total, base, decay_type, warmup)
   steps = np.arange(0, total + 1)
   got = np.asarray(jax.vmap(lr_fn)(steps))
-  want = np.array([original_lr(s, total=total, base=base,
-                               decay_type=decay_type, warmup=warmup)
-                   for s in steps], np.float32)
+  want = np.array([
+      original_lr(
+          s, total=total, base=base, decay_type=decay_type, warmup=warmup)
+      for s in steps
+  ], np.float32)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)  # float32
   assert got.dtype == np.float32
 
@@ -75,17 +77,30 @@ def test_schedule_bad_arguments():
 
 def _tiny_setup(optimizer, warmup):
   model = train.models.VisionTransformer(
-      num_classes=3, patches=ml_collections.ConfigDict({'size': (4, 4)}),
-      hidden_size=8, transformer=ml_collections.ConfigDict(dict(
-          num_layers=1, mlp_dim=8, num_heads=2, dropout_rate=0.,
-          attention_dropout_rate=0.)), representation_size=8)
+      num_classes=3,
+      patches=ml_collections.ConfigDict({'size': (4, 4)}),
+      hidden_size=8,
+      transformer=ml_collections.ConfigDict(
+          dict(
+              num_layers=1,
+              mlp_dim=8,
+              num_heads=2,
+              dropout_rate=0.,
+              attention_dropout_rate=0.)),
+      representation_size=8)
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 8, 8, 3))
   labels = jax.nn.one_hot(jnp.array([[0, 1, 2, 1]]), 3)
   params = model.init(jax.random.PRNGKey(0), images[0], train=False)['params']
-  config = ml_collections.ConfigDict(dict(
-      optimizer=optimizer, total_steps=10, base_lr=0.1, decay_type='cosine',
-      warmup_steps=warmup, grad_norm_clip=1.0, optim_dtype=None,
-      weight_decay=0.1 if optimizer == 'adamw' else 0.))
+  config = ml_collections.ConfigDict(
+      dict(
+          optimizer=optimizer,
+          total_steps=10,
+          base_lr=0.1,
+          decay_type='cosine',
+          warmup_steps=warmup,
+          grad_norm_clip=1.0,
+          optim_dtype=None,
+          weight_decay=0.1 if optimizer == 'adamw' else 0.))
   tx, lr_fn = optim.make_optimizer(config)
   update_fn = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx)
   return params, tx, lr_fn, update_fn, {'image': images, 'label': labels}
@@ -96,8 +111,9 @@ def test_first_update_uses_learning_rate_zero(optimizer):
   params, tx, _, update_fn, batch = _tiny_setup(optimizer, warmup=3)
   repl = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], t)
   p0 = jax.device_get(params)
-  new, opt_state, _, _ = update_fn(repl(params), repl(tx.init(params)), batch,
-                                   jax.random.PRNGKey(0)[None])
+  new, opt_state, _, _ = update_fn(
+      repl(params), repl(tx.init(params)), batch,
+      jax.random.PRNGKey(0)[None])
   # Step 1: lr_fn(0) = 0, so nothing moves, not even by weight decay.
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a[0], b),
                          jax.device_get(new), p0)
@@ -109,6 +125,7 @@ def test_first_update_uses_learning_rate_zero(optimizer):
 def test_without_warmup_first_update_moves():
   params, tx, _, update_fn, batch = _tiny_setup('sgd_momentum', warmup=0)
   repl = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], t)
-  new, _, _, _ = update_fn(repl(params), repl(tx.init(params)), batch,
-                           jax.random.PRNGKey(0)[None])
+  new, _, _, _ = update_fn(
+      repl(params), repl(tx.init(params)), batch,
+      jax.random.PRNGKey(0)[None])
   assert np.abs(np.asarray(new['head']['kernel'])).max() > 0

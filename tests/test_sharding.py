@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -223,8 +223,14 @@ def eight():
   env['PYTHONPATH'] = os.pathsep.join([REPO, env.get('PYTHONPATH', '')])
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   result = subprocess.run(
-      [sys.executable, '-c', _EIGHT_DEVICES % {'min_size': MIN_SIZE}],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+      [sys.executable, '-c', _EIGHT_DEVICES % {
+          'min_size': MIN_SIZE
+      }],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   line, = [l for l in result.stdout.splitlines() if l.startswith('RESULT ')]
   return json.loads(line[len('RESULT '):])
@@ -266,16 +272,16 @@ def test_sharded_equals_single_device(eight):
     run = eight[accum]
     assert run['loss_vs_single'] < TOL, (accum, run['loss_vs_single'])
     assert run['params_vs_single'] < TOL, (accum, run['params_vs_single'])
-  np.testing.assert_allclose(eight['pmap_losses'], eight['single_losses'],
-                             atol=TOL)
+  np.testing.assert_allclose(
+      eight['pmap_losses'], eight['single_losses'], atol=TOL)
 
 
 def test_accumulation_equals_one_step(eight):
   one, two = eight['accum1'], eight['accum2']
   np.testing.assert_allclose(two['losses'], one['losses'], atol=TOL)
   for name, value in one['params'].items():
-    np.testing.assert_allclose(two['params'][name], value, atol=TOL,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        two['params'][name], value, atol=TOL, err_msg=name)
   assert two['params_vs_pmap'] < TOL
 
 
@@ -315,21 +321,23 @@ def test_hybrid_2x4_mesh_splits_state_over_fsdp_and_batch_over_all(eight):
   image = layout['image']
   assert image['spec'] == [['data', 'fsdp']]
   assert image['shard_shape'] == [2, 32, 32, 3]
-  assert image['starts'] == [[[2 * (4 * i + j), 0, 0, 0] for j in range(4)]
-                             for i in range(2)]
+  assert image['starts'] == [
+      [[2 * (4 * i + j), 0, 0, 0] for j in range(4)] for i in range(2)
+  ]
   assert not image['rows_equal']
 
 
 def test_data_fsdp_meshes_train_like_pmap_and_the_1d_mesh(eight):
-  for name, shape in (('mesh2x4', [2, 4]), ('mesh8x1', [8, 1]),
-                      ('mesh1x8', [1, 8])):
+  for name, shape in (('mesh2x4', [2, 4]), ('mesh8x1', [8,
+                                                        1]), ('mesh1x8', [1,
+                                                                          8])):
     run = eight[name]
     assert run['shape'] == shape, name
     assert run['compiles'] == 1, name
     assert run['params_vs_pmap'] < TOL, (name, run['params_vs_pmap'])
     assert run['params_vs_fsdp_1d'] < TOL, (name, run['params_vs_fsdp_1d'])
-    np.testing.assert_allclose(run['losses'], eight['pmap_losses'], atol=TOL,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        run['losses'], eight['pmap_losses'], atol=TOL, err_msg=name)
   # 1 x 8 compiles to the 1-D mesh's program: the same parameters, bit for
   # bit.
   assert eight['mesh1x8']['params_equal_fsdp_1d']
@@ -338,17 +346,20 @@ def test_data_fsdp_meshes_train_like_pmap_and_the_1d_mesh(eight):
 # ------------------------------------------------------------ one device
 
 
-@pytest.mark.parametrize('shape, spec', [
-    ((768, 3072), P(None, 'data')),    # the largest dim
-    ((3072, 768), P('data')),
-    ((768, 12, 64), P('data')),         # q/k/v kernel
-    ((12, 64, 768), P(None, None, 'data')),
-    ((1, 197, 768), P(None, None, 'data')),  # 197 not divisible: next one
-    ((12, 768, 3072), P(None, None, 'data')),  # scanned: layer axis not split
-    ((1001, 999), P()),                 # no divisible dim: replicated
-    ((3072,), P()),                     # small: replicated
-    ((), P()),
-])
+@pytest.mark.parametrize(
+    'shape, spec',
+    [
+        ((768, 3072), P(None, 'data')),  # the largest dim
+        ((3072, 768), P('data')),
+        ((768, 12, 64), P('data')),  # q/k/v kernel
+        ((12, 64, 768), P(None, None, 'data')),
+        ((1, 197, 768), P(None, None, 'data')),  # 197 not divisible: next one
+        ((12, 768, 3072), P(None, None,
+                            'data')),  # scanned: layer axis not split
+        ((1001, 999), P()),  # no divisible dim: replicated
+        ((3072,), P()),  # small: replicated
+        ((), P()),
+    ])
 def test_partition_spec_rule(shape, spec):
   assert sharding.fsdp_partition_spec(shape, 8, min_size=2**16) == spec
 
@@ -363,8 +374,11 @@ def test_partition_spec_ties_and_one_shard():
 def test_single_device_mesh_replicates_and_round_trips():
   mesh = device_mesh.make_mesh()
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
-  tree = {'w': np.arange(2**16, dtype=np.float32).reshape(256, 256),
-          'b': np.ones(3, np.int32), 'count': np.int32(7)}
+  tree = {
+      'w': np.arange(2**16, dtype=np.float32).reshape(256, 256),
+      'b': np.ones(3, np.int32),
+      'count': np.int32(7)
+  }
   shardings = sharding.fsdp_shardings(tree, mesh)
   placed = sharding.shard_params(tree, shardings)
   for name, value in tree.items():
@@ -376,8 +390,8 @@ def test_single_device_mesh_replicates_and_round_trips():
   assert sharding.fsdp_shardings(shapes, mesh) == shardings
 
 
-@pytest.mark.parametrize('make_mesh', [device_mesh.make_mesh,
-                                       device_mesh.make_data_fsdp_mesh])
+@pytest.mark.parametrize(
+    'make_mesh', [device_mesh.make_mesh, device_mesh.make_data_fsdp_mesh])
 def test_shard_batch_layouts(make_mesh):
   mesh = make_mesh()
   n = jax.local_device_count()
@@ -385,10 +399,10 @@ def test_shard_batch_layouts(make_mesh):
   label = np.arange(n * 2 * 5, dtype=np.float32).reshape(n, 2, 5)
   out = sharding.shard_batch({'image': image, 'label': label}, mesh)
   assert out['image'].shape == (n * 2, 4, 4, 3)
-  np.testing.assert_array_equal(np.asarray(out['image']),
-                                image.reshape(n * 2, 4, 4, 3))
-  np.testing.assert_array_equal(np.asarray(out['label']),
-                                label.reshape(n * 2, 5))
+  np.testing.assert_array_equal(
+      np.asarray(out['image']), image.reshape(n * 2, 4, 4, 3))
+  np.testing.assert_array_equal(
+      np.asarray(out['label']), label.reshape(n * 2, 5))
   flat = sharding.shard_batch({'image': image[0]}, mesh)
   np.testing.assert_array_equal(np.asarray(flat['image']), image[0])
 
@@ -400,8 +414,8 @@ def test_mesh_shape_resolves_minus_one_and_rejects_what_does_not_fit():
   assert device_mesh.mesh_shape(4, 2, 8) == (4, 2)
   for data, fsdp, words in ((2, 2, r'data=2 x fsdp=2 = 4 devices'),
                             (3, -1, r'data=3 does not divide the 8 devices; '
-                             r'choose one of \[1, 2, 4, 8\]'),
-                            (-1, -1, 'both -1'),
+                             r'choose one of \[1, 2, 4, 8\]'), (-1, -1,
+                                                                'both -1'),
                             (0, 8, 'data=0 is not a number of devices'),
                             (1, -2, 'fsdp=-2 is not a number of devices')):
     with pytest.raises(ValueError, match=words):
@@ -418,8 +432,11 @@ class _FakeDevice:
 
 def _grid_processes(processes, local, data, fsdp):
   # Listed round-robin over processes: the grid must still group them.
-  devices = [_FakeDevice(p * local + i, p) for i in range(local)
-             for p in range(processes)]
+  devices = [
+      _FakeDevice(p * local + i, p)
+      for i in range(local)
+      for p in range(processes)
+  ]
   grid = device_mesh.device_grid(data, fsdp, devices)
   assert grid.shape == (data, fsdp)
   assert sorted(d.id for d in grid.flat) == list(range(processes * local))
@@ -448,8 +465,12 @@ def test_bad_input_errors():
     device_mesh.make_mesh([])
   with pytest.raises(ValueError, match='Unknown loss'):
     sharded_step.make_sharded_update_fn(
-        apply_fn=None, tx=None, mesh=mesh, param_shardings=None,
-        opt_shardings=None, loss='l2')
+        apply_fn=None,
+        tx=None,
+        mesh=mesh,
+        param_shardings=None,
+        opt_shardings=None,
+        loss='l2')
 
 
 def _linear_model(variables, images, train=False, rngs=None):
@@ -466,13 +487,20 @@ def test_batch_not_divisible_by_accum_steps():
   ps = sharding.fsdp_shardings(params, mesh)
   os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
   update_fn = sharded_step.make_sharded_update_fn(
-      apply_fn=_linear_model, tx=tx, mesh=mesh, param_shardings=ps,
-      opt_shardings=os_, accum_steps=3)
-  batch = {'image': np.zeros((4 * jax.device_count(), 4, 4, 3), np.float32),
-           'label': np.zeros((4 * jax.device_count(), 3), np.float32)}
+      apply_fn=_linear_model,
+      tx=tx,
+      mesh=mesh,
+      param_shardings=ps,
+      opt_shardings=os_,
+      accum_steps=3)
+  batch = {
+      'image': np.zeros((4 * jax.device_count(), 4, 4, 3), np.float32),
+      'label': np.zeros((4 * jax.device_count(), 3), np.float32)
+  }
   with pytest.raises(ValueError, match='accum_steps=3'):
-    update_fn(sharding.shard_params(params, ps), tx.init(params), batch,
-              jax.random.PRNGKey(0))
+    update_fn(
+        sharding.shard_params(params, ps), tx.init(params), batch,
+        jax.random.PRNGKey(0))
 
 
 def test_eval_fn_counts_top1_hits_without_padding():
@@ -487,8 +515,12 @@ def test_eval_fn_counts_top1_hits_without_padding():
   ps = sharding.fsdp_shardings(params, mesh)
   eval_fn = sharded_step.make_sharded_eval_fn(
       apply_fn=_linear_model, mesh=mesh, param_shardings=ps)
-  correct, count = eval_fn(sharding.shard_params(params, ps),
-                           {'image': images, 'label': labels, 'mask': mask})
+  correct, count = eval_fn(
+      sharding.shard_params(params, ps), {
+          'image': images,
+          'label': labels,
+          'mask': mask
+      })
   top1 = np.argmax(images.reshape(n, -1) @ params['w'], axis=-1)
   hits = labels[np.arange(n), top1] * mask
   assert float(count) == n - 3

@@ -18,11 +18,11 @@ import pytest
 
 import official
 from vit_jax import checkpoint
-from vit_jax.checkpoints import layouts
 from vit_jax import models
 from vit_jax import models_vit
-from vit_jax.layers import attention
+from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import trees
+from vit_jax.layers import attention
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
@@ -36,24 +36,32 @@ def tiny(**kw) -> models.VisionTransformer:
       num_classes=10,
       patches=ml_collections.ConfigDict({'size': (8, 8)}),
       hidden_size=32,
-      transformer=ml_collections.ConfigDict(dict(
-          num_layers=NUM_LAYERS, num_heads=2, mlp_dim=64, dropout_rate=0.,
-          attention_dropout_rate=0.)),
+      transformer=ml_collections.ConfigDict(
+          dict(
+              num_layers=NUM_LAYERS,
+              num_heads=2,
+              mlp_dim=64,
+              dropout_rate=0.,
+              attention_dropout_rate=0.)),
       representation_size=16)
   config.update(kw)
   return models.VisionTransformer(**config)
 
 
 def with_dropout(rate=0.1, attention_rate=0.1):
-  return ml_collections.ConfigDict(dict(
-      num_layers=NUM_LAYERS, num_heads=2, mlp_dim=64, dropout_rate=rate,
-      attention_dropout_rate=attention_rate))
+  return ml_collections.ConfigDict(
+      dict(
+          num_layers=NUM_LAYERS,
+          num_heads=2,
+          mlp_dim=64,
+          dropout_rate=rate,
+          attention_dropout_rate=attention_rate))
 
 
 @pytest.fixture(scope='module')
 def images():
-  return jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)),
-                     jnp.float32)
+  return jnp.asarray(
+      np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
 
 
 @pytest.fixture(scope='module')
@@ -61,8 +69,8 @@ def params(images):
   """Per-layer parameters with a random head (the fresh one is all zeros)."""
   rng = np.random.default_rng(1)
   return jax.tree_util.tree_map(
-      lambda x: jnp.asarray(x + 0.05 * rng.standard_normal(x.shape),
-                            jnp.float32), init(tiny(), images))
+      lambda x: jnp.asarray(x + 0.05 * rng.standard_normal(x.shape), jnp.float32
+                           ), init(tiny(), images))
 
 
 @pytest.fixture(scope='module')
@@ -78,8 +86,8 @@ def logits(images, params):
 
 
 def init(model, images):
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0), images)['params']
+  return jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                             images)['params']
 
 
 def labels(n=4, classes=10):
@@ -88,13 +96,14 @@ def labels(n=4, classes=10):
 
 def train_step(model, params, images, rng=None):
   """Params after one clipped SGD-momentum step, as the fine-tuning recipe."""
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
 
   def loss_fn(p):
-    logits = model.apply({'params': p}, images, train=True,
-                         rngs={'dropout': rng if rng is not None else
-                               jax.random.key(2)})
+    logits = model.apply(
+        {'params': p},
+        images,
+        train=True,
+        rngs={'dropout': rng if rng is not None else jax.random.key(2)})
     return optax.softmax_cross_entropy(logits, labels()).mean()
 
   @jax.jit
@@ -108,10 +117,14 @@ def train_step(model, params, images, rng=None):
 
 def assert_trees_close(a, b, atol=ATOL):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                          jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol,
-                               rtol=0, err_msg=jax.tree_util.keystr(path))
+  for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(
+        np.asarray(x),
+        np.asarray(y),
+        atol=atol,
+        rtol=0,
+        err_msg=jax.tree_util.keystr(path))
 
 
 def apply(model, params, images):
@@ -155,14 +168,13 @@ def test_layouts_round_trip_nested_and_flat(params):
 
 
 def test_layouts_convert_an_optimizer_state(params):
-  tx = optax.chain(optax.clip_by_global_norm(1.),
-                   optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(optax.clip_by_global_norm(1.), optax.sgd(0.1, momentum=0.9))
   state = tx.init(params)
   state = jax.tree_util.tree_map(lambda x: x + 1, state)  # Not all zeros.
   scanned = layouts.layers_to_scan(state, NUM_LAYERS)
   expected = tx.init(layouts.layers_to_scan(params, NUM_LAYERS))
-  assert (jax.tree_util.tree_structure(scanned) ==
-          jax.tree_util.tree_structure(expected))
+  assert (jax.tree_util.tree_structure(scanned) == jax.tree_util.tree_structure(
+      expected))
   assert_trees_close(layouts.scan_to_layers(scanned), state, atol=0)
 
 
@@ -185,18 +197,20 @@ def test_layouts_errors_name_the_problem(params):
 def test_official_fixture_in_a_scanned_model(name):
   model = official.model(name, scan=True)
   params = layouts.layers_to_scan(
-      checkpoint.load(official.params_path(name)),
-      model.transformer.num_layers)
-  np.testing.assert_allclose(apply(model, params, official.inputs()),
-                             official.logits(name), atol=official.ATOL, rtol=0)
+      checkpoint.load(official.params_path(name)), model.transformer.num_layers)
+  np.testing.assert_allclose(
+      apply(model, params, official.inputs()),
+      official.logits(name),
+      atol=official.ATOL,
+      rtol=0)
 
 
 def test_scan_matches_loop_outputs_and_training_step(images, params, logits,
-                                                    stepped):
+                                                     stepped):
   scan = tiny(scan=True)
   scanned = layouts.layers_to_scan(params, NUM_LAYERS)
-  np.testing.assert_allclose(apply(scan, scanned, images), logits, atol=ATOL,
-                             rtol=0)
+  np.testing.assert_allclose(
+      apply(scan, scanned, images), logits, atol=ATOL, rtol=0)
   after_loop = stepped
   after_scan = train_step(scan, scanned, images)
   assert_trees_close(layouts.scan_to_layers(after_scan), after_loop)
@@ -210,7 +224,9 @@ def test_scan_draws_different_dropout_masks_per_layer(images, params):
   model = tiny(scan=True, transformer=with_dropout(0.5, 0.))
   scanned = layouts.layers_to_scan(params, NUM_LAYERS)
   _, state = model.apply(
-      {'params': scanned}, images, train=True,
+      {'params': scanned},
+      images,
+      train=True,
       rngs={'dropout': jax.random.key(3)},
       capture_intermediates=lambda m, _: isinstance(m, models_vit.MlpBlock),
       mutable=['intermediates'])
@@ -227,9 +243,10 @@ def test_scan_draws_different_dropout_masks_per_layer(images, params):
 
 def test_scan_attention_weights_have_a_layer_axis(images, params):
   model = tiny(scan=True)
-  _, state = model.apply(
-      {'params': layouts.layers_to_scan(params, NUM_LAYERS)}, images,
-      train=False, mutable=['intermediates'])
+  _, state = model.apply({'params': layouts.layers_to_scan(params, NUM_LAYERS)},
+                         images,
+                         train=False,
+                         mutable=['intermediates'])
   scanned = state['intermediates']['Transformer']['encoderblock'][
       'MultiHeadDotProductAttention_0']['attention_weights'][0]
   expected = models.attention_weights(tiny(), params, images)
@@ -252,8 +269,8 @@ def test_remat_matches_no_remat(images, params, scan, policy):
   base = train_step(base_model, p, images, rng)
   model = tiny(scan=scan, transformer=dropout, remat_policy=policy)
   if not scan:  # Remat changes only the backward pass; one check suffices.
-    np.testing.assert_array_equal(apply(model, p, images),
-                                  apply(base_model, p, images))
+    np.testing.assert_array_equal(
+        apply(model, p, images), apply(base_model, p, images))
   assert_trees_close(train_step(model, p, images, rng), base)
 
 
@@ -279,13 +296,15 @@ def test_attention_impl_matches_reference(images, params, logits, stepped,
                                           impl):
   """dot_product_attention ('xla') and heads-major attention: same numbers."""
   model = tiny(attention_impl=impl)
-  np.testing.assert_allclose(apply(model, params, images), logits, atol=ATOL,
-                             rtol=0)
+  np.testing.assert_allclose(
+      apply(model, params, images), logits, atol=ATOL, rtol=0)
   assert_trees_close(train_step(model, params, images), stepped)
   scanned = layouts.layers_to_scan(params, NUM_LAYERS)
   np.testing.assert_allclose(
-      apply(tiny(scan=True, attention_impl=impl), scanned, images), logits,
-      atol=ATOL, rtol=0)
+      apply(tiny(scan=True, attention_impl=impl), scanned, images),
+      logits,
+      atol=ATOL,
+      rtol=0)
 
 
 def test_fused_attention_calls_jax_dot_product_attention(images, params):
@@ -297,17 +316,17 @@ def test_fused_attention_calls_jax_dot_product_attention(images, params):
 
   real = jax.nn.dot_product_attention
   with mock.patch.object(jax.nn, 'dot_product_attention', spy):
-    jax.eval_shape(lambda p: tiny(attention_impl='xla').apply(
-        {'params': p}, images, train=False), params)
+    jax.eval_shape(
+        lambda p: tiny(attention_impl='xla').apply(
+            {'params': p}, images, train=False), params)
     assert calls == ['xla'] * NUM_LAYERS
-    jax.eval_shape(lambda p: tiny().apply(
-        {'params': p}, images, train=False), params)
+    jax.eval_shape(lambda p: tiny().apply({'params': p}, images, train=False),
+                   params)
     assert calls == ['xla'] * NUM_LAYERS  # The reference path does not.
 
 
 @pytest.mark.parametrize('impl', ['xla', 'heads_major'])
-def test_attention_impl_falls_back_for_attention_weights(images, params,
-                                                         impl):
+def test_attention_impl_falls_back_for_attention_weights(images, params, impl):
   """Weights are collected the reference way, [B, N, T, T] per block."""
   ours = models.attention_weights(tiny(attention_impl=impl), params, images)
   reference = models.attention_weights(tiny(), params, images)
@@ -321,9 +340,11 @@ def test_attention_impl_falls_back_for_attention_weights(images, params,
 def test_fused_attention_refuses_attention_dropout(images, params):
   model = tiny(attention_impl='xla', transformer=with_dropout(0., 0.1))
   with pytest.raises(ValueError, match='attention_dropout_rate=0'):
-    jax.eval_shape(lambda p: model.apply(
-        {'params': p}, images, train=True,
-        rngs={'dropout': jax.random.key(0)}), params)
+    jax.eval_shape(
+        lambda p: model.apply({'params': p},
+                              images,
+                              train=True,
+                              rngs={'dropout': jax.random.key(0)}), params)
   # Without training there is no dropout, so it runs.
   jax.eval_shape(lambda p: model.apply({'params': p}, images, train=False),
                  params)
@@ -332,40 +353,46 @@ def test_fused_attention_refuses_attention_dropout(images, params):
 # ---- Heads-major attention.
 
 
-def test_heads_major_attention_draws_the_reference_dropout_mask(images,
-                                                                params):
+def test_heads_major_attention_draws_the_reference_dropout_mask(images, params):
+
   def train_logits(model):
-    return model.apply({'params': params}, images, train=True,
+    return model.apply({'params': params},
+                       images,
+                       train=True,
                        rngs={'dropout': jax.random.key(5)})
 
   dropout = with_dropout(0., 0.3)
   reference = train_logits(tiny(transformer=dropout))
   np.testing.assert_allclose(
       train_logits(tiny(transformer=dropout, attention_impl='heads_major')),
-      reference, atol=ATOL, rtol=0)
+      reference,
+      atol=ATOL,
+      rtol=0)
   # Dropout did change the logits, so the equality is about the mask.
   assert float(jnp.abs(reference - apply(tiny(), params, images)).max()) > 1e-3
 
 
 def test_heads_major_attention_with_a_mask_equals_flax():
   rng = np.random.default_rng(3)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
-             for _ in range(3))
+  q, k, v = (
+      jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+      for _ in range(3))
   mask = rng.uniform(size=(2, 3, 5, 5)) < 0.6
   mask[..., np.arange(5), np.arange(5)] = True  # No fully masked row.
   np.testing.assert_allclose(
-      attention.heads_major_attention(q, k, v, mask=jnp.asarray(mask),
-                                       deterministic=True),
+      attention.heads_major_attention(
+          q, k, v, mask=jnp.asarray(mask), deterministic=True),
       nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)),
-      atol=1e-6, rtol=0)
+      atol=1e-6,
+      rtol=0)
 
 
 # ---- Class token only in the last block.
 
 
 def compiled_flops(model, params, images):
-  compiled = jax.jit(lambda p: model.apply({'params': p}, images,
-                                           train=False)).lower(params).compile()
+  compiled = jax.jit(lambda p: model.apply({'params': p}, images, train=False)
+                    ).lower(params).compile()
   cost = compiled.cost_analysis()
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
 
@@ -381,19 +408,19 @@ def test_token_only_last_block_matches_the_full_model(images, params, logits,
     expected_step = train_step(full, params, images)
     atol = 1e-3
   pruned = tiny(token_only_last_block=True, dtype=full.dtype)
-  np.testing.assert_allclose(apply(pruned, params, images), expected_logits,
-                             atol=atol, rtol=0)
-  assert_trees_close(train_step(pruned, params, images), expected_step,
-                     atol=atol)
+  np.testing.assert_allclose(
+      apply(pruned, params, images), expected_logits, atol=atol, rtol=0)
+  assert_trees_close(
+      train_step(pruned, params, images), expected_step, atol=atol)
   # It does compute less: the last block's queries, attention output and MLP
   # run for 1 of the 5 tokens.
-  assert (compiled_flops(pruned, params, images) <
-          0.9 * compiled_flops(full, params, images))
+  assert (compiled_flops(pruned, params, images)
+          < 0.9 * compiled_flops(full, params, images))
 
 
 def test_token_only_last_block_keeps_all_attention_weights(images, params):
-  ours = models.attention_weights(tiny(token_only_last_block=True), params,
-                                  images)
+  ours = models.attention_weights(
+      tiny(token_only_last_block=True), params, images)
   reference = models.attention_weights(tiny(), params, images)
   assert [w.shape for w in ours] == [(4, 2, 5, 5)] * NUM_LAYERS
   for a, b in zip(ours, reference):
@@ -404,8 +431,9 @@ def test_token_only_last_block_leaves_other_classifiers_alone(images):
   gap = tiny(classifier='gap')
   gap_params = init(gap, images)
   np.testing.assert_array_equal(
-      apply(tiny(classifier='gap', token_only_last_block=True), gap_params,
-            images), apply(gap, gap_params, images))
+      apply(
+          tiny(classifier='gap', token_only_last_block=True), gap_params,
+          images), apply(gap, gap_params, images))
 
 
 def test_token_only_last_block_needs_the_unscanned_encoder():
@@ -416,8 +444,9 @@ def test_token_only_last_block_needs_the_unscanned_encoder():
 @pytest.mark.skipif(jax.default_backend() == 'gpu', reason='CPU-only error')
 def test_cudnn_attention_off_gpu_says_so(images, params):
   with pytest.raises(ValueError, match="attention_impl='xla'"):
-    jax.eval_shape(lambda p: tiny(attention_impl='cudnn').apply(
-        {'params': p}, images, train=False), params)
+    jax.eval_shape(
+        lambda p: tiny(attention_impl='cudnn').apply(
+            {'params': p}, images, train=False), params)
 
 
 def test_unknown_switches_are_rejected():
@@ -432,23 +461,23 @@ def test_unknown_switches_are_rejected():
 # ---- bfloat16 compute.
 
 
-def test_bfloat16_is_close_with_float32_params_and_logits(images, params,
-                                                         logits, stepped):
+def test_bfloat16_is_close_with_float32_params_and_logits(
+    images, params, logits, stepped):
   model = tiny(dtype=jnp.bfloat16)
   reference = logits
   logits = apply(model, params, images)
   assert logits.dtype == jnp.float32
   assert np.abs(reference).max() > 0.1  # Not a comparison of zeros.
-  np.testing.assert_allclose(logits, reference, atol=0.03 * np.abs(
-      reference).max(), rtol=0)
+  np.testing.assert_allclose(
+      logits, reference, atol=0.03 * np.abs(reference).max(), rtol=0)
   assert not np.array_equal(logits, reference)  # bf16 really was used.
-  fresh = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
-                                              train=False), images)['params']
-  assert {x.dtype for x in jax.tree_util.tree_leaves(fresh)} == {
-      np.dtype(np.float32)}
+  fresh = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), images)['params']
+  assert {x.dtype for x in jax.tree_util.tree_leaves(fresh)
+         } == {np.dtype(np.float32)}
   after = train_step(model, params, images)
-  assert {x.dtype for x in jax.tree_util.tree_leaves(after)} == {
-      np.dtype(np.float32)}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(after)
+         } == {np.dtype(np.float32)}
   assert_trees_close(after, stepped, atol=5e-3)
 
 
@@ -459,8 +488,9 @@ def _dots(hlo_text):
     if 'stablehlo.dot_general' in line:
       sig = line.rsplit(':', 1)[1]
       operands, result = sig.split('->')
-      out.append((tuple(t.strip() for t in operands.strip(' ()').split(',')
-                        if 'tensor' in t), result.strip()))
+      out.append((tuple(
+          t.strip() for t in operands.strip(' ()').split(',') if 'tensor' in t),
+                  result.strip()))
   return out
 
 
@@ -487,7 +517,9 @@ def test_bfloat16_matmuls_take_bf16_and_accumulate_in_float32(
   assert len(conv) == 1 and 'bf16' not in conv[0], conv
   # The final LayerNorm hands float32 to the head, the blocks' bfloat16.
   _, state = model.apply(
-      {'params': params}, images, train=False,
+      {'params': params},
+      images,
+      train=False,
       capture_intermediates=lambda m, _: isinstance(m, nn.LayerNorm))
   norms = state['intermediates']['Transformer']
   assert norms['encoder_norm']['__call__'][0].dtype == jnp.float32
@@ -495,15 +527,17 @@ def test_bfloat16_matmuls_take_bf16_and_accumulate_in_float32(
       jnp.bfloat16)
 
 
-@pytest.mark.parametrize('lhs_shape,rhs_shape,dimension_numbers', [
-    ((4, 5, 6), (6, 9), (((2,), (0,)), ((), ()))),  # Dense.
-    ((4, 5, 3, 2), (3, 2, 7), (((2, 3), (0, 1)), ((), ()))),  # Out proj.
-    # Attention q.k^T and p.v, batch axes not leading: their gradients
-    # contract non-minor axes, which XLA:CPU's Eigen fallback cannot run in
-    # bf16 -> f32 ("Unsupported element type for DotThunk").
-    ((2, 7, 3, 8), (2, 5, 3, 8), (((3,), (3,)), ((0, 2), (0, 2)))),
-    ((2, 3, 7, 5), (2, 5, 3, 8), (((3,), (1,)), ((0, 1), (0, 2)))),
-])
+@pytest.mark.parametrize(
+    'lhs_shape,rhs_shape,dimension_numbers',
+    [
+        ((4, 5, 6), (6, 9), (((2,), (0,)), ((), ()))),  # Dense.
+        ((4, 5, 3, 2), (3, 2, 7), (((2, 3), (0, 1)), ((), ()))),  # Out proj.
+        # Attention q.k^T and p.v, batch axes not leading: their gradients
+        # contract non-minor axes, which XLA:CPU's Eigen fallback cannot run in
+        # bf16 -> f32 ("Unsupported element type for DotThunk").
+        ((2, 7, 3, 8), (2, 5, 3, 8), (((3,), (3,)), ((0, 2), (0, 2)))),
+        ((2, 3, 7, 5), (2, 5, 3, 8), (((3,), (1,)), ((0, 1), (0, 2)))),
+    ])
 def test_mixed_precision_gradients_run_in_bf16_and_are_right(
     lhs_shape, rhs_shape, dimension_numbers):
   from vit_jax.layers import mixed_precision  # pylint: disable=g-import-not-at-top
@@ -517,14 +551,14 @@ def test_mixed_precision_gradients_run_in_bf16_and_are_right(
   mixed = lambda a, b, dn: mixed_precision.f32_accumulating_dot_general(
       a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dn)
   grads = jax.jit(jax.grad(functools.partial(loss, mixed), (0, 1)))(lhs, rhs)
-  exact = jax.grad(functools.partial(loss, jax.lax.dot_general), (0, 1))(
-      lhs, rhs)
+  exact = jax.grad(functools.partial(loss, jax.lax.dot_general), (0, 1))(lhs,
+                                                                         rhs)
   for g, e in zip(grads, exact):
     assert g.dtype == jnp.float32 and g.shape == e.shape
     # bf16 operands: ~3 significant digits.
     np.testing.assert_allclose(g, e, atol=0.05 * np.abs(e).max(), rtol=0)
-  hlo = jax.jit(jax.grad(functools.partial(loss, mixed), (0, 1))).lower(
-      lhs, rhs).as_text()
+  hlo = jax.jit(jax.grad(functools.partial(loss, mixed),
+                         (0, 1))).lower(lhs, rhs).as_text()
   dots = _dots(hlo)
   assert len(dots) == 3  # Forward, and one per operand's gradient.
   for operands, result in dots:

@@ -25,8 +25,8 @@ def _augment(**pp):
 def test_eval_resize_takes_the_centre_crop_of_the_short_side():
   image = _image(6, 9)
   # Short side already 6: no resize; top round(2/2)=1, left round(5/2)=2.
-  out = input_pipeline._preprocess(tf.constant(image), (4, 4),
-                                   _augment(eval_resize=6))
+  out = input_pipeline._preprocess(
+      tf.constant(image), (4, 4), _augment(eval_resize=6))
   np.testing.assert_array_equal(
       out.numpy(), (image[1:5, 2:6].astype(np.float32) - 127.5) / 127.5)
   # Portrait, odd margin: top round(5/2) = 2 (half to even), left 1.
@@ -36,8 +36,8 @@ def test_eval_resize_takes_the_centre_crop_of_the_short_side():
   np.testing.assert_array_equal(out, tall[2:6, 1:5].astype(np.float32))
   # The default stays the original's plain resize.
   plain = input_pipeline._preprocess(tf.constant(image), (4, 4), _augment())
-  np.testing.assert_array_equal(plain.numpy(), (tf.image.resize(
-      image, (4, 4)).numpy() - 127.5) / 127.5)
+  np.testing.assert_array_equal(
+      plain.numpy(), (tf.image.resize(image, (4, 4)).numpy() - 127.5) / 127.5)
 
 
 def test_flip_mirrors_about_half_of_the_examples():
@@ -45,8 +45,8 @@ def test_flip_mirrors_about_half_of_the_examples():
   augment = _augment(augment='none', flip=True)
   flipped = 0
   for i in range(64):
-    out = input_pipeline._preprocess(tf.constant(image), (4, 4), augment,
-                                     tf.constant([i, 0]))
+    out = input_pipeline._preprocess(
+        tf.constant(image), (4, 4), augment, tf.constant([i, 0]))
     x = out.numpy() * 127.5 + 127.5
     if np.array_equal(x, image[:, ::-1]):
       flipped += 1
@@ -78,13 +78,15 @@ def test_random_resized_crop_boxes_have_torchvision_ranges():
   try:
     import timm_support  # pylint: disable=g-import-not-at-top
     timm_support.make_torchvision_importable()
-    from torchvision import transforms  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
+    from torchvision import transforms  # pylint: disable=g-import-not-at-top
   except ImportError:  # the checks above stand
     return
   torch.manual_seed(0)
-  theirs = np.array([transforms.RandomResizedCrop.get_params(
-      torch.zeros(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(400)])
+  theirs = np.array([
+      transforms.RandomResizedCrop.get_params(
+          torch.zeros(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(400)
+  ])
   t_area = theirs[:, 2] * theirs[:, 3] / (h * w)
   assert abs(t_area.mean() - area.mean()) < 0.06
   assert t_area.min() >= 0.075 and (theirs[:, 0] + theirs[:, 2] <= h).all()

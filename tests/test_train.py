@@ -28,17 +28,16 @@ if REPO not in sys.path:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
 from vit_jax import checkpoint  # pylint: disable=wrong-import-position
-from vit_jax.training import optim  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
-from vit_jax.checkpoints import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
+from vit_jax.checkpoints import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax.checkpoints import trees  # pylint: disable=wrong-import-position
+from vit_jax.parallel import runners  # pylint: disable=wrong-import-position
+from vit_jax.reporting import run_report  # pylint: disable=wrong-import-position
 from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
 from vit_jax.training import objectives  # pylint: disable=wrong-import-position
-from vit_jax.reporting import run_report  # pylint: disable=wrong-import-position
-from vit_jax.parallel import runners  # pylint: disable=wrong-import-position
+from vit_jax.training import optim  # pylint: disable=wrong-import-position
 from vit_jax.training import step_guards  # pylint: disable=wrong-import-position
-
 
 # ------------------------------------------------------------------ helpers
 
@@ -88,11 +87,16 @@ def run_python(code, *, devices=1, timeout=300, args=()):
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['PYTHONPATH'] = os.pathsep.join(
-      [REPO, os.path.join(REPO, 'tests'), env.get('PYTHONPATH', '')])
+      [REPO, os.path.join(REPO, 'tests'),
+       env.get('PYTHONPATH', '')])
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  result = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *args],
-                          env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(
+      [sys.executable, '-c', textwrap.dedent(code), *args],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout)
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 
@@ -125,8 +129,12 @@ def test_train_steps_on_image_folder(tmp_path):
   data = str(tmp_path / 'images')
   _write_image_folder(data)
   workdir = str(tmp_path / 'work')
-  config = tiny_config(dataset=data, batch=6, batch_eval=4, total_steps=2,
-                       **{'pp.augment': 'inception_crop'})
+  config = tiny_config(
+      dataset=data,
+      batch=6,
+      batch_eval=4,
+      total_steps=2,
+      **{'pp.augment': 'inception_crop'})
   summary = train.train_and_evaluate(config, workdir)
   assert summary == read_summary(workdir) | {}  # written to disk as returned
   assert summary['step'] == 2 and summary['start_step'] == 0
@@ -144,11 +152,13 @@ def test_train_steps_on_image_folder(tmp_path):
 def _write_cifar10_metadata(data_dir, train_examples, test_examples):
   """dataset_info.json so tfds.testing.mock_data knows the split sizes."""
   builder = tfds.builder('cifar10', data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name='train', shard_lengths=[train_examples],
-                          num_bytes=0),
-      tfds.core.SplitInfo(name='test', shard_lengths=[test_examples],
-                          num_bytes=0)]))
+  builder.info.set_splits(
+      tfds.core.SplitDict([
+          tfds.core.SplitInfo(
+              name='train', shard_lengths=[train_examples], num_bytes=0),
+          tfds.core.SplitInfo(
+              name='test', shard_lengths=[test_examples], num_bytes=0)
+      ]))
   os.makedirs(builder.data_dir, exist_ok=True)
   builder.info.write_to_directory(builder.data_dir)
 
@@ -156,11 +166,20 @@ def _write_cifar10_metadata(data_dir, train_examples, test_examples):
 def test_train_steps_on_tfds_mock_data(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   _write_cifar10_metadata(data_dir, 32, 16)
-  config = tiny_config(dataset='cifar10', tfds_data_dir=data_dir, batch=8,
-                       batch_eval=8, total_steps=2,
-                       **{'pp.crop': 28, 'pp.augment': 'inception_crop'})
-  with tfds.testing.mock_data(num_examples=32, data_dir=data_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
+  config = tiny_config(
+      dataset='cifar10',
+      tfds_data_dir=data_dir,
+      batch=8,
+      batch_eval=8,
+      total_steps=2,
+      **{
+          'pp.crop': 28,
+          'pp.augment': 'inception_crop'
+      })
+  with tfds.testing.mock_data(
+      num_examples=32,
+      data_dir=data_dir,
+      policy=tfds.testing.MockPolicy.USE_FILES):
     summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert summary['step'] == 2
   assert summary['eval_history'][-1][0] == 2
@@ -177,8 +196,8 @@ def test_resume_after_finish_only_evaluates(tmp_path):
   assert again['accuracy'] == first['accuracy']
   # A different model cannot resume from these checkpoints.
   other = tiny_config(total_steps=4, **{'model.hidden_size': 24})
-  with pytest.raises(ValueError,
-                     match='Cannot resume from step 2.*new --workdir'):
+  with pytest.raises(
+      ValueError, match='Cannot resume from step 2.*new --workdir'):
     train.train_and_evaluate(other, workdir)
 
 
@@ -198,29 +217,39 @@ np.savez(sys.argv[1], losses=np.array(losses),
 
 def three_steps(*, devices, accum_steps):
   """Three pmapped SGD-momentum updates of 16-example global batches."""
-  model = train.create_model(ml_collections.ConfigDict(
-      {'model': tiny_model_config(), 'objective': 'classification'}),
+  model = train.create_model(
+      ml_collections.ConfigDict({
+          'model': tiny_model_config(),
+          'objective': 'classification'
+      }),
       num_classes=10)
   rng = np.random.RandomState(0)
   images = rng.uniform(-1, 1, (3, 16, 28, 28, 3)).astype(np.float32)
   labels = np.eye(10, dtype=np.float32)[rng.randint(0, 10, (3, 16))]
-  params = model.init(jax.random.PRNGKey(0), images[0, :1],
-                      train=False)['params']
-  config = ml_collections.ConfigDict(dict(
-      optimizer='sgd_momentum', total_steps=4, base_lr=0.1,
-      decay_type='cosine', warmup_steps=0, grad_norm_clip=1.0,
-      optim_dtype=None))
+  params = model.init(
+      jax.random.PRNGKey(0), images[0, :1], train=False)['params']
+  config = ml_collections.ConfigDict(
+      dict(
+          optimizer='sgd_momentum',
+          total_steps=4,
+          base_lr=0.1,
+          decay_type='cosine',
+          warmup_steps=0,
+          grad_norm_clip=1.0,
+          optim_dtype=None))
   tx, _ = optim.make_optimizer(config)
-  update_fn = train.make_update_fn(apply_fn=model.apply,
-                                   accum_steps=accum_steps, tx=tx)
-  params_repl, opt_repl = flax.jax_utils.replicate(
-      (params, tx.init(params)), axis_name=runners.AXIS)
+  update_fn = train.make_update_fn(
+      apply_fn=model.apply, accum_steps=accum_steps, tx=tx)
+  params_repl, opt_repl = flax.jax_utils.replicate((params, tx.init(params)),
+                                                   axis_name=runners.AXIS)
   losses = []
   for step in range(3):
-    batch = {'image': images[step].reshape(devices, -1, 28, 28, 3),
-             'label': labels[step].reshape(devices, -1, 10)}
-    rng_repl = flax.jax_utils.replicate(jax.random.PRNGKey(step),
-                                        axis_name=runners.AXIS)
+    batch = {
+        'image': images[step].reshape(devices, -1, 28, 28, 3),
+        'label': labels[step].reshape(devices, -1, 10)
+    }
+    rng_repl = flax.jax_utils.replicate(
+        jax.random.PRNGKey(step), axis_name=runners.AXIS)
     params_repl, opt_repl, loss, _ = update_fn(params_repl, opt_repl, batch,
                                                rng_repl)
     assert np.all(np.asarray(loss) == np.asarray(loss)[0])  # pmean'd
@@ -243,19 +272,22 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   np.testing.assert_allclose(eight.pop('losses'), losses, rtol=1e-5)
   assert set(flat) == set(eight)
   for key, value in flat.items():
-    np.testing.assert_allclose(eight[key], value, rtol=1e-5, atol=1e-5,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        eight[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
   # 1 device, 4 accumulated micro-batches of 4 == 1 device x 16 at once.
   losses4, params4 = three_steps(devices=1, accum_steps=4)
   np.testing.assert_allclose(losses4, losses, rtol=1e-5)
   for key, value in trees.flatten_tree(params4).items():
-    np.testing.assert_allclose(value, flat[key], rtol=1e-5, atol=1e-6,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        value, flat[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_accumulating_4_micro_batches_equals_full_batch():
-  model = train.create_model(ml_collections.ConfigDict(
-      {'model': tiny_model_config(), 'objective': 'classification'}),
+  model = train.create_model(
+      ml_collections.ConfigDict({
+          'model': tiny_model_config(),
+          'objective': 'classification'
+      }),
       num_classes=10)
   rng = np.random.RandomState(1)
   images = jnp.asarray(rng.uniform(-1, 1, (16, 28, 28, 3)), jnp.float32)
@@ -272,9 +304,8 @@ def test_accumulating_4_micro_batches_equals_full_batch():
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   full_loss, full_grads = grad_fn(params, images, labels)
-  acc_loss, acc_grads = jax.jit(
-      lambda p, x, y: utils.accumulate_gradient(
-          jax.value_and_grad(loss_fn), p, x, y, 4))(params, images, labels)
+  acc_loss, acc_grads = jax.jit(lambda p, x, y: utils.accumulate_gradient(
+      jax.value_and_grad(loss_fn), p, x, y, 4))(params, images, labels)
   np.testing.assert_allclose(acc_loss, full_loss, rtol=0, atol=1e-5)
   # float32 sums in another order: ~1e-5 relative; a wrong scaling is 4x.
   jax.tree_util.tree_map(
@@ -282,12 +313,14 @@ def test_accumulating_4_micro_batches_equals_full_batch():
       acc_grads, full_grads)
   # The mean of the 4 slices' losses, computed by hand.
   slice_loss = jax.jit(loss_fn)
-  by_hand = np.mean([slice_loss(params, images[i:i + 4], labels[i:i + 4])
-                     for i in range(0, 16, 4)])
+  by_hand = np.mean([
+      slice_loss(params, images[i:i + 4], labels[i:i + 4])
+      for i in range(0, 16, 4)
+  ])
   np.testing.assert_allclose(acc_loss, by_hand, rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match='accum_steps'):
-    utils.accumulate_gradient(jax.value_and_grad(loss_fn), params,
-                              images[:10], labels[:10], 4)
+    utils.accumulate_gradient(
+        jax.value_and_grad(loss_fn), params, images[:10], labels[:10], 4)
 
 
 def test_sigmoid_xent_matches_formula():
@@ -295,11 +328,12 @@ def test_sigmoid_xent_matches_formula():
   labels = jnp.array([[1.0, 0.0, 1.0]])
   p = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5])))
   want = -(np.log(p[0]) + np.log(1 - p[1]) + np.log(p[2]))
-  np.testing.assert_allclose(objectives.sigmoid_xent(logits=logits, labels=labels),
-                             want, rtol=1e-6)
+  np.testing.assert_allclose(
+      objectives.sigmoid_xent(logits=logits, labels=labels), want, rtol=1e-6)
   np.testing.assert_allclose(
       objectives.softmax_xent(logits=logits, labels=jnp.array([[0., 1., 0.]])),
-      -jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)
+      -jax.nn.log_softmax(logits)[0, 1],
+      rtol=1e-6)
 
 
 def test_label_smoothing_mixes_uniform_targets():
@@ -313,10 +347,9 @@ def test_label_smoothing_mixes_uniform_targets():
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   targets = 0.9 * labels + 0.1 / 3
   np.testing.assert_allclose(got, -(targets * logp).sum(-1).mean(), rtol=1e-6)
-  plain = objectives.classification_loss_fn(apply_fn)(
-      jnp.asarray(logits), None, jnp.asarray(labels), None)
-  np.testing.assert_allclose(plain, -(labels * logp).sum(-1).mean(),
-                             rtol=1e-6)
+  plain = objectives.classification_loss_fn(apply_fn)(jnp.asarray(logits), None,
+                                                      jnp.asarray(labels), None)
+  np.testing.assert_allclose(plain, -(labels * logp).sum(-1).mean(), rtol=1e-6)
 
 
 def test_confusion_counts_top1_without_padding():
@@ -348,8 +381,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(
   def poisoned(config, *, start_step=0, **kw):
     ds_train, ds_test = real_get_datasets(config, start_step=start_step, **kw)
     # Batches of step 4 on (index 3, counting from 0) hold NaN pixels.
-    ds_train = ds_train.enumerate(start=start_step).map(
-        lambda i, b: {**b, 'image': tf.where(i >= 3, np.nan, b['image'])})
+    ds_train = ds_train.enumerate(start=start_step).map(lambda i, b: {
+        **b, 'image': tf.where(i >= 3, np.nan, b['image'])
+    })
     return ds_train, ds_test
 
   monkeypatch.setattr(train.input_pipeline, 'get_datasets', poisoned)
@@ -385,10 +419,13 @@ def test_checkpoint_refuses_nan_state_and_drops_unfinished_saves(tmp_path):
 def test_pretrained_checkpoint_that_does_not_fit(tmp_path):
   other = tiny_model_config()
   other.hidden_size = 24  # a different width than the model being trained
-  model = train.create_model(ml_collections.ConfigDict(
-      {'model': other, 'objective': 'classification'}), 10)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros([1, 28, 28, 3]),
-                      train=False)['params']
+  model = train.create_model(
+      ml_collections.ConfigDict({
+          'model': other,
+          'objective': 'classification'
+      }), 10)
+  params = model.init(
+      jax.random.PRNGKey(0), jnp.zeros([1, 28, 28, 3]), train=False)['params']
   path = str(tmp_path / 'other.npz')
   checkpoint.save(params, path)
   config = tiny_config(pretrained_path=path)
@@ -405,8 +442,8 @@ def test_bad_config_values():
   with pytest.raises(ValueError, match='optimizer'):
     optim.make_optimizer(tiny_config(optimizer='lamb'))
   with pytest.raises(ValueError, match='weight_decay'):
-    optim.make_optimizer(tiny_config(optimizer='sgd_momentum',
-                                     weight_decay=0.1))
+    optim.make_optimizer(
+        tiny_config(optimizer='sgd_momentum', weight_decay=0.1))
 
 
 _BATCH_SCRIPT = """
@@ -428,10 +465,15 @@ def test_batch_not_divisible_by_device_count():
 def test_main_reports_missing_dataset_without_traceback(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   missing = str(tmp_path / 'no_such_folder')
-  result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
-       f'--config.dataset={missing}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([
+      sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
+      f'--config.dataset={missing}'
+  ],
+                          cwd=REPO,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
   assert result.returncode == 1
   assert 'Error: Image folder' in result.stderr
   assert 'does not exist' in result.stderr

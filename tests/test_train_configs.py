@@ -9,16 +9,16 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from test_train import REPO
-from vit_jax.configs import schema
 from configs import embedded
 from configs import embedded_finetune
 from configs import embedded_pretrain
 from configs import finetune
 from configs import imagenet1k
 from configs import imagenet21k
+from test_train import REPO
 from vit_jax import models
 from vit_jax import train
+from vit_jax.configs import schema
 
 
 def test_base_config_is_locked():
@@ -141,8 +141,10 @@ BUILT_CONFIGS = [
 
 
 def test_every_config_is_built_below():
-  names = {os.path.basename(p)[:-len('.py')]
-           for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))}
+  names = {
+      os.path.basename(p)[:-len('.py')]
+      for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+  }
   assert names - {'__init__', 'common'} == {c for c, _, _ in BUILT_CONFIGS}
 
 
@@ -159,8 +161,10 @@ def _blocks(encoder, num_layers):
   if 'encoderblock' in encoder:  # scan=True: a leading axis of layers
     stacked = encoder['encoderblock']
     assert {x.shape[0] for x in jax.tree.leaves(stacked)} == {num_layers}
-    return [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                         stacked)] * num_layers
+    return [
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                     stacked)
+    ] * num_layers
   names = [f'encoderblock_{i}' for i in range(num_layers)]
   assert {k for k in encoder if k.startswith('encoderblock')} == set(names)
   return [encoder[n] for n in names]
@@ -181,8 +185,8 @@ def test_every_config_builds_its_model(module, arg, num_classes):
   for block in _blocks(params['Transformer'], m.transformer.num_layers):
     assert block['MlpBlock_0']['Dense_0']['kernel'].shape == (
         hidden, m.transformer.mlp_dim)
-    assert block['MultiHeadDotProductAttention_0']['query'][
-        'kernel'].shape == (hidden, heads, hidden // heads)
+    assert block['MultiHeadDotProductAttention_0']['query']['kernel'].shape == (
+        hidden, heads, hidden // heads)
   has_cls = m.classifier in ('token', 'token_unpooled')
   assert ('cls' in params) == has_cls
   if m.get('posemb', 'learn') == 'learn':

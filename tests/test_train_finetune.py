@@ -12,8 +12,8 @@ import numpy as np
 
 from configs import embedded_finetune
 from configs import embedded_pretrain
-from vit_jax.checkpoints import export
 from vit_jax import train
+from vit_jax.checkpoints import export
 from vit_jax.checkpoints import npz
 
 PRETRAIN_STEPS = 200

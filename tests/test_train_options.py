@@ -20,18 +20,21 @@ import optax
 import pytest
 
 import test_checkpoint
-from test_train import read_summary, run_python, tiny_config, tiny_model_config
+from test_train import read_summary
+from test_train import run_python
+from test_train import tiny_config
+from test_train import tiny_model_config
 from vit_jax import checkpoint
+from vit_jax import models_mpp
+from vit_jax import train
 from vit_jax.checkpoints import export
-from vit_jax.evaluation import fewshot
 from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
-from vit_jax import models_mpp
+from vit_jax.evaluation import fewshot
 from vit_jax.training import objectives
 from vit_jax.training import optim
-from vit_jax import train
-from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 
@@ -39,10 +42,13 @@ UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 
 def _flat(tree):
-  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(
-      k, 'name', k))))
-  return {'/'.join(name(k) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  name = lambda k: str(
+      getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  return {
+      '/'.join(name(k)
+               for k in path): np.asarray(v)
+      for path, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _tiny_params(representation_size=8):
@@ -80,14 +86,16 @@ def test_trainable_presets_and_regex():
   names = lambda spec: sorted(
       k for k, v in _flat(trainable.trainable_mask(params, spec)).items() if v)
   assert names('head') == ['head/bias', 'head/kernel']
-  assert names('head+pre_logits') == ['head/bias', 'head/kernel',
-                                      'pre_logits/bias', 'pre_logits/kernel']
+  assert names('head+pre_logits') == [
+      'head/bias', 'head/kernel', 'pre_logits/bias', 'pre_logits/kernel'
+  ]
   assert names('encoder_norm|^head') == [
       'Transformer/encoder_norm/bias', 'Transformer/encoder_norm/scale',
-      'head/bias', 'head/kernel']
+      'head/bias', 'head/kernel'
+  ]
   assert names(None) == names('all') == sorted(_flat(params))
-  train_part, frozen = trainable.split(
-      params, trainable.trainable_mask(params, 'head'))
+  train_part, frozen = trainable.split(params,
+                                       trainable.trainable_mask(params, 'head'))
   assert sorted(_flat(train_part)) == ['head/bias', 'head/kernel']
   merged = _flat(trainable.merge(train_part, frozen))
   assert merged.keys() == _flat(params).keys()
@@ -103,20 +111,30 @@ def test_head_only_update_equals_the_head_part_of_the_full_update():
   """Without clipping, SGD's head update does not depend on what else trains."""
   _, model, params = _tiny_params()
   rng = np.random.RandomState(0)
-  batch = {'image': rng.uniform(-1, 1, (1, 8, 28, 28, 3)).astype(np.float32),
-           'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, (1, 8))]}
+  batch = {
+      'image': rng.uniform(-1, 1, (1, 8, 28, 28, 3)).astype(np.float32),
+      'label': np.eye(10, dtype=np.float32)[rng.randint(0, 10, (1, 8))]
+  }
   # A non-zero head so that the backbone gets gradients too.
   params['head']['kernel'] = rng.normal(0, 0.1, (8, 10)).astype(np.float32)
-  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(
-      optimizer='sgd_momentum', total_steps=2, base_lr=0.5,
-      decay_type='linear', warmup_steps=0, grad_norm_clip=0.0,
-      optim_dtype=None)))
+  tx, _ = optim.make_optimizer(
+      ml_collections.ConfigDict(
+          dict(
+              optimizer='sgd_momentum',
+              total_steps=2,
+              base_lr=0.5,
+              decay_type='linear',
+              warmup_steps=0,
+              grad_norm_clip=0.0,
+              optim_dtype=None)))
   results = {}
   for spec in ('all', 'head'):
     mask = trainable.trainable_mask(params, spec)
     train_part = trainable.partition(params, None if spec == 'all' else mask)[0]
     update_fn = train.make_update_fn(
-        apply_fn=model.apply, accum_steps=1, tx=tx,
+        apply_fn=model.apply,
+        accum_steps=1,
+        tx=tx,
         trainable_mask=None if spec == 'all' else mask)
     state = jax.tree_util.tree_map(lambda x: np.asarray(x)[None],
                                    (params, tx.init(train_part)))
@@ -126,8 +144,8 @@ def test_head_only_update_equals_the_head_part_of_the_full_update():
   before = _flat(params)
   for key in before:
     if key.startswith('head/'):
-      np.testing.assert_allclose(results['head'][key], results['all'][key],
-                                 rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(
+          results['head'][key], results['all'][key], rtol=1e-6, atol=1e-7)
       assert np.any(results['head'][key] != before[key]), key
     else:
       np.testing.assert_array_equal(results['head'][key], before[key])
@@ -137,13 +155,18 @@ def test_head_only_update_equals_the_head_part_of_the_full_update():
   # query and key kernels, and softmax ignores the key bias.
   attention = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_0/'
   still = sorted(k for k in before if np.all(results['all'][k] == before[k]))
-  assert still == [attention + n for n in ('key/bias', 'key/kernel',
-                                            'query/kernel')], still
+  assert still == [
+      attention + n for n in ('key/bias', 'key/kernel', 'query/kernel')
+  ], still
 
 
 def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
-  config = tiny_config(total_steps=3, optimizer='adamw', weight_decay=0.1,
-                       base_lr=0.01, trainable='head+pre_logits')
+  config = tiny_config(
+      total_steps=3,
+      optimizer='adamw',
+      weight_decay=0.1,
+      base_lr=0.01,
+      trainable='head+pre_logits')
   config.model = tiny_model_config(representation_size=8)
   workdir = str(tmp_path / 'frozen')
   summary = train.train_and_evaluate(config, workdir)
@@ -164,11 +187,13 @@ def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
   assert summary['num_params'] > 10 * n_trainable
   # AdamW's moments exist for the trainable leaves only.
   state, mask, step, _ = train._init_or_restore(  # pylint: disable=protected-access
-      config, model, optim.make_optimizer(config)[0], ckpts)
+      config, model,
+      optim.make_optimizer(config)[0], ckpts)
   ckpts.close()
   assert step == 3 and mask is not None
-  moments = [x for x in jax.tree_util.tree_leaves(state['opt_state'])
-             if np.ndim(x)]
+  moments = [
+      x for x in jax.tree_util.tree_leaves(state['opt_state']) if np.ndim(x)
+  ]
   assert sum(np.size(x) for x in moments) == 2 * n_trainable
   for path, value in _flat(state['opt_state']).items():
     assert not np.ndim(value) or '/head/' in path or '/pre_logits/' in path, (
@@ -176,7 +201,6 @@ def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
 
 
 # ------------------------------------------------------------ FSDP in loop
-
 
 _FSDP_SCRIPT = """
 import json, sys
@@ -228,19 +252,21 @@ def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
     np.testing.assert_allclose(fsdp['loss'], pmap['loss'], rtol=1e-5)
     assert fsdp['params'].keys() == pmap['params'].keys()
     for key, value in pmap['params'].items():
-      np.testing.assert_allclose(fsdp['params'][key], value, rtol=1e-5,
-                                 atol=1e-5, err_msg=key)
+      np.testing.assert_allclose(
+          fsdp['params'][key], value, rtol=1e-5, atol=1e-5, err_msg=key)
   # Frozen under FSDP: the backbone is the initialisation, bit for bit.
   config = tiny_config()
-  init = {'/'.join(k.split('/')): v for k, v in _flat(train.init_params(
-      train.create_model(config, 10), config)).items()}
+  init = {
+      '/'.join(k.split('/')): v for k, v in _flat(
+          train.init_params(train.create_model(config, 10), config)).items()
+  }
   head = out['fsdp_head']['params']
   for key, value in init.items():
     if key.startswith('head/'):
       assert np.any(np.asarray(head[key], np.float32) != value), key
     else:
-      np.testing.assert_array_equal(np.asarray(head[key], np.float32), value,
-                                    err_msg=key)
+      np.testing.assert_array_equal(
+          np.asarray(head[key], np.float32), value, err_msg=key)
 
 
 # ------------------------------------------- export, one leaf at a time
@@ -252,17 +278,18 @@ def _save_state(workdir, case):
   Adam and an average of the weights, all leaves + 1). Returns the
   parameters export should write (linen names, per layer)."""
   hybrid = case == 'hybrid'
-  config = test_checkpoint.tiny_config(
-      'gap' if hybrid else 'token', 16 if hybrid else None,
-      () if hybrid else None, 2 if hybrid else 8)
+  config = test_checkpoint.tiny_config('gap' if hybrid else 'token',
+                                       16 if hybrid else None,
+                                       () if hybrid else None,
+                                       2 if hybrid else 8)
   params = test_checkpoint.random_params(config, (16, 16))
   tx = optax.sgd(0.1, momentum=0.9) if hybrid else optax.adam(1e-3)
   state = {'params': params, 'opt_state': tx.init(params)}
   if case == 'scanned_ema':
     state['params'] = layouts.layers_to_scan(params, 2)
     ema = weight_ema.with_weight_ema(tx, 0.9).init(state['params'])
-    state['opt_state'] = ema._replace(ema_params=jax.tree_util.tree_map(
-        lambda x: x + 1, ema.ema_params))
+    state['opt_state'] = ema._replace(
+        ema_params=jax.tree_util.tree_map(lambda x: x + 1, ema.ema_params))
     params = jax.tree_util.tree_map(lambda x: x + 1, params)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   ckpts.save(1, state)
@@ -280,6 +307,7 @@ def saved_state(tmp_path_factory):
       workdir = str(tmp_path_factory.mktemp(case))
       cache[case] = workdir, _save_state(workdir, case)
     return cache[case]
+
   return get
 
 
@@ -314,8 +342,8 @@ def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
       assert time.monotonic() < deadline, 'a leaf read before is still held'
       time.sleep(0.001)
     restored = read(self, directory, item)
-    (key,), leaves = trees.flatten_tree(item), jax.tree_util.tree_leaves(
-        restored)
+    (key,
+    ), leaves = trees.flatten_tree(item), jax.tree_util.tree_leaves(restored)
     assert len(leaves) == 1 and isinstance(leaves[0], np.ndarray)
     alive.append(weakref.ref(leaves[0]))
     events.append(key)
@@ -325,6 +353,7 @@ def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
     raise AssertionError('The whole train state was restored.')
 
   write = np.lib.format.write_array
+
   def write_one(f, array, **kw):
     events.append(array.shape)
     write(f, array, **kw)
@@ -337,8 +366,8 @@ def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
   reads = [e for e in events if isinstance(e, str)]
   # The average replaces every parameter; no moment (mu, nu) is read.
   scanned = layouts.layers_to_scan(params, 2)
-  assert sorted(reads) == sorted(f'opt_state/ema_params/{k}'
-                                 for k in trees.flatten_tree(scanned))
+  assert sorted(reads) == sorted(
+      f'opt_state/ema_params/{k}' for k in trees.flatten_tree(scanned))
   # After each read, its arrays (a scanned leaf: one per layer) are written.
   for i, key in enumerate(reads):
     start = events.index(key) + 1
@@ -351,18 +380,26 @@ def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
 
 
 def test_mpp_pretraining_lowers_the_loss_and_fine_tunes(tmp_path):
-  config = tiny_config(objective='mpp', total_steps=30, batch=64,
-                       accum_steps=2, optimizer='adamw', base_lr=1e-2,
-                       weight_decay=0.0, warmup_steps=3, eval_every=30,
-                       checkpoint_every=30, log_every=10)
+  config = tiny_config(
+      objective='mpp',
+      total_steps=30,
+      batch=64,
+      accum_steps=2,
+      optimizer='adamw',
+      base_lr=1e-2,
+      weight_decay=0.0,
+      warmup_steps=3,
+      eval_every=30,
+      checkpoint_every=30,
+      log_every=10)
   model = train.create_model(config, 10)
   assert isinstance(model, models_mpp.MaskedPatchPredictor)
   start = train.init_params(model, config)
   assert {'mask_token', 'mpp_head'} <= set(start)
   # At initialisation the zero mpp_head predicts uniformly: loss ln 512.
   images = np.random.RandomState(0).uniform(-1, 1, (4, 28, 28, 3))
-  loss0 = models_mpp.loss_fn(start, images.astype(np.float32),
-                               jax.random.PRNGKey(0), model=model)
+  loss0 = models_mpp.loss_fn(
+      start, images.astype(np.float32), jax.random.PRNGKey(0), model=model)
   np.testing.assert_allclose(loss0, math.log(512), rtol=1e-6)
 
   summary = train.train_and_evaluate(config, str(tmp_path / 'mpp'))
@@ -409,9 +446,14 @@ def test_mpp_refuses_a_pretrained_checkpoint():
 
 def test_fewshot_during_training_equals_the_evaluator_on_the_checkpoint(
     tmp_path):
-  overrides = {'total_steps': 4, 'fewshot.every_steps': 2,
-               'fewshot.shots': (1, 3), 'fewshot.seeds': (0, 1),
-               'fewshot.max_per_class': 5, 'fewshot.max_test_examples': 100}
+  overrides = {
+      'total_steps': 4,
+      'fewshot.every_steps': 2,
+      'fewshot.shots': (1, 3),
+      'fewshot.seeds': (0, 1),
+      'fewshot.max_per_class': 5,
+      'fewshot.max_test_examples': 100
+  }
   config = tiny_config(**overrides)
   workdir = str(tmp_path / 'fs')
   summary = train.train_and_evaluate(config, workdir)

@@ -20,23 +20,31 @@ from test_train import REPO
 from test_train import read_summary
 from test_train import tiny_config
 from vit_jax import train
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.reporting import run_report
-from vit_jax.checkpoints import train_checkpoint
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 TOTAL_STEPS = 300
 # Shared by the in-process reference and the command-line runs.
 OVERRIDES = {
-    'model.model_name': 'tiny', 'model.hidden_size': 16,
-    'model.transformer.mlp_dim': 32, 'model.transformer.num_heads': 2,
+    'model.model_name': 'tiny',
+    'model.hidden_size': 16,
+    'model.transformer.mlp_dim': 32,
+    'model.transformer.num_heads': 2,
     'model.transformer.num_layers': 1,
     # Dropout on, so that the per-step keys matter.
     'model.transformer.dropout_rate': 0.1,
-    'model_name': 'tiny', 'batch': 32, 'batch_eval': 500,
-    'total_steps': TOTAL_STEPS, 'warmup_steps': 10, 'log_every': 1,
-    'eval_every': 1000, 'checkpoint_every': 10, 'prefetch': 1,
+    'model_name': 'tiny',
+    'batch': 32,
+    'batch_eval': 500,
+    'total_steps': TOTAL_STEPS,
+    'warmup_steps': 10,
+    'log_every': 1,
+    'eval_every': 1000,
+    'checkpoint_every': 10,
+    'prefetch': 1,
 }
 
 
@@ -45,12 +53,16 @@ def _start(workdir, overrides=None, devices=1):
   flags = (f'--xla_force_host_platform_device_count={devices}'
            if devices > 1 else '')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=flags)
-  return subprocess.Popen(
-      [sys.executable, '-m', 'vit_jax.main',
-       f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
-       f'--workdir={workdir}', *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-      text=True)
+  return subprocess.Popen([
+      sys.executable, '-m', 'vit_jax.main',
+      f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
+      f'--workdir={workdir}', *args
+  ],
+                          cwd=REPO,
+                          env=env,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL,
+                          text=True)
 
 
 def _step_of(line):
@@ -78,8 +90,10 @@ def _latest(workdir):
 def _unfinished(workdir):
   """The temporary folders of saves being written (or cut short)."""
   folder = train_checkpoint.checkpoint_dir(workdir)
-  return [n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
-          if '.orbax-checkpoint-tmp' in n]
+  return [
+      n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+      if '.orbax-checkpoint-tmp' in n
+  ]
 
 
 def _kill_during_save(process, workdir, after_step):
@@ -144,16 +158,21 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path):
   flat_got = trees.flatten_tree(got)
   assert flat_got.keys() == flat_want.keys()
   for key, value in flat_want.items():
-    np.testing.assert_allclose(flat_got[key], value, rtol=0, atol=1e-6,
-                               err_msg=key)
+    np.testing.assert_allclose(
+        flat_got[key], value, rtol=0, atol=1e-6, err_msg=key)
 
 
 def test_fsdp_kill9_during_async_save_then_resume_equals_uninterrupted(
     tmp_path):
   """FSDP on 2 devices, a save every 5 steps: killed while one is being
   written, then resumed; ends where an uninterrupted run ends, bit for bit."""
-  fsdp = dict(OVERRIDES, total_steps=40, checkpoint_every=5, log_every=1,
-              parallelism='fsdp', fsdp_min_shard_size=256)
+  fsdp = dict(
+      OVERRIDES,
+      total_steps=40,
+      checkpoint_every=5,
+      log_every=1,
+      parallelism='fsdp',
+      fsdp_min_shard_size=256)
   reference = str(tmp_path / 'reference')
   uninterrupted = _start(reference, fsdp, devices=2)
   workdir = str(tmp_path / 'interrupted')
@@ -180,25 +199,36 @@ def test_unreadable_newest_step_is_moved_aside_and_the_run_resumes(tmp_path):
   the step before, names the unreadable step and where it went, keeps its
   files, and prints no traceback."""
   workdir = str(tmp_path / 'work')
-  short = dict(OVERRIDES, total_steps=20, checkpoint_every=10,
-               eval_every=20, log_every=10)
+  short = dict(
+      OVERRIDES,
+      total_steps=20,
+      checkpoint_every=10,
+      eval_every=20,
+      log_every=10)
   train.train_and_evaluate(tiny_config(**short), workdir)
   ckpt_dir = train_checkpoint.checkpoint_dir(workdir)
-  data = [os.path.join(root, name)
-          for root, _, names in os.walk(os.path.join(ckpt_dir, '20'))
-          for name in names if os.sep + 'd' + os.sep in root + os.sep]
+  data = [
+      os.path.join(root, name)
+      for root, _, names in os.walk(os.path.join(ckpt_dir, '20'))
+      for name in names
+      if os.sep + 'd' + os.sep in root + os.sep
+  ]
   assert data
   for path in data:  # every array data file of the step cut in half
     with open(path, 'r+b') as f:
       f.truncate(os.path.getsize(path) // 2)
 
   args = [f'--config.{k}={v}' for k, v in dict(short, total_steps=30).items()]
-  result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main',
-       f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
-       f'--workdir={workdir}', *args],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
-      text=True, timeout=300)
+  result = subprocess.run([
+      sys.executable, '-m', 'vit_jax.main',
+      f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
+      f'--workdir={workdir}', *args
+  ],
+                          cwd=REPO,
+                          env=dict(os.environ, XLA_FLAGS=''),
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
   console = result.stdout + result.stderr
   assert result.returncode == 0, console[-3000:]
   assert 'Traceback' not in console, console[-3000:]
@@ -208,7 +238,8 @@ def test_unreadable_newest_step_is_moved_aside_and_the_run_resumes(tmp_path):
   assert f'moved to {moved}' in console
   assert console.count('cannot be read') == 1
   for path in data:  # kept, not deleted
-    assert os.path.exists(os.path.join(
-        moved, os.path.relpath(path, os.path.join(ckpt_dir, '20'))))
+    assert os.path.exists(
+        os.path.join(moved, os.path.relpath(path, os.path.join(ckpt_dir,
+                                                               '20'))))
   summary = read_summary(workdir)
   assert summary['start_step'] == 10 and summary['step'] == 30

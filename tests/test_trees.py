@@ -10,9 +10,12 @@ from vit_jax.checkpoints import trees
 
 
 def test_recover_and_flatten_are_inverse():
-  flat = {'Transformer/encoderblock_0/LayerNorm_0/scale': np.ones(3),
-          'Transformer/encoderblock_0/LayerNorm_0/bias': np.zeros(3),
-          'head/kernel': np.ones((3, 2)), 'cls': np.zeros((1, 1, 3))}
+  flat = {
+      'Transformer/encoderblock_0/LayerNorm_0/scale': np.ones(3),
+      'Transformer/encoderblock_0/LayerNorm_0/bias': np.zeros(3),
+      'head/kernel': np.ones((3, 2)),
+      'cls': np.zeros((1, 1, 3))
+  }
   tree = trees.recover_tree(list(flat), list(flat.values()))
   assert tree['Transformer']['encoderblock_0']['LayerNorm_0']['bias'] is flat[
       'Transformer/encoderblock_0/LayerNorm_0/bias']
@@ -35,11 +38,19 @@ def test_checkpoint_and_layouts_share_them():
   """The original's `checkpoint.recover_tree` nests as `trees` and `layouts`
   do."""
   keys, values = ['a/b', 'a/c', 'd'], [1, 2, 3]
-  assert (checkpoint.recover_tree(keys, values) ==
-          trees.recover_tree(keys, values) == {'a': {'b': 1, 'c': 2}, 'd': 3})
+  assert (checkpoint.recover_tree(keys, values) == trees.recover_tree(
+      keys, values) == {
+          'a': {
+              'b': 1,
+              'c': 2
+          },
+          'd': 3
+      })
   assert checkpoint.CheckpointError is trees.CheckpointError
-  flat = {f'Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/bias':
-          np.full(2, i, np.float32) for i in range(3)}
+  flat = {
+      f'Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/bias':
+          np.full(2, i, np.float32) for i in range(3)
+  }
   flat['Transformer/encoder_norm/bias'] = np.zeros(2, np.float32)
   scanned = layouts.layers_to_scan(flat, 3)
   np.testing.assert_array_equal(
@@ -56,8 +67,11 @@ def test_checkpoint_and_layouts_share_them():
 def test_flatten_keeps_empty_layers_on_request():
   tree = {'IdentityLayer_0': {}, 'head': {'bias': 1}}
   assert trees.flatten_tree(tree) == {'head/bias': 1}
-  assert trees.flatten_tree(tree, keep_empty=True) == {
-      'IdentityLayer_0': {}, 'head/bias': 1}
+  assert trees.flatten_tree(
+      tree, keep_empty=True) == {
+          'IdentityLayer_0': {},
+          'head/bias': 1
+      }
 
 
 def test_to_dict_turns_mappings_into_plain_dicts():

@@ -10,14 +10,13 @@ import pytest
 from test_train import tiny_config
 from vit_jax import input_pipeline
 from vit_jax import train
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.training import objectives
-from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import weight_ema
 
-
-
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 
 def test_average_is_the_bias_corrected_weighted_mean():
   decay = 0.8
@@ -37,11 +36,11 @@ def test_average_is_the_bias_corrected_weighted_mean():
       np.testing.assert_array_equal(updates[key], want_updates[key])
     params = optax.apply_updates(params, updates)
     history.append(params)
-  weights = decay ** np.arange(len(history))[::-1]
+  weights = decay**np.arange(len(history))[::-1]
   for key in params:
     want = sum(w * np.asarray(p[key]) for w, p in zip(weights, history))
-    np.testing.assert_allclose(state.ema_params[key], want / weights.sum(),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        state.ema_params[key], want / weights.sum(), rtol=1e-6, atol=1e-6)
   assert int(state.count) == 5
   # One update: the average is that update's parameters, not the start.
   one = tx.update(grads, tx.init(history[0]), history[0])[1].ema_params
@@ -66,8 +65,7 @@ def _test_accuracy(config, params):
   counts = jax.jit(objectives.top1_counts(model.apply))
   correct = total = 0.
   for batch in input_pipeline.get_datasets(config)[1].as_numpy_iterator():
-    batch = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]),
-                                   batch)
+    batch = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     c, n = counts(params, batch)
     correct, total = correct + float(c), total + float(n)
   return correct / total
@@ -77,8 +75,11 @@ def test_run_evaluates_and_leaves_the_average(tmp_path):
   """A run with ema_decay reports the accuracy of the average, and the
   checkpoint's parameters for predict/export are the average (trained
   leaves) and the untouched frozen leaves."""
-  config = tiny_config(total_steps=6, ema_decay=0.7, base_lr=0.05,
-                       trainable='Transformer/.*|head/.*')
+  config = tiny_config(
+      total_steps=6,
+      ema_decay=0.7,
+      base_lr=0.05,
+      trainable='Transformer/.*|head/.*')
   workdir = str(tmp_path / 'work')
   summary = train.train_and_evaluate(config, workdir)
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
@@ -95,5 +96,6 @@ def test_run_evaluates_and_leaves_the_average(tmp_path):
   assert 'embedding/kernel' not in ema
   assert not np.array_equal(averaged['head/kernel'], last['head/kernel'])
   assert summary['accuracy'] == pytest.approx(
-      _test_accuracy(config, trees.recover_tree(
-          list(averaged), list(averaged.values()))), abs=1e-9)
+      _test_accuracy(
+          config, trees.recover_tree(list(averaged), list(averaged.values()))),
+      abs=1e-9)

@@ -19,13 +19,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 from absl import logging
 import numpy as np
 
-from vit_jax.data import filesystem
 from vit_jax.checkpoints import fit
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import timm_layout
 from vit_jax.checkpoints import torch_layouts
 from vit_jax.checkpoints import trees
 from vit_jax.checkpoints.trees import CheckpointError
+from vit_jax.data import filesystem
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
@@ -58,7 +58,9 @@ def load(path: str) -> Params:
     raise CheckpointError(f'Checkpoint {os.fspath(path)!r}: {e}') from None
 
 
-def save(params: Mapping[str, Any], path: str, *,
+def save(params: Mapping[str, Any],
+         path: str,
+         *,
          names: str = 'released') -> None:
   """Writes a nested dict of arrays to `path` atomically (no '.npz' added).
 
@@ -76,15 +78,16 @@ def save(params: Mapping[str, Any], path: str, *,
   if not isinstance(params, collections.abc.Mapping):
     raise CheckpointError(f'save expects a nested dict of parameters; got '
                           f'{type(params).__name__}.')
-  flat = {k: npz.as_numpy(v, k)
-          for k, v in trees.flatten_tree(params).items()}
+  flat = {k: npz.as_numpy(v, k) for k, v in trees.flatten_tree(params).items()}
   if not flat:
     raise CheckpointError('No parameters to save (empty tree).')
   tree = npz.file_tree(recover_tree(list(flat), list(flat.values())), names)
   npz.write_npz_atomically(os.fspath(path), trees.flatten_tree(tree))
 
 
-def copy(src: str, dst: str, progress: bool = True,
+def copy(src: str,
+         dst: str,
+         progress: bool = True,
          block_size: int = 10 * 1024 * 1024) -> None:
   """Copies a file between two `vit_jax.data.filesystem` paths (e.g. from
   gs://vit_models/...), with a progress bar if `progress`."""
@@ -112,8 +115,11 @@ def get_augreg_df(directory: str = 'gs://vit_models/augreg'):
     return pd.read_csv(f)
 
 
-def inspect_params(*, params: Params, expected: Params,
-                   fail_if_extra: bool = True, fail_if_missing: bool = True,
+def inspect_params(*,
+                   params: Params,
+                   expected: Params,
+                   fail_if_extra: bool = True,
+                   fail_if_missing: bool = True,
                    fail_if_shape_mismatch: bool = False) -> Params:
   """Checks that `params` has the keys of `expected`; returns `params`.
 
@@ -127,13 +133,18 @@ def inspect_params(*, params: Params, expected: Params,
   Raises:
     CheckpointError (a ValueError): keys differ; it lists each with shapes.
   """
-  return fit.inspect(params, expected, fail_if_extra=fail_if_extra,
-                     fail_if_missing=fail_if_missing,
-                     fail_if_shape_mismatch=fail_if_shape_mismatch)
+  return fit.inspect(
+      params,
+      expected,
+      fail_if_extra=fail_if_extra,
+      fail_if_missing=fail_if_missing,
+      fail_if_shape_mismatch=fail_if_shape_mismatch)
 
 
-def load_pretrained(*, pretrained_path: Union[str, os.PathLike, Mapping],
-                    init_params: Mapping[str, Any], model_config,
+def load_pretrained(*,
+                    pretrained_path: Union[str, os.PathLike, Mapping],
+                    init_params: Mapping[str, Any],
+                    model_config,
                     image_size: Union[None, int, Sequence[int]] = None,
                     pretrained_image_size: Union[None, int,
                                                  Sequence[int]] = None,
@@ -170,15 +181,21 @@ def load_pretrained(*, pretrained_path: Union[str, os.PathLike, Mapping],
     source = f'Checkpoint {os.fspath(pretrained_path)!r}'
     restored = load(pretrained_path)
   try:
-    return fit.adapt(restored, trees.to_dict(init_params), model_config,
-                     image_size=image_size,
-                     pretrained_image_size=pretrained_image_size,
-                     method=method)
+    return fit.adapt(
+        restored,
+        trees.to_dict(init_params),
+        model_config,
+        image_size=image_size,
+        pretrained_image_size=pretrained_image_size,
+        method=method)
   except CheckpointError as e:
     raise CheckpointError(f'{source}: {e}') from None
 
 
-def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,
+def interpolate_posembed(posemb,
+                         num_tokens: int,
+                         has_class_token: bool,
+                         *,
                          grid: Optional[Sequence[int]] = None,
                          old_grid: Optional[Sequence[int]] = None,
                          method: str = 'bilinear_aligned') -> np.ndarray:
@@ -193,5 +210,10 @@ def interpolate_posembed(posemb, num_tokens: int, has_class_token: bool, *,
     CheckpointError: a grid that is not square when none is given, or one
       without the number of tokens.
   """
-  return fit.resample_posembed(posemb, num_tokens, has_class_token,
-                               grid=grid, old_grid=old_grid, method=method)
+  return fit.resample_posembed(
+      posemb,
+      num_tokens,
+      has_class_token,
+      grid=grid,
+      old_grid=old_grid,
+      method=method)

@@ -43,8 +43,10 @@ def inference_time(config: ml_collections.ConfigDict,
   size = config.image_size
   devices = jax.local_device_count()
   # Parameters are initialised once on the host, then replicated.
-  params = jax.jit(functools.partial(model.init, train=False), backend='cpu')(
-      jax.random.PRNGKey(0), jnp.ones([1, size, size, 3]))['params']
+  params = jax.jit(
+      functools.partial(model.init, train=False),
+      backend='cpu')(jax.random.PRNGKey(0), jnp.ones([1, size, size,
+                                                      3]))['params']
   params_repl = flax.jax_utils.replicate(params)
   infer_repl = jax.pmap(functools.partial(model.apply, train=False))
   images = jnp.ones([devices, config.batch // devices, size, size, 3])
@@ -69,8 +71,10 @@ def inference_time(config: ml_collections.ConfigDict,
     infer()
     times.append(time.perf_counter() - t0)
   imgs_sec_core = config.batch / devices / np.array(times)
-  scalars = {f'imgs_sec_core_{stat}': float(getattr(imgs_sec_core, stat)())
-             for stat in ('min', 'max', 'mean', 'std')}
+  scalars = {
+      f'imgs_sec_core_{stat}': float(getattr(imgs_sec_core, stat)())
+      for stat in ('min', 'max', 'mean', 'std')
+  }
   for name, value in scalars.items():
     logging.info('%s=%f', name, value)
   writer.write_scalars(0, scalars)

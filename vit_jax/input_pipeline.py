@@ -36,8 +36,7 @@ tf = tf_import.import_tensorflow()
 
 # `config.dataset` of the embedded digits (`vit_jax.data.embedded_mnist`).
 EMBEDDED_MNIST = embedded_mnist.NAME
-_AUGMENTS = ('inception_crop', 'shift', 'affine', 'random_resized_crop',
-             'none')
+_AUGMENTS = ('inception_crop', 'shift', 'affine', 'random_resized_crop', 'none')
 
 
 class _ClassNames(list):
@@ -50,7 +49,10 @@ class _ClassNames(list):
 # ------------------------------------------------------------------ public API
 
 
-def get_dataset_info(dataset: str, split: str, *, data_dir=None,
+def get_dataset_info(dataset: str,
+                     split: str,
+                     *,
+                     data_dir=None,
                      val_fraction: float = folder_split.DEFAULT_VAL_FRACTION,
                      split_seed: int = folder_split.DEFAULT_SPLIT_SEED) -> dict:
   """Describes one split of a dataset without building a pipeline.
@@ -65,20 +67,26 @@ def get_dataset_info(dataset: str, split: str, *, data_dir=None,
     `layout` ('train_test' or 'single_tree').
   """
   if dataset == EMBEDDED_MNIST:
-    return dict(num_examples=len(embedded_mnist.split_indices(split)),
-                num_classes=10,
-                int2str=_ClassNames(str(i) for i in range(10)))
+    return dict(
+        num_examples=len(embedded_mnist.split_indices(split)),
+        num_classes=10,
+        int2str=_ClassNames(str(i) for i in range(10)))
   if image_folders.is_folder(dataset):
     root = os.path.expanduser(dataset)
     paths, _, classes, skipped = image_folders.list_folder(
         root, split, val_fraction, split_seed)
-    return dict(num_examples=len(paths), num_classes=len(classes),
-                int2str=_ClassNames(classes), num_skipped=skipped,
-                layout=folder_split.detect_layout(root))
+    return dict(
+        num_examples=len(paths),
+        num_classes=len(classes),
+        int2str=_ClassNames(classes),
+        num_skipped=skipped,
+        layout=folder_split.detect_layout(root))
   builder = tfds_source.prepared_builder(dataset, data_dir)
   label = builder.info.features['label']
-  return dict(num_examples=builder.info.splits[split].num_examples,
-              num_classes=label.num_classes, int2str=_ClassNames(label.names))
+  return dict(
+      num_examples=builder.info.splits[split].num_examples,
+      num_classes=label.num_classes,
+      int2str=_ClassNames(label.names))
 
 
 def get_image_size(config):
@@ -126,12 +134,13 @@ class Augment:
   @classmethod
   def from_config(cls, config) -> 'Augment':
     pp = config.get('pp', {})
-    augment = cls(kind=pp.get('augment', cls.kind),
-                  shift_pad=pp.get('shift_pad', cls.shift_pad),
-                  rotate=pp.get('rotate', cls.rotate) or 0.,
-                  zoom=pp.get('zoom', cls.zoom) or 0.,
-                  flip=bool(pp.get('flip', False)),
-                  eval_resize=pp.get('eval_resize'))
+    augment = cls(
+        kind=pp.get('augment', cls.kind),
+        shift_pad=pp.get('shift_pad', cls.shift_pad),
+        rotate=pp.get('rotate', cls.rotate) or 0.,
+        zoom=pp.get('zoom', cls.zoom) or 0.,
+        flip=bool(pp.get('flip', False)),
+        eval_resize=pp.get('eval_resize'))
     if augment.kind not in _AUGMENTS:
       raise ValueError(f'config.pp.augment={augment.kind!r}; use one of '
                        f'{_AUGMENTS}.')
@@ -152,9 +161,12 @@ def _inception_crop(image, size, seed):
       tf.random.experimental.stateless_split(seed, num=2))
   # The original's crop: 5-100% of the area, aspect 3/4..4/3, no object.
   begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-      seed=crop_seed, min_object_covered=0.0,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.05, 1.0),
+      tf.shape(image),
+      bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+      seed=crop_seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.05, 1.0),
       use_image_if_no_bounding_boxes=True)
   image = tf.slice(image, begin, crop)
   image.set_shape([None, None, 3])  # tf.slice forgets the channel count
@@ -165,13 +177,14 @@ def _inception_crop(image, size, seed):
 def _random_affine(image, size, augment: Augment, seed):
   """`affine.warp` of one image, its parameters drawn from `seed`."""
   u = tf.random.stateless_uniform([4], seed, minval=-1., maxval=1.)
-  return affine.warp(tf.image.resize(image, size)[None], size,
-                     *_affine_draw(u[None], augment))[0]
+  return affine.warp(
+      tf.image.resize(image, size)[None], size, *_affine_draw(u[None],
+                                                              augment))[0]
 
 
 def _affine_draw(u, augment: Augment):
-  return affine.draw(u, rotate=augment.rotate, zoom=augment.zoom,
-                     shift_pad=augment.shift_pad)
+  return affine.draw(
+      u, rotate=augment.rotate, zoom=augment.zoom, shift_pad=augment.shift_pad)
 
 
 def _preprocess(image, size, augment: Augment, seed=None):
@@ -211,22 +224,23 @@ def _source(config, split, process_index, process_count,
   if dataset == EMBEDDED_MNIST:
     return embedded_mnist.make_source(split, process_index, process_count)
   if image_folders.is_folder(dataset):
-    return image_folders.make_source(dataset, split, process_index,
-                                     process_count,
+    return image_folders.make_source(dataset, split,
+                                     process_index, process_count,
                                      *_folder_split_params(config))
   builder = tfds_source.prepared_builder(dataset, config.get('tfds_data_dir'),
                                          config.get('tfds_manual_dir'),
                                          config.get('tfds_download', False))
   return tfds_source.make_source(builder, split, process_index, process_count,
-                                 train, config.get('seed') or 0)
+                                 train,
+                                 config.get('seed') or 0)
 
 
 def _folder_split_params(config):
   """(val_fraction, split_seed) of a single-tree folder; None = default."""
   val_fraction = config.get('val_fraction')
   split_seed = config.get('split_seed')
-  return (folder_split.DEFAULT_VAL_FRACTION if val_fraction is None
-          else val_fraction,
+  return (folder_split.DEFAULT_VAL_FRACTION
+          if val_fraction is None else val_fraction,
           folder_split.DEFAULT_SPLIT_SEED if split_seed is None else split_seed)
 
 
@@ -236,8 +250,9 @@ def _split_names(config):
           config.get('test_split', pp.get('test', 'test')))
 
 
-
-def get_datasets(config, *, start_step: int = 0,
+def get_datasets(config,
+                 *,
+                 start_step: int = 0,
                  process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
   """Builds the train and eval pipelines of `config` for this process.
@@ -261,8 +276,8 @@ def get_datasets(config, *, start_step: int = 0,
   train_split, test_split = _split_names(config)
   batch = config.get('batch') or 512
   local_train, dev_train = _local_batch(batch, 'batch', pc, devices)
-  local_eval, dev_eval = _local_batch(config.get('batch_eval') or batch,
-                                      'batch_eval', pc, devices)
+  local_eval, dev_eval = _local_batch(
+      config.get('batch_eval') or batch, 'batch_eval', pc, devices)
   options = tf.data.Options()
   options.deterministic = True
 
@@ -270,10 +285,16 @@ def get_datasets(config, *, start_step: int = 0,
   src = _source(config, train_split, pi, pc, train=True)
   if src.num_examples == 0:
     raise ValueError(f'Process {pi} of {pc} got no training examples.')
-  ds = _numbered_train_stream(src, config.get('shuffle_buffer'), seed,
-                              first=start_step * local_train)
-  ds = _train_batches(ds, src, size, augment, seed, (pi, pc), local_train,
-                      batched=_batchable(src, augment))
+  ds = _numbered_train_stream(
+      src, config.get('shuffle_buffer'), seed, first=start_step * local_train)
+  ds = _train_batches(
+      ds,
+      src,
+      size,
+      augment,
+      seed, (pi, pc),
+      local_train,
+      batched=_batchable(src, augment))
   ds_train = _to_devices(ds, devices, dev_train, options)
 
   # ---- eval: one pass, padded so every process runs the same number of full
@@ -299,9 +320,11 @@ def _numbered_train_stream(src: sources.Source, shuffle_buffer, seed, first):
   tf_seed = tf.constant(seed, tf.int64)
 
   def epoch(e):
-    e_seed = tf.random.stateless_uniform(
-        [], seed=tf.stack([tf_seed, e]), minval=0, maxval=2**31 - 1,
-        dtype=tf.int64)
+    e_seed = tf.random.stateless_uniform([],
+                                         seed=tf.stack([tf_seed, e]),
+                                         minval=0,
+                                         maxval=2**31 - 1,
+                                         dtype=tf.int64)
     return base.shuffle(buffer, seed=e_seed, reshuffle_each_iteration=False)
 
   first_epoch = first // n
@@ -324,16 +347,19 @@ def _train_batches(ds, src: sources.Source, size, augment: Augment, seed,
   """
   tf_seed = tf.constant(seed, tf.int64)
   process_index, process_count = process
-  seeds = lambda count: tf.stack(
-      [tf.broadcast_to(tf_seed, tf.shape(count)),
-       count * process_count + process_index], axis=-1)
+  seeds = lambda count: tf.stack([
+      tf.broadcast_to(tf_seed, tf.shape(count)), count * process_count +
+      process_index
+  ],
+                                 axis=-1)
 
   def train_pp(count, example):
     image, label = example
-    return {'image': _preprocess(src.decode(image), size, augment,
-                                 seeds(count)),
-            'label': tf.one_hot(label, src.num_classes),
-            'mask': tf.constant(1.0)}
+    return {
+        'image': _preprocess(src.decode(image), size, augment, seeds(count)),
+        'label': tf.one_hot(label, src.num_classes),
+        'mask': tf.constant(1.0)
+    }
 
   def batch_pp(counts, example):
     images, labels = example
@@ -341,13 +367,16 @@ def _train_batches(ds, src: sources.Source, size, augment: Augment, seed,
     if augment.kind == 'affine':
       u = affine.uniforms(seeds(counts))
       images = affine.warp(images, size, *_affine_draw(u, augment))
-    return {'image': _normalize(images),
-            'label': tf.one_hot(labels, src.num_classes),
-            'mask': tf.ones(tf.shape(labels), tf.float32)}
+    return {
+        'image': _normalize(images),
+        'label': tf.one_hot(labels, src.num_classes),
+        'mask': tf.ones(tf.shape(labels), tf.float32)
+    }
 
   if batched:
-    return ds.batch(local_batch, drop_remainder=True).map(
-        batch_pp, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(
+        local_batch, drop_remainder=True).map(
+            batch_pp, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(train_pp, num_parallel_calls=tf.data.AUTOTUNE)
   if src.may_fail_decode:
     # Last resort for files whose header was fine but pixels are damaged; the
@@ -365,17 +394,21 @@ def _padded_eval_examples(src: sources.Source, size, augment: Augment,
   """
 
   def eval_pp(image, label):
-    return {'image': _preprocess(src.decode(image), size, augment),
-            'label': tf.one_hot(label, src.num_classes),
-            'mask': tf.constant(1.0)}
+    return {
+        'image': _preprocess(src.decode(image), size, augment),
+        'label': tf.one_hot(label, src.num_classes),
+        'mask': tf.constant(1.0)
+    }
 
   ds = src.make().take(src.num_examples).map(
       eval_pp, num_parallel_calls=tf.data.AUTOTUNE)
   if src.may_fail_decode:
     ds = ds.ignore_errors(log_warning=True)
   pad = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([*size, 3]), 'label': tf.zeros([src.num_classes]),
-      'mask': tf.constant(0.0)}).repeat()
+      'image': tf.zeros([*size, 3]),
+      'label': tf.zeros([src.num_classes]),
+      'mask': tf.constant(0.0)
+  }).repeat()
   num_batches = math.ceil(max(src.shard_sizes) / local_batch)
   return ds.concatenate(pad).take(num_batches * local_batch)
 
@@ -384,8 +417,10 @@ def _to_devices(ds, devices, per_device, options):
   """Local batches reshaped to `[devices, per_device, ...]`, prefetched."""
 
   def to_devices(b):
-    return {k: tf.reshape(v, [devices, per_device, *v.shape[1:]])
-            for k, v in b.items()}
+    return {
+        k: tf.reshape(v, [devices, per_device, *v.shape[1:]])
+        for k, v in b.items()
+    }
 
   return ds.map(to_devices).prefetch(tf.data.AUTOTUNE).with_options(options)
 

@@ -57,10 +57,10 @@ LOG_FILE = 'log.txt'
 _ARGV = list(sys.argv)
 _TRACEBACK_HINT = '(--traceback shows where it happened.)'
 
-
 # The main job's config, the default of --config.
-DEFAULT_CONFIG = (experiments.path_of('embedded')
-                  if 'embedded' in experiments.names() else None)
+DEFAULT_CONFIG = (
+    experiments.path_of('embedded')
+    if 'embedded' in experiments.names() else None)
 
 
 def _config_argument(argv):
@@ -78,8 +78,12 @@ def _checked_argv(argv, default):
   its experiment config); exits with one paragraph (status 2) if the config
   is no file and no name, fails to load, or lacks a `--config.<key>`
   (ml_collections would raise a bare KeyError traceback)."""
-  keys = [re.sub(r'^--?(no)?config\.', '', a.split('=', 1)[0]) for a in argv
-          if re.match(r'^--?(no)?config\.', a)]
+  keys = [
+      re.sub(r'^--?(no)?config\.', '',
+             a.split('=', 1)[0])
+      for a in argv
+      if re.match(r'^--?(no)?config\.', a)
+  ]
   index, given = _config_argument(argv)
   spec = given or default
   if not spec:
@@ -95,9 +99,8 @@ def _checked_argv(argv, default):
           spec)
     except Exception as e:  # pylint: disable=broad-except
       # ml_collections puts the config file's traceback in the message.
-      raise errors.ConfigError(
-          f'Config file {spec} failed to load: '
-          f'{str(e).strip().splitlines()[-1]}') from e
+      raise errors.ConfigError(f'Config file {spec} failed to load: '
+                               f'{str(e).strip().splitlines()[-1]}') from e
     validation.check_override_keys(config, keys, spec.split(':', 1)[0])
   except errors.ConfigError as e:
     if '--traceback' in argv:
@@ -123,14 +126,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder: checkpoints, TensorBoard logs, '
     'summary.json. Re-running with the same folder resumes.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 (multi-host runs).')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes (multi-host runs).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Index of this process (multi-host runs).')
-_TRACEBACK = flags.DEFINE_bool(
-    'traceback', False, 'Show the full traceback of errors.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multi-host runs).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (multi-host runs).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'Index of this process (multi-host runs).')
+_TRACEBACK = flags.DEFINE_bool('traceback', False,
+                               'Show the full traceback of errors.')
 _VERBOSE = flags.DEFINE_bool(
     'verbose', False, 'Also show the library logging (absl INFO lines, '
     'TensorFlow / XLA C++ messages) on the console, not only in '
@@ -171,12 +174,11 @@ def _user_errors():
   """Exceptions that carry a message meant for the user: no traceback."""
   # Imported here: JAX must not initialise before jax.distributed.initialize.
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax.guards import memory_fit  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import train_checkpoint  # pylint: disable=g-import-not-at-top
-  return (ValueError, FileNotFoundError, NotADirectoryError,
-          FloatingPointError, checkpoint.CheckpointError,
-          train_checkpoint.NonFiniteStateError, disk_space.DiskSpaceError,
-          memory_fit.OutOfMemoryError)
+  from vit_jax.guards import memory_fit  # pylint: disable=g-import-not-at-top
+  return (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError,
+          checkpoint.CheckpointError, train_checkpoint.NonFiniteStateError,
+          disk_space.DiskSpaceError, memory_fit.OutOfMemoryError)
 
 
 class _QuietLibraries:
@@ -265,11 +267,14 @@ def _report(error, log_path, distributed):
   if _TRACEBACK.value:
     raise error
   if distributed and supervisor.is_peer_error(error):
-    print('\nError: ' + supervisor.lost_peer_message(
-        what=f'{type(error).__name__}: {str(error).splitlines()[0]}',
-        process_id=distributed['process_id'],
-        num_processes=distributed['num_processes'],
-        workdir=_WORKDIR.value, argv=_ARGV), file=sys.stderr)
+    print(
+        '\nError: ' + supervisor.lost_peer_message(
+            what=f'{type(error).__name__}: {str(error).splitlines()[0]}',
+            process_id=distributed['process_id'],
+            num_processes=distributed['num_processes'],
+            workdir=_WORKDIR.value,
+            argv=_ARGV),
+        file=sys.stderr)
     supervisor.exit_now(supervisor.LOST_PEER_EXIT)
   error = _explained(error)
   if isinstance(error, errors.ConfigError):
@@ -281,8 +286,8 @@ def _report(error, log_path, distributed):
                      'in vit_jax; please report it with the log file.')
   if isinstance(error, disk_space.DiskSpaceError):
     text += f'\n  {supervisor.resume_command(_ARGV)}'
-  print(f'\nError: {text}\n{_TRACEBACK_HINT}{where}', file=sys.stderr,
-        flush=True)
+  print(
+      f'\nError: {text}\n{_TRACEBACK_HINT}{where}', file=sys.stderr, flush=True)
   if distributed and supervisor.is_worker():
     supervisor.exit_now(code)
   sys.exit(code)
@@ -296,11 +301,13 @@ def _interrupted_outside_the_loop(log_path, signum):
     with open(log_path, 'a') as f:
       f.write(f'Interrupted by {name}:\n' + traceback.format_exc())
   steps = supervisor.complete_steps(_WORKDIR.value)
-  newest = (f'the newest checkpoint on disk is step {steps[-1]}' if steps
-            else 'no checkpoint is on disk yet')
-  print(f'\nInterrupted by {name} outside a train step; {newest}. To '
-        f'resume, run the same command:\n  {supervisor.resume_command(_ARGV)}',
-        file=sys.stderr, flush=True)
+  newest = (f'the newest checkpoint on disk is step {steps[-1]}'
+            if steps else 'no checkpoint is on disk yet')
+  print(
+      f'\nInterrupted by {name} outside a train step; {newest}. To '
+      f'resume, run the same command:\n  {supervisor.resume_command(_ARGV)}',
+      file=sys.stderr,
+      flush=True)
   supervisor.exit_now(stop_signals.EXIT_CODES[signum])
 
 
@@ -309,7 +316,8 @@ def _train(distributed):
   import jax  # pylint: disable=g-import-not-at-top
   if distributed:
     jax.distributed.initialize(
-        **distributed, initialization_timeout=_INIT_TIMEOUT.value,
+        **distributed,
+        initialization_timeout=_INIT_TIMEOUT.value,
         heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
     if jax.process_count() != distributed['num_processes']:
       raise errors.ConfigError(
@@ -323,19 +331,23 @@ def _train(distributed):
   # Before TensorFlow loads (vit_jax.train): a bad value fails in seconds.
   # (train_and_evaluate translates the original vit_jax's configs too.)
   if original_configs.trainer(config) == 'train':
-    validation.check_config(original_configs.to_project_config(config),
-                            device_count=jax.local_device_count(),
-                            process_count=jax.process_count())
+    validation.check_config(
+        original_configs.to_project_config(config),
+        device_count=jax.local_device_count(),
+        process_count=jax.process_count())
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('Command: %s', ' '.join(_ARGV))
   logging.info('Config:\n%s', config)
   logging.info('JAX: %d process(es), %d local / %d global devices (%s).',
                jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+               jax.device_count(),
+               jax.devices()[0].platform)
   summary = train.train_and_evaluate(config, _WORKDIR.value)
   if summary.get('stopped_by'):
-    print(f'To resume, run the same command:\n  '
-          f'{supervisor.resume_command(_ARGV)}', flush=True)
+    print(
+        f'To resume, run the same command:\n  '
+        f'{supervisor.resume_command(_ARGV)}',
+        flush=True)
     return stop_signals.exit_code(summary['stopped_by'])
   return 0
 
@@ -347,8 +359,7 @@ def main(argv):
     raise app.UsageError('--workdir is required (where checkpoints, logs and '
                          'summary.json go).')
   if _CONFIG.value is None:
-    raise app.UsageError(
-        '--config is required, e.g. --config=embedded')
+    raise app.UsageError('--config is required, e.g. --config=embedded')
   log_path = distributed = None
   stop_signals.raise_when_stopped()
   try:
@@ -358,15 +369,18 @@ def main(argv):
       if not filesystem.has_scheme(workdir):
         if not supervisor.is_worker() and not (distributed or {}).get(
             'process_id'):  # one lock per run: process 0's
-          lock.enter_context(workdir_lock.hold(
-              workdir, supervisor.resume_command(_ARGV)))
+          lock.enter_context(
+              workdir_lock.hold(workdir, supervisor.resume_command(_ARGV)))
         log_path = os.path.join(workdir, LOG_FILE)
       if distributed and not supervisor.is_worker():
-        sys.exit(supervisor.run_worker(
-            _ARGV, log_path=log_path or os.devnull,
-            process_id=distributed['process_id'],
-            num_processes=distributed['num_processes'],
-            coordinator=distributed['coordinator_address'], workdir=workdir))
+        sys.exit(
+            supervisor.run_worker(
+                _ARGV,
+                log_path=log_path or os.devnull,
+                process_id=distributed['process_id'],
+                num_processes=distributed['num_processes'],
+                coordinator=distributed['coordinator_address'],
+                workdir=workdir))
       _console_and_log_file(log_path)
       if distributed:
         supervisor.watch_parent()

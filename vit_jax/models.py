@@ -38,10 +38,9 @@ def canonical_name(name: str) -> str:
   if candidate.lower() in by_lower:
     return by_lower[candidate.lower()]
   close = difflib.get_close_matches(candidate, list(MODEL_CONFIGS), n=3)
-  raise ValueError(
-      f'Unknown model name {name!r}.'
-      + (f' Did you mean {", ".join(close)}?' if close else '')
-      + f' Known models: {", ".join(sorted(MODEL_CONFIGS))}.')
+  raise ValueError(f'Unknown model name {name!r}.' +
+                   (f' Did you mean {", ".join(close)}?' if close else '') +
+                   f' Known models: {", ".join(sorted(MODEL_CONFIGS))}.')
 
 
 def get_model(name: str, **kw):
@@ -86,7 +85,9 @@ def attention_weights(model: VisionTransformer, params: Any,
   Returns:
     `num_layers` arrays [batch, heads, query tokens, key tokens].
   """
-  _, state = model.apply({'params': params}, images, train=False,
+  _, state = model.apply({'params': params},
+                         images,
+                         train=False,
                          mutable=['intermediates'])
   encoder = state['intermediates']['Transformer']
   if 'encoderblock' in encoder:  # scan=True: one entry, a leading layer axis.
@@ -94,5 +95,7 @@ def attention_weights(model: VisionTransformer, params: Any,
     return list(stacked['attention_weights'][0])
   blocks = sorted((k for k in encoder if k.startswith('encoderblock_')),
                   key=lambda k: int(k.rsplit('_', 1)[1]))
-  return [encoder[b]['MultiHeadDotProductAttention_0']['attention_weights'][0]
-          for b in blocks]
+  return [
+      encoder[b]['MultiHeadDotProductAttention_0']['attention_weights'][0]
+      for b in blocks
+  ]

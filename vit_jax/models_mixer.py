@@ -31,8 +31,9 @@ class MixerBlock(nn.Module):
     y_BxCxT = MlpBlock(self.tokens_mlp_dim, name='token_mixing')(y_BxCxT)
     x_BxTxC = x_BxTxC + jnp.swapaxes(y_BxCxT, 1, 2)
     y_BxTxC = nn.LayerNorm()(x_BxTxC)
-    return x_BxTxC + MlpBlock(self.channels_mlp_dim,
-                              name='channel_mixing')(y_BxTxC)
+    return x_BxTxC + MlpBlock(
+        self.channels_mlp_dim, name='channel_mixing')(
+            y_BxTxC)
 
 
 class MlpMixer(nn.Module):
@@ -67,6 +68,7 @@ class MlpMixer(nn.Module):
     x_BxTxC = nn.LayerNorm(name='pre_head_layer_norm')(x_BxTxC)
     x_BxC = jnp.mean(x_BxTxC, axis=1)
     if self.num_classes:
-      x_BxC = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                       name='head')(x_BxC)
+      x_BxC = nn.Dense(
+          self.num_classes, kernel_init=nn.initializers.zeros, name='head')(
+              x_BxC)
     return x_BxC

@@ -41,8 +41,8 @@ def mean_color_targets(images: Array, patch_size, bits: int = 3) -> Array:
   is (ph, pw) or an int (a hybrid's: `model.stride`). The class is
   r * 2^(2 bits) + g * 2^bits + b, each channel's bin floor(mean / 2^(8-bits)).
   """
-  ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(
-      patch_size)
+  ph, pw = (patch_size,
+            patch_size) if isinstance(patch_size, int) else tuple(patch_size)
   b, h, w, c = images.shape
   if c != 3:
     raise ValueError(f'Mean-colour targets need RGB images; got {c} channels.')
@@ -63,8 +63,12 @@ def mean_color_targets(images: Array, patch_size, bits: int = 3) -> Array:
   return classes.reshape(b, -1)
 
 
-def corrupt(rng: jax.Array, tokens_BxNxD: Array, mask_token: Array, *,
-            mask_ratio: float = 0.5, mask_prob: float = 0.8,
+def corrupt(rng: jax.Array,
+            tokens_BxNxD: Array,
+            mask_token: Array,
+            *,
+            mask_ratio: float = 0.5,
+            mask_prob: float = 0.8,
             random_prob: float = 0.1) -> Tuple[Array, Array]:
   """BERT-style corruption of patch embeddings [B, N, D].
 
@@ -84,8 +88,8 @@ def corrupt(rng: jax.Array, tokens_BxNxD: Array, mask_token: Array, *,
   rng_choose, rng_kind, rng_other = jax.random.split(rng, 3)
   num_chosen = int(round(mask_ratio * n))
   # A uniformly random subset of exactly num_chosen patches per image.
-  rank_BxN = jnp.argsort(jnp.argsort(
-      jax.random.uniform(rng_choose, (b, n)), axis=1), axis=1)
+  rank_BxN = jnp.argsort(
+      jnp.argsort(jax.random.uniform(rng_choose, (b, n)), axis=1), axis=1)
   chosen_BxN = rank_BxN < num_chosen
   u_BxN = jax.random.uniform(rng_kind, (b, n))
   use_mask = chosen_BxN & (u_BxN < mask_prob)
@@ -96,8 +100,8 @@ def corrupt(rng: jax.Array, tokens_BxNxD: Array, mask_token: Array, *,
   other_BxN = jax.random.randint(rng_other, (b, n), 0, max(b * n - 1, 1))
   other_BxN = other_BxN + (other_BxN >= self_BxN)
   random_BxNxD = tokens_BxNxD.reshape(b * n, d)[other_BxN]
-  out = jnp.where(use_mask[..., None],
-                  mask_token.astype(tokens_BxNxD.dtype), tokens_BxNxD)
+  out = jnp.where(use_mask[..., None], mask_token.astype(tokens_BxNxD.dtype),
+                  tokens_BxNxD)
   out = jnp.where(use_random[..., None], random_BxNxD, out)
   return out, chosen_BxN
 
@@ -135,25 +139,29 @@ class MaskedPatchPredictor(models_vit.VisionTransformer):
     # embeddings").
     mask_token = self.param('mask_token', nn.initializers.normal(0.02), (d,))
     if corrupt_patches:
-      x, chosen = corrupt(self.make_rng('mpp'), x, mask_token,
-                          mask_ratio=self.mask_ratio, mask_prob=self.mask_prob,
-                          random_prob=self.random_prob)
+      x, chosen = corrupt(
+          self.make_rng('mpp'),
+          x,
+          mask_token,
+          mask_ratio=self.mask_ratio,
+          mask_prob=self.mask_prob,
+          random_prob=self.random_prob)
     else:
       chosen = jnp.ones((b, gh * gw), bool)
 
     prefix = int(self.has_class_token)
     if prefix:
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
-      x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x],
-                          axis=1)
-    x = self.encoder(name='Transformer', **self.transformer,
-                     **self._encoder_extra_kwargs())(
-                         x, train=train, grid=(gh, gw),
-                         num_prefix_tokens=prefix)
-    logits = nn.Dense(num_color_classes(self.color_bits),
-                      dtype=models_vit.EDGE_DTYPE,
-                      kernel_init=nn.initializers.zeros,
-                      name='mpp_head')(x[:, prefix:])
+      x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
+    x = self.encoder(
+        name='Transformer', **self.transformer, **self._encoder_extra_kwargs())(
+            x, train=train, grid=(gh, gw), num_prefix_tokens=prefix)
+    logits = nn.Dense(
+        num_color_classes(self.color_bits),
+        dtype=models_vit.EDGE_DTYPE,
+        kernel_init=nn.initializers.zeros,
+        name='mpp_head')(
+            x[:, prefix:])
     return logits.astype(jnp.float32), chosen
 
 
@@ -168,8 +176,12 @@ def to_vit_params(params: Params) -> Params:
   return {k: v for k, v in params.items() if k not in MPP_PARAMS}
 
 
-def loss_fn(params: Params, images: Array, rng: jax.Array, *,
-            model: MaskedPatchPredictor, train: bool = True,
+def loss_fn(params: Params,
+            images: Array,
+            rng: jax.Array,
+            *,
+            model: MaskedPatchPredictor,
+            train: bool = True,
             with_accuracy: bool = False):
   """Softmax cross-entropy of the mean colour, over the chosen patches only.
 
@@ -177,9 +189,13 @@ def loss_fn(params: Params, images: Array, rng: jax.Array, *,
   on the chosen patches; `rng` is split for corruption and dropout.
   """
   rng_mpp, rng_dropout = jax.random.split(rng)
-  logits_BxNxC, chosen_BxN = model.apply(
-      {'params': params}, images, train=train,
-      rngs={'mpp': rng_mpp, 'dropout': rng_dropout})
+  logits_BxNxC, chosen_BxN = model.apply({'params': params},
+                                         images,
+                                         train=train,
+                                         rngs={
+                                             'mpp': rng_mpp,
+                                             'dropout': rng_dropout
+                                         })
   targets_BxN = mean_color_targets(images, model.stride, model.color_bits)
   ce_BxN = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxNxC, targets_BxN)
@@ -204,8 +220,11 @@ def init(model: MaskedPatchPredictor, rng: jax.Array,
 
   @jax.jit
   def init_fn(rng_params, rng_mpp):
-    return model.init({'params': rng_params, 'mpp': rng_mpp},
+    return model.init({
+        'params': rng_params,
+        'mpp': rng_mpp
+    },
                       jnp.zeros((1, image_size, image_size, 3)),
                       train=False)['params']
-  return init_fn(rng_params, rng_mpp)
 
+  return init_fn(rng_params, rng_mpp)

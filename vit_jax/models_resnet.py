@@ -38,7 +38,11 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, s, name: StdConv(  # pylint: disable=g-long-lambda
-        features=f, kernel_size=k, strides=s, use_bias=False, dtype=self.dtype,
+        features=f,
+        kernel_size=k,
+        strides=s,
+        use_bias=False,
+        dtype=self.dtype,
         name=name)
     norm = lambda name, **kw: nn.GroupNorm(name=name, dtype=self.dtype, **kw)
 
@@ -69,11 +73,13 @@ class ResNetStage(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = ResidualUnit(self.nout, strides=self.first_stride, dtype=self.dtype,
-                     name='unit1')(x)
+    x = ResidualUnit(
+        self.nout, strides=self.first_stride, dtype=self.dtype, name='unit1')(
+            x)
     for i in range(1, self.block_size):
-      x = ResidualUnit(self.nout, strides=(1, 1), dtype=self.dtype,
-                       name=f'unit{i + 1}')(x)
+      x = ResidualUnit(
+          self.nout, strides=(1, 1), dtype=self.dtype, name=f'unit{i + 1}')(
+              x)
     return x
 
 
@@ -84,15 +90,25 @@ def resnet_stem(x, *, width_factor: float, num_layers: Sequence[int],
   Its submodules get the released checkpoints' top-level names.
   """
   width = int(64 * width_factor)
-  x = StdConv(features=width, kernel_size=(7, 7), strides=(2, 2),
-              use_bias=False, dtype=dtype, name='conv_root')(x)
+  x = StdConv(
+      features=width,
+      kernel_size=(7, 7),
+      strides=(2, 2),
+      use_bias=False,
+      dtype=dtype,
+      name='conv_root')(
+          x)
   x = nn.GroupNorm(name='gn_root', dtype=dtype)(x)
   x = nn.relu(x)
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, block_size in enumerate(num_layers):
-    x = ResNetStage(block_size=block_size, nout=width * 2**i,
-                    first_stride=(1, 1) if i == 0 else (2, 2), dtype=dtype,
-                    name=f'block{i + 1}')(x)
+    x = ResNetStage(
+        block_size=block_size,
+        nout=width * 2**i,
+        first_stride=(1, 1) if i == 0 else (2, 2),
+        dtype=dtype,
+        name=f'block{i + 1}')(
+            x)
   return x
 
 

@@ -17,12 +17,12 @@ from typing import Any, Callable, Optional, Tuple, Type
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax import models_resnet
 from vit_jax.layers import attention
 from vit_jax.layers import block_stack
 from vit_jax.layers import image_checks
 from vit_jax.layers import mixed_precision
 from vit_jax.layers import position_embeddings
-from vit_jax import models_resnet
 
 Array = Any
 Dtype = Any
@@ -32,7 +32,7 @@ CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
 POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'none')
 # Fields of the model that it hands down to its encoder.
 _ENCODER_OPTIONS = ('posemb', 'attention_impl', 'scan', 'remat_policy',
-                   'layernorm_epsilon', 'approximate_gelu')
+                    'layernorm_epsilon', 'approximate_gelu')
 # Compute dtype of the first and last layers (patch embedding, encoder_norm
 # output, pre_logits, head) whatever the model's `dtype` (docs/speed.md).
 EDGE_DTYPE = jnp.float32
@@ -75,8 +75,11 @@ class MlpBlock(nn.Module):
   def __call__(self, inputs, *, deterministic):
     actual_out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, bias_init=self.bias_init,
+        nn.Dense,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        bias_init=self.bias_init,
         **mixed_precision.matmul_kwargs(self.dtype))
     x = dense(features=self.mlp_dim)(inputs)
     # tanh approximation as the original; exact (erf) for Hugging Face and
@@ -131,10 +134,12 @@ class Encoder1DBlock(nn.Module):
     x = x + residual
 
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
-                 dropout_rate=self.dropout_rate,
-                 approximate_gelu=self.approximate_gelu)(
-                     y, deterministic=deterministic)
+    y = MlpBlock(
+        mlp_dim=self.mlp_dim,
+        dtype=self.dtype,
+        dropout_rate=self.dropout_rate,
+        approximate_gelu=self.approximate_gelu)(
+            y, deterministic=deterministic)
     return x + y
 
 
@@ -183,11 +188,16 @@ class Encoder(nn.Module):
         attention_impl=self.attention_impl)
     last = self.last_block_output_tokens
     x = block_stack.apply_blocks(
-        block, x, num_layers=self.num_layers, train=train, scan=self.scan,
+        block,
+        x,
+        num_layers=self.num_layers,
+        train=train,
+        scan=self.scan,
         remat_policy=self.remat_policy,
         last_block_kwargs=None if last is None else {'output_tokens': last})
-    encoded = nn.LayerNorm(name='encoder_norm', epsilon=self.layernorm_epsilon,
-                           dtype=EDGE_DTYPE)(x)
+    encoded = nn.LayerNorm(
+        name='encoder_norm', epsilon=self.layernorm_epsilon, dtype=EDGE_DTYPE)(
+            x)
     return encoded
 
   def _add_position_embedding(self, x, train, grid, num_prefix_tokens):
@@ -206,8 +216,12 @@ class Encoder(nn.Module):
       x = AddPositionEmbs(posemb_init=posemb_init, name='posembed_input')(x)
     else:
       x = position_embeddings.grid_embedding(
-          posemb, grid=tuple(grid), num_prefix_tokens=num_prefix_tokens,
-          posemb_init=posemb_init, name='posembed_input')(x)
+          posemb,
+          grid=tuple(grid),
+          num_prefix_tokens=num_prefix_tokens,
+          posemb_init=posemb_init,
+          name='posembed_input')(
+              x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
 
@@ -217,15 +231,18 @@ def embed_patches(model: 'VisionTransformer', inputs):
   x = inputs
   if model.resnet is not None:
     x = models_resnet.resnet_stem(
-        x, width_factor=model.resnet.width_factor,
-        num_layers=tuple(model.resnet.num_layers), dtype=model.dtype)
+        x,
+        width_factor=model.resnet.width_factor,
+        num_layers=tuple(model.resnet.num_layers),
+        dtype=model.dtype)
   return nn.Conv(
       features=model.hidden_size,
       kernel_size=model.patch_size,
       strides=model.patch_size,
       padding='VALID',
       dtype=EDGE_DTYPE,
-      name='embedding')(x)
+      name='embedding')(
+          x)
 
 
 class VisionTransformer(nn.Module):
@@ -301,8 +318,11 @@ class VisionTransformer(nn.Module):
     params = (None if self.is_initializing() or 'params' not in self.variables
               else self.variables['params'])
     image_checks.check_images(
-        inputs, patch_size=self.patch_size, stride=self.stride,
-        hybrid=self.resnet is not None, params=params,
+        inputs,
+        patch_size=self.patch_size,
+        stride=self.stride,
+        hybrid=self.resnet is not None,
+        params=params,
         num_prefix_tokens=int(self.has_class_token),
         has_encoder=self.transformer is not None)
 
@@ -322,9 +342,12 @@ class VisionTransformer(nn.Module):
       if (self.token_only_last_block and self.classifier == 'token' and
           not self.is_mutable_collection('intermediates')):
         extra['last_block_output_tokens'] = 1  # Only x[:, 0] is used below.
-      x = self.encoder(name='Transformer', **self.transformer, **extra)(
-          x, train=train, grid=(gh, gw),
-          num_prefix_tokens=int(self.has_class_token))
+      x = self.encoder(
+          name='Transformer', **self.transformer, **extra)(
+              x,
+              train=train,
+              grid=(gh, gw),
+              num_prefix_tokens=int(self.has_class_token))
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -333,8 +356,11 @@ class VisionTransformer(nn.Module):
     # 'unpooled' and 'token_unpooled': the head is applied to every token.
 
     if self.representation_size is not None:
-      x = nn.Dense(features=self.representation_size, dtype=EDGE_DTYPE,
-                   name='pre_logits')(x)
+      x = nn.Dense(
+          features=self.representation_size,
+          dtype=EDGE_DTYPE,
+          name='pre_logits')(
+              x)
       x = nn.tanh(x)
     else:
       x = IdentityLayer(name='pre_logits')(x)
@@ -345,14 +371,18 @@ class VisionTransformer(nn.Module):
           name='head',
           dtype=EDGE_DTYPE,
           kernel_init=nn.initializers.zeros,
-          bias_init=nn.initializers.constant(self.head_bias_init))(x)
+          bias_init=nn.initializers.constant(self.head_bias_init))(
+              x)
     return x.astype(jnp.float32)
 
   def _encoder_extra_kwargs(self):
     """The dtype, and the `_ENCODER_OPTIONS` not at `Encoder`'s default (so a
     custom `encoder` without them works), unless `transformer` sets them."""
     defaults = {f.name: f.default for f in dataclasses.fields(Encoder)}
-    extra = {k: getattr(self, k) for k in _ENCODER_OPTIONS
-             if getattr(self, k) != defaults[k]}
+    extra = {
+        k: getattr(self, k)
+        for k in _ENCODER_OPTIONS
+        if getattr(self, k) != defaults[k]
+    }
     extra['dtype'] = self.dtype
     return {k: v for k, v in extra.items() if k not in self.transformer}

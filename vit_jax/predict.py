@@ -23,8 +23,8 @@ command line, checkpoint, workdir or config, else 0.
 import argparse
 import os
 import sys
-import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
+import warnings
 
 if __name__ == '__main__':
   # The command line's output is the predictions: no TensorFlow start-up
@@ -42,7 +42,6 @@ from vit_jax.data import filesystem  # pylint: disable=g-import-not-at-top
 from vit_jax.data import tf_import  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import label_names  # pylint: disable=g-import-not-at-top
 from vit_jax.evaluation import trained_model  # pylint: disable=g-import-not-at-top
-
 
 Params = Any
 ImageLike = Union[str, os.PathLike, np.ndarray, Any]  # path, array or PIL image
@@ -123,7 +122,6 @@ def preprocess(image_uint8: np.ndarray, image_size) -> np.ndarray:
 
 # ---------------------------------------------------------------- classify
 
-
 _JITTED = {}  # id(model) -> (model, jitted fn); modules are unhashable
 
 
@@ -139,10 +137,14 @@ def _probabilities_fn(model):
   return cached[1]
 
 
-def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
+def classify(model,
+             params: Params,
+             images_or_paths: Sequence[ImageLike],
+             *,
              image_size: Union[None, int, Tuple[int, int]] = None,
              labels: Union[None, str, Sequence[str]] = None,
-             topk: int = 5, batch_size: int = 32,
+             topk: int = 5,
+             batch_size: int = 32,
              on_error: str = 'skip') -> List[Optional[List[Tuple[str, float]]]]:
   """Top-k classes with probabilities for each image.
 
@@ -187,7 +189,8 @@ def classify(model, params: Params, images_or_paths: Sequence[ImageLike], *,
     n = len(batch)
     if n < batch_size:  # one compiled shape for every batch
       batch = np.concatenate(
-          [batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+          [batch,
+           np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
     probs = np.asarray(apply(params, batch))[:n]
     for (i, _), p in zip(pending, probs):
       order = np.argsort(-p, kind='stable')[:topk]
@@ -219,57 +222,77 @@ def _parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.predict',
       description='Classify images with a ViT checkpoint; prints the top-k '
-                  'classes with probabilities.')
-  parser.add_argument('images', nargs='+', metavar='IMAGE',
-                      help='image files (JPEG, PNG, GIF, BMP, WebP, ...)')
+      'classes with probabilities.')
+  parser.add_argument(
+      'images',
+      nargs='+',
+      metavar='IMAGE',
+      help='image files (JPEG, PNG, GIF, BMP, WebP, ...)')
   arch = parser.add_mutually_exclusive_group(required=True)
-  arch.add_argument('--model',
-                    help='zoo name, e.g. ViT-B_16 (see vit_jax.models)')
-  arch.add_argument('--workdir',
-                    help='a training workdir: model, image size and class '
-                         'names from its summary.json and class_names.json')
-  arch.add_argument('--config', metavar='FILE.py|NAME[:ARG]',
-                    help='the training config file (its config.model, '
-                         'config.pp.crop and dataset)')
-  parser.add_argument('--checkpoint', default=None,
-                      help='.npz checkpoint (python -m '
-                      'vit_jax.checkpoints.export writes '
-                           'one from a workdir); with --workdir it defaults '
-                           'to the newest train-state checkpoint there')
+  arch.add_argument(
+      '--model', help='zoo name, e.g. ViT-B_16 (see vit_jax.models)')
+  arch.add_argument(
+      '--workdir',
+      help='a training workdir: model, image size and class '
+      'names from its summary.json and class_names.json')
+  arch.add_argument(
+      '--config',
+      metavar='FILE.py|NAME[:ARG]',
+      help='the training config file (its config.model, '
+      'config.pp.crop and dataset)')
+  parser.add_argument(
+      '--checkpoint',
+      default=None,
+      help='.npz checkpoint (python -m '
+      'vit_jax.checkpoints.export writes '
+      'one from a workdir); with --workdir it defaults '
+      'to the newest train-state checkpoint there')
   parser.add_argument('--topk', type=int, default=5)
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='default: --workdir/--config pp.crop, else from '
-                           'the checkpoint position embedding')
-  parser.add_argument('--labels', default=None,
-                      help='imagenet2012 | FILE.json | FILE.txt | dataset name')
+  parser.add_argument(
+      '--image-size',
+      type=int,
+      default=None,
+      help='default: --workdir/--config pp.crop, else from '
+      'the checkpoint position embedding')
+  parser.add_argument(
+      '--labels',
+      default=None,
+      help='imagenet2012 | FILE.json | FILE.txt | dataset name')
   parser.add_argument('--batch-size', type=int, default=32)
-  parser.add_argument('--num-classes', type=int, default=None,
-                      help='checked against the checkpoint head')
-  parser.add_argument('--output', default=None,
-                      help='also write the predictions to this file '
-                           '(missing folders are created)')
-  parser.add_argument('--data-dir', default=None,
-                      help='TFDS data dir for --labels DATASET')
+  parser.add_argument(
+      '--num-classes',
+      type=int,
+      default=None,
+      help='checked against the checkpoint head')
+  parser.add_argument(
+      '--output',
+      default=None,
+      help='also write the predictions to this file '
+      '(missing folders are created)')
+  parser.add_argument(
+      '--data-dir', default=None, help='TFDS data dir for --labels DATASET')
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
   if args.checkpoint is None and not args.workdir:
-    print('error: --checkpoint FILE.npz is required with --model and '
-          '--config (only --workdir has checkpoints of its own).',
-          file=sys.stderr)
+    print(
+        'error: --checkpoint FILE.npz is required with --model and '
+        '--config (only --workdir has checkpoints of its own).',
+        file=sys.stderr)
     return 2
   try:
     trained_names = None
     if args.model:
-      model, params = trained_model.load_model(args.model, args.checkpoint,
-                                 num_classes=args.num_classes)
+      model, params = trained_model.load_model(
+          args.model, args.checkpoint, num_classes=args.num_classes)
       if model.num_classes is None:
         raise ValueError(f'{args.checkpoint} has no head, so it cannot '
                          'classify; fine-tune it first.')
-      image_size = (args.image_size or
-                    trained_model.image_size_from_params(model, params))
+      image_size = (
+          args.image_size or
+          trained_model.image_size_from_params(model, params))
       if image_size is None:
         raise ValueError('Cannot infer the image size from the checkpoint '
                          '(no learned position embedding); pass '
@@ -281,7 +304,8 @@ def main(argv=None) -> int:
             args.workdir, args.checkpoint, num_classes=args.num_classes)
       else:
         trained = trained_model.load_model_from_config_file(
-            experiments.resolve(args.config), args.checkpoint,
+            experiments.resolve(args.config),
+            args.checkpoint,
             num_classes=args.num_classes)
       model, params = trained.model, trained.params
       image_size = args.image_size or trained.image_size
@@ -289,10 +313,12 @@ def main(argv=None) -> int:
     if args.labels is None and trained_names is not None:
       names = trained_names
     else:
-      names = label_names.load_labels(args.labels, model.num_classes,
-                          checkpoint_dir=os.path.dirname(
-                              os.path.abspath(args.checkpoint or '.')),
-                          data_dir=args.data_dir)
+      names = label_names.load_labels(
+          args.labels,
+          model.num_classes,
+          checkpoint_dir=os.path.dirname(
+              os.path.abspath(args.checkpoint or '.')),
+          data_dir=args.data_dir)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -302,9 +328,14 @@ def main(argv=None) -> int:
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always', UserWarning)
     try:
-      results = classify(model, params, args.images, image_size=image_size,
-                         labels=names, topk=args.topk,
-                         batch_size=args.batch_size)
+      results = classify(
+          model,
+          params,
+          args.images,
+          image_size=image_size,
+          labels=names,
+          topk=args.topk,
+          batch_size=args.batch_size)
     except ValueError as e:  # e.g. --image-size the position embedding lacks
       print(f'error: {e}', file=sys.stderr)
       return 2
@@ -324,12 +355,15 @@ def main(argv=None) -> int:
     try:
       filesystem.write_text_atomically(args.output, '\n'.join(lines) + '\n')
     except OSError as e:
-      print(f'error: cannot write --output={args.output}: {e.strerror}.',
-            file=sys.stderr)
+      print(
+          f'error: cannot write --output={args.output}: {e.strerror}.',
+          file=sys.stderr)
       return 2
   if failed:
-    print(f'{len(failed)} of {len(args.images)} image(s) could not be read: '
-          f'{", ".join(failed)}', file=sys.stderr)
+    print(
+        f'{len(failed)} of {len(args.images)} image(s) could not be read: '
+        f'{", ".join(failed)}',
+        file=sys.stderr)
     return 1
   return 0
 

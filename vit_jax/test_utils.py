@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import checkpoint
-from vit_jax.data import filesystem
 from vit_jax import models
+from vit_jax.data import filesystem
 
 
 def create_checkpoint(model_config, path, *, image_size=16):
@@ -17,9 +17,10 @@ def create_checkpoint(model_config, path, *, image_size=16):
   token-mixing MLPs cannot be resampled).
   """
   model = models.from_config(model_config, num_classes=1)
-  params = model.init(jax.random.PRNGKey(0),
-                      jnp.ones([1, image_size, image_size, 3], jnp.float32),
-                      train=False)['params']
+  params = model.init(
+      jax.random.PRNGKey(0),
+      jnp.ones([1, image_size, image_size, 3], jnp.float32),
+      train=False)['params']
   directory = os.path.dirname(os.fspath(path))
   if directory:
     filesystem.makedirs(directory)

@@ -25,31 +25,34 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
-from vit_jax.data import dataset_checks
-from vit_jax.reporting import dataset_report
-from vit_jax.evaluation import fewshot
-from vit_jax import input_pipeline
-from vit_jax import models_mpp
-from vit_jax.guards import memory_fit
 from vit_jax import inference_time
+from vit_jax import input_pipeline
 from vit_jax import models
+from vit_jax import models_mpp
+from vit_jax.checkpoints import resume
+from vit_jax.checkpoints import train_checkpoint
+from vit_jax.data import dataset_checks
+from vit_jax.evaluation import fewshot
+from vit_jax.guards import memory_fit
+from vit_jax.guards import stop_signals
+from vit_jax.parallel import runners
+from vit_jax.parallel import sharding
+from vit_jax.reporting import dataset_report
+from vit_jax.reporting import progress
+from vit_jax.reporting import run_end
+from vit_jax.run_config import original_configs
+from vit_jax.run_config import validation
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.training import pmap_step
-from vit_jax.run_config import original_configs
-from vit_jax.reporting import progress
-from vit_jax.checkpoints import resume
-from vit_jax.reporting import run_end
-from vit_jax.parallel import runners
-from vit_jax.parallel import sharding
 from vit_jax.training import step_guards
-from vit_jax.guards import stop_signals
-from vit_jax.checkpoints import train_checkpoint
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
-from vit_jax.run_config import validation
 
-def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
+
+def make_update_fn(*,
+                   apply_fn: Callable[..., Any],
+                   accum_steps: int,
                    tx: optax.GradientTransformation,
                    trainable_mask: Any = None) -> Callable[..., Any]:
   """The pmapped softmax cross-entropy step `update_fn(params, opt_state,
@@ -61,7 +64,9 @@ def make_update_fn(*, apply_fn: Callable[..., Any], accum_steps: int,
   """
   return pmap_step.make_update_fn(
       loss_fn=objectives.classification_loss_fn(apply_fn),
-      accum_steps=accum_steps, tx=tx, trainable_mask=trainable_mask,
+      accum_steps=accum_steps,
+      tx=tx,
+      trainable_mask=trainable_mask,
       axis_name=runners.AXIS)
 
 
@@ -79,11 +84,13 @@ def create_model(config: ml_collections.ConfigDict,
     fields = {k: v for k, v in config.model.items() if k != 'num_classes'}
     return models_mpp.MaskedPatchPredictor(
         num_classes=None, **fields, **(config.get('mpp') or {}))
-  return models.model_class(config.model)(num_classes=num_classes,
-                                          **config.model)
+  return models.model_class(config.model)(
+      num_classes=num_classes, **config.model)
 
 
-def init_params(model, config: ml_collections.ConfigDict, *,
+def init_params(model,
+                config: ml_collections.ConfigDict,
+                *,
                 load_pretrained: bool = True) -> Dict[str, Any]:
   """Parameters seeded by config.seed (equal on every process), adapted
   from the pre-trained checkpoint if `load_pretrained` and it names one."""
@@ -94,15 +101,21 @@ def init_params(model, config: ml_collections.ConfigDict, *,
   def init():
     key = jax.random.PRNGKey(seed)
     # 'mpp': the corruption of masked patch prediction (unused otherwise).
-    return model.init({'params': key, 'mpp': jax.random.fold_in(key, 1)},
-                      jnp.zeros([1, height, width, 3]), train=False)
+    return model.init({
+        'params': key,
+        'mpp': jax.random.fold_in(key, 1)
+    },
+                      jnp.zeros([1, height, width, 3]),
+                      train=False)
 
   params = flax.core.unfreeze(init()['params'])
   path = validation.pretrained_path(config) if load_pretrained else None
   if path:
     logging.info('Fine-tuning from %s', path)
     params = checkpoint.load_pretrained(
-        pretrained_path=path, init_params=params, model_config=config.model,
+        pretrained_path=path,
+        init_params=params,
+        model_config=config.model,
         image_size=(height, width))
   return jax.tree_util.tree_map(np.asarray, params)
 
@@ -118,8 +131,10 @@ def _fresh_state(config, model, tx, *, load_pretrained: bool):
   if trainable.pattern(config.get('trainable')) is not None:
     mask = trainable.trainable_mask(params, config.trainable)
   train_part = trainable.partition(params, mask)[0]
-  return {'params': params,
-          'opt_state': jax.device_get(jax.jit(tx.init)(train_part))}, mask
+  return {
+      'params': params,
+      'opt_state': jax.device_get(jax.jit(tx.init)(train_part))
+  }, mask
 
 
 def _init_or_restore(config, model, tx, ckpts):
@@ -128,8 +143,7 @@ def _init_or_restore(config, model, tx, ckpts):
   steps = ckpts.all_steps()
   state, mask = _fresh_state(config, model, tx, load_pretrained=not steps)
   runner = make_runner(config, model, tx, mask, state['params'])
-  restored, step = resume.restore_newest(ckpts,
-                                         runner.restore_template(state))
+  restored, step = resume.restore_newest(ckpts, runner.restore_template(state))
   if restored is not None:
     return restored, mask, step, runner
   if steps:  # none was readable, all moved aside: start afresh
@@ -141,20 +155,29 @@ def make_runner(config, model, tx, mask, params):
   """The PmapRunner or sharding.FsdpRunner of `config.parallelism`."""
   is_mpp = config.objective == 'mpp'
   loss_fn = objectives.make_loss_fn(model, config)
-  kwargs = dict(counts_fn=objectives.make_counts_fn(model, config),
-                confusion_fn=None if is_mpp else objectives.top1_confusion(
-                    model.apply, model.num_classes))
+  kwargs = dict(
+      counts_fn=objectives.make_counts_fn(model, config),
+      confusion_fn=None if is_mpp else objectives.top1_confusion(
+          model.apply, model.num_classes))
   accum_steps = config.accum_steps
   if config.parallelism == 'fsdp':
     return sharding.FsdpRunner(
-        params=params, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
-        trainable_mask=mask, min_shard_size=config.fsdp_min_shard_size,
-        mesh_sizes=config.mesh, **kwargs)
+        params=params,
+        loss_fn=loss_fn,
+        tx=tx,
+        accum_steps=accum_steps,
+        trainable_mask=mask,
+        min_shard_size=config.fsdp_min_shard_size,
+        mesh_sizes=config.mesh,
+        **kwargs)
   update_fn = pmap_step.make_update_fn(
-      loss_fn=loss_fn, accum_steps=accum_steps, tx=tx, trainable_mask=mask,
+      loss_fn=loss_fn,
+      accum_steps=accum_steps,
+      tx=tx,
+      trainable_mask=mask,
       axis_name=runners.AXIS)
-  return runners.PmapRunner(update_fn=update_fn, n_prefetch=config.prefetch,
-                            **kwargs)
+  return runners.PmapRunner(
+      update_fn=update_fn, n_prefetch=config.prefetch, **kwargs)
 
 
 def _fewshot(config):
@@ -230,8 +253,8 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   """Checks the config; builds checkpoints, data, model, optimizer, runner
   and the fresh or restored train state on the devices."""
   device_count = jax.local_device_count()
-  validation.check_config(config, device_count=device_count,
-                          process_count=jax.process_count())
+  validation.check_config(
+      config, device_count=device_count, process_count=jax.process_count())
   validation.check_data_and_paths(config)
   # A missing dataset fails here, before the checkpoint manager starts its
   # background threads (which would otherwise outlive a quick exit).
@@ -243,12 +266,12 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
   cleanup.push(functools.partial(_close_checkpoints, ckpts))
   if jax.process_index() == 0:  # what the classes are and how data was split
-    print(dataset_report.write_dataset_report(config, workdir)['table'],
-          flush=True)
+    print(
+        dataset_report.write_dataset_report(config, workdir)['table'],
+        flush=True)
   model = create_model(config, num_classes)
   tx, lr_fn = optim.make_optimizer(config)
-  state, mask, start_step, runner = _init_or_restore(config, model, tx,
-                                                     ckpts)
+  state, mask, start_step, runner = _init_or_restore(config, model, tx, ckpts)
   if start_step:
     logging.info('Resuming from %s at step %d', ckpts.directory, start_step)
   # The batches of steps start_step + 1, start_step + 2, ...
@@ -256,18 +279,18 @@ def _set_up(config, workdir, cleanup: contextlib.ExitStack) -> _Run:
       config, start_step=min(start_step, config.total_steps))
   num_params = trainable.count(state['params'])
   num_trainable = trainable.count(trainable.partition(state['params'], mask)[0])
-  logging.info('Model %s: %s parameters (%s trainable), %d classes, %d local '
-               'devices, %d processes, %s.', config.get('model_name'),
-               f'{num_params:,}', f'{num_trainable:,}', num_classes,
-               device_count, jax.process_count(), config.parallelism)
+  logging.info(
+      'Model %s: %s parameters (%s trainable), %d classes, %d local '
+      'devices, %d processes, %s.', config.get('model_name'),
+      f'{num_params:,}', f'{num_trainable:,}', num_classes, device_count,
+      jax.process_count(), config.parallelism)
   if mask is not None and jax.process_index() == 0:
     print(trainable.describe(state['params'], mask), flush=True)
   memory_fit.check_batch_fits(config, num_params)
   ckpts.check_room(state, start_step, config)
   params, opt_state = runner.place(state['params'], state['opt_state'])
-  return _Run(config, ckpts, start_step, ds_train, ds_test, model,
-              lr_fn, mask, runner, params, opt_state, num_params,
-              num_trainable)
+  return _Run(config, ckpts, start_step, ds_train, ds_test, model, lr_fn, mask,
+              runner, params, opt_state, num_params, num_trainable)
 
 
 def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
@@ -280,9 +303,15 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   lr_jit = jax.jit(run.lr_fn)
   compiles = progress.CompileCounter()
   losses = step_guards.LossWatch(run.ckpts, runner.scalar)
-  res = dict(eval_history=[], fewshot_history=[], accuracy=None,
-             final_train_loss=None, step=run.start_step, interrupted=False,
-             input_wait_s=0., stopped_by=None)
+  res = dict(
+      eval_history=[],
+      fewshot_history=[],
+      accuracy=None,
+      final_train_loss=None,
+      step=run.start_step,
+      interrupted=False,
+      input_wait_s=0.,
+      stopped_by=None)
   t_train = time.time()
   train_iter = runner.batches(run.ds_train)
   with stop_signals.StopSignals(run.ckpts.directory) as stop:
@@ -292,12 +321,12 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
       batch = next(train_iter)
       res['input_wait_s'] += time.time() - t_wait
       if is_mpp:  # example indices: each micro-batch corrupts differently
-        batch = dict(batch, label=objectives.mpp_labels(
-            batch['image'].shape[:-3]))
+        batch = dict(
+            batch, label=objectives.mpp_labels(batch['image'].shape[:-3]))
       key = step_keys(step)  # outside `compiles`: its first call compiles
       with compiles:
-        run.params, run.opt_state, loss = runner.step(
-            run.params, run.opt_state, batch, key)
+        run.params, run.opt_state, loss = runner.step(run.params, run.opt_state,
+                                                      batch, key)
       losses.add(step, loss)
       run.ckpts.check_save()  # a save that failed stops the run at once
       out.step_done()
@@ -314,9 +343,10 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
         if step % config.checkpoint_every == 0 or is_last or stop.received:
           losses.check()
           stop.saving = step if stop.received or is_last else None
-          run.ckpts.save(step, {'params': run.params,
-                                'opt_state': run.opt_state},
-                         runner.saved_state)
+          run.ckpts.save(step, {
+              'params': run.params,
+              'opt_state': run.opt_state
+          }, runner.saved_state)
         if stop.received and not is_last:
           res['interrupted'], res['stopped_by'] = True, stop.name
           break
@@ -340,18 +370,26 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   t_start = time.time()
   run = _set_up(config, workdir, cleanup)
   total_steps = config.total_steps
-  out = progress.Progress(workdir, total_steps=total_steps, batch=config.batch,
-                          start_step=min(run.start_step, total_steps))
+  out = progress.Progress(
+      workdir,
+      total_steps=total_steps,
+      batch=config.batch,
+      start_step=min(run.start_step, total_steps))
   cleanup.callback(out.close)
   res = _train_loop(run, out)
   if run.start_step >= total_steps:  # finished before: report, do not train
     res['accuracy'] = runners.evaluate(run.runner, run.evaluated(), run.ds_test)
   summary = dict(
-      res, objective=config.objective,
-      num_trainable_params=int(run.num_trainable), total_steps=total_steps,
-      start_step=run.start_step, total_time_s=time.time() - t_start,
-      images_per_s=out.images_per_s, num_params=int(run.num_params),
-      devices=jax.device_count(), processes=jax.process_count(),
+      res,
+      objective=config.objective,
+      num_trainable_params=int(run.num_trainable),
+      total_steps=total_steps,
+      start_step=run.start_step,
+      total_time_s=time.time() - t_start,
+      images_per_s=out.images_per_s,
+      num_params=int(run.num_params),
+      devices=jax.device_count(),
+      processes=jax.process_count(),
       checkpoint_dir=run.ckpts.directory,
       config=json.loads(config.to_json_best_effort()))
   if res['interrupted']:
@@ -359,8 +397,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
               f'checkpoint {res["step"]} saved in {run.ckpts.directory}.')
     return summary
   if summary['objective'] != 'mpp':  # all processes take part; 0 writes
-    summary['confusion'] = runners.confusion_matrix(
-        run.runner, run.evaluated(), run.ds_test).tolist()
+    summary['confusion'] = runners.confusion_matrix(run.runner, run.evaluated(),
+                                                    run.ds_test).tolist()
   out.close()
   if out.is_chief:  # summary.json marks a finished run
     run_end.finish_run(config, workdir, summary)

@@ -15,7 +15,10 @@ DECAY_TYPES = ('cosine', 'linear')
 
 
 def create_learning_rate_schedule(
-    total_steps: int, base: float, decay_type: str, warmup_steps: int,
+    total_steps: int,
+    base: float,
+    decay_type: str,
+    warmup_steps: int,
     linear_end: float = 1e-5) -> Callable[[Any], jax.Array]:
   """Linear warmup, then cosine or linear decay to `linear_end`.
 
@@ -56,9 +59,7 @@ def create_learning_rate_schedule(
 
 
 def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
-                        params: Any,
-                        images: jax.Array,
-                        labels: jax.Array,
+                        params: Any, images: jax.Array, labels: jax.Array,
                         accum_steps: int) -> Tuple[jax.Array, Any]:
   """Mean loss and gradient over `accum_steps` equal slices of the batch.
 
@@ -90,7 +91,9 @@ def accumulate_gradient(loss_and_grad_fn: Callable[..., Tuple[jax.Array, Any]],
   return jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
 
 
-def add_gfile_logger(workdir: str, *, basename: str = 'train',
+def add_gfile_logger(workdir: str,
+                     *,
+                     basename: str = 'train',
                      level: int = python_logging.INFO) -> None:
   """Appends the Python log to `{workdir}/{basename}.log` (local or gs://)."""
   filesystem.makedirs(workdir)

@@ -18,9 +18,9 @@ def _hide_site_packages(allowed):
       continue
     for entry in os.listdir(directory):
       name = entry.split('.')[0]
-      if (name.isidentifier() and not name.startswith('__')
-          and name not in allowed and name not in sys.modules
-          and name not in sys.stdlib_module_names):
+      if (name.isidentifier() and not name.startswith('__') and
+          name not in allowed and name not in sys.modules and
+          name not in sys.stdlib_module_names):
         sys.modules[name] = None
 
 

@@ -30,7 +30,10 @@ _NAMES = flags.DEFINE_enum('names', 'released', npz.NAME_SCHEMES,
                            'Parameter naming scheme of the file.')
 
 
-def export(workdir: str, output: str, *, step=None,
+def export(workdir: str,
+           output: str,
+           *,
+           step=None,
            names: str = 'released') -> int:
   """Writes `workdir`'s checkpoint `step` to `output`; returns the step."""
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
@@ -56,8 +59,8 @@ def main(argv):
     # orbax logs several INFO lines per read, and export reads every leaf.
     logging.set_verbosity(logging.WARNING)
   try:
-    step = export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value,
-                  names=_NAMES.value)
+    step = export(
+        _WORKDIR.value, _OUTPUT.value, step=_STEP.value, names=_NAMES.value)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'Error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -29,8 +29,10 @@ def inspect(params: Params, expected: Params, *, fail_if_extra: bool,
   missing, unexpected, mismatched = tree_diff.differing_keys(
       params_flat, expected_flat)
   # Layers without weights: flax serialisation drops their empty dicts.
-  empty = [k for k in missing
-           if isinstance(expected_flat[k], collections.abc.Mapping)]
+  empty = [
+      k for k in missing
+      if isinstance(expected_flat[k], collections.abc.Mapping)
+  ]
   for key in empty:
     node = params
     for part in key.split('/'):
@@ -58,13 +60,22 @@ def adapt(restored: Params, init_params: Params, model_config, *, image_size,
   if isinstance(model_config, dict):
     import ml_collections  # pylint: disable=g-import-not-at-top
     model_config = ml_collections.ConfigDict(model_config)
-  restored = inspect(restored, init_params, fail_if_extra=False,
-                     fail_if_missing=False, fail_if_shape_mismatch=False)
+  restored = inspect(
+      restored,
+      init_params,
+      fail_if_extra=False,
+      fail_if_missing=False,
+      fail_if_shape_mismatch=False)
   has_class_token = _check_class_token(restored, model_config)
   _fit_head(restored, init_params, model_config)
-  _fit_posembed(restored, init_params, model_config,
-                has_class_token=has_class_token, image_size=image_size,
-                pretrained_image_size=pretrained_image_size, method=method)
+  _fit_posembed(
+      restored,
+      init_params,
+      model_config,
+      has_class_token=has_class_token,
+      image_size=image_size,
+      pretrained_image_size=pretrained_image_size,
+      method=method)
   restored = _to_layout_of(restored, init_params)
   _check_fit(restored, init_params)
   return restored
@@ -98,8 +109,10 @@ def _fit_head(restored: Params, init_params: Params, model_config) -> None:
     # init_params may be shapes only (jax.eval_shape); the fresh head is then
     # built as the model initialises it: zero kernel, head_bias_init bias.
     fill = {'kernel': 0., 'bias': model_config.get('head_bias_init', 0.)}
-    restored['head'] = {k: _materialize(v, fill.get(k, 0.))
-                        for k, v in init_params['head'].items()}
+    restored['head'] = {
+        k: _materialize(v, fill.get(k, 0.))
+        for k, v in init_params['head'].items()
+    }
   else:
     restored.pop('head', None)
 
@@ -119,8 +132,8 @@ def _fit_posembed(restored: Params, init_params: Params, model_config, *,
   old_posemb = restored.get('Transformer', {}).get('posembed_input')
   if not (new_posemb and old_posemb):
     return
-  image_size = (model_config.get('image_size') if image_size is None
-                else image_size)
+  image_size = (
+      model_config.get('image_size') if image_size is None else image_size)
   grid = old_grid = None
   if image_size is not None:
     grid = posembed.image_grid(image_size, pixels_per_token(model_config),
@@ -130,8 +143,12 @@ def _fit_posembed(restored: Params, init_params: Params, model_config, *,
                                    pixels_per_token(model_config),
                                    'pre-training')
   restored['Transformer']['posembed_input'] = _resample_tables(
-      old_posemb, new_posemb, has_class_token=has_class_token, grid=grid,
-      old_grid=old_grid, method=method)
+      old_posemb,
+      new_posemb,
+      has_class_token=has_class_token,
+      grid=grid,
+      old_grid=old_grid,
+      method=method)
 
 
 def _resample_tables(old: Params, new: Params, *, has_class_token, grid,
@@ -143,8 +160,12 @@ def _resample_tables(old: Params, new: Params, *, has_class_token, grid,
     if (trees.shape_of(posemb) != trees.shape_of(target) or grid is not None or
         old_grid is not None):
       out['pos_embedding'] = resample_posembed(
-          posemb, trees.shape_of(target)[1], has_class_token, grid=grid,
-          old_grid=old_grid, method=method)
+          posemb,
+          trees.shape_of(target)[1],
+          has_class_token,
+          grid=grid,
+          old_grid=old_grid,
+          method=method)
       logging.info('load_pretrained: position embedding %s -> %s',
                    trees.shape_of(posemb), out['pos_embedding'].shape)
   # 2-D learned tables (posemb='learn_2d'): one row per grid row / column.
@@ -164,8 +185,12 @@ def _to_layout_of(restored: Params, init_params: Params) -> Params:
     return restored
   try:
     return layouts.layers_to_scan(
-        restored, trees.shape_of(next(iter(trees.flatten_tree(
-            init_params['Transformer']['encoderblock']).values())))[0])
+        restored,
+        trees.shape_of(
+            next(
+                iter(
+                    trees.flatten_tree(init_params['Transformer']
+                                       ['encoderblock']).values())))[0])
   except ValueError as e:
     raise CheckpointError(str(e)) from None
 
@@ -179,11 +204,12 @@ def _check_fit(restored: Params, init_params: Params) -> None:
   missing, unexpected, mismatched = tree_diff.differing_keys(
       restored_flat, init_flat)
   foreign = {k.split('/', 1)[0] for k in unexpected} - set(init_params)
-  inner_unexpected = [k for k in unexpected
-                      if k.split('/', 1)[0] not in foreign]
+  inner_unexpected = [
+      k for k in unexpected if k.split('/', 1)[0] not in foreign
+  ]
   if missing or inner_unexpected or mismatched:
-    raise CheckpointError(tree_diff.differences_message(
-        *tree_diff.differences_lines(
+    raise CheckpointError(
+        tree_diff.differences_message(*tree_diff.differences_lines(
             restored_flat, init_flat, missing, unexpected, mismatched)))
   for name in sorted(foreign):
     logging.warning('load_pretrained: dropping %s, which the model lacks.',
@@ -209,8 +235,7 @@ def resample_posembed(posemb, num_tokens: int, has_class_token: bool, *,
                gh, gw, method)
   grid_HxWxD = posemb_grid.reshape(gh_old, gw_old, -1)
   resampled = posembed.resample_grid(grid_HxWxD, (gh, gw), method)
-  return np.concatenate([posemb_tok, resampled.reshape(1, gh * gw, -1)],
-                        axis=1)
+  return np.concatenate([posemb_tok, resampled.reshape(1, gh * gw, -1)], axis=1)
 
 
 def pixels_per_token(model_config) -> Grid:

@@ -37,14 +37,17 @@ def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _map_tree(fn, tree):
-  return {k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v)
-          for k, v in tree.items()}
+  return {
+      k: _map_tree(fn, v) if isinstance(v, Mapping) else fn(v)
+      for k, v in tree.items()
+  }
 
 
 def _on_mappings(fn, tree):
   """Applies `fn` to the outermost Mappings of a pytree (e.g. optax states)."""
   return jax.tree_util.tree_map(
-      lambda t: fn(t) if isinstance(t, Mapping) else t, tree,
+      lambda t: fn(t) if isinstance(t, Mapping) else t,
+      tree,
       is_leaf=lambda t: isinstance(t, Mapping))
 
 
@@ -71,8 +74,7 @@ def layers_to_scan(params: Params, num_layers: int) -> Dict[str, Any]:
 
 
 def _layers_to_scan(tree, num_layers, path):
-  layers = {int(m.group(1)): k for k in tree
-            if (m := _LAYER_RE.match(k))}
+  layers = {int(m.group(1)): k for k in tree if (m := _LAYER_RE.match(k))}
   out = {}
   if layers:
     if SCANNED in tree:
@@ -101,8 +103,9 @@ def _layers_to_scan(tree, num_layers, path):
   for k, v in tree.items():
     if k in layers.values():
       continue
-    out[k] = (_layers_to_scan(v, num_layers, f'{path}{k}/')
-              if isinstance(v, Mapping) else v)
+    out[k] = (
+        _layers_to_scan(v, num_layers, f'{path}{k}/')
+        if isinstance(v, Mapping) else v)
   return out
 
 
@@ -125,8 +128,10 @@ def _scan_to_layers(tree, path):
   for k, v in tree.items():
     if k == SCANNED and isinstance(v, Mapping):
       leaves = trees.flatten_tree(v)
-      depths = {name: np.shape(x)[0] if np.ndim(x) else None
-                for name, x in leaves.items()}
+      depths = {
+          name: np.shape(x)[0] if np.ndim(x) else None
+          for name, x in leaves.items()
+      }
       if len(set(depths.values())) != 1 or None in depths.values():
         raise ValueError(
             f'{path}{SCANNED} leaves must share a leading layer axis; got '

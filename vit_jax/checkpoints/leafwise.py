@@ -8,8 +8,7 @@ and `convert` replays that on each array as it arrives. The result equals
 
 import math
 import operator
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence
-from typing import Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 

@@ -14,15 +14,15 @@ import contextlib
 import os
 import re
 import tempfile
-import zipfile
 from typing import Any, Dict, Iterable, Mapping, Tuple, Union
+import zipfile
 
 import numpy as np
 
-from vit_jax.data import filesystem
 from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import trees
 from vit_jax.checkpoints.trees import CheckpointError
+from vit_jax.data import filesystem
 
 Params = Dict[str, Any]
 
@@ -40,7 +40,6 @@ _RELEASED_BLOCK_NAMES = {
     'MlpBlock_0': 'MlpBlock_3',
 }
 NAME_SCHEMES = ('released', 'linen')
-
 
 
 def convert_pre_linen(params: Params) -> Params:
@@ -68,6 +67,7 @@ def convert_pre_linen(params: Params) -> Params:
 
 def convert_to_released(params: Params) -> Params:
   """Linen names -> the released (pre-linen) names inside encoder blocks."""
+
   def walk(tree, in_block):
     out = {}
     for name, value in tree.items():
@@ -77,11 +77,13 @@ def convert_to_released(params: Params) -> Params:
         value = walk(value, ENCODER_BLOCK.match(name) is not None)
       out[name] = value
     return out
+
   return walk(params, False)
 
 
 def _map_groupnorm(params: Params, fn) -> Params:
   """Applies `fn` to the GroupNorm scale/bias leaves (gn1, gn_root, ...)."""
+
   def walk(tree, parent):
     out = {}
     for k, v in tree.items():
@@ -92,6 +94,7 @@ def _map_groupnorm(params: Params, fn) -> Params:
       else:
         out[k] = v
     return out
+
   return walk(params, '')
 
 
@@ -103,8 +106,8 @@ def _fix_groupnorm(params: Params) -> Params:
 
 def unsqueeze_groupnorm(params: Params) -> Params:
   """GroupNorm scale/bias to (1, 1, 1, C), as pre-linen flax stored them."""
-  return _map_groupnorm(
-      params, lambda v: v.reshape(1, 1, 1, -1) if v.ndim == 1 else v)
+  return _map_groupnorm(params, lambda v: v.reshape(1, 1, 1, -1)
+                        if v.ndim == 1 else v)
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def _convert_big_vision(tree: Params) -> Params:
       # big_vision adds the table before prepending the class token: in our
       # order (prepend, then add) that is a zero row for the class token.
       posemb = np.concatenate(
-          [np.zeros_like(posemb[:, :1]), np.asarray(posemb)], axis=1)
+          [np.zeros_like(posemb[:, :1]),
+           np.asarray(posemb)], axis=1)
     transformer['posembed_input'] = {'pos_embedding': posemb}
   try:
     return layouts.scan_to_layers(tree)
@@ -225,7 +229,6 @@ def as_numpy(x, path: str) -> np.ndarray:
   return array
 
 
-
 class _AppendOnly:
   """A file zipfile can only append to, for remote files (gfile) whose seek
   and tell fail in ways zipfile does not expect."""
@@ -245,21 +248,22 @@ def _write_entries(f, arrays: Iterable[Tuple[str, Any]]) -> None:
   """Writes ('name', array) pairs into `f` as `np.savez`'s 'name.npy'
   entries (uncompressed, zip64), each as soon as it arrives."""
   names = set()
-  with zipfile.ZipFile(f, mode='w', compression=zipfile.ZIP_STORED,
-                       allowZip64=True) as archive:
+  with zipfile.ZipFile(
+      f, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
     for name, array in arrays:
       if name in names:
         raise CheckpointError(f'Parameter {name!r} is written twice.')
       names.add(name)
       with archive.open(f'{name}.npy', 'w', force_zip64=True) as entry:
-        np.lib.format.write_array(entry, np.asanyarray(array),
-                                  allow_pickle=False)
+        np.lib.format.write_array(
+            entry, np.asanyarray(array), allow_pickle=False)
       del array  # Not held while the next one is produced.
 
 
 def write_npz_atomically(
     path: str, arrays: Union[Mapping[str, np.ndarray],
-                             Iterable[Tuple[str, np.ndarray]]]) -> None:
+                             Iterable[Tuple[str, np.ndarray]]]
+) -> None:
   """Writes an `.npz` that `np.load` reads, or nothing if a step fails.
 
   `arrays` is a mapping or an iterable of ('name', array) pairs (e.g. a

@@ -58,7 +58,8 @@ def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-def resample_grid(grid_HxWxD: np.ndarray, new_hw: Grid,
+def resample_grid(grid_HxWxD: np.ndarray,
+                  new_hw: Grid,
                   method: str = 'bilinear_aligned') -> np.ndarray:
   """Resamples embeddings [H, W, D] to [new_h, new_w, D] in float64.
 
@@ -69,8 +70,9 @@ def resample_grid(grid_HxWxD: np.ndarray, new_hw: Grid,
   if method not in RESAMPLE_METHODS:
     raise ValueError(f'Unknown resampling method {method!r}; use one of '
                      f'{RESAMPLE_METHODS + tuple(_METHOD_ALIASES)}.')
-  weights_fn = (_bilinear_aligned_weights if method == 'bilinear_aligned'
-                else _bicubic_weights)
+  weights_fn = (
+      _bilinear_aligned_weights
+      if method == 'bilinear_aligned' else _bicubic_weights)
   h, w, _ = grid_HxWxD.shape
   new_h, new_w = new_hw
   rows_hxH = weights_fn(h, new_h)

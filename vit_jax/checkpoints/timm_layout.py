@@ -23,40 +23,52 @@ from vit_jax.checkpoints.trees import CheckpointError
 Params = Dict[str, Any]
 LAYERNORM_EPSILON = 1e-6
 # Width -> heads of the class-token zoo models, for widths not in the table.
-DEFAULT_NUM_HEADS = {192: 3, 384: 6, 512: 8, 640: 10, 768: 12, 1024: 16,
-                     1280: 16, 1408: 16, 1664: 16}
+DEFAULT_NUM_HEADS = {
+    192: 3,
+    384: 6,
+    512: 8,
+    640: 10,
+    768: 12,
+    1024: 16,
+    1280: 16,
+    1408: 16,
+    1664: 16
+}
 
 # timm.create_model name: (width, depth, heads, mlp_dim, patch, image size,
 # gap, qkv_bias, layer_scale); checked against timm by the tests.
 TIMM_MODELS = {
     f'vit_{size}_patch{p}_{s}': (d, depth, h, 4 * d, p, s, False, True, False)
-    for size, d, depth, h, ps in (
-        ('tiny', 192, 12, 3, ((16, 224), (16, 384))),
-        ('small', 384, 12, 6, ((32, 224), (32, 384), (16, 224), (16, 384),
-                               (8, 224))),
-        ('base', 768, 12, 12, ((32, 224), (32, 384), (16, 224), (16, 384),
-                               (8, 224))),
-        ('large', 1024, 24, 16, ((32, 224), (32, 384), (16, 224),
-                                 (16, 384), (14, 224))),
-        ('huge', 1280, 32, 16, ((14, 224),)))
-    for p, s in ps}
+    for size, d, depth, h, ps in (('tiny', 192, 12, 3, ((16, 224), (16, 384))),
+                                  ('small', 384, 12, 6,
+                                   ((32, 224), (32, 384), (16, 224), (16, 384),
+                                    (8, 224))), ('base', 768, 12, 12,
+                                                 ((32, 224), (32, 384),
+                                                  (16, 224), (16, 384), (8,
+                                                                         224))),
+                                  ('large', 1024, 24, 16,
+                                   ((32, 224), (32, 384), (16, 224), (16, 384),
+                                    (14, 224))), ('huge', 1280, 32, 16,
+                                                  ((14, 224),))) for p, s in ps
+}
 TIMM_MODELS.update({
     'vit_giant_patch14_224': (1408, 40, 16, 6144, 14, 224, False, True, False),
-    'vit_gigantic_patch14_224': (1664, 48, 16, 8192, 14, 224, False, True,
-                                 False),
+    'vit_gigantic_patch14_224':
+        (1664, 48, 16, 8192, 14, 224, False, True, False),
     'vit_base_patch16_gap_224': (768, 12, 16, 3072, 16, 224, True, True, False),
-    'vit_betwixt_patch16_gap_256': (640, 12, 10, 2560, 16, 256, True, False,
-                                    True),
-    'vit_huge_patch14_gap_224': (1280, 32, 16, 5120, 14, 224, True, True,
-                                 False),
-    'vit_huge_patch16_gap_448': (1280, 32, 16, 5120, 16, 448, True, True,
-                                 False),
-    'vit_giant_patch16_gap_224': (1408, 40, 16, 6144, 16, 224, True, True,
-                                  False),
+    'vit_betwixt_patch16_gap_256':
+        (640, 12, 10, 2560, 16, 256, True, False, True),
+    'vit_huge_patch14_gap_224':
+        (1280, 32, 16, 5120, 14, 224, True, True, False),
+    'vit_huge_patch16_gap_448':
+        (1280, 32, 16, 5120, 16, 448, True, True, False),
+    'vit_giant_patch16_gap_224':
+        (1408, 40, 16, 6144, 16, 224, True, True, False),
 })
 TIMM_MODELS.update({
     f'vit_medium_patch16_gap_{s}': (512, 12, 8, 2048, 16, s, True, False, True)
-    for s in (240, 256, 384)})
+    for s in (240, 256, 384)
+})
 
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _BLOCK_PARTS = ('norm1.weight', 'norm1.bias', 'attn.qkv.weight',
@@ -95,8 +107,7 @@ def is_timm_state_dict(names) -> bool:
       n.startswith('patch_embed.') for n in names)
 
 
-def read(state_or_path) -> Tuple[Params, ml_collections.ConfigDict,
-                                 TimmModel]:
+def read(state_or_path) -> Tuple[Params, ml_collections.ConfigDict, TimmModel]:
   """A timm ViT state dict (mapping, `.pth` or `.safetensors`) -> ours.
 
   Returns (params, model_config, timm_model): float32 numpy parameters
@@ -121,8 +132,9 @@ def read(state_or_path) -> Tuple[Params, ml_collections.ConfigDict,
   ids = sorted({int(m.group(1)) for n in w if (m := _BLOCK.match(n))})
   if ids != list(range(len(ids))) or not ids:
     raise CheckpointError(f'timm blocks {ids} are not numbered 0..n-1.')
-  unknown = sorted(n for n in w if n not in _TOP and not (
-      _BLOCK.match(n) and n.split('.', 2)[2] in _BLOCK_PARTS))
+  unknown = sorted(
+      n for n in w if n not in _TOP and
+      not (_BLOCK.match(n) and n.split('.', 2)[2] in _BLOCK_PARTS))
   if unknown:
     raise CheckpointError(
         f'The timm state dict has weights this ViT has no place for: '
@@ -131,34 +143,57 @@ def read(state_or_path) -> Tuple[Params, ml_collections.ConfigDict,
   mlp_dim = w['blocks.0.mlp.fc1.weight'].shape[0]
   grid = w['pos_embed'].shape[1] - (0 if gap else 1)
   timm_model = recognise(
-      hidden=hidden, depth=len(ids), mlp_dim=mlp_dim, patch=ph,
-      grid=grid, gap=gap, qkv_bias='blocks.0.attn.qkv.bias' in w,
+      hidden=hidden,
+      depth=len(ids),
+      mlp_dim=mlp_dim,
+      patch=ph,
+      grid=grid,
+      gap=gap,
+      qkv_bias='blocks.0.attn.qkv.bias' in w,
       layer_scale='blocks.0.ls1.gamma' in w,
       num_classes=w['head.weight'].shape[0] if 'head.weight' in w else 0)
-  heads = timm_model.kwargs.get('num_heads', TIMM_MODELS.get(
-      timm_model.name, (0, 0, 0))[2])
+  heads = timm_model.kwargs.get('num_heads',
+                                TIMM_MODELS.get(timm_model.name, (0, 0, 0))[2])
   params = _params(w, len(ids), heads)
   return params, converter_output.model_config(
-      params, model_name=timm_model.name, patch=(int(ph), int(pw)),
-      hidden_size=int(hidden), num_layers=len(ids), mlp_dim=int(mlp_dim),
-      num_heads=int(heads), dropout_rate=0., attention_dropout_rate=0.,
-      layernorm_epsilon=LAYERNORM_EPSILON, approximate_gelu=False,
+      params,
+      model_name=timm_model.name,
+      patch=(int(ph), int(pw)),
+      hidden_size=int(hidden),
+      num_layers=len(ids),
+      mlp_dim=int(mlp_dim),
+      num_heads=int(heads),
+      dropout_rate=0.,
+      attention_dropout_rate=0.,
+      layernorm_epsilon=LAYERNORM_EPSILON,
+      approximate_gelu=False,
       classifier='gap' if gap else 'token'), timm_model
 
 
-def recognise(*, hidden, depth, mlp_dim, patch, grid, gap, qkv_bias=True,
-              layer_scale=False, num_heads=None, num_classes=0) -> TimmModel:
+def recognise(*,
+              hidden,
+              depth,
+              mlp_dim,
+              patch,
+              grid,
+              gap,
+              qkv_bias=True,
+              layer_scale=False,
+              num_heads=None,
+              num_classes=0) -> TimmModel:
   """The timm model of these sizes: a `TIMM_MODELS` name with the kwargs
   that differ from it (depth, image size, heads), else a generic one."""
-  side = int(round(grid ** 0.5))
+  side = int(round(grid**0.5))
   if side * side != grid:
     raise CheckpointError(f'The position embedding has {grid} patch rows, '
                           'not a square grid; timm ViTs are square.')
   image = side * patch
-  candidates = [(n, c) for n, c in TIMM_MODELS.items()
-                if c[0] == hidden and c[3] == mlp_dim and c[4] == patch
-                and c[6] == gap and c[7] == qkv_bias and c[8] == layer_scale
-                and num_heads in (None, c[2])]
+  candidates = [
+      (n, c)
+      for n, c in TIMM_MODELS.items()
+      if c[0] == hidden and c[3] == mlp_dim and c[4] == patch and c[6] == gap
+      and c[7] == qkv_bias and c[8] == layer_scale and num_heads in (None, c[2])
+  ]
   candidates.sort(key=lambda nc: (nc[1][1] != depth, nc[1][5] != image))
   kwargs = {'num_classes': int(num_classes)}
   if candidates:
@@ -170,9 +205,11 @@ def recognise(*, hidden, depth, mlp_dim, patch, grid, gap, qkv_bias=True,
       raise CheckpointError(
           f'Width {hidden} is no timm zoo width; the number of heads is '
           'not in the state dict.')
-    kwargs.update(patch_size=int(patch), embed_dim=int(hidden),
-                  num_heads=int(num_heads or DEFAULT_NUM_HEADS[hidden]),
-                  mlp_ratio=mlp_dim / hidden)
+    kwargs.update(
+        patch_size=int(patch),
+        embed_dim=int(hidden),
+        num_heads=int(num_heads or DEFAULT_NUM_HEADS[hidden]),
+        mlp_ratio=mlp_dim / hidden)
     if not qkv_bias:
       kwargs['qkv_bias'] = False
     if layer_scale:
@@ -196,38 +233,53 @@ def _params(w: Mapping[str, np.ndarray], depth: int, heads: int) -> Params:
     ls1 = w.get(p + 'ls1.gamma', np.ones(hidden, np.float32))[:, None]
     ls2 = w.get(p + 'ls2.gamma', np.ones(hidden, np.float32))[:, None]
     attention = {
-        name: torch_layouts.attention_from_linear(
-            qkv_w[j * hidden:(j + 1) * hidden],
-            qkv_b[j * hidden:(j + 1) * hidden], heads)
-        for j, name in enumerate(('query', 'key', 'value'))}
+        name:
+            torch_layouts.attention_from_linear(
+                qkv_w[j * hidden:(j + 1) * hidden],
+                qkv_b[j * hidden:(j + 1) * hidden], heads)
+        for j, name in enumerate(('query', 'key', 'value'))
+    }
     attention['out'] = torch_layouts.attention_from_linear(
-        w[p + 'attn.proj.weight'] * ls1, w[p + 'attn.proj.bias'] * ls1[:, 0],
-        heads, is_out=True)
+        w[p + 'attn.proj.weight'] * ls1,
+        w[p + 'attn.proj.bias'] * ls1[:, 0],
+        heads,
+        is_out=True)
     blocks.append({
         'LayerNorm_0': _layernorm(w, p + 'norm1'),
         'MultiHeadDotProductAttention_0': attention,
         'LayerNorm_1': _layernorm(w, p + 'norm2'),
         'MlpBlock_0': {
-            'Dense_0': dense(w[p + 'mlp.fc1.weight'], w[p + 'mlp.fc1.bias']),
-            'Dense_1': dense(w[p + 'mlp.fc2.weight'] * ls2,
-                             w[p + 'mlp.fc2.bias'] * ls2[:, 0])}})
-  optional = {name: dense(w[f'{key}.weight'], w[f'{key}.bias'])
-              for name, key in (('pre_logits', 'pre_logits.fc'),
-                                ('head', 'head')) if f'{key}.weight' in w}
+            'Dense_0':
+                dense(w[p + 'mlp.fc1.weight'], w[p + 'mlp.fc1.bias']),
+            'Dense_1':
+                dense(w[p + 'mlp.fc2.weight'] * ls2,
+                      w[p + 'mlp.fc2.bias'] * ls2[:, 0])
+        }
+    })
+  optional = {
+      name: dense(w[f'{key}.weight'], w[f'{key}.bias'])
+      for name, key in (('pre_logits', 'pre_logits.fc'), ('head', 'head'))
+      if f'{key}.weight' in w
+  }
   return converter_output.params_tree(
       embedding=torch_layouts.conv_from_torch(
           w['patch_embed.proj.weight'],
           w.get('patch_embed.proj.bias', np.zeros(hidden, np.float32))),
-      cls=w.get('cls_token'), pos_embedding=w['pos_embed'],
-      encoder_norm=_layernorm(w, 'norm'), blocks=blocks, **optional)
+      cls=w.get('cls_token'),
+      pos_embedding=w['pos_embed'],
+      encoder_norm=_layernorm(w, 'norm'),
+      blocks=blocks,
+      **optional)
 
 
 def _layernorm(w, name: str) -> Params:
   return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
 
 
-def to_timm(params: Params, *, num_heads: Optional[int] = None
-            ) -> Tuple[Dict[str, np.ndarray], TimmModel]:
+def to_timm(
+    params: Params,
+    *,
+    num_heads: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], TimmModel]:
   """Our per-layer ViT parameters -> (timm state dict, the
   `timm.create_model` call that loads it strictly).
 
@@ -252,8 +304,10 @@ def to_timm(params: Params, *, num_heads: Optional[int] = None
   for i in range(depth):
     block, p = transformer[f'encoderblock_{i}'], f'blocks.{i}.'
     att = block['MultiHeadDotProductAttention_0']
-    qkv = [torch_layouts.linear_from_attention(att[n], is_out=False)
-           for n in ('query', 'key', 'value')]
+    qkv = [
+        torch_layouts.linear_from_attention(att[n], is_out=False)
+        for n in ('query', 'key', 'value')
+    ]
     out[p + 'norm1.weight'], out[p + 'norm1.bias'] = _norm(block, 0)
     out[p + 'attn.qkv.weight'] = np.concatenate([q[0] for q in qkv])
     out[p + 'attn.qkv.bias'] = np.concatenate([q[1] for q in qkv])
@@ -281,9 +335,12 @@ def to_timm(params: Params, *, num_heads: Optional[int] = None
   query = transformer['encoderblock_0']['MultiHeadDotProductAttention_0']
   hidden, heads = np.shape(query['query']['kernel'])[:2]
   timm_model = recognise(
-      hidden=hidden, depth=depth, patch=kernel.shape[0],
+      hidden=hidden,
+      depth=depth,
+      patch=kernel.shape[0],
       mlp_dim=out['blocks.0.mlp.fc1.weight'].shape[0],
-      grid=posemb.shape[1] - int('cls' in params), gap='cls' not in params,
+      grid=posemb.shape[1] - int('cls' in params),
+      gap='cls' not in params,
       num_heads=num_heads or heads,
       num_classes=out['head.weight'].shape[0] if 'head' in params else 0)
   return out, timm_model
@@ -291,5 +348,5 @@ def to_timm(params: Params, *, num_heads: Optional[int] = None
 
 def _norm(block, i: int) -> Tuple[np.ndarray, np.ndarray]:
   ln = block[f'LayerNorm_{i}']
-  return (np.asarray(ln['scale'], np.float32),
-          np.asarray(ln['bias'], np.float32))
+  return (np.asarray(ln['scale'],
+                     np.float32), np.asarray(ln['bias'], np.float32))

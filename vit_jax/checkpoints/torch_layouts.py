@@ -8,8 +8,8 @@ and (heads, head_dim, D) here; convolutions are OIHW there, HWIO here.
 """
 
 import os
-import zipfile
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
+import zipfile
 
 import numpy as np
 
@@ -34,7 +34,10 @@ def dense_from_linear(weight_OxI, bias_O=None) -> Params:
   return {'kernel': np.ascontiguousarray(weight_OxI.T), 'bias': bias}
 
 
-def attention_from_linear(weight, bias, num_heads: int, *,
+def attention_from_linear(weight,
+                          bias,
+                          num_heads: int,
+                          *,
                           is_out: bool = False) -> Params:
   """One `nn.Linear` of attention -> a flax DenseGeneral of MHA.
 
@@ -46,19 +49,22 @@ def attention_from_linear(weight, bias, num_heads: int, *,
   kernel = dense['kernel']
   if is_out:
     hd, d = kernel.shape
-    return {'kernel': kernel.reshape(num_heads, hd // num_heads, d),
-            'bias': dense['bias']}
+    return {
+        'kernel': kernel.reshape(num_heads, hd // num_heads, d),
+        'bias': dense['bias']
+    }
   d, hd = kernel.shape
-  return {'kernel': kernel.reshape(d, num_heads, hd // num_heads),
-          'bias': dense['bias'].reshape(num_heads, hd // num_heads)}
+  return {
+      'kernel': kernel.reshape(d, num_heads, hd // num_heads),
+      'bias': dense['bias'].reshape(num_heads, hd // num_heads)
+  }
 
 
-def linear_from_dense(dense: Mapping[str, Any]
-                     ) -> Tuple[np.ndarray, np.ndarray]:
+def linear_from_dense(
+    dense: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
   """The inverse of `dense_from_linear`: (weight (out, in), bias (out,))."""
   kernel = np.asarray(dense['kernel'], np.float32)
-  return (np.ascontiguousarray(kernel.T),
-          np.asarray(dense['bias'], np.float32))
+  return (np.ascontiguousarray(kernel.T), np.asarray(dense['bias'], np.float32))
 
 
 def conv_from_torch(weight_OxIxHxW, bias_O) -> Params:
@@ -79,14 +85,17 @@ def fold_input_normalization(embedding: Mapping[str, Any], scale_C,
   scale = np.asarray(scale_C, np.float64)
   offset = np.asarray(offset_C, np.float64)
   new_kernel = kernel * scale[None, None, :, None]
-  new_bias = (np.asarray(embedding['bias'], np.float64)
-              + np.einsum('hwcd,c->d', kernel, offset))
-  return {'kernel': new_kernel.astype(np.float32),
-          'bias': new_bias.astype(np.float32)}
+  new_bias = (
+      np.asarray(embedding['bias'], np.float64) +
+      np.einsum('hwcd,c->d', kernel, offset))
+  return {
+      'kernel': new_kernel.astype(np.float32),
+      'bias': new_bias.astype(np.float32)
+  }
 
 
 def linear_from_attention(dense: Mapping[str, Any], *,
-                           is_out: bool) -> Tuple[np.ndarray, np.ndarray]:
+                          is_out: bool) -> Tuple[np.ndarray, np.ndarray]:
   """The inverse of `attention_from_linear`: (weight (out, in), bias)."""
   kernel = np.asarray(dense['kernel'], np.float32)
   bias = np.asarray(dense['bias'], np.float32)
@@ -102,8 +111,10 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
   if file_path.endswith('.safetensors'):
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
     try:
-      return {k: to_numpy(v)
-              for k, v in safetensors_numpy.load_file(file_path).items()}
+      return {
+          k: to_numpy(v)
+          for k, v in safetensors_numpy.load_file(file_path).items()
+      }
     except TypeError:
       # numpy has no bfloat16: read through torch, which has.
       pass
@@ -113,8 +124,10 @@ def read_weights_file(file_path: str) -> Dict[str, np.ndarray]:
       ) from e
     import_torch(f'{file_path} holds bfloat16 tensors; reading them')
     from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
-    return {k: to_numpy(v)
-            for k, v in safetensors_torch.load_file(file_path).items()}
+    return {
+        k: to_numpy(v)
+        for k, v in safetensors_torch.load_file(file_path).items()
+    }
   torch = import_torch(f'Reading {file_path}')
   try:
     state = torch.load(file_path, map_location='cpu', weights_only=True)
@@ -144,16 +157,18 @@ def is_torch_file(path) -> bool:
     return True
   try:
     with zipfile.ZipFile(path) as archive:
-      return any(n.endswith('/data.pkl') or n == 'data.pkl'
-                 for n in archive.namelist())
+      return any(
+          n.endswith('/data.pkl') or n == 'data.pkl'
+          for n in archive.namelist())
   except (zipfile.BadZipFile, OSError):
     return False
 
 
 def read_state_dict(
-    state_or_path: Union[str, os.PathLike, Mapping[str, Any]], *,
-    marker: str, renames: Sequence[Tuple[str, str]] = ()
-) -> Dict[str, np.ndarray]:
+    state_or_path: Union[str, os.PathLike, Mapping[str, Any]],
+    *,
+    marker: str,
+    renames: Sequence[Tuple[str, str]] = ()) -> Dict[str, np.ndarray]:
   """A state dict (or its `.safetensors` / torch file) as float32 numpy.
 
   A training checkpoint (`{'model' | 'state_dict' | ...: state_dict}`) is

@@ -12,8 +12,16 @@ import functools
 import os
 import shutil
 import sys
-from typing import (Any, Callable, Dict, Iterator, NamedTuple, Optional,
-                    Sequence, Tuple)
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import flax
 import jax
@@ -52,8 +60,8 @@ def first_non_finite(tree: Any) -> Optional[str]:
   Leaves may be numpy or sharded `jax.Array`s (then every process must call
   this); the check runs where they are.
   """
-  floating = [(path, leaf) for path, leaf
-              in jax.tree_util.tree_leaves_with_path(tree)
+  floating = [(path, leaf)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
               if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
   if not floating:
     return None
@@ -72,8 +80,9 @@ def _host_template(shapes: Any) -> Any:
 
 def _path_keys(path) -> Tuple[str, ...]:
   """('params', 'head', 'kernel') for a key path, whatever its containers."""
-  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-               for k in path)
+  return tuple(
+      str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+      for k in path)
 
 
 def _path_name(path) -> str:
@@ -100,10 +109,14 @@ def _shape(x) -> tuple:
 
 def tree_mismatch(got: Any, want: Any) -> Optional[str]:
   """Describes the first difference in structure or shapes, else None."""
-  got_flat = {_path_name(p): _shape(x)
-              for p, x in jax.tree_util.tree_leaves_with_path(got)}
-  want_flat = {_path_name(p): _shape(x)
-               for p, x in jax.tree_util.tree_leaves_with_path(want)}
+  got_flat = {
+      _path_name(p): _shape(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(got)
+  }
+  want_flat = {
+      _path_name(p): _shape(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(want)
+  }
   for key in sorted(set(got_flat) | set(want_flat)):
     if key not in got_flat:
       return f'{key} missing from the checkpoint'
@@ -176,7 +189,9 @@ class TrainCheckpoints:
     """The steps saved (or being written), oldest first."""
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any,
+  def save(self,
+           step: int,
+           state: Any,
            to_write: Optional[Callable[[Any], Any]] = None) -> None:
     """Starts writing `state` as `step` and returns before it is on disk.
 
@@ -216,8 +231,8 @@ class TrainCheckpoints:
 
   def check_room(self, state: Any, start_step: int, config: Any) -> None:
     """Raises `disk_space.DiskSpaceError` if the folder cannot take `state`."""
-    self.expected_bytes = sum(int(x.nbytes)
-                              for x in jax.tree_util.tree_leaves(state))
+    self.expected_bytes = sum(
+        int(x.nbytes) for x in jax.tree_util.tree_leaves(state))
     every, total = config.checkpoint_every, config.total_steps
     step = min(total, every * (start_step // every + 1))
     if (jax.process_index() == 0 and '://' not in self.directory and
@@ -256,11 +271,18 @@ class TrainCheckpoints:
       if jax.process_index() == 0:
         _remove_unfinished_saves(self.directory)
       steps = [s for s in self.complete_steps() if s != self._writing]
-      need = max(self.expected_bytes, disk_space.tree_bytes(os.path.join(
-          self.directory, str(steps[-1]))) if steps else 0)
-      raise disk_space.DiskSpaceError(code, disk_space.message(
-          self.directory, step=self._writing, need=need, steps=steps,
-          code=code)) from e
+      need = max(
+          self.expected_bytes,
+          disk_space.tree_bytes(os.path.join(self.directory, str(steps[-1])))
+          if steps else 0)
+      raise disk_space.DiskSpaceError(
+          code,
+          disk_space.message(
+              self.directory,
+              step=self._writing,
+              need=need,
+              steps=steps,
+              code=code)) from e
 
   def restore(self, step: int, template: Any) -> Any:
     """Reads `step` into the structure, dtypes and layout of `template`.
@@ -322,14 +344,18 @@ class TrainCheckpoints:
     return flax.traverse_util.flatten_dict(
         weight_ema.checkpoint_params(saved), sep='/')
 
-  def param_shapes(self, step: Optional[int] = None
-                   ) -> Dict[str, jax.ShapeDtypeStruct]:
+  def param_shapes(self,
+                   step: Optional[int] = None
+                  ) -> Dict[str, jax.ShapeDtypeStruct]:
     """{'head/kernel': shape} of `restore_params(step)`, from metadata."""
-    return {name: leaf.shape for name, leaf
-            in self._saved_params(self._step_or_latest(step)).items()}
+    return {
+        name: leaf.shape for name, leaf in self._saved_params(
+            self._step_or_latest(step)).items()
+    }
 
-  def iter_params(self, step: Optional[int] = None
-                  ) -> Iterator[Tuple[str, np.ndarray]]:
+  def iter_params(self,
+                  step: Optional[int] = None
+                 ) -> Iterator[Tuple[str, np.ndarray]]:
     """Yields ('head/kernel', numpy array) of `restore_params(step)`.
 
     One leaf is read at a time (orbax partial restore); the optimizer state
@@ -339,8 +365,8 @@ class TrainCheckpoints:
     directory = os.path.join(self.directory, str(step),
                              ocp.checkpoint_manager.DEFAULT_ITEM_NAME)
     for name, leaf in self._saved_params(step).items():
-      restored = self._read_leaves(
-          directory, _nest(leaf.keys, _host_template(leaf.shape)))
+      restored = self._read_leaves(directory,
+                                   _nest(leaf.keys, _host_template(leaf.shape)))
       for key in leaf.keys:
         restored = restored[key]
       yield name, restored
@@ -351,10 +377,12 @@ class TrainCheckpoints:
     if self._reader is None:
       self._reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     with _quiet_aborted_reads():
-      return self._reader.restore(directory, args=ocp.args.PyTreeRestore(
-          item=item,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True))
+      return self._reader.restore(
+          directory,
+          args=ocp.args.PyTreeRestore(
+              item=item,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True))
 
   def close(self) -> None:
     try:
@@ -365,4 +393,3 @@ class TrainCheckpoints:
         raise
     if self._reader is not None:
       self._reader.close()
-

@@ -39,33 +39,32 @@ def _describe_shape(x) -> str:
 def differing_keys(params_flat, expected_flat):
   missing = sorted(expected_flat.keys() - params_flat.keys())
   unexpected = sorted(params_flat.keys() - expected_flat.keys())
-  mismatched = sorted(k for k in params_flat.keys() & expected_flat.keys()
-                      if trees.shape_of(params_flat[k]) !=
-                      trees.shape_of(expected_flat[k]))
+  mismatched = sorted(
+      k for k in params_flat.keys() & expected_flat.keys()
+      if trees.shape_of(params_flat[k]) != trees.shape_of(expected_flat[k]))
   return missing, unexpected, mismatched
 
 
 def differences_lines(params_flat, expected_flat, missing, unexpected,
-                       mismatched):
-  return (
-      [f'{k} {_describe_shape(expected_flat[k])}' for k in missing],
-      [f'{k} {_describe_shape(params_flat[k])}' for k in unexpected],
-      [f'{k}: checkpoint {_describe_shape(params_flat[k])}, model '
-       f'{_describe_shape(expected_flat[k])}' for k in mismatched])
+                      mismatched):
+  return ([f'{k} {_describe_shape(expected_flat[k])}' for k in missing],
+          [f'{k} {_describe_shape(params_flat[k])}' for k in unexpected], [
+              f'{k}: checkpoint {_describe_shape(params_flat[k])}, model '
+              f'{_describe_shape(expected_flat[k])}' for k in mismatched
+          ])
 
 
 def differences_message(missing, unexpected, mismatched) -> str:
   parts = ['The checkpoint does not fit the model.']
   if missing:
-    parts.append(f'  In the model but not in the checkpoint ({len(missing)}):'
-                 + _format_list(missing))
+    parts.append(f'  In the model but not in the checkpoint ({len(missing)}):' +
+                 _format_list(missing))
   if unexpected:
     parts.append('  In the checkpoint but not in the model '
-                 f'({len(unexpected)}):'
-                 + _format_list(unexpected))
+                 f'({len(unexpected)}):' + _format_list(unexpected))
   if mismatched:
-    parts.append(f'  Shapes differ ({len(mismatched)}):'
-                 + _format_list(mismatched))
+    parts.append(f'  Shapes differ ({len(mismatched)}):' +
+                 _format_list(mismatched))
   parts.append('  Build the model with the configuration the checkpoint was '
                'trained with (`python -m vit_jax.interop.checkpoint_cli '
                'inspect FILE` '

@@ -35,7 +35,9 @@ def recover_tree(keys, values) -> Params:
   return tree
 
 
-def flatten_tree(tree: Params, prefix: str = '', *,
+def flatten_tree(tree: Params,
+                 prefix: str = '',
+                 *,
                  keep_empty: bool = False) -> Dict[str, Any]:
   """The inverse of `recover_tree`: {'a/b/c': leaf}.
 
@@ -45,8 +47,7 @@ def flatten_tree(tree: Params, prefix: str = '', *,
   flat = {}
   for key, value in tree.items():
     path = f'{prefix}{key}'
-    if isinstance(value, collections.abc.Mapping) and (value or
-                                                       not keep_empty):
+    if isinstance(value, collections.abc.Mapping) and (value or not keep_empty):
       flat.update(flatten_tree(value, path + '/', keep_empty=keep_empty))
     else:
       flat[path] = value

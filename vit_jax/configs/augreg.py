@@ -39,8 +39,12 @@ def get_config(model_or_filename):
   config.base_lr = 0.03
   config.total_steps = 500
   config.warmup_steps = 100
-  config.pp = ml_collections.ConfigDict(
-      {'train': 'train', 'test': 'test', 'resize': 448, 'crop': 384})
+  config.pp = ml_collections.ConfigDict({
+      'train': 'train',
+      'test': 'test',
+      'resize': 448,
+      'crop': 384
+  })
 
   config.dataset = ''  # Must be set: --config.dataset=<TFDS name or folder>.
   return config

@@ -81,9 +81,15 @@ def get_config():
 
 def _preset(total_steps: int, train: str, test: str, crop: int = 384):
   return ml_collections.ConfigDict({
-      'total_steps': total_steps,
-      'pp': ml_collections.ConfigDict(
-          {'train': train, 'test': test, 'crop': crop})})
+      'total_steps':
+          total_steps,
+      'pp':
+          ml_collections.ConfigDict({
+              'train': train,
+              'test': test,
+              'crop': crop
+          })
+  })
 
 
 # The fine-tuning presets; a part of each train split is held out.

@@ -38,7 +38,8 @@ def names() -> List[str]:
   path = folder()
   if path is None:
     return []
-  return sorted(f[:-3] for f in os.listdir(path)
+  return sorted(f[:-3]
+                for f in os.listdir(path)
                 if f.endswith('.py') and not f.startswith('_'))
 
 
@@ -86,8 +87,8 @@ def sibling(caller_file: str, name: str) -> types.ModuleType:
   this works whether the caller was imported from `configs/`, run by
   `--config`, or shipped in the wheel. Each file is loaded once.
   """
-  path = os.path.join(os.path.dirname(os.path.abspath(caller_file)),
-                      name + '.py')
+  path = os.path.join(
+      os.path.dirname(os.path.abspath(caller_file)), name + '.py')
   module_name = '_vit_jax_config_' + re.sub(r'\W', '_', path)
   if module_name in sys.modules:
     return sys.modules[module_name]

@@ -22,6 +22,9 @@ def get_config():
   config.model = models.get_mixer_b16_config()
   config.dataset = 'cifar10'
   config.total_steps = 10_000
-  config.pp = ml_collections.ConfigDict(
-      {'train': 'train[:98%]', 'test': 'test', 'crop': 224})
+  config.pp = ml_collections.ConfigDict({
+      'train': 'train[:98%]',
+      'test': 'test',
+      'crop': 224
+  })
   return config

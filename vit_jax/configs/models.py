@@ -22,8 +22,7 @@ MODEL_CONFIGS = {}
 # URI without escaping. The original leaves out the Mixers and the models
 # AugReg did not train; `testing` stays out too.
 AUGREG_CONFIGS = {}
-_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14',
-                  'ViT-g_14')
+_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14', 'ViT-g_14')
 
 
 def _register(get_config):
@@ -38,8 +37,16 @@ def _register(get_config):
   return get_config
 
 
-def _vit(name, *, hidden, patch, layers, heads, mlp, dropout=0.0,
-         classifier='token', representation_size=None):
+def _vit(name,
+         *,
+         hidden,
+         patch,
+         layers,
+         heads,
+         mlp,
+         dropout=0.0,
+         classifier='token',
+         representation_size=None):
   config = ml_collections.ConfigDict()
   config.model_name = name
   config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
@@ -126,8 +133,14 @@ def get_b32_config():
 
 @_register
 def get_l16_config():
-  return _vit('ViT-L_16', hidden=1024, patch=16, layers=24, heads=16,
-              mlp=4096, dropout=0.1)
+  return _vit(
+      'ViT-L_16',
+      hidden=1024,
+      patch=16,
+      layers=24,
+      heads=16,
+      mlp=4096,
+      dropout=0.1)
 
 
 @_register
@@ -137,8 +150,14 @@ def get_l32_config():
 
 @_register
 def get_h14_config():
-  return _vit('ViT-H_14', hidden=1280, patch=14, layers=32, heads=16,
-              mlp=5120, dropout=0.1)
+  return _vit(
+      'ViT-H_14',
+      hidden=1280,
+      patch=14,
+      layers=32,
+      heads=16,
+      mlp=5120,
+      dropout=0.1)
 
 
 @_register
@@ -148,8 +167,7 @@ def get_g14_config():
   Not in the original and without a released checkpoint: a model for
   sharded training (docs/scaling.md).
   """
-  return _vit('ViT-g_14', hidden=1408, patch=14, layers=40, heads=16,
-              mlp=6144)
+  return _vit('ViT-g_14', hidden=1408, patch=14, layers=40, heads=16, mlp=6144)
 
 
 # AugReg's global-average-pooled models without representation layer.
@@ -196,28 +214,28 @@ def get_r_ti16_config():
 
 @_register
 def get_r26_s32_config():
-  return _hybrid('R26+ViT-S_32', get_s16_config, resnet_layers=(2, 2, 2, 2),
-                 patch=1)
+  return _hybrid(
+      'R26+ViT-S_32', get_s16_config, resnet_layers=(2, 2, 2, 2), patch=1)
 
 
 @_register
 def get_r26_b32_config():
-  return _hybrid('R26+ViT-B_32', get_b16_config, resnet_layers=(2, 2, 2, 2),
-                 patch=1)
+  return _hybrid(
+      'R26+ViT-B_32', get_b16_config, resnet_layers=(2, 2, 2, 2), patch=1)
 
 
 @_register
 def get_r50_b16_config():
-  config = _hybrid('R50+ViT-B_16', get_b16_config, resnet_layers=(3, 4, 9),
-                   patch=1)
+  config = _hybrid(
+      'R50+ViT-B_16', get_b16_config, resnet_layers=(3, 4, 9), patch=1)
   config.transformer.dropout_rate = 0.1
   return config
 
 
 @_register
 def get_r50_l32_config():
-  config = _hybrid('R50+ViT-L_32', get_l16_config, resnet_layers=(3, 4, 6, 3),
-                   patch=1)
+  config = _hybrid(
+      'R50+ViT-L_32', get_l16_config, resnet_layers=(3, 4, 6, 3), patch=1)
   config.transformer.dropout_rate = 0.1
   return config
 
@@ -238,17 +256,32 @@ def _mixer(name, *, hidden, patch, blocks, tokens_mlp, channels_mlp):
 
 @_register
 def get_mixer_b16_config():
-  return _mixer('Mixer-B_16', hidden=768, patch=16, blocks=12, tokens_mlp=384,
-                channels_mlp=3072)
+  return _mixer(
+      'Mixer-B_16',
+      hidden=768,
+      patch=16,
+      blocks=12,
+      tokens_mlp=384,
+      channels_mlp=3072)
 
 
 @_register
 def get_mixer_b32_config():
-  return _mixer('Mixer-B_32', hidden=768, patch=32, blocks=12, tokens_mlp=384,
-                channels_mlp=3072)
+  return _mixer(
+      'Mixer-B_32',
+      hidden=768,
+      patch=32,
+      blocks=12,
+      tokens_mlp=384,
+      channels_mlp=3072)
 
 
 @_register
 def get_mixer_l16_config():
-  return _mixer('Mixer-L_16', hidden=1024, patch=16, blocks=24,
-                tokens_mlp=512, channels_mlp=4096)
+  return _mixer(
+      'Mixer-L_16',
+      hidden=1024,
+      patch=16,
+      blocks=24,
+      tokens_mlp=512,
+      channels_mlp=4096)

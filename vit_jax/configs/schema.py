@@ -169,7 +169,9 @@ SPEED_FIELDS = {
 }
 
 
-def zoo_model(name: str, *, representation_size=False,
+def zoo_model(name: str,
+              *,
+              representation_size=False,
               dropout=None) -> ml_collections.ConfigDict:
   """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS (ViTs).
 
@@ -223,4 +225,3 @@ def pretrain_config(name: str) -> ml_collections.ConfigDict:
   config.eval_every = 5_000
   config.checkpoint_every = 1_000
   return config
-

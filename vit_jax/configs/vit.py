@@ -20,7 +20,8 @@ from vit_jax.configs import models
 
 def model_names():
   """The `<model>` arguments: every `get_<model>_config` of the zoo."""
-  return sorted(name[len('get_'):-len('_config')] for name in dir(models)
+  return sorted(name[len('get_'):-len('_config')]
+                for name in dir(models)
                 if name.startswith('get_') and name.endswith('_config'))
 
 

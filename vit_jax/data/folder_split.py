@@ -18,8 +18,8 @@ The split depends only on file names, `val_fraction` and `split_seed`.
 
 import hashlib
 import os
-import unicodedata
 from typing import Dict, List, Sequence, Tuple
+import unicodedata
 
 import numpy as np
 
@@ -75,8 +75,8 @@ def check_params(val_fraction: float, split_seed: int) -> Tuple[float, int]:
     raise ValueError(
         f'config.val_fraction={val_fraction!r}: the fraction of each class '
         'held out for validation must be strictly between 0 and 1, e.g. 0.2.')
-  if isinstance(split_seed, bool) or not isinstance(
-      split_seed, (int, np.integer)):
+  if isinstance(split_seed, bool) or not isinstance(split_seed,
+                                                    (int, np.integer)):
     raise ValueError(f'config.split_seed={split_seed!r} must be an integer.')
   return val_fraction, int(split_seed)
 
@@ -91,8 +91,7 @@ def num_val(n: int, val_fraction: float) -> int:
 def class_seed(split_seed: int, class_name: str) -> int:
   """The uint32 seed of one class's permutation (step 2 of the recipe)."""
   key = f'{int(split_seed)}/{unicodedata.normalize("NFC", class_name)}'
-  return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:4],
-                        'big')
+  return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:4], 'big')
 
 
 def sort_key(relpath: str) -> str:
@@ -100,8 +99,11 @@ def sort_key(relpath: str) -> str:
   return unicodedata.normalize('NFC', relpath.replace(os.sep, '/'))
 
 
-def split_class_files(class_name: str, files: Sequence[str],
-                      class_dir: str = '', *, val_fraction: float,
+def split_class_files(class_name: str,
+                      files: Sequence[str],
+                      class_dir: str = '',
+                      *,
+                      val_fraction: float,
                       split_seed: int) -> Tuple[List[str], List[str]]:
   """Splits one class's files into (train, val), each in sorted order.
 
@@ -113,26 +115,33 @@ def split_class_files(class_name: str, files: Sequence[str],
     split_seed: the split's seed (independent of the training seed).
   """
   val_fraction, split_seed = check_params(val_fraction, split_seed)
-  keyed = sorted((sort_key(os.path.relpath(f, class_dir) if class_dir else f),
-                  f) for f in files)
+  keyed = sorted(
+      (sort_key(os.path.relpath(f, class_dir) if class_dir else f), f)
+      for f in files)
   if len({k for k, _ in keyed}) != len(keyed):
     raise ValueError(f'Class {class_name!r} lists a file twice.')
   files = [f for _, f in keyed]
   k = num_val(len(files), val_fraction)
-  order = np.random.RandomState(class_seed(split_seed, class_name)).permutation(
-      len(files))
+  order = np.random.RandomState(class_seed(split_seed,
+                                           class_name)).permutation(len(files))
   is_val = np.zeros(len(files), bool)
   is_val[order[:k]] = True
   return ([f for f, v in zip(files, is_val) if not v],
           [f for f, v in zip(files, is_val) if v])
 
 
-def split_files(files_by_class: Dict[str, Sequence[str]], *,
+def split_files(files_by_class: Dict[str, Sequence[str]],
+                *,
                 val_fraction: float = DEFAULT_VAL_FRACTION,
                 split_seed: int = DEFAULT_SPLIT_SEED,
                 root: str = '') -> Dict[str, Tuple[List[str], List[str]]]:
   """`{class: (train files, val files)}` of a tree `<root>/<class>`."""
-  return {name: split_class_files(
-      name, files, os.path.join(root, name) if root else '',
-      val_fraction=val_fraction, split_seed=split_seed)
-          for name, files in files_by_class.items()}
+  return {
+      name:
+          split_class_files(
+              name,
+              files,
+              os.path.join(root, name) if root else '',
+              val_fraction=val_fraction,
+              split_seed=split_seed) for name, files in files_by_class.items()
+  }

@@ -45,9 +45,9 @@ def _check_image(path):
 
 
 def _class_dirs(split_dir):
-  return sorted(d for d in filesystem.listdir(split_dir)
-                if not d.startswith('.') and
-                filesystem.isdir(filesystem.join(split_dir, d)))
+  return sorted(
+      d for d in filesystem.listdir(split_dir) if not d.startswith('.') and
+      filesystem.isdir(filesystem.join(split_dir, d)))
 
 
 def _list_images(tree_dir, classes):
@@ -116,8 +116,10 @@ class Tree:
 def list_tree(root):
   """Lists a single tree; cached per process like `_list_split_folder`."""
   names = _class_dirs(root)
-  loose = [f for f in filesystem.listdir(root)
-           if f.lower().endswith(IMAGE_EXTENSIONS)]
+  loose = [
+      f for f in filesystem.listdir(root)
+      if f.lower().endswith(IMAGE_EXTENSIONS)
+  ]
   if not names:
     found = (f'{len(loose)} image(s) lie directly in it, e.g. {loose[:3]}'
              if loose else 'it is empty of images')
@@ -126,8 +128,9 @@ def list_tree(root):
         f'{folder_split.LAYOUTS_HELP}. Move the images into one subfolder '
         'per class.')
   if loose:
-    logging.warning('Ignoring %d image(s) directly in %s (not in a class '
-                    'subfolder), e.g. %s', len(loose), root, loose[:3])
+    logging.warning(
+        'Ignoring %d image(s) directly in %s (not in a class '
+        'subfolder), e.g. %s', len(loose), root, loose[:3])
   kept, skipped = _list_images(root, names)
   files = {name: [] for name in names}
   for path, label in kept:
@@ -148,16 +151,19 @@ def list_tree(root):
         'folder(s) to silence this.', len(dropped), root, list(dropped),
         len(names) - len(dropped))
   classes = tuple(name for name in names if files[name])
-  return Tree(classes=classes, files={c: files[c] for c in classes},
-               num_skipped=len(skipped), dropped=dropped)
+  return Tree(
+      classes=classes,
+      files={c: files[c] for c in classes},
+      num_skipped=len(skipped),
+      dropped=dropped)
 
 
 @functools.lru_cache(maxsize=None)
 def split_tree(root, val_fraction, split_seed):
   """`{class: (train paths, val paths)}` of a single tree (folder_split)."""
   tree = list_tree(root)
-  parts = folder_split.split_files(tree.files, val_fraction=val_fraction,
-                                   split_seed=split_seed, root=root)
+  parts = folder_split.split_files(
+      tree.files, val_fraction=val_fraction, split_seed=split_seed, root=root)
   single = [c for c in tree.classes if len(tree.files[c]) == 1]
   if single:
     logging.warning(
@@ -167,7 +173,9 @@ def split_tree(root, val_fraction, split_seed):
   return parts
 
 
-def list_folder(root, split, val_fraction=folder_split.DEFAULT_VAL_FRACTION,
+def list_folder(root,
+                split,
+                val_fraction=folder_split.DEFAULT_VAL_FRACTION,
                 split_seed=folder_split.DEFAULT_SPLIT_SEED):
   """(paths, labels, class_names, num_skipped) of a folder's split.
 
@@ -177,14 +185,14 @@ def list_folder(root, split, val_fraction=folder_split.DEFAULT_VAL_FRACTION,
   if folder_split.detect_layout(root) == folder_split.TRAIN_TEST:
     return _list_split_folder(root, split)
   part = folder_split.resolve_split(split)
-  val_fraction, split_seed = folder_split.check_params(val_fraction,
-                                                       split_seed)
+  val_fraction, split_seed = folder_split.check_params(val_fraction, split_seed)
   tree = list_tree(root)
   parts = split_tree(root, val_fraction, split_seed)
   which = 0 if part == folder_split.TRAIN else 1
   paths = [p for c in tree.classes for p in parts[c][which]]
-  labels = np.array([i for i, c in enumerate(tree.classes)
-                     for _ in parts[c][which]], np.int64)
+  labels = np.array(
+      [i for i, c in enumerate(tree.classes) for _ in parts[c][which]],
+      np.int64)
   if not paths:
     raise ValueError(
         f'The {part!r} split of image folder {root!r} is empty: every class '
@@ -195,8 +203,7 @@ def list_folder(root, split, val_fraction=folder_split.DEFAULT_VAL_FRACTION,
 def make_source(root, split, process_index, process_count, val_fraction,
                 split_seed) -> sources.Source:
   """This process's shard of a folder's split: every `process_count`-th file."""
-  paths, labels, classes, _ = list_folder(root, split, val_fraction,
-                                          split_seed)
+  paths, labels, classes, _ = list_folder(root, split, val_fraction, split_seed)
   local_paths = paths[process_index::process_count]
   local_labels = labels[process_index::process_count]
   return sources.Source(

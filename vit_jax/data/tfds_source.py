@@ -20,8 +20,8 @@ def prepared_builder(name, data_dir=None, manual_dir=None, download=False):
   if builder.is_prepared():
     return builder
   if download:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
   fix = (f'run `tfds build {name}` on a machine with network access and pass '
          'its data directory with --config.tfds_data_dir, or set '
@@ -38,10 +38,10 @@ def prepared_builder(name, data_dir=None, manual_dir=None, download=False):
 def _unknown_name(name) -> errors.ConfigError:
   """The error for an unknown dataset, with a few close names."""
   base = name.split(':')[0].split('/')[0]
-  close = errors.closest(
-      base, tfds.list_builders(with_community_datasets=False))
-  hint = (f'Close TFDS names: {", ".join(close)}.' if close else
-          'No TFDS dataset has a close name.')
+  close = errors.closest(base,
+                         tfds.list_builders(with_community_datasets=False))
+  hint = (f'Close TFDS names: {", ".join(close)}.'
+          if close else 'No TFDS dataset has a close name.')
   return errors.ConfigError(
       f'Unknown dataset {name!r}: not {embedded_mnist.NAME!r}, not an '
       f'existing folder, and not a TFDS dataset. {hint} Set --config.dataset '
@@ -52,21 +52,27 @@ def _unknown_name(name) -> errors.ConfigError:
 def make_source(builder, split, process_index, process_count, train,
                 seed) -> sources.Source:
   """This process's shard of a split (`tfds.split_for_jax_process`)."""
-  shards = [tfds.split_for_jax_process(split, process_index=i,
-                                       process_count=process_count)
-            for i in range(process_count)]
+  shards = [
+      tfds.split_for_jax_process(
+          split, process_index=i, process_count=process_count)
+      for i in range(process_count)
+  ]
   sizes = [builder.info.splits[s].num_examples for s in shards]
   read_config = tfds.ReadConfig(
       shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
 
   def make():
     ds = builder.as_dataset(
-        split=shards[process_index], shuffle_files=train,
+        split=shards[process_index],
+        shuffle_files=train,
         decoders={'image': tfds.decode.SkipDecoding()},
         read_config=read_config)
     return ds.map(lambda ex: (ex['image'], ex['label']))
 
-  return sources.Source(make=make, decode=sources.decode_encoded,
-                        num_classes=builder.info.features['label'].num_classes,
-                        shard_sizes=sizes, process_index=process_index,
-                        in_memory=False)
+  return sources.Source(
+      make=make,
+      decode=sources.decode_encoded,
+      num_classes=builder.info.features['label'].num_classes,
+      shard_sizes=sizes,
+      process_index=process_index,
+      in_memory=False)

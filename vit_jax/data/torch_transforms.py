@@ -37,10 +37,11 @@ def crop_box(height, width, seed, scale=SCALE, ratio=RATIO):
   in_ratio = width / height
   fw = tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width)
   fh = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
-  fallback = tf.stack([tf.floor((height - fh) / 2), tf.floor((width - fw) / 2),
-                       fh, fw])
-  box = tf.where(tf.reduce_any(ok), tf.stack([top, left, h[first], w[first]]),
-                 fallback)
+  fallback = tf.stack(
+      [tf.floor((height - fh) / 2),
+       tf.floor((width - fw) / 2), fh, fw])
+  box = tf.where(
+      tf.reduce_any(ok), tf.stack([top, left, h[first], w[first]]), fallback)
   return tf.unstack(tf.cast(box, tf.int32))
 
 
@@ -69,8 +70,7 @@ def resize_short_center_crop(image, size, short_side: int):
   new_w = tf.where(h <= w, new_long, short_side)
   image = tf.image.resize(image, tf.stack([new_h, new_w]), antialias=True)
   top = tf.cast(tf.round(tf.cast(new_h - size[0], tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - size[1], tf.float32) / 2),
-                 tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size[1], tf.float32) / 2), tf.int32)
   image = tf.slice(image, [top, left, 0], [size[0], size[1], -1])
   image.set_shape([size[0], size[1], 3])
   return image

@@ -91,7 +91,10 @@ def _batches_of(images_or_dataset) -> Iterator[np.ndarray]:
     yield images.reshape(-1, *images.shape[-3:])
 
 
-def extract_features(model, params: Params, images_or_dataset, *,
+def extract_features(model,
+                     params: Params,
+                     images_or_dataset,
+                     *,
                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
   """Frozen representations (pre_logits output) of images: float32 [N, D].
 
@@ -100,5 +103,5 @@ def extract_features(model, params: Params, images_or_dataset, *,
   mask 0 is dropped). The order is kept; a `head` in `params` is ignored.
   """
   feature_fn = make_feature_fn(model, batch_size)
-  return np.concatenate([feature_fn(params, b)
-                         for b in _batches_of(images_or_dataset) if len(b)])
+  return np.concatenate(
+      [feature_fn(params, b) for b in _batches_of(images_or_dataset) if len(b)])

@@ -13,8 +13,7 @@ fits the probes, `fewshot_data` reads the images. Command line:
 import argparse
 import sys
 import time
-from typing import (Any, Callable, Dict, NamedTuple, Optional, Sequence,
-                    Union)
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,6 @@ from vit_jax.evaluation import trained_model
 
 Params = Any
 
-
 # ------------------------------------------------------------ evaluate
 
 
@@ -41,14 +39,17 @@ def _default_image_size(model, params):
   return size
 
 
-def evaluate(model, params: Params,
-             dataset_name_or_arrays: Union[str, Sequence, Dict[str, Any]], *,
+def evaluate(model,
+             params: Params,
+             dataset_name_or_arrays: Union[str, Sequence, Dict[str, Any]],
+             *,
              shots: Sequence[int] = fewshot_probe.DEFAULT_SHOTS,
              seeds: Sequence[int] = fewshot_probe.DEFAULT_SEEDS,
              l2_reg: float = fewshot_probe.DEFAULT_L2_REG,
              l2_regs: Optional[Sequence[float]] = None,
              image_size: Optional[int] = None,
-             train_split: str = 'train', test_split: str = 'test',
+             train_split: str = 'train',
+             test_split: str = 'test',
              max_per_class: Optional[int] = None,
              max_test_examples: Optional[int] = None,
              batch_size: int = features.DEFAULT_BATCH_SIZE,
@@ -78,18 +79,37 @@ def evaluate(model, params: Params,
   feature_fn = features.make_feature_fn(model, batch_size)
   if isinstance(dataset_name_or_arrays, str):
     data = _dataset_features(
-        model, params, feature_fn, dataset_name_or_arrays, shots=shots,
-        l2_regs=l2_regs, image_size=image_size, train_split=train_split,
-        test_split=test_split, max_per_class=max_per_class,
-        max_test_examples=max_test_examples, batch_size=batch_size,
+        model,
+        params,
+        feature_fn,
+        dataset_name_or_arrays,
+        shots=shots,
+        l2_regs=l2_regs,
+        image_size=image_size,
+        train_split=train_split,
+        test_split=test_split,
+        max_per_class=max_per_class,
+        max_test_examples=max_test_examples,
+        batch_size=batch_size,
         data_dir=data_dir)
   else:
-    data = _array_features(params, feature_fn, dataset_name_or_arrays,
-                           shots=shots, l2_regs=l2_regs)
+    data = _array_features(
+        params,
+        feature_fn,
+        dataset_name_or_arrays,
+        shots=shots,
+        l2_regs=l2_regs)
   per_seed = fewshot_probe.fewshot_accuracies(
-      data.train_x, data.train_y, data.test_x, data.test_y, shots=shots,
-      seeds=seeds, l2_reg=l2_reg, l2_regs=l2_regs,
-      num_classes=data.num_classes, class_names=data.class_names)
+      data.train_x,
+      data.train_y,
+      data.test_x,
+      data.test_y,
+      shots=shots,
+      seeds=seeds,
+      l2_reg=l2_reg,
+      l2_regs=l2_regs,
+      num_classes=data.num_classes,
+      class_names=data.class_names)
   if return_per_seed:
     return per_seed
   return {k: float(np.mean(v)) for k, v in per_seed.items()}
@@ -116,9 +136,14 @@ def _dataset_features(model, params, feature_fn, dataset, *, shots, l2_regs,
   def features_of(split, **caps):
     feats, labels = [], []
     for images, y in fewshot_data.capped(
-        fewshot_data.iter_split(dataset, split, image_size=image_size,
-                                batch_size=batch_size, data_dir=data_dir),
-        num_classes=num_classes, **caps):
+        fewshot_data.iter_split(
+            dataset,
+            split,
+            image_size=image_size,
+            batch_size=batch_size,
+            data_dir=data_dir),
+        num_classes=num_classes,
+        **caps):
       feats.append(feature_fn(params, images))
       labels.append(y)
     if not feats:
@@ -128,16 +153,18 @@ def _dataset_features(model, params, feature_fn, dataset, *, shots, l2_regs,
   train_x, train_y = features_of(train_split, max_per_class=max_per_class)
   # Fail before the (longer) test pass if a class is short.
   fewshot_probe.check_shots(
-      train_y, shots, num_classes, class_names=class_names,
+      train_y,
+      shots,
+      num_classes,
+      class_names=class_names,
       extra_per_class=5 if l2_regs else 0,
-      where=f' in {dataset} split {train_split!r}' + (
-          f' with max_per_class={max_per_class}' if max_per_class else ''))
+      where=f' in {dataset} split {train_split!r}' +
+      (f' with max_per_class={max_per_class}' if max_per_class else ''))
   test_x, test_y = features_of(test_split, max_examples=max_test_examples)
   return _Features(train_x, train_y, test_x, test_y, num_classes, class_names)
 
 
-def _array_features(params, feature_fn, data, *, shots,
-                    l2_regs) -> _Features:
+def _array_features(params, feature_fn, data, *, shots, l2_regs) -> _Features:
   """`_Features` of in-memory arrays (a 4-tuple or a dict; see `evaluate`)."""
   if isinstance(data, dict):
     data = tuple(data[k] for k in ('train_images', 'train_labels',
@@ -149,8 +176,8 @@ def _array_features(params, feature_fn, data, *, shots,
   train_y = fewshot_probe.int_labels(train_y)
   test_y = fewshot_probe.int_labels(test_y)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
-  fewshot_probe.check_shots(train_y, shots, num_classes,
-                            extra_per_class=5 if l2_regs else 0)
+  fewshot_probe.check_shots(
+      train_y, shots, num_classes, extra_per_class=5 if l2_regs else 0)
   train_x = feature_fn(params, train_images)
   test_x = feature_fn(params, test_images)
   return _Features(train_x, train_y, test_x, test_y, num_classes, None)
@@ -189,8 +216,8 @@ class _EvaluatorSettings(NamedTuple):
 def _evaluator_settings(config) -> _EvaluatorSettings:
   """`config.fewshot`'s fields, None ones replaced by their defaults."""
   fs = config.get('fewshot') or {}
-  get = lambda key, default: (fs.get(key) if fs.get(key) is not None
-                              else default)
+  get = lambda key, default: (
+      fs.get(key) if fs.get(key) is not None else default)
   dataset = get('dataset', config.get('dataset') or 'embedded_mnist')
   image_size = get('image_size', None)
   if image_size is None:
@@ -207,8 +234,9 @@ def _evaluator_settings(config) -> _EvaluatorSettings:
       shots=tuple(int(k) for k in get('shots', fewshot_probe.DEFAULT_SHOTS)),
       seeds=tuple(int(s) for s in get('seeds', fewshot_probe.DEFAULT_SEEDS)),
       l2_reg=float(get('l2_reg', fewshot_probe.DEFAULT_L2_REG)),
-      batch_size=int(get('batch_size', config.get('batch_eval') or
-                         features.DEFAULT_BATCH_SIZE)),
+      batch_size=int(
+          get('batch_size',
+              config.get('batch_eval') or features.DEFAULT_BATCH_SIZE)),
       train_split=get('train_split', 'train'),
       test_split=get('test_split', 'test'),
       max_per_class=get('max_per_class', None),
@@ -228,20 +256,31 @@ def _load_images(s: _EvaluatorSettings) -> dict:
   """{'num_classes', 'train': (images, labels), 'test': (images, labels)}."""
   info = fewshot_data.dataset_info(s.dataset, s.train_split, s.data_dir)
   train = fewshot_data.load_split(
-      s.dataset, s.train_split, image_size=s.image_size,
-      max_per_class=s.max_per_class, batch_size=s.batch_size,
+      s.dataset,
+      s.train_split,
+      image_size=s.image_size,
+      max_per_class=s.max_per_class,
+      batch_size=s.batch_size,
       data_dir=s.data_dir)
-  fewshot_probe.check_shots(train[1], s.shots, info['num_classes'],
-                            class_names=info.get('int2str'),
-                            where=f' in {s.dataset} split {s.train_split!r}')
+  fewshot_probe.check_shots(
+      train[1],
+      s.shots,
+      info['num_classes'],
+      class_names=info.get('int2str'),
+      where=f' in {s.dataset} split {s.train_split!r}')
   test = fewshot_data.load_split(
-      s.dataset, s.test_split, image_size=s.image_size,
-      max_examples=s.max_test, batch_size=s.batch_size, data_dir=s.data_dir)
+      s.dataset,
+      s.test_split,
+      image_size=s.image_size,
+      max_examples=s.max_test,
+      batch_size=s.batch_size,
+      data_dir=s.data_dir)
   return {'num_classes': info['num_classes'], 'train': train, 'test': test}
 
 
-def make_fewshot_evaluator(config, *, model=None
-                           ) -> Callable[[Params], Dict[str, float]]:
+def make_fewshot_evaluator(config,
+                           *,
+                           model=None) -> Callable[[Params], Dict[str, float]]:
   """A periodic few-shot evaluation for a training loop.
 
   Reads `config.fewshot` (dataset, splits, shots, seeds, l2_reg, image_size,
@@ -259,7 +298,8 @@ def make_fewshot_evaluator(config, *, model=None
     model = _model_from_config(config)
   feature_fn = features.make_feature_fn(model, s.batch_size)
   reference = jax.eval_shape(lambda: features.feature_model(model).init(
-      jax.random.key(0), jnp.zeros((1, s.image_size, s.image_size, 3)),
+      jax.random.key(0),
+      jnp.zeros((1, s.image_size, s.image_size, 3)),
       train=False))['params']
   cache = {}
 
@@ -270,8 +310,14 @@ def make_fewshot_evaluator(config, *, model=None
     train_x = feature_fn(params, cache['train'][0])
     test_x = feature_fn(params, cache['test'][0])
     per_seed = fewshot_probe.fewshot_accuracies(
-        train_x, cache['train'][1], test_x, cache['test'][1], shots=s.shots,
-        seeds=s.seeds, l2_reg=s.l2_reg, num_classes=cache['num_classes'])
+        train_x,
+        cache['train'][1],
+        test_x,
+        cache['test'][1],
+        shots=s.shots,
+        seeds=s.seeds,
+        l2_reg=s.l2_reg,
+        num_classes=cache['num_classes'])
     return {f'fewshot/{k}shot': float(np.mean(v)) for k, v in per_seed.items()}
 
   return evaluator
@@ -285,28 +331,43 @@ def _parse_args(argv):
       prog='python -m vit_jax.evaluation.fewshot',
       description='Few-shot linear evaluation of a ViT checkpoint.')
   parser.add_argument('--model', required=True, help='zoo name, e.g. ViT-B_16')
-  parser.add_argument('--checkpoint', default=None,
-                      help='.npz checkpoint; omitted = random initialisation')
-  parser.add_argument('--dataset', default='embedded_mnist',
-                      help='embedded_mnist | TFDS name | image folder')
-  parser.add_argument('--shots', default='1,5,10,25',
-                      help='comma-separated k values')
-  parser.add_argument('--seeds', type=int, default=3,
-                      help='number of draws per k (seeds 0..N-1)')
-  parser.add_argument('--l2-reg', type=float,
-                      default=fewshot_probe.DEFAULT_L2_REG)
-  parser.add_argument('--select-l2', action='store_true',
-                      help='choose l2 per draw from 2^-10..2^20 on held-out '
-                           'pool images')
-  parser.add_argument('--image-size', type=int, default=None,
-                      help='default: from the checkpoint position embedding')
+  parser.add_argument(
+      '--checkpoint',
+      default=None,
+      help='.npz checkpoint; omitted = random initialisation')
+  parser.add_argument(
+      '--dataset',
+      default='embedded_mnist',
+      help='embedded_mnist | TFDS name | image folder')
+  parser.add_argument(
+      '--shots', default='1,5,10,25', help='comma-separated k values')
+  parser.add_argument(
+      '--seeds',
+      type=int,
+      default=3,
+      help='number of draws per k (seeds 0..N-1)')
+  parser.add_argument(
+      '--l2-reg', type=float, default=fewshot_probe.DEFAULT_L2_REG)
+  parser.add_argument(
+      '--select-l2',
+      action='store_true',
+      help='choose l2 per draw from 2^-10..2^20 on held-out '
+      'pool images')
+  parser.add_argument(
+      '--image-size',
+      type=int,
+      default=None,
+      help='default: from the checkpoint position embedding')
   parser.add_argument('--train-split', default='train')
   parser.add_argument('--test-split', default='test')
   parser.add_argument('--max-per-class', type=int, default=None)
-  parser.add_argument('--max-test-examples', type=int, default=None,
-                      help='first N test images, balanced over classes')
-  parser.add_argument('--batch-size', type=int,
-                      default=features.DEFAULT_BATCH_SIZE)
+  parser.add_argument(
+      '--max-test-examples',
+      type=int,
+      default=None,
+      help='first N test images, balanced over classes')
+  parser.add_argument(
+      '--batch-size', type=int, default=features.DEFAULT_BATCH_SIZE)
   parser.add_argument('--data-dir', default=None, help='TFDS data dir')
   return parser.parse_args(argv)
 
@@ -317,8 +378,9 @@ def main(argv=None) -> int:
     shots = [int(k) for k in args.shots.split(',') if k.strip()]
     if args.checkpoint:
       model, params = trained_model.load_model(args.model, args.checkpoint)
-      image_size = (args.image_size or
-                    trained_model.image_size_from_params(model, params))
+      image_size = (
+          args.image_size or
+          trained_model.image_size_from_params(model, params))
       if image_size is None:
         raise ValueError('Cannot infer the image size from the checkpoint; '
                          'pass --image-size.')
@@ -327,17 +389,26 @@ def main(argv=None) -> int:
       model = models.get_model(args.model)
       image_size = args.image_size or 224
       params = jax.jit(lambda: model.init(
-          jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+          jax.random.key(0),
+          jnp.zeros((1, image_size, image_size, 3)),
           train=False)['params'])()
     start = time.time()
     result = evaluate(
-        model, params, args.dataset, shots=shots, seeds=range(args.seeds),
+        model,
+        params,
+        args.dataset,
+        shots=shots,
+        seeds=range(args.seeds),
         l2_reg=args.l2_reg,
         l2_regs=fewshot_probe.L2_REG_SWEEP if args.select_l2 else None,
-        image_size=image_size, train_split=args.train_split,
-        test_split=args.test_split, max_per_class=args.max_per_class,
-        max_test_examples=args.max_test_examples, batch_size=args.batch_size,
-        data_dir=args.data_dir, return_per_seed=True)
+        image_size=image_size,
+        train_split=args.train_split,
+        test_split=args.test_split,
+        max_per_class=args.max_per_class,
+        max_test_examples=args.max_test_examples,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        return_per_seed=True)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -24,15 +24,20 @@ def _pipeline_config(dataset, split, image_size, batch, data_dir):
   config.tfds_data_dir = data_dir
   config.seed = 0
   config.shuffle_buffer = 1_000
-  config.pp = ml_collections.ConfigDict({'crop': int(image_size),
-                                         'augment': 'none'})
+  config.pp = ml_collections.ConfigDict({
+      'crop': int(image_size),
+      'augment': 'none'
+  })
   return config
 
 
-def iter_split(dataset: str, split: str, *, image_size: int,
-               batch_size: int = features.DEFAULT_BATCH_SIZE,
-               data_dir: Optional[str] = None
-               ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def iter_split(
+    dataset: str,
+    split: str,
+    *,
+    image_size: int,
+    batch_size: int = features.DEFAULT_BATCH_SIZE,
+    data_dir: Optional[str] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """One pass over a split with the evaluation preprocessing, in split order.
 
   Yields:
@@ -42,13 +47,12 @@ def iter_split(dataset: str, split: str, *, image_size: int,
   devices = jax.local_device_count()
   batch = max(1, math.ceil(batch_size / devices)) * devices
   config = _pipeline_config(dataset, split, image_size, batch, data_dir)
-  _, ds = input_pipeline.get_datasets(config, process_index=0,
-                                      process_count=1)
+  _, ds = input_pipeline.get_datasets(config, process_index=0, process_count=1)
   for b in ds.as_numpy_iterator():
     keep = b['mask'].reshape(-1) > 0
     images = b['image'].reshape(-1, *b['image'].shape[-3:])[keep]
-    labels = np.argmax(b['label'].reshape(-1, b['label'].shape[-1]),
-                       axis=-1)[keep]
+    labels = np.argmax(
+        b['label'].reshape(-1, b['label'].shape[-1]), axis=-1)[keep]
     if len(labels):
       yield images, labels
 
@@ -61,8 +65,8 @@ def capped(batches, *, num_classes, max_per_class=None, max_examples=None):
   """
   if max_examples is not None:
     balanced = -(-max_examples // num_classes)
-    max_per_class = (balanced if max_per_class is None
-                     else min(max_per_class, balanced))
+    max_per_class = (
+        balanced if max_per_class is None else min(max_per_class, balanced))
   counts = np.zeros(num_classes, np.int64)
   total = 0
   for images, labels in batches:
@@ -81,7 +85,10 @@ def capped(batches, *, num_classes, max_per_class=None, max_examples=None):
       return
 
 
-def load_split(dataset: str, split: str, *, image_size: int,
+def load_split(dataset: str,
+               split: str,
+               *,
+               image_size: int,
                max_per_class: Optional[int] = None,
                max_examples: Optional[int] = None,
                batch_size: int = features.DEFAULT_BATCH_SIZE,
@@ -89,11 +96,17 @@ def load_split(dataset: str, split: str, *, image_size: int,
   """(images [N, H, W, 3], labels [N]) of a split in memory, capped as
   `capped` says."""
   info = dataset_info(dataset, split, data_dir)
-  parts = list(capped(
-      iter_split(dataset, split, image_size=image_size,
-                 batch_size=batch_size, data_dir=data_dir),
-      num_classes=info['num_classes'], max_per_class=max_per_class,
-      max_examples=max_examples))
+  parts = list(
+      capped(
+          iter_split(
+              dataset,
+              split,
+              image_size=image_size,
+              batch_size=batch_size,
+              data_dir=data_dir),
+          num_classes=info['num_classes'],
+          max_per_class=max_per_class,
+          max_examples=max_examples))
   if not parts:
     raise ValueError(f'{dataset} split {split!r} yielded no examples.')
   return (np.concatenate([p[0] for p in parts]),

@@ -19,7 +19,6 @@ DEFAULT_L2_REG = 2.0**10
 L2_REG_SWEEP = tuple(2.0**k for k in range(-10, 21, 2))
 BIAS_FEATURE = 100.0
 
-
 # ------------------------------------------------------- the regression
 
 
@@ -85,8 +84,11 @@ def int_labels(y) -> np.ndarray:
   return np.argmax(y, axis=-1) if y.ndim == 2 else y.astype(np.int64)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray,
-                 test_x: np.ndarray, test_y: np.ndarray, *,
+def linear_probe(train_x: np.ndarray,
+                 train_y: np.ndarray,
+                 test_x: np.ndarray,
+                 test_y: np.ndarray,
+                 *,
                  l2_reg: float = DEFAULT_L2_REG,
                  num_classes: Optional[int] = None) -> float:
   """Test accuracy of the closed-form regularised least-squares probe.
@@ -104,12 +106,17 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray,
 
 
 def _class_name(names, c):
-  return f'{c} ({names[c]!r})' if names is not None and str(names[c]) != str(
-      c) else f'{c}'
+  return f'{c} ({names[c]!r})' if names is not None and str(
+      names[c]) != str(c) else f'{c}'
 
 
-def check_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int, *,
-                extra_per_class: int = 0, class_names=None, where: str = ''):
+def check_shots(labels: np.ndarray,
+                shots: Sequence[int],
+                num_classes: int,
+                *,
+                extra_per_class: int = 0,
+                class_names=None,
+                where: str = ''):
   """Raises a ValueError naming the class, k and the count for a short class."""
   counts = np.bincount(labels, minlength=num_classes)
   for k in sorted(shots, reverse=True):
@@ -120,8 +127,8 @@ def check_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int, *,
     if short:
       c = short[0]
       more = (f' ({len(short)} classes are short, e.g. '
-              f'{", ".join(str(s) for s in short[:5])})' if len(short) > 1
-              else '')
+              f'{", ".join(str(s) for s in short[:5])})'
+              if len(short) > 1 else '')
       extra = (f' + {extra_per_class} held out for choosing l2_reg'
                if extra_per_class else '')
       raise ValueError(
@@ -131,7 +138,11 @@ def check_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int, *,
           '(max_per_class / train split).')
 
 
-def fewshot_accuracies(train_x, train_y, test_x, test_y, *,
+def fewshot_accuracies(train_x,
+                       train_y,
+                       test_x,
+                       test_y,
+                       *,
                        shots: Sequence[int] = DEFAULT_SHOTS,
                        seeds: Sequence[int] = DEFAULT_SEEDS,
                        l2_reg: float = DEFAULT_L2_REG,
@@ -150,8 +161,12 @@ def fewshot_accuracies(train_x, train_y, test_x, test_y, *,
   if num_classes is None:
     num_classes = int(max(train_y.max(), test_y.max())) + 1
   extra = val_per_class if l2_regs else 0
-  check_shots(train_y, shots, num_classes, extra_per_class=extra,
-              class_names=class_names)
+  check_shots(
+      train_y,
+      shots,
+      num_classes,
+      extra_per_class=extra,
+      class_names=class_names)
   by_class = [np.flatnonzero(train_y == c) for c in range(num_classes)]
   results = {int(k): [] for k in shots}
   for seed in seeds:
@@ -163,8 +178,9 @@ def fewshot_accuracies(train_x, train_y, test_x, test_y, *,
       l2 = l2_reg
       if l2_regs:
         val = np.concatenate([o[k:k + val_per_class] for o in order])
-        val_acc = [probe.accuracy(train_x[val], train_y[val], r)
-                   for r in l2_regs]
+        val_acc = [
+            probe.accuracy(train_x[val], train_y[val], r) for r in l2_regs
+        ]
         l2 = l2_regs[int(np.argmax(val_acc))]
       results[int(k)].append(probe.accuracy(test_x, test_y, l2))
   return results

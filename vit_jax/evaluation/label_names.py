@@ -23,7 +23,9 @@ def _tfds_label_names(name: str) -> Optional[List[str]]:
     return None
 
 
-def load_labels(spec: Union[None, str, Sequence[str]], num_classes: int, *,
+def load_labels(spec: Union[None, str, Sequence[str]],
+                num_classes: int,
+                *,
                 checkpoint_dir: Optional[str] = None,
                 data_dir: Optional[str] = None) -> List[str]:
   """`num_classes` class names for a head; raises ValueError otherwise.
@@ -81,8 +83,9 @@ def load_labels(spec: Union[None, str, Sequence[str]], num_classes: int, *,
     names = None
     try:
       from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-      names = list(input_pipeline.get_dataset_info(
-          spec, 'train', data_dir=data_dir)['int2str'])
+      names = list(
+          input_pipeline.get_dataset_info(spec, 'train',
+                                          data_dir=data_dir)['int2str'])
     except Exception:  # pylint: disable=broad-except
       names = _tfds_label_names(spec)  # known without prepared data
     if names is None:

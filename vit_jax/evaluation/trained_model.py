@@ -21,9 +21,9 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
-from vit_jax.evaluation import label_names
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import trees
+from vit_jax.evaluation import label_names
 
 Params = Any
 
@@ -56,7 +56,9 @@ def _parse_dtype(value):
   return getattr(jnp, match.group(0))  # what configs write: jnp.bfloat16
 
 
-def model_from_config(model_config, *, num_classes: Optional[int],
+def model_from_config(model_config,
+                      *,
+                      num_classes: Optional[int],
                       representation_size: Optional[int] = None):
   """The VisionTransformer of a training config's `config.model`.
 
@@ -68,10 +70,11 @@ def model_from_config(model_config, *, num_classes: Optional[int],
   if model_config is None:
     raise ValueError('The config has no config.model (the VisionTransformer '
                      'fields); it cannot describe a trained model.')
-  fields = (model_config.to_dict() if hasattr(model_config, 'to_dict')
-            else dict(model_config))
+  fields = (
+      model_config.to_dict()
+      if hasattr(model_config, 'to_dict') else dict(model_config))
   known = {f.name for f in dataclasses.fields(models.VisionTransformer)
-           } - {'parent', 'name'}
+          } - {'parent', 'name'}
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(f'config.model has fields {unknown} that '
@@ -82,15 +85,17 @@ def model_from_config(model_config, *, num_classes: Optional[int],
   fields.update(_INFERENCE_OVERRIDES)
   if fields.get('attention_impl') == 'cudnn' and jax.default_backend() != 'gpu':
     fields['attention_impl'] = 'xla'
-  fields.update(num_classes=num_classes,
-                representation_size=representation_size)
+  fields.update(
+      num_classes=num_classes, representation_size=representation_size)
   return models.from_config(fields)
 
 
-def load_model_from_config(model_config, checkpoint_path: str, *,
-                           num_classes: Optional[int] = None,
-                           params: Optional[Params] = None
-                           ) -> Tuple[Any, Params]:
+def load_model_from_config(
+    model_config,
+    checkpoint_path: str,
+    *,
+    num_classes: Optional[int] = None,
+    params: Optional[Params] = None) -> Tuple[Any, Params]:
   """Loads a checkpoint into the model of a training config; (model, params).
 
   `params`, if given, are used instead of reading `checkpoint_path` (then only
@@ -98,10 +103,12 @@ def load_model_from_config(model_config, checkpoint_path: str, *,
   """
   if params is None:
     params = checkpoint.load(checkpoint_path)
-  head_classes, representation_size = head_sizes(
-      params, checkpoint_path, num_classes)
-  model = model_from_config(model_config, num_classes=head_classes,
-                            representation_size=representation_size)
+  head_classes, representation_size = head_sizes(params, checkpoint_path,
+                                                 num_classes)
+  model = model_from_config(
+      model_config,
+      num_classes=head_classes,
+      representation_size=representation_size)
   return model, params
 
 
@@ -175,28 +182,32 @@ def _dataset_class_names(config, num_classes: int) -> Optional[List[str]]:
   if not dataset:
     return None
   try:
-    return label_names.load_labels(dataset, num_classes,
-                       data_dir=config.get('tfds_data_dir'))
+    return label_names.load_labels(
+        dataset, num_classes, data_dir=config.get('tfds_data_dir'))
   except ValueError:
     return None
 
 
-def _load_trained(config, checkpoint_path: str, source: str,
+def _load_trained(config,
+                  checkpoint_path: str,
+                  source: str,
                   class_names_file: Optional[str],
-                  num_classes: Optional[int], params=None) -> TrainedModel:
+                  num_classes: Optional[int],
+                  params=None) -> TrainedModel:
   """A `TrainedModel` of `config` with the checkpoint's parameters."""
   if config.get('model') is None:
     raise ValueError(f'{source} has no config.model (the VisionTransformer '
                      'fields), so it cannot describe a trained model.')
-  model, params = load_model_from_config(config.model, checkpoint_path,
-                                         num_classes=num_classes,
-                                         params=params)
+  model, params = load_model_from_config(
+      config.model, checkpoint_path, num_classes=num_classes, params=params)
   if not model.num_classes:
     raise ValueError(f'{checkpoint_path} has no head, so it cannot '
                      'classify; fine-tune it first.')
   image_size = _image_size_of(config)
   check_params_fit(
-      model, params, image_size,
+      model,
+      params,
+      image_size,
       fix=f'{checkpoint_path} does not hold a model of {source}: pass the '
       'checkpoint that run exported (python -m vit_jax.checkpoints.export '
       '--workdir=W '
@@ -209,9 +220,9 @@ def _load_trained(config, checkpoint_path: str, source: str,
 
 
 def load_model_from_workdir(workdir: str,
-                            checkpoint_path: Optional[str] = None, *,
-                            num_classes: Optional[int] = None
-                            ) -> TrainedModel:
+                            checkpoint_path: Optional[str] = None,
+                            *,
+                            num_classes: Optional[int] = None) -> TrainedModel:
   """A model trained by `vit_jax.train` in `workdir`, as a `TrainedModel`.
 
   The model and image size come from `summary.json`, class names from
@@ -231,9 +242,11 @@ def load_model_from_workdir(workdir: str,
                        num_classes, params)
 
 
-def load_model_from_config_file(config_file: str, checkpoint_path: str, *,
-                                num_classes: Optional[int] = None
-                                ) -> TrainedModel:
+def load_model_from_config_file(
+    config_file: str,
+    checkpoint_path: str,
+    *,
+    num_classes: Optional[int] = None) -> TrainedModel:
   """As `load_model_from_workdir`, from the run's `FILE.py[:ARG]` instead.
 
   Class names come from `class_names.json` next to the checkpoint, else the
@@ -242,8 +255,9 @@ def load_model_from_config_file(config_file: str, checkpoint_path: str, *,
   config = load_config_file(config_file)
   return _load_trained(
       config, checkpoint_path, f'config {config_file}',
-      os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)),
-                   label_names.CLASS_NAMES_FILE), num_classes)
+      os.path.join(
+          os.path.dirname(os.path.abspath(checkpoint_path)),
+          label_names.CLASS_NAMES_FILE), num_classes)
 
 
 # ----------------------------------------------------------- zoo models
@@ -260,8 +274,9 @@ def as_hw(image_size) -> Tuple[int, int]:
 def image_size_from_params(model, params: Params) -> Optional[int]:
   """The image size a learned position embedding was trained for, or None
   when there is none or its grid is not square."""
-  pe = (params.get('Transformer', {}).get('posembed_input', {})
-        .get('pos_embedding'))
+  pe = (
+      params.get('Transformer', {}).get('posembed_input',
+                                        {}).get('pos_embedding'))
   if pe is None:
     return None
   n = pe.shape[1] - int(model.has_class_token)
@@ -279,25 +294,28 @@ def head_is_zero(params: Params) -> bool:
   return all(not np.any(np.asarray(v)) for v in head.values())
 
 
-def check_params_fit(model, params: Params, image_size,
+def check_params_fit(model,
+                     params: Params,
+                     image_size,
                      fix: Optional[str] = None):
   """Raises ValueError listing parameters whose shapes do not fit `model`.
 
   `fix` ends the message (default: advice to pass the right --model).
   """
   height, width = as_hw(image_size)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, height, width, 3)),
-                         train=False))['params']
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros(
+          (1, height, width, 3)), train=False))['params']
   expected = trees.flatten_tree(shapes)
   got = trees.flatten_tree(params)
   missing = sorted(set(expected) - set(got))
-  wrong = [f'{k}: checkpoint {tuple(got[k].shape)} vs model '
-           f'{tuple(expected[k].shape)}'
-           for k in sorted(set(expected) & set(got))
-           if tuple(got[k].shape) != tuple(expected[k].shape)
-           and not k.endswith('pos_embedding')]  # checked by the model itself
+  wrong = [
+      f'{k}: checkpoint {tuple(got[k].shape)} vs model '
+      f'{tuple(expected[k].shape)}'
+      for k in sorted(set(expected) & set(got))
+      if tuple(got[k].shape) != tuple(expected[k].shape) and
+      not k.endswith('pos_embedding')
+  ]  # checked by the model itself
   if missing or wrong:
     name = model.model_name or 'the model'
     lines = ([f'  missing in checkpoint: {k}' for k in missing[:8]] +
@@ -308,8 +326,11 @@ def check_params_fit(model, params: Params, image_size,
          'stem of an official file name: ViT-B_16.npz -> ViT-B_16).'))
 
 
-def load_model(model_name: str, checkpoint_path: str, *,
-               num_classes: Optional[int] = None, **kw) -> Tuple[Any, Params]:
+def load_model(model_name: str,
+               checkpoint_path: str,
+               *,
+               num_classes: Optional[int] = None,
+               **kw) -> Tuple[Any, Params]:
   """Loads an `.npz` checkpoint and builds the zoo model that fits it.
 
   Head and `pre_logits` sizes come from the checkpoint (`num_classes`, if
@@ -318,23 +339,22 @@ def load_model(model_name: str, checkpoint_path: str, *,
   """
   params = checkpoint.load(checkpoint_path)
   head_classes, representation_size = head_sizes(params, checkpoint_path,
-                                                  num_classes)
+                                                 num_classes)
   kw.setdefault('representation_size', representation_size)
   model = models.get_model(model_name, num_classes=head_classes, **kw)
   return model, params
 
 
-def head_sizes(params: Params, checkpoint_path: str,
-                num_classes: Optional[int]) -> Tuple[Optional[int],
-                                                     Optional[int]]:
+def head_sizes(
+    params: Params, checkpoint_path: str,
+    num_classes: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
   """(head classes, pre_logits size) of a checkpoint; None where it has none."""
   head = params.get('head', {}).get('kernel')
   head_classes = None if head is None else int(head.shape[-1])
   if num_classes is not None and head_classes != num_classes:
     raise ValueError(
-        f'--num-classes={num_classes}, but the checkpoint {checkpoint_path} '
-        + (f'has a {head_classes}-way head.' if head_classes else
-           'has no head.') +
-        ' Drop --num-classes or use a matching checkpoint.')
+        f'--num-classes={num_classes}, but the checkpoint {checkpoint_path} ' +
+        (f'has a {head_classes}-way head.' if head_classes else 'has no head.'
+        ) + ' Drop --num-classes or use a matching checkpoint.')
   rep = params.get('pre_logits', {}).get('kernel')
   return head_classes, None if rep is None else int(rep.shape[-1])

@@ -10,15 +10,20 @@ import os
 import shutil
 from typing import Optional, Sequence
 
-_ERRNOS = {errno.ENOSPC: 'the disk is full',
-           errno.EDQUOT: 'the disk quota is used up',
-           errno.EROFS: 'the file system is read-only',
-           errno.EACCES: 'the folder cannot be written'}
+_ERRNOS = {
+    errno.ENOSPC: 'the disk is full',
+    errno.EDQUOT: 'the disk quota is used up',
+    errno.EROFS: 'the file system is read-only',
+    errno.EACCES: 'the folder cannot be written'
+}
 # How the same errors read in the messages of the C++ writers (tensorstore).
-_WORDS = {'No space left': errno.ENOSPC, 'quota': errno.EDQUOT,
-          'Read-only file system': errno.EROFS,
-          'Permission denied': errno.EACCES,
-          'RESOURCE_EXHAUSTED: Error writing': errno.ENOSPC}
+_WORDS = {
+    'No space left': errno.ENOSPC,
+    'quota': errno.EDQUOT,
+    'Read-only file system': errno.EROFS,
+    'Permission denied': errno.EACCES,
+    'RESOURCE_EXHAUSTED: Error writing': errno.ENOSPC
+}
 
 
 class DiskSpaceError(OSError):
@@ -70,8 +75,13 @@ def disk_errno(error: BaseException) -> Optional[int]:
   return None
 
 
-def message(directory: str, *, step: int, need: int, steps: Sequence[int],
-            code: int, command: str = 'the same command') -> str:
+def message(directory: str,
+            *,
+            step: int,
+            need: int,
+            steps: Sequence[int],
+            code: int,
+            command: str = 'the same command') -> str:
   """The paragraph of a checkpoint that does not fit or cannot be written."""
   newest = (f'The newest intact checkpoint is step {steps[-1]}' if steps else
             'No checkpoint was saved before it (a new start begins at step 0)')
@@ -92,8 +102,8 @@ def check_room(directory: str, need: int, steps: Sequence[int],
   elif free_bytes(directory) < need:
     code = errno.ENOSPC
   if code is not None:
-    raise DiskSpaceError(code, message(directory, step=step, need=need,
-                                       steps=steps, code=code))
+    raise DiskSpaceError(
+        code, message(directory, step=step, need=need, steps=steps, code=code))
 
 
 def _read_only(path: str) -> bool:

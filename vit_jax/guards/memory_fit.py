@@ -68,11 +68,12 @@ def step_bytes_lower_bound(config, num_params: int) -> int:
   height, width = input_pipeline.get_image_size(config)
   grid = (height // patches.size[0]) * (width // patches.size[1])
   per_token = transformer.mlp_dim + 4 * model.hidden_size
-  layers = (transformer.num_layers
-            if (model.get('remat_policy') or 'none') == 'none' else 1)
+  layers = (
+      transformer.num_layers if
+      (model.get('remat_policy') or 'none') == 'none' else 1)
   itemsize = 2 if model.get('dtype') in ('bfloat16', 'float16') else 4
-  return total + (batch_per_device(config)[1] * (grid + 1) * per_token *
-                  layers * itemsize)
+  return total + (
+      batch_per_device(config)[1] * (grid + 1) * per_token * layers * itemsize)
 
 
 def _remedies(config) -> str:
@@ -85,9 +86,8 @@ def _remedies(config) -> str:
 def _batch_words(config) -> str:
   per_device, micro = batch_per_device(config)
   return (f'config.batch={config.batch} is {per_device} images per device '
-          f'({jax.device_count()} device(s)'
-          + (f', {micro} per micro-batch' if micro != per_device else '')
-          + ')')
+          f'({jax.device_count()} device(s)' +
+          (f', {micro} per micro-batch' if micro != per_device else '') + ')')
 
 
 def check_batch_fits(config, num_params: int) -> None:

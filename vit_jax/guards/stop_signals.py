@@ -39,6 +39,7 @@ def raise_when_stopped() -> None:
   def handle(signum, frame):
     del frame
     raise Stopped(signum)
+
   if threading.current_thread() is threading.main_thread():
     for sig in EXIT_CODES:
       signal.signal(sig, handle)
@@ -55,8 +56,8 @@ class StopSignals:
   def __init__(self, checkpoint_dir: Optional[str] = None):
     self.received = None
     self.saving = None
-    self._workdir = (os.path.dirname(checkpoint_dir) if checkpoint_dir
-                     else None)
+    self._workdir = (
+        os.path.dirname(checkpoint_dir) if checkpoint_dir else None)
     self._previous = {}
 
   @property
@@ -85,13 +86,15 @@ class StopSignals:
   def _stop_now(self) -> None:
     """The second Ctrl-C: one line, then exit 130 without waiting."""
     steps = supervisor.complete_steps(self._workdir) if self._workdir else []
-    kept = (f'step {steps[-1]} on disk is intact' if steps else
-            'no checkpoint is on disk yet')
+    kept = (f'step {steps[-1]} on disk is intact'
+            if steps else 'no checkpoint is on disk yet')
     doing = (f' while saving checkpoint step {self.saving}: stopped at '
-             'once, without that step' if self.saving is not None else
-             ': stopped at once')
-    print(f'\nCtrl-C again{doing}; {kept}. Run the same command to resume.',
-          file=sys.stderr, flush=True)
+             'once, without that step'
+             if self.saving is not None else ': stopped at once')
+    print(
+        f'\nCtrl-C again{doing}; {kept}. Run the same command to resume.',
+        file=sys.stderr,
+        flush=True)
     supervisor.exit_now(EXIT_CODES[signal.SIGINT])
 
   def __exit__(self, *exc):

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Iterator, Optional
 
-from vit_jax.run_config import errors
 from vit_jax.parallel import supervisor
+from vit_jax.run_config import errors
 
 LOCK_FILE = '.run.lock'
 
@@ -91,9 +91,14 @@ def hold(workdir: str, command: str) -> Iterator[str]:
       print(message, file=sys.stderr, flush=True)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(dict(
-        host=socket.gethostname(), pid=os.getpid(), started=time.time(),
-        command=command)).encode())
+    os.write(
+        fd,
+        json.dumps(
+            dict(
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started=time.time(),
+                command=command)).encode())
     os.fsync(fd)
     yield path
   finally:

@@ -15,15 +15,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from vit_jax.checkpoint import (  # pylint: disable=g-multiple-import
-    Params, interpolate_posembed, load, save)
-from vit_jax.configs import models as models_config
-from vit_jax.checkpoints.npz import ENCODER_BLOCK, NAME_SCHEMES, read_npz
+from vit_jax.checkpoint import Params  # pylint: disable=g-multiple-import
+from vit_jax.checkpoint import interpolate_posembed  # pylint: disable=g-multiple-import
+from vit_jax.checkpoint import load  # pylint: disable=g-multiple-import
+from vit_jax.checkpoint import save  # pylint: disable=g-multiple-import
 from vit_jax.checkpoints import timm_layout
 from vit_jax.checkpoints import torch_layouts
+from vit_jax.checkpoints.npz import ENCODER_BLOCK
+from vit_jax.checkpoints.npz import NAME_SCHEMES
+from vit_jax.checkpoints.npz import read_npz
 from vit_jax.checkpoints.posembed import image_grid
-from vit_jax.checkpoints.trees import CheckpointError, flatten_tree, shape_of
-
+from vit_jax.checkpoints.trees import CheckpointError
+from vit_jax.checkpoints.trees import flatten_tree
+from vit_jax.checkpoints.trees import shape_of
+from vit_jax.configs import models as models_config
 
 # ----------------------------------------------------------------------------
 # What a checkpoint holds.
@@ -53,20 +58,27 @@ def describe(params: Params) -> Dict[str, Any]:
   resnet, stem_stride = None, 1
   if 'conv_root' in params:
     width = shape_of(params['conv_root']['kernel'])[-1]
-    stages = sorted((int(k[len('block'):]), v) for k, v in params.items()
+    stages = sorted((int(k[len('block'):]), v)
+                    for k, v in params.items()
                     if re.fullmatch(r'block\d+', k))
     num_layers = tuple(
-        sum(1 for u in stage if re.fullmatch(r'unit\d+', u))
+        sum(1
+            for u in stage
+            if re.fullmatch(r'unit\d+', u))
         for _, stage in stages)
-    resnet = {'num_layers': num_layers, 'width': width,
-              'width_factor': width / 64}
+    resnet = {
+        'num_layers': num_layers,
+        'width': width,
+        'width_factor': width / 64
+    }
     from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
     stem_stride = models_resnet.stem_stride(num_layers)
   info['resnet'] = resnet
   info['pixels_per_token'] = (stem_stride * ph, stem_stride * pw)
 
   transformer = params.get('Transformer', {})
-  blocks = sorted((int(k.rsplit('_', 1)[1]), v) for k, v in transformer.items()
+  blocks = sorted((int(k.rsplit('_', 1)[1]), v)
+                  for k, v in transformer.items()
                   if ENCODER_BLOCK.match(k))
   info['num_layers'] = len(blocks)
   info['num_heads'] = info['mlp_dim'] = None
@@ -90,13 +102,13 @@ def describe(params: Params) -> Dict[str, Any]:
     if g * g == grid_tokens:
       info['grid'] = (g, g)
   pre_logits = params.get('pre_logits', {})
-  info['representation_size'] = (shape_of(pre_logits['kernel'])[-1]
-                                 if 'kernel' in pre_logits else None)
+  info['representation_size'] = (
+      shape_of(pre_logits['kernel'])[-1] if 'kernel' in pre_logits else None)
   head = params.get('head', {})
-  info['num_classes'] = (shape_of(head['kernel'])[-1] if 'kernel' in head
-                         else None)
-  info['num_params'] = sum(int(np.prod(shape_of(v)))
-                           for v in flatten_tree(params).values())
+  info['num_classes'] = (
+      shape_of(head['kernel'])[-1] if 'kernel' in head else None)
+  info['num_params'] = sum(
+      int(np.prod(shape_of(v))) for v in flatten_tree(params).values())
   info['zoo_names'] = _zoo_names(info)
   return info
 
@@ -114,20 +126,27 @@ def describe_mixer(params: Params) -> Dict[str, Any]:
     mlp_dims[mlp] = shape_of(dense['kernel']) if 'kernel' in dense else None
   head = params.get('head', {})
   info = {
-      'model': 'Mixer', 'hidden_dim': hidden, 'patch_size': (ph, pw),
-      'num_blocks': len(blocks),
+      'model':
+          'Mixer',
+      'hidden_dim':
+          hidden,
+      'patch_size': (ph, pw),
+      'num_blocks':
+          len(blocks),
       'num_tokens': (mlp_dims['token_mixing'] or (None,))[0],
       'tokens_mlp_dim': (mlp_dims['token_mixing'] or (None, None))[1],
       'channels_mlp_dim': (mlp_dims['channel_mixing'] or (None, None))[1],
-      'num_classes': shape_of(head['kernel'])[-1] if 'kernel' in head else None,
-      'num_params': sum(int(np.prod(shape_of(v)))
-                        for v in flatten_tree(params).values()),
+      'num_classes':
+          shape_of(head['kernel'])[-1] if 'kernel' in head else None,
+      'num_params':
+          sum(int(np.prod(shape_of(v))) for v in flatten_tree(params).values()),
   }
   info['zoo_names'] = [
       name for name, c in models_config.MODEL_CONFIGS.items()
-      if 'num_blocks' in c and tuple(c.patches.size) == (ph, pw) and
-      all(c[k] == info[k] for k in ('hidden_dim', 'num_blocks',
-                                    'tokens_mlp_dim', 'channels_mlp_dim'))]
+      if 'num_blocks' in c and tuple(c.patches.size) == (ph, pw) and all(
+          c[k] == info[k] for k in ('hidden_dim', 'num_blocks',
+                                    'tokens_mlp_dim', 'channels_mlp_dim'))
+  ]
   return info
 
 
@@ -142,8 +161,9 @@ def _zoo_names(info: Dict[str, Any]) -> List[str]:
       same_resnet = info['resnet'] is None
     else:
       ours = info['resnet'] or {}
-      same_resnet = (tuple(resnet.num_layers) == ours.get('num_layers') and
-                     int(64 * resnet.width_factor) == ours.get('width'))
+      same_resnet = (
+          tuple(resnet.num_layers) == ours.get('num_layers') and
+          int(64 * resnet.width_factor) == ours.get('width'))
     has_class_token = config.classifier in ('token', 'token_unpooled')
     if (same_resnet and config.hidden_size == info['hidden_size'] and
         tuple(config.patches.size) == info['patch_size'] and
@@ -168,11 +188,13 @@ def _names_scheme(flat_keys: Sequence[str]) -> str:
   if 'pos_embedding' in keys or any(
       k.startswith('Transformer/encoderblock/') for k in keys):
     parts.append('big_vision')
-  if any(re.search(r'encoderblock_\d+/MultiHeadDotProductAttention_1/', k)
-         for k in keys):
+  if any(
+      re.search(r'encoderblock_\d+/MultiHeadDotProductAttention_1/', k)
+      for k in keys):
     parts.append('released (pre-linen) names')
-  elif any(re.search(r'encoderblock(_\d+)?/MultiHeadDotProductAttention_0/', k)
-           for k in keys):
+  elif any(
+      re.search(r'encoderblock(_\d+)?/MultiHeadDotProductAttention_0/', k)
+      for k in keys):
     parts.append('linen names')
   return ', '.join(parts) or 'unknown'
 
@@ -185,15 +207,16 @@ def _describe_lines(info: Dict[str, Any]) -> List[str]:
   """Human-readable `describe` output, one fact per line."""
   zoo_line = 'zoo_name: ' + (' or '.join(info['zoo_names']) or 'none')
   if info.get('model') == 'Mixer':
-    fields = ('hidden_dim', 'num_blocks', 'tokens_mlp_dim',
-              'channels_mlp_dim', 'num_tokens', 'num_classes')
+    fields = ('hidden_dim', 'num_blocks', 'tokens_mlp_dim', 'channels_mlp_dim',
+              'num_tokens', 'num_classes')
     return (['model: MLP-Mixer'] + [f'{k}: {info[k]}' for k in fields] +
             [f'patch_size: {_fmt_grid(info["patch_size"])}', zoo_line])
-  lines = [f'hidden_size: {info["hidden_size"]}',
-           f'num_layers: {info["num_layers"]}',
-           f'num_heads: {info["num_heads"]}',
-           f'mlp_dim: {info["mlp_dim"]}',
-           f'patch_size: {_fmt_grid(info["patch_size"])}']
+  lines = [
+      f'hidden_size: {info["hidden_size"]}',
+      f'num_layers: {info["num_layers"]}', f'num_heads: {info["num_heads"]}',
+      f'mlp_dim: {info["mlp_dim"]}',
+      f'patch_size: {_fmt_grid(info["patch_size"])}'
+  ]
   resnet = info['resnet']
   if resnet is None:
     lines.append('resnet: none')
@@ -210,10 +233,9 @@ def _describe_lines(info: Dict[str, Any]) -> List[str]:
     lines.append(f'grid: not square ({info["num_tokens"]} tokens)')
   else:
     lines.append('grid: no learned position embedding')
-  lines.append(
-      f'classifier: {info["classifier"]} ('
-      + ('class token present; or token_unpooled)' if info['has_class_token']
-         else 'no class token; or unpooled)'))
+  lines.append(f'classifier: {info["classifier"]} (' +
+               ('class token present; or token_unpooled)'
+                if info['has_class_token'] else 'no class token; or unpooled)'))
   lines.append(f'representation_size: {info["representation_size"]}')
   lines.append(f'num_classes: {info["num_classes"]}')
   lines.append(zoo_line)
@@ -235,8 +257,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = _ArgumentParser(
       prog='python -m vit_jax.interop.checkpoint_cli',
       description='Inspect, convert and resize ViT .npz checkpoints.')
-  commands = parser.add_subparsers(dest='command', required=True,
-                                   parser_class=_ArgumentParser)
+  commands = parser.add_subparsers(
+      dest='command', required=True, parser_class=_ArgumentParser)
   inspect = commands.add_parser(
       'inspect', help='keys, shapes, parameter count, model description')
   inspect.add_argument('file')
@@ -249,18 +271,25 @@ def _parser() -> argparse.ArgumentParser:
       'resize', help='resample the position embedding to a new image size')
   resize.add_argument('input')
   resize.add_argument('output')
-  resize.add_argument('--image-size', type=int, nargs=2, required=True,
-                      metavar=('H', 'W'))
-  resize.add_argument('--source-image-size', type=int, nargs=2,
-                      metavar=('H', 'W'),
-                      help='the checkpoint\'s resolution, needed only when '
-                      'its grid is not square')
-  resize.add_argument('--method', choices=('bilinear', 'bicubic'),
-                      default='bilinear',
-                      help='bilinear: corner-aligned, the original\'s')
-  resize.add_argument('--names', choices=NAME_SCHEMES,
-                      help='default: linen for a linen-named input, else '
-                      'released')
+  resize.add_argument(
+      '--image-size', type=int, nargs=2, required=True, metavar=('H', 'W'))
+  resize.add_argument(
+      '--source-image-size',
+      type=int,
+      nargs=2,
+      metavar=('H', 'W'),
+      help='the checkpoint\'s resolution, needed only when '
+      'its grid is not square')
+  resize.add_argument(
+      '--method',
+      choices=('bilinear', 'bicubic'),
+      default='bilinear',
+      help='bilinear: corner-aligned, the original\'s')
+  resize.add_argument(
+      '--names',
+      choices=NAME_SCHEMES,
+      help='default: linen for a linen-named input, else '
+      'released')
   return parser
 
 
@@ -308,8 +337,11 @@ def _resize(args) -> None:
     old_grid = (None if args.source_image_size is None else image_grid(
         args.source_image_size, info['pixels_per_token'], 'source'))
     new = interpolate_posembed(
-        old, grid[0] * grid[1] + int(info['has_class_token']),
-        info['has_class_token'], grid=grid, old_grid=old_grid,
+        old,
+        grid[0] * grid[1] + int(info['has_class_token']),
+        info['has_class_token'],
+        grid=grid,
+        old_grid=old_grid,
         method=args.method)
   except CheckpointError as e:
     raise CheckpointError(f'Checkpoint {args.input!r}: {e}') from None
@@ -335,8 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == 'resize':
       _resize(args)
   except (CheckpointError, ValueError) as e:
-    message = '; '.join(line.strip() for line in str(e).splitlines()
-                        if line.strip())
+    message = '; '.join(
+        line.strip() for line in str(e).splitlines() if line.strip())
     print(f'error: {message}', file=sys.stderr)
     return 1
   except BrokenPipeError:  # `inspect FILE | head`

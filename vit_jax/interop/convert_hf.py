@@ -12,17 +12,25 @@ processor's normalisation, folded into the patch embedding when it is not
 
 import os
 import re
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
-from typing import Union
+from typing import (
+    Any,
+    Dict,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import ml_collections
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.interop import hf_format
 from vit_jax.checkpoints import converter_output
 from vit_jax.checkpoints import torch_layouts
 from vit_jax.checkpoints import trees
+from vit_jax.interop import hf_format
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
@@ -43,9 +51,11 @@ _UNUSED = (
 )
 
 
-def load_hf(path: PathLike, *,
-            fold_normalization: bool = True
-           ) -> Tuple[Params, ml_collections.ConfigDict]:
+def load_hf(
+    path: PathLike,
+    *,
+    fold_normalization: bool = True
+) -> Tuple[Params, ml_collections.ConfigDict]:
   """Loads an HF `ViTModel` / `ViTForImageClassification` directory.
 
   Args:
@@ -70,18 +80,29 @@ def load_hf(path: PathLike, *,
   sizes = _read_sizes(path, config)
   is_classifier = 'classifier.weight' in weights
   has_pooler = 'pooler.dense.weight' in weights and not is_classifier
-  _check_names(path, config, weights, num_layers=sizes.num_layers,
-               is_classifier=is_classifier, has_pooler=has_pooler)
+  _check_names(
+      path,
+      config,
+      weights,
+      num_layers=sizes.num_layers,
+      is_classifier=is_classifier,
+      has_pooler=has_pooler)
 
-  params = _params_from_hf(weights, sizes, is_classifier=is_classifier,
-                           has_pooler=has_pooler)
+  params = _params_from_hf(
+      weights, sizes, is_classifier=is_classifier, has_pooler=has_pooler)
   num_channels = int(config.get('num_channels', 3))
-  _check_shapes(path, params, hidden=sizes.hidden, mlp_dim=sizes.mlp_dim,
-                patch=sizes.patch, num_channels=num_channels,
-                image_size=hf_format.as_pair(config.get('image_size', 224)))
+  _check_shapes(
+      path,
+      params,
+      hidden=sizes.hidden,
+      mlp_dim=sizes.mlp_dim,
+      patch=sizes.patch,
+      num_channels=num_channels,
+      image_size=hf_format.as_pair(config.get('image_size', 224)))
 
-  normalization = (hf_format.input_normalization(path, num_channels)
-                   if fold_normalization else None)
+  normalization = (
+      hf_format.input_normalization(path, num_channels)
+      if fold_normalization else None)
   if normalization is not None:
     params['embedding'] = torch_layouts.fold_input_normalization(
         params['embedding'], *normalization)
@@ -123,9 +144,13 @@ def _read_sizes(path: str, config: Mapping[str, Any]) -> _Sizes:
     raise checkpoint.CheckpointError(
         f'{path}: hidden_size {hidden} is not divisible by '
         f'num_attention_heads {num_heads}.')
-  return _Sizes(hidden=hidden, num_heads=num_heads, num_layers=num_layers,
-                mlp_dim=mlp_dim, patch=patch,
-                approximate_gelu=_GELU_APPROXIMATE[hidden_act])
+  return _Sizes(
+      hidden=hidden,
+      num_heads=num_heads,
+      num_layers=num_layers,
+      mlp_dim=mlp_dim,
+      patch=patch,
+      approximate_gelu=_GELU_APPROXIMATE[hidden_act])
 
 
 def _check_names(path: str, config: Mapping[str, Any],
@@ -137,10 +162,16 @@ def _check_names(path: str, config: Mapping[str, Any],
         f'{path}: pooler_act={config.get("pooler_act")!r}; our pre_logits '
         'layer is Dense + tanh only.')
 
-  expected = _expected_names(num_layers, is_classifier, has_pooler,
-                             qkv_bias=config.get('qkv_bias', True))
-  layer_ids = {int(m.group(1)) for n in weights
-               if (m := re.match(r'^encoder\.layer\.(\d+)\.', n))}
+  expected = _expected_names(
+      num_layers,
+      is_classifier,
+      has_pooler,
+      qkv_bias=config.get('qkv_bias', True))
+  layer_ids = {
+      int(m.group(1))
+      for n in weights
+      if (m := re.match(r'^encoder\.layer\.(\d+)\.', n))
+  }
   if layer_ids and max(layer_ids) + 1 != num_layers:
     raise checkpoint.CheckpointError(
         f'{path}: config.json says num_hidden_layers={num_layers} but the '
@@ -151,10 +182,10 @@ def _check_names(path: str, config: Mapping[str, Any],
   if missing or unexpected:
     raise checkpoint.CheckpointError(
         f'{path}: the weights do not form a ViTModel / '
-        'ViTForImageClassification of its config.json.'
-        + (f'\n  missing: {_short_list(missing)}' if missing else '')
-        + (f'\n  unexpected: {_short_list(unexpected)}' if unexpected else '')
-        + '\nRe-export the model with `save_pretrained`, or fix config.json.')
+        'ViTForImageClassification of its config.json.' +
+        (f'\n  missing: {_short_list(missing)}' if missing else '') +
+        (f'\n  unexpected: {_short_list(unexpected)}' if unexpected else '') +
+        '\nRe-export the model with `save_pretrained`, or fix config.json.')
 
 
 def _params_from_hf(w: Mapping[str, np.ndarray], sizes: _Sizes, *,
@@ -162,11 +193,11 @@ def _params_from_hf(w: Mapping[str, np.ndarray], sizes: _Sizes, *,
   """HF weights (canonical names, checked) -> our parameter tree."""
   pre_logits = head = None
   if has_pooler:
-    pre_logits = torch_layouts.dense_from_linear(
-        w['pooler.dense.weight'], w['pooler.dense.bias'])
+    pre_logits = torch_layouts.dense_from_linear(w['pooler.dense.weight'],
+                                                 w['pooler.dense.bias'])
   if is_classifier:
-    head = torch_layouts.dense_from_linear(
-        w['classifier.weight'], w['classifier.bias'])
+    head = torch_layouts.dense_from_linear(w['classifier.weight'],
+                                           w['classifier.bias'])
   return converter_output.params_tree(
       embedding=torch_layouts.conv_from_torch(
           w['embeddings.patch_embeddings.projection.weight'],
@@ -174,18 +205,24 @@ def _params_from_hf(w: Mapping[str, np.ndarray], sizes: _Sizes, *,
       cls=w['embeddings.cls_token'],
       pos_embedding=w['embeddings.position_embeddings'],
       encoder_norm=_layernorm(w, 'layernorm'),
-      blocks=[_block_from_hf(w, f'encoder.layer.{i}.', sizes.num_heads)
-              for i in range(sizes.num_layers)],
-      pre_logits=pre_logits, head=head)
+      blocks=[
+          _block_from_hf(w, f'encoder.layer.{i}.', sizes.num_heads)
+          for i in range(sizes.num_layers)
+      ],
+      pre_logits=pre_logits,
+      head=head)
 
 
 def _model_config(path: str, config: Mapping[str, Any], params: Params,
                   sizes: _Sizes) -> ml_collections.ConfigDict:
   """The `VisionTransformer` fields of the loaded model, HF's numerics."""
   return converter_output.model_config(
-      params, model_name=os.path.basename(os.path.normpath(path)),
-      patch=sizes.patch, hidden_size=sizes.hidden,
-      num_layers=sizes.num_layers, mlp_dim=sizes.mlp_dim,
+      params,
+      model_name=os.path.basename(os.path.normpath(path)),
+      patch=sizes.patch,
+      hidden_size=sizes.hidden,
+      num_layers=sizes.num_layers,
+      mlp_dim=sizes.mlp_dim,
       num_heads=sizes.num_heads,
       dropout_rate=float(config.get('hidden_dropout_prob', 0.)),
       attention_dropout_rate=float(
@@ -196,10 +233,12 @@ def _model_config(path: str, config: Mapping[str, Any], params: Params,
 
 def _expected_names(num_layers: int, is_classifier: bool, has_pooler: bool,
                     qkv_bias: bool) -> Sequence[str]:
-  names = ['embeddings.cls_token', 'embeddings.position_embeddings',
-           'embeddings.patch_embeddings.projection.weight',
-           'embeddings.patch_embeddings.projection.bias',
-           'layernorm.weight', 'layernorm.bias']
+  names = [
+      'embeddings.cls_token', 'embeddings.position_embeddings',
+      'embeddings.patch_embeddings.projection.weight',
+      'embeddings.patch_embeddings.projection.bias', 'layernorm.weight',
+      'layernorm.bias'
+  ]
   for i in range(num_layers):
     for module, _ in hf_format.BLOCK_MODULES:
       names.append(f'encoder.layer.{i}.{module}.weight')
@@ -247,8 +286,9 @@ def _check_shapes(path: str, params: Params, *, hidden: int, mlp_dim: int,
       'Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': (hidden, mlp_dim),
   }
   grid = (image_size[0] // patch[0], image_size[1] // patch[1])
-  expected['Transformer/posembed_input/pos_embedding'] = (
-      1, grid[0] * grid[1] + 1, hidden)
+  expected['Transformer/posembed_input/pos_embedding'] = (1,
+                                                          grid[0] * grid[1] + 1,
+                                                          hidden)
   flat = trees.flatten_tree(params)
   for name, shape in expected.items():
     if name in flat and tuple(flat[name].shape) != shape:

@@ -67,11 +67,12 @@ def read_state_dict(
       state_dict_or_path, marker='conv_proj.weight', renames=_LEGACY_MLP)
 
 
-def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
-                                               Mapping[str, Any]], *,
-                     num_heads: Optional[int] = None,
-                     fold_normalization: bool = True
-                    ) -> Tuple[Params, ml_collections.ConfigDict]:
+def load_torchvision(
+    state_dict_or_path: Union[str, os.PathLike, Mapping[str, Any]],
+    *,
+    num_heads: Optional[int] = None,
+    fold_normalization: bool = True
+) -> Tuple[Params, ml_collections.ConfigDict]:
   """Converts a torchvision `VisionTransformer` state dict.
 
   Sizes come from the shapes.
@@ -98,8 +99,7 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
   num_heads = _num_heads(hidden, num_heads)
   has_head = 'heads.head.weight' in w
   has_pre_logits = 'heads.pre_logits.weight' in w
-  _check_names(w, num_layers, has_head=has_head,
-               has_pre_logits=has_pre_logits)
+  _check_names(w, num_layers, has_head=has_head, has_pre_logits=has_pre_logits)
   mlp_dim = w['encoder.layers.encoder_layer_0.mlp.0.weight'].shape[0]
   _check_shapes(w, num_layers, hidden=hidden, mlp_dim=mlp_dim)
 
@@ -108,10 +108,17 @@ def load_torchvision(state_dict_or_path: Union[str, os.PathLike,
     params['embedding'] = torch_layouts.fold_input_normalization(
         params['embedding'], *_normalization_for_minus1_1())
   return params, converter_output.model_config(
-      params, model_name='torchvision', patch=(int(ph), int(pw)),
-      hidden_size=int(hidden), num_layers=num_layers, mlp_dim=int(mlp_dim),
-      num_heads=int(num_heads), dropout_rate=0., attention_dropout_rate=0.,
-      layernorm_epsilon=LAYERNORM_EPSILON, approximate_gelu=False)
+      params,
+      model_name='torchvision',
+      patch=(int(ph), int(pw)),
+      hidden_size=int(hidden),
+      num_layers=num_layers,
+      mlp_dim=int(mlp_dim),
+      num_heads=int(num_heads),
+      dropout_rate=0.,
+      attention_dropout_rate=0.,
+      layernorm_epsilon=LAYERNORM_EPSILON,
+      approximate_gelu=False)
 
 
 def _check_is_torchvision_vit(w: Mapping[str, np.ndarray]) -> None:
@@ -160,11 +167,10 @@ def _check_names(w: Mapping[str, np.ndarray], num_layers: int, *,
   unexpected = sorted(set(w) - set(expected))
   if missing or unexpected:
     raise checkpoint.CheckpointError(
-        'The state dict does not form a torchvision VisionTransformer:'
-        + (f'\n  missing: {_short_list(missing)}' if missing else '')
-        + (f'\n  unexpected: {_short_list(unexpected)}'
-           if unexpected else '')
-        + '\nPass the complete `model.state_dict()`.')
+        'The state dict does not form a torchvision VisionTransformer:' +
+        (f'\n  missing: {_short_list(missing)}' if missing else '') +
+        (f'\n  unexpected: {_short_list(unexpected)}' if unexpected else '') +
+        '\nPass the complete `model.state_dict()`.')
 
 
 def _params(w: Mapping[str, np.ndarray], num_layers: int,
@@ -172,35 +178,39 @@ def _params(w: Mapping[str, np.ndarray], num_layers: int,
   """The state dict (checked) -> our parameter tree."""
   pre_logits = head = None
   if 'heads.pre_logits.weight' in w:
-    pre_logits = torch_layouts.dense_from_linear(
-        w['heads.pre_logits.weight'], w['heads.pre_logits.bias'])
+    pre_logits = torch_layouts.dense_from_linear(w['heads.pre_logits.weight'],
+                                                 w['heads.pre_logits.bias'])
   if 'heads.head.weight' in w:
-    head = torch_layouts.dense_from_linear(
-        w['heads.head.weight'], w['heads.head.bias'])
+    head = torch_layouts.dense_from_linear(w['heads.head.weight'],
+                                           w['heads.head.bias'])
   return converter_output.params_tree(
       embedding=torch_layouts.conv_from_torch(w['conv_proj.weight'],
                                               w['conv_proj.bias']),
       cls=w['class_token'],
       pos_embedding=w['encoder.pos_embedding'],
       encoder_norm=_layernorm(w, 'encoder.ln'),
-      blocks=[_block(w, f'encoder.layers.encoder_layer_{i}.', num_heads)
-              for i in range(num_layers)],
-      pre_logits=pre_logits, head=head)
+      blocks=[
+          _block(w, f'encoder.layers.encoder_layer_{i}.', num_heads)
+          for i in range(num_layers)
+      ],
+      pre_logits=pre_logits,
+      head=head)
 
 
 def _expected_names(num_layers: int, has_head: bool, has_pre_logits: bool):
-  names = ['conv_proj.weight', 'conv_proj.bias', 'class_token',
-           'encoder.pos_embedding', 'encoder.ln.weight', 'encoder.ln.bias']
+  names = [
+      'conv_proj.weight', 'conv_proj.bias', 'class_token',
+      'encoder.pos_embedding', 'encoder.ln.weight', 'encoder.ln.bias'
+  ]
   for i in range(num_layers):
     p = f'encoder.layers.encoder_layer_{i}.'
-    names += [p + 'ln_1.weight', p + 'ln_1.bias',
-              p + 'self_attention.in_proj_weight',
-              p + 'self_attention.in_proj_bias',
-              p + 'self_attention.out_proj.weight',
-              p + 'self_attention.out_proj.bias',
-              p + 'ln_2.weight', p + 'ln_2.bias',
-              p + 'mlp.0.weight', p + 'mlp.0.bias',
-              p + 'mlp.3.weight', p + 'mlp.3.bias']
+    names += [
+        p + 'ln_1.weight', p + 'ln_1.bias', p + 'self_attention.in_proj_weight',
+        p + 'self_attention.in_proj_bias', p + 'self_attention.out_proj.weight',
+        p + 'self_attention.out_proj.bias', p + 'ln_2.weight', p + 'ln_2.bias',
+        p + 'mlp.0.weight', p + 'mlp.0.bias', p + 'mlp.3.weight',
+        p + 'mlp.3.bias'
+    ]
   if has_pre_logits:
     names += ['heads.pre_logits.weight', 'heads.pre_logits.bias']
   if has_head:
@@ -227,52 +237,70 @@ def _block(w, prefix: str, num_heads: int) -> Params:
         in_w[j * d:(j + 1) * d], in_b[j * d:(j + 1) * d], num_heads)
   attention['out'] = torch_layouts.attention_from_linear(
       w[prefix + 'self_attention.out_proj.weight'],
-      w[prefix + 'self_attention.out_proj.bias'], num_heads, is_out=True)
+      w[prefix + 'self_attention.out_proj.bias'],
+      num_heads,
+      is_out=True)
   return {
       'LayerNorm_0': _layernorm(w, prefix + 'ln_1'),
       'MultiHeadDotProductAttention_0': attention,
       'LayerNorm_1': _layernorm(w, prefix + 'ln_2'),
       'MlpBlock_0': {
-          'Dense_0': torch_layouts.dense_from_linear(
-              w[prefix + 'mlp.0.weight'], w[prefix + 'mlp.0.bias']),
-          'Dense_1': torch_layouts.dense_from_linear(
-              w[prefix + 'mlp.3.weight'], w[prefix + 'mlp.3.bias']),
+          'Dense_0':
+              torch_layouts.dense_from_linear(w[prefix + 'mlp.0.weight'],
+                                              w[prefix + 'mlp.0.bias']),
+          'Dense_1':
+              torch_layouts.dense_from_linear(w[prefix + 'mlp.3.weight'],
+                                              w[prefix + 'mlp.3.bias']),
       },
   }
 
 
-def _check_shapes(w: Mapping[str, np.ndarray], num_layers: int, *,
-                 hidden: int, mlp_dim: int) -> None:
+def _check_shapes(w: Mapping[str, np.ndarray], num_layers: int, *, hidden: int,
+                  mlp_dim: int) -> None:
   """Every tensor against the sizes read from conv_proj and mlp.0."""
   d, m = hidden, mlp_dim
-  want = {'conv_proj.bias': (d,), 'class_token': (1, 1, d),
-          'encoder.ln.weight': (d,), 'encoder.ln.bias': (d,)}
+  want = {
+      'conv_proj.bias': (d,),
+      'class_token': (1, 1, d),
+      'encoder.ln.weight': (d,),
+      'encoder.ln.bias': (d,)
+  }
   for i in range(num_layers):
     p = f'encoder.layers.encoder_layer_{i}.'
     want.update({
-        p + 'ln_1.weight': (d,), p + 'ln_1.bias': (d,),
+        p + 'ln_1.weight': (d,),
+        p + 'ln_1.bias': (d,),
         p + 'self_attention.in_proj_weight': (3 * d, d),
         p + 'self_attention.in_proj_bias': (3 * d,),
         p + 'self_attention.out_proj.weight': (d, d),
         p + 'self_attention.out_proj.bias': (d,),
-        p + 'ln_2.weight': (d,), p + 'ln_2.bias': (d,),
-        p + 'mlp.0.weight': (m, d), p + 'mlp.0.bias': (m,),
-        p + 'mlp.3.weight': (d, m), p + 'mlp.3.bias': (d,),
+        p + 'ln_2.weight': (d,),
+        p + 'ln_2.bias': (d,),
+        p + 'mlp.0.weight': (m, d),
+        p + 'mlp.0.bias': (m,),
+        p + 'mlp.3.weight': (d, m),
+        p + 'mlp.3.bias': (d,),
     })
   features = d
   if 'heads.pre_logits.weight' in w:
     features = w['heads.pre_logits.weight'].shape[0]
-    want.update({'heads.pre_logits.weight': (features, d),
-                 'heads.pre_logits.bias': (features,)})
+    want.update({
+        'heads.pre_logits.weight': (features, d),
+        'heads.pre_logits.bias': (features,)
+    })
   if 'heads.head.weight' in w:
     num_classes = w['heads.head.weight'].shape[0]
-    want.update({'heads.head.weight': (num_classes, features),
-                 'heads.head.bias': (num_classes,)})
+    want.update({
+        'heads.head.weight': (num_classes, features),
+        'heads.head.bias': (num_classes,)
+    })
   pe = w['encoder.pos_embedding'].shape
   if len(pe) != 3 or pe[0] != 1 or pe[2] != d:
     want['encoder.pos_embedding'] = (1, 'tokens', d)
-  wrong = [f'{n}: {tuple(w[n].shape)}, expected {want[n]}'
-           for n in want if tuple(w[n].shape) != want[n]]
+  wrong = [
+      f'{n}: {tuple(w[n].shape)}, expected {want[n]}' for n in want
+      if tuple(w[n].shape) != want[n]
+  ]
   if wrong:
     raise checkpoint.CheckpointError(
         f'Shapes do not fit a ViT of width {d} (conv_proj) and MLP width {m} '

@@ -8,22 +8,29 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
-from typing import Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import flax.linen as nn
 import numpy as np
 
 from vit_jax import checkpoint
-from vit_jax.interop import hf_format
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import torch_layouts
 from vit_jax.checkpoints import trees
+from vit_jax.interop import hf_format
 
 Params = Dict[str, Any]
 PathLike = Union[str, os.PathLike]
-
-
 
 
 def _field(model_config, name: str, default=None):
@@ -33,7 +40,10 @@ def _field(model_config, name: str, default=None):
   return model_config.get(name, default)
 
 
-def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
+def save_hf(params: Mapping[str, Any],
+            model_config,
+            path: PathLike,
+            *,
             id2label: Optional[Union[Mapping[int, str], Sequence[str]]] = None,
             image_size: Optional[Union[int, Sequence[int]]] = None) -> None:
   """Writes a Hugging Face model directory of our parameters.
@@ -64,13 +74,19 @@ def save_hf(params: Mapping[str, Any], model_config, path: PathLike, *,
 
   weights = _hf_weights(tree, layers, num_classes, representation_size)
   prefix = 'vit.' if num_classes else ''
-  weights = {(k if k.startswith('classifier.') else prefix + k): v
-             for k, v in weights.items()}
+  weights = {
+      (k if k.startswith('classifier.') else prefix + k): v
+      for k, v in weights.items()
+  }
 
   labels = _id2label(id2label, num_classes)
-  config = _hf_config(model_config, shapes, num_layers=len(layers),
-                      image_hw=image_hw, num_classes=num_classes,
-                      representation_size=representation_size)
+  config = _hf_config(
+      model_config,
+      shapes,
+      num_layers=len(layers),
+      image_hw=image_hw,
+      num_classes=num_classes,
+      representation_size=representation_size)
   if labels is not None:
     config['id2label'] = {str(k): v for k, v in labels.items()}
     config['label2id'] = {v: k for k, v in labels.items()}
@@ -109,12 +125,15 @@ def _float_tree(params: Mapping[str, Any], num_classes: int,
                 representation_size) -> Tuple[Params, List[int]]:
   """Our float32 tree under linen names, and its encoder block indices."""
   tree = npz.canonicalize(params)
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in trees.flatten_tree(tree).items()}
+  flat = {
+      k: np.asarray(v, np.float32) for k, v in trees.flatten_tree(tree).items()
+  }
   tree = checkpoint.recover_tree(list(flat), list(flat.values()))
   transformer = tree.get('Transformer', {})
-  layers = sorted(int(k.rsplit('_', 1)[1]) for k in transformer
-                  if re.match(r'^encoderblock_\d+$', k))
+  layers = sorted(
+      int(k.rsplit('_', 1)[1])
+      for k in transformer
+      if re.match(r'^encoderblock_\d+$', k))
   if 'embedding' not in tree or 'cls' not in tree or not layers:
     raise ValueError('save_hf: params lack embedding, cls or encoder blocks; '
                      'pass the ViT parameters (the "params" collection).')
@@ -147,8 +166,13 @@ def _read_shapes(tree: Params) -> _Shapes:
   mlp_dim = transformer['encoderblock_0']['MlpBlock_0']['Dense_0'][
       'kernel'].shape[1]
   num_tokens = transformer['posembed_input']['pos_embedding'].shape[1] - 1
-  return _Shapes(patch=(ph, pw), channels=channels, hidden=hidden,
-                 num_heads=num_heads, mlp_dim=mlp_dim, num_tokens=num_tokens)
+  return _Shapes(
+      patch=(ph, pw),
+      channels=channels,
+      hidden=hidden,
+      num_heads=num_heads,
+      mlp_dim=mlp_dim,
+      num_tokens=num_tokens)
 
 
 def _hf_config(model_config, shapes: _Shapes, *, num_layers: int,
@@ -158,30 +182,45 @@ def _hf_config(model_config, shapes: _Shapes, *, num_layers: int,
   ph, pw = shapes.patch
   transformer_config = _field(model_config, 'transformer') or {}
   return {
-      'architectures': ['ViTForImageClassification' if num_classes
-                        else 'ViTModel'],
-      'model_type': hf_format.MODEL_TYPE,
-      'hidden_size': int(shapes.hidden),
-      'num_hidden_layers': num_layers,
-      'num_attention_heads': int(shapes.num_heads),
-      'intermediate_size': int(shapes.mlp_dim),
-      'hidden_act': ('gelu_pytorch_tanh'
-                     if _field(model_config, 'approximate_gelu', True)
-                     else 'gelu'),
-      'hidden_dropout_prob': float(transformer_config.get('dropout_rate', 0.)),
-      'attention_probs_dropout_prob': float(
-          transformer_config.get('attention_dropout_rate', 0.)),
-      'layer_norm_eps': float(_field(model_config, 'layernorm_epsilon', 1e-6)),
-      'image_size': (image_hw[0] if image_hw[0] == image_hw[1]
-                     else list(image_hw)),
-      'patch_size': int(ph) if ph == pw else [int(ph), int(pw)],
-      'num_channels': int(shapes.channels),
-      'qkv_bias': True,
-      'encoder_stride': int(ph),
-      'pooler_output_size': int(representation_size or shapes.hidden),
-      'pooler_act': 'tanh',
-      'initializer_range': 0.02,
-      'dtype': 'float32',
+      'architectures': [
+          'ViTForImageClassification' if num_classes else 'ViTModel'
+      ],
+      'model_type':
+          hf_format.MODEL_TYPE,
+      'hidden_size':
+          int(shapes.hidden),
+      'num_hidden_layers':
+          num_layers,
+      'num_attention_heads':
+          int(shapes.num_heads),
+      'intermediate_size':
+          int(shapes.mlp_dim),
+      'hidden_act': ('gelu_pytorch_tanh' if _field(
+          model_config, 'approximate_gelu', True) else 'gelu'),
+      'hidden_dropout_prob':
+          float(transformer_config.get('dropout_rate', 0.)),
+      'attention_probs_dropout_prob':
+          float(transformer_config.get('attention_dropout_rate', 0.)),
+      'layer_norm_eps':
+          float(_field(model_config, 'layernorm_epsilon', 1e-6)),
+      'image_size':
+          (image_hw[0] if image_hw[0] == image_hw[1] else list(image_hw)),
+      'patch_size':
+          int(ph) if ph == pw else [int(ph), int(pw)],
+      'num_channels':
+          int(shapes.channels),
+      'qkv_bias':
+          True,
+      'encoder_stride':
+          int(ph),
+      'pooler_output_size':
+          int(representation_size or shapes.hidden),
+      'pooler_act':
+          'tanh',
+      'initializer_range':
+          0.02,
+      'dtype':
+          'float32',
   }
 
 
@@ -191,7 +230,10 @@ def _preprocessor_config(image_hw: Tuple[int, int],
   return {
       'image_processor_type': 'ViTImageProcessor',
       'do_resize': True,
-      'size': {'height': image_hw[0], 'width': image_hw[1]},
+      'size': {
+          'height': image_hw[0],
+          'width': image_hw[1]
+      },
       'resample': 2,  # bilinear
       'do_rescale': True,
       'rescale_factor': 1 / 255,
@@ -203,14 +245,16 @@ def _preprocessor_config(image_hw: Tuple[int, int],
 
 
 def _write_files(path: PathLike, weights: Mapping[str, np.ndarray],
-                 config: Mapping[str, Any],
-                 preprocessor: Mapping[str, Any]) -> None:
+                 config: Mapping[str, Any], preprocessor: Mapping[str,
+                                                                  Any]) -> None:
   """Writes the safetensors weights and the two JSON configs into `path`."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   safetensors_numpy.save_file(
-      {k: np.ascontiguousarray(v) for k, v in weights.items()},
+      {
+          k: np.ascontiguousarray(v) for k, v in weights.items()
+      },
       os.path.join(path, hf_format.SAFETENSORS_NAME),
       # transformers refuses safetensors files without a framework tag.
       metadata={'format': 'pt'})
@@ -225,8 +269,8 @@ def _image_size(image_size, num_tokens: int,
                 patch: Tuple[int, int]) -> Tuple[int, int]:
   if image_size is not None:
     h, w = hf_format.as_pair(image_size)
-    if h % patch[0] or w % patch[1] or (
-        (h // patch[0]) * (w // patch[1]) != num_tokens):
+    if h % patch[0] or w % patch[1] or ((h // patch[0]) *
+                                        (w // patch[1]) != num_tokens):
       raise ValueError(
           f'save_hf: image_size {h}x{w} with patch {patch[0]}x{patch[1]} does '
           f'not give the {num_tokens} patch tokens of the position embedding.')
@@ -263,14 +307,18 @@ def _hf_weights(tree: Params, layers: Sequence[int], num_classes: int,
   transformer = tree['Transformer']
   kernel = tree['embedding']['kernel']  # HWIO -> OIHW
   weights = {
-      'embeddings.cls_token': tree['cls'],
+      'embeddings.cls_token':
+          tree['cls'],
       'embeddings.position_embeddings':
           transformer['posembed_input']['pos_embedding'],
       'embeddings.patch_embeddings.projection.weight':
           kernel.transpose(3, 2, 0, 1),
-      'embeddings.patch_embeddings.projection.bias': tree['embedding']['bias'],
-      'layernorm.weight': transformer['encoder_norm']['scale'],
-      'layernorm.bias': transformer['encoder_norm']['bias'],
+      'embeddings.patch_embeddings.projection.bias':
+          tree['embedding']['bias'],
+      'layernorm.weight':
+          transformer['encoder_norm']['scale'],
+      'layernorm.bias':
+          transformer['encoder_norm']['bias'],
   }
   for i in layers:
     block = transformer[f'encoderblock_{i}']

@@ -21,7 +21,9 @@ from vit_jax.checkpoints import torch_layouts
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 
 
-def save_timm(params: Mapping[str, Any], path: str, *,
+def save_timm(params: Mapping[str, Any],
+              path: str,
+              *,
               num_heads: Optional[int] = None) -> timm_layout.TimmModel:
   """Writes `params` as a timm state dict; returns the timm model to create.
 
@@ -36,12 +38,18 @@ def save_timm(params: Mapping[str, Any], path: str, *,
   try:
     if path.endswith(TORCH_SUFFIXES):
       torch = torch_layouts.import_torch(f'Writing {path}')
-      torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
-                  for k, v in state.items()}, tmp)
+      torch.save(
+          {
+              k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in state.items()
+          }, tmp)
     else:
       from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
       safetensors_numpy.save_file(
-          {k: np.ascontiguousarray(v) for k, v in state.items()}, tmp,
+          {
+              k: np.ascontiguousarray(v) for k, v in state.items()
+          },
+          tmp,
           metadata={'timm_model': str(timm_model)})
     os.replace(tmp, path)
   finally:
@@ -60,9 +68,10 @@ def _read(source: str):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = list(sys.argv[1:] if argv is None else argv)
   if len(args) != 2:
-    print('usage: python -m vit_jax.interop.export_timm IN OUT.safetensors'
-          '|OUT.pth  (IN: an .npz, a timm file or a training workdir)',
-          file=sys.stderr)
+    print(
+        'usage: python -m vit_jax.interop.export_timm IN OUT.safetensors'
+        '|OUT.pth  (IN: an .npz, a timm file or a training workdir)',
+        file=sys.stderr)
     return 2
   try:
     timm_model = save_timm(_read(args[0]), args[1])

@@ -93,10 +93,11 @@ def read_hf_config(path: PathLike) -> Dict[str, Any]:
     }.get(model_type, '')
     raise checkpoint.CheckpointError(
         f'{config_path} has model_type={model_type!r}; only {MODEL_TYPE!r} '
-        f'(transformers.ViTModel / ViTForImageClassification) is supported.'
-        + hint)
-  unsupported = [a for a in config.get('architectures') or ()
-                 if a not in ARCHITECTURES]
+        f'(transformers.ViTModel / ViTForImageClassification) is supported.' +
+        hint)
+  unsupported = [
+      a for a in config.get('architectures') or () if a not in ARCHITECTURES
+  ]
   if unsupported:
     raise checkpoint.CheckpointError(
         f'{config_path} is a {unsupported[0]}; only {", ".join(ARCHITECTURES)} '
@@ -133,8 +134,7 @@ def read_hf_weights(path: PathLike) -> Dict[str, np.ndarray]:
       f'{sorted(os.listdir(path))}.')
 
 
-def canonical_names(weights: Mapping[str, np.ndarray]
-                   ) -> Dict[str, np.ndarray]:
+def canonical_names(weights: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Strips the `vit.` prefix of task models; v5 module names -> file names."""
   out = {}
   for name, value in weights.items():
@@ -154,8 +154,8 @@ def as_pair(x) -> Tuple[int, int]:
   return (int(x), int(x)) if np.ndim(x) == 0 else tuple(int(v) for v in x)
 
 
-def input_normalization(path: str, num_channels: int
-                       ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def input_normalization(
+    path: str, num_channels: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   """(scale, offset) from [-1, 1] pixels to the model's inputs, or None.
 
   None when the preprocessor (or its defaults) gives exactly [-1, 1].
@@ -166,18 +166,19 @@ def input_normalization(path: str, num_channels: int
   pp = _read_json(pp_path, 'image processor config')
   # Our x in [-1, 1] is the pixel p in [0, 255] as x = (p - 127.5) / 127.5.
   # HF feeds ((p * rescale) - mean) / std.
-  rescale = (pp.get('rescale_factor', 1 / 255) if pp.get('do_rescale', True)
-             else 1.)
+  rescale = (
+      pp.get('rescale_factor', 1 / 255) if pp.get('do_rescale', True) else 1.)
   if pp.get('do_normalize', True):
-    mean = np.broadcast_to(np.asarray(pp.get('image_mean', 0.5), np.float64),
-                           (num_channels,))
-    std = np.broadcast_to(np.asarray(pp.get('image_std', 0.5), np.float64),
-                          (num_channels,))
+    mean = np.broadcast_to(
+        np.asarray(pp.get('image_mean', 0.5), np.float64), (num_channels,))
+    std = np.broadcast_to(
+        np.asarray(pp.get('image_std', 0.5), np.float64), (num_channels,))
   else:
     mean, std = np.zeros(num_channels), np.ones(num_channels)
   scale = 127.5 * rescale / std
   offset = (127.5 * rescale - mean) / std
-  if np.allclose(scale, 1., rtol=0, atol=1e-6) and np.allclose(
-      offset, 0., rtol=0, atol=1e-6):
+  if np.allclose(
+      scale, 1., rtol=0, atol=1e-6) and np.allclose(
+          offset, 0., rtol=0, atol=1e-6):
     return None
   return scale, offset

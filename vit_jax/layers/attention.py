@@ -21,9 +21,17 @@ from vit_jax.layers import mixed_precision
 IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 
 
-def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
-                    deterministic=True, dtype=None, module=None,
-                    force_fp32_for_softmax=False, **unused_kwargs):
+def fused_attention(query,
+                    key,
+                    value,
+                    *,
+                    implementation,
+                    dropout_rate=0.,
+                    deterministic=True,
+                    dtype=None,
+                    module=None,
+                    force_fp32_for_softmax=False,
+                    **unused_kwargs):
   """Attention through `jax.nn.dot_product_attention`, for flax MHA.
 
   Args:
@@ -43,13 +51,19 @@ def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
     kw = {}
     if dtype is not None and not mixed_precision.is_float32(dtype):
       einsum = mixed_precision.F32AccumulatingEinsum(dtype)
-      kw = dict(qk_attn_weights_einsum=einsum,
-                attn_weights_value_einsum=einsum)
+      kw = dict(qk_attn_weights_einsum=einsum, attn_weights_value_einsum=einsum)
     return nn.dot_product_attention(
-        query, key, value, dropout_rng=unused_kwargs.get('dropout_rng'),
-        dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
-        module=module, force_fp32_for_softmax=force_fp32_for_softmax,
-        broadcast_dropout=unused_kwargs.get('broadcast_dropout', False), **kw)
+        query,
+        key,
+        value,
+        dropout_rng=unused_kwargs.get('dropout_rng'),
+        dropout_rate=dropout_rate,
+        deterministic=deterministic,
+        dtype=dtype,
+        module=module,
+        force_fp32_for_softmax=force_fp32_for_softmax,
+        broadcast_dropout=unused_kwargs.get('broadcast_dropout', False),
+        **kw)
   if dropout_rate > 0. and not deterministic:
     raise ValueError(
         f'attention_impl={implementation!r} has no attention dropout, but the '
@@ -62,14 +76,23 @@ def fused_attention(query, key, value, *, implementation, dropout_rate=0.,
         "attention_impl='xla'.")
   if dtype is not None:
     query, key, value = (t.astype(dtype) for t in (query, key, value))
-  return jax.nn.dot_product_attention(query, key, value,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(
+      query, key, value, implementation=implementation)
 
 
-def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
-                          dropout_rate=0., broadcast_dropout=True,
-                          deterministic=False, dtype=None, precision=None,
-                          module=None, force_fp32_for_softmax=False,
+def heads_major_attention(query,
+                          key,
+                          value,
+                          *,
+                          mask=None,
+                          dropout_rng=None,
+                          dropout_rate=0.,
+                          broadcast_dropout=True,
+                          deterministic=False,
+                          dtype=None,
+                          precision=None,
+                          module=None,
+                          force_fp32_for_softmax=False,
                           qk_attn_weights_einsum=None,
                           attn_weights_value_einsum=None):
   """flax's reference attention with q, k, v transposed to [B, N, T, 1, H].
@@ -78,20 +101,24 @@ def heads_major_attention(query, key, value, *, mask=None, dropout_rng=None,
   einsums become batched matmuls over leading axes, which XLA:CPU runs much
   faster in float32. Collecting `intermediates` runs the reference path.
   """
-  kw = dict(dropout_rng=dropout_rng, dropout_rate=dropout_rate,
-            broadcast_dropout=broadcast_dropout, deterministic=deterministic,
-            dtype=dtype, precision=precision,
-            force_fp32_for_softmax=force_fp32_for_softmax,
-            qk_attn_weights_einsum=qk_attn_weights_einsum,
-            attn_weights_value_einsum=attn_weights_value_einsum)
+  kw = dict(
+      dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate,
+      broadcast_dropout=broadcast_dropout,
+      deterministic=deterministic,
+      dtype=dtype,
+      precision=precision,
+      force_fp32_for_softmax=force_fp32_for_softmax,
+      qk_attn_weights_einsum=qk_attn_weights_einsum,
+      attn_weights_value_einsum=attn_weights_value_einsum)
   if module is not None and module.is_mutable_collection('intermediates'):
-    return nn.dot_product_attention(query, key, value, mask=mask,
-                                    module=module, **kw)
+    return nn.dot_product_attention(
+        query, key, value, mask=mask, module=module, **kw)
   to_heads_major = lambda t: jnp.swapaxes(t, -3, -2)[..., None, :]
   if mask is not None:  # [..., N, T, S] -> [..., N, 1, T, S]: one "head".
     mask = mask[..., None, :, :]
-  out = nn.dot_product_attention(*map(to_heads_major, (query, key, value)),
-                                 mask=mask, **kw)
+  out = nn.dot_product_attention(
+      *map(to_heads_major, (query, key, value)), mask=mask, **kw)
   return jnp.swapaxes(out[..., 0, :], -3, -2)
 
 
@@ -108,13 +135,12 @@ def attention_kwargs(attention_impl: str, dtype: Any) -> Dict[str, Any]:
   if attention_impl == 'heads_major':
     kw['attention_fn'] = heads_major_attention
   elif attention_impl != 'reference':
-    kw['attention_fn'] = functools.partial(fused_attention,
-                                           implementation=attention_impl)
+    kw['attention_fn'] = functools.partial(
+        fused_attention, implementation=attention_impl)
   if not mixed_precision.is_float32(dtype):
     kw['qkv_dot_general'] = mixed_precision.f32_accumulating_dot_general
     kw['out_dot_general'] = mixed_precision.f32_accumulating_dot_general
-    einsum_cls = functools.partial(mixed_precision.F32AccumulatingEinsum,
-                                   dtype)
+    einsum_cls = functools.partial(mixed_precision.F32AccumulatingEinsum, dtype)
     kw['qk_attn_weights_einsum_cls'] = einsum_cls
     kw['attn_weights_value_einsum_cls'] = einsum_cls
   return kw

@@ -21,8 +21,13 @@ REMAT_POLICIES = {
 }
 
 
-def apply_blocks(make_block: Callable[..., nn.Module], x_BxLxD, *,
-                 num_layers: int, train: bool, scan: bool, remat_policy: str,
+def apply_blocks(make_block: Callable[..., nn.Module],
+                 x_BxLxD,
+                 *,
+                 num_layers: int,
+                 train: bool,
+                 scan: bool,
+                 remat_policy: str,
                  last_block_kwargs: Optional[Mapping[str, Any]] = None):
   """Runs `num_layers` blocks on the tokens; returns the last block's output.
 
@@ -48,20 +53,28 @@ def apply_blocks(make_block: Callable[..., nn.Module], x_BxLxD, *,
     # Inside scan the loop already keeps XLA from merging the recomputation
     # with the forward pass, and prevent_cse would only cost speed (JAX's
     # advice for remat under scan).
-    apply_block = nn.remat(apply_block, prevent_cse=not scan,
-                           policy=REMAT_POLICIES[remat_policy])
+    apply_block = nn.remat(
+        apply_block, prevent_cse=not scan, policy=REMAT_POLICIES[remat_policy])
   if scan:
     # Per-layer parameters and dropout masks: split the rngs per step.
     x_BxLxD, _ = nn.scan(
         lambda module, carry, _: (apply_block(module, carry), None),
-        variable_axes={'params': 0, 'intermediates': 0},
-        split_rngs={'params': True, 'dropout': True},
+        variable_axes={
+            'params': 0,
+            'intermediates': 0
+        },
+        split_rngs={
+            'params': True,
+            'dropout': True
+        },
         length=num_layers,
     )(make_block(name='encoderblock'), x_BxLxD, None)
     return x_BxLxD
   for lyr in range(num_layers):
     last = lyr == num_layers - 1
-    x_BxLxD = apply_block(make_block(
-        name=f'encoderblock_{lyr}',
-        **(last_block_kwargs if last and last_block_kwargs else {})), x_BxLxD)
+    x_BxLxD = apply_block(
+        make_block(
+            name=f'encoderblock_{lyr}',
+            **(last_block_kwargs if last and last_block_kwargs else {})),
+        x_BxLxD)
   return x_BxLxD

@@ -8,9 +8,9 @@ import math
 from typing import Any, Mapping, Optional, Tuple
 
 
-def check_images(inputs, *, patch_size: Tuple[int, int],
-                 stride: Tuple[int, int], hybrid: bool,
-                 params: Optional[Mapping[str, Any]],
+def check_images(inputs, *, patch_size: Tuple[int, int], stride: Tuple[int,
+                                                                       int],
+                 hybrid: bool, params: Optional[Mapping[str, Any]],
                  num_prefix_tokens: int, has_encoder: bool) -> None:
   """Raises ValueError when `inputs` [B, H, W, C] cannot go through the model.
 
@@ -29,8 +29,8 @@ def check_images(inputs, *, patch_size: Tuple[int, int],
   _, h, w, c = inputs.shape
   sh, sw = stride
   if h % sh or w % sw:
-    what = (f'the patch size {patch_size[0]}x{patch_size[1]}' if not hybrid
-            else f'{sh}x{sw} (ResNet stem stride x patch size '
+    what = (f'the patch size {patch_size[0]}x{patch_size[1]}'
+            if not hybrid else f'{sh}x{sw} (ResNet stem stride x patch size '
             f'{patch_size[0]}x{patch_size[1]})')
     raise ValueError(
         f'Image size {h}x{w} is not a multiple of {what}. Resize or crop '
@@ -39,8 +39,8 @@ def check_images(inputs, *, patch_size: Tuple[int, int],
   if params is None:
     return
   _check_channels(params, c, 'conv_root' if hybrid else 'embedding')
-  pe = params.get('Transformer', {}).get('posembed_input', {}).get(
-      'pos_embedding')
+  pe = params.get('Transformer', {}).get('posembed_input',
+                                         {}).get('pos_embedding')
   if pe is not None and has_encoder:
     _check_tokens(pe.shape[1], (h, w), stride, num_prefix_tokens)
 
@@ -53,9 +53,9 @@ def _check_channels(params, channels: int, first: str) -> None:
   if expected != channels:
     raise ValueError(
         f'Images have {channels} channels but the model expects {expected} '
-        f'({first}/kernel has shape {shape}). '
-        + ('Convert grayscale to RGB (repeat the channel) and drop alpha.'
-           if expected == 3 else f'Feed {expected}-channel images.'))
+        f'({first}/kernel has shape {shape}). ' +
+        ('Convert grayscale to RGB (repeat the channel) and drop alpha.'
+         if expected == 3 else f'Feed {expected}-channel images.'))
 
 
 def _check_tokens(rows: int, size, stride, num_prefix_tokens: int) -> None:

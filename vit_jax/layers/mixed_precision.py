@@ -34,11 +34,13 @@ def _einsum_specs(lhs_ndim, rhs_ndim, dimension_numbers):
   lhs = [c or next(letters) for c in lhs]
   rhs = [c or next(letters) for c in rhs]
   # dot_general's output order: batch, lhs free, rhs free.
-  out = ([lhs[a] for a in lhs_batch] +
-         [c for i, c in enumerate(lhs)
-          if i not in lhs_contract and i not in lhs_batch] +
-         [c for i, c in enumerate(rhs)
-          if i not in rhs_contract and i not in rhs_batch])
+  out = ([lhs[a] for a in lhs_batch] + [
+      c for i, c in enumerate(lhs)
+      if i not in lhs_contract and i not in lhs_batch
+  ] + [
+      c for i, c in enumerate(rhs)
+      if i not in rhs_contract and i not in rhs_batch
+  ])
   return ''.join(lhs), ''.join(rhs), ''.join(out)
 
 
@@ -62,9 +64,10 @@ def _batched_matmul(lhs, rhs, lhs_spec, rhs_spec, out_spec):
       rhs, [rhs_spec.index(c) for c in batch + contract + rhs_free]).reshape(
           prod(batch), prod(contract), prod(rhs_free))
   lhs_BxMxK, rhs_BxKxN = lax.optimization_barrier((lhs_BxMxK, rhs_BxKxN))
-  out_BxMxN = lax.dot_general(lhs_BxMxK, rhs_BxKxN,
-                              (((2,), (1,)), ((0,), (0,))),
-                              preferred_element_type=jnp.float32)
+  out_BxMxN = lax.dot_general(
+      lhs_BxMxK,
+      rhs_BxKxN, (((2,), (1,)), ((0,), (0,))),
+      preferred_element_type=jnp.float32)
   order = batch + lhs_free + rhs_free
   out = out_BxMxN.reshape([size[c] for c in order])
   return jnp.transpose(out, [order.index(c) for c in out_spec])
@@ -72,8 +75,8 @@ def _batched_matmul(lhs, rhs, lhs_spec, rhs_spec, out_spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _mixed_dot(lhs, rhs, dimension_numbers):
-  return lax.dot_general(lhs, rhs, dimension_numbers,
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+      lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
 
 
 def _mixed_dot_fwd(lhs, rhs, dimension_numbers):
@@ -88,17 +91,20 @@ def _mixed_dot_bwd(dimension_numbers, residuals, g):
     d_lhs = _batched_matmul(g, rhs, o, r, l)
     d_rhs = _batched_matmul(lhs, g, l, o, r)
   else:  # GPU/TPU dot kernels take any layout.
-    d_lhs = jnp.einsum(f'{o},{r}->{l}', g, rhs,
-                       preferred_element_type=jnp.float32)
-    d_rhs = jnp.einsum(f'{l},{o}->{r}', lhs, g,
-                       preferred_element_type=jnp.float32)
+    d_lhs = jnp.einsum(
+        f'{o},{r}->{l}', g, rhs, preferred_element_type=jnp.float32)
+    d_rhs = jnp.einsum(
+        f'{l},{o}->{r}', lhs, g, preferred_element_type=jnp.float32)
   return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
 
 
 _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
-def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
+def f32_accumulating_dot_general(lhs,
+                                 rhs,
+                                 dimension_numbers,
+                                 precision=None,
                                  preferred_element_type=None):
   """Drop-in `lax.dot_general` with float32 accumulation and output.
 
@@ -107,11 +113,18 @@ def f32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None,
   """
   del preferred_element_type
   if precision is not None or lhs.dtype != rhs.dtype:
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=jnp.float32)
   # Hashable (static) dimension numbers for custom_vjp.
-  dimension_numbers = tuple(tuple(tuple(int(d) for d in dims) for dims in pair)
-                            for pair in dimension_numbers)
+  dimension_numbers = tuple(
+      tuple(tuple(int(d)
+                  for d in dims)
+            for dims in pair)
+      for pair in dimension_numbers)
   return _mixed_dot(lhs, rhs, dimension_numbers)
 
 
@@ -127,8 +140,12 @@ class F32AccumulatingEinsum:
 
   def __call__(self, spec, *operands, **kwargs):
     operands = [o.astype(self.dtype) for o in operands]
-    return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32,
-                      _dot_general=f32_accumulating_dot_general, **kwargs)
+    return jnp.einsum(
+        spec,
+        *operands,
+        preferred_element_type=jnp.float32,
+        _dot_general=f32_accumulating_dot_general,
+        **kwargs)
 
 
 def matmul_kwargs(dtype: Dtype) -> dict:

@@ -45,7 +45,8 @@ class AddPositionEmbs2D(nn.Module):
     pe_hxwxd = jnp.concatenate([
         jnp.broadcast_to(row[:, None, :], (gh, gw, d // 2)),
         jnp.broadcast_to(col[None, :, :], (gh, gw, d // 2)),
-    ], axis=-1)
+    ],
+                               axis=-1)
     pe = pe_hxwxd.reshape(gh * gw, d)
     if self.num_prefix_tokens:
       cls_pe = self.param('pos_embedding_cls', self.posemb_init,
@@ -87,16 +88,18 @@ class AddSinCosPositionEmbs(nn.Module):
     return inputs + jnp.asarray(pe, inputs.dtype)[None]
 
 
-def grid_embedding(posemb: str, *, grid: Tuple[int, int],
-                   num_prefix_tokens: int, posemb_init: Initializer,
-                   name: str) -> nn.Module:
+def grid_embedding(posemb: str, *, grid: Tuple[int,
+                                               int], num_prefix_tokens: int,
+                   posemb_init: Initializer, name: str) -> nn.Module:
   """The module of `posemb` 'learn_2d' or 'sincos2d'."""
   if posemb == 'learn_2d':
-    return AddPositionEmbs2D(grid=grid, num_prefix_tokens=num_prefix_tokens,
-                             posemb_init=posemb_init, name=name)
+    return AddPositionEmbs2D(
+        grid=grid,
+        num_prefix_tokens=num_prefix_tokens,
+        posemb_init=posemb_init,
+        name=name)
   if posemb == 'sincos2d':
-    return AddSinCosPositionEmbs(grid=grid,
-                                 num_prefix_tokens=num_prefix_tokens,
-                                 name=name)
+    return AddSinCosPositionEmbs(
+        grid=grid, num_prefix_tokens=num_prefix_tokens, name=name)
   raise ValueError(f'{posemb!r} is not a position embedding of the patch '
                    "grid; use 'learn_2d' or 'sincos2d'.")

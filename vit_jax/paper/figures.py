@@ -15,17 +15,19 @@ from vit_jax import models
 
 Params = Any
 
-
 # ---------------------------------------------------------------- helpers
 
 
-def _mosaic(tiles: np.ndarray, cols: int, pad: int = 1,
+def _mosaic(tiles: np.ndarray,
+            cols: int,
+            pad: int = 1,
             fill: float = 1.0) -> np.ndarray:
   """Tiles [n, h, w(, c)] -> one image, `cols` tiles per row, padded."""
   n, h, w = tiles.shape[:3]
   rows = -(-n // cols)
-  out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad,
-                 *tiles.shape[3:]), fill, np.float32)
+  out = np.full(
+      (rows * (h + pad) - pad, cols * (w + pad) - pad, *tiles.shape[3:]), fill,
+      np.float32)
   for i, tile in enumerate(tiles):
     r, c = divmod(i, cols)
     out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tile
@@ -52,7 +54,8 @@ def _to_display(images):
 # ------------------------------------------------- patch-embedding filters
 
 
-def embedding_filters_pca(params: Params, n: int = 28,
+def embedding_filters_pca(params: Params,
+                          n: int = 28,
                           path: Optional[str] = None) -> np.ndarray:
   """Principal components of the linear patch-embedding filters (Fig. 7 left).
 
@@ -86,8 +89,8 @@ def embedding_filters_pca(params: Params, n: int = 28,
     cols = min(7, n)
     fig = _new_figure((cols * 1.0, (-(-n // cols)) * 1.0 + 0.4))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(_mosaic(tiles, cols, pad=max(1, ph // 8)),
-              interpolation='nearest')
+    ax.imshow(
+        _mosaic(tiles, cols, pad=max(1, ph // 8)), interpolation='nearest')
     ax.set_title(f'RGB embedding filters (first {n} principal components)')
     ax.axis('off')
     _save(fig, path)
@@ -108,7 +111,8 @@ def _position_table(params: Params) -> np.ndarray:
     gh, gw = len(row), len(col)
     table = np.concatenate([
         np.broadcast_to(row[:, None], (gh, gw, row.shape[1])),
-        np.broadcast_to(col[None, :], (gh, gw, col.shape[1]))],
+        np.broadcast_to(col[None, :], (gh, gw, col.shape[1]))
+    ],
                            axis=-1).reshape(gh * gw, -1)
     if 'pos_embedding_cls' in posemb:
       table = np.concatenate([np.asarray(posemb['pos_embedding_cls']), table])
@@ -152,8 +156,8 @@ def position_embedding_similarity(params: Params,
     image = _mosaic(tiles, gw, pad=pad, fill=np.nan)
     fig = _new_figure((6, 6 * image.shape[0] / image.shape[1] + 0.3))
     ax = fig.add_subplot(1, 1, 1)
-    shown = ax.imshow(image, cmap='viridis', vmin=-1, vmax=1,
-                      interpolation='nearest')
+    shown = ax.imshow(
+        image, cmap='viridis', vmin=-1, vmax=1, interpolation='nearest')
     ax.set_title('Position embedding similarity')
     ax.set_xlabel('Input patch column')
     ax.set_ylabel('Input patch row')
@@ -206,7 +210,8 @@ def patch_distances(grid: Tuple[int, int],
   return np.sqrt(dy.astype(np.float64)**2 + dx**2)
 
 
-def attention_distance(attn_BxHxLxL: np.ndarray, grid: Tuple[int, int],
+def attention_distance(attn_BxHxLxL: np.ndarray,
+                       grid: Tuple[int, int],
                        pixels_per_patch: Tuple[int, int],
                        num_prefix_tokens: int = 1) -> np.ndarray:
   """Mean attention distance per head of one layer, float64 [heads].
@@ -226,7 +231,9 @@ def attention_distance(attn_BxHxLxL: np.ndarray, grid: Tuple[int, int],
   return dist_per_query.mean(axis=(0, 2))
 
 
-def mean_attention_distance(model, params: Params, images: np.ndarray,
+def mean_attention_distance(model,
+                            params: Params,
+                            images: np.ndarray,
                             path: Optional[str] = None,
                             batch_size: int = 32) -> np.ndarray:
   """Mean attention distance per layer and head (Fig. 7 right, D.7).
@@ -237,8 +244,8 @@ def mean_attention_distance(model, params: Params, images: np.ndarray,
   grid, prefix = _grid_and_prefix(model, images)
   total, count = None, 0
   for weights, b in _attention_in_batches(model, params, images, batch_size):
-    per_layer = np.stack([attention_distance(w, grid, model.stride, prefix)
-                          for w in weights])
+    per_layer = np.stack(
+        [attention_distance(w, grid, model.stride, prefix) for w in weights])
     total = per_layer * b if total is None else total + per_layer * b
     count += b
   if total is None:
@@ -249,8 +256,11 @@ def mean_attention_distance(model, params: Params, images: np.ndarray,
     fig = _new_figure((5, 4))
     ax = fig.add_subplot(1, 1, 1)
     for h in range(heads):
-      ax.scatter(np.arange(1, layers + 1), distances[:, h], s=12,
-                 label=f'Head {h + 1}')
+      ax.scatter(
+          np.arange(1, layers + 1),
+          distances[:, h],
+          s=12,
+          label=f'Head {h + 1}')
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel('Network depth (layer)')
     ax.set_ylabel('Mean attention distance (pixels)')
@@ -289,7 +299,9 @@ def rollout_to_grid(joint_BxLxL: np.ndarray, grid: Tuple[int, int],
   return rows[:, p:].reshape(-1, *grid)
 
 
-def attention_rollout(model, params: Params, images: np.ndarray,
+def attention_rollout(model,
+                      params: Params,
+                      images: np.ndarray,
                       path: Optional[str] = None,
                       batch_size: int = 32) -> np.ndarray:
   """Attention rollout maps on the input (Fig. 6, Appendix D.8).
@@ -305,19 +317,19 @@ def attention_rollout(model, params: Params, images: np.ndarray,
   g = np.concatenate(grids)
   g = g / np.maximum(g.max(axis=(1, 2), keepdims=True), 1e-30)
   b, h, w = images.shape[:3]
-  maps = np.asarray(jax.image.resize(g.astype(np.float32), (b, h, w),
-                                     'bilinear'))
+  maps = np.asarray(
+      jax.image.resize(g.astype(np.float32), (b, h, w), 'bilinear'))
   # Half-pixel bilinear upsampling never lands on a patch centre exactly.
-  maps = np.clip(maps / np.maximum(maps.max(axis=(1, 2), keepdims=True),
-                                   1e-30), 0, 1)
+  maps = np.clip(maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-30),
+                 0, 1)
   if path is not None:
     shown = min(b, 8)
     fig = _new_figure((4, 2 * shown))
     display = _to_display(images[:shown])
     for i in range(shown):
       for j, (picture, title) in enumerate(
-          ((display[i], 'Input'),
-           (display[i] * maps[i][..., None], 'Attention rollout'))):
+          ((display[i], 'Input'), (display[i] * maps[i][..., None],
+                                   'Attention rollout'))):
         ax = fig.add_subplot(shown, 2, 2 * i + j + 1)
         ax.imshow(picture)
         ax.axis('off')

@@ -80,9 +80,9 @@ def device_grid(data: int, fsdp: int,
   return np.asarray(ordered, dtype=object).reshape(data, fsdp)
 
 
-def make_data_fsdp_mesh(data: int = 1, fsdp: int = -1,
-                        devices: Optional[Sequence[jax.Device]] = None
-                        ) -> Mesh:
+def make_data_fsdp_mesh(data: int = 1,
+                        fsdp: int = -1,
+                        devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A 2-D mesh with axes (`DATA_AXIS`, `FSDP_AXIS`) of sizes data x fsdp.
 
   1 x all devices (the default) shards the state like `make_mesh`;

@@ -27,9 +27,10 @@ def first_replica(x_repl) -> np.ndarray:
   return np.asarray(x_repl.addressable_shards[0].data)[0]
 
 
-def make_eval_fn(apply_fn: Callable[..., Any], *,
-                 counts_fn: Optional[Callable[..., Any]] = None
-                 ) -> Callable[..., Any]:
+def make_eval_fn(
+    apply_fn: Callable[..., Any],
+    *,
+    counts_fn: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
   """Returns the pmapped `eval_fn(params, batch) -> (correct, count)`.
 
   Both are summed over all devices of all processes; `counts_fn` (default:
@@ -51,7 +52,11 @@ class PmapRunner:
   the same methods; `train.train_and_evaluate` only uses this interface.
   """
 
-  def __init__(self, *, update_fn, counts_fn, n_prefetch: int,
+  def __init__(self,
+               *,
+               update_fn,
+               counts_fn,
+               n_prefetch: int,
                confusion_fn=None):
     self.devices = jax.local_device_count()
     self._update = update_fn

@@ -24,7 +24,8 @@ PyTree = Any
 Axes = Union[str, Tuple[str, ...]]
 
 
-def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
+def make_sharded_update_fn(*,
+                           apply_fn: Callable[..., Any],
                            tx: optax.GradientTransformation,
                            mesh: Mesh,
                            param_shardings: PyTree,
@@ -33,8 +34,7 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
                            loss: str = 'softmax_xent',
                            axis_name: Optional[str] = None,
                            loss_fn: Optional[Callable[..., Any]] = None,
-                           trainable_mask: Any = None
-                          ) -> Callable[..., Any]:
+                           trainable_mask: Any = None) -> Callable[..., Any]:
   """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
 
   Loss, global-batch mean and accumulation match `train.make_update_fn`:
@@ -66,20 +66,23 @@ def make_sharded_update_fn(*, apply_fn: Callable[..., Any],
   accum_steps = max(int(accum_steps or 1), 1)
   batch_sharding = NamedSharding(mesh, P(axis))
   replicated = NamedSharding(mesh, P())
-  update_fn = _update_fn(loss_fn=loss_fn, tx=tx, mesh=mesh, axis=axis,
-                         accum_steps=accum_steps,
-                         trainable_mask=trainable_mask)
+  update_fn = _update_fn(
+      loss_fn=loss_fn,
+      tx=tx,
+      mesh=mesh,
+      axis=axis,
+      accum_steps=accum_steps,
+      trainable_mask=trainable_mask)
   return jax.jit(
       update_fn,
-      in_shardings=(param_shardings, opt_shardings, batch_sharding,
-                    replicated),
+      in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated),
       out_shardings=(param_shardings, opt_shardings, replicated, replicated),
       donate_argnums=(0, 1))
 
 
-def _update_fn(*, loss_fn: Callable[..., Any],
-               tx: optax.GradientTransformation, mesh: Mesh, axis: Axes,
-               accum_steps: int, trainable_mask: Any) -> Callable[..., Any]:
+def _update_fn(*, loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
+               mesh: Mesh, axis: Axes, accum_steps: int,
+               trainable_mask: Any) -> Callable[..., Any]:
   """The step `make_sharded_update_fn` jits, on global arrays."""
   num_shards = device_mesh.axis_size(mesh, axis)
 
@@ -102,8 +105,14 @@ def _update_fn(*, loss_fn: Callable[..., Any],
     if accum_steps == 1:
       l, g = loss_and_grad(train_part, images, labels)
     else:
-      l, g = _accumulate(loss_and_grad, train_part, images, labels, mesh=mesh,
-                         axis=axis, accum_steps=accum_steps)
+      l, g = _accumulate(
+          loss_and_grad,
+          train_part,
+          images,
+          labels,
+          mesh=mesh,
+          axis=axis,
+          accum_steps=accum_steps)
     updates, opt_state = tx.update(g, opt_state, train_part)
     params = merge(optax.apply_updates(train_part, updates))
     return params, opt_state, l, new_rng
@@ -111,8 +120,8 @@ def _update_fn(*, loss_fn: Callable[..., Any],
   return update_fn
 
 
-def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree,
-                images, labels, *, mesh: Mesh, axis: Axes, accum_steps: int):
+def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree, images,
+                labels, *, mesh: Mesh, axis: Axes, accum_steps: int):
   """(loss, grad) over `accum_steps` micro-batches cut as pmap cuts them."""
   num_shards = device_mesh.axis_size(mesh, axis)
   batch_sharding = NamedSharding(mesh, P(axis))
@@ -128,19 +137,19 @@ def _accumulate(loss_and_grad: Callable[..., Any], train_part: PyTree,
   def micro_step(train_part, images_1xDxS, labels_1xDxS):
     flat = lambda x: jax.lax.with_sharding_constraint(
         x.reshape((-1,) + x.shape[3:]), batch_sharding)
-    return loss_and_grad(train_part, flat(images_1xDxS),
-                         flat(labels_1xDxS))
+    return loss_and_grad(train_part, flat(images_1xDxS), flat(labels_1xDxS))
 
-  return utils.accumulate_gradient(micro_step, train_part,
-                                   by_slice(images), by_slice(labels),
-                                   accum_steps)
+  return utils.accumulate_gradient(micro_step, train_part, by_slice(images),
+                                   by_slice(labels), accum_steps)
 
 
-def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
-                         param_shardings: PyTree,
-                         axis_name: Optional[str] = None,
-                         counts_fn: Optional[Callable[..., Any]] = None
-                        ) -> Callable[..., Any]:
+def make_sharded_eval_fn(
+    *,
+    apply_fn: Callable[..., Any],
+    mesh: Mesh,
+    param_shardings: PyTree,
+    axis_name: Optional[str] = None,
+    counts_fn: Optional[Callable[..., Any]] = None) -> Callable[..., Any]:
   """Returns the jitted `eval_fn(params, batch) -> (correct, count)`.
 
   As `runners.make_eval_fn`, counted over a global batch (`counts_fn`,
@@ -149,6 +158,7 @@ def make_sharded_eval_fn(*, apply_fn: Callable[..., Any], mesh: Mesh,
   axis = device_mesh.batch_axes(mesh, axis_name)
   replicated = NamedSharding(mesh, P())
   counts_fn = counts_fn or objectives.top1_counts(apply_fn)
-  return jax.jit(counts_fn,
-                 in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
-                 out_shardings=(replicated, replicated))
+  return jax.jit(
+      counts_fn,
+      in_shardings=(param_shardings, NamedSharding(mesh, P(axis))),
+      out_shardings=(replicated, replicated))

@@ -31,11 +31,12 @@ MIN_SHARD_SIZE = 2**16
 
 PyTree = Any
 
-
 # ------------------------------------------------------- parameter layout
 
 
-def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
+def fsdp_partition_spec(shape: Sequence[int],
+                        num_shards: int,
+                        *,
                         axis_name: str = device_mesh.DATA_AXIS,
                         min_size: int = MIN_SHARD_SIZE) -> P:
   """Where a leaf of `shape` is split over `num_shards` devices.
@@ -54,7 +55,9 @@ def fsdp_partition_spec(shape: Sequence[int], num_shards: int, *,
   return P()
 
 
-def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
+def fsdp_shardings(params_or_shapes: PyTree,
+                   mesh: Mesh,
+                   *,
                    axis_name: Optional[str] = None,
                    min_size: int = MIN_SHARD_SIZE) -> PyTree:
   """A pytree of `NamedSharding`s, one per leaf by `fsdp_partition_spec`.
@@ -66,8 +69,10 @@ def fsdp_shardings(params_or_shapes: PyTree, mesh: Mesh, *,
   axis = device_mesh.fsdp_axis(mesh, axis_name)
   num_shards = mesh.shape[axis]
   return jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, fsdp_partition_spec(
-          np.shape(x), num_shards, axis_name=axis, min_size=min_size)),
+      lambda x: NamedSharding(
+          mesh,
+          fsdp_partition_spec(
+              np.shape(x), num_shards, axis_name=axis, min_size=min_size)),
       params_or_shapes)
 
 
@@ -90,7 +95,9 @@ def shard_params(params: PyTree, shardings: PyTree) -> PyTree:
 # ------------------------------------------------------------------ batch
 
 
-def shard_batch(batch: PyTree, mesh: Mesh, *,
+def shard_batch(batch: PyTree,
+                mesh: Mesh,
+                *,
                 axis_name: Optional[str] = None,
                 pmap_layout: Optional[bool] = None) -> PyTree:
   """This process's share of a batch as global `[global_batch, ...]` arrays.
@@ -146,31 +153,48 @@ class FsdpRunner:
   as under pmap, written shard by shard, so runs resume under either.
   """
 
-  def __init__(self, *, params, loss_fn, counts_fn, tx, accum_steps: int,
-               trainable_mask, min_shard_size: int = MIN_SHARD_SIZE,
+  def __init__(self,
+               *,
+               params,
+               loss_fn,
+               counts_fn,
+               tx,
+               accum_steps: int,
+               trainable_mask,
+               min_shard_size: int = MIN_SHARD_SIZE,
                confusion_fn=None,
                mesh_sizes: Optional[Mapping[str, int]] = None):
     mesh_sizes = mesh_sizes or {}
     self.mesh = device_mesh.make_data_fsdp_mesh(
         data=mesh_sizes.get('data', 1), fsdp=mesh_sizes.get('fsdp', -1))
     shapes = jax.eval_shape(lambda p: p, params)
-    self.param_shardings = fsdp_shardings(shapes, self.mesh,
-                                          min_size=min_shard_size)
+    self.param_shardings = fsdp_shardings(
+        shapes, self.mesh, min_size=min_shard_size)
     train_shapes = trainable.partition(shapes, trainable_mask)[0]
-    self.opt_shardings = fsdp_shardings(jax.eval_shape(tx.init, train_shapes),
-                                        self.mesh, min_size=min_shard_size)
+    self.opt_shardings = fsdp_shardings(
+        jax.eval_shape(tx.init, train_shapes),
+        self.mesh,
+        min_size=min_shard_size)
     self._update = sharded_step.make_sharded_update_fn(
-        apply_fn=None, tx=tx, mesh=self.mesh,
+        apply_fn=None,
+        tx=tx,
+        mesh=self.mesh,
         param_shardings=self.param_shardings,
-        opt_shardings=self.opt_shardings, accum_steps=accum_steps,
-        loss_fn=loss_fn, trainable_mask=trainable_mask)
+        opt_shardings=self.opt_shardings,
+        accum_steps=accum_steps,
+        loss_fn=loss_fn,
+        trainable_mask=trainable_mask)
     self._eval = sharded_step.make_sharded_eval_fn(
-        apply_fn=None, mesh=self.mesh, param_shardings=self.param_shardings,
+        apply_fn=None,
+        mesh=self.mesh,
+        param_shardings=self.param_shardings,
         counts_fn=counts_fn)
     self._confusion = confusion_fn and jax.jit(
         confusion_fn,
-        in_shardings=(self.param_shardings, NamedSharding(
-            self.mesh, P(device_mesh.batch_axes(self.mesh, None)))),
+        in_shardings=(self.param_shardings,
+                      NamedSharding(self.mesh,
+                                    P(device_mesh.batch_axes(self.mesh,
+                                                             None)))),
         out_shardings=NamedSharding(self.mesh, P()))
 
   def place(self, params, opt_state):
@@ -184,8 +208,11 @@ class FsdpRunner:
   def step(self, params, opt_state, batch, key):
     """One update; returns (params, opt_state, loss)."""
     if isinstance(batch.get('label'), np.ndarray):  # MPP's example indices
-      batch = dict(batch, label=shard_batch(
-          {'label': batch['label']}, self.mesh, pmap_layout=True)['label'])
+      batch = dict(
+          batch,
+          label=shard_batch({'label': batch['label']},
+                            self.mesh,
+                            pmap_layout=True)['label'])
     return self._update(params, opt_state, batch, key)[:3]
 
   def scalar(self, x) -> float:
@@ -203,8 +230,10 @@ class FsdpRunner:
 
   def restore_template(self, state):
     """Shapes of `state` with this runner's shardings, to restore shards."""
-    shardings = {'params': self.param_shardings,
-                 'opt_state': self.opt_shardings}
+    shardings = {
+        'params': self.param_shardings,
+        'opt_state': self.opt_shardings
+    }
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
         state, shardings)
@@ -218,5 +247,4 @@ class FsdpRunner:
 
   def confusion(self, params, batch) -> np.ndarray:
     """The global batch's confusion matrix (`objectives.top1_confusion`)."""
-    return np.asarray(self._confusion(params, batch).addressable_shards[0]
-                      .data)
+    return np.asarray(self._confusion(params, batch).addressable_shards[0].data)

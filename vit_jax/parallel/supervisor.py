@@ -71,8 +71,12 @@ def _lost_process(log_text: str, process_id: int,
   return None
 
 
-def lost_peer_message(*, what: str, process_id: int, num_processes: int,
-                      workdir: str, argv: Sequence[str],
+def lost_peer_message(*,
+                      what: str,
+                      process_id: int,
+                      num_processes: int,
+                      workdir: str,
+                      argv: Sequence[str],
                       log_text: str = '') -> str:
   """The paragraph a surviving process prints.
 
@@ -116,6 +120,7 @@ def watch_parent() -> None:
     while os.getppid() == parent:
       time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGKILL)
+
   threading.Thread(target=watch, daemon=True, name='watch_parent').start()
 
 
@@ -140,9 +145,11 @@ def run_worker(argv: Sequence[str], *, log_path: str, process_id: int,
   env = dict(os.environ, **{CONSOLE_FD_ENV: str(console)})
   start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
   with open(log_path, 'ab') as log:
-    worker = subprocess.Popen(
-        [sys.executable, '-m', 'vit_jax.main', *argv[1:]], env=env,
-        stderr=log, pass_fds=(console,), process_group=0)
+    worker = subprocess.Popen([sys.executable, '-m', 'vit_jax.main', *argv[1:]],
+                              env=env,
+                              stderr=log,
+                              pass_fds=(console,),
+                              process_group=0)
   os.close(console)
   # SIGTERM (preemption) and Ctrl-C go to the worker, which saves a
   # checkpoint after its current step. It has a process group of its own, so
@@ -164,10 +171,14 @@ def run_worker(argv: Sequence[str], *, log_path: str, process_id: int,
         'every host (process 0 listens on it).')
   else:
     message = lost_peer_message(
-        what=_describe_exit(code), process_id=process_id,
-        num_processes=num_processes, workdir=workdir, argv=argv,
+        what=_describe_exit(code),
+        process_id=process_id,
+        num_processes=num_processes,
+        workdir=workdir,
+        argv=argv,
         log_text=log_text)
-  print(f'\nError: {message}\n(The runtime\'s messages are in {log_path}.)',
-        file=sys.stderr, flush=True)
+  print(
+      f'\nError: {message}\n(The runtime\'s messages are in {log_path}.)',
+      file=sys.stderr,
+      flush=True)
   return LOST_PEER_EXIT
-

@@ -30,8 +30,8 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
-def read_metrics(workdir: str, last_step: Optional[int] = None
-                 ) -> List[Dict[str, Any]]:
+def read_metrics(workdir: str,
+                 last_step: Optional[int] = None) -> List[Dict[str, Any]]:
   """The records of `metrics.jsonl`, latest kept per (step, keys).
 
   `last_step` drops later records (of an earlier, longer attempt).
@@ -62,13 +62,19 @@ class Progress:
     is_chief: whether this process shows progress and writes files.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, batch: int,
-               start_step: int = 0, bar: Optional[bool] = None):
+  def __init__(self,
+               workdir: str,
+               *,
+               total_steps: int,
+               batch: int,
+               start_step: int = 0,
+               bar: Optional[bool] = None):
     self.is_chief = jax.process_index() == 0
-    self._events = (tf.summary.create_file_writer(workdir)
-                    if self.is_chief else None)
-    self._metrics = (open(os.path.join(workdir, METRICS_FILE), 'a')
-                     if self.is_chief else None)
+    self._events = (
+        tf.summary.create_file_writer(workdir) if self.is_chief else None)
+    self._metrics = (
+        open(os.path.join(workdir, METRICS_FILE), 'a')
+        if self.is_chief else None)
     self._total = total_steps
     self._batch = batch
     self._t_start = time.time()
@@ -80,9 +86,13 @@ class Progress:
       bar = sys.stdout.isatty()
     self._bar = None
     if bar and self.is_chief:
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
-                            unit='step', dynamic_ncols=True, file=sys.stdout,
-                            smoothing=0.1)
+      self._bar = tqdm.tqdm(
+          total=total_steps,
+          initial=start_step,
+          unit='step',
+          dynamic_ncols=True,
+          file=sys.stdout,
+          smoothing=0.1)
 
   def first_step_done(self, step: int) -> None:
     """Call once after the first step has finished (blocked on)."""
@@ -115,8 +125,10 @@ class Progress:
       return
     speed = (f'  {self.images_per_s:,.0f} img/s  ETA {format_duration(eta)}'
              if eta is not None else '')
-    print(f'step {step:>{len(str(self._total))}}/{self._total}'
-          f'  loss {loss:.4f}  lr {lr:.3g}{speed}', flush=True)
+    print(
+        f'step {step:>{len(str(self._total))}}/{self._total}'
+        f'  loss {loss:.4f}  lr {lr:.3g}{speed}',
+        flush=True)
 
   def log_eval(self, step: int, accuracy: float) -> None:
     self._write(step, {'accuracy_test': accuracy})
@@ -143,8 +155,9 @@ class Progress:
       print(text, flush=True)
 
   def _write(self, step: int, scalars: Dict[str, float]) -> None:
-    logging.info('[%d] %s', step, ', '.join(
-        f'{k}={float(v):.6g}' for k, v in sorted(scalars.items())))
+    logging.info(
+        '[%d] %s', step,
+        ', '.join(f'{k}={float(v):.6g}' for k, v in sorted(scalars.items())))
     if self._events is not None:
       with self._events.as_default(step=step):
         for name, value in scalars.items():

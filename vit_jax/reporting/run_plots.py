@@ -30,7 +30,9 @@ def _series(records: Sequence[Dict[str, Any]], key: str):
   return tuple(np.array(v) for v in zip(*points)) if points else ([], [])
 
 
-def write_curves(records: Sequence[Dict[str, Any]], path: str, *,
+def write_curves(records: Sequence[Dict[str, Any]],
+                 path: str,
+                 *,
                  title: str = '') -> None:
   """Training loss (log scale) and test accuracy against the step, to `path`.
 
@@ -62,9 +64,11 @@ def curves_figure(records: Sequence[Dict[str, Any]], *, title: str = ''):
   steps, acc = _series(records, 'accuracy_test')
   ax_acc.plot(steps, acc, marker='o', color='#dd8452')
   if len(acc):
-    ax_acc.annotate(f'{acc[-1]:.4f}', (steps[-1], acc[-1]),
-                    textcoords='offset points', xytext=(-10, -14),
-                    ha='right')
+    ax_acc.annotate(
+        f'{acc[-1]:.4f}', (steps[-1], acc[-1]),
+        textcoords='offset points',
+        xytext=(-10, -14),
+        ha='right')
   ax_acc.set_xlabel('step')
   ax_acc.set_title('test accuracy')
   for ax in (ax_loss, ax_acc):
@@ -75,7 +79,9 @@ def curves_figure(records: Sequence[Dict[str, Any]], *, title: str = ''):
   return fig
 
 
-def write_confusion(matrix: np.ndarray, path: str, *,
+def write_confusion(matrix: np.ndarray,
+                    path: str,
+                    *,
                     class_names: Optional[List[str]] = None,
                     title: str = '') -> None:
   """The confusion matrix (rows true, columns predicted) as a heat map PNG.
@@ -95,16 +101,26 @@ def write_confusion(matrix: np.ndarray, path: str, *,
   # Row-normalised colours, so rare classes' errors show as clearly.
   rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
   image = ax.imshow(rows, cmap='Blues', vmin=0, vmax=1)
-  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
-               label='fraction of the true class')
+  fig.colorbar(
+      image,
+      ax=ax,
+      fraction=0.046,
+      pad=0.04,
+      label='fraction of the true class')
   if k <= 40:
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 3 else 0)
     ax.set_yticklabels(names)
     for i, j in zip(*np.nonzero(matrix)):
-      ax.text(j, i, str(int(matrix[i, j])), ha='center', va='center',
-              fontsize=7, color='white' if rows[i, j] > 0.5 else 'black')
+      ax.text(
+          j,
+          i,
+          str(int(matrix[i, j])),
+          ha='center',
+          va='center',
+          fontsize=7,
+          color='white' if rows[i, j] > 0.5 else 'black')
   ax.set_xlabel('predicted class')
   ax.set_ylabel('true class')
   total = matrix.sum()
@@ -115,15 +131,24 @@ def write_confusion(matrix: np.ndarray, path: str, *,
   fig.savefig(path, dpi=100)
 
 
-def write_run_plots(workdir: str, *, last_step: int, confusion=None,
-                    class_names=None, title: str = '') -> List[str]:
+def write_run_plots(workdir: str,
+                    *,
+                    last_step: int,
+                    confusion=None,
+                    class_names=None,
+                    title: str = '') -> List[str]:
   """Writes curves.png (and confusion.png if given); returns their names."""
   written = []
-  write_curves(progress.read_metrics(workdir, last_step),
-               os.path.join(workdir, CURVES_FILE), title=title)
+  write_curves(
+      progress.read_metrics(workdir, last_step),
+      os.path.join(workdir, CURVES_FILE),
+      title=title)
   written.append(CURVES_FILE)
   if confusion is not None:
-    write_confusion(confusion, os.path.join(workdir, CONFUSION_FILE),
-                    class_names=class_names, title=title)
+    write_confusion(
+        confusion,
+        os.path.join(workdir, CONFUSION_FILE),
+        class_names=class_names,
+        title=title)
     written.append(CONFUSION_FILE)
   return written

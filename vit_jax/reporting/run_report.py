@@ -7,18 +7,18 @@ import os
 from typing import Any, Dict
 
 from vit_jax import input_pipeline
+from vit_jax.checkpoints import train_checkpoint
 from vit_jax.data import filesystem
 from vit_jax.reporting import progress
 from vit_jax.reporting import run_plots
-from vit_jax.checkpoints import train_checkpoint
 
 SUMMARY_FILE = 'summary.json'
 
 
 def write_json_atomically(path: str, data: Dict[str, Any]) -> None:
   """Writes `data` as JSON to `path` (`filesystem.write_text_atomically`)."""
-  filesystem.write_text_atomically(
-      path, json.dumps(data, indent=2, sort_keys=True))
+  filesystem.write_text_atomically(path,
+                                   json.dumps(data, indent=2, sort_keys=True))
 
 
 def workdir_contents(workdir: str) -> str:

@@ -41,8 +41,8 @@ RELEASED = {
 
 def trainer(config: ml_collections.ConfigDict) -> str:
   """`config.trainer`, else the original's `config.train`, else 'train'."""
-  name = config.get('trainer') or (
-      'inference_time' if config.get('train') == 'inference_time' else 'train')
+  name = config.get('trainer') or ('inference_time' if config.get('train')
+                                   == 'inference_time' else 'train')
   if name not in TRAINERS:
     raise errors.ConfigError(
         f'Unknown config.trainer {name!r}; use one of {", ".join(TRAINERS)}.')
@@ -124,8 +124,9 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
   model_or_filename = config.get('model_or_filename')
   if model_or_filename:
     released = RELEASED['AugReg']
-    name = (model_or_filename if '-' in model_or_filename else
-            best_augreg_filename(directory, model_or_filename))
+    name = (
+        model_or_filename if '-' in model_or_filename else best_augreg_filename(
+            directory, model_or_filename))
   else:
     released = RELEASED['Mixer' if 'num_blocks' in config.model else 'ViT']
     name = config.model.get('model_name')

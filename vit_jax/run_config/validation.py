@@ -25,13 +25,23 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 PARALLELISMS = ('pmap', 'fsdp')
 # What users of other trainers type, and this config's name for it.
 _SYNONYMS = {
-    'learning_rate': 'base_lr', 'lr': 'base_lr', 'batch_size': 'batch',
-    'global_batch_size': 'batch', 'eval_batch_size': 'batch_eval',
-    'steps': 'total_steps', 'num_steps': 'total_steps',
-    'train_steps': 'total_steps', 'num_train_steps': 'total_steps',
-    'epochs': 'total_steps', 'num_epochs': 'total_steps',
-    'wd': 'weight_decay', 'warmup': 'warmup_steps', 'image_size': 'pp.crop',
-    'resolution': 'pp.crop', 'model': 'model_name', 'arch': 'model_name',
+    'learning_rate': 'base_lr',
+    'lr': 'base_lr',
+    'batch_size': 'batch',
+    'global_batch_size': 'batch',
+    'eval_batch_size': 'batch_eval',
+    'steps': 'total_steps',
+    'num_steps': 'total_steps',
+    'train_steps': 'total_steps',
+    'num_train_steps': 'total_steps',
+    'epochs': 'total_steps',
+    'num_epochs': 'total_steps',
+    'wd': 'weight_decay',
+    'warmup': 'warmup_steps',
+    'image_size': 'pp.crop',
+    'resolution': 'pp.crop',
+    'model': 'model_name',
+    'arch': 'model_name',
 }
 
 # ------------------------------------------------------------ unknown keys
@@ -53,8 +63,8 @@ def _missing_part(config, key: str) -> Optional[str]:
   node = config
   parts = key.split('.')
   for i, part in enumerate(parts):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
-        part not in node):
+    if not isinstance(node,
+                      (ml_collections.ConfigDict, dict)) or (part not in node):
       return '.'.join(parts[:i + 1])
     node = node[part]
   return None
@@ -79,8 +89,8 @@ def check_override_keys(config, keys: Iterable[str], config_file: str):
     all_keys = config_keys(config)
     close = _suggestions(key, all_keys)
     where = (f'config.{missing.rsplit(".", 1)[0]} has no field '
-             f'{missing.rsplit(".", 1)[1]!r}' if '.' in missing else
-             f'the config has no field {missing!r}')
+             f'{missing.rsplit(".", 1)[1]!r}'
+             if '.' in missing else f'the config has no field {missing!r}')
     hint = (f'Did you mean: {", ".join(close)}?' if close else
             f'The top-level keys are: {", ".join(sorted(config.keys()))}.')
     raise ConfigError(
@@ -98,12 +108,15 @@ def _choices(config) -> dict:
   # Imported here: vit_jax.main checks keys before JAX loads. None of these
   # imports TensorFlow, so a bad value fails in seconds.
   from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
+  from vit_jax import utils  # pylint: disable=g-import-not-at-top
   from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
   from vit_jax.layers import block_stack  # pylint: disable=g-import-not-at-top
   from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
-  from vit_jax import utils  # pylint: disable=g-import-not-at-top
-  choices = {'optimizer': optim.OPTIMIZERS, 'decay_type': utils.DECAY_TYPES,
-             'optim_dtype': (None,) + DTYPES}
+  choices = {
+      'optimizer': optim.OPTIMIZERS,
+      'decay_type': utils.DECAY_TYPES,
+      'optim_dtype': (None,) + DTYPES
+  }
   if config.get('model') is not None:
     choices.update({
         'model.classifier': models_vit.CLASSIFIERS,
@@ -118,15 +131,18 @@ def _choices(config) -> dict:
 def _run_choices() -> dict:
   """{field: valid values} of the options the trainer itself reads."""
   from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
-  return {'loss': tuple(objectives.LOSSES), 'objective': objectives.OBJECTIVES,
-          'parallelism': PARALLELISMS}
+  return {
+      'loss': tuple(objectives.LOSSES),
+      'objective': objectives.OBJECTIVES,
+      'parallelism': PARALLELISMS
+  }
 
 
 def _get(config, key: str, default=None):
   node = config
   for part in key.split('.'):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or (
-        part not in node):
+    if not isinstance(node,
+                      (ml_collections.ConfigDict, dict)) or (part not in node):
       return default
     node = node[part]
   return node
@@ -138,8 +154,8 @@ def _check_choices(config, choices) -> None:
     if not isinstance(value, str) and value is not None:
       continue  # e.g. a jnp dtype given in Python
     if value not in valid:
-      close = errors.closest(value or '', [v for v in valid if v], n=1,
-                             cutoff=0.5)
+      close = errors.closest(
+          value or '', [v for v in valid if v], n=1, cutoff=0.5)
       raise ConfigError(
           f'Unknown config.{key}={value!r}'
           f'{f" (did you mean {close[0]!r}?)" if close else ""}; set '
@@ -152,8 +168,8 @@ _BOUNDS = (
       'checkpoint_every', 'accum_steps', 'shuffle_buffer'), 1,
      'must be at least 1'),
     (('warmup_steps', 'prefetch', 'base_lr', 'weight_decay', 'linear_end',
-      'grad_norm_clip', 'label_smoothing', 'fewshot.every_steps',
-      'ema_decay'), 0, 'must not be negative'),
+      'grad_norm_clip', 'label_smoothing', 'fewshot.every_steps', 'ema_decay'),
+     0, 'must not be negative'),
 )
 # Fields where 0 switches something off.
 _ZERO_IS_OFF = ('fewshot.every_steps', 'prefetch', 'grad_norm_clip',
@@ -225,8 +241,10 @@ def _check_model(config) -> None:
   if size[0] % stride[0] or size[1] % stride[1]:
     what = (f'the patch size {patch[0]}x{patch[1]}' if stem == 1 else
             f'{stride[0]}x{stride[1]} (ResNet stem stride {stem} x patch)')
-    good = [max(size[0] // stride[0], 1) * stride[0],
-            -(-size[0] // stride[0]) * stride[0]]
+    good = [
+        max(size[0] // stride[0], 1) * stride[0],
+        -(-size[0] // stride[0]) * stride[0]
+    ]
     raise ConfigError(
         f'config.pp.crop={config.pp.crop} gives {size[0]}x{size[1]} images, '
         f'not a multiple of {what}; set --config.pp.crop to a multiple, e.g. '
@@ -240,8 +258,8 @@ def _check_model_name(config) -> None:
   name, own = config.get('model_name'), config.model.get('model_name')
   if not name or not own or name == own:
     return
-  close = ', '.join(errors.closest(
-      name, list(models.MODEL_CONFIGS) + [own], n=3, cutoff=0.5))
+  close = ', '.join(
+      errors.closest(name, list(models.MODEL_CONFIGS) + [own], n=3, cutoff=0.5))
   raise ConfigError(
       f'config.model_name={name!r} is not the model this config trains '
       f'(config.model is {own!r}). model_name does not choose the model: it '
@@ -252,7 +270,9 @@ def _check_model_name(config) -> None:
       '--config.model_name out.')
 
 
-def check_config(config: ml_collections.ConfigDict, *, device_count: int,
+def check_config(config: ml_collections.ConfigDict,
+                 *,
+                 device_count: int,
                  process_count: int = 1) -> None:
   """Raises ConfigError for a model, optimizer, batch or step value that cannot
   work. Does not import TensorFlow.

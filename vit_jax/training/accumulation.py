@@ -31,9 +31,9 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
     train_part, _, merge = trainable.partition(params, trainable_mask)
     size = batch['image'].shape[0] // accum_steps
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * size, size)
-    loss_i, grads_i = jax.value_and_grad(
-        lambda t: loss_fn(merge(t), take(batch['image']), take(batch['label']),
-                          device_rng))(train_part)
+    loss_i, grads_i = jax.value_and_grad(lambda t: loss_fn(
+        merge(t), take(batch['image']), take(batch['label']), device_rng))(
+            train_part)
     return jax.tree_util.tree_map(jnp.add, acc, (loss_i, grads_i))
 
   def apply(params, opt_state, acc, rng):
@@ -47,12 +47,15 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
 
   def zeros(params):
     train_part = trainable.partition(params, trainable_mask)[0]
-    return jax.tree_util.tree_map(jnp.zeros_like,
-                                  (jnp.zeros((), jnp.float32), train_part))
+    return jax.tree_util.tree_map(jnp.zeros_like, (jnp.zeros(
+        (), jnp.float32), train_part))
 
   zeros_p = jax.pmap(zeros, axis_name=axis_name)
-  add_p = jax.pmap(add_slice, axis_name=axis_name, in_axes=(0, 0, 0, None, 0),
-                   donate_argnums=(1,))
+  add_p = jax.pmap(
+      add_slice,
+      axis_name=axis_name,
+      in_axes=(0, 0, 0, None, 0),
+      donate_argnums=(1,))
   apply_p = jax.pmap(apply, axis_name=axis_name, donate_argnums=(0, 1))
 
   def update_fn(params, opt_state, batch, rng):

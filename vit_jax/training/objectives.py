@@ -30,18 +30,16 @@ def sigmoid_xent(*, logits, labels):
   """Per-class sigmoid cross-entropy (multi-label), mean over examples."""
   log_p = jax.nn.log_sigmoid(logits)
   log_not_p = jax.nn.log_sigmoid(-logits)
-  return -jnp.mean(jnp.sum(labels * log_p + (1. - labels) * log_not_p,
-                           axis=-1))
+  return -jnp.mean(jnp.sum(labels * log_p + (1. - labels) * log_not_p, axis=-1))
 
 
 LOSSES = {'softmax_xent': softmax_xent, 'sigmoid_xent': sigmoid_xent}
 
-
 # --------------------------------------------------------- train / eval step
 
 
-def make_loss_fn(model, config: ml_collections.ConfigDict
-                 ) -> Callable[..., jax.Array]:
+def make_loss_fn(model,
+                 config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
   """`loss_fn(params, images, labels, rng) -> mean loss` of config.objective.
 
   For 'mpp', `labels` carry example indices (`mpp_labels`); the first is
@@ -49,31 +47,36 @@ def make_loss_fn(model, config: ml_collections.ConfigDict
   """
   objective = config.get('objective') or 'classification'
   if objective == 'mpp':
+
     def mpp_loss(params, images, labels, rng):
       rng = jax.random.fold_in(rng, labels.reshape(-1)[0].astype(jnp.uint32))
       return models_mpp.loss_fn(params, images, rng, model=model)
+
     return mpp_loss
   return classification_loss_fn(model.apply,
                                 config.get('loss') or 'softmax_xent',
                                 config.get('label_smoothing') or 0.)
 
 
-def classification_loss_fn(apply_fn: Callable[..., Any],
-                           loss: str = 'softmax_xent',
-                           label_smoothing: float = 0.
-                           ) -> Callable[..., jax.Array]:
+def classification_loss_fn(
+    apply_fn: Callable[..., Any],
+    loss: str = 'softmax_xent',
+    label_smoothing: float = 0.) -> Callable[..., jax.Array]:
   """`loss_fn(params, images, labels, rng)`: label-smoothed `LOSSES[loss]`."""
   if loss not in LOSSES:
     raise ValueError(f'Unknown loss {loss!r}; use one of {sorted(LOSSES)}.')
   loss_of = LOSSES[loss]
 
   def loss_fn(params, images, labels, rng):
-    logits = apply_fn({'params': params}, images, train=True,
+    logits = apply_fn({'params': params},
+                      images,
+                      train=True,
                       rngs={'dropout': rng})
     if label_smoothing:
       labels = (1. - label_smoothing) * labels + (
           label_smoothing / labels.shape[-1])
     return loss_of(logits=logits, labels=labels)
+
   return loss_fn
 
 
@@ -95,6 +98,7 @@ def top1_counts(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     top1 = jnp.argmax(logits, axis=-1)
     hit = jnp.take_along_axis(batch['label'], top1[:, None], axis=-1)[:, 0]
     return jnp.sum((hit > 0) * batch['mask']), jnp.sum(batch['mask'])
+
   return counts
 
 
@@ -109,8 +113,8 @@ def top1_confusion(apply_fn: Callable[..., Any],
     logits = apply_fn({'params': params}, batch['image'], train=False)
     true_BxK = jax.nn.one_hot(jnp.argmax(batch['label'], -1), num_classes)
     pred_BxK = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
-    return jnp.einsum('bi,bj->ij', true_BxK * batch['mask'][:, None],
-                      pred_BxK)
+    return jnp.einsum('bi,bj->ij', true_BxK * batch['mask'][:, None], pred_BxK)
+
   return confusion
 
 
@@ -122,14 +126,16 @@ def mpp_counts(model) -> Callable[..., Any]:
   """
 
   def counts(params, batch):
-    logits, chosen = model.apply({'params': params}, batch['image'],
+    logits, chosen = model.apply({'params': params},
+                                 batch['image'],
                                  train=False,
                                  rngs={'mpp': jax.random.PRNGKey(0)})
     targets = models_mpp.mean_color_targets(batch['image'], model.stride,
-                                              model.color_bits)
+                                            model.color_bits)
     weight = chosen * batch['mask'][:, None]
     correct = (jnp.argmax(logits, -1) == targets) * weight
     return jnp.sum(correct), jnp.sum(weight)
+
   return counts
 
 

@@ -26,8 +26,9 @@ def _decay_mask(params: Any) -> Any:
 LrFn = Callable[[Any], jax.Array]
 
 
-def make_optimizer(config: ml_collections.ConfigDict
-                  ) -> Tuple[optax.GradientTransformation, LrFn]:
+def make_optimizer(
+    config: ml_collections.ConfigDict
+) -> Tuple[optax.GradientTransformation, LrFn]:
   """(tx, lr_fn): the optax optimizer and learning-rate schedule of `config`.
 
   Reads optimizer ('sgd_momentum', 'adam', 'adamw'), the schedule fields,
@@ -40,8 +41,11 @@ def make_optimizer(config: ml_collections.ConfigDict
     raise ValueError(f'Unknown config.optimizer {name!r}; use one of '
                      f'{OPTIMIZERS}.')
   lr_fn = utils.create_learning_rate_schedule(
-      config.total_steps, config.base_lr, config.decay_type,
-      config.warmup_steps, linear_end=config.get('linear_end', 1e-5))
+      config.total_steps,
+      config.base_lr,
+      config.decay_type,
+      config.warmup_steps,
+      linear_end=config.get('linear_end', 1e-5))
   dtype = config.get('optim_dtype', None)
   dtype = jnp.dtype(dtype) if dtype else None
   weight_decay = config.get('weight_decay', 0.0) or 0.0
@@ -51,17 +55,24 @@ def make_optimizer(config: ml_collections.ConfigDict
           'config.weight_decay is not used by sgd_momentum (the paper '
           'fine-tunes without weight decay); set it to 0 or use '
           '--config.optimizer=adamw.')
-    opt = optax.sgd(lr_fn, momentum=config.get('momentum', 0.9),
-                    accumulator_dtype=dtype)
+    opt = optax.sgd(
+        lr_fn, momentum=config.get('momentum', 0.9), accumulator_dtype=dtype)
   elif name == 'adam':
     if weight_decay:
       raise ValueError('config.weight_decay needs --config.optimizer=adamw.')
-    opt = optax.adam(lr_fn, b1=config.get('adam_b1', 0.9),
-                     b2=config.get('adam_b2', 0.999), mu_dtype=dtype)
+    opt = optax.adam(
+        lr_fn,
+        b1=config.get('adam_b1', 0.9),
+        b2=config.get('adam_b2', 0.999),
+        mu_dtype=dtype)
   else:
-    opt = optax.adamw(lr_fn, b1=config.get('adam_b1', 0.9),
-                      b2=config.get('adam_b2', 0.999), mu_dtype=dtype,
-                      weight_decay=weight_decay, mask=_decay_mask)
+    opt = optax.adamw(
+        lr_fn,
+        b1=config.get('adam_b1', 0.9),
+        b2=config.get('adam_b2', 0.999),
+        mu_dtype=dtype,
+        weight_decay=weight_decay,
+        mask=_decay_mask)
   clip = config.get('grad_norm_clip', None)
   if clip:
     opt = optax.chain(optax.clip_by_global_norm(clip), opt)

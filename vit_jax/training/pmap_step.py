@@ -26,8 +26,11 @@ def make_update_fn(*, loss_fn: Callable[..., Any], accum_steps: int,
   """
   if accum_steps and accum_steps > 1:
     return accumulation.make_update_fn(
-        loss_fn=loss_fn, accum_steps=accum_steps, tx=tx,
-        trainable_mask=trainable_mask, axis_name=axis_name)
+        loss_fn=loss_fn,
+        accum_steps=accum_steps,
+        tx=tx,
+        trainable_mask=trainable_mask,
+        axis_name=axis_name)
 
   def update_fn(params, opt_state, batch, rng):
     _, new_rng = jax.random.split(rng)

@@ -30,8 +30,8 @@ class StepKeys:
   def __call__(self, step: int) -> np.ndarray:
     if self._start is None or not 0 <= step - self._start < self.CHUNK:
       self._start = step
-      self._keys = np.asarray(self._fold(
-          np.arange(step, step + self.CHUNK, dtype=np.uint32)))
+      self._keys = np.asarray(
+          self._fold(np.arange(step, step + self.CHUNK, dtype=np.uint32)))
     return self._keys[step - self._start]
 
 

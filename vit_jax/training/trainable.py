@@ -72,8 +72,11 @@ def split(params: Params, mask: Params) -> Tuple[Params, Params]:
   if flat.keys() != flat_mask.keys():
     raise ValueError('The trainable mask does not have the structure of the '
                      'parameters.')
-  return (_unflat({k: v for k, v in flat.items() if flat_mask[k]}),
-          _unflat({k: v for k, v in flat.items() if not flat_mask[k]}))
+  return (_unflat({
+      k: v for k, v in flat.items() if flat_mask[k]
+  }), _unflat({
+      k: v for k, v in flat.items() if not flat_mask[k]
+  }))
 
 
 def merge(trainable: Params, frozen: Params) -> Params:
@@ -95,8 +98,8 @@ def describe(params: Params, mask: Params) -> str:
   total, n = count(params), count(trainable)
   if n == total:
     return f'Training all {total:,} parameters.'
-  shown = ', '.join(names[:6]) + (f', ... ({len(names)} arrays)'
-                                  if len(names) > 6 else '')
+  shown = ', '.join(
+      names[:6]) + (f', ... ({len(names)} arrays)' if len(names) > 6 else '')
   return f'Training {n:,} of {total:,} parameters ({shown}); the rest frozen.'
 
 

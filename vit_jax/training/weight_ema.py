@@ -47,7 +47,7 @@ def with_weight_ema(tx: optax.GradientTransformation,
     count = state.count + 1
     t = count.astype(jnp.float32)
     # The bias-corrected average's own recursion: 0 at the first update.
-    keep = decay * (1 - decay ** (t - 1)) / (1 - decay ** t)
+    keep = decay * (1 - decay**(t - 1)) / (1 - decay**t)
     ema = jax.tree_util.tree_map(
         lambda e, p: (keep * e + (1 - keep) * p).astype(e.dtype),
         state.ema_params, new_params)
