@@ -37,6 +37,7 @@ if __package__ in (None, ''):  # `python bench/gpu.py`
 
 import jax  # pylint: disable=g-import-not-at-top
 
+from bench import machine
 from bench import throughput
 from bench import throughput_metrics as metrics
 from bench import throughput_report as report
@@ -125,17 +126,6 @@ def parse_args(argv):
   return args
 
 
-def memory_stats():
-  """(bytes_limit, peak_bytes_in_use) of the first device; None if unknown."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  return stats.get('bytes_limit'), stats.get('peak_bytes_in_use')
-
-
-def is_out_of_memory(err: Exception) -> bool:
-  text = str(err)
-  return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
-
-
 def _settings(args, **kw):
   """What `throughput_steps` reads of a command line, with `kw` set."""
   fields = dict(
@@ -171,13 +161,13 @@ def search_batch(name, dtype, args, limit, left):
     try:
       tried = _compile(name, dtype, args, batch)
     except Exception as err:  # pylint: disable=broad-except
-      if not is_out_of_memory(err):
+      if not metrics.is_out_of_memory(err):
         raise
       report.log(f'    batch {batch:5d}: out of memory while compiling')
       break
     fit = limit is None or tried[2] <= limit
-    report.log(f'    batch {batch:5d}: peak {_size(tried[2])}' +
-               ('' if limit is None else f' of {_size(limit)}') +
+    report.log(f'    batch {batch:5d}: peak {report.size_text(tried[2])}' +
+               ('' if limit is None else f' of {report.size_text(limit)}') +
                f', compiled in {tried[1]:.1f} s' +
                ('' if fit else ': does not fit'))
     if fit:
@@ -214,7 +204,7 @@ def _next_batch(fits, over, max_batch, limit):
     nxt *= 2
   if nxt == last:
     report.log(f'    batch {last * 2:5d}: predicted peak '
-               f'{_size(predict(last * 2))}: does not fit')
+               f'{report.size_text(predict(last * 2))}: does not fit')
     return 0
   return nxt
 
@@ -256,7 +246,7 @@ def time_train(name, dtype, args, fits, impl='reference'):
       seconds = metrics.median_seconds(
           _train_call(compiled, params, batch, args), args.repeats)
     except Exception as err:  # pylint: disable=broad-except
-      if not is_out_of_memory(err):
+      if not metrics.is_out_of_memory(err):
         raise
       report.log(f'    batch {batch}: out of memory when run; one smaller')
       continue
@@ -296,7 +286,7 @@ def run_peak(args):
   peak = {}
   for d in ('float32', 'bfloat16'):
     peak[d] = metrics.matmul_gflops(args.matmul_size, d, args.repeats)
-    report.log(f'  {d}: {_rate(peak[d])}')
+    report.log(f'  {d}: {report.rate_text(peak[d])}')
   return peak
 
 
@@ -385,7 +375,7 @@ def main(argv=None):
   start = time.perf_counter()
   left = lambda: args.budget_s - (time.perf_counter() - start)
   header = _header(argv)
-  limit, _ = memory_stats()
+  limit, _ = metrics.memory_stats()
   if args.memory_gib:
     limit = args.memory_gib * GiB
   limit = None if limit is None else int(args.fill * limit)
@@ -393,13 +383,13 @@ def main(argv=None):
   rows = run_parts(args, limit, left)
   print('\n' + '\n'.join(header))
   print_table(rows, peak, args)
-  _, device_peak = memory_stats()
+  _, device_peak = metrics.memory_stats()
   print(f'Matmul peak of this run ({args.matmul_size}^3): float32 '
-        f'{_rate(peak["float32"])}, bf16 in / f32 accumulate '
-        f'{_rate(peak["bfloat16"])}. Device memory: ' +
-        ('-' if limit is None else f'{_size(limit)} usable') +
-        ('' if device_peak is
-         None else f', {_size(device_peak)} peak in use over the run') +
+        f'{report.rate_text(peak["float32"])}, bf16 in / f32 accumulate '
+        f'{report.rate_text(peak["bfloat16"])}. Device memory: ' +
+        ('-' if limit is None else f'{report.size_text(limit)} usable') +
+        ('' if device_peak is None else
+         f', {report.size_text(device_peak)} peak in use over the run') +
         f'. {time.perf_counter() - start:.0f} s of the '
         f'{args.budget_s:.0f} s budget.')
 
@@ -410,7 +400,7 @@ def _header(argv):
       f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, backend '
       f'{jax.default_backend()}, default_matmul_precision '
       f'{jax.config.jax_default_matmul_precision}',
-      'device: ' + throughput.describe_machine()
+      'device: ' + machine.describe_machine()
   ]
   report.log('\n'.join(lines))
   return lines
@@ -426,14 +416,15 @@ def print_table(rows, peak, args):
       continue
     both = lambda a, b, spec: (f'{report.fmt(row.get(a), spec)} / '
                                f'{report.fmt(row.get(b), spec)}')
-    percent = lambda what: _percent(mfu(row, what, peak[dtype], args))
+    percent = lambda what: report.percent_text(
+        mfu(row, what, peak[dtype], args))
     cells.append([
         name, dtype, impl, row['batch'], f'{row["train"]:.1f}',
         percent('train'),
         report.fmt(row.get('infer')),
         percent('infer'),
-        both('train_compile_s', 'infer_compile_s', '.1f'),
-        f'{_size(row["train_peak"])} / {_size(row.get("infer_peak"))}'
+        both('train_compile_s', 'infer_compile_s', '.1f'), ' / '.join(
+            report.size_text(row.get(k)) for k in ('train_peak', 'infer_peak'))
     ])
   report.print_table([
       'model', 'dtype', 'attention', 'batch', 'train img/s', 'train MFU',
@@ -441,21 +432,6 @@ def print_table(rows, peak, args):
       'peak memory (train / infer)'
   ], cells)
   print('\n'.join(notes))
-
-
-def _size(n):
-  if n is None:
-    return '-'
-  return f'{n / GiB:.2f} GiB' if n >= GiB / 10 else f'{n / 2**20:.1f} MiB'
-
-
-def _rate(gflops):
-  return (f'{gflops / 1e3:.1f} TFLOP/s'
-          if gflops >= 1e3 else f'{gflops:.1f} GFLOP/s')
-
-
-def _percent(x):
-  return '-' if x is None else f'{100 * x:.0f}%'
 
 
 if __name__ == '__main__':

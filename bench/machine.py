@@ -54,3 +54,11 @@ def print_header(module: str, argv=None) -> None:
       f'machine: {cpu_description()}; {jax.device_count()} '
       f'{jax.devices()[0].platform} devices; jax {jax.__version__}',
       flush=True)
+
+
+def describe_machine() -> str:
+  """Device, and the host CPU's name, family, model and wide-vector flags."""
+  import jax  # pylint: disable=g-import-not-at-top  (after force_cpu_devices)
+  dev = jax.devices()[0]
+  return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
+          f'{cpu_description()}')

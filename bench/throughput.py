@@ -109,13 +109,6 @@ from vit_jax import models
 SECTIONS = ('peak', 'infer', 'train', 'ceiling', 'frozen', 'compile', 'remat')
 
 
-def describe_machine() -> str:
-  """Device, and the host CPU's name, family, model and wide-vector flags."""
-  dev = jax.devices()[0]
-  return (f'{dev.platform} / {dev.device_kind} x{jax.device_count()}; host '
-          f'{machine.cpu_description()}')
-
-
 def models_vit_impls():
   from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
   return attention.IMPLS
@@ -129,6 +122,15 @@ def parse_args(argv):
       epilog=__doc__[__doc__.index('Command ('):__doc__.index('Sections (')] +
       sections,
       formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_model_flags(p)
+  _add_section_flags(p)
+  args = p.parse_args(argv)
+  _check_args(p, args)
+  return args
+
+
+def _add_model_flags(p):
+  """The models, dtypes, batch and options of the timed sections."""
   p.add_argument(
       '--models',
       default='ViT-Ti_16,ViT-S_16,ViT-B_16',
@@ -162,6 +164,17 @@ def parse_args(argv):
       help='VisionTransformer.token_only_last_block=True: the last '
       'block computes the class token only (same logits)')
   p.add_argument(
+      '--scan', action='store_true', help='infer/train/frozen with scan=True')
+  p.add_argument(
+      '--remat-policy',
+      default='none',
+      help='remat policy of the train and frozen sections')
+
+
+def _add_section_flags(p):
+  """The original, timm and the options of the peak, ceiling, remat and
+  compile sections."""
+  p.add_argument(
       '--original',
       default=None,
       metavar='DIR',
@@ -181,12 +194,6 @@ def parse_args(argv):
       '--timm',
       action='store_true',
       help='also time timm inference (needs torch and timm)')
-  p.add_argument(
-      '--scan', action='store_true', help='infer/train/frozen with scan=True')
-  p.add_argument(
-      '--remat-policy',
-      default='none',
-      help='remat policy of the train and frozen sections')
   p.add_argument(
       '--matmul-size',
       type=int,
@@ -209,7 +216,10 @@ def parse_args(argv):
       type=int,
       default=3,
       help='compiles per variant in the compile section')
-  args = p.parse_args(argv)
+
+
+def _check_args(p, args):
+  """Parses the lists of `args` in place; `p.error` on a bad value."""
   args.models = [models.canonical_name(m) for m in args.models.split(',') if m]
   args.dtypes = [d for d in args.dtypes.split(',') if d]
   for d in args.dtypes:
@@ -228,7 +238,6 @@ def parse_args(argv):
     args.batch = 128 if on_gpu else 8
   if args.matmul_size is None:
     args.matmul_size = 8192 if on_gpu else 2048
-  return args
 
 
 def main(argv=None):
@@ -263,7 +272,7 @@ def _print_header(argv, args):
   print('command:', ' '.join(['python'] + program + argv))
   print(f'jax {jax.__version__}, jaxlib {jax.lib.__version__}, '
         f'backend {jax.default_backend()}')
-  print('device:', describe_machine())
+  print('device:', machine.describe_machine())
   print('XLA_FLAGS:', os.environ.get('XLA_FLAGS', '(unset)'),
         '| default_matmul_precision:', jax.config.jax_default_matmul_precision)
   print(f'batch {args.batch}, {args.image_size}x{args.image_size}, '

@@ -132,3 +132,14 @@ def head_flops(model, image_size: int) -> float:
   heads = tokens if model.classifier in ('unpooled', 'token_unpooled') else 1
   width = model.representation_size or model.hidden_size
   return float(2 * heads * width * model.num_classes)
+
+
+def memory_stats():
+  """(bytes_limit, peak_bytes_in_use) of the first device; None if unknown."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get('bytes_limit'), stats.get('peak_bytes_in_use')
+
+
+def is_out_of_memory(err: Exception) -> bool:
+  text = str(err)
+  return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()

@@ -254,3 +254,22 @@ def gib(n):
 
 def div(a, b):
   return None if a is None or not b else a / b
+
+
+def size_text(n):
+  """Bytes as GiB or MiB; '-' for None."""
+  if n is None:
+    return '-'
+  gib = throughput_metrics.GiB
+  return f'{n / gib:.2f} GiB' if n >= gib / 10 else f'{n / 2**20:.1f} MiB'
+
+
+def rate_text(gflops):
+  """GFLOP/s as text, in TFLOP/s from 1,000 on."""
+  return (f'{gflops / 1e3:.1f} TFLOP/s'
+          if gflops >= 1e3 else f'{gflops:.1f} GFLOP/s')
+
+
+def percent_text(x):
+  """A fraction as a whole percentage; '-' for None."""
+  return '-' if x is None else f'{100 * x:.0f}%'

@@ -288,7 +288,8 @@ def test_imagenet_normalised_checkpoint_is_folded_to_minus1_1(
 @pytest.mark.parametrize(
     'numerics',
     [
-        {},  # ours: tanh GELU, eps 1e-6 -> gelu_pytorch_tanh, layer_norm_eps 1e-6
+        # ours: tanh GELU, eps 1e-6 -> gelu_pytorch_tanh, layer_norm_eps 1e-6
+        {},
         {
             'approximate_gelu': False,
             'layernorm_epsilon': 1e-12

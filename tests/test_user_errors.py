@@ -378,7 +378,8 @@ def test_same_process_id_twice_says_so_and_exits(tmp_path):
     assert len(err.strip().splitlines()) <= 3, err
   # The second process 0 finds the workdir locked by the first, which then
   # waits for a process 1 that never comes.
-  by_code = {p.returncode: err.replace('\n', ' ') for p, err in zip(procs, errs)}
+  one_line = [err.replace('\n', ' ') for err in errs]
+  by_code = {p.returncode: err for p, err in zip(procs, one_line)}
   assert sorted(by_code) == [2, 3], errs
   assert 'is in use by another run' in by_code[2], errs
   assert '--process_id=0' in by_code[2], errs

@@ -274,6 +274,76 @@ def _parse_args(argv):
   return parser.parse_args(argv)
 
 
+def _load(args):
+  """(model, params, image size, class names) of the command line's flags.
+
+  Raises:
+    ValueError, FileNotFoundError, checkpoint.CheckpointError: with the
+      message the command prints.
+  """
+  trained_names = None
+  if args.model:
+    model, params = trained_model.load_model(
+        args.model, args.checkpoint, num_classes=args.num_classes)
+    if model.num_classes is None:
+      raise ValueError(f'{args.checkpoint} has no head, so it cannot '
+                       'classify; fine-tune it first.')
+    image_size = (
+        args.image_size or trained_model.image_size_from_params(model, params))
+    if image_size is None:
+      raise ValueError('Cannot infer the image size from the checkpoint '
+                       '(no learned position embedding); pass '
+                       '--image-size, or --workdir/--config of the run.')
+    trained_model.check_params_fit(model, params, image_size)
+  else:
+    if args.workdir:
+      trained = trained_model.load_model_from_workdir(
+          args.workdir, args.checkpoint, num_classes=args.num_classes)
+    else:
+      trained = trained_model.load_model_from_config_file(
+          experiments.resolve(args.config),
+          args.checkpoint,
+          num_classes=args.num_classes)
+    model, params = trained.model, trained.params
+    image_size = args.image_size or trained.image_size
+    trained_names = trained.class_names
+  if args.labels is None and trained_names is not None:
+    names = trained_names
+  else:
+    names = label_names.load_labels(
+        args.labels,
+        model.num_classes,
+        checkpoint_dir=os.path.dirname(os.path.abspath(args.checkpoint or '.')),
+        data_dir=args.data_dir)
+  return model, params, image_size, names
+
+
+def _report(args, results) -> int:
+  """Prints (and writes to --output) the top-k lines; the exit status."""
+  failed = [p for p, r in zip(args.images, results) if r is None]
+  lines = []
+  for path, result in zip(args.images, results):
+    if result is not None:
+      lines += [path] + [f'  {prob:.4f}  {name}' for name, prob in result]
+  if lines:
+    print('\n'.join(lines))
+  if args.output:
+    try:
+      filesystem.write_text_atomically(args.output, '\n'.join(lines) + '\n')
+    except OSError as e:
+      print(
+          f'error: cannot write --output={args.output}: {e.strerror}.',
+          file=sys.stderr)
+      return 2
+  if failed:
+    print(
+        f'{len(failed)} of {len(args.images)} image(s) could not be read: '
+        f'{", ".join(failed)}',
+        file=sys.stderr)
+    return 1
+  return 0
+
+
 def main(argv=None) -> int:
   args = _parse_args(argv)
   if args.checkpoint is None and not args.workdir:
@@ -283,42 +353,7 @@ def main(argv=None) -> int:
         file=sys.stderr)
     return 2
   try:
-    trained_names = None
-    if args.model:
-      model, params = trained_model.load_model(
-          args.model, args.checkpoint, num_classes=args.num_classes)
-      if model.num_classes is None:
-        raise ValueError(f'{args.checkpoint} has no head, so it cannot '
-                         'classify; fine-tune it first.')
-      image_size = (
-          args.image_size or
-          trained_model.image_size_from_params(model, params))
-      if image_size is None:
-        raise ValueError('Cannot infer the image size from the checkpoint '
-                         '(no learned position embedding); pass '
-                         '--image-size, or --workdir/--config of the run.')
-      trained_model.check_params_fit(model, params, image_size)
-    else:
-      if args.workdir:
-        trained = trained_model.load_model_from_workdir(
-            args.workdir, args.checkpoint, num_classes=args.num_classes)
-      else:
-        trained = trained_model.load_model_from_config_file(
-            experiments.resolve(args.config),
-            args.checkpoint,
-            num_classes=args.num_classes)
-      model, params = trained.model, trained.params
-      image_size = args.image_size or trained.image_size
-      trained_names = trained.class_names
-    if args.labels is None and trained_names is not None:
-      names = trained_names
-    else:
-      names = label_names.load_labels(
-          args.labels,
-          model.num_classes,
-          checkpoint_dir=os.path.dirname(
-              os.path.abspath(args.checkpoint or '.')),
-          data_dir=args.data_dir)
+    model, params, image_size, names = _load(args)
   except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -344,28 +379,7 @@ def main(argv=None) -> int:
       print(f'error: {w.message}', file=sys.stderr)
     elif not str(w.message).startswith(ZERO_HEAD_MESSAGE):  # printed above
       print(f'warning: {w.message}', file=sys.stderr)
-  failed = [p for p, r in zip(args.images, results) if r is None]
-  lines = []
-  for path, result in zip(args.images, results):
-    if result is not None:
-      lines += [path] + [f'  {prob:.4f}  {name}' for name, prob in result]
-  if lines:
-    print('\n'.join(lines))
-  if args.output:
-    try:
-      filesystem.write_text_atomically(args.output, '\n'.join(lines) + '\n')
-    except OSError as e:
-      print(
-          f'error: cannot write --output={args.output}: {e.strerror}.',
-          file=sys.stderr)
-      return 2
-  if failed:
-    print(
-        f'{len(failed)} of {len(args.images)} image(s) could not be read: '
-        f'{", ".join(failed)}',
-        file=sys.stderr)
-    return 1
-  return 0
+  return _report(args, results)
 
 
 if __name__ == '__main__':
