@@ -206,7 +206,7 @@ def test_workdir_and_config_errors(run, tmp_path, capsys):
   assert 'does not hold a model of the run in' in out.err
   assert 'python -m vit_jax.checkpoints.export' in out.err
   rc, out = main('--config', str(tmp_path / 'nope.py'))
-  assert rc == 2 and 'no such file' in out.err
+  assert rc == 2 and 'nope.py does not exist' in out.err
   # The workdir form works in process too, with the run's class names.
   rc, out = main('--workdir', run['workdir'], '--topk', '10')
   assert rc == 0
