@@ -24,6 +24,7 @@ if REPO not in sys.path:
 from vit_jax.parallel import device_mesh  # pylint: disable=wrong-import-position
 from vit_jax.parallel import sharded_step  # pylint: disable=wrong-import-position
 from vit_jax.parallel import sharding  # pylint: disable=wrong-import-position
+from vit_jax.training import objectives  # pylint: disable=wrong-import-position
 
 # Leaves of the tiny model with at least this many elements are sharded:
 # every kernel and the position embedding; biases, LayerNorm, cls stay whole.
@@ -111,7 +112,8 @@ def run_sharded(mdl, mesh, accum_steps):
   p = sharding.shard_params(params, ps)
   o = jax.jit(tx.init, out_shardings=os_)(p)
   update_fn = sharded_step.make_sharded_update_fn(
-      apply_fn=mdl.apply, tx=tx, mesh=mesh, param_shardings=ps,
+      loss_fn=objectives.classification_loss_fn(mdl.apply, 'softmax_xent'),
+      tx=tx, mesh=mesh, param_shardings=ps,
       opt_shardings=os_, accum_steps=accum_steps)
   losses, rngs = [], []
   compiles = progress.CompileCounter()
@@ -464,13 +466,7 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match='no devices'):
     device_mesh.make_mesh([])
   with pytest.raises(ValueError, match='Unknown loss'):
-    sharded_step.make_sharded_update_fn(
-        apply_fn=None,
-        tx=None,
-        mesh=mesh,
-        param_shardings=None,
-        opt_shardings=None,
-        loss='l2')
+    objectives.classification_loss_fn(None, 'l2')
 
 
 def _linear_model(variables, images, train=False, rngs=None):
@@ -487,7 +483,7 @@ def test_batch_not_divisible_by_accum_steps():
   ps = sharding.fsdp_shardings(params, mesh)
   os_ = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
   update_fn = sharded_step.make_sharded_update_fn(
-      apply_fn=_linear_model,
+      loss_fn=objectives.classification_loss_fn(_linear_model, 'softmax_xent'),
       tx=tx,
       mesh=mesh,
       param_shardings=ps,

@@ -25,15 +25,13 @@ Axes = Union[str, Tuple[str, ...]]
 
 
 def make_sharded_update_fn(*,
-                           apply_fn: Callable[..., Any],
+                           loss_fn: Callable[..., Any],
                            tx: optax.GradientTransformation,
                            mesh: Mesh,
                            param_shardings: PyTree,
                            opt_shardings: PyTree,
                            accum_steps: int = 1,
-                           loss: str = 'softmax_xent',
                            axis_name: Optional[str] = None,
-                           loss_fn: Optional[Callable[..., Any]] = None,
                            trainable_mask: Any = None) -> Callable[..., Any]:
   """Returns the jitted, sharded update step (the pmap-free `make_update_fn`).
 
@@ -44,16 +42,14 @@ def make_sharded_update_fn(*,
   folds in the device index.
 
   Args:
-    apply_fn: the model's `apply`.
+    loss_fn: `(params, images, labels, rng) -> loss`, e.g.
+      `objectives.classification_loss_fn(model.apply, 'softmax_xent')`.
     tx: the optimizer.
     mesh: the mesh (`device_mesh`).
     param_shardings: shardings of the parameters (`sharding.fsdp_shardings`).
     opt_shardings: shardings of `tx.init(params)`.
     accum_steps: micro-batches per device batch (0 or 1: none).
-    loss: a key of `objectives.LOSSES`.
     axis_name: the batch axis (default: every axis of the mesh).
-    loss_fn: instead of apply_fn and loss, `(params, images, labels, rng) ->
-      loss`.
     trainable_mask: as in `train.make_update_fn`.
 
   Returns:
@@ -61,7 +57,6 @@ def make_sharded_update_fn(*,
     new_rng)` on a global batch and one key. State must come in with the
     given shardings and is donated; the loss is the global-batch mean.
   """
-  loss_fn = loss_fn or objectives.classification_loss_fn(apply_fn, loss)
   axis = device_mesh.batch_axes(mesh, axis_name)
   accum_steps = max(int(accum_steps or 1), 1)
   batch_sharding = NamedSharding(mesh, P(axis))

@@ -176,13 +176,12 @@ class FsdpRunner:
         self.mesh,
         min_size=min_shard_size)
     self._update = sharded_step.make_sharded_update_fn(
-        apply_fn=None,
+        loss_fn=loss_fn,
         tx=tx,
         mesh=self.mesh,
         param_shardings=self.param_shardings,
         opt_shardings=self.opt_shardings,
         accum_steps=accum_steps,
-        loss_fn=loss_fn,
         trainable_mask=trainable_mask)
     self._eval = sharded_step.make_sharded_eval_fn(
         apply_fn=None,
