@@ -36,7 +36,7 @@ def offset_index(num_patches: int, num_prefix_tokens: int,
 
 
 class RelativePositionEmbedding(nn.Module):
-  """The offset table of one block, class-token row appended: [2N(+1), H, D/H].
+  """One block's offset table, then the class row if any: [2N-1 (+1), H, D/H].
 
   Attributes:
     num_heads: attention heads.
