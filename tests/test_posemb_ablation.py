@@ -392,3 +392,13 @@ def test_unknown_or_unfit_choices_fail_clearly():
     validation.check_config(config, device_count=1)
   config.model.posemb = 'learn_2d'
   validation.check_config(config, device_count=1)
+
+
+def test_relative_with_token_only_last_block():
+  """The last block's class-token row takes its row of the offset index."""
+  x = images()
+  params = init(make_model('relative'))
+  np.testing.assert_allclose(
+      apply(make_model('relative', token_only_last_block=True), params, x),
+      apply(make_model('relative'), params, x),
+      atol=1e-5)
