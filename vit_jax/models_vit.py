@@ -3,7 +3,8 @@
 Module and parameter names are those of Google's original `vit_jax`, so its
 checkpoints map one to one; numerics follow it too (pre-LayerNorm, eps 1e-6,
 tanh GELU). The defaults give the original's graph; beyond it: the position
-embeddings of the paper's ablation (Appendix D.4) and fixed sin-cos,
+embeddings of the paper's ablation (Appendix D.4: 1-D, 2-D, relative, none;
+at the input, every layer or every layer shared) and fixed sin-cos,
 attention weights sown into `intermediates`, input checks that name the fix
 (`layers.image_checks`), and speed switches (`dtype`, `attention_impl`,
 `token_only_last_block`, `scan`, `remat_policy`) tested against the
@@ -23,16 +24,18 @@ from vit_jax.layers import block_stack
 from vit_jax.layers import image_checks
 from vit_jax.layers import mixed_precision
 from vit_jax.layers import position_embeddings
+from vit_jax.layers import relative_attention
 
 Array = Any
 Dtype = Any
 Initializer = Callable[..., Array]
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
-POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'none')
+POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
+POSEMB_WHERE = position_embeddings.POSEMB_WHERE
 # Fields of the model that it hands down to its encoder.
-_ENCODER_OPTIONS = ('posemb', 'attention_impl', 'scan', 'remat_policy',
-                    'layernorm_epsilon', 'approximate_gelu')
+_ENCODER_OPTIONS = ('posemb', 'posemb_where', 'attention_impl', 'scan',
+                    'remat_policy', 'layernorm_epsilon', 'approximate_gelu')
 # Compute dtype of the first and last layers (patch embedding, encoder_norm
 # output, pre_logits, head) whatever the model's `dtype` (docs/speed.md).
 EDGE_DTYPE = jnp.float32
@@ -46,17 +49,9 @@ class IdentityLayer(nn.Module):
     return x
 
 
-class AddPositionEmbs(nn.Module):
-  """Adds a learned (1, tokens, hidden) position embedding to the tokens."""
-  posemb_init: Initializer
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, inputs):
-    pos_emb_shape = (1, inputs.shape[1], inputs.shape[2])
-    pe = self.param('pos_embedding', self.posemb_init, pos_emb_shape,
-                    self.param_dtype)
-    return inputs + pe
+# The original's learned 1-D table.
+AddPositionEmbs = position_embeddings.AddPositionEmbs
+posemb_module = position_embeddings.posemb_module
 
 
 class MlpBlock(nn.Module):
@@ -99,6 +94,10 @@ class Encoder1DBlock(nn.Module):
     attention_impl: one of `attention.IMPLS`.
     output_tokens: None, or n: only the first n tokens' outputs are computed
       (they still attend to every token), giving [batch, n, emb].
+    posemb_every_layer: None, or 'learn' / 'learn_2d': a table of the block's
+      own (`posembed`) added to its input.
+    relative_posemb: 1-D relative attention (`relative_attention`).
+    grid, num_prefix_tokens: the tokens' layout, for the two above.
   """
 
   mlp_dim: int
@@ -110,16 +109,30 @@ class Encoder1DBlock(nn.Module):
   layernorm_epsilon: float = 1e-6
   approximate_gelu: bool = True
   output_tokens: Optional[int] = None
+  posemb_every_layer: Optional[str] = None
+  relative_posemb: bool = False
+  grid: Optional[Tuple[int, int]] = None
+  num_prefix_tokens: int = 0
 
   @nn.compact
-  def __call__(self, inputs, *, deterministic):
+  def __call__(self, inputs, shared_posemb=None, *, deterministic):
+    """`shared_posemb` [1, tokens, hidden] is added to `inputs` first."""
+    if shared_posemb is not None:
+      inputs = inputs + shared_posemb
+    if self.posemb_every_layer is not None:
+      inputs = posemb_module(
+          self.posemb_every_layer,
+          grid=self.grid,
+          num_prefix_tokens=self.num_prefix_tokens,
+          name='posembed')(
+              inputs)
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, dtype=self.dtype)(inputs)
     queries, residual = x, inputs
     if self.output_tokens is not None:
       queries = x[:, :self.output_tokens]
       residual = inputs[:, :self.output_tokens]
     x = nn.MultiHeadDotProductAttention(
-        **attention.attention_kwargs(self.attention_impl, self.dtype),
+        **self._attention_kwargs(x.shape[1], queries.shape[1], x.shape[2]),
         dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
         broadcast_dropout=False,
@@ -142,6 +155,19 @@ class Encoder1DBlock(nn.Module):
             y, deterministic=deterministic)
     return x + y
 
+  def _attention_kwargs(self, num_tokens, num_queries, hidden):
+    """`attention.attention_kwargs`, with the relative bias if asked for."""
+    kw = attention.attention_kwargs(self.attention_impl, self.dtype)
+    if self.relative_posemb:
+      kw['attention_fn'] = relative_attention.biased_attention_fn(
+          kw.get('attention_fn', nn.dot_product_attention),
+          num_heads=self.num_heads,
+          num_prefix_tokens=self.num_prefix_tokens,
+          num_tokens=num_tokens,
+          num_queries=num_queries,
+          hidden=hidden)
+    return kw
+
 
 class Encoder(nn.Module):
   """Position embedding, `num_layers` encoder blocks and the final LayerNorm.
@@ -149,6 +175,8 @@ class Encoder(nn.Module):
   Attributes:
     add_position_embedding: the original's switch; False is `posemb='none'`.
     posemb: one of POSEMB_TYPES ('learn' is the paper's 1-D).
+    posemb_where: one of POSEMB_WHERE, where the learned tables are added
+      (`position_embeddings`).
     scan: the blocks as one `nn.scan`, parameters `encoderblock/...` with a
       leading layer axis.
     remat_policy: a key of `block_stack.REMAT_POLICIES`.
@@ -163,6 +191,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.1
   add_position_embedding: bool = True
   posemb: str = 'learn'
+  posemb_where: str = 'input'
   dtype: Dtype = jnp.float32
   attention_impl: str = 'reference'
   scan: bool = False
@@ -175,9 +204,25 @@ class Encoder(nn.Module):
   def __call__(self, x, *, train, grid=None, num_prefix_tokens=0):
     """Encodes tokens [batch, len, hidden]; `grid` (rows, cols) is needed by
     the 2-D embeddings, `num_prefix_tokens` precede it (class token)."""
-    x = self._add_position_embedding(x, train, grid, num_prefix_tokens)
+    posemb = self._posemb(grid)
+    where = self.posemb_where
+    block_args = ()
+    if where == 'input':
+      x = self._add_position_embedding(x, posemb, train, grid,
+                                       num_prefix_tokens)
+    elif where == 'every_layer_shared':
+      # The table alone (added to zeros), then added by every block.
+      block_args = (posemb_module(
+          posemb,
+          grid=grid,
+          num_prefix_tokens=num_prefix_tokens,
+          name='posembed_shared')(jnp.zeros((1,) + x.shape[1:], jnp.float32)),)
     block = functools.partial(
         Encoder1DBlock,
+        posemb_every_layer=posemb if where == 'every_layer' else None,
+        relative_posemb=posemb == 'relative',
+        grid=None if grid is None else tuple(grid),
+        num_prefix_tokens=num_prefix_tokens,
         mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
@@ -194,34 +239,37 @@ class Encoder(nn.Module):
         train=train,
         scan=self.scan,
         remat_policy=self.remat_policy,
-        last_block_kwargs=None if last is None else {'output_tokens': last})
+        last_block_kwargs=None if last is None else {'output_tokens': last},
+        block_args=block_args)
     encoded = nn.LayerNorm(
         name='encoder_norm', epsilon=self.layernorm_epsilon, dtype=EDGE_DTYPE)(
             x)
     return encoded
 
-  def _add_position_embedding(self, x, train, grid, num_prefix_tokens):
-    """`posembed_input` of the kind `posemb` says, then dropout."""
+  def _posemb(self, grid) -> str:
+    """`posemb` ('none' without `add_position_embedding`), checked."""
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f'Unknown posemb {self.posemb!r}; use one of '
                        f'{POSEMB_TYPES}.')
     posemb = self.posemb if self.add_position_embedding else 'none'
+    problem = position_embeddings.where_problem(posemb, self.posemb_where)
+    if problem:
+      raise ValueError(problem)
     if posemb in ('learn_2d', 'sincos2d') and grid is None:
       raise ValueError(f'posemb={posemb!r} needs the patch grid: call the '
                        'Encoder with grid=(rows, cols).')
-    if posemb == 'none':
+    return posemb
+
+  def _add_position_embedding(self, x, posemb, train, grid, num_prefix_tokens):
+    """`posembed_input` of the kind `posemb` says, then dropout."""
+    if posemb in ('none', 'relative'):
       return x
-    posemb_init = nn.initializers.normal(stddev=0.02)  # BERT's.
-    if posemb == 'learn':
-      x = AddPositionEmbs(posemb_init=posemb_init, name='posembed_input')(x)
-    else:
-      x = position_embeddings.grid_embedding(
-          posemb,
-          grid=tuple(grid),
-          num_prefix_tokens=num_prefix_tokens,
-          posemb_init=posemb_init,
-          name='posembed_input')(
-              x)
+    x = posemb_module(
+        posemb,
+        grid=grid,
+        num_prefix_tokens=num_prefix_tokens,
+        name='posembed_input')(
+            x)
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
 
@@ -275,6 +323,7 @@ class VisionTransformer(nn.Module):
   encoder: Type[nn.Module] = Encoder
   model_name: Optional[str] = None
   posemb: str = 'learn'
+  posemb_where: str = 'input'
   dtype: Dtype = jnp.float32
   attention_impl: str = 'reference'
   scan: bool = False
@@ -285,11 +334,15 @@ class VisionTransformer(nn.Module):
 
   def __post_init__(self):
     for field, valid in (('classifier', CLASSIFIERS), ('posemb', POSEMB_TYPES),
-                         ('attention_impl', attention.IMPLS),
+                         ('posemb_where', POSEMB_WHERE), ('attention_impl',
+                                                          attention.IMPLS),
                          ('remat_policy', tuple(block_stack.REMAT_POLICIES))):
       if getattr(self, field) not in valid:
         raise ValueError(f'Unknown {field} {getattr(self, field)!r}; use one '
                          f'of {valid}.')
+    problem = position_embeddings.where_problem(self.posemb, self.posemb_where)
+    if problem:
+      raise ValueError(problem)
     if self.token_only_last_block and self.scan:
       raise ValueError('token_only_last_block=True needs scan=False (under '
                        'nn.scan every block has the same shapes); set one of '

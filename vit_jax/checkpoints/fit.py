@@ -6,6 +6,7 @@ class token check, head, position embedding, scan layout, final check.
 """
 
 import collections
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
@@ -19,6 +20,7 @@ from vit_jax.checkpoints.trees import CheckpointError
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
+_BLOCK = re.compile(r'^encoderblock_\d+$')
 
 
 def inspect(params: Params, expected: Params, *, fail_if_extra: bool,
@@ -127,11 +129,9 @@ def _materialize(x, fill: float) -> np.ndarray:
 def _fit_posembed(restored: Params, init_params: Params, model_config, *,
                   has_class_token, image_size, pretrained_image_size,
                   method) -> None:
-  """Resamples `posembed_input` to the model's grid."""
-  new_posemb = init_params.get('Transformer', {}).get('posembed_input')
-  old_posemb = restored.get('Transformer', {}).get('posembed_input')
-  if not (new_posemb and old_posemb):
-    return
+  """Resamples every position-embedding table to the model's grid: those of
+  `posembed_input`, `posembed_shared` and the blocks' `posembed` as the
+  input's, the blocks' `posembed_relative` by `posembed.resample_relative`."""
   image_size = (
       model_config.get('image_size') if image_size is None else image_size)
   grid = old_grid = None
@@ -142,13 +142,54 @@ def _fit_posembed(restored: Params, init_params: Params, model_config, *,
     old_grid = posembed.image_grid(pretrained_image_size,
                                    pixels_per_token(model_config),
                                    'pre-training')
-  restored['Transformer']['posembed_input'] = _resample_tables(
-      old_posemb,
-      new_posemb,
-      has_class_token=has_class_token,
-      grid=grid,
-      old_grid=old_grid,
-      method=method)
+  for parent, name, new in _posemb_tables(
+      restored.get('Transformer', {}), init_params.get('Transformer', {})):
+    if name == 'posembed_relative':
+      parent[name] = _resample_relative(parent[name], new, grid, old_grid)
+    else:
+      parent[name] = _resample_tables(
+          parent[name],
+          new,
+          has_class_token=has_class_token,
+          grid=grid,
+          old_grid=old_grid,
+          method=method)
+
+
+def _posemb_tables(old: Params, new: Params):
+  """(dict holding a table module, its name, the model's) of each one both
+  trees have; per-layer shapes of a scanned model."""
+  found = [(old, name, new.get(name))
+           for name in ('posembed_input', 'posembed_shared')]
+  scanned = new.get(layouts.SCANNED, {})
+  for block, subtree in old.items():
+    if not _BLOCK.match(block) or not isinstance(subtree, dict):
+      continue
+    for name in ('posembed', 'posembed_relative'):
+      target = new.get(block, {}).get(name)
+      if target is None and name in scanned:  # Per layer: no layer axis.
+        target = {
+            k: np.broadcast_to(
+                np.float32(0),
+                trees.shape_of(v)[1:]) for k, v in scanned[name].items()
+        }
+      found.append((subtree, name, target))
+  return [(p, name, t) for p, name, t in found if t and p.get(name)]
+
+
+def _resample_relative(old: Params, new: Params, grid, old_grid) -> Params:
+  """`rel_embedding` [2N-1, H, D/H] to the model's grid."""
+  out = dict(old)
+  table, target = old['rel_embedding'], new['rel_embedding']
+  n_old = (trees.shape_of(table)[0] + 1) // 2
+  n_new = (trees.shape_of(target)[0] + 1) // 2
+  if n_old != n_new or grid is not None or old_grid is not None:
+    old_hw = posembed.grid_of(n_old, old_grid, 'checkpoint\'s')
+    new_hw = posembed.grid_of(n_new, grid, 'new')
+    out['rel_embedding'] = posembed.resample_relative(table, old_hw, new_hw)
+    logging.info('load_pretrained: relative table %s -> %s',
+                 trees.shape_of(table), out['rel_embedding'].shape)
+  return out
 
 
 def _resample_tables(old: Params, new: Params, *, has_class_token, grid,

@@ -113,3 +113,48 @@ def image_grid(image_size, stride: Grid, what: str) -> Grid:
         f'The {what} image size {h}x{w} is not a positive multiple of the '
         f'{sh}x{sw} pixels per token of the model.')
   return h // sh, w // sw
+
+
+def _linear_taps(x: np.ndarray, lo: int, hi: int):
+  """Integer neighbours of `x` in [lo, hi] and their linear weights."""
+  left = np.clip(np.floor(x), lo, max(hi - 1, lo)).astype(int)
+  right = np.minimum(left + 1, hi)
+  frac = np.where(right > left, x - left, 0.)
+  return left, right, 1. - frac, frac
+
+
+def relative_weights(old_grid: Grid, new_grid: Grid) -> np.ndarray:
+  """[2N'-1, 2N-1] weights taking a 1-D relative table to another grid.
+
+  Row o + N - 1 of a table is the raster offset o = p_q - p_k on a grid
+  (h, w), read as the displacement (dr, dc) = (round(o / w), o - dr w) that
+  most pairs with that offset have (dr within the rows). A new offset's
+  displacement is scaled to the old grid corner-aligned (as
+  'bilinear_aligned' moves the absolute embeddings, paper Sec. 3.2) and read
+  bilinearly from the old rows of the four nearest integer displacements.
+  The same grid gives the identity.
+  """
+  (h, w), (new_h, new_w) = old_grid, new_grid
+  n, new_n = h * w, new_h * new_w
+  offset = np.arange(-(new_n - 1), new_n)
+  dr = np.clip(np.round(offset / new_w), -(new_h - 1), new_h - 1)
+  dc = offset - dr * new_w
+  r = dr * ((h - 1) / (new_h - 1) if new_h > 1 else 0.)
+  c = dc * ((w - 1) / (new_w - 1) if new_w > 1 else 0.)
+  r0, r1, wr0, wr1 = _linear_taps(r, -(h - 1), h - 1)
+  c0, c1, wc0, wc1 = _linear_taps(c, -(w - 1), w - 1)
+  weights = np.zeros((2 * new_n - 1, 2 * n - 1))
+  rows = np.arange(2 * new_n - 1)
+  for ri, wr in ((r0, wr0), (r1, wr1)):
+    for ci, wc in ((c0, wc0), (c1, wc1)):
+      np.add.at(weights, (rows, ri * w + ci + n - 1), wr * wc)
+  return weights
+
+
+def resample_relative(table: np.ndarray, old_grid: Grid,
+                      new_grid: Grid) -> np.ndarray:
+  """A relative table [2N-1, ...] for another grid (`relative_weights`)."""
+  table = np.asarray(table)
+  out = np.einsum('nm,m...->n...', relative_weights(old_grid, new_grid),
+                  table.astype(np.float64))
+  return out.astype(table.dtype)

@@ -1,6 +1,7 @@
 """`attention_fn`s for flax's `nn.MultiHeadDotProductAttention`.
 
-Both compute flax's `nn.dot_product_attention` ('reference'):
+Both compute flax's `nn.dot_product_attention` ('reference'), also with an
+additive `bias` (relative position logits, `relative_attention`):
 `fused_attention` ('xla', 'cudnn') through `jax.nn.dot_product_attention`,
 `heads_major_attention` ('heads_major') as batched matmuls over leading
 (batch, head) axes. Both fall back to the reference when the attention
@@ -24,6 +25,7 @@ IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 def fused_attention(query,
                     key,
                     value,
+                    bias=None,
                     *,
                     implementation,
                     dropout_rate=0.,
@@ -38,6 +40,7 @@ def fused_attention(query,
     query: [B, T, N, H].
     key: [B, S, N, H].
     value: [B, S, N, H].
+    bias: None, or logits added before the softmax, [B, N, T, S].
     implementation: 'xla' or 'cudnn' (see `jax.nn.dot_product_attention`).
     dropout_rate: attention dropout; must be 0 unless `deterministic`.
     module: passed by flax; with `intermediates` mutable the reference path
@@ -56,6 +59,7 @@ def fused_attention(query,
         query,
         key,
         value,
+        bias=bias,
         dropout_rng=unused_kwargs.get('dropout_rng'),
         dropout_rate=dropout_rate,
         deterministic=deterministic,
@@ -76,13 +80,16 @@ def fused_attention(query,
         "attention_impl='xla'.")
   if dtype is not None:
     query, key, value = (t.astype(dtype) for t in (query, key, value))
+  if bias is not None:
+    bias = bias.astype(query.dtype)
   return jax.nn.dot_product_attention(
-      query, key, value, implementation=implementation)
+      query, key, value, bias=bias, implementation=implementation)
 
 
 def heads_major_attention(query,
                           key,
                           value,
+                          bias=None,
                           *,
                           mask=None,
                           dropout_rng=None,
@@ -113,12 +120,15 @@ def heads_major_attention(query,
       attn_weights_value_einsum=attn_weights_value_einsum)
   if module is not None and module.is_mutable_collection('intermediates'):
     return nn.dot_product_attention(
-        query, key, value, mask=mask, module=module, **kw)
+        query, key, value, bias=bias, mask=mask, module=module, **kw)
   to_heads_major = lambda t: jnp.swapaxes(t, -3, -2)[..., None, :]
-  if mask is not None:  # [..., N, T, S] -> [..., N, 1, T, S]: one "head".
+  # [..., N, T, S] -> [..., N, 1, T, S]: one "head".
+  if mask is not None:
     mask = mask[..., None, :, :]
+  if bias is not None:
+    bias = bias[..., None, :, :]
   out = nn.dot_product_attention(
-      *map(to_heads_major, (query, key, value)), mask=mask, **kw)
+      *map(to_heads_major, (query, key, value)), bias=bias, mask=mask, **kw)
   return jnp.swapaxes(out[..., 0, :], -3, -2)
 
 

@@ -5,7 +5,7 @@ Blocks are named as in the released checkpoints (`encoderblock_{i}`), or
 `encoderblock` with a leading layer axis under `scan=True`.
 """
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,15 +28,17 @@ def apply_blocks(make_block: Callable[..., nn.Module],
                  train: bool,
                  scan: bool,
                  remat_policy: str,
-                 last_block_kwargs: Optional[Mapping[str, Any]] = None):
+                 last_block_kwargs: Optional[Mapping[str, Any]] = None,
+                 block_args: Tuple[Any, ...] = ()):
   """Runs `num_layers` blocks on the tokens; returns the last block's output.
 
   Args:
     make_block: `make_block(name=..., **kwargs)` builds one block, called as
-      `block(x, deterministic=...)`.
+      `block(x, *block_args, deterministic=...)`.
     scan: one `nn.scan` body instead of `num_layers` modules.
     remat_policy: a key of REMAT_POLICIES.
     last_block_kwargs: extra fields of the last block (unscanned only).
+    block_args: arrays every block gets as they are (e.g. a shared table).
   """
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f'Unknown remat_policy {remat_policy!r}; use one of '
@@ -46,8 +48,8 @@ def apply_blocks(make_block: Callable[..., nn.Module],
         'last_block_output_tokens needs the unscanned encoder (scan=False): '
         'under nn.scan every block computes the same shapes.')
 
-  def apply_block(module, x):
-    return module(x, deterministic=not train)
+  def apply_block(module, x, *args):
+    return module(x, *args, deterministic=not train)
 
   if remat_policy != 'none':
     # Inside scan the loop already keeps XLA from merging the recomputation
@@ -58,7 +60,7 @@ def apply_blocks(make_block: Callable[..., nn.Module],
   if scan:
     # Per-layer parameters and dropout masks: split the rngs per step.
     x_BxLxD, _ = nn.scan(
-        lambda module, carry, _: (apply_block(module, carry), None),
+        lambda module, carry, args: (apply_block(module, carry, *args), None),
         variable_axes={
             'params': 0,
             'intermediates': 0
@@ -67,8 +69,9 @@ def apply_blocks(make_block: Callable[..., nn.Module],
             'params': True,
             'dropout': True
         },
+        in_axes=nn.broadcast,
         length=num_layers,
-    )(make_block(name='encoderblock'), x_BxLxD, None)
+    )(make_block(name='encoderblock'), x_BxLxD, tuple(block_args))
     return x_BxLxD
   for lyr in range(num_layers):
     last = lyr == num_layers - 1
@@ -76,5 +79,5 @@ def apply_blocks(make_block: Callable[..., nn.Module],
         make_block(
             name=f'encoderblock_{lyr}',
             **(last_block_kwargs if last and last_block_kwargs else {})),
-        x_BxLxD)
+        x_BxLxD, *block_args)
   return x_BxLxD

@@ -1,10 +1,22 @@
 """Position embeddings besides the learned 1-D table (paper, Appendix D.4).
 
 `Encoder(posemb=...)`: 'learn_2d' is `AddPositionEmbs2D`, 'sincos2d'
-`AddSinCosPositionEmbs`.
+`AddSinCosPositionEmbs`, 'relative' `relative_attention`.
+
+`posemb_where` places the learned tables ('learn', 'learn_2d'), the
+columns of the paper's Table 8, with these parameter names under
+`Transformer/`:
+  'input': `posembed_input/...` added to the encoder's input (the default);
+  'every_layer': `encoderblock_{i}/posembed/...`, a table per block, added
+    at the start of the block;
+  'every_layer_shared': `posembed_shared/...`, one table added at the start
+    of every block.
+`...` is `pos_embedding` ('learn'), or `pos_embedding_row`,
+`pos_embedding_col` and `pos_embedding_cls` ('learn_2d'). Only 'input' has
+dropout after the embedding, as the original.
 """
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -12,6 +24,51 @@ import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., Any]
+
+POSEMB_WHERE = ('input', 'every_layer', 'every_layer_shared')
+LEARNED = ('learn', 'learn_2d')
+
+
+def where_problem(posemb: str, posemb_where: str) -> Optional[str]:
+  """None, or why `posemb_where` does not go with `posemb`."""
+  if posemb_where not in POSEMB_WHERE:
+    return (f'Unknown posemb_where {posemb_where!r}; use one of '
+            f'{POSEMB_WHERE}.')
+  # A fixed or absent table has nothing to learn per block; 'relative' is in
+  # every block's attention already (Table 8: N/A).
+  if posemb_where != 'input' and posemb not in LEARNED:
+    return (f'posemb_where={posemb_where!r} places a learned table, so it '
+            f"needs posemb 'learn' or 'learn_2d' (paper Appendix D.4, Table "
+            f"8); posemb={posemb!r} takes posemb_where='input' only.")
+  return None
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned (1, tokens, hidden) position embedding to the tokens."""
+  posemb_init: Initializer
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs):
+    pos_emb_shape = (1, inputs.shape[1], inputs.shape[2])
+    pe = self.param('pos_embedding', self.posemb_init, pos_emb_shape,
+                    self.param_dtype)
+    return inputs + pe
+
+
+def posemb_module(posemb: str, *, grid, num_prefix_tokens: int,
+                  name: str) -> nn.Module:
+  """The module adding the table of `posemb` ('learn', 'learn_2d' or
+  'sincos2d'); `grid` (rows, cols) is needed by the last two."""
+  posemb_init = nn.initializers.normal(stddev=0.02)  # BERT's.
+  if posemb == 'learn':
+    return AddPositionEmbs(posemb_init=posemb_init, name=name)
+  return grid_embedding(
+      posemb,
+      grid=tuple(grid),
+      num_prefix_tokens=num_prefix_tokens,
+      posemb_init=posemb_init,
+      name=name)
 
 
 class AddPositionEmbs2D(nn.Module):

@@ -121,6 +121,7 @@ def _choices(config) -> dict:
     choices.update({
         'model.classifier': models_vit.CLASSIFIERS,
         'model.posemb': models_vit.POSEMB_TYPES,
+        'model.posemb_where': models_vit.POSEMB_WHERE,
         'model.attention_impl': attention.IMPLS,
         'model.remat_policy': tuple(block_stack.REMAT_POLICIES),
         'model.dtype': DTYPES,
@@ -249,7 +250,18 @@ def _check_model(config) -> None:
         f'config.pp.crop={config.pp.crop} gives {size[0]}x{size[1]} images, '
         f'not a multiple of {what}; set --config.pp.crop to a multiple, e.g. '
         f'{" or ".join(str(g) for g in dict.fromkeys(good))}.')
+  _check_posemb(model)
   _check_model_name(config)
+
+
+def _check_posemb(model) -> None:
+  """`posemb_where` only with a learned table (paper Table 8)."""
+  from vit_jax.layers import position_embeddings  # pylint: disable=g-import-not-at-top
+  problem = position_embeddings.where_problem(
+      model.get('posemb', 'learn'), model.get('posemb_where', 'input'))
+  if problem:
+    raise ConfigError(f'config.model: {problem} Set --config.model.posemb or '
+                      '--config.model.posemb_where accordingly.')
 
 
 def _check_model_name(config) -> None:
