@@ -49,6 +49,10 @@ def get_model_config():
   # Fixed 2-D sin-cos position embeddings: with 4,000 images they trained
   # faster than the paper's learned 1-D ones in our sweep.
   model.posemb = 'sincos2d'
+  # Where a learned table enters (paper Appendix D.4): settable from the
+  # command line, e.g. --config.model.posemb=learn
+  # --config.model.posemb_where=every_layer.
+  model.posemb_where = 'input'
   # Compute dtype, attention implementation, scan, remat and
   # token_only_last_block: schema.SPEED_FIELDS, settable from the command line.
   for field, value in schema.SPEED_FIELDS.items():
