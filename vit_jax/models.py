@@ -1,7 +1,8 @@
 """Model front door: the module classes, the zoo lookup and probes.
 
 `models.VisionTransformer`, `models.MlpMixer` and `models.get_model(name)`
-work as in the original.
+work as in the original; `get_model` also builds this project's models
+(`vit_jax/configs/project_models.py`).
 """
 
 import difflib
@@ -13,7 +14,7 @@ import ml_collections
 from vit_jax import models_mixer
 from vit_jax import models_resnet
 from vit_jax import models_vit
-from vit_jax.configs import models as models_config
+from vit_jax.configs import project_models
 
 AddPositionEmbs = models_vit.AddPositionEmbs
 MlpBlock = models_vit.MlpBlock
@@ -26,7 +27,8 @@ ResNetStage = models_resnet.ResNetStage
 MlpMixer = models_mixer.MlpMixer
 MixerBlock = models_mixer.MixerBlock
 
-MODEL_CONFIGS = models_config.MODEL_CONFIGS
+# Both registries: the original's names and this project's.
+MODEL_CONFIGS = project_models.ALL_MODEL_CONFIGS
 
 
 def canonical_name(name: str) -> str:

@@ -176,13 +176,13 @@ def zoo_model(name: str,
   """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS (ViTs).
 
   Args:
-    name: a key of vit_jax.configs.models.MODEL_CONFIGS.
+    name: a key of vit_jax.configs.project_models.ALL_MODEL_CONFIGS.
     representation_size: False keeps the zoo's; True sets it to the hidden
       size (the paper's pre-training); None removes it.
     dropout: if given, the transformer's dropout rate.
   """
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
-  model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
+  from vit_jax.configs import project_models  # pylint: disable=g-import-not-at-top
+  model = project_models.ALL_MODEL_CONFIGS[name].copy_and_resolve_references()
   with model.unlocked():
     if 'num_blocks' not in model:  # not for the MLP-Mixer
       for field, value in SPEED_FIELDS.items():

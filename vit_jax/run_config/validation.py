@@ -254,12 +254,12 @@ def _check_model(config) -> None:
 
 def _check_model_name(config) -> None:
   """A `model_name` that is not the model's would load another checkpoint."""
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import project_models  # pylint: disable=g-import-not-at-top
   name, own = config.get('model_name'), config.model.get('model_name')
   if not name or not own or name == own:
     return
-  close = ', '.join(
-      errors.closest(name, list(models.MODEL_CONFIGS) + [own], n=3, cutoff=0.5))
+  known = list(project_models.ALL_MODEL_CONFIGS) + [own]
+  close = ', '.join(errors.closest(name, known, n=3, cutoff=0.5))
   raise ConfigError(
       f'config.model_name={name!r} is not the model this config trains '
       f'(config.model is {own!r}). model_name does not choose the model: it '
