@@ -17,7 +17,7 @@ import zoo_sizes
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 count = zoo_sizes.count
-# Mixers: tests/test_mixer.py.
+# Mixers: tests/test_mixer.py; BiT ResNets: tests/test_bit.py.
 VITS = sorted(n for n, c in models.MODEL_CONFIGS.items() if 'transformer' in c)
 
 # The original's registry (https://github.com/google-research/vision_transformer,
@@ -45,7 +45,7 @@ def test_the_registries():
   project = set(project_models.PROJECT_MODEL_CONFIGS)
   assert not project & ORIGINAL_NAMES
   assert set(models.MODEL_CONFIGS) == ORIGINAL_NAMES | project
-  for name in ('ViT-g_14', 'ViT-L_16-gap-norep'):
+  for name in ('ViT-g_14', 'ViT-L_16-gap-norep', 'BiT-R50x1'):
     assert models.get_model(name).model_name == name
 
 

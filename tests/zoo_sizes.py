@@ -4,8 +4,8 @@
 the original's `vit_jax.configs.models.MODEL_CONFIGS` and this project's
 `vit_jax.configs.project_models.PROJECT_MODEL_CONFIGS`, at 1000 classes and
 224x224 images: tests/test_models.py checks the ViTs and fails for a
-registered name without a count here, tests/test_mixer.py checks the Mixers.
-The counts of the original's names are
+registered name without a count here, tests/test_mixer.py checks the Mixers,
+tests/test_bit.py the BiT ResNets. The counts of the original's names are
 also pinned by its models test
 (https://github.com/google-research/vision_transformer, vit_jax/models_test.py);
 the paper's Table 1 rounds them (86M, 307M, 632M).
@@ -51,6 +51,15 @@ PARAM_COUNTS = {
     'ViT-g_14': 1_012_611_432,
     'ViT-Ti_16-gap-norep': 5_717_032,
     'ViT-L_16-gap-norep': 304_324_584,
+    # BiT ResNets in the hybrids' post-activation layout: BiT's released
+    # pre-activation R50x1 has 25,549,352 (11,776 fewer GroupNorm weights).
+    'BiT-testing': 376_840,
+    'BiT-R50x1': 25_561_128,
+    'BiT-R50x3': 217_354_408,
+    'BiT-R101x1': 44_553_256,
+    'BiT-R101x3': 387_970_216,
+    'BiT-R152x2': 236_358_760,
+    'BiT-R152x4': 936_580_328,
 }
 
 

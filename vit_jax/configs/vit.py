@@ -6,7 +6,7 @@ r"""Fine-tunes a ViT from the zoo on a dataset preset (the original's config).
 
 The argument is `<model>,<dataset>`: `<model>` names a getter
 `vit_jax.configs.models.get_<model>_config` (b16, l16, r50_b16, mixer_b16,
-testing, ...) or of this project's `project_models` (g14, ...),
+testing, ...) or of this project's `project_models` (g14, bit_r50x1, ...),
 `<dataset>` a key of `common.DATASET_PRESETS` (cifar10,
 cifar100, imagenet2012). The checkpoint is
 `{pretrained_dir}/{model_name}.npz`, e.g. the released `ViT-B_16.npz` of

@@ -226,11 +226,18 @@ def _check_mesh(config, device_count: int, process_count: int) -> None:
 
 
 def _check_model(config) -> None:
-  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   model = config.get('model')
   if model is None:
     raise ConfigError('config.model is not set; copy one from '
                       'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
+  if model.get('patches') is not None:  # a BiT ResNet takes any image size
+    _check_crop(config, model)
+  _check_model_name(config)
+
+
+def _check_crop(config, model) -> None:
+  """The crop is a multiple of the pixels per token."""
+  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   stem = 1
   if model.get('resnet') is not None:
     stem = models_resnet.stem_stride(model.resnet.num_layers)
@@ -249,7 +256,6 @@ def _check_model(config) -> None:
         f'config.pp.crop={config.pp.crop} gives {size[0]}x{size[1]} images, '
         f'not a multiple of {what}; set --config.pp.crop to a multiple, e.g. '
         f'{" or ".join(str(g) for g in dict.fromkeys(good))}.')
-  _check_model_name(config)
 
 
 def _check_model_name(config) -> None:
