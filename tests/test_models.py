@@ -11,15 +11,27 @@ from vit_jax import models
 from vit_jax import models_vit
 from vit_jax.checkpoints import trees
 from vit_jax.configs import models as models_config
+from vit_jax.configs import project_models
 import zoo_sizes
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 count = zoo_sizes.count
-VITS = sorted(n for n in models.MODEL_CONFIGS if not n.startswith('Mixer'))
+# Mixers: tests/test_mixer.py; BiT ResNets: tests/test_bit.py.
+VITS = sorted(n for n, c in models.MODEL_CONFIGS.items() if 'transformer' in c)
+
+# The original's registry (https://github.com/google-research/vision_transformer,
+# vit_jax/configs/models.py), its LiT models aside.
+ORIGINAL_NAMES = {
+    'testing', 'testing-unpooled', 'ViT-Ti_16', 'ViT-S_16', 'ViT-S_32',
+    'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14',
+    'ViT-S_16-gap-norep', 'ViT-S_32-gap-norep', 'ViT-B_16-gap-norep',
+    'ViT-B_32-gap-norep', 'R+ViT-Ti_16', 'R26+ViT-S_32', 'R26+ViT-B_32',
+    'R50+ViT-B_16', 'R50+ViT-L_32', 'Mixer-B_16', 'Mixer-B_32', 'Mixer-L_16'
+}
 
 
-@pytest.mark.parametrize('name', VITS)  # Mixers: tests/test_mixer.py
+@pytest.mark.parametrize('name', VITS)
 def test_zoo_parameter_count(name):
   assert name in zoo_sizes.PARAM_COUNTS, (
       f'{name} is registered without a pinned parameter count: add it to '
@@ -27,13 +39,29 @@ def test_zoo_parameter_count(name):
   assert count(zoo_sizes.param_shapes(name)) == zoo_sizes.PARAM_COUNTS[name]
 
 
-def test_every_registered_model_has_a_pinned_count():
-  unpinned = set(models.MODEL_CONFIGS) - set(zoo_sizes.PARAM_COUNTS)
+def test_the_registries():
+  """The original's names in its registry, this project's in its own."""
+  assert set(models_config.MODEL_CONFIGS) == ORIGINAL_NAMES
+  project = set(project_models.PROJECT_MODEL_CONFIGS)
+  assert not project & ORIGINAL_NAMES
+  assert set(models.MODEL_CONFIGS) == ORIGINAL_NAMES | project
+  for name in ('ViT-g_14', 'ViT-L_16-gap-norep', 'BiT-R50x1'):
+    assert models.get_model(name).model_name == name
+
+
+@pytest.mark.parametrize(
+    'registry',
+    [models_config.MODEL_CONFIGS, project_models.PROJECT_MODEL_CONFIGS],
+    ids=['original', 'project'])
+def test_every_registered_model_has_a_pinned_count(registry):
+  unpinned = set(registry) - set(zoo_sizes.PARAM_COUNTS)
   assert not unpinned, f'registered without a pinned count: {unpinned}'
 
 
 def test_every_pinned_model_is_registered():
-  unknown = set(zoo_sizes.PARAM_COUNTS) - set(models.MODEL_CONFIGS)
+  registered = set(models_config.MODEL_CONFIGS) | set(
+      project_models.PROJECT_MODEL_CONFIGS)
+  unknown = set(zoo_sizes.PARAM_COUNTS) - registered
   assert not unknown, f'pinned but not registered: {unknown}'
 
 

@@ -1,7 +1,8 @@
 """Model front door: the module classes, the zoo lookup and probes.
 
 `models.VisionTransformer`, `models.MlpMixer` and `models.get_model(name)`
-work as in the original.
+work as in the original; `get_model` also builds this project's models
+(`vit_jax/configs/project_models.py`, e.g. the BiT ResNets).
 """
 
 import difflib
@@ -10,10 +11,11 @@ from typing import Any, List
 import jax
 import ml_collections
 
+from vit_jax import models_bit
 from vit_jax import models_mixer
 from vit_jax import models_resnet
 from vit_jax import models_vit
-from vit_jax.configs import models as models_config
+from vit_jax.configs import project_models
 
 AddPositionEmbs = models_vit.AddPositionEmbs
 MlpBlock = models_vit.MlpBlock
@@ -25,8 +27,10 @@ ResidualUnit = models_resnet.ResidualUnit
 ResNetStage = models_resnet.ResNetStage
 MlpMixer = models_mixer.MlpMixer
 MixerBlock = models_mixer.MixerBlock
+BitResNet = models_bit.BitResNet
 
-MODEL_CONFIGS = models_config.MODEL_CONFIGS
+# Both registries: the original's names and this project's.
+MODEL_CONFIGS = project_models.ALL_MODEL_CONFIGS
 
 
 def canonical_name(name: str) -> str:
@@ -52,8 +56,16 @@ def get_model(name: str, **kw):
 
 
 def model_class(config: Any):
-  """`MlpMixer` for a Mixer's fields (`num_blocks`), else VisionTransformer."""
-  return MlpMixer if 'num_blocks' in config else VisionTransformer
+  """The module class of a config's fields.
+
+  `MlpMixer` for a Mixer's (`num_blocks`), `BitResNet` for a ResNet without
+  transformer, else `VisionTransformer`.
+  """
+  if 'num_blocks' in config:
+    return MlpMixer
+  if 'transformer' not in config and 'resnet' in config:
+    return BitResNet
+  return VisionTransformer
 
 
 def from_config(config: Any, model_cls=None, **kw):

@@ -1,7 +1,9 @@
-"""The model zoo: one locked `ml_collections.ConfigDict` per model name.
+"""The original's model zoo: one locked `ml_collections.ConfigDict` per name.
 
-Names are the original's (`ViT-B_16`, `R50+ViT-B_16`, `Mixer-B_16`, ...) and
-are the stems of the released checkpoint files (`ViT-B_16.npz`). Each config
+`MODEL_CONFIGS` holds exactly the original vit_jax's names (`ViT-B_16`,
+`R50+ViT-B_16`, `Mixer-B_16`, ...; its LiT models aside), the stems of the
+released checkpoint files (`ViT-B_16.npz`); this project's own models are in
+`project_models.py` beside it, and `models.get_model` reads both. Each config
 holds the fields of its module (`VisionTransformer`, or `MlpMixer` for the
 `Mixer-*` entries, which have `num_blocks`) except `num_classes`;
 `models.get_model(name, num_classes=...)` builds the module. The getters
@@ -22,7 +24,7 @@ MODEL_CONFIGS = {}
 # URI without escaping. The original leaves out the Mixers and the models
 # AugReg did not train; `testing` stays out too.
 AUGREG_CONFIGS = {}
-_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14', 'ViT-g_14')
+_NOT_IN_AUGREG = ('testing', 'ViT-L_32', 'R50+ViT-B_16', 'ViT-H_14')
 
 
 def _register(get_config):
@@ -160,22 +162,7 @@ def get_h14_config():
       dropout=0.1)
 
 
-@_register
-def get_g14_config():
-  """ViT-g/14 of "Scaling Vision Transformers" (Zhai et al., 2022).
-
-  Not in the original and without a released checkpoint: a model for
-  sharded training (docs/scaling.md).
-  """
-  return _vit('ViT-g_14', hidden=1408, patch=14, layers=40, heads=16, mlp=6144)
-
-
 # AugReg's global-average-pooled models without representation layer.
-
-
-@_register
-def get_ti16_gap_norep_config():
-  return _gap_norep('ViT-Ti_16-gap-norep', get_ti16_config)
 
 
 @_register
@@ -196,11 +183,6 @@ def get_b16_gap_norep_config():
 @_register
 def get_b32_gap_norep_config():
   return _gap_norep('ViT-B_32-gap-norep', get_b32_config)
-
-
-@_register
-def get_l16_gap_norep_config():
-  return _gap_norep('ViT-L_16-gap-norep', get_l16_config)
 
 
 # Hybrids: a ResNet (BiT-style) stem feeding the transformer (paper Sec. 3.1).

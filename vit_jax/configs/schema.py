@@ -176,20 +176,23 @@ def zoo_model(name: str,
   """An unlocked copy of zoo model `name`'s config, with SPEED_FIELDS (ViTs).
 
   Args:
-    name: a key of vit_jax.configs.models.MODEL_CONFIGS.
+    name: a key of vit_jax.configs.project_models.ALL_MODEL_CONFIGS.
     representation_size: False keeps the zoo's; True sets it to the hidden
-      size (the paper's pre-training); None removes it.
+      size (the paper's pre-training); None removes it (ViTs only).
     dropout: if given, the transformer's dropout rate.
   """
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
-  model = models.MODEL_CONFIGS[name].copy_and_resolve_references()
+  from vit_jax.configs import project_models  # pylint: disable=g-import-not-at-top
+  model = project_models.ALL_MODEL_CONFIGS[name].copy_and_resolve_references()
+  vit = 'transformer' in model  # not the MLP-Mixer or a BiT ResNet
   with model.unlocked():
-    if 'num_blocks' not in model:  # not for the MLP-Mixer
+    if vit:
       for field, value in SPEED_FIELDS.items():
         model[field] = value
-    if representation_size is True:
+    elif 'resnet' in model:  # a BiT ResNet: only the computation dtype
+      model.dtype = SPEED_FIELDS['dtype']
+    if vit and representation_size is True:
       model.representation_size = model.hidden_size
-    elif representation_size is None:
+    elif vit and representation_size is None:
       model.representation_size = None
   if dropout is not None and model.get('transformer') is not None:
     model.transformer.dropout_rate = dropout

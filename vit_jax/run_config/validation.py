@@ -227,11 +227,19 @@ def _check_mesh(config, device_count: int, process_count: int) -> None:
 
 
 def _check_model(config) -> None:
-  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   model = config.get('model')
   if model is None:
     raise ConfigError('config.model is not set; copy one from '
                       'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')
+  if model.get('patches') is not None:  # a BiT ResNet takes any image size
+    _check_crop(config, model)
+  _check_posemb(model)
+  _check_model_name(config)
+
+
+def _check_crop(config, model) -> None:
+  """The crop is a multiple of the pixels per token."""
+  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   stem = 1
   if model.get('resnet') is not None:
     stem = models_resnet.stem_stride(model.resnet.num_layers)
@@ -250,8 +258,6 @@ def _check_model(config) -> None:
         f'config.pp.crop={config.pp.crop} gives {size[0]}x{size[1]} images, '
         f'not a multiple of {what}; set --config.pp.crop to a multiple, e.g. '
         f'{" or ".join(str(g) for g in dict.fromkeys(good))}.')
-  _check_posemb(model)
-  _check_model_name(config)
 
 
 def _check_posemb(model) -> None:
@@ -266,12 +272,12 @@ def _check_posemb(model) -> None:
 
 def _check_model_name(config) -> None:
   """A `model_name` that is not the model's would load another checkpoint."""
-  from vit_jax.configs import models  # pylint: disable=g-import-not-at-top
+  from vit_jax.configs import project_models  # pylint: disable=g-import-not-at-top
   name, own = config.get('model_name'), config.model.get('model_name')
   if not name or not own or name == own:
     return
-  close = ', '.join(
-      errors.closest(name, list(models.MODEL_CONFIGS) + [own], n=3, cutoff=0.5))
+  known = list(project_models.ALL_MODEL_CONFIGS) + [own]
+  close = ', '.join(errors.closest(name, known, n=3, cutoff=0.5))
   raise ConfigError(
       f'config.model_name={name!r} is not the model this config trains '
       f'(config.model is {own!r}). model_name does not choose the model: it '
