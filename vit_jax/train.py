@@ -75,8 +75,8 @@ def make_update_fn(*,
 
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> models.VisionTransformer:
-  """The model of `config.model` (ViT or Mixer); with objective 'mpp' a
-  `models_mpp.MaskedPatchPredictor` (fields from `config.mpp`, no head)."""
+  """The model of `config.model` (ViT, Mixer or BiT ResNet); with objective
+  'mpp' a `models_mpp.MaskedPatchPredictor` (`config.mpp`'s fields, no head)."""
   if config.get('model') is None:
     raise ValueError('config.model is not set; copy one from '
                      'vit_jax.configs.models.MODEL_CONFIGS (see configs/).')

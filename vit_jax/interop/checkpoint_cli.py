@@ -28,7 +28,7 @@ from vit_jax.checkpoints.posembed import image_grid
 from vit_jax.checkpoints.trees import CheckpointError
 from vit_jax.checkpoints.trees import flatten_tree
 from vit_jax.checkpoints.trees import shape_of
-from vit_jax.configs import models as models_config
+from vit_jax.configs import project_models
 
 # ----------------------------------------------------------------------------
 # What a checkpoint holds.
@@ -142,7 +142,7 @@ def describe_mixer(params: Params) -> Dict[str, Any]:
           sum(int(np.prod(shape_of(v))) for v in flatten_tree(params).values()),
   }
   info['zoo_names'] = [
-      name for name, c in models_config.MODEL_CONFIGS.items()
+      name for name, c in project_models.ALL_MODEL_CONFIGS.items()
       if 'num_blocks' in c and tuple(c.patches.size) == (ph, pw) and all(
           c[k] == info[k] for k in ('hidden_dim', 'num_blocks',
                                     'tokens_mlp_dim', 'channels_mlp_dim'))
@@ -153,8 +153,8 @@ def describe_mixer(params: Params) -> Dict[str, Any]:
 def _zoo_names(info: Dict[str, Any]) -> List[str]:
   """MODEL_CONFIGS entries with the same architecture (head sizes aside)."""
   names = []
-  for name, config in models_config.MODEL_CONFIGS.items():
-    if 'num_blocks' in config:  # a Mixer
+  for name, config in project_models.ALL_MODEL_CONFIGS.items():
+    if config.get('transformer') is None:  # a Mixer or a BiT ResNet
       continue
     resnet = config.get('resnet')
     if resnet is None:
