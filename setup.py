@@ -41,11 +41,11 @@ setuptools.setup(
         # nbclient, nbformat and ipykernel execute notebooks/ in
         # tests/test_notebooks.py; import-linter (lint-imports, and grimp
         # for tests/test_import_layers.py), ruff and yapf are .ci/run's
-        # checks.
+        # checks (pinned: their output must not change under the code).
         # timm and its torchvision (torch 2.13.0's): the timm parity tests only.
         'test': [
             'pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10', 'nbformat>=5.10',
-            'ipykernel>=6.29', 'import-linter>=2.1', 'ruff>=0.5', 'yapf>=0.40',
+            'ipykernel>=6.29', 'import-linter>=2.1', 'ruff==0.17.6', 'yapf==0.43.0',
             'timm>=1.0,<2', 'torchvision==0.28.0'
         ],
         # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
