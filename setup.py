@@ -45,8 +45,8 @@ setuptools.setup(
         # timm and its torchvision (torch 2.13.0's): the timm parity tests only.
         'test': [
             'pytest>=8', 'pytest-xdist>=3', 'nbclient>=0.10', 'nbformat>=5.10',
-            'ipykernel>=6.29', 'import-linter>=2.1', 'ruff==0.17.6', 'yapf==0.43.0',
-            'timm>=1.0,<2', 'torchvision==0.28.0'
+            'ipykernel>=6.29', 'import-linter>=2.1', 'ruff==0.17.6',
+            'yapf==0.43.0', 'timm>=1.0,<2', 'torchvision==0.28.0'
         ],
         # Hugging Face / torchvision interop (vit_jax.interop.convert_hf,
         # convert_torchvision). torch is pinned: 2.13.0 has a CPU build on
