@@ -351,8 +351,7 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
           res['interrupted'], res['stopped_by'] = True, stop.name
           break
         if step % config.eval_every == 0 or is_last:
-          res['accuracy'] = runners.evaluate(runner, run.evaluated(),
-                                             run.ds_test)
+          res['accuracy'] = _evaluate(run, res, final=is_last)
           res['eval_history'].append([step, res['accuracy']])
           out.log_eval(step, res['accuracy'])
         if fewshot_every and (step % fewshot_every == 0 or is_last):
@@ -363,6 +362,22 @@ def _train_loop(run: _Run, out: progress.Progress) -> Dict[str, Any]:
   res['train_time_s'] = time.time() - t_train
   res['train_step_compilations'] = compiles.count
   return res
+
+
+def _evaluate(run: _Run, res: Dict[str, Any], *, final: bool) -> float:
+  """Test accuracy of the evaluated weights (all processes take part).
+
+  The final evaluation of a classifier is one pass for the accuracy and the
+  confusion matrix (`res['confusion']`): the pipeline's labels are one-hot, so
+  the matrix's trace counts the top-1 hits.
+  """
+  params = run.evaluated()
+  if final and run.config.objective != 'mpp':
+    matrix = runners.confusion_matrix(run.runner, params, run.ds_test)
+    accuracy = runners.confusion_accuracy(matrix)
+    res['confusion'] = matrix.tolist()
+    return accuracy
+  return runners.evaluate(run.runner, params, run.ds_test)
 
 
 def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
@@ -378,7 +393,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
   cleanup.callback(out.close)
   res = _train_loop(run, out)
   if run.start_step >= total_steps:  # finished before: report, do not train
-    res['accuracy'] = runners.evaluate(run.runner, run.evaluated(), run.ds_test)
+    res['accuracy'] = _evaluate(run, res, final=True)
+  confusion = res.pop('confusion', None)
   summary = dict(
       res,
       objective=config.objective,
@@ -396,9 +412,8 @@ def _train_and_evaluate(config, workdir, cleanup: contextlib.ExitStack):
     out.print(f'Interrupted by {res["stopped_by"]} after step {res["step"]}; '
               f'checkpoint {res["step"]} saved in {run.ckpts.directory}.')
     return summary
-  if summary['objective'] != 'mpp':  # all processes take part; 0 writes
-    summary['confusion'] = runners.confusion_matrix(run.runner, run.evaluated(),
-                                                    run.ds_test).tolist()
+  if confusion is not None:
+    summary['confusion'] = confusion
   out.close()
   if out.is_chief:  # summary.json marks a finished run
     run_end.finish_run(config, workdir, summary)

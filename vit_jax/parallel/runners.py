@@ -123,3 +123,11 @@ def confusion_matrix(runner, params, ds_test) -> np.ndarray:
     m = np.rint(runner.confusion(params, batch)).astype(np.int64)
     total = m if total is None else total + m
   return total
+
+
+def confusion_accuracy(matrix: np.ndarray) -> float:
+  """Top-1 accuracy of a confusion matrix of one-hot labels (its trace)."""
+  total = int(matrix.sum()) if matrix is not None else 0
+  if not total:
+    raise ValueError('The test split is empty; check --config.test_split.')
+  return int(np.trace(matrix)) / total
