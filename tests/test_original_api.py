@@ -190,6 +190,33 @@ def test_translation_to_this_projects_shape(tmp_path):
   assert project.model.model_name == project.model_name == 'testing'
 
 
+def test_an_image_folder_in_the_originals_shape_trains(tmp_path):
+  """The original reads <dataset>/train and <dataset>/test: no split fields."""
+  rng = np.random.RandomState(0)
+  for split in ('train', 'test'):
+    for c, name in enumerate(('red', 'green')):
+      os.makedirs(tmp_path / 'data' / split / name)
+      for i in range(4):
+        pixels = rng.randint(0, 100, (16, 16, 3)).astype(np.uint8)
+        pixels[..., c] = 255
+        tf.io.write_file(
+            str(tmp_path / 'data' / split / name / f'{i}.png'),
+            tf.io.encode_png(pixels))
+  test_utils.create_checkpoint(models_config.get_testing_config(),
+                               str(tmp_path / 'testing.npz'))
+  config = common.get_config()
+  config.model = models_config.get_testing_config()
+  config.dataset = str(tmp_path / 'data')
+  config.pp = ml_collections.ConfigDict({'crop': 16})
+  config.pretrained_dir = str(tmp_path)
+  config.total_steps, config.batch, config.batch_eval = 2, 8, 8
+  config.accum_steps, config.warmup_steps = 1, 1
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert (summary['step'], summary['config']['train_split'],
+          summary['config']['test_split']) == (2, 'train', 'test')
+  assert np.sum(summary['confusion']) == 8  # every test image, once
+
+
 def test_a_field_of_neither_shape_is_named():
   config = vit.get_config('testing,cifar10')
   config.learning_rate = 0.1

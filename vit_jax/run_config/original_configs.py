@@ -29,6 +29,9 @@ _RESOLVED = ('model', 'model_type', 'model_or_filename', 'pretrained_dir',
 # Must be set (not None or '') in the original's shape.
 _REQUIRED = ('dataset', 'total_steps', 'model', 'pp.train', 'pp.test',
              'pp.crop')
+# Not needed for an image folder: the original reads <dataset>/train and
+# <dataset>/test, this project's default splits.
+_FOLDER_SPLITS = ('pp.train', 'pp.test')
 TRAINERS = ('train', 'inference_time')
 
 # Where the released checkpoints live.
@@ -93,8 +96,10 @@ def to_project_config(
     return config
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
   project = schema.get_config()
+  is_folder = filesystem.isdir(config.get('dataset') or '')
   for name in _REQUIRED:
-    if _get(config, name) in (None, ''):
+    if _get(config,
+            name) in (None, '') and not (is_folder and name in _FOLDER_SPLITS):
       theirs = RENAMED.get(name, name)
       raise errors.ConfigError(
           f'config.{name} is not set (the original vit_jax\'s field; this '
