@@ -17,10 +17,8 @@ import pytest
 
 import timm_support
 
-torch = pytest.importorskip('torch')
-timm_support.make_torchvision_importable()  # transformers imports it
-transformers = pytest.importorskip('transformers')
-pytest.importorskip('safetensors')
+torch = timm_support.Lazy(lambda: pytest.importorskip('torch'))
+transformers = timm_support.Lazy(timm_support.import_transformers)
 
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from vit_jax import models

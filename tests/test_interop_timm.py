@@ -6,6 +6,7 @@ ours after `checkpoint.load` of its `state_dict` file, and timm's logits
 after `load_state_dict(strict=True)` of our export with ours, at 1e-5.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from timm_support import import_timm
+import timm_support
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoints import timm_layout
@@ -22,8 +23,8 @@ from vit_jax.checkpoints import trees
 from vit_jax.interop import checkpoint_cli
 from vit_jax.interop import export_timm
 
-timm = import_timm()
-import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
+timm = timm_support.Lazy(timm_support.import_timm)
+torch = timm_support.Lazy(lambda: importlib.import_module('torch'))
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

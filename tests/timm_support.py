@@ -32,6 +32,35 @@ def make_torchvision_importable() -> None:
         'torchvision._meta_registrations')
 
 
+class Lazy:
+  """A module imported by `load()` on its first attribute access.
+
+  Every pytest-xdist worker imports every test file to collect it; with
+  these, only the worker that runs the tests pays for torch's libraries
+  (`load` may skip the test that first touches it).
+  """
+
+  def __init__(self, load):
+    self._load = load
+    self._module = None
+
+  def __getattr__(self, name):
+    if name.startswith('_'):  # pytest's probes while collecting
+      raise AttributeError(name)
+    if self._module is None:
+      self._module = self._load()
+    return getattr(self._module, name)
+
+
+def import_transformers():
+  """transformers (and safetensors), with torchvision importable, or the
+  calling test skipped."""
+  pytest.importorskip('torch')
+  make_torchvision_importable()  # transformers imports it
+  pytest.importorskip('safetensors')
+  return pytest.importorskip('transformers')
+
+
 def import_timm():
   """timm, with torchvision importable, or the calling module skipped."""
   pytest.importorskip('torch')
