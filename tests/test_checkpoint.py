@@ -32,6 +32,8 @@ from vit_jax.interop import checkpoint_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 # ----------------------------------------------------------------------------
 # Helpers.
 
@@ -790,28 +792,30 @@ def test_cli_resize_sizes_that_do_not_fit_write_nothing(tmp_path, capsys, args,
   assert not out.exists()
 
 
-def test_cli_subprocess_exit_status_and_one_line_error(tmp_path):
+def test_cli_subprocess_exit_status_and_one_line_error(tmp_path, capsys):
+  """`python -m` once (the exit status of the module run as a program);
+  the unknown command in-process, through what `python -m` runs."""
   path = write_bytes(tmp_path / 'text.npz', b'not a zip')
   out = tmp_path / 'out.npz'
   result = run_cli('convert', path, str(out))
   assert result.returncode == 1
   assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
   assert path in result.stderr and not out.exists()
-  result = run_cli('frobnicate')
-  assert result.returncode == 2 and result.stderr.count('\n') == 1
+  with pytest.raises(SystemExit) as exit_:
+    checkpoint_cli.main(['frobnicate'])
+  assert exit_.value.code == 2 and capsys.readouterr().err.count('\n') == 1
 
 
 # ----------------------------------------------------------------------------
 # The command line.
 
 
-def test_cli_inspect_fixture():
-  path = 'tests/data/official/tiny_vit_token_params_prelinen_names.npz'
-  result = run_cli('inspect', path)
-  assert result.returncode == 0, result.stderr
-  raw = np.load(os.path.join(ROOT, path))
+def test_cli_inspect_fixture(capsys):
+  path = official.params_path('tiny_vit_token', released_names=True)
+  assert checkpoint_cli.main(['inspect', path]) == 0
+  raw = np.load(path)
   count = sum(raw[k].size for k in raw.files)
-  lines = result.stdout.splitlines()
+  lines = capsys.readouterr().out.splitlines()
   assert f'parameters: {count:,}' in lines
   for line in ('hidden_size: 32', 'num_layers: 2', 'num_heads: 2',
                'mlp_dim: 64', 'patch_size: 16x16', 'resnet: none',
@@ -836,15 +840,14 @@ def test_cli_inspect_hybrid(capsys):
   assert 'representation_size: None' in lines
 
 
-def test_cli_inspect_names_the_zoo_model(tmp_path):
+def test_cli_inspect_names_the_zoo_model(tmp_path, capsys):
   model = models.get_model('ViT-Ti_16', num_classes=1000)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                        param_shapes(model, (224, 224)))
   path = str(tmp_path / 'ViT-Ti_16.npz')
   checkpoint.save(zeros, path)
-  result = run_cli('inspect', path)
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.splitlines()
+  assert checkpoint_cli.main(['inspect', path]) == 0
+  lines = capsys.readouterr().out.splitlines()
   # Width 192, MLP 768, 12 blocks, 197 tokens of 16x16x3 patches (the
   # original's vit_jax/configs/models.py): 147,648 patch embedding + 192
   # class token + 37,824 position embedding + 12 x 444,864 blocks + 384

@@ -41,7 +41,8 @@ def test_corruption_proportions():
   b, n, d = 64, 196, 8
   tokens = jax.random.normal(jax.random.key(0), (b, n, d))
   mask_token = jnp.full((d,), 100.0)
-  out, chosen = models_mpp.corrupt(jax.random.key(1), tokens, mask_token)
+  out, chosen = jax.jit(models_mpp.corrupt)(jax.random.key(1), tokens,
+                                            mask_token)
   out, chosen, tokens = map(np.asarray, (out, chosen, tokens))
 
   # Exactly half of the patches of every image are chosen.
@@ -209,12 +210,11 @@ def test_fully_masked_input_ignores_the_image(initial_params):
 def test_one_gradient_step_reduces_the_loss(initial_params):
   model = _model()
   params = initial_params
-  images = jnp.concatenate([
+  images = np.concatenate([
       _solid((255, 0, 0), batch=2),
       _solid((0, 0, 255), batch=2),
-      jax.random.uniform(
-          jax.random.key(6), (4, IMAGE, IMAGE, 3), minval=-1, maxval=1)
-  ])
+      np.random.default_rng(6).uniform(-1, 1, (4, IMAGE, IMAGE, 3))
+  ]).astype(np.float32)
   loss_fn = functools.partial(
       models_mpp.loss_fn, model=model, train=False, with_accuracy=True)
   step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -222,7 +222,9 @@ def test_one_gradient_step_reduces_the_loss(initial_params):
   (loss, _), grads = step(params, images, rng)
   # A zero-initialised head predicts uniformly: the loss starts at log(512).
   np.testing.assert_allclose(loss, np.log(512), rtol=1e-5)
-  new_params = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
+  # In numpy: op by op, jax would compile one update per parameter shape.
+  new_params = jax.tree_util.tree_map(
+      lambda p, g: np.asarray(p) - 0.5 * np.asarray(g), params, grads)
   (new_loss, accuracy), _ = step(new_params, images, rng)
   assert new_loss < loss - 0.1
   assert 0.0 <= accuracy <= 1.0
@@ -257,13 +259,13 @@ def test_token_only_last_block_does_not_prune_patch_prediction():
               attention_dropout_rate=0.)))
   plain = models_mpp.MaskedPatchPredictor(**kw)
   switched = models_mpp.MaskedPatchPredictor(token_only_last_block=True, **kw)
-  params = plain.init(
-      jax.random.key(0), images, train=False, corrupt_patches=False)['params']
+  shapes = jax.eval_shape(lambda: plain.init(
+      jax.random.key(0), images, train=False, corrupt_patches=False))['params']
   rng = np.random.default_rng(1)
-  params = jax.tree_util.tree_map(  # A prediction head that is not zero.
-      lambda p: p + 0.1 * rng.standard_normal(p.shape), params)
-  predict = lambda m: m.apply(
-      {'params': params}, images, train=False, corrupt_patches=False)[0]
+  params = jax.tree_util.tree_map(  # Every leaf random: no zero head.
+      lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+  predict = lambda m: jax.jit(lambda p, x: m.apply(
+      {'params': p}, x, train=False, corrupt_patches=False)[0])(params, images)
   logits = predict(plain)
   assert logits.shape[:2] == (2, 16)  # Every patch of the 4x4 grid.
   np.testing.assert_array_equal(predict(switched), logits)

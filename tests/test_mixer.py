@@ -35,14 +35,21 @@ def tiny_mixer_config():
 
 
 def init(model, size=28):
-  return model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-      train=False)['params']
+  """The model's parameter shapes (traced, not computed: `randomized` and
+  `load_pretrained` need no more)."""
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros(
+          (1, size, size, 3)), train=False))['params']
+
+
+def apply(model, params, x):
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, x)
 
 
 def images(n=4, size=28):
-  return jax.random.uniform(
-      jax.random.PRNGKey(1), (n, size, size, 3), minval=-1., maxval=1.)
+  return np.random.default_rng(1).uniform(-1., 1.,
+                                          (n, size, size, 3)).astype(np.float32)
 
 
 def randomized(params, seed=2):
@@ -91,14 +98,12 @@ def test_released_names_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   x = images()
   np.testing.assert_array_equal(
-      model.apply({'params': loaded}, x, train=False),
-      model.apply({'params': params}, x, train=False))
+      apply(model, loaded, x), apply(model, params, x))
 
 
 def test_inspect_names_the_mixer(tmp_path, capsys):
   model = models.get_model('Mixer-B_32', num_classes=10)
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                        jax.eval_shape(lambda: init(model, 64)))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init(model, 64))
   path = str(tmp_path / 'mixer.npz')
   checkpoint.save(params, path)
   assert checkpoint_cli.main(['inspect', path]) == 0
@@ -123,5 +128,4 @@ def test_load_pretrained_gives_a_fresh_zero_head(tmp_path):
   for name in ('stem', 'MixerBlock_0', 'MixerBlock_1', 'pre_head_layer_norm'):
     jax.tree.map(np.testing.assert_array_equal, params[name],
                  pretrained_params[name])
-  np.testing.assert_array_equal(
-      model.apply({'params': params}, images(), train=False), 0.)
+  np.testing.assert_array_equal(apply(model, params, images()), 0.)

@@ -1,5 +1,7 @@
 """The models: zoo parameter counts, parity with the original, options, errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,12 +33,70 @@ ORIGINAL_NAMES = {
 }
 
 
+def random_params(model, image_shape, seed=0):
+  """Numpy params of the model's shapes (jax.eval_shape), every leaf random.
+
+  Flax's initializers run op by op cost a compilation per shape; where the
+  values do not matter, these stand in for `model.init`.
+  """
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros(image_shape), train=False))['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+
+
+def jit_apply(model, **kw):
+  """model.apply(params, x), jitted: one compilation, where op by op each
+  new image size costs one per operation."""
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False, **kw))
+
+
+def uniform_images(shape, seed=1):
+  return np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def scanned_shapes(name):
+  """zoo_sizes.param_shapes with the blocks as one nn.scan: the same leaves,
+  stacked, for a fifth of the tracing (one block traced, not up to 40)."""
+  model = models.get_model(name, num_classes=1000, scan=True)
+  images = jnp.zeros((1, 224, 224, 3))
+  return jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, train=False))['params']
+
+
 @pytest.mark.parametrize('name', VITS)
-def test_zoo_parameter_count(name):
+def test_zoo_parameter_count_and_head(name):
   assert name in zoo_sizes.PARAM_COUNTS, (
       f'{name} is registered without a pinned parameter count: add it to '
       'PARAM_COUNTS in tests/zoo_sizes.py.')
-  assert count(zoo_sizes.param_shapes(name)) == zoo_sizes.PARAM_COUNTS[name]
+  params = scanned_shapes(name)
+  assert count(params) == zoo_sizes.PARAM_COUNTS[name]
+  config = models.MODEL_CONFIGS[name]
+  blocks = params['Transformer']['encoderblock']
+  assert jax.tree.leaves(blocks)[0].shape[0] == config.transformer.num_layers
+  has_cls = config.classifier in ('token', 'token_unpooled')
+  assert ('cls' in params) == has_cls, name
+  assert has_cls == (not name.endswith(('gap-norep', 'unpooled'))), name
+  assert 'pre_logits' not in params, name  # Zoo configs are for fine-tuning.
+  assert params['head']['kernel'].shape == (config.hidden_size, 1000)
+
+
+def test_zoo_count_of_the_block_loop_equals_the_scan():
+  """The counts above are of scanned models; unscanned, as the zoo's models
+  run by default, the same leaves are one tree per block (a hybrid: its
+  ResNet is outside the scan)."""
+  name = 'R+ViT-Ti_16'
+  params = zoo_sizes.param_shapes(name)
+  assert count(params) == zoo_sizes.PARAM_COUNTS[name]
+  layers = models.MODEL_CONFIGS[name].transformer.num_layers
+  blocks = {k for k in params['Transformer'] if k.startswith('encoderblock_')}
+  assert blocks == {f'encoderblock_{i}' for i in range(layers)}
+  scanned = scanned_shapes(name)
+  assert set(scanned) == set(params)
+  assert count(scanned['Transformer']['encoderblock']) == layers * count(
+      params['Transformer']['encoderblock_0'])
 
 
 def test_the_registries():
@@ -72,17 +132,6 @@ def test_augreg_names_are_registered_models():
     assert id(config) in registered, name
 
 
-@pytest.mark.parametrize('name', VITS)
-def test_zoo_model_heads(name):
-  params = zoo_sizes.param_shapes(name)
-  config = models.MODEL_CONFIGS[name]
-  has_cls = config.classifier in ('token', 'token_unpooled')
-  assert ('cls' in params) == has_cls, name
-  assert has_cls == (not name.endswith(('gap-norep', 'unpooled'))), name
-  assert 'pre_logits' not in params, name  # Zoo configs are for fine-tuning.
-  assert params['head']['kernel'].shape == (config.hidden_size, 1000)
-
-
 def test_zoo_dropout_rates_follow_the_original():
   vits = {n: c for n, c in models.MODEL_CONFIGS.items() if 'transformer' in c}
   dropout = {n: c.transformer.dropout_rate for n, c in vits.items()}
@@ -99,25 +148,27 @@ def test_zoo_configs_are_locked():
     config.hiden_size = 3  # A typo must not silently add a field.
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_fixture_model(name, dtype=None):
+  """(logits, pre_logits) of fixture `name`, jitted once per model.
+
+  Jitted: op by op, the hybrid's ResNet costs four times its compilation.
+  The unjitted path is checked against the original module by module in
+  test_intermediates_match_the_original.
+  """
+  kw = {} if dtype is None else dict(dtype=dtype)
+  model = official.model(name, **kw)
+  return jax.jit(lambda p, x: official.apply_with_pre_logits(model, p, x))
+
+
 @pytest.mark.parametrize('name,released_names', official.PARAM_FILES)
 def test_parity_with_the_original(name, released_names):
   params = checkpoint.load(official.params_path(name, released_names))
-  logits, pre_logits = official.apply_with_pre_logits(
-      official.model(name), params, official.inputs())
+  logits, pre_logits = jitted_fixture_model(name)(params, official.inputs())
   np.testing.assert_allclose(
       logits, official.logits(name), rtol=0, atol=official.ATOL)
   np.testing.assert_allclose(
       pre_logits, official.pre_logits(name), rtol=0, atol=official.ATOL)
-
-
-def test_parity_under_jit():
-  name = 'tiny_hybrid_r2x2'
-  model = official.model(name)
-  params = checkpoint.load(official.params_path(name))
-  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, official.inputs())
-  np.testing.assert_allclose(
-      logits, official.logits(name), rtol=0, atol=official.ATOL)
 
 
 def test_intermediates_match_the_original():
@@ -146,8 +197,11 @@ def test_intermediates_match_the_original():
 def test_fresh_model_outputs_head_bias():
   model = models.get_model('testing', num_classes=7, head_bias_init=-10.)
   x = jnp.ones((2, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  logits = model.apply(variables, x, train=False)
+  # Jitted: Flax's initializers op by op compile once per parameter shape.
+  variables = jax.jit(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(
+          x)
+  logits = jit_apply(model)(variables['params'], x)
   np.testing.assert_array_equal(logits, np.full((2, 7), -10., np.float32))
   assert not np.any(variables['params']['head']['kernel'])
 
@@ -160,10 +214,9 @@ def test_fresh_model_outputs_head_bias():
 ])
 def test_classifiers(classifier, shape, has_cls):
   model = models.get_model('testing', num_classes=5, classifier=classifier)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  params = jax.tree.map(lambda p: p + 0.1, variables['params'])
-  out = model.apply({'params': params}, x, train=False)
+  x = uniform_images((2, 32, 32, 3))
+  params = random_params(model, x.shape)
+  out = jit_apply(model)(params, x)
   assert out.shape == shape
   assert ('cls' in params) == has_cls
   n_tokens = 4 + int(has_cls)
@@ -173,42 +226,41 @@ def test_classifiers(classifier, shape, has_cls):
 
 def test_gap_is_the_mean_of_the_unpooled_features():
   kw = dict(num_classes=0)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  x = uniform_images((2, 32, 32, 3))
   gap = models.get_model('testing', classifier='gap', **kw)
   unpooled = models.get_model('testing', classifier='unpooled', **kw)
-  params = gap.init(jax.random.PRNGKey(0), x, train=False)['params']
+  params = random_params(gap, x.shape)
   np.testing.assert_allclose(
-      gap.apply({'params': params}, x, train=False),
-      unpooled.apply({
-          'params': params
-      }, x, train=False).mean(axis=1),
+      jit_apply(gap)(params, x),
+      jit_apply(unpooled)(params, x).mean(axis=1),
       rtol=0,
       atol=1e-6)
 
 
 def test_representation_layer_is_dense_tanh():
   model = models.get_model('testing', num_classes=3, representation_size=6)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  x = uniform_images((2, 32, 32, 3))
+  params = random_params(model, x.shape)
   assert params['pre_logits']['kernel'].shape == (10, 6)
   features = models.get_model('testing', num_classes=0, representation_size=6)
-  rep = features.apply({'params': params}, x, train=False)
+  rep = jit_apply(features)(params, x)
   assert rep.shape == (2, 6)
   assert np.all(np.abs(rep) < 1)  # tanh
   no_rep = models.get_model('testing', num_classes=3)
-  assert 'pre_logits' not in no_rep.init(
-      jax.random.PRNGKey(0), x, train=False)['params']
+  assert 'pre_logits' not in random_params(no_rep, x.shape)
 
 
 def test_dropout_only_in_training():
   model = models.get_model('testing', num_classes=0)  # dropout_rate 0.1
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
-  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
-  apply = lambda train, seed: model.apply(  # pylint: disable=g-long-lambda
-      {'params': params},
-      x,
-      train=train,
-      rngs={'dropout': jax.random.PRNGKey(seed)})
+  x = uniform_images((2, 32, 32, 3))
+  params = random_params(model, x.shape)
+  jitted = {
+      train:
+          jax.jit(lambda p, x, key, train=train: model.apply(
+              {'params': p}, x, train=train, rngs={'dropout': key}))
+      for train in (False, True)
+  }
+  apply = lambda train, seed: jitted[train](params, x, jax.random.PRNGKey(seed))
   np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
   np.testing.assert_array_equal(apply(True, 0), apply(True, 0))
   assert not np.allclose(apply(True, 0), apply(True, 1))
@@ -218,16 +270,9 @@ def test_dropout_only_in_training():
 # Position embeddings (paper Appendix D.4).
 
 
-def _init(model, x):
-  return model.init(jax.random.PRNGKey(0), x, train=False)['params']
-
-
 def _posembed_output(model, params, x):
-  _, state = model.apply({'params': params},
-                         x,
-                         train=False,
-                         capture_intermediates=True,
-                         mutable=['intermediates'])
+  _, state = jit_apply(
+      model, capture_intermediates=True, mutable=['intermediates'])(params, x)
   inter = state['intermediates']
   return (inter['Transformer']['posembed_input']['__call__'][0],
           inter['embedding']['__call__'][0])
@@ -235,8 +280,8 @@ def _posembed_output(model, params, x):
 
 def test_posemb_learn_2d_concatenates_row_and_column_tables():
   model = models.get_model('testing', num_classes=3, posemb='learn_2d')
-  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 48, 32, 3))  # 3x2 grid
-  params = _init(model, x)
+  x = uniform_images((2, 48, 32, 3))  # 3x2 grid
+  params = random_params(model, x.shape)
   pe = params['Transformer']['posembed_input']
   assert pe['pos_embedding_row'].shape == (3, 5)
   assert pe['pos_embedding_col'].shape == (2, 5)
@@ -258,8 +303,8 @@ def test_posemb_learn_2d_concatenates_row_and_column_tables():
 def test_posemb_sincos2d_is_fixed_and_matches_the_formula():
   model = models.get_model(
       'testing', num_classes=3, hidden_size=8, posemb='sincos2d')
-  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 48, 3))  # 2x3 grid
-  params = _init(model, x)
+  x = uniform_images((1, 32, 48, 3))  # 2x3 grid
+  params = random_params(model, x.shape)
   assert 'posembed_input' not in params['Transformer']
   out, patches = _posembed_output(model, params, x)
   added = np.asarray(out[0, 1:] - patches[0].reshape(6, 8))
@@ -278,20 +323,20 @@ def test_posemb_sincos2d_is_fixed_and_matches_the_formula():
 
 def test_posemb_none_has_no_parameters_and_adds_nothing():
   model = models.get_model('testing', num_classes=3, posemb='none')
-  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 32, 3))
-  params = _init(model, x)
+  x = jnp.asarray(uniform_images((1, 32, 32, 3)))
+  params = random_params(model, x.shape)
   assert 'posembed_input' not in params['Transformer']
   assert count(params) == count(
-      _init(models.get_model('testing', num_classes=3), x)) - 5 * 10
+      random_params(models.get_model('testing', num_classes=3),
+                    x.shape)) - 5 * 10
   # Without position information the model is permutation-invariant over
   # patches: swapping two patches leaves the class-token output unchanged.
   swapped = x.at[:, :16, :16].set(x[:, 16:, 16:]).at[:, 16:,
                                                      16:].set(x[:, :16, :16])
   params = jax.tree.map(lambda p: p + 0.05, params)
+  apply = jit_apply(model)
   np.testing.assert_allclose(
-      model.apply({'params': params}, x, train=False),
-      model.apply({'params': params}, swapped, train=False),
-      atol=1e-5)
+      apply(params, x), apply(params, swapped), atol=1e-5)
 
 
 def test_posemb_learn_default_is_the_original():
@@ -307,13 +352,14 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close():
   name = 'tiny_vit_token'
   params = checkpoint.load(official.params_path(name))
   x = official.inputs()
-  f32 = official.model(name).apply({'params': params}, x, train=False)
-  model_bf16 = official.model(name, dtype=jnp.bfloat16)
-  bf16 = model_bf16.apply({'params': params}, x, train=False)
+  f32 = jitted_fixture_model(name)(params, x)[0]
+  bf16 = jitted_fixture_model(name, jnp.bfloat16)(params, x)[0]
   assert bf16.dtype == jnp.float32
   # Close to float32, but really computed in bfloat16 (~3 significant digits).
   assert 1e-4 < np.abs(bf16 - f32).max() < 5e-2 * np.abs(f32).max()
-  init = model_bf16.init(jax.random.PRNGKey(0), x, train=False)['params']
+  model_bf16 = official.model(name, dtype=jnp.bfloat16)
+  init = jax.eval_shape(
+      lambda: model_bf16.init(jax.random.PRNGKey(0), x, train=False))['params']
   assert {p.dtype for p in jax.tree.leaves(init)} == {jnp.dtype('float32')}
 
 
@@ -322,10 +368,8 @@ def test_explicit_float32_dtype_is_the_default():
   params = checkpoint.load(official.params_path(name))
   x = official.inputs()
   np.testing.assert_array_equal(
-      official.model(name).apply({'params': params}, x, train=False),
-      official.model(name, dtype=jnp.float32).apply({'params': params},
-                                                    x,
-                                                    train=False))
+      jitted_fixture_model(name)(params, x)[0],
+      jitted_fixture_model(name, jnp.float32)(params, x)[0])
 
 
 # Attention weights on request.
@@ -350,12 +394,15 @@ def test_attention_weights_match_the_originals_queries_and_keys():
 
 def test_attention_weights_leave_outputs_and_params_unchanged():
   model = models.get_model('testing', num_classes=3)
-  x = jax.random.uniform(jax.random.PRNGKey(1), (1, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  assert set(variables) == {'params'}
-  plain = model.apply(variables, x, train=False)
-  with_state, state = model.apply(
-      variables, x, train=False, mutable=['intermediates'])
+  x = uniform_images((1, 32, 32, 3))
+  assert set(
+      jax.eval_shape(
+          lambda: model.init(jax.random.PRNGKey(0), x, train=False))) == {
+              'params'
+          }
+  params = random_params(model, x.shape)
+  plain = jit_apply(model)(params, x)
+  with_state, state = jit_apply(model, mutable=['intermediates'])(params, x)
   np.testing.assert_array_equal(plain, with_state)
   assert 'intermediates' in state
 
@@ -366,9 +413,7 @@ def test_attention_weights_leave_outputs_and_params_unchanged():
 @pytest.fixture(scope='module')
 def testing_model_and_params():
   model = models.get_model('testing', num_classes=3)
-  params = model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
-  return model, params
+  return model, random_params(model, (1, 32, 32, 3))
 
 
 def test_error_image_not_a_multiple_of_the_patch(testing_model_and_params):
@@ -386,7 +431,8 @@ def test_error_hybrid_image_not_a_multiple_of_the_stride():
       ValueError,
       match=r'100x96 is not a multiple of 32x32 '
       r'\(ResNet stem stride'):
-    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 96, 3)), train=False)
+    jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 100, 96, 3)), train=False))
 
 
 def test_error_wrong_rank(testing_model_and_params):

@@ -21,6 +21,8 @@ from vit_jax.layers import relative_attention
 from vit_jax.run_config import validation
 from vit_jax.run_config.errors import ConfigError
 
+UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
 # The 'testing' model (hidden 10, patch 16), 2 heads of 5, 2 blocks; 32x48
 # images are a 2x3 grid: 6 patches (+ class token).
 IMAGE_HW = (32, 48)
@@ -80,14 +82,27 @@ def posemb_leaves(params):
   return {k: v.shape for k, v in flat(params).items() if 'posembed' in k}
 
 
+@pytest.fixture(scope='module')
+def relative_reference():
+  """(params, images, output) of the plain relative model, computed once for
+  the tests that compare a variant with it."""
+  params, x = init(make_model('relative')), images()
+  return params, x, apply(make_model('relative'), params, x)
+
+
 def test_relative_bias_equals_explicit_loops():
   n, prefix, heads, dh = 6, 1, 2, 5
-  table = relative_attention.RelativePositionEmbedding(
-      num_heads=heads, num_prefix_tokens=prefix).init_with_output(
-          jax.random.PRNGKey(1), n + prefix, heads * dh)[0]
-  query = jax.random.normal(jax.random.PRNGKey(2), (2, n + prefix, heads, dh))
-  bias = relative_attention.relative_logits(
-      query, table, relative_attention.offset_index(n, prefix, n + prefix))
+
+  @jax.jit  # One compilation, not one per operation.
+  def table_query_bias():
+    table = relative_attention.RelativePositionEmbedding(
+        num_heads=heads, num_prefix_tokens=prefix).init_with_output(
+            jax.random.PRNGKey(1), n + prefix, heads * dh)[0]
+    query = jax.random.normal(jax.random.PRNGKey(2), (2, n + prefix, heads, dh))
+    return table, query, relative_attention.relative_logits(
+        query, table, relative_attention.offset_index(n, prefix, n + prefix))
+
+  table, query, bias = table_query_bias()
   q_np, t_np = np.asarray(query, np.float64), np.asarray(table, np.float64)
   assert t_np.shape == (2 * n, heads, dh)  # 2N-1 offsets + the class row.
   expected = np.zeros(bias.shape)
@@ -103,33 +118,28 @@ def test_relative_bias_equals_explicit_loops():
   np.testing.assert_allclose(bias, expected, atol=1e-6, rtol=0)
 
 
-def test_relative_with_zero_tables_is_posemb_none():
-  params = flat(init(make_model('relative')))
+def test_relative_with_zero_tables_is_posemb_none(relative_reference):
+  params, x, expected = relative_reference
+  params = flat(params)
   zeroed = {
       k: np.zeros_like(v) if 'posembed_relative' in k else v
       for k, v in params.items()
   }
   without = {k: v for k, v in params.items() if 'posembed_relative' not in k}
-  x = images()
   out = apply(make_model('relative'), nest(zeroed), x)
   np.testing.assert_allclose(
       out, apply(make_model('none'), nest(without), x), atol=1e-6)
-  assert not np.allclose(
-      out, apply(make_model('relative'), nest(params), x), atol=1e-6)
+  assert not np.allclose(out, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize('impl', ['heads_major', 'xla'])
-def test_relative_under_every_attention_impl(impl):
-  x = images()
-  params = init(make_model('relative'))
-  expected = apply(make_model('relative'), params, x)
+def test_relative_under_every_attention_impl(impl, relative_reference):
+  params, x, expected = relative_reference
   model = make_model('relative', attention_impl=impl)
   np.testing.assert_allclose(apply(model, params, x), expected, atol=1e-5)
   # Collecting the attention weights runs the reference path, bias included.
-  out, inter = model.apply({'params': params},
-                           x,
-                           train=False,
-                           mutable=['intermediates'])
+  out, inter = jax.jit(lambda p, x: model.apply(
+      {'params': p}, x, train=False, mutable=['intermediates']))(params, x)
   np.testing.assert_allclose(out, expected, atol=1e-5)
   assert 'encoderblock_1' in inter['intermediates']['Transformer']
 
@@ -243,15 +253,16 @@ def test_every_layer_shared_is_every_layer_with_one_table(posemb):
       layered[f'Transformer/encoderblock_{i}/posembed/{name}'] = table
   x = images()
 
-  def loss(model, params):
-    return jnp.sum(apply(model, params, x)**2)
+  def loss_and_grad(model, params):  # One compilation per model.
+    return jax.jit(
+        jax.value_and_grad(
+            lambda p: jnp.sum(model.apply({'params': p}, x, train=False)**2)))(
+                params)
 
-  np.testing.assert_allclose(
-      loss(shared_model, nest(shared)),
-      loss(layer_model, nest(layered)),
-      rtol=1e-6)
-  g_shared = flat(jax.grad(lambda p: loss(shared_model, p))(nest(shared)))
-  g_layered = flat(jax.grad(lambda p: loss(layer_model, p))(nest(layered)))
+  loss_shared, g_shared = loss_and_grad(shared_model, nest(shared))
+  loss_layered, g_layered = loss_and_grad(layer_model, nest(layered))
+  np.testing.assert_allclose(loss_shared, loss_layered, rtol=1e-6)
+  g_shared, g_layered = flat(g_shared), flat(g_layered)
   for name in tables:
     per_block = [
         g_layered[f'Transformer/encoderblock_{i}/posembed/{name}']
@@ -278,9 +289,9 @@ def test_every_layer_first_table_alone_is_the_input_table():
       atol=1e-6)
 
 
+# Relative attention without remat: its forward pass is checked under 'full'.
 @pytest.mark.parametrize('posemb,where,remat',
-                         [('relative', 'input', 'none'),
-                          ('relative', 'input', 'full'),
+                         [('relative', 'input', 'full'),
                           ('learn', 'every_layer', 'none'),
                           ('learn_2d', 'every_layer_shared', 'full')])
 def test_scan_equals_the_loop(posemb, where, remat):
@@ -294,8 +305,10 @@ def test_scan_equals_the_loop(posemb, where, remat):
                                                 shapes(scanned)))
   np.testing.assert_allclose(apply(scanned, stacked, x), expected, atol=1e-5)
   if remat != 'none':  # Recomputed in the backward pass: the same gradients.
-    grad = lambda model, p: jax.grad(lambda p: jnp.sum(apply(model, p, x)**2))(
-        p)
+    grad = lambda model, p: jax.jit(  # pylint: disable=g-long-lambda
+        jax.grad(lambda p: jnp.sum(
+            model.apply({'params': p}, x, train=False)**2)))(
+                p)
     expected_grads = layouts.layers_to_scan(
         jax.tree.map(np.asarray, grad(make_model(posemb, where), params)), 2)
     for key, value in flat(grad(scanned, stacked)).items():
@@ -303,10 +316,8 @@ def test_scan_equals_the_loop(posemb, where, remat):
           value, flat(expected_grads)[key], atol=1e-4, err_msg=key)
 
 
-def test_relative_in_bfloat16_is_close():
-  x = images()
-  params = init(make_model('relative'))
-  expected = apply(make_model('relative'), params, x)
+def test_relative_in_bfloat16_is_close(relative_reference):
+  params, x, expected = relative_reference
   out = apply(make_model('relative', dtype=jnp.bfloat16), params, x)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, expected, atol=0.05)
@@ -394,11 +405,10 @@ def test_unknown_or_unfit_choices_fail_clearly():
   validation.check_config(config, device_count=1)
 
 
-def test_relative_with_token_only_last_block():
+def test_relative_with_token_only_last_block(relative_reference):
   """The last block's class-token row takes its row of the offset index."""
-  x = images()
-  params = init(make_model('relative'))
+  params, x, expected = relative_reference
   np.testing.assert_allclose(
       apply(make_model('relative', token_only_last_block=True), params, x),
-      apply(make_model('relative'), params, x),
+      expected,
       atol=1e-5)
