@@ -2,7 +2,7 @@
 
 `python -m vit_jax.main --workdir=<dir>` (no --config: configs/embedded.py)
 trains the small ViT on the embedded MNIST digits offline. Here it runs with
-`--config.total_steps=300` (the full run's accuracy over seeds is the job of
+`--config.total_steps=150` (the full run's accuracy over seeds is the job of
 `python -m bench.main_job`, docs/main_job.md). One run (a module fixture)
 serves every test here: learning, the console a person sees (each progress
 step once, no library noise, the closing lines), the pictures in the
@@ -32,8 +32,9 @@ NOISE = (
     'Traceback',
 )
 ABSL_LOG_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
-# The default command with fewer steps: 300 steps reach about 0.91.
-SHORT = ('--config.total_steps=300', '--config.eval_every=150')
+# The default command with fewer steps: 150 steps reached 0.742 (0.449 at
+# step 75); 0.6 is far above chance (0.1).
+SHORT = ('--config.total_steps=150', '--config.eval_every=75')
 
 
 def _env():
@@ -65,9 +66,9 @@ def main_job(tmp_path_factory):
 def test_default_command_learns_the_digits(main_job):
   workdir, console, summary = main_job
   assert summary['config']['dataset'] == 'embedded_mnist'
-  assert summary['step'] == summary['total_steps'] == 300
-  assert [step for step, _ in summary['eval_history']] == [150, 300]
-  assert summary['accuracy'] >= 0.85, summary['eval_history']
+  assert summary['step'] == summary['total_steps'] == 150
+  assert [step for step, _ in summary['eval_history']] == [75, 150]
+  assert summary['accuracy'] >= 0.6, summary['eval_history']
   assert os.listdir(os.path.join(workdir, 'checkpoints')) != []
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert any(
@@ -156,4 +157,6 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
   top1 = re.findall(r'^  [0-9.]+  (\d)$', outputs[0], re.M)
   assert len(top1) == len(paths)
   right = sum(int(t) == labels[i] for t, i in zip(top1, range(0, 1000, 50)))
-  assert right >= 0.75 * len(paths), outputs[0]
+  # 20 digits, a model at about 0.74: at least half of them, far above
+  # chance (2 of 20).
+  assert right >= 0.5 * len(paths), outputs[0]

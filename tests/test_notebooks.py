@@ -8,14 +8,14 @@ ipykernel's `python3`, which jupyter_client starts with this interpreter
 find the repository through `VIT_JAX_REPO` and write their training runs and
 figures to `VIT_JAX_NOTEBOOK_WORKDIR`. One device: XLA_FLAGS is removed.
 
-Both notebooks train the same 150-step model into `<workdir>/train`, and
+Both notebooks train the same 100-step model into `<workdir>/train`, and
 they share one workdir (a module fixture): paper_figures, run after
 quickstart, finds quickstart's finished run there and only evaluates it
 (`train_and_evaluate` resumes from the newest checkpoint), as a person
 re-running a notebook would see. Run alone, it trains.
 
 Besides "no cell failed", the printed numbers are checked: accuracies far
-above chance (0.1; the notebooks print 0.765 after their 150 steps), the
+above chance (0.1; the notebooks print 0.739 after their 100 steps), the
 exported file reproducing the training accuracy, the official fixture's
 logits matching the original's, the figure files and the few-shot table.
 """
@@ -32,10 +32,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
-CELL_TIMEOUT_S = 300  # one training cell takes ~30-60 s on 2 CPU cores
+CELL_TIMEOUT_S = 300  # one training cell takes ~20-40 s on 2 CPU cores
 CHECK_KERNEL = 'import sys\nprint("KERNEL_PREFIX", sys.prefix)'
-# 150 steps reach 0.765; chance is 0.1.
-MIN_ACCURACY = 0.5
+# 100 steps reach 0.739, 30 fine-tuning steps at 42x42 0.426; chance is 0.1.
+MIN_ACCURACY = 0.3
 
 
 @pytest.fixture(scope='module')
@@ -101,7 +101,7 @@ def _summary(workdir):
 def test_quickstart(tmp_path, workdir):
   stdout, outputs = _execute('quickstart', tmp_path, workdir)
 
-  accuracy, = _number(r'Test accuracy after 150 steps: ([0-9.]+)', stdout)
+  accuracy, = _number(r'Test accuracy after 100 steps: ([0-9.]+)', stdout)
   assert accuracy > MIN_ACCURACY
   reloaded, reported = _number(
       r'Accuracy of the exported file on 1000 test digits: ([0-9.]+) '
@@ -112,7 +112,7 @@ def test_quickstart(tmp_path, workdir):
   assert 'position embedding (1, 17, 64) -> (1, 37, 64)' in stdout
   assert 'head after load_pretrained is all zeros: True' in stdout
   ft_accuracy, = _number(
-      r'Fine-tuned test accuracy at 42x42 after 50 steps: ([0-9.]+)', stdout)
+      r'Fine-tuned test accuracy at 42x42 after 30 steps: ([0-9.]+)', stdout)
   assert ft_accuracy > MIN_ACCURACY
 
   fixture = os.path.join(REPO, 'tests', 'data', 'official',
@@ -133,10 +133,10 @@ def test_paper_figures(tmp_path, workdir):
   trained = _summary(workdir) if (workdir / 'train').is_dir() else None
   stdout, outputs = _execute('paper_figures', tmp_path, workdir)
 
-  accuracy, = _number(r'Test accuracy after 150 steps: ([0-9.]+)', stdout)
+  accuracy, = _number(r'Test accuracy after 100 steps: ([0-9.]+)', stdout)
   assert accuracy > MIN_ACCURACY
   if trained:  # quickstart's run, evaluated again
-    assert _summary(workdir)['start_step'] == trained['step'] == 150
+    assert _summary(workdir)['start_step'] == trained['step'] == 100
     assert accuracy == trained['accuracy']
   for figure in ('filters_pca', 'posemb_similarity', 'attention_distance',
                  'attention_rollout'):

@@ -6,6 +6,11 @@ representation layer is pre-trained on 28x28 digits (4x4 grid of 7x7
 patches), exported to a released-format `.npz`, and fine-tuned at 42x42
 (6x6 grid) with resampled position embeddings, no `pre_logits` and a fresh
 head.
+
+Short and cheap: 150 pre-training steps and 30 fine-tuning steps at batch
+64, without the random shifts (a run this short learns more without them),
+compiled with most XLA optimizations off (few steps: compiling dominates).
+A test of the pipeline, not of accuracy.
 """
 
 import numpy as np
@@ -16,23 +21,25 @@ from vit_jax import train
 from vit_jax.checkpoints import export
 from vit_jax.checkpoints import npz
 
-PRETRAIN_STEPS = 200
-FINETUNE_STEPS = 40
-BATCH = 128
+UNOPTIMIZED_XLA = True
+PRETRAIN_STEPS = 150
+FINETUNE_STEPS = 30
+BATCH = 64
 
 
 def _short(config, steps):
   config.total_steps = steps
   config.warmup_steps = steps // 10
   config.batch = BATCH
-  config.eval_every = config.checkpoint_every = steps
+  config.pp.augment = 'none'
+  config.log_every = config.eval_every = config.checkpoint_every = steps
   return config
 
 
 def test_pretrain_export_finetune(tmp_path):
   pre = _short(embedded_pretrain.get_config(), PRETRAIN_STEPS)
   pre_summary = train.train_and_evaluate(pre, str(tmp_path / 'pre'))
-  assert pre_summary['accuracy'] > 0.45  # 0.60 measured; chance is 0.1
+  assert pre_summary['accuracy'] > 0.45  # 0.685 measured; chance is 0.1
 
   path = str(tmp_path / 'ViT-mnist_7.npz')
   assert export.export(str(tmp_path / 'pre'), path) == PRETRAIN_STEPS
@@ -70,6 +77,6 @@ def test_pretrain_export_finetune(tmp_path):
   scratch = _short(embedded_finetune.get_config(path), FINETUNE_STEPS)
   scratch.pretrained_path = None
   scratch_summary = train.train_and_evaluate(scratch, str(tmp_path / 'scratch'))
-  # Measured: 0.535 fine-tuned vs 0.231 from scratch after these 40 steps.
-  assert ft_summary['accuracy'] > scratch_summary['accuracy'] + 0.15, (
+  # Measured: 0.358 fine-tuned vs 0.190 from scratch after these 30 steps.
+  assert ft_summary['accuracy'] > scratch_summary['accuracy'] + 0.1, (
       ft_summary['accuracy'], scratch_summary['accuracy'])
