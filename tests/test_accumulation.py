@@ -135,7 +135,7 @@ def test_micro_batches_must_divide_the_per_device_batch():
 
 def test_main_job_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
   """The main job's recipe (batched affine augmentation, 4 micro-batches a
-  step, dropout on) resumed from its step-6 checkpoint ends where the
+  step, dropout on) resumed from its step-2 checkpoint ends where the
   uninterrupted run ends."""
   config = embedded.get_config()
   config.model = tiny_model_config(dropout=0.1)
@@ -145,21 +145,21 @@ def test_main_job_resumed_equals_uninterrupted_bit_for_bit(tmp_path):
           model_name='tiny',
           batch=32,
           batch_eval=500,
-          total_steps=12,
-          warmup_steps=2,
-          log_every=4,
+          total_steps=4,
+          warmup_steps=1,
+          log_every=2,
           eval_every=100,
-          checkpoint_every=6,
+          checkpoint_every=2,
           prefetch=1))
   assert config.accum_steps == 4 and config.pp.augment == 'affine'
   reference = str(tmp_path / 'reference')
   train.train_and_evaluate(config, reference)
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(reference, workdir)
-  shutil.rmtree(os.path.join(workdir, 'checkpoints', '12'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
   os.remove(os.path.join(workdir, run_report.SUMMARY_FILE))
   summary = train.train_and_evaluate(config, workdir)
-  assert summary['start_step'] == 6 and summary['step'] == 12
+  assert summary['start_step'] == 2 and summary['step'] == 4
   want, got = (
       trees.flatten_tree(train_checkpoint.TrainCheckpoints(w).restore_params())
       for w in (reference, workdir))

@@ -6,6 +6,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from vit_jax import utils  # pylint: disable=wrong-import-position
 from vit_jax.checkpoints import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax.checkpoints import trees  # pylint: disable=wrong-import-position
 from vit_jax.parallel import runners  # pylint: disable=wrong-import-position
+from vit_jax.reporting import run_plots  # pylint: disable=wrong-import-position
 from vit_jax.reporting import run_report  # pylint: disable=wrong-import-position
 from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
 from vit_jax.training import objectives  # pylint: disable=wrong-import-position
@@ -109,6 +111,14 @@ def read_summary(workdir):
 # ------------------------------------------------- one real training step
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+  """curves.png and confusion.png not drawn (~2 CPU s a run), for runs whose
+  pictures no test looks at (the folder run draws them; test_run_plots.py
+  checks them)."""
+  monkeypatch.setattr(run_plots, 'write_run_plots', lambda *args, **kw: [])
+
+
 def _write_image_folder(root, *, per_class=6, size=20):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
@@ -125,17 +135,30 @@ def _write_image_folder(root, *, per_class=6, size=20):
     f.write(b'not a jpeg')
 
 
-def test_train_steps_on_image_folder(tmp_path):
-  data = str(tmp_path / 'images')
+def _folder_config(data, **overrides):
+  fields = {
+      'dataset': data,
+      'batch': 6,
+      'batch_eval': 4,
+      'total_steps': 2,
+      'pp.augment': 'inception_crop'
+  }
+  return tiny_config(**(fields | overrides))
+
+
+@pytest.fixture(scope='module')
+def folder_run(tmp_path_factory):
+  """(image folder, workdir, summary) of one 2-step run on an image folder,
+  examined by several tests."""
+  root = tmp_path_factory.mktemp('folder_run')
+  data = str(root / 'images')
   _write_image_folder(data)
-  workdir = str(tmp_path / 'work')
-  config = tiny_config(
-      dataset=data,
-      batch=6,
-      batch_eval=4,
-      total_steps=2,
-      **{'pp.augment': 'inception_crop'})
-  summary = train.train_and_evaluate(config, workdir)
+  workdir = str(root / 'work')
+  return data, workdir, train.train_and_evaluate(_folder_config(data), workdir)
+
+
+def test_train_steps_on_image_folder(folder_run):
+  data, workdir, summary = folder_run
   assert summary == read_summary(workdir) | {}  # written to disk as returned
   assert summary['step'] == 2 and summary['start_step'] == 0
   assert 0.0 <= summary['accuracy'] <= 1.0
@@ -163,7 +186,7 @@ def _write_cifar10_metadata(data_dir, train_examples, test_examples):
   builder.info.write_to_directory(builder.data_dir)
 
 
-def test_train_steps_on_tfds_mock_data(tmp_path):
+def test_train_steps_on_tfds_mock_data(tmp_path, no_plots):
   data_dir = str(tmp_path / 'tfds')
   _write_cifar10_metadata(data_dir, 32, 16)
   config = tiny_config(
@@ -187,15 +210,16 @@ def test_train_steps_on_tfds_mock_data(tmp_path):
   assert summary['train_step_compilations'] == 1
 
 
-def test_resume_after_finish_only_evaluates(tmp_path):
+def test_resume_after_finish_only_evaluates(folder_run, tmp_path, no_plots):
+  data, finished, first = folder_run
   workdir = str(tmp_path / 'work')
-  first = train.train_and_evaluate(tiny_config(total_steps=2), workdir)
-  again = train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  shutil.copytree(finished, workdir)  # the fixture's run stays as it was
+  again = train.train_and_evaluate(_folder_config(data), workdir)
   assert again['start_step'] == 2 and again['step'] == 2
   assert again['train_step_compilations'] == 0
   assert again['accuracy'] == first['accuracy']
   # A different model cannot resume from these checkpoints.
-  other = tiny_config(total_steps=4, **{'model.hidden_size': 24})
+  other = _folder_config(data, total_steps=4, **{'model.hidden_size': 24})
   with pytest.raises(
       ValueError, match='Cannot resume from step 2.*new --workdir'):
     train.train_and_evaluate(other, workdir)
@@ -203,16 +227,31 @@ def test_resume_after_finish_only_evaluates(tmp_path):
 
 # --------------------------------------- data parallelism and accumulation
 
-_DATA_PARALLEL_SCRIPT = """
+# One 8-device interpreter for the two 8-device checks: three data-parallel
+# steps (saved to argv[1]), then a run whose batch does not split.
+_EIGHT_DEVICES_SCRIPT = """
 import sys
 import flax.jax_utils, jax, numpy as np
-from test_train import three_steps
+from test_train import three_steps, tiny_config
+from vit_jax import train
 n = jax.local_device_count()
-losses, params = three_steps(devices=n, accum_steps=int(sys.argv[2]))
+losses, params = three_steps(devices=n, accum_steps=1)
 np.savez(sys.argv[1], losses=np.array(losses),
          **{'/'.join(str(k.key) for k in path): v for path, v in
             jax.tree_util.tree_leaves_with_path(params)})
+try:
+  train.train_and_evaluate(tiny_config(batch=12), '/tmp/unused')
+except ValueError as e:
+  print('ERROR:', e)
 """
+
+
+@pytest.fixture(scope='module')
+def eight_devices(tmp_path_factory):
+  """(arrays of three_steps on 8 devices, stdout) of one 8-device start."""
+  out = str(tmp_path_factory.mktemp('eight') / 'eight.npz')
+  result = run_python(_EIGHT_DEVICES_SCRIPT, devices=8, args=(out,))
+  return dict(np.load(out)), result.stdout
 
 
 def three_steps(*, devices, accum_steps):
@@ -257,10 +296,8 @@ def three_steps(*, devices, accum_steps):
   return losses, jax.device_get(flax.jax_utils.unreplicate(params_repl))
 
 
-def test_8_devices_and_accumulation_equal_1_device(tmp_path):
-  out = str(tmp_path / 'eight.npz')
-  run_python(_DATA_PARALLEL_SCRIPT, devices=8, args=(out, '1'))
-  eight = dict(np.load(out))
+def test_8_devices_equal_1_device(eight_devices):
+  eight = dict(eight_devices[0])
   losses, params = three_steps(devices=1, accum_steps=1)
   flat = trees.flatten_tree(params)
   # It trains: step 1 sees the zero head (log 10), later steps do not.
@@ -274,12 +311,9 @@ def test_8_devices_and_accumulation_equal_1_device(tmp_path):
   for key, value in flat.items():
     np.testing.assert_allclose(
         eight[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
-  # 1 device, 4 accumulated micro-batches of 4 == 1 device x 16 at once.
-  losses4, params4 = three_steps(devices=1, accum_steps=4)
-  np.testing.assert_allclose(losses4, losses, rtol=1e-5)
-  for key, value in trees.flatten_tree(params4).items():
-    np.testing.assert_allclose(
-        value, flat[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  # Accumulated micro-batches == the whole batch at once: the in-program
+  # loop (utils.accumulate_gradient) in the next test, the loop == the
+  # update_fn's one call per micro-batch in test_accumulation.py.
 
 
 def test_accumulating_4_micro_batches_equals_full_batch():
@@ -446,18 +480,8 @@ def test_bad_config_values():
         tiny_config(optimizer='sgd_momentum', weight_decay=0.1))
 
 
-_BATCH_SCRIPT = """
-from test_train import tiny_config
-from vit_jax import train
-try:
-  train.train_and_evaluate(tiny_config(batch=12), '/tmp/unused')
-except ValueError as e:
-  print('ERROR:', e)
-"""
-
-
-def test_batch_not_divisible_by_device_count():
-  out = run_python(_BATCH_SCRIPT, devices=8).stdout
+def test_batch_not_divisible_by_device_count(eight_devices):
+  out = eight_devices[1]
   assert 'ERROR: config.batch=12 is not divisible by the 8 devices' in out
   assert 'multiple of 8' in out
 

@@ -2,8 +2,9 @@
 and exporting a run's parameters one at a time.
 
 Each run is the real `train.train_and_evaluate` on the embedded digits with
-the 1-layer model of test_train.tiny_config; the export tests also save
-train states of test_checkpoint's models directly.
+the 1-layer model of test_train.tiny_config (one run, a module fixture, for
+the frozen-backbone and the few-shot tests; no run draws its plots); the
+export tests also save train states of test_checkpoint's models directly.
 """
 
 import json
@@ -33,12 +34,22 @@ from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.evaluation import fewshot
+from vit_jax.reporting import run_plots
 from vit_jax.training import objectives
 from vit_jax.training import optim
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _no_run_plots():
+  """The runs here do not draw curves.png and confusion.png (~2 CPU s a
+  run): no test of this module looks at them; test_run_plots.py does."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(run_plots, 'write_run_plots', lambda *args, **kw: [])
+    yield
 
 
 def _flat(tree):
@@ -160,20 +171,35 @@ def test_head_only_update_equals_the_head_part_of_the_full_update():
   ], still
 
 
-def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
+@pytest.fixture(scope='module')
+def frozen_run(tmp_path_factory):
+  """(config, workdir, summary) of one 4-step AdamW run that trains the head
+  and pre_logits only, with few-shot evaluations at steps 2 and 4: the
+  frozen-backbone and the few-shot tests examine the same run."""
   config = tiny_config(
-      total_steps=3,
+      total_steps=4,
       optimizer='adamw',
       weight_decay=0.1,
       base_lr=0.01,
-      trainable='head+pre_logits')
+      trainable='head+pre_logits',
+      **{
+          'fewshot.every_steps': 2,
+          'fewshot.shots': (1, 3),
+          'fewshot.seeds': (0, 1),
+          'fewshot.max_per_class': 5,
+          'fewshot.max_test_examples': 100
+      })
   config.model = tiny_model_config(representation_size=8)
-  workdir = str(tmp_path / 'frozen')
-  summary = train.train_and_evaluate(config, workdir)
+  workdir = str(tmp_path_factory.mktemp('frozen') / 'frozen')
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(frozen_run):
+  config, workdir, summary = frozen_run
   model = train.create_model(config, 10)
   start = _flat(train.init_params(model, config))
   ckpts = train_checkpoint.TrainCheckpoints(workdir)
-  end = _flat(ckpts.restore_params(3))
+  end = _flat(ckpts.restore_params(4))
   assert end.keys() == start.keys()
   trained = [k for k in start if k.startswith(('head/', 'pre_logits/'))]
   assert len(trained) == 4
@@ -190,7 +216,7 @@ def test_frozen_backbone_run_keeps_frozen_params_bit_for_bit(tmp_path):
       config, model,
       optim.make_optimizer(config)[0], ckpts)
   ckpts.close()
-  assert step == 3 and mask is not None
+  assert step == 4 and mask is not None
   moments = [
       x for x in jax.tree_util.tree_leaves(state['opt_state']) if np.ndim(x)
   ]
@@ -209,6 +235,10 @@ from test_train import tiny_config
 from test_train_options import export_differences
 from vit_jax import train
 from vit_jax.checkpoints import train_checkpoint
+from vit_jax.reporting import run_plots
+# Four runs whose pictures nobody looks at (test_run_plots.py checks them):
+# curves.png and confusion.png are not drawn (~2 CPU s a run).
+run_plots.write_run_plots = lambda *args, **kw: []
 out = {}
 # fsdp_min_shard_size: the tiny model's weight matrices are split too.
 fsdp = {'parallelism': 'fsdp', 'fsdp_min_shard_size': 256}
@@ -445,18 +475,8 @@ def test_mpp_refuses_a_pretrained_checkpoint():
 
 
 def test_fewshot_during_training_equals_the_evaluator_on_the_checkpoint(
-    tmp_path):
-  overrides = {
-      'total_steps': 4,
-      'fewshot.every_steps': 2,
-      'fewshot.shots': (1, 3),
-      'fewshot.seeds': (0, 1),
-      'fewshot.max_per_class': 5,
-      'fewshot.max_test_examples': 100
-  }
-  config = tiny_config(**overrides)
-  workdir = str(tmp_path / 'fs')
-  summary = train.train_and_evaluate(config, workdir)
+    frozen_run):
+  config, workdir, summary = frozen_run
   history = summary['fewshot_history']
   assert [step for step, _ in history] == [2, 4]
   assert read_summary(workdir)['fewshot_history'] == history

@@ -12,6 +12,7 @@ from vit_jax import input_pipeline
 from vit_jax import train
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
+from vit_jax.reporting import run_plots
 from vit_jax.training import objectives
 from vit_jax.training import weight_ema
 
@@ -71,10 +72,13 @@ def _test_accuracy(config, params):
   return correct / total
 
 
-def test_run_evaluates_and_leaves_the_average(tmp_path):
+def test_run_evaluates_and_leaves_the_average(tmp_path, monkeypatch):
   """A run with ema_decay reports the accuracy of the average, and the
   checkpoint's parameters for predict/export are the average (trained
   leaves) and the untouched frozen leaves."""
+  # Its curves.png and confusion.png are not drawn (~2 CPU s): nothing here
+  # looks at them (test_run_plots.py does).
+  monkeypatch.setattr(run_plots, 'write_run_plots', lambda *args, **kw: [])
   config = tiny_config(
       total_steps=6,
       ema_decay=0.7,
