@@ -82,6 +82,30 @@ def test_embedded_split_is_fixed_stratified_and_disjoint():
   assert info['int2str'][3] == '3' and info['int2str'](7) == '7'
 
 
+def test_embedded_slices_are_balanced_subsets():
+  _, y = embedded_mnist.raw_digits()
+  train = set(embedded_mnist.split_indices('train'))
+  for split, n in (('train[:250]', 250), ('train[3500:]', 500),
+                   ('test[:20%]', 200), ('train[:4000]', 4000)):
+    idx = embedded_mnist.split_indices(split)
+    np.testing.assert_array_equal(np.bincount(y[idx]), [n // 10] * 10)
+  counts = np.bincount(y[embedded_mnist.split_indices('train[10:25]')])
+  np.testing.assert_array_equal(counts, [2] * 5 + [1] * 5)
+  # Disjoint slices that make up the split; a prefix of a longer prefix.
+  head = set(embedded_mnist.split_indices('train[:3500]'))
+  assert head | set(embedded_mnist.split_indices('train[3500:]')) == train
+  assert set(embedded_mnist.split_indices('train[:250]')) < head
+  np.testing.assert_array_equal(
+      embedded_mnist.split_indices('train[:4000]'),
+      embedded_mnist.split_indices('train'))
+  info = input_pipeline.get_dataset_info('embedded_mnist', 'test[:200]')
+  assert info['num_examples'] == 200
+  for bad, words in (('train[4000:]', 'is empty'), ('val', 'has splits'),
+                     ('train[:a]', 'has splits')):
+    with pytest.raises(ValueError, match=words):
+      embedded_mnist.split_indices(bad)
+
+
 def test_embedded_batches_and_padded_eval():
   ds_train, ds_test = input_pipeline.get_datasets(_config())
   for batch in _take(ds_train, 2):

