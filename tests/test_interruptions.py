@@ -35,6 +35,7 @@ from PIL import Image
 import pytest
 
 from test_user_errors import markdown_table
+from vit_jax.checkpoints import export
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.guards import workdir_lock
@@ -184,12 +185,12 @@ def _done(process):
   return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def _wait_for(predicate, process, timeout=240):
+def _wait_for(predicate, process, timeout=240, every=0.01):
   deadline = time.time() + timeout
   while not predicate():
     assert process.poll() is None, process.communicate()
     assert time.time() < deadline, 'timed out'
-    time.sleep(0.001)
+    time.sleep(every)
 
 
 def _folders(workdir):
@@ -219,7 +220,8 @@ def _stop(workdir, args, signals, while_running=None):
   _wait_for(lambda: max(_complete(workdir)) > known, process)
   process.send_signal(signals[0])
   for sig in signals[1:]:
-    _wait_for(lambda: _unfinished(workdir), process)
+    # A save lasts milliseconds: looked for every millisecond.
+    _wait_for(lambda: _unfinished(workdir), process, every=0.001)
     process.send_signal(sig)
   return _done(process), extra
 
@@ -241,7 +243,8 @@ def _params(workdir):
 
 def _chain(tmp, root):
   """The rows of one workdir, one start after the other (module docstring);
-  then export of the finished run into a folder that does not exist."""
+  then export of the finished run into a folder that does not exist (in
+  this process; the command line of export: tests/test_main_job.py)."""
   args = [f'--config.dataset={root}', *CHAIN]
   reference = _run(f'{tmp}/reference', args)  # compiles for all the others
   workdir = f'{tmp}/w'
@@ -267,15 +270,9 @@ def _chain(tmp, root):
   with open(os.path.join(workdir, 'summary.json')) as f:
     extra['start_step'] = json.load(f)['start_step']
   extra['got'], extra['want'] = _params(workdir), _params(f'{tmp}/reference')
-  extra['export'] = subprocess.run([
-      sys.executable, '-m', 'vit_jax.checkpoints.export',
-      f'--workdir={workdir}', f'--output={tmp}/new/dir/model.npz'
-  ],
-                                   cwd=REPO,
-                                   env=_env(),
-                                   capture_output=True,
-                                   text=True,
-                                   timeout=300)
+  output = f'{tmp}/new/dir/model.npz'
+  extra['export'] = (export.export(workdir, output), output,
+                     os.listdir(os.path.dirname(output)))
   return {name: (result, extra) for name, result in rows.items()}
 
 
@@ -430,10 +427,9 @@ def test_signals_stop_after_a_saved_step(results):
 
 def test_export_creates_missing_folders(results):
   _, extra = _got(results, 'stale_lock')
-  export = extra['export']
-  assert export.returncode == 0, export.stderr
-  output = export.args[-1].split('=', 1)[1]
-  assert os.path.isfile(output) and '.tmp' not in export.stdout + export.stderr
+  step, output, files = extra['export']
+  assert step == 100
+  assert os.path.isfile(output) and files == ['model.npz']  # no .tmp left
 
 
 if __name__ == '__main__':

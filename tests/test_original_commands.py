@@ -88,7 +88,7 @@ def dirs(tmp_path_factory):
   r_ti = models.AUGREG_CONFIGS['R_Ti_16'].copy_and_resolve_references()
   r_ti.transformer.num_layers = 1
   test_utils.create_checkpoint(
-      r_ti, str(pretrained / f'{AUGREG_STEM}.npz'), image_size=64)
+      r_ti, str(pretrained / f'{AUGREG_STEM}.npz'), image_size=32)
   _write_augreg_index(str(pretrained))
   return {'data': data_dir, 'pretrained': str(pretrained), 'root': root}
 
@@ -162,7 +162,7 @@ def test_augreg_command_picks_the_best_i21k_checkpoint(dirs):
       '--config.base_lr=0.01', f'--config.pretrained_dir={dirs["pretrained"]}',
       f'--config.tfds_data_dir={dirs["data"]}',
       '--config.model.transformer.num_layers=1'
-  ] + SMALL_RUN + ['--config.pp.crop=64'], dirs['data'])
+  ] + SMALL_RUN, dirs['data'])
   assert_trained_and_evaluated(workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert f'{AUGREG_STEM}.npz' in f.read()
