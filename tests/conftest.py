@@ -16,7 +16,7 @@ in the environment), so every side of a comparison compiles alike. Those
 are the modules whose time goes into compiling many small programs rather
 than running them; XLA's optimizations do not change what a computation
 means. The modules that train for hundreds of steps (the main job, the
-notebooks, pre-train -> fine-tune) keep the optimized default.
+notebooks) keep the optimized default.
 
 Test files run longest first: with `-n 2 --dist loadfile` each file goes
 whole to one worker, and a long file handed out last would keep one core

@@ -5,6 +5,7 @@ flower images, from a tiny timm ViT's `state_dict` (`torch.save`, read
 without executing code), then `vit_jax.predict` on the finished workdir.
 """
 
+import importlib
 import os
 import re
 import subprocess
@@ -13,10 +14,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from timm_support import import_timm
+import timm_support
 
-timm = import_timm()
-import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
+timm = timm_support.Lazy(timm_support.import_timm)
+torch = timm_support.Lazy(lambda: importlib.import_module('torch'))
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
