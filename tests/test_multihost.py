@@ -12,7 +12,9 @@ Before them, two processes x 4 devices save an FSDP state without
 gathering it (`process_allgather` raises there), each writing its shards;
 the two workers restore it onto 2 x 2 devices (FSDP and pmap) and the
 reference onto 1 x 4. The processes run once, for all tests (a module
-fixture).
+fixture): 5 processes, about 155 CPU s (each one's JSON output holds its CPU
+seconds per phase). The savers import no TensorFlow and build no datasets;
+the workers' pmap losses are the ones their train loop logs.
 """
 
 import json
@@ -28,43 +30,38 @@ import pytest
 import tensorstore as ts
 
 from test_train import REPO
+from test_train import tiny_config
 from vit_jax import checkpoint
+from vit_jax import input_pipeline
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
-STEPS = 4
+STEPS = 3
+# tiny_config's fields of the pmap and the FSDP runs. FSDP: the tiny model's
+# weight matrices (512+ elements) are split over the 4 devices of both
+# processes; checkpoints every 2 steps.
+_CONFIG = {
+    'batch': 16,
+    'batch_eval': 200,
+    'total_steps': STEPS,
+    'warmup_steps': 0,
+    'model.transformer.dropout_rate': 0.1
+}
+_FSDP_CONFIG = dict(
+    _CONFIG, checkpoint_every=2, parallelism='fsdp', fsdp_min_shard_size=256)
 
-# Shared by both sides: the loss trajectory of make_update_fn on the real
-# pipeline, with dropout on (per-device keys come from the global device
-# index, so they agree too).
-_COMMON = """
-import json, os, shutil, sys
-import flax.jax_utils, jax, numpy as np
-from test_train import tiny_config
-from vit_jax import input_pipeline, train
-from vit_jax.checkpoints import trees
-from vit_jax.parallel import runners, sharding
-from vit_jax.training import optim, step_guards
-from vit_jax.checkpoints import train_checkpoint
+# Shared by all processes (the savers too, which import no TensorFlow): the
+# CPU seconds of each phase and a process_allgather that raises.
+_JAX_ONLY = """
+import json, os, shutil, sys, time
+import jax, numpy as np
 
-STEPS = %d
-MIN_SHARD_SIZE = 256
-config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
-                     warmup_steps=0,
-                     **{'model.transformer.dropout_rate': 0.1})
-# FSDP: the tiny model's weight matrices (512+ elements) are split over the
-# 4 devices of both processes; checkpoints every 2 steps.
-fsdp_config = tiny_config(batch=16, batch_eval=200, total_steps=STEPS,
-                          warmup_steps=0, checkpoint_every=2,
-                          parallelism='fsdp',
-                          fsdp_min_shard_size=MIN_SHARD_SIZE,
-                          **{'model.transformer.dropout_rate': 0.1})
-
-def flat(params):
-  return {k: np.asarray(v).tolist()
-          for k, v in trees.flatten_tree(params).items()}
+cpu = {}
+def phase(name):
+  # CPU seconds (all threads) since the previous phase, for the JSON output.
+  cpu[name] = time.process_time() - sum(cpu.values())
 
 def forbid_gathering():
   # Makes process_allgather raise for more than 1 KiB: the code after never
@@ -78,6 +75,29 @@ def forbid_gathering():
     return gather(tree, *args, **kwargs)
   multihost_utils.process_allgather = small_gather
   return lambda: setattr(multihost_utils, 'process_allgather', gather)
+"""
+
+# Shared by the workers and the reference: the configs, with dropout on
+# (per-device keys come from the global device index, so they agree too),
+# and restoring. vit_jax.input_pipeline comes first: it imports TensorFlow
+# without Keras, which test_train's `import tensorflow` would load (4-5 CPU s
+# a process).
+_COMMON = _JAX_ONLY + """
+import flax.jax_utils
+from vit_jax import input_pipeline, train
+from test_train import tiny_config
+from vit_jax.checkpoints import trees
+from vit_jax.parallel import runners, sharding
+from vit_jax.training import optim, step_guards
+from vit_jax.checkpoints import train_checkpoint
+
+STEPS = %(steps)d
+config = tiny_config(**%(config)r)
+fsdp_config = tiny_config(**%(fsdp_config)r)
+
+def flat(params):
+  return {k: np.asarray(v).tolist()
+          for k, v in trees.flatten_tree(params).items()}
 
 def restored(cfg, workdir):
   # The params of workdir's newest step as the train loop restores them for
@@ -97,14 +117,19 @@ def restored(cfg, workdir):
         lambda x, s: x.sharding == s, params, runner.param_shardings))
     params = multihost_utils.process_allgather(params, tiled=True)
   return {'step': step, 'layout': layout, 'params': flat(params)}
+""" % dict(
+    steps=STEPS, config=_CONFIG, fsdp_config=_FSDP_CONFIG)
 
+# The reference's pmap loss trajectory: make_update_fn on the real pipeline.
+_TRAJECTORY = """
 def trajectory(next_batch):
   model = train.create_model(config, 10)
   params = train.init_params(model, config)
   tx, _ = optim.make_optimizer(config)
   update_fn = train.make_update_fn(apply_fn=model.apply, accum_steps=1, tx=tx)
   params_repl, opt_repl = flax.jax_utils.replicate(
-      (params, jax.device_get(tx.init(params))), axis_name=runners.AXIS)
+      (params, jax.device_get(jax.jit(tx.init)(params))),
+      axis_name=runners.AXIS)
   keys = step_guards.StepKeys(config.seed)
   losses = []
   for step in range(1, STEPS + 1):
@@ -113,19 +138,43 @@ def trajectory(next_batch):
                                                next_batch(), rng)
     losses.append(float(runners.first_replica(loss)))
   return losses
-""" % STEPS
+"""
 
 # One of two processes x 4 devices: saves an FSDP state without gathering it.
-_SAVER = _COMMON + """
+# Without TensorFlow (vit_jax.train and test_train import it): the model,
+# optimizer and runner train._init_or_restore makes of the FSDP config
+# (argv[5]: its JSON and the image size), built here.
+_SAVER = _JAX_ONLY + """
 import contextlib
 import jax.numpy as jnp
+import ml_collections
+from vit_jax import models
+from vit_jax.checkpoints import train_checkpoint
+from vit_jax.parallel import sharding
+from vit_jax.training import objectives, optim
 port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
 jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                            num_processes=2, process_id=pid)
 assert jax.process_count() == 2 and jax.device_count() == 8
 forbid_gathering()
-with contextlib.ExitStack() as cleanup:
-  run = train._set_up(fsdp_config, workdir, cleanup)
+with open(sys.argv[5]) as f:
+  spec = json.load(f)
+config = ml_collections.ConfigDict(spec['config'])
+assert config.parallelism == 'fsdp' and not config.get('trainable')
+phase('set_up')
+model = models.model_class(config.model)(num_classes=10, **config.model)
+tx, _ = optim.make_optimizer(config)
+params = jax.device_get(jax.jit(lambda: model.init(
+    jax.random.PRNGKey(0), jnp.zeros([1, *spec['image_size'], 3]),
+    train=False))()['params'])
+runner = sharding.FsdpRunner(
+    params=params, loss_fn=objectives.make_loss_fn(model, config), tx=tx,
+    accum_steps=config.accum_steps, trainable_mask=None,
+    min_shard_size=config.fsdp_min_shard_size, mesh_sizes=config.mesh,
+    counts_fn=objectives.make_counts_fn(model, config),
+    confusion_fn=objectives.top1_confusion(model.apply, model.num_classes))
+ckpts = train_checkpoint.TrainCheckpoints(workdir)
+with contextlib.closing(ckpts):
   # Random values, in the same layout: the written bytes do not depend on
   # how well zstd compresses (Adam's zero moments would vanish). Drawn in
   # numpy and placed shard by shard, so nothing is compiled for them.
@@ -136,54 +185,58 @@ with contextlib.ExitStack() as cleanup:
     value = rng.standard_normal(x.shape).astype(x.dtype)
     return jax.make_array_from_callback(x.shape, x.sharding,
                                         lambda index: value[index])
+  params, opt_state = runner.place(
+      params, jax.device_get(jax.jit(tx.init)(params)))
   state = jax.tree_util.tree_map(
-      noisy, {'params': run.params, 'opt_state': run.opt_state})
-  run.ckpts.save(1, state, run.runner.saved_state)
+      noisy, {'params': params, 'opt_state': opt_state})
+  ckpts.save(1, state, runner.saved_state)
   # Read back onto the same layout: every shard this process holds.
-  back = run.ckpts.restore(1, run.runner.restore_template(state))
+  back = ckpts.restore(1, runner.restore_template(state))
   same = all(np.array_equal(a.data, b.data) and a.index == b.index
              for x, y in zip(jax.tree_util.tree_leaves(state),
                              jax.tree_util.tree_leaves(back))
              for a, b in zip(x.addressable_shards, y.addressable_shards))
-json.dump({'same': same}, open(out, 'w'))
+phase('save')
+json.dump({'same': same, 'cpu': cpu}, open(out, 'w'))
 """
 
-# One of two processes: the pmap trajectory and train loop, then the FSDP
-# loop (gathering nothing), interrupted and resumed; then the 8-device
-# state restored.
+# One of two processes: the pmap train loop, then the FSDP loop (gathering
+# nothing), interrupted and resumed; then the 8-device state restored.
 _WORKER = _COMMON + """
 from jax.experimental import multihost_utils
 port, pid, out, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
 jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                            num_processes=2, process_id=pid)
 assert jax.process_count() == 2 and jax.device_count() == 4
-ds_train, _ = input_pipeline.get_datasets(config)
-it = ds_train.as_numpy_iterator()
-losses = trajectory(lambda: {k: v for k, v in next(it).items()
-                             if k != 'mask'})
-# The real loop too: eval counts and checkpoints across processes.
+phase('set_up')
+# The real loop (its losses in metrics.jsonl, written by process 0): eval
+# counts and checkpoints across processes.
 summary = train.train_and_evaluate(config, os.path.join(workdir, 'pmap'))
-pmap = {'losses': losses, 'accuracy': summary['accuracy'],
-        'step': summary['step'],
+pmap = {'final_train_loss': summary['final_train_loss'],
+        'accuracy': summary['accuracy'], 'step': summary['step'],
         'compiles': summary['train_step_compilations']}
+phase('pmap')
 
 fsdp_dir = os.path.join(workdir, 'fsdp')
 allow_gathering = forbid_gathering()
 first = train.train_and_evaluate(fsdp_config, fsdp_dir)
+phase('fsdp')
 ckpts = train_checkpoint.TrainCheckpoints(fsdp_dir)
 steps_saved = ckpts.all_steps()
 uninterrupted = ckpts.restore_params()
 ckpts.close()
 # Lose the last checkpoint: the same command resumes from step 2, restoring
 # the gathered state into shards on both processes.
-multihost_utils.sync_global_devices('read step 4')
+multihost_utils.sync_global_devices('read the last step')
 if pid == 0:
   shutil.rmtree(os.path.join(ckpts.directory, str(STEPS)))
-multihost_utils.sync_global_devices('removed step 4')
+multihost_utils.sync_global_devices('removed the last step')
 resumed = train.train_and_evaluate(fsdp_config, fsdp_dir)
+phase('fsdp_resumed')
 # Both processes export (each read is collective); process 0 writes.
 from vit_jax.checkpoints import export
 exported_step = export.export(fsdp_dir, os.path.join(workdir, 'fsdp.npz'))
+phase('export')
 allow_gathering()
 params = train_checkpoint.TrainCheckpoints(fsdp_dir).restore_params()
 layouts = {'fsdp8_to_fsdp': restored(fsdp_config,
@@ -191,19 +244,21 @@ layouts = {'fsdp8_to_fsdp': restored(fsdp_config,
            'fsdp8_to_pmap': restored(config, os.path.join(workdir, 'from8')),
            'pmap_to_fsdp': restored(fsdp_config,
                                     os.path.join(workdir, 'pmap'))}
+phase('restores')
 keys = ('accuracy', 'final_train_loss', 'train_step_compilations',
         'start_step')
 json.dump({'pmap': pmap, 'layouts': layouts, 'fsdp': {
     'steps_saved': steps_saved, 'exported_step': exported_step,
     'first': {k: first[k] for k in keys},
     'resumed': {k: resumed[k] for k in keys},
-    'uninterrupted': flat(uninterrupted), 'params': flat(params)}},
-          open(out, 'w'))
+    'uninterrupted': flat(uninterrupted), 'params': flat(params)},
+           'cpu': cpu}, open(out, 'w'))
 """
 
 # One process x 4 devices fed the union of both processes' shares.
-_REFERENCE = _COMMON + """
+_REFERENCE = _COMMON + _TRAJECTORY + """
 assert jax.process_count() == 1 and jax.device_count() == 4
+phase('set_up')
 
 def union_of_shares():
   its = [input_pipeline.get_datasets(config, process_index=i,
@@ -219,7 +274,11 @@ def union_of_shares():
             for k in ('image', 'label')}
   return union
 
-pmap_losses = trajectory(union_of_shares())
+# The batches of both trajectories, read once.
+union = union_of_shares()
+shares = [union() for _ in range(STEPS)]
+pmap_losses = trajectory(iter(shares).__next__)
+phase('pmap')
 
 model = train.create_model(fsdp_config, 10)
 params = train.init_params(model, fsdp_config)
@@ -230,17 +289,18 @@ sharded = [k for k, s in trees.flatten_tree(
 params, opt_state = runner.place(
     params, jax.device_get(jax.jit(tx.init)(params)))
 keys = step_guards.StepKeys(fsdp_config.seed)
-union = union_of_shares()
 losses = []
 for step in range(1, STEPS + 1):
   params, opt_state, loss = runner.step(
-      params, opt_state, sharding.shard_batch(union(), runner.mesh),
+      params, opt_state, sharding.shard_batch(shares[step - 1], runner.mesh),
       keys(step))
   losses.append(runner.scalar(loss))
+phase('fsdp')
 layouts = {'fsdp8_to_fsdp': restored(fsdp_config, sys.argv[2])}
+phase('restore')
 json.dump({'pmap': {'losses': pmap_losses}, 'layouts': layouts,
            'fsdp': {'losses': losses, 'params': flat(runner.to_host(params)),
-                    'sharded': sharded}}, open(sys.argv[1], 'w'))
+                    'sharded': sharded}, 'cpu': cpu}, open(sys.argv[1], 'w'))
 """
 
 
@@ -250,16 +310,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_pair(script, devices, outs, workdir):
+def _run_pair(script, devices, outs, workdir, *args):
   """Starts `script` as 2 processes of `devices` devices each (argv: port,
-  process index, its output file, `workdir`); returns the processes."""
+  process index, its output file, `workdir`, `args`); returns the
+  processes."""
   port = _free_port()
   return [
       subprocess.Popen([
           sys.executable, '-c',
           textwrap.dedent(script),
           str(port),
-          str(i), outs[i], workdir
+          str(i), outs[i], workdir, *args
       ],
                        cwd=REPO,
                        env=_env(devices),
@@ -294,7 +355,15 @@ def both(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp('multihost')
   saved8 = str(tmp_path / 'saved8')
   saver_outs = [str(tmp_path / f's{i}.json') for i in range(2)]
-  _wait(_run_pair(_SAVER, 4, saver_outs, saved8))
+  fsdp_config = tiny_config(**_FSDP_CONFIG)
+  spec = str(tmp_path / 'fsdp_config.json')
+  with open(spec, 'w') as f:
+    json.dump(
+        {
+            'config': json.loads(fsdp_config.to_json_best_effort()),
+            'image_size': input_pipeline.get_image_size(fsdp_config)
+        }, f)
+  _wait(_run_pair(_SAVER, 4, saver_outs, saved8, spec))
   workdir = str(tmp_path / 'work')
   for copy in (os.path.join(workdir, 'from8'), str(tmp_path / 'ref8')):
     shutil.copytree(
@@ -335,8 +404,15 @@ def test_two_processes_match_one_process(both):
   # The head starts at zero: step 1's loss is log(10) whatever the batch.
   assert abs(want[0] - np.log(10)) < 1e-5
   assert len(want) == STEPS and len(set(want)) == STEPS  # it trains
+  # Every step's loss of the pair's train loop (logged by process 0).
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  losses = [r['train_loss'] for r in records if 'train_loss' in r]
+  assert [r['step'] for r in records if 'train_loss' in r
+         ] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
   for r in results:
-    np.testing.assert_allclose(r['losses'], want, rtol=1e-5)
+    np.testing.assert_allclose(r['final_train_loss'], want[-1], rtol=1e-5)
     assert r['step'] == STEPS and r['compiles'] == 1
   # Evaluation sums correct answers over both processes' shards.
   assert results[0]['accuracy'] == results[1]['accuracy']
