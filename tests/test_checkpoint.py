@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 import pytest
 import scipy.ndimage
-import tensorflow as tf
 
 import official
 from vit_jax import checkpoint
@@ -28,7 +27,10 @@ from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import trees
 from vit_jax.data import filesystem
+from vit_jax.data import tf_import
 from vit_jax.interop import checkpoint_cli
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

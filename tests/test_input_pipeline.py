@@ -13,12 +13,14 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import input_pipeline
 from vit_jax.data import affine as vit_affine
 from vit_jax.data import embedded_mnist
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

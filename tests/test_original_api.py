@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
-import tensorflow as tf
 
 import test_train
 from vit_jax import checkpoint
@@ -36,8 +35,11 @@ from vit_jax.configs import mixer_base16_cifar10
 from vit_jax.configs import models as models_config
 from vit_jax.configs import vit
 from vit_jax.data import filesystem
+from vit_jax.data import tf_import
 from vit_jax.run_config import errors
 from vit_jax.run_config import original_configs
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 ORIGINAL_NAMES = {
     checkpoint: [

@@ -17,7 +17,6 @@ from ml_collections import config_flags
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import checkpoint
@@ -28,6 +27,9 @@ from vit_jax.checkpoints import export
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.configs import common
 from vit_jax.configs import models
+from vit_jax.data import tf_import
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

@@ -11,14 +11,16 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import predict
 from vit_jax.checkpoints import trees
+from vit_jax.data import tf_import
 from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
@@ -33,6 +32,7 @@ from vit_jax import train  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
 from vit_jax.checkpoints import train_checkpoint  # pylint: disable=wrong-import-position
 from vit_jax.checkpoints import trees  # pylint: disable=wrong-import-position
+from vit_jax.data import tf_import  # pylint: disable=wrong-import-position
 from vit_jax.parallel import runners  # pylint: disable=wrong-import-position
 from vit_jax.reporting import run_plots  # pylint: disable=wrong-import-position
 from vit_jax.reporting import run_report  # pylint: disable=wrong-import-position
@@ -40,6 +40,8 @@ from vit_jax.run_config import errors  # pylint: disable=wrong-import-position
 from vit_jax.training import objectives  # pylint: disable=wrong-import-position
 from vit_jax.training import optim  # pylint: disable=wrong-import-position
 from vit_jax.training import step_guards  # pylint: disable=wrong-import-position
+
+tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 # ------------------------------------------------------------------ helpers
 
