@@ -39,14 +39,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
-LONGEST_FIRST = ('test_interruptions.py', 'test_notebooks.py',
-                 'test_multihost.py', 'test_user_errors.py', 'test_main_job.py',
-                 'test_train_resume.py', 'test_train_finetune.py',
-                 'test_train_options.py', 'test_train.py',
-                 'test_speed_equivalence.py', 'test_models.py',
-                 'test_sharding.py', 'test_predict_pipeline.py',
-                 'test_original_commands.py', 'test_flowers_tutorial.py',
-                 'test_bench.py')
+LONGEST_FIRST = ('test_notebooks.py', 'test_user_errors.py',
+                 'test_interruptions.py', 'test_multihost.py',
+                 'test_main_job.py', 'test_train_options.py',
+                 'test_speed_equivalence.py', 'test_train.py',
+                 'test_train_finetune.py', 'test_predict_pipeline.py',
+                 'test_train_resume.py', 'test_original_commands.py',
+                 'test_sharding.py', 'test_bench.py', 'test_original_api.py',
+                 'test_posemb_ablation.py', 'test_models.py',
+                 'test_flowers_tutorial.py', 'test_accumulation.py')
 
 
 def pytest_configure(config):
