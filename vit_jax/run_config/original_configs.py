@@ -83,6 +83,13 @@ def _set(config, name: str, value) -> None:
   node[leaf] = value
 
 
+def _is_folder(config) -> bool:
+  """Whether `config.dataset` names an image folder, as the pipeline decides."""
+  # Imported here: it loads TensorFlow, which only this case needs.
+  from vit_jax.data import image_folders  # pylint: disable=g-import-not-at-top
+  return image_folders.is_folder(config.get('dataset') or '')
+
+
 def to_project_config(
     config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` in this project's shape (itself if it already is).
@@ -96,10 +103,9 @@ def to_project_config(
     return config
   from vit_jax.configs import schema  # pylint: disable=g-import-not-at-top
   project = schema.get_config()
-  is_folder = filesystem.isdir(config.get('dataset') or '')
   for name in _REQUIRED:
-    if _get(config,
-            name) in (None, '') and not (is_folder and name in _FOLDER_SPLITS):
+    if _get(config, name) in (None, '') and not (name in _FOLDER_SPLITS and
+                                                 _is_folder(config)):
       theirs = RENAMED.get(name, name)
       raise errors.ConfigError(
           f'config.{name} is not set (the original vit_jax\'s field; this '
