@@ -20,17 +20,16 @@ import math
 import os
 import re
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import flowers
+from test_original_commands import parse_main_command
 from test_train import set_fields  # (also puts the repository root on path)
 from vit_jax import checkpoint
 from vit_jax import models
@@ -127,16 +126,10 @@ def _run_command(argv):
   """`python -m vit_jax.main <argv>` in this process: the config file flag
   and its overrides parsed as vit_jax.main parses them, then
   train.train_and_evaluate as main calls it; returns what it printed."""
-  argv = ['vit_jax.main'] + argv
-  flag_values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file(
-      'config', None, flag_values=flag_values, lock_config=True, sys_argv=argv)
-  workdir_flag = flags.DEFINE_string(
-      'workdir', None, '', flag_values=flag_values)
-  flag_values(argv)
+  config, workdir = parse_main_command(argv)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    train.train_and_evaluate(config_flag.value, workdir_flag.value)
+    train.train_and_evaluate(config, workdir)
   return out.getvalue()
 
 

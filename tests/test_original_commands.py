@@ -109,13 +109,10 @@ def _encoded_images(self, split, **unused_kwargs):
   return tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
 
 
-def run_main(argv, data_dir):
-  """`python -m vit_jax.main <argv>` in this process, on mock data.
-
-  The command line is parsed as vit_jax.main parses it (an ml_collections
-  config file flag with `--config.<field>` overrides; here in flag values
-  of its own), then handed to train.train_and_evaluate, as main does.
-  """
+def parse_main_command(argv):
+  """(config, workdir) of `python -m vit_jax.main <argv>`, parsed as
+  vit_jax.main parses it: an ml_collections config file flag with
+  `--config.<field>` overrides, here in flag values of its own."""
   argv = ['vit_jax.main'] + argv
   flag_values = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file(
@@ -123,12 +120,19 @@ def run_main(argv, data_dir):
   workdir_flag = flags.DEFINE_string(
       'workdir', None, '', flag_values=flag_values)
   flag_values(argv)
+  return config_flag.value, workdir_flag.value
+
+
+def run_main(argv, data_dir):
+  """`python -m vit_jax.main <argv>` in this process, on mock data: the
+  parsed command handed to train.train_and_evaluate, as main does."""
+  config, workdir = parse_main_command(argv)
   with tfds.testing.mock_data(
       num_examples=50,
       data_dir=data_dir,
       policy=tfds.testing.MockPolicy.USE_FILES,
       as_dataset_fn=_encoded_images):
-    train.train_and_evaluate(config_flag.value, workdir_flag.value)
+    train.train_and_evaluate(config, workdir)
 
 
 def event_tags(workdir):
