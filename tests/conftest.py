@@ -9,14 +9,10 @@ pytest process empties it when a run starts, so every run starts cold and
 its time is that of a fresh clone. Subprocesses inherit the setting through
 the environment.
 
-A test module that sets `UNOPTIMIZED_XLA = True` compiles with most of
-XLA's optimizations off (`jax_disable_most_optimizations`), in this process
-and in the subprocesses it starts (through `JAX_DISABLE_MOST_OPTIMIZATIONS`
-in the environment), so every side of a comparison compiles alike. Those
-are the modules whose time goes into compiling many small programs rather
-than running them; XLA's optimizations do not change what a computation
-means. The modules that train for hundreds of steps (the main job, the
-notebooks) keep the optimized default.
+Every process compiles as `compile_settings` says (XLA's optimizations
+off, the older fusion emitters): set here in the environment before JAX
+starts, inherited by the subprocesses; the runs that train for hundreds of
+steps (the main job, the notebooks) remove them.
 
 Test files run longest first: with `-n 2 --dist loadfile` each file goes
 whole to one worker, and a long file handed out last would keep one core
@@ -34,8 +30,11 @@ to find where the suite's time goes.
 
 import os
 import shutil
+import sys
 
 import pytest
+
+import compile_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(REPO, '.cache', 'xla_tests')
@@ -57,6 +56,12 @@ def pytest_configure(config):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = XLA_CACHE
   # Cache every computation, however quick its compilation.
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ.update(compile_settings.ENV)
+  if 'jax' in sys.modules:  # imported before this hook, e.g. by a plugin
+    sys.modules['jax'].config.update('jax_disable_most_optimizations', True)
+  flags = os.environ.get('XLA_FLAGS', '')
+  if compile_settings.XLA_FLAGS not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {compile_settings.XLA_FLAGS}'.strip()
   if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist
     config.option.loadscopereorder = False  # keep the order set below
 
@@ -70,23 +75,6 @@ def pytest_collection_modifyitems(items):
             if name in LONGEST_FIRST else len(LONGEST_FIRST))
 
   items.sort(key=rank)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _xla_optimizations(request):
-  """Most XLA optimizations off for a module with UNOPTIMIZED_XLA = True."""
-  if not getattr(request.module, 'UNOPTIMIZED_XLA', False):
-    yield
-    return
-  # Imported here: jax reads JAX_COMPILATION_CACHE_DIR when it is imported,
-  # after pytest_configure has set it.
-  import jax  # pylint: disable=g-import-not-at-top
-  before = jax.config.read('jax_disable_most_optimizations')
-  with pytest.MonkeyPatch.context() as patch:  # restores the environment
-    patch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
-    jax.config.update('jax_disable_most_optimizations', True)
-    yield
-    jax.config.update('jax_disable_most_optimizations', before)
 
 
 _CPU_LOG = os.environ.get('VIT_JAX_TEST_CPU_LOG')

@@ -24,8 +24,6 @@ from vit_jax.training import optim
 from vit_jax.training import pmap_step
 from vit_jax.training import trainable
 
-UNOPTIMIZED_XLA = True
-
 
 def loop_update_fn(loss_fn, accum_steps, tx, mask):
   """The in-program accumulation: one pmapped step, a fori_loop inside."""

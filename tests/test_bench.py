@@ -23,10 +23,9 @@ from bench import throughput
 from bench import throughput_metrics
 from bench import throughput_original
 from bench import throughput_steps
+import compile_settings
 import vit_jax
 from vit_jax import models
-
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 ARGV = [
     '--models', 'testing', '--dtypes', 'float32', '--batch', '2',
@@ -419,8 +418,7 @@ def test_memory_scaling_splits_the_state_over_fsdp_only():
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(
       os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=2',
-      JAX_DISABLE_MOST_OPTIMIZATIONS='true',
+      XLA_FLAGS=compile_settings.xla_flags(2),
       PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
   out = subprocess.run([sys.executable, '-c', _MEMORY_ROWS],
                        env=env,

@@ -20,8 +20,6 @@ from bench import gpu
 from bench import throughput_metrics
 from vit_jax import models
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_IMAGE = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy',
              'scipy', 'ml-collections', 'torch', 'timm')

@@ -24,8 +24,6 @@ from vit_jax.parallel import runners
 from vit_jax.run_config import validation
 import zoo_sizes
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 BITS = sorted(
     n for n in project_models.PROJECT_MODEL_CONFIGS if n.startswith('BiT-'))
 

@@ -34,8 +34,6 @@ tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 # ----------------------------------------------------------------------------
 # Helpers.
 

@@ -17,8 +17,6 @@ from vit_jax.evaluation import fewshot
 from vit_jax.evaluation import fewshot_data
 from vit_jax.evaluation import fewshot_probe
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 DATA = os.path.join(os.path.dirname(__file__), 'data', 'official')
 IMAGE = 32
 

@@ -11,8 +11,6 @@ import pytest
 from vit_jax import models
 from vit_jax.paper import figures
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 IMAGE = 32
 
 

@@ -14,12 +14,12 @@ import sys
 import numpy as np
 from PIL import Image
 
+import compile_settings
 import timm_support
 
 timm = timm_support.Lazy(timm_support.import_timm)
 torch = timm_support.Lazy(lambda: importlib.import_module('torch'))
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {
     'daisy': (245, 245, 245),
@@ -60,7 +60,7 @@ def test_tutorial_workflow_from_a_timm_file_then_predict(tmp_path):
       os.environ,
       TF_CPP_MIN_LOG_LEVEL='2',
       PYTHONPATH=REPO,
-      XLA_FLAGS='--xla_force_host_platform_device_count=1')
+      XLA_FLAGS=compile_settings.xla_flags(1))
   workdir = tmp_path / 'work'
   train = subprocess.run([
       sys.executable, '-m', 'vit_jax.main',

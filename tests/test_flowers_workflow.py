@@ -41,8 +41,6 @@ from vit_jax.reporting import dataset_report
 from vit_jax.run_config import validation
 from vit_jax.training import trainable
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Class folder -> (images, base RGB). Uneven like the real flower photos

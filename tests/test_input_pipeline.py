@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+import compile_settings
 from vit_jax import input_pipeline
 from vit_jax.data import affine as vit_affine
 from vit_jax.data import embedded_mnist
@@ -219,7 +220,7 @@ def test_eight_devices_layout_in_subprocess_without_keras():
   """)
   env = dict(
       os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      XLA_FLAGS=compile_settings.xla_flags(8),
       JAX_PLATFORMS='cpu',
       TF_CPP_MIN_LOG_LEVEL='2')
   out = subprocess.run([sys.executable, '-c', script],

@@ -26,7 +26,6 @@ from vit_jax.interop import export_timm
 timm = timm_support.Lazy(timm_support.import_timm)
 torch = timm_support.Lazy(lambda: importlib.import_module('torch'))
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32  # images of 2x2 patches
 # name, create_model kwargs: ViT-Ti/16 at depth 2 (the block order), ViT-B/16

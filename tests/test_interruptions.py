@@ -34,13 +34,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import compile_settings
 from test_user_errors import markdown_table
 from vit_jax.checkpoints import export
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.guards import workdir_lock
-
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -152,7 +151,7 @@ def _command(workdir, args):
 
 
 def _env():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=compile_settings.xla_flags(1))
   env.pop('TF_CPP_MIN_LOG_LEVEL', None)
   return env
 

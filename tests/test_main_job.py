@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import compile_settings
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lines of library start-up noise that must not reach the console.
@@ -38,9 +40,8 @@ SHORT = ('--config.total_steps=150', '--config.eval_every=75')
 
 
 def _env():
-  env = dict(os.environ)
-  for name in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL'):
-    env.pop(name, None)  # as a user's shell has them
+  env = compile_settings.optimized_env(os.environ)  # as a user's shell has
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
   return env
 
 

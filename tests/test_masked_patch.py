@@ -13,8 +13,6 @@ from vit_jax import models
 from vit_jax import models_mpp
 from vit_jax.checkpoints import trees
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 IMAGE = 32
 
 

@@ -15,8 +15,6 @@ from vit_jax import models
 from vit_jax.interop import checkpoint_cli
 import zoo_sizes
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 MIXERS = sorted(n for n in models.MODEL_CONFIGS if n.startswith('Mixer'))
 
 

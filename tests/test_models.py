@@ -16,8 +16,6 @@ from vit_jax.configs import models as models_config
 from vit_jax.configs import project_models
 import zoo_sizes
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 count = zoo_sizes.count
 # Mixers: tests/test_mixer.py; BiT ResNets: tests/test_bit.py.
 VITS = sorted(n for n, c in models.MODEL_CONFIGS.items() if 'transformer' in c)

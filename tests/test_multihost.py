@@ -29,14 +29,13 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+import compile_settings
 from test_train import REPO
 from test_train import tiny_config
 from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
-
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 STEPS = 3
 # tiny_config's fields of the pmap and the FSDP runs. FSDP: the tiny model's
@@ -338,7 +337,7 @@ def _wait(processes):
 
 def _env(devices):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = compile_settings.xla_flags(devices)
   env['PYTHONPATH'] = os.pathsep.join([REPO, os.path.join(REPO, 'tests')])
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   return env

@@ -6,7 +6,8 @@ written there), so nothing in the repository changes. The kernel is
 ipykernel's `python3`, which jupyter_client starts with this interpreter
 (`sys.executable`); a cell appended to the copy checks that. The notebooks
 find the repository through `VIT_JAX_REPO` and write their training runs and
-figures to `VIT_JAX_NOTEBOOK_WORKDIR`. One device: XLA_FLAGS is removed.
+figures to `VIT_JAX_NOTEBOOK_WORKDIR`. One device: XLA_FLAGS holds only
+the suite's compile settings (tests/compile_settings.py).
 
 Both notebooks train the same 100-step model into `<workdir>/train`, and
 they share one workdir (a module fixture): paper_figures, run after
@@ -29,6 +30,8 @@ import nbclient
 import nbformat
 import numpy as np
 import pytest
+
+import compile_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
@@ -53,10 +56,10 @@ def _execute(name, tmp_path, workdir):
   nb.cells.append(nbformat.v4.new_code_cell(CHECK_KERNEL))
   env = dict(
       os.environ,
+      XLA_FLAGS=compile_settings.XLA_FLAGS,
       VIT_JAX_REPO=REPO,
       VIT_JAX_NOTEBOOK_WORKDIR=str(workdir),
       TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
   client = nbclient.NotebookClient(
       nb,
       kernel_name='python3',

@@ -31,8 +31,6 @@ from vit_jax.data import tf_import
 
 tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'vit_jax', 'configs')
 

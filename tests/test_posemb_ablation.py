@@ -21,8 +21,6 @@ from vit_jax.layers import relative_attention
 from vit_jax.run_config import validation
 from vit_jax.run_config.errors import ConfigError
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 # The 'testing' model (hidden 10, patch 16), 2 heads of 5, 2 blocks; 32x48
 # images are a 2x3 grid: 6 patches (+ class token).
 IMAGE_HW = (32, 48)

@@ -22,8 +22,6 @@ from vit_jax.evaluation import trained_model
 
 tf = tf_import.import_tensorflow()  # TensorFlow without Keras
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = 32
 NUM_CLASSES = 6

@@ -17,8 +17,6 @@ from vit_jax import train
 from vit_jax import utils
 from vit_jax.training import optim
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 
 def original_lr(step, *, total, base, decay_type, warmup, end=1e-5):
   """The original's schedule, written out in plain Python."""

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+import compile_settings
 from vit_jax.parallel import device_mesh  # pylint: disable=wrong-import-position
 from vit_jax.parallel import sharded_step  # pylint: disable=wrong-import-position
 from vit_jax.parallel import sharding  # pylint: disable=wrong-import-position
@@ -261,10 +262,7 @@ print('RESULT ' + json.dumps(out))
 def eight():
   """Runs the 8-device script once; its measurements as a dict."""
   env = dict(os.environ)
-  # Backend optimisation level 0 halves XLA:CPU's compile time of the step
-  # programs; every run here uses it, so the comparisons are unaffected.
-  env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=8 '
-                      '--xla_backend_optimization_level=0')
+  env['XLA_FLAGS'] = compile_settings.xla_flags(8)
   env['PYTHONPATH'] = os.pathsep.join([REPO, env.get('PYTHONPATH', '')])
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   # Each program is compiled once: writing them to the persistent cache

@@ -24,8 +24,6 @@ from vit_jax.checkpoints import layouts
 from vit_jax.checkpoints import trees
 from vit_jax.layers import attention
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 ATOL = 1e-5
 NUM_LAYERS = 2
 

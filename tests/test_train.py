@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import compile_settings
 from configs import embedded
 from vit_jax import checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
@@ -89,7 +88,7 @@ def set_fields(config, fields):
 def run_python(code, *, devices=1, timeout=300, args=()):
   """Runs `code` in a fresh interpreter with `devices` CPU devices."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = compile_settings.xla_flags(devices)
   env['PYTHONPATH'] = os.pathsep.join(
       [REPO, os.path.join(REPO, 'tests'),
        env.get('PYTHONPATH', '')])

@@ -21,7 +21,6 @@ from vit_jax import train
 from vit_jax.checkpoints import export
 from vit_jax.checkpoints import npz
 
-UNOPTIMIZED_XLA = True
 PRETRAIN_STEPS = 150
 FINETUNE_STEPS = 30
 BATCH = 64

@@ -40,8 +40,6 @@ from vit_jax.training import optim
 from vit_jax.training import trainable
 from vit_jax.training import weight_ema
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 
 @pytest.fixture(scope='module', autouse=True)
 def _no_run_plots():

@@ -21,13 +21,12 @@ import time
 import numpy as np
 import pytest
 
+import compile_settings
 from test_train import REPO
 from test_train import read_summary
 from vit_jax.checkpoints import train_checkpoint
 from vit_jax.checkpoints import trees
 from vit_jax.reporting import run_report
-
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
 
 TOTAL_STEPS = 40
 # Every start of the chain and its uninterrupted reference: a save every 5
@@ -68,7 +67,7 @@ def _env():
   return dict(
       os.environ,
       TF_CPP_MIN_LOG_LEVEL='2',
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}')
+      XLA_FLAGS=compile_settings.xla_flags(DEVICES))
 
 
 def _start(workdir):

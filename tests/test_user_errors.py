@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
+import compile_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, 'docs', 'troubleshooting.md')
@@ -171,7 +171,7 @@ _NOISE = ('absl::InitializeLog', 'oneDNN', 'libtpu', 'fontManager')
 
 def _env(devices=1):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = compile_settings.xla_flags(devices)
   for name in ('TF_CPP_MIN_LOG_LEVEL', 'JAX_COORDINATOR_ADDRESS',
                'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(name, None)

@@ -16,8 +16,6 @@ from vit_jax.reporting import run_plots
 from vit_jax.training import objectives
 from vit_jax.training import weight_ema
 
-UNOPTIMIZED_XLA = True  # conftest.py: compiling costs more than running
-
 
 def test_average_is_the_bias_corrected_weighted_mean():
   decay = 0.8
