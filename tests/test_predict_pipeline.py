@@ -1,12 +1,13 @@
 """Predict on a model the training pipeline trained: CLI accuracy = training.
 
 The acceptance test of `python -m vit_jax.predict --workdir`: train the
-embedded-MNIST ViT of configs/embedded.py:digits briefly (150 steps, batch 128),
-export it to `.npz` with `vit_jax.checkpoints.export`, write the 1,000
-held-out test digits as PNG files in per-class folders, classify them all with
-the command line (`--topk 1`) and count: the CLI gets right exactly the images
-the training's own evaluation got right, so its accuracy equals the `accuracy`
-of summary.json (exactly, not to a tolerance).
+embedded-MNIST ViT of configs/embedded.py:digits briefly (100 steps, batch
+128: test accuracy 0.757 on the Zen 3 machine), export it to `.npz` with
+`vit_jax.checkpoints.export`, write the 1,000 held-out test digits as PNG
+files in per-class folders, classify them all with the command line
+(`--topk 1`) and count: the CLI gets right exactly the images the training's
+own evaluation got right, so its accuracy equals the `accuracy` of
+summary.json (exactly, not to a tolerance).
 """
 
 import json
@@ -34,7 +35,7 @@ from vit_jax.data import embedded_mnist
 from vit_jax.evaluation import label_names
 from vit_jax.evaluation import trained_model
 
-STEPS = 150
+STEPS = 100
 PROB_LINE = re.compile(r'^  (\d\.\d{4})  (\S+)$')
 
 
