@@ -297,7 +297,7 @@ def test_fsdp_run_equals_pmap_run_on_8_devices(tmp_path):
           np.asarray(head[key], np.float32), value, err_msg=key)
 
 
-# ------------------------------------------- export, one leaf at a time
+# ------------------------------------------ export, streamed in groups
 
 
 def _save_state(workdir, case):
@@ -355,10 +355,12 @@ def test_streamed_export_writes_the_whole_tree_file(tmp_path, saved_state,
 
 def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
                                               monkeypatch):
-  """Each read restores one leaf, never one of the optimizer's moments; its
-  arrays are written, and it is gone, before the next read."""
+  """With a read budget of 0 bytes, each read restores one leaf, never one of
+  the optimizer's moments; its arrays are written, and it is gone, before
+  the next read."""
   workdir, params = saved_state('scanned_ema')
   path = str(tmp_path / 'model.npz')
+  monkeypatch.setattr(train_checkpoint, 'READ_GROUP_BYTES', 0)
   events, alive = [], []
   read = train_checkpoint.TrainCheckpoints._read_leaves  # pylint: disable=protected-access
 
@@ -402,6 +404,48 @@ def test_export_reads_one_parameter_at_a_time(tmp_path, saved_state,
     end = events.index(reads[i + 1]) if i + 1 < len(reads) else len(events)
     assert end - start == (2 if '/encoderblock/' in key else 1), key
   assert len(npz.read_npz(path)) == len(trees.flatten_tree(params))
+
+
+@pytest.mark.parametrize('budget', ['largest', 'default'])
+def test_export_reads_groups_within_the_budget(tmp_path, saved_state,
+                                               monkeypatch, budget):
+  """Reads take consecutive leaves up to READ_GROUP_BYTES (a larger leaf
+  alone): the tiny model in one read by default; the file is the same, byte
+  for byte, as the one of one leaf per read."""
+  workdir, _ = saved_state('scanned_ema')
+  default = train_checkpoint.READ_GROUP_BYTES
+  single = str(tmp_path / 'single.npz')
+  monkeypatch.setattr(train_checkpoint, 'READ_GROUP_BYTES', 0)
+  export.export(workdir, single)
+  sizes = {
+      k: v.size * v.dtype.itemsize
+      for k, v in train_checkpoint.TrainCheckpoints(workdir).iter_params()
+  }
+  limit = max(sizes.values()) if budget == 'largest' else default
+  monkeypatch.setattr(train_checkpoint, 'READ_GROUP_BYTES', limit)
+  reads = []
+  read = train_checkpoint.TrainCheckpoints._read_leaves  # pylint: disable=protected-access
+
+  def read_group(self, directory, item):
+    reads.append(list(trees.flatten_tree(item)))
+    return read(self, directory, item)
+
+  monkeypatch.setattr(train_checkpoint.TrainCheckpoints, '_read_leaves',
+                      read_group)
+  grouped = str(tmp_path / 'grouped.npz')
+  export.export(workdir, grouped)
+  prefix = 'opt_state/ema_params/'
+  names = [k[len(prefix):] for group in reads for k in group]
+  assert sorted(names) == sorted(sizes)
+  for group in reads:
+    assert len(group) == 1 or sum(
+        sizes[k[len(prefix):]] for k in group) <= limit, group
+  if budget == 'default':
+    assert len(reads) == 1
+  else:
+    assert 1 < len(reads) < len(sizes)
+  with open(single, 'rb') as f, open(grouped, 'rb') as g:
+    assert f.read() == g.read()
 
 
 # ------------------------------------------------------ masked patch pred.

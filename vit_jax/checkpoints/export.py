@@ -5,8 +5,9 @@
 
 Writes the newest (or `--step`) train-state checkpoint's parameters under
 released names, loadable by `checkpoint.load_pretrained`, the original
-vit_jax and timm. Parameters stream one at a time; the optimizer state is
-never read. `--verbosity=0` shows orbax's INFO lines.
+vit_jax and timm. Parameters stream in runs of up to 64 MiB
+(`train_checkpoint.READ_GROUP_BYTES`); the optimizer state is never read.
+`--verbosity=0` shows orbax's INFO lines.
 """
 
 import collections

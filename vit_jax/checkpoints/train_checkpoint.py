@@ -72,6 +72,11 @@ def first_non_finite(tree: Any) -> Optional[str]:
   return jax.tree_util.keystr(floating[bad[0]][0]) if bad.size else None
 
 
+# iter_params reads leaves together up to this many bytes: a partial
+# restore costs tens of milliseconds, whatever its size.
+READ_GROUP_BYTES = 64 << 20
+
+
 def _host_template(shapes: Any) -> Any:
   """Zero-strided numpy leaves: orbax then restores numpy arrays."""
   return jax.tree_util.tree_map(
@@ -96,11 +101,38 @@ class _SavedLeaf(NamedTuple):
   shape: jax.ShapeDtypeStruct
 
 
-def _nest(keys: Sequence[str], leaf: Any) -> dict:
-  """{keys[0]: {keys[1]: ... leaf}}: a restore item of one leaf."""
-  for key in reversed(keys):
-    leaf = {key: leaf}
-  return leaf
+def _read_groups(leaves, budget: int):
+  """Runs of consecutive (name, _SavedLeaf) of at most `budget` bytes each;
+  a larger leaf is a run of its own."""
+  group, size = [], 0
+  for name, leaf in leaves:
+    nbytes = int(np.prod(leaf.shape.shape)) * np.dtype(
+        leaf.shape.dtype).itemsize
+    if group and size + nbytes > budget:
+      yield group
+      group, size = [], 0
+    group.append((name, leaf))
+    size += nbytes
+  if group:
+    yield group
+
+
+def _restore_item(leaves) -> dict:
+  """The nested restore item of some saved leaves, and of no others."""
+  item = {}
+  for _, leaf in leaves:
+    node = item
+    for key in leaf.keys[:-1]:
+      node = node.setdefault(key, {})
+    node[leaf.keys[-1]] = _host_template(leaf.shape)
+  return item
+
+
+def _pop(tree: dict, keys: Sequence[str]) -> Any:
+  """Removes and returns tree[keys[0]][keys[1]]...."""
+  for key in keys[:-1]:
+    tree = tree[key]
+  return tree.pop(keys[-1])
 
 
 def _shape(x) -> tuple:
@@ -358,19 +390,20 @@ class TrainCheckpoints:
                  ) -> Iterator[Tuple[str, np.ndarray]]:
     """Yields ('head/kernel', numpy array) of `restore_params(step)`.
 
-    One leaf is read at a time (orbax partial restore); the optimizer state
-    is not read. All processes must iterate together.
+    Leaves are read in runs of at most `READ_GROUP_BYTES` (orbax partial
+    restores; a larger leaf alone) and let go of once yielded; the optimizer
+    state is not read. All processes must iterate together.
     """
     step = self._step_or_latest(step)
     directory = os.path.join(self.directory, str(step),
                              ocp.checkpoint_manager.DEFAULT_ITEM_NAME)
-    for name, leaf in self._saved_params(step).items():
-      restored = self._read_leaves(directory,
-                                   _nest(leaf.keys, _host_template(leaf.shape)))
-      for key in leaf.keys:
-        restored = restored[key]
-      yield name, restored
-      del restored  # Not held while the next leaf is read.
+    for group in _read_groups(
+        self._saved_params(step).items(), READ_GROUP_BYTES):
+      restored = self._read_leaves(directory, _restore_item(group))
+      for name, leaf in group:
+        # Popped: not held by the group while the caller works on it.
+        yield name, _pop(restored, leaf.keys)
+      del restored  # Not held while the next group is read.
 
   def _read_leaves(self, directory: str, item: Any) -> Any:
     """Reads the leaves of `item`, a part of the saved tree, and no others."""
