@@ -3,8 +3,8 @@
 CASES is the table: each row runs the real command line (`python -m
 vit_jax.main`, a tiny model) in a subprocess and pins the exit status, a
 console without a traceback, its length, and the words that name the cause
-and the fix. Config errors stop before any data is read (most before
-TensorFlow loads, in about two seconds). The troubleshooting page is
+and the fix. Config errors stop before any data is read (most before JAX
+loads, in under a second). The troubleshooting page is
 generated from the same table (`python tests/test_user_errors.py` prints it),
 and a test checks that the page holds it. The last test kills one of two
 training processes and resumes from the printed command.
