@@ -64,11 +64,15 @@ def test_main_reports_a_bad_value_before_importing_jax(tmp_path):
                 f'--workdir={tmp_path}', '--config.model.classifier=tokn')
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Unknown config.model.classifier' in result.stderr
+  # Once the log file is set up, stderr (and so -X importtime) goes there.
+  with open(tmp_path / 'log.txt') as f:
+    lines = (result.stderr + f.read()).splitlines()
   imported = {
       line.rsplit('|', 1)[1].strip()
-      for line in result.stderr.splitlines()
+      for line in lines
       if line.startswith('import time:')
   }
+  assert 'vit_jax.run_config.validation' in imported
   assert not [m for m in imported if m.split('.')[0] in LIBRARIES]
 
 
