@@ -231,13 +231,14 @@ def test_traceback_in_log_file_and_verbose(results, tmp_path):
     text = f.read()
   assert 'Traceback (most recent call last)' in text
   assert 'ConfigError: config.base_lr=-1.0' in text
-  # --verbose: the library log lines are on the console again.
+  # --verbose: the library log lines are on the console again. (A batch the
+  # devices do not divide is found after JAX starts, which logs.)
   verbose = subprocess.run([
       sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path}',
-      '--verbose', '--config.base_lr=-1'
+      '--verbose', '--config.batch=32'
   ],
                            cwd=REPO,
-                           env=_env(),
+                           env=_env(3),
                            capture_output=True,
                            text=True,
                            timeout=300)
