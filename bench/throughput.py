@@ -105,13 +105,13 @@ from bench import throughput_original
 from bench import throughput_report
 from bench import throughput_steps
 from vit_jax import models
+from vit_jax.configs import choices
 
 SECTIONS = ('peak', 'infer', 'train', 'ceiling', 'frozen', 'compile', 'remat')
 
 
 def models_vit_impls():
-  from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
-  return attention.IMPLS
+  return choices.ATTENTION_IMPLS
 
 
 def parse_args(argv):

@@ -49,6 +49,7 @@ from vit_jax.guards import stop_signals
 from vit_jax.guards import workdir_lock
 from vit_jax.parallel import supervisor
 from vit_jax.run_config import errors
+from vit_jax.run_config import original_configs
 from vit_jax.run_config import validation
 
 # In the workdir: the absl log (INFO and up) and the C++ libraries' stderr.
@@ -312,7 +313,16 @@ def _interrupted_outside_the_loop(log_path, signum):
 
 
 def _train(distributed):
-  """Starts JAX (and its distributed runtime) and trains the config."""
+  """Checks the config, starts JAX (and its distributed runtime) and trains
+  the config."""
+  config = _CONFIG.value
+  # Before JAX and TensorFlow load: a bad value fails in a fraction of a
+  # second. (train_and_evaluate translates the original vit_jax's configs
+  # too.)
+  checked = None
+  if original_configs.trainer(config) == 'train':
+    checked = original_configs.to_project_config(config)
+    validation.check_values(checked)
   import jax  # pylint: disable=g-import-not-at-top
   if distributed:
     jax.distributed.initialize(
@@ -326,13 +336,9 @@ def _train(distributed):
           f'{distributed["coordinator_address"]} has {jax.process_count()} '
           'processes (process 0 decides). Give every process the same '
           '--num_processes.')
-  from vit_jax.run_config import original_configs  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  # Before TensorFlow loads (vit_jax.train): a bad value fails in seconds.
-  # (train_and_evaluate translates the original vit_jax's configs too.)
-  if original_configs.trainer(config) == 'train':
-    validation.check_config(
-        original_configs.to_project_config(config),
+  if checked is not None:  # before TensorFlow loads (vit_jax.train)
+    validation.check_devices(
+        checked,
         device_count=jax.local_device_count(),
         process_count=jax.process_count())
   from vit_jax import train  # pylint: disable=g-import-not-at-top

@@ -110,8 +110,3 @@ def resnet_stem(x, *, width_factor: float, num_layers: Sequence[int],
         name=f'block{i + 1}')(
             x)
   return x
-
-
-def stem_stride(num_layers: Sequence[int]) -> int:
-  """Total downsampling of the stem: 4 for the root, 2 per later stage."""
-  return 4 * 2**max(len(num_layers) - 1, 0)

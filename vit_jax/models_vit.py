@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vit_jax import models_resnet
+from vit_jax.configs import choices
 from vit_jax.layers import attention
 from vit_jax.layers import block_stack
 from vit_jax.layers import image_checks
@@ -30,9 +31,6 @@ Array = Any
 Dtype = Any
 Initializer = Callable[..., Array]
 
-CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled')
-POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
-POSEMB_WHERE = position_embeddings.POSEMB_WHERE
 # Fields of the model that it hands down to its encoder.
 _ENCODER_OPTIONS = ('posemb', 'posemb_where', 'attention_impl', 'scan',
                     'remat_policy', 'layernorm_epsilon', 'approximate_gelu')
@@ -91,7 +89,7 @@ class Encoder1DBlock(nn.Module):
   """Transformer encoder block, pre-LayerNorm (paper Eq. 2-3).
 
   Attributes:
-    attention_impl: one of `attention.IMPLS`.
+    attention_impl: one of `choices.ATTENTION_IMPLS`.
     output_tokens: None, or n: only the first n tokens' outputs are computed
       (they still attend to every token), giving [batch, n, emb].
     posemb_every_layer: None, or 'learn' / 'learn_2d': a table of the block's
@@ -174,8 +172,8 @@ class Encoder(nn.Module):
 
   Attributes:
     add_position_embedding: the original's switch; False is `posemb='none'`.
-    posemb: one of POSEMB_TYPES ('learn' is the paper's 1-D).
-    posemb_where: one of POSEMB_WHERE, where the learned tables are added
+    posemb: one of choices.POSEMB_TYPES ('learn' is the paper's 1-D).
+    posemb_where: one of choices.POSEMB_WHERE, where the learned tables are added
       (`position_embeddings`).
     scan: the blocks as one `nn.scan`, parameters `encoderblock/...` with a
       leading layer axis.
@@ -248,11 +246,11 @@ class Encoder(nn.Module):
 
   def _posemb(self, grid) -> str:
     """`posemb` ('none' without `add_position_embedding`), checked."""
-    if self.posemb not in POSEMB_TYPES:
+    if self.posemb not in choices.POSEMB_TYPES:
       raise ValueError(f'Unknown posemb {self.posemb!r}; use one of '
-                       f'{POSEMB_TYPES}.')
+                       f'{choices.POSEMB_TYPES}.')
     posemb = self.posemb if self.add_position_embedding else 'none'
-    problem = position_embeddings.where_problem(posemb, self.posemb_where)
+    problem = choices.where_problem(posemb, self.posemb_where)
     if problem:
       raise ValueError(problem)
     if posemb in ('learn_2d', 'sincos2d') and grid is None:
@@ -304,7 +302,7 @@ class VisionTransformer(nn.Module):
     transformer: `Encoder` fields; None for ResNet features only.
     resnet: `num_layers` (per stage) and `width_factor` of a hybrid's stem.
     representation_size: width of the tanh `pre_logits` layer, or None.
-    classifier: one of CLASSIFIERS.
+    classifier: one of choices.CLASSIFIERS.
     dtype: computation dtype; parameters stay float32.
     token_only_last_block: with classifier='token', the last block computes
       the class token's row only (same logits to float rounding); not with
@@ -333,14 +331,15 @@ class VisionTransformer(nn.Module):
   token_only_last_block: bool = False
 
   def __post_init__(self):
-    for field, valid in (('classifier', CLASSIFIERS), ('posemb', POSEMB_TYPES),
-                         ('posemb_where', POSEMB_WHERE), ('attention_impl',
-                                                          attention.IMPLS),
+    for field, valid in (('classifier', choices.CLASSIFIERS),
+                         ('posemb', choices.POSEMB_TYPES),
+                         ('posemb_where', choices.POSEMB_WHERE),
+                         ('attention_impl', choices.ATTENTION_IMPLS),
                          ('remat_policy', tuple(block_stack.REMAT_POLICIES))):
       if getattr(self, field) not in valid:
         raise ValueError(f'Unknown {field} {getattr(self, field)!r}; use one '
                          f'of {valid}.')
-    problem = position_embeddings.where_problem(self.posemb, self.posemb_where)
+    problem = choices.where_problem(self.posemb, self.posemb_where)
     if problem:
       raise ValueError(problem)
     if self.token_only_last_block and self.scan:
@@ -358,7 +357,7 @@ class VisionTransformer(nn.Module):
     """Pixels per token along (height, width)."""
     s = 1
     if self.resnet is not None:
-      s = models_resnet.stem_stride(self.resnet.num_layers)
+      s = choices.stem_stride(self.resnet.num_layers)
     ph, pw = self.patch_size
     return (s * ph, s * pw)
 

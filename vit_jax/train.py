@@ -31,6 +31,7 @@ from vit_jax import models
 from vit_jax import models_mpp
 from vit_jax.checkpoints import resume
 from vit_jax.checkpoints import train_checkpoint
+from vit_jax.configs import choices
 from vit_jax.data import dataset_checks
 from vit_jax.evaluation import fewshot
 from vit_jax.guards import memory_fit
@@ -128,7 +129,7 @@ def _fresh_state(config, model, tx, *, load_pretrained: bool):
   fresh run."""
   params = init_params(model, config, load_pretrained=load_pretrained)
   mask = None
-  if trainable.pattern(config.get('trainable')) is not None:
+  if choices.trainable_pattern(config.get('trainable')) is not None:
     mask = trainable.trainable_mask(params, config.trainable)
   train_part = trainable.partition(params, mask)[0]
   return {

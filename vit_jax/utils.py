@@ -9,9 +9,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from vit_jax.configs import choices
 from vit_jax.data import filesystem
-
-DECAY_TYPES = ('cosine', 'linear')
 
 
 def create_learning_rate_schedule(
@@ -30,9 +29,9 @@ def create_learning_rate_schedule(
   Returns:
     `step -> learning rate` (a float32 scalar), usable as an optax schedule.
   """
-  if decay_type not in DECAY_TYPES:
+  if decay_type not in choices.DECAY_TYPES:
     raise ValueError(f'Unknown decay_type {decay_type!r}; use one of '
-                     f'{DECAY_TYPES}.')
+                     f'{choices.DECAY_TYPES}.')
   if total_steps < warmup_steps or total_steps <= 0:
     raise ValueError(
         f'total_steps ({total_steps}) must be positive and at least '

@@ -17,6 +17,7 @@ from vit_jax.checkpoints import posembed
 from vit_jax.checkpoints import tree_diff
 from vit_jax.checkpoints import trees
 from vit_jax.checkpoints.trees import CheckpointError
+from vit_jax.configs import choices
 
 Params = Dict[str, Any]
 Grid = Tuple[int, int]
@@ -285,6 +286,5 @@ def pixels_per_token(model_config) -> Grid:
   resnet = model_config.get('resnet')
   stride = 1
   if resnet is not None:
-    from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
-    stride = models_resnet.stem_stride(tuple(resnet.num_layers))
+    stride = choices.stem_stride(tuple(resnet.num_layers))
   return stride * ph, stride * pw

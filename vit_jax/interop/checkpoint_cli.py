@@ -28,6 +28,7 @@ from vit_jax.checkpoints.posembed import image_grid
 from vit_jax.checkpoints.trees import CheckpointError
 from vit_jax.checkpoints.trees import flatten_tree
 from vit_jax.checkpoints.trees import shape_of
+from vit_jax.configs import choices
 from vit_jax.configs import project_models
 
 # ----------------------------------------------------------------------------
@@ -71,8 +72,7 @@ def describe(params: Params) -> Dict[str, Any]:
         'width': width,
         'width_factor': width / 64
     }
-    from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
-    stem_stride = models_resnet.stem_stride(num_layers)
+    stem_stride = choices.stem_stride(num_layers)
   info['resnet'] = resnet
   info['pixels_per_token'] = (stem_stride * ph, stem_stride * pw)
 

@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.configs import choices
 from vit_jax.layers import mixed_precision
 
 # `attention_impl` values: flax's attention (the original), its einsums as
 # batched matmuls, `jax.nn.dot_product_attention` with XLA's or cuDNN's kernel.
-IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 
 
 def fused_attention(query,
@@ -138,9 +138,9 @@ def attention_kwargs(attention_impl: str, dtype: Any) -> Dict[str, Any]:
   Below float32 the projections and einsums accumulate in float32
   (`mixed_precision`); empty for 'reference' in float32 (the original's graph).
   """
-  if attention_impl not in IMPLS:
+  if attention_impl not in choices.ATTENTION_IMPLS:
     raise ValueError(f'Unknown attention_impl {attention_impl!r}; use one of '
-                     f'{IMPLS}.')
+                     f'{choices.ATTENTION_IMPLS}.')
   kw = {}
   if attention_impl == 'heads_major':
     kw['attention_fn'] = heads_major_attention

@@ -16,7 +16,7 @@ columns of the paper's Table 8, with these parameter names under
 dropout after the embedding, as the original.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,23 +24,6 @@ import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., Any]
-
-POSEMB_WHERE = ('input', 'every_layer', 'every_layer_shared')
-LEARNED = ('learn', 'learn_2d')
-
-
-def where_problem(posemb: str, posemb_where: str) -> Optional[str]:
-  """None, or why `posemb_where` does not go with `posemb`."""
-  if posemb_where not in POSEMB_WHERE:
-    return (f'Unknown posemb_where {posemb_where!r}; use one of '
-            f'{POSEMB_WHERE}.')
-  # A fixed or absent table has nothing to learn per block; 'relative' is in
-  # every block's attention already (Table 8: N/A).
-  if posemb_where != 'input' and posemb not in LEARNED:
-    return (f'posemb_where={posemb_where!r} places a learned table, so it '
-            f"needs posemb 'learn' or 'learn_2d' (paper Appendix D.4, Table "
-            f"8); posemb={posemb!r} takes posemb_where='input' only.")
-  return None
 
 
 class AddPositionEmbs(nn.Module):

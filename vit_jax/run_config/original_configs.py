@@ -12,7 +12,6 @@ from typing import Any, Iterator, Tuple
 from absl import logging
 import ml_collections
 
-from vit_jax import checkpoint
 from vit_jax.data import filesystem
 from vit_jax.run_config import errors
 
@@ -153,6 +152,9 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 
 def best_augreg_filename(directory: str, model: str) -> str:
   """The `.npz` stem of AugReg `model`'s best ImageNet-21k `final_val`."""
+  # Imported here: it loads JAX, which a config's checks before training
+  # (vit_jax.main) must not.
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   index = checkpoint.get_augreg_df(directory=directory)
   stems = index.filename.str.split('-').str[0]
   rows = index[(stems == model) & (index.ds == 'i21k')]

@@ -12,6 +12,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import ml_collections
 
+from vit_jax.configs import choices
 from vit_jax.data import filesystem
 from vit_jax.data import tf_import
 from vit_jax.run_config import errors
@@ -105,36 +106,28 @@ def check_override_keys(config, keys: Iterable[str], config_file: str):
 
 def _choices(config) -> dict:
   """{dotted field: valid values} of the model and optimizer options."""
-  # Imported here: vit_jax.main checks keys before JAX loads. None of these
-  # imports TensorFlow, so a bad value fails in seconds.
-  from vit_jax import models_vit  # pylint: disable=g-import-not-at-top
-  from vit_jax import utils  # pylint: disable=g-import-not-at-top
-  from vit_jax.layers import attention  # pylint: disable=g-import-not-at-top
-  from vit_jax.layers import block_stack  # pylint: disable=g-import-not-at-top
-  from vit_jax.training import optim  # pylint: disable=g-import-not-at-top
-  choices = {
-      'optimizer': optim.OPTIMIZERS,
-      'decay_type': utils.DECAY_TYPES,
+  valid = {
+      'optimizer': choices.OPTIMIZERS,
+      'decay_type': choices.DECAY_TYPES,
       'optim_dtype': (None,) + DTYPES
   }
   if config.get('model') is not None:
-    choices.update({
-        'model.classifier': models_vit.CLASSIFIERS,
-        'model.posemb': models_vit.POSEMB_TYPES,
-        'model.posemb_where': models_vit.POSEMB_WHERE,
-        'model.attention_impl': attention.IMPLS,
-        'model.remat_policy': tuple(block_stack.REMAT_POLICIES),
+    valid.update({
+        'model.classifier': choices.CLASSIFIERS,
+        'model.posemb': choices.POSEMB_TYPES,
+        'model.posemb_where': choices.POSEMB_WHERE,
+        'model.attention_impl': choices.ATTENTION_IMPLS,
+        'model.remat_policy': choices.REMAT_POLICY_NAMES,
         'model.dtype': DTYPES,
     })
-  return choices
+  return valid
 
 
 def _run_choices() -> dict:
   """{field: valid values} of the options the trainer itself reads."""
-  from vit_jax.training import objectives  # pylint: disable=g-import-not-at-top
   return {
-      'loss': tuple(objectives.LOSSES),
-      'objective': objectives.OBJECTIVES,
+      'loss': choices.LOSS_NAMES,
+      'objective': choices.OBJECTIVES,
       'parallelism': PARALLELISMS
   }
 
@@ -239,10 +232,9 @@ def _check_model(config) -> None:
 
 def _check_crop(config, model) -> None:
   """The crop is a multiple of the pixels per token."""
-  from vit_jax import models_resnet  # pylint: disable=g-import-not-at-top
   stem = 1
   if model.get('resnet') is not None:
-    stem = models_resnet.stem_stride(model.resnet.num_layers)
+    stem = choices.stem_stride(model.resnet.num_layers)
   patch = tuple(model.patches.size)
   stride = (stem * patch[0], stem * patch[1])
   crop = config.pp.crop
@@ -262,8 +254,7 @@ def _check_crop(config, model) -> None:
 
 def _check_posemb(model) -> None:
   """`posemb_where` only with a learned table (paper Table 8)."""
-  from vit_jax.layers import position_embeddings  # pylint: disable=g-import-not-at-top
-  problem = position_embeddings.where_problem(
+  problem = choices.where_problem(
       model.get('posemb', 'learn'), model.get('posemb_where', 'input'))
   if problem:
     raise ConfigError(f'config.model: {problem} Set --config.model.posemb or '
@@ -288,24 +279,41 @@ def _check_model_name(config) -> None:
       '--config.model_name out.')
 
 
-def check_config(config: ml_collections.ConfigDict,
-                 *,
-                 device_count: int,
-                 process_count: int = 1) -> None:
-  """Raises ConfigError for a model, optimizer, batch or step value that cannot
-  work. Does not import TensorFlow.
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a model, optimizer, step or `trainable` value
+  that cannot work on any devices. Imports neither JAX nor TensorFlow.
 
   Args:
     config: a training config (vit_jax/configs/schema.py lists every field).
-    device_count: local devices of this process.
-    process_count: processes of the run.
   """
   _check_numbers(config)
   _check_choices(config, _choices(config))
   _check_model(config)
+  _check_trainable(config.get('trainable'))
+
+
+def check_devices(config: ml_collections.ConfigDict,
+                  *,
+                  device_count: int,
+                  process_count: int = 1) -> None:
+  """Raises ConfigError for a batch or mesh that does not fit the devices.
+
+  Args:
+    config: a training config.
+    device_count: local devices of this process.
+    process_count: processes of the run.
+  """
   _check_batch(config, device_count, process_count)
   _check_mesh(config, device_count, process_count)
-  _check_trainable(config.get('trainable'))
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 *,
+                 device_count: int,
+                 process_count: int = 1) -> None:
+  """`check_values`, then `check_devices`. Does not import TensorFlow."""
+  check_values(config)
+  check_devices(config, device_count=device_count, process_count=process_count)
 
 
 def check_data_and_paths(config: ml_collections.ConfigDict) -> None:
@@ -325,8 +333,7 @@ def check_data_and_paths(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_trainable(spec: Optional[str]) -> None:
-  from vit_jax.training import trainable  # pylint: disable=g-import-not-at-top
-  regex = trainable.pattern(spec)
+  regex = choices.trainable_pattern(spec)
   if regex is None:
     return
   try:
@@ -334,7 +341,7 @@ def _check_trainable(spec: Optional[str]) -> None:
   except re.error as e:
     raise ConfigError(
         f'config.trainable={spec!r} is not a valid regular expression ({e}); '
-        f'use one of {sorted(trainable.PRESETS)} or a regex on '
+        f'use one of {sorted(choices.TRAINABLE_PRESETS)} or a regex on '
         "'/'-joined parameter paths.") from None
 
 

@@ -13,10 +13,6 @@ import numpy as np
 
 from vit_jax import models_mpp
 
-# config.objective: supervised classification (the paper's pre-training and
-# fine-tuning) or masked patch prediction (Sec. 4.6, self-supervised).
-OBJECTIVES = ('classification', 'mpp')
-
 # ------------------------------------------------------------------- losses
 
 
@@ -33,6 +29,7 @@ def sigmoid_xent(*, logits, labels):
   return -jnp.mean(jnp.sum(labels * log_p + (1. - labels) * log_not_p, axis=-1))
 
 
+# The loss of each of choices.LOSS_NAMES.
 LOSSES = {'softmax_xent': softmax_xent, 'sigmoid_xent': sigmoid_xent}
 
 # --------------------------------------------------------- train / eval step

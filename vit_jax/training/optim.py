@@ -13,9 +13,8 @@ import ml_collections
 import optax
 
 from vit_jax import utils
+from vit_jax.configs import choices
 from vit_jax.training import weight_ema
-
-OPTIMIZERS = ('sgd_momentum', 'adam', 'adamw')
 
 
 def _decay_mask(params: Any) -> Any:
@@ -37,9 +36,9 @@ def make_optimizer(
   weight average).
   """
   name = config.get('optimizer', 'sgd_momentum')
-  if name not in OPTIMIZERS:
+  if name not in choices.OPTIMIZERS:
     raise ValueError(f'Unknown config.optimizer {name!r}; use one of '
-                     f'{OPTIMIZERS}.')
+                     f'{choices.OPTIMIZERS}.')
   lr_fn = utils.create_learning_rate_schedule(
       config.total_steps,
       config.base_lr,

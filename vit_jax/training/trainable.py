@@ -10,14 +10,9 @@ from typing import Any, Dict, Optional, Tuple
 import flax.traverse_util
 import jax
 
-Params = Any
+from vit_jax.configs import choices
 
-# Named selections; anything else is taken as a regular expression.
-PRESETS = {
-    'head': r'^head/',
-    'head+pre_logits': r'^(head|pre_logits)/',
-}
-ALL = (None, '', 'all')
+Params = Any
 
 
 def _flat(params: Params) -> Dict[str, Any]:
@@ -28,41 +23,36 @@ def _unflat(flat: Dict[str, Any]) -> Params:
   return flax.traverse_util.unflatten_dict(flat, sep='/') if flat else {}
 
 
-def pattern(spec: Optional[str]) -> Optional[str]:
-  """The regular expression of `spec` (None: everything trains)."""
-  if spec in ALL:
-    return None
-  return PRESETS.get(spec, spec)
-
-
 def trainable_mask(params: Params, spec: Optional[str]) -> Params:
   """A tree of bools with `params`' structure: True where the leaf trains.
 
   Args:
     params: nested dicts of arrays or ShapeDtypeStructs.
-    spec: None/'all', a key of PRESETS, or a regular expression searched in
-      each leaf's '/'-joined path.
+    spec: None/'all', a key of choices.TRAINABLE_PRESETS, or a regular
+      expression searched in each leaf's '/'-joined path.
 
   Raises:
     ValueError: the expression is invalid or selects no parameter.
   """
-  regex = pattern(spec)
+  regex = choices.trainable_pattern(spec)
   flat = _flat(params)
   if regex is None:
     return _unflat({k: True for k in flat})
   try:
     compiled = re.compile(regex)
   except re.error as e:
-    raise ValueError(f'config.trainable={spec!r} is not a valid regular '
-                     f'expression ({e}); use one of {sorted(PRESETS)}, '
-                     "'all', or a valid regex.") from e
+    raise ValueError(
+        f'config.trainable={spec!r} is not a valid regular '
+        f'expression ({e}); use one of {sorted(choices.TRAINABLE_PRESETS)}, '
+        "'all', or a valid regex.") from e
   mask = {k: bool(compiled.search(k)) for k in flat}
   if not any(mask.values()):
     top = sorted({k.split('/')[0] for k in flat})
     raise ValueError(
         f'config.trainable={spec!r} selects no parameter. Parameter paths '
         f'look like {next(iter(flat))!r}; top-level names: {top}. Use one '
-        f'of {sorted(PRESETS)}, \'all\', or a regex matching some of them.')
+        f'of {sorted(choices.TRAINABLE_PRESETS)}, \'all\', or a regex '
+        'matching some of them.')
   return _unflat(mask)
 
 
