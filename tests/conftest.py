@@ -11,8 +11,8 @@ the environment.
 
 Every process compiles as `compile_settings` says (XLA's optimizations
 off, the older fusion emitters): set here in the environment before JAX
-starts, inherited by the subprocesses; the runs that train for hundreds of
-steps (the main job, the notebooks) remove them.
+starts, inherited by the subprocesses; the main job's test, which trains
+for hundreds of steps, removes them.
 
 Test files run longest first: with `-n 2 --dist loadfile` each file goes
 whole to one worker, and a long file handed out last would keep one core

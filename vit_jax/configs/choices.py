@@ -20,7 +20,9 @@ POSEMB_TYPES = ('learn', 'learn_2d', 'sincos2d', 'relative', 'none')
 POSEMB_WHERE = ('input', 'every_layer', 'every_layer_shared')
 # The posemb types with a learned table, which posemb_where places.
 LEARNED_POSEMBS = ('learn', 'learn_2d')
-# config.model.attention_impl (vit_jax.layers.attention).
+# config.model.attention_impl (vit_jax.layers.attention): flax's attention
+# (the original), its einsums as batched matmuls,
+# `jax.nn.dot_product_attention` with XLA's or cuDNN's kernel.
 ATTENTION_IMPLS = ('reference', 'heads_major', 'xla', 'cudnn')
 # config.model.remat_policy: the keys of
 # vit_jax.layers.block_stack.REMAT_POLICIES.

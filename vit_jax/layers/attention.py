@@ -18,9 +18,6 @@ import jax.numpy as jnp
 from vit_jax.configs import choices
 from vit_jax.layers import mixed_precision
 
-# `attention_impl` values: flax's attention (the original), its einsums as
-# batched matmuls, `jax.nn.dot_product_attention` with XLA's or cuDNN's kernel.
-
 
 def fused_attention(query,
                     key,
