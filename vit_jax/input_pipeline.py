@@ -289,6 +289,10 @@ def get_datasets(config,
       config.get('batch_eval') or batch, 'batch_eval', pc, devices)
   options = tf.data.Options()
   options.deterministic = True
+  # No autotuning (AUTOTUNE takes TensorFlow's fixed defaults): freeing an
+  # iterator waits for the autotuning thread, which can sleep out its period
+  # (up to a minute) after training or an evaluation (docs/style.md).
+  options.autotune.enabled = False
 
   # ---- train: epochs of seeded shuffles, numbered, skipped, then decoded.
   src = _source(config, train_split, pi, pc, train=True)
