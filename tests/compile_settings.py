@@ -13,8 +13,7 @@ hundreds of steps and runs faster optimized: it starts from
 Every process, that one too, runs XLA's kernels on one thread
 (`--xla_cpu_multi_thread_eigen=false`): the suite runs one pytest worker per
 core, so a second thread in a process only waits for a core the other worker
-holds (a 150-step main job beside a busy core: 50 s instead of 57 s,
-docs/style.md).
+holds (measured in docs/style.md).
 """
 
 ENV = {'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true'}

@@ -10,9 +10,9 @@ its time is that of a fresh clone. Subprocesses inherit the setting through
 the environment.
 
 Every process compiles as `compile_settings` says (XLA's optimizations
-off, the older fusion emitters): set here in the environment before JAX
-starts, inherited by the subprocesses; the main job's test, which trains
-for hundreds of steps, removes them.
+off, the older fusion emitters, one XLA thread): set here in the environment
+before JAX starts, inherited by the subprocesses; the main job's test, which
+trains for hundreds of steps, keeps only the one thread.
 
 Test files run longest first: with `-n 2 --dist loadfile` each file goes
 whole to one worker, and a long file handed out last would keep one core
