@@ -22,10 +22,15 @@ over 25 CPU seconds, longest first, from a `VIT_JAX_TEST_CPU_LOG` run; the
 others follow in the usual order. The order changes when tests run, not
 what they check.
 
+Most command lines the tests start (`python -m vit_jax.main ...`,
+`python -c ...`) go through `preloaded.command`: a server per test process
+that imported JAX and TensorFlow once forks each of them (tests/preloaded.py).
+
 `VIT_JAX_TEST_CPU_LOG=FILE` appends one line per test to FILE: its node id,
 wall seconds, CPU seconds of the pytest process and of the subprocesses it
 waited for, the pytest-xdist worker and the test's end time (tab-separated),
-to find where the suite's time goes.
+to find where the suite's time goes (a preloaded command's CPU time counts
+under its server, in no test's line).
 """
 
 import os

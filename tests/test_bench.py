@@ -24,6 +24,7 @@ from bench import throughput_metrics
 from bench import throughput_original
 from bench import throughput_steps
 import compile_settings
+import preloaded
 import vit_jax
 from vit_jax import models
 
@@ -420,12 +421,13 @@ def test_memory_scaling_splits_the_state_over_fsdp_only():
       os.environ,
       XLA_FLAGS=compile_settings.xla_flags(2),
       PYTHONPATH=os.pathsep.join([repo, os.environ.get('PYTHONPATH', '')]))
-  out = subprocess.run([sys.executable, '-c', _MEMORY_ROWS],
-                       env=env,
-                       cwd=repo,
-                       capture_output=True,
-                       text=True,
-                       check=True)
+  out = subprocess.run(
+      preloaded.command(env, '-c', _MEMORY_ROWS),
+      env=env,
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      check=True)
   found = json.loads(out.stdout.split('JSON', 1)[1])
   data, fsdp = found['rows']['2x1'], found['rows']['1x2']
   total = data['params_total']

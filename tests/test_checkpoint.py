@@ -10,7 +10,6 @@ PIL (bicubic), and parameter counts that follow from a model's shapes
 import io
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import pytest
 import scipy.ndimage
 
 import official
+import preloaded
 from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax.checkpoints import layouts
@@ -124,16 +124,14 @@ def zoom_grid(tok, grid, old_hw, new_hw):
 
 
 def run_cli(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT)
   return subprocess.run(
-      [sys.executable, '-m', 'vit_jax.interop.checkpoint_cli', *args],
+      preloaded.command(env, '-m', 'vit_jax.interop.checkpoint_cli', *args),
       cwd=ROOT,
       capture_output=True,
       text=True,
       timeout=120,
-      env={
-          **os.environ, 'PYTHONPATH': ROOT,
-          'JAX_PLATFORMS': 'cpu'
-      })
+      env=env)
 
 
 def write_bytes(path, data):

@@ -9,12 +9,12 @@ import importlib
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
 import compile_settings
+import preloaded
 import timm_support
 
 timm = timm_support.Lazy(timm_support.import_timm)
@@ -62,19 +62,20 @@ def test_tutorial_workflow_from_a_timm_file_then_predict(tmp_path):
       PYTHONPATH=REPO,
       XLA_FLAGS=compile_settings.xla_flags(1))
   workdir = tmp_path / 'work'
-  train = subprocess.run([
-      sys.executable, '-m', 'vit_jax.main',
-      f'--config=configs/flowers.py:tutorial:{data}', f'--workdir={workdir}',
-      f'--config.pretrained_path={weights}', '--config.pp.crop=32',
-      '--config.pp.eval_resize=36', '--config.batch=16',
-      '--config.total_steps=3', '--config.eval_every=3',
-      *[f'--config.model.{k}={v}' for k, v in OVERRIDES.items()]
-  ],
-                         cwd=REPO,
-                         env=env,
-                         capture_output=True,
-                         text=True,
-                         timeout=300)
+  train = subprocess.run(
+      preloaded.command(
+          env, '-m', 'vit_jax.main',
+          f'--config=configs/flowers.py:tutorial:{data}',
+          f'--workdir={workdir}', f'--config.pretrained_path={weights}',
+          '--config.pp.crop=32', '--config.pp.eval_resize=36',
+          '--config.batch=16', '--config.total_steps=3',
+          '--config.eval_every=3',
+          *[f'--config.model.{k}={v}' for k, v in OVERRIDES.items()]),
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300)
   assert train.returncode == 0, train.stderr[-4000:]
   # Only the 5-class head trains (192 x 5 + 5); no representation layer.
   assert re.search(
@@ -84,15 +85,13 @@ def test_tutorial_workflow_from_a_timm_file_then_predict(tmp_path):
                     train.stdout, re.M)
   assert final and float(final.group(1)) >= 0.6, train.stdout
   image = data / 'roses' / '0.png'
-  predict = subprocess.run([
-      sys.executable, '-m', 'vit_jax.predict', f'--workdir={workdir}',
-      '--topk=1',
-      str(image)
-  ],
-                           cwd=REPO,
-                           env=env,
-                           capture_output=True,
-                           text=True,
-                           timeout=120)
+  predict = subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.predict', f'--workdir={workdir}',
+                        '--topk=1', str(image)),
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120)
   assert predict.returncode == 0, predict.stderr[-2000:]
   assert re.search(r'^  [\d.]+  roses$', predict.stdout, re.M), predict.stdout

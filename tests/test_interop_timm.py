@@ -9,12 +9,12 @@ after `load_state_dict(strict=True)` of our export with ours, at 1e-5.
 import importlib
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import preloaded
 import timm_support
 from vit_jax import checkpoint
 from vit_jax import models
@@ -239,15 +239,15 @@ def test_command_lines_inspect_and_export(timm_models, tmp_path, capsys):
   assert 'zoo_name: none' in out and 'hidden_size: 192' in out
   npz = str(tmp_path / 'model.npz')
   checkpoint.save(checkpoint.load(path), npz)
-  result = subprocess.run([
-      sys.executable, '-m', 'vit_jax.interop.export_timm', npz,
-      str(tmp_path / 'out.safetensors')
-  ],
-                          cwd=REPO,
-                          capture_output=True,
-                          text=True,
-                          timeout=120,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+  env = dict(os.environ, PYTHONPATH=REPO)
+  result = subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.interop.export_timm', npz,
+                        str(tmp_path / 'out.safetensors')),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=env)
   assert result.returncode == 0, result.stderr
   assert ("model = timm.create_model('vit_tiny_patch16_224', num_classes=5, "
           "depth=2, img_size=32)") in result.stdout

@@ -27,7 +27,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ from PIL import Image
 import pytest
 
 import compile_settings
+import preloaded
 from test_user_errors import markdown_table
 from vit_jax.checkpoints import export
 from vit_jax.checkpoints import train_checkpoint
@@ -147,7 +147,8 @@ def _image_folder(root, splits):
 
 
 def _command(workdir, args):
-  return [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args]
+  return preloaded.command(_env(), '-m', 'vit_jax.main', f'--workdir={workdir}',
+                           *args)
 
 
 def _env():

@@ -21,6 +21,7 @@ import PIL.Image
 import pytest
 
 import compile_settings
+import preloaded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,25 +133,27 @@ def test_predict_on_a_digit_from_the_workdir(main_job, tmp_path):
     paths.append(str(tmp_path / f'digit{i}_{labels[i]}.png'))
     PIL.Image.fromarray(images[i, :, :, 0]).save(paths[-1])
   npz = str(tmp_path / 'model.npz')
-  subprocess.run([
-      sys.executable, '-m', 'vit_jax.checkpoints.export',
-      f'--workdir={workdir}', f'--output={npz}'
-  ],
-                 cwd=REPO,
-                 env=_env(),
-                 check=True,
-                 capture_output=True)
+  env = dict(os.environ)
+  subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.checkpoints.export',
+                        f'--workdir={workdir}', f'--output={npz}'),
+      cwd=REPO,
+      env=env,
+      check=True,
+      capture_output=True)
   outputs = []
-  for extra in ([], [f'--checkpoint={npz}']):
-    result = subprocess.run([
-        sys.executable, '-m', 'vit_jax.predict', f'--workdir={workdir}',
-        '--topk=1', *extra, *paths
-    ],
-                            cwd=REPO,
-                            env=_env(),
-                            capture_output=True,
-                            text=True,
-                            check=False)
+  # The first start is a user's (nothing imported before: its console is
+  # checked for start-up lines); the second is preloaded (tests/preloaded.py).
+  for python, env, extra in ((preloaded.plain, _env(), []),
+                             (preloaded.command, env, [f'--checkpoint={npz}'])):
+    result = subprocess.run(
+        python(env, '-m', 'vit_jax.predict', f'--workdir={workdir}', '--topk=1',
+               *extra, *paths),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ''  # no library start-up lines either
     outputs.append(result.stdout)

@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -30,6 +29,7 @@ import pytest
 import tensorstore as ts
 
 import compile_settings
+import preloaded
 from test_train import REPO
 from test_train import tiny_config
 from vit_jax import checkpoint
@@ -315,17 +315,15 @@ def _run_pair(script, devices, outs, workdir, *args):
   processes."""
   port = _free_port()
   return [
-      subprocess.Popen([
-          sys.executable, '-c',
-          textwrap.dedent(script),
-          str(port),
-          str(i), outs[i], workdir, *args
-      ],
-                       cwd=REPO,
-                       env=_env(devices),
-                       stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT,
-                       text=True) for i in range(2)
+      subprocess.Popen(
+          preloaded.command(
+              _env(devices), '-c', textwrap.dedent(script), str(port), str(i),
+              outs[i], workdir, *args),
+          cwd=REPO,
+          env=_env(devices),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True) for i in range(2)
   ]
 
 
@@ -370,16 +368,15 @@ def both(tmp_path_factory):
   outs = [str(tmp_path / f'p{i}.json') for i in range(2)]
   workers = _run_pair(_WORKER, 2, outs, workdir)
   ref_out = str(tmp_path / 'ref.json')
-  ref = subprocess.run([
-      sys.executable, '-c',
-      textwrap.dedent(_REFERENCE), ref_out,
-      str(tmp_path / 'ref8')
-  ],
-                       cwd=REPO,
-                       env=_env(4),
-                       capture_output=True,
-                       text=True,
-                       timeout=600)
+  ref = subprocess.run(
+      preloaded.command(
+          _env(4), '-c', textwrap.dedent(_REFERENCE), ref_out,
+          str(tmp_path / 'ref8')),
+      cwd=REPO,
+      env=_env(4),
+      capture_output=True,
+      text=True,
+      timeout=600)
   _wait(workers)
   assert ref.returncode == 0, ref.stderr[-4000:]
   with open(ref_out) as f:

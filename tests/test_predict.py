@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import preloaded
 from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import predict
@@ -225,18 +225,18 @@ def test_cli(tmp_path, model_and_params):
   (workdir / 'class_names.json').write_text(json.dumps(names))
   paths = _write_images(tmp_path)
   files = [str(paths[k]) for k in ('rgb_png', 'corrupt', 'gray', 'rgba')]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([
-      sys.executable, '-m', 'vit_jax.predict', '--model', 'testing',
-      '--checkpoint',
-      str(workdir / 'model.npz'), '--topk', '2', '--batch-size', '2',
-      f'--output={tmp_path}/new/dir/out.txt', *files
-  ],
-                        capture_output=True,
-                        text=True,
-                        env=env,
-                        timeout=300,
-                        cwd=ROOT)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.predict',
+                        '--model', 'testing', '--checkpoint',
+                        str(workdir / 'model.npz'), '--topk', '2',
+                        '--batch-size', '2',
+                        f'--output={tmp_path}/new/dir/out.txt', *files),
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      cwd=ROOT)
   assert proc.returncode == 1, proc.stderr
   # --output: the same lines, its missing folders created.
   assert (tmp_path / 'new' / 'dir' / 'out.txt').read_text() == proc.stdout

@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import embedded
+import preloaded
 from vit_jax import input_pipeline
 from vit_jax import predict
 from vit_jax import train
@@ -93,16 +94,15 @@ def test_cli_reproduces_the_training_accuracy(run, digits, pipeline_images):
   # Training records the class indices (dataset_report.write_dataset_report).
   with open(os.path.join(workdir, label_names.CLASS_NAMES_FILE)) as f:
     assert json.load(f) == [str(i) for i in range(10)]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([
-      sys.executable, '-m', 'vit_jax.predict', '--workdir', workdir,
-      '--checkpoint', run['npz'], '--topk', '1', *files
-  ],
-                        capture_output=True,
-                        text=True,
-                        env=env,
-                        timeout=300,
-                        cwd=ROOT)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.predict', '--workdir', workdir,
+                        '--checkpoint', run['npz'], '--topk', '1', *files),
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   # The documented format: the path, then one '  0.1234  name' line per k.

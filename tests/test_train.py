@@ -26,6 +26,7 @@ if REPO not in sys.path:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import compile_settings
 from configs import embedded
+import preloaded
 from vit_jax import checkpoint  # pylint: disable=wrong-import-position
 from vit_jax import train  # pylint: disable=wrong-import-position
 from vit_jax import utils  # pylint: disable=wrong-import-position
@@ -94,7 +95,7 @@ def run_python(code, *, devices=1, timeout=300, args=()):
        env.get('PYTHONPATH', '')])
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   result = subprocess.run(
-      [sys.executable, '-c', textwrap.dedent(code), *args],
+      preloaded.command(env, '-c', textwrap.dedent(code), *args),
       env=env,
       cwd=REPO,
       capture_output=True,
@@ -490,15 +491,15 @@ def test_batch_not_divisible_by_device_count(eight_devices):
 def test_main_reports_missing_dataset_without_traceback(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   missing = str(tmp_path / 'no_such_folder')
-  result = subprocess.run([
-      sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
-      f'--config.dataset={missing}'
-  ],
-                          cwd=REPO,
-                          env=env,
-                          capture_output=True,
-                          text=True,
-                          timeout=300)
+  result = subprocess.run(
+      preloaded.command(env, '-m', 'vit_jax.main',
+                        f'--workdir={tmp_path / "w"}',
+                        f'--config.dataset={missing}'),
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300)
   assert result.returncode == 1
   assert 'Error: Image folder' in result.stderr
   assert 'does not exist' in result.stderr

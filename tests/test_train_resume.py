@@ -15,13 +15,13 @@ after SIGTERM, Ctrl-C and a full disk: tests/test_interruptions.py).
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 import compile_settings
+import preloaded
 from test_train import REPO
 from test_train import read_summary
 from vit_jax.checkpoints import train_checkpoint
@@ -54,13 +54,12 @@ OVERRIDES = {
 DEVICES = 2
 
 
-def _command(workdir):
-  return [
-      sys.executable, '-m', 'vit_jax.main',
+def _command(workdir, python=preloaded.command):
+  return python(
+      _env(), '-m', 'vit_jax.main',
       f'--config={os.path.join(REPO, "configs", "embedded.py")}:digits',
       f'--workdir={workdir}',
-      *[f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  ]
+      *[f'--config.{k}={v}' for k, v in OVERRIDES.items()])
 
 
 def _env():
@@ -70,9 +69,9 @@ def _env():
       XLA_FLAGS=compile_settings.xla_flags(DEVICES))
 
 
-def _start(workdir):
+def _start(workdir, python=preloaded.command):
   return subprocess.Popen(
-      _command(workdir),
+      _command(workdir, python),
       cwd=REPO,
       env=_env(),
       stdout=subprocess.PIPE,
@@ -126,7 +125,7 @@ def _kill_during_a_save(workdir, after_step, process):
   """Kills the run (`process`, or one started) during a save after
   `after_step`; starts it again when the save completed first."""
   for _ in range(3):
-    process = process or _start(workdir)
+    process = process or _start(workdir, preloaded.plain)
     if _kill_during_save(process, workdir, after_step):
       return
     process, after_step = None, _latest(workdir) + 1
@@ -158,7 +157,9 @@ def chain(tmp_path_factory):
   # 2. SIGKILL while the resumed run writes a newer checkpoint: the step
   # being written never appears, so it restarts from the one before.
   stopped = out['after_sigterm']
-  process = _start(workdir)
+  # Its own interpreter: a SIGKILL reaches it at once, not through a
+  # launcher (tests/preloaded.py).
+  process = _start(workdir, preloaded.plain)
   lines = _wait_for_step(process, stopped + 1)
   out['resumed_at'] = [s for s in map(_step_of, lines) if s is not None][0]
   out['first_new'] = (stopped // 5 + 1) * 5

@@ -25,6 +25,7 @@ import time
 import pytest
 
 import compile_settings
+import preloaded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, 'docs', 'troubleshooting.md')
@@ -184,10 +185,12 @@ def _run_case(case, tmp):
     f.write('not a folder\n')
   workdir = (case.workdir or '{tmp}/w').format(tmp=tmp)
   args = [a.format(tmp=tmp) for a in TINY + case.args]
+  env = _env(case.devices)
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args],
+      preloaded.command(env, '-m', 'vit_jax.main', f'--workdir={workdir}',
+                        *args),
       cwd=REPO,
-      env=_env(case.devices),
+      env=env,
       capture_output=True,
       text=True,
       timeout=300)
@@ -233,15 +236,15 @@ def test_traceback_in_log_file_and_verbose(results, tmp_path):
   assert 'ConfigError: config.base_lr=-1.0' in text
   # --verbose: the library log lines are on the console again. (A batch the
   # devices do not divide is found after JAX starts, which logs.)
-  verbose = subprocess.run([
-      sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path}',
-      '--verbose', '--config.batch=32'
-  ],
-                           cwd=REPO,
-                           env=_env(3),
-                           capture_output=True,
-                           text=True,
-                           timeout=300)
+  verbose = subprocess.run(
+      preloaded.command(
+          _env(3), '-m', 'vit_jax.main', f'--workdir={tmp_path}', '--verbose',
+          '--config.batch=32'),
+      cwd=REPO,
+      env=_env(3),
+      capture_output=True,
+      text=True,
+      timeout=300)
   assert verbose.returncode == 2
   assert _ABSL_LINE.search(verbose.stderr), verbose.stderr
 
@@ -323,7 +326,8 @@ def test_lost_process_names_it_and_the_command_resumes(tmp_path):
     with open(os.path.join(workdir, '.run.lock')) as f:
       assert json.load(f)['pid'] == procs[0].pid
     other = subprocess.run(
-        [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *TINY],
+        preloaded.command(_env(), '-m', 'vit_jax.main', f'--workdir={workdir}',
+                          *TINY),
         cwd=REPO,
         env=_env(),
         capture_output=True,
