@@ -45,9 +45,10 @@ _IMPORT_TIME_ENV = ('JAX_', 'TF_', 'PYTHONHASHSEED', 'PYTHONHOME', 'MPL',
 _NOT_IMPORT_TIME = ('TF_CPP_MIN_LOG_LEVEL',)
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
               signal.SIGUSR1, signal.SIGUSR2)
-_PRELOADED = ('absl.app', 'flax.linen', 'jax', 'matplotlib.pyplot',
-              'ml_collections', 'optax', 'orbax.checkpoint', 'PIL.Image',
-              'scipy.ndimage')
+# Not matplotlib: it reads MPLBACKEND when imported, and a notebook's
+# kernel sets it (inline) after the fork.
+_PRELOADED = ('absl.app', 'flax.linen', 'jax', 'ml_collections', 'optax',
+              'orbax.checkpoint', 'PIL.Image', 'scipy.ndimage')
 _servers = {}  # import-time environment -> socket path
 
 

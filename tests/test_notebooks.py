@@ -3,8 +3,9 @@
 Each notebook is executed with nbclient in a fresh kernel from a temporary
 folder: its outputs stay in memory and in `tmp_path` (the executed copy is
 written there), so nothing in the repository changes. The kernel is
-ipykernel's `python3`, which jupyter_client starts with this interpreter
-(`sys.executable`); a cell appended to the copy checks that. The notebooks
+ipykernel's, run by this interpreter (`sys.executable`) forked from a
+preloaded one (tests/preloaded.py); a cell appended to the copy checks the
+interpreter. The notebooks
 find the repository through `VIT_JAX_REPO` and write their training runs and
 figures to `VIT_JAX_NOTEBOOK_WORKDIR`. One device: XLA_FLAGS holds only
 the suite's compile settings (tests/compile_settings.py).
@@ -26,12 +27,15 @@ import os
 import re
 import sys
 
+from jupyter_client import kernelspec
+from jupyter_client import manager
 import nbclient
 import nbformat
 import numpy as np
 import pytest
 
 import compile_settings
+import preloaded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
@@ -62,7 +66,7 @@ def _execute(name, tmp_path, workdir):
       TF_CPP_MIN_LOG_LEVEL='2')
   client = nbclient.NotebookClient(
       nb,
-      kernel_name='python3',
+      km=_kernel_manager(tmp_path, env),
       timeout=CELL_TIMEOUT_S,
       resources={'metadata': {
           'path': str(tmp_path)
@@ -80,6 +84,20 @@ def _execute(name, tmp_path, workdir):
   assert f'KERNEL_PREFIX {sys.prefix}\n' in stdout, (
       'the kernel did not run in this environment', stdout[-500:])
   return stdout, outputs
+
+
+def _kernel_manager(tmp_path, env):
+  """ipykernel's `python3` kernel, started from a preloaded interpreter
+  (tests/preloaded.py) under a kernel spec of its own."""
+  folder = tmp_path / 'kernels' / 'python3_preloaded'
+  folder.mkdir(parents=True)
+  argv = preloaded.command(env, '-m', 'ipykernel_launcher', '-f',
+                           '{connection_file}')
+  (folder / 'kernel.json').write_text(
+      json.dumps(dict(argv=argv, display_name='Python 3', language='python')))
+  specs = kernelspec.KernelSpecManager(kernel_dirs=[str(folder.parent)])
+  return manager.KernelManager(
+      kernel_name='python3_preloaded', kernel_spec_manager=specs)
 
 
 def _number(pattern, text):
