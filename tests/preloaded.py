@@ -30,12 +30,15 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import types
 
 # Variables that the preloaded libraries read when they are imported.
@@ -50,6 +53,7 @@ _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
 _PRELOADED = ('absl.app', 'flax.linen', 'jax', 'ml_collections', 'optax',
               'orbax.checkpoint', 'PIL.Image', 'scipy.ndimage')
 _servers = {}  # import-time environment -> socket path
+_lock = threading.Lock()
 
 
 def command(env, *args):
@@ -58,8 +62,9 @@ def command(env, *args):
   if os.environ.get('VIT_JAX_TEST_PRELOAD', '1') == '0':
     return plain(env, *args)
   key = json.dumps(_import_time_env(env), sort_keys=True)
-  if key not in _servers:
-    _servers[key] = _start_server(env)
+  with _lock:  # tests start commands from threads too
+    if key not in _servers:
+      _servers[key] = _start_server(env)
   return [sys.executable, os.path.abspath(__file__), _servers[key], *args]
 
 
@@ -73,11 +78,13 @@ def _start_server(env):
   """Starts a server with `env`; returns its socket once it is bound."""
   path = os.path.join(tempfile.mkdtemp(prefix='preloaded-'), 'socket')
   # Its stdin is a pipe from this process: it ends when this one does.
-  process = subprocess.Popen([sys.executable, __file__, path, '--serve'],
-                             env=env,
-                             stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  # Its own errors go to <socket>.log.
+  with open(f'{path}.log', 'w') as log:
+    process = subprocess.Popen([sys.executable, __file__, path, '--serve'],
+                               env=env,
+                               stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL,
+                               stderr=log)
   for _ in range(1000):  # it binds its socket before the imports
     if os.path.exists(path) or process.poll() is not None:
       break
@@ -126,6 +133,7 @@ def _serve(path):
     launchers = list(filter(None, children.values()))
     readable = select.select([listener, sys.stdin, *launchers], [], [], 0.05)[0]
     if sys.stdin in readable and not sys.stdin.buffer.read1(1):
+      shutil.rmtree(os.path.dirname(path), ignore_errors=True)
       os._exit(0)  # pylint: disable=protected-access
     for pid, connection in list(children.items()):
       if connection in readable:  # the launcher never writes: it is gone
@@ -134,8 +142,12 @@ def _serve(path):
         children[pid] = None
     if listener in readable:
       connection, _ = listener.accept()
-      children[_fork_child(connection, [listener, *launchers], before,
-                           added)] = connection
+      try:
+        pid = _fork_child(connection, [listener, *launchers], before, added)
+        children[pid] = connection
+      except (OSError, ValueError):  # a launcher gone before it was served
+        traceback.print_exc()
+        connection.close()
     _report_ended(children)
 
 
@@ -153,7 +165,14 @@ def _report_ended(children):
 
 def _fork_child(connection, others, before, added):
   """Receives a launch, forks; returns the child's pid to the server."""
-  data, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+  head, fds, _, _ = socket.recv_fds(connection, 8, 3)
+  size = int.from_bytes(head, 'big')
+  data = b''
+  while len(data) < size:
+    more = connection.recv(size - len(data))
+    if not more:
+      raise ValueError('the launcher closed its connection')
+    data += more
   launch = json.loads(data)
   sys.stdout.flush()
   sys.stderr.flush()
@@ -161,11 +180,16 @@ def _fork_child(connection, others, before, added):
   if pid:
     for fd in fds:
       os.close(fd)
-    connection.sendall(json.dumps({'pid': pid}).encode() + b'\n')
+    with contextlib.suppress(OSError):  # a launcher gone: its child is killed
+      connection.sendall(json.dumps({'pid': pid}).encode() + b'\n')
     return pid
-  for item in (connection, *others):
-    item.close()
-  _become(launch, fds, before, added)  # does not return
+  try:
+    for item in (connection, *others):
+      item.close()
+    _become(launch, fds, before, added)  # does not return
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()  # on the launcher's stderr once dup2 ran
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _become(launch, fds, before, added):
@@ -196,7 +220,6 @@ def _end_like_python(program):
   non-daemon threads joined, atexit functions run, streams flushed), but
   without tearing down the imported modules: 2 s with TensorFlow and JAX."""
   import atexit  # pylint: disable=g-import-not-at-top
-  import threading  # pylint: disable=g-import-not-at-top
   code, signum = 0, None
   try:
     program()
@@ -276,7 +299,9 @@ def _start_child(path, argv):
   client = socket.socket(socket.AF_UNIX)
   try:
     client.connect(path)
-    socket.send_fds(client, [json.dumps(launch).encode()], [0, 1, 2])
+    data = json.dumps(launch).encode()
+    socket.send_fds(client, [len(data).to_bytes(8, 'big')], [0, 1, 2])
+    client.sendall(data)
     replies = client.makefile('rb')
     return replies, json.loads(replies.readline())['pid']
   except (OSError, ValueError):
