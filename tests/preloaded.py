@@ -223,10 +223,11 @@ def _end_like_python(program):
   code, signum = 0, None
   try:
     program()
-  except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else e.code is not None
-    if not isinstance(e.code, (int, type(None))):
-      print(e.code, file=sys.stderr)
+  except SystemExit as e:  # None: 0; a number: itself; else printed, 1
+    code = e.code or 0
+    if not isinstance(code, int):
+      print(code, file=sys.stderr)
+      code = 1
   except BaseException as e:  # pylint: disable=broad-except
     tb = e.__traceback__
     while tb and tb.tb_frame.f_code.co_filename == __file__:
@@ -248,7 +249,11 @@ def _end_like_python(program):
 
 
 def _python_path(env):
-  return [os.path.abspath(p) for p in env.get('PYTHONPATH', '').split(':') if p]
+  return [
+      os.path.abspath(p)
+      for p in env.get('PYTHONPATH', '').split(os.pathsep)
+      if p
+  ]
 
 
 def _run_program(argv):
